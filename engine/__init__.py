@@ -1,0 +1,14 @@
+"""dschat's local inference engine for DeepSeek-V2 / V2.5 / Coder-V2 / V3 / R1 checkpoints.
+
+    from engine import Engine, SamplingParams
+    eng = Engine.from_pretrained("deepseek-ai/DeepSeek-V2-Lite-Chat", device="cuda")
+    for token_id in eng.generate(ids, SamplingParams(temperature=0.0, max_tokens=256)):
+        ...
+"""
+
+from .config import ModelConfig
+from .engine import Engine
+from .errors import ContextLengthError, ModelError
+from .sampling import SamplingParams
+
+__all__ = ["Engine", "SamplingParams", "ModelConfig", "ModelError", "ContextLengthError"]

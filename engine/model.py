@@ -1,0 +1,395 @@
+"""The DeepSeek-V2 / V3 transformer: MLA attention, DeepSeekMoE, YaRN RoPE, and V3's MTP module.
+
+Parameter names are the hub's (`model.layers.3.self_attn.kv_b_proj.weight`), so a checkpoint loads 1:1.
+
+Attention has two paths that compute the same function:
+  * materialised: expand every cached latent through kv_b_proj into per-head K/V, then attend
+    (cheap per query; used for the plain path, training and long prefill chunks);
+  * absorbed: fold kv_b_proj's key half into the query and its value half into the output, and attend
+    directly over the cached latents (cheap per cached token; used for decode and short chunks).
+The cache holds, per token per layer, only the normalised latent c_kv (kv_lora_rank values) and the
+rotated k_pe (qk_rope_head_dim values): see engine/cache.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dist
+from .config import ModelConfig, yarn_mscale
+
+# Up to this many new tokens per forward pass, attention runs absorbed over the latent cache;
+# above it, materialising K/V costs less (expansion ~ T*r*H*256 vs absorbed ~ S*T*H*1088 flops).
+ABSORB_MAX_TOKENS = 128
+
+
+# -- building blocks ---------------------------------------------------------------------------------
+class Linear(nn.Module):
+    """y = x W^T with an uninitialised weight (the checkpoint fills it). `split` says how tensor
+    parallelism cuts it: "col" splits the output features, "row" the input features."""
+
+    def __init__(self, n_in: int, n_out: int, split: str | None = None):
+        super().__init__()
+        if split == "col":
+            n_out = dist.split(n_out, "output features")
+        elif split == "row":
+            n_in = dist.split(n_in, "input features")
+        self.split = split
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+# -- rotary embedding (YaRN), DeepSeek's interleaved layout --------------------------------------------
+class Rotary(nn.Module):
+    """cos/sin for positions, computed on the fly from inv_freq (YaRN-corrected when configured)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        r, dim = cfg.rope, cfg.qk_rope_head_dim
+        exps = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
+        inv_freq = 1.0 / (r.theta ** exps)
+        self.attention_factor = 1.0
+        if r.kind == "yarn":
+            # The hub code applies the correction at every length (DeepSeek's demo gates it on
+            # max_seq_len > original length; the released weights are served the hub way).
+            def corr_dim(rot):
+                return dim * math.log(r.original_max_position_embeddings / (rot * 2 * math.pi)) / (
+                    2 * math.log(r.theta)
+                )
+
+            low = max(math.floor(corr_dim(r.beta_fast)), 0)
+            high = min(math.ceil(corr_dim(r.beta_slow)), dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+            extrapolate = 1.0 - ramp  # 1 where the original frequency is kept
+            inv_freq = inv_freq / r.factor * (1 - extrapolate) + inv_freq * extrapolate
+            self.attention_factor = yarn_mscale(r.factor, r.mscale) / yarn_mscale(r.factor, r.mscale_all_dim)
+        self.inv_freq = {inv_freq.device: inv_freq}  # a plain dict: not a parameter, not moved by .to()
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = positions.device
+        if dev not in self.inv_freq:
+            self.inv_freq[dev] = next(iter(self.inv_freq.values())).to(dev)
+        angles = positions.float()[..., None] * self.inv_freq[dev]
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the last dimension by the angles whose
+    cos/sin are given (shaped to broadcast against x's pairs)."""
+    dtype = x.dtype
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.flatten(-2).to(dtype)
+
+
+# -- attention -------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """Where one cached forward pass (one sequence) reads and writes the latent cache.
+
+    positions: [S] positions of the new tokens, contiguous, ending at T-1.
+    slots:     [T] flat cache slot of every position 0..T-1 (pages need not be contiguous).
+    cache:     per-layer latent buffers [num_slots, kv_lora_rank + qk_rope_head_dim].
+    """
+
+    positions: torch.Tensor
+    slots: torch.Tensor
+    cache: list[torch.Tensor]
+    absorb: bool = True
+
+
+def causal_mask(q_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """[S, T] boolean: query at position p sees keys 0..p."""
+    return torch.arange(n_keys, device=q_pos.device)[None, :] <= q_pos[:, None]
+
+
+def attend_materialized(q, k, v, mask, scale):
+    """q [B,S,H,dq], k [B,T,H,dq], v [B,T,H,dv], mask [S,T] bool -> [B,S,H,dv]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def attend_absorbed(q_lat, q_pe, kv, pe, mask, scale):
+    """Attention straight over the latent cache.
+    q_lat [S,H,r] (q_nope folded through W_UK), q_pe [S,H,dr], kv [T,r], pe [T,dr], mask [S,T]
+    -> [S,H,r] (still to be unfolded through W_UV)."""
+    scores = torch.einsum("shc,tc->sht", q_lat, kv) + torch.einsum("shd,td->sht", q_pe, pe)
+    scores = scores.float() * scale
+    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    p = scores.softmax(dim=-1).to(kv.dtype)
+    return torch.einsum("sht,tc->shc", p, kv)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention, hub names: q_proj | q_a_proj, q_a_layernorm, q_b_proj;
+    kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj; o_proj."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = dist.split(cfg.num_attention_heads, "num_attention_heads")
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        qk = cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(cfg.hidden_size, cfg.num_attention_heads * qk, split="col")
+        else:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = Linear(cfg.q_lora_rank, cfg.num_attention_heads * qk, split="col")
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (self.nope + self.v_dim), split="col")
+        self.o_proj = Linear(cfg.num_attention_heads * self.v_dim, cfg.hidden_size, split="row")
+        self.scale = cfg.softmax_scale
+
+    def forward(self, x, cos, sin, positions, cache: torch.Tensor | None = None, step: Step | None = None):
+        """x [B,S,hidden], positions [S]. Without a cache: plain causal attention over these S tokens
+        (positions 0..S-1).
+        With one (B = 1): write the new latents, attend over all T cached positions."""
+        B, S, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, S, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # cos/sin [S, dr/2], broadcast over heads
+
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin)], dim=-1)  # [B,S,r+dr]
+
+        if step is None:
+            all_latent = latent
+            mask = causal_mask(positions, S)
+        else:
+            cache[step.slots[-S:]] = latent[0].to(cache.dtype)
+            all_latent = cache[step.slots].unsqueeze(0)  # [1,T,r+dr]
+            mask = causal_mask(step.positions, step.slots.numel())
+
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
+        if step is not None and step.absorb:
+            w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
+            q_lat = torch.einsum("shd,hdc->shc", q_nope[0], w_uk)
+            c_kv, pe = all_latent[0].split([self.rank, self.rope], dim=-1)
+            o_lat = attend_absorbed(q_lat, q_pe[0], c_kv, pe, mask, self.scale)
+            out = torch.einsum("shc,hdc->shd", o_lat, w_uv).unsqueeze(0)
+        else:
+            c_kv, pe = all_latent.split([self.rank, self.rope], dim=-1)
+            T = c_kv.shape[1]
+            kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.nope + self.v_dim)
+            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, pe.unsqueeze(2).expand(B, T, self.n_heads, self.rope)], dim=-1)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            out = attend_materialized(q, k, v, mask, self.scale)
+        return dist.all_reduce(self.o_proj(out.flatten(2)))
+
+
+# -- feed-forward ------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). `parallel` splits its columns over ranks (dense layers and
+    shared experts); routed experts are whole on one rank."""
+
+    def __init__(self, dim: int, inter: int, parallel: bool = True):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter, split="col" if parallel else None)
+        self.up_proj = Linear(dim, inter, split="col" if parallel else None)
+        self.down_proj = Linear(inter, dim, split="row" if parallel else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router: scores in float32 (softmax or sigmoid); V3's e_score_correction_bias only chooses experts;
+    group-limited choice (V2: max per group, V3: sum of the top two); weights from the unbiased scores."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        choice = scores
+        if self.e_score_correction_bias is not None:
+            choice = scores + self.e_score_correction_bias.float()
+        if cfg.n_group > 1 and cfg.topk_method in ("group_limited_greedy", "noaux_tc"):
+            groups = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            if cfg.topk_method == "noaux_tc":
+                group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = groups.amax(dim=-1)
+            keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = groups.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, idx)
+        normalise = cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob
+        if normalise:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.v3_gate or not normalise:
+            weights = weights * cfg.routed_scaling_factor
+        return weights, idx
+
+
+class MoE(nn.Module):
+    """Shared experts (always on) plus the top-k routed experts. With several ranks each holds a contiguous
+    block of the routed experts; partial sums are added across ranks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n = cfg.n_routed_experts
+        per_rank = dist.split(n, "n_routed_experts")
+        self.first = dist.rank() * per_rank
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleDict(
+            {str(e): MLP(cfg.hidden_size, cfg.moe_intermediate_size, parallel=False)
+             for e in range(self.first, self.first + per_rank)}
+        )
+        self.shared_experts = None
+        if cfg.n_shared_experts:
+            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(x)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e in sorted(set(idx.flatten().tolist())):
+            expert = self.experts[str(e)] if str(e) in self.experts else None
+            if expert is None:
+                continue
+            tok, k = torch.where(idx == e)
+            y.index_add_(0, tok, expert(x[tok]) * weights[tok, k, None])
+        y = y.to(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return dist.all_reduce(y).view(shape)
+
+
+# -- blocks and the model ------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = MLA(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, positions, cache=None, step=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache, step)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, split="col")
+
+
+class MTPLayer(Block):
+    """V3's multi-token prediction module, stored as layer `num_hidden_layers` (+i):
+    h' = Block(eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)])), logits = shared_head.head(shared_head.norm(h'))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size)
+        self.shared_head = SharedHead(cfg)
+
+
+class Transformer(nn.Module):
+    """DeepseekV2/V3ForCausalLM. State-dict names equal the hub's, except that MTP layers live in `mtp`
+    (hub: model.layers.{num_hidden_layers + i}); see `local_name`."""
+
+    def __init__(self, cfg: ModelConfig, with_mtp: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, split="col")
+        n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + i) for i in range(n_mtp))
+        self.rotary = Rotary(cfg)
+
+    @property
+    def n_cached_layers(self) -> int:
+        """Layers with a latent cache: the main ones, then the MTP ones."""
+        return self.cfg.num_hidden_layers + len(self.mtp)
+
+    def local_name(self, hub_name: str) -> str:
+        """Hub tensor name -> this module's parameter name."""
+        L = self.cfg.num_hidden_layers
+        if hub_name.startswith("model.layers."):
+            layer, _, rest = hub_name[len("model.layers."):].partition(".")
+            if layer.isdigit() and int(layer) >= L:
+                return f"mtp.{int(layer) - L}.{rest}"
+        return hub_name
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, step: Step | None = None) -> torch.Tensor:
+        """ids [B,S] -> final hidden states before the last norm, [B,S,hidden]."""
+        h = self.model.embed_tokens(ids)
+        cos, sin = self.rotary(positions)
+        for i, block in enumerate(self.model.layers):
+            h = block(h, cos, sin, positions, step.cache[i] if step else None, step)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head -> float32 logits over the whole vocabulary."""
+        return dist.all_gather_last(self.lm_head(self.model.norm(h))).float()
+
+    def mtp_forward(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                    step: Step | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module k: from the previous depth's hidden states h_prev [B,S,hidden] at positions i and the
+        tokens t_{i+1} [B,S], the hidden states of depth k+1 and their logits (float32)."""
+        m = self.mtp[k]
+        e = m.enorm(m.embed_tokens(next_ids))
+        h = m.eh_proj(torch.cat([e, m.hnorm(h_prev)], dim=-1))
+        cos, sin = self.rotary(positions)
+        cache = step.cache[self.cfg.num_hidden_layers + k] if step else None
+        h = m(h, cos, sin, positions, cache, step)
+        logits = dist.all_gather_last(m.shared_head.head(m.shared_head.norm(h))).float()
+        return h, logits
