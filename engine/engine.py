@@ -94,6 +94,19 @@ class Engine:
         h = self.model(t[None], torch.arange(len(ids), device=self.device))
         return self.model.head(h)[0]
 
+    @torch.inference_mode()
+    def decode_logits(self, ids: list[int], chunk: int = 1) -> torch.Tensor:
+        """The same logits as `logits(ids)`, computed the way generation does: through a fresh latent-cache
+        sequence, `chunk` tokens per forward pass (absorbed attention for chunks up to 128 tokens).
+        For checking the optimised path against the plain one; nothing is left in the cache."""
+        self._ids_tensor(ids)
+        seq = self.cache.open([], limit=0)
+        try:
+            out = [self.model.head(self._forward(seq, ids[i:i + chunk])) for i in range(0, len(ids), chunk)]
+        finally:
+            self.cache.close(seq, insert=False)
+        return torch.cat(out)
+
     def _ids_tensor(self, ids) -> torch.Tensor:
         ids = list(ids)
         if not ids:

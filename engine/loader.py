@@ -48,9 +48,14 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         from huggingface_hub.utils import HfHubHTTPError
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise ModelError(f"{name}: no such directory, and huggingface_hub is not installed") from None
+    # Read the cache location and offline switch now, not when huggingface_hub was first imported.
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         return Path(snapshot_download(
-            name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
+            name, cache_dir=cache_dir, local_files_only=offline,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
     except (HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{name}: not a local directory, and not found on the Hugging Face hub or in its "

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random checkpoints in the hub layout, built once per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_checkpoints as tc  # noqa: E402
+
+# Keep runs hermetic: never touch the user's config, history or caches, never reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("home")
+    for var in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(var, str(home / var.lower()))
+    monkeypatch.delenv("DSCHAT_MODEL", raising=False)
+
+
+CHECKPOINTS = {
+    "v2_lite": lambda: tc.v2_lite_config(),
+    "v2": lambda: tc.v2_config(),
+    "v3": lambda: tc.v3_config(),
+    "v3_legacy_rope": lambda: tc.v3_config(rope_parameters=False),
+    "v3_fp8": lambda: tc.v3_fp8_config(),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: tc.write_checkpoint(root / name, make(), seed=i) for i, (name, make) in enumerate(CHECKPOINTS.items())}
+
+
+@pytest.fixture(scope="session")
+def reference_dirs(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """For each checkpoint, a directory transformers can load as the reference: the same weights in
+    float32 (FP8 ones dequantised tile by tile by the test helper, not by the engine)."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("ref")
+    out = {}
+    for name, path in checkpoints.items():
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.pop("quantization_config", None)
+        d = root / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+        save_file(tc.dequantized_weights(path), str(d / "model.safetensors"))
+        out[name] = d
+    return out
+
+
+def load_reference(path: Path):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
