@@ -15,10 +15,12 @@ from .config import ModelConfig
 from .errors import ContextLengthError, ModelError
 from .loader import Progress, load_model, resolve
 from .model import ABSORB_MAX_TOKENS, Step, Transformer
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, probabilities
+from .speculative import NgramDrafter, verify
 
 PREFILL_CHUNK = 1024
 PAGE_SIZE = 64
+SPECULATIVE = ("mtp", "ngram", "none")
 
 
 def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -35,9 +37,11 @@ def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
 
 class Engine:
     def __init__(self, model: Transformer, cfg: ModelConfig, path: Path, device: torch.device,
-                 dtype: torch.dtype, cache_gb: float | None = None):
+                 dtype: torch.dtype, cache_gb: float | None = None, speculative: str = "none",
+                 draft_tokens: int = 1):
         self.model, self.config, self.path = model, cfg, path
         self.device, self.dtype = device, dtype
+        self.speculative, self.draft_tokens = speculative, draft_tokens
         self.stats: dict = {}
         self.generation_config = _read_json(path / "generation_config.json")
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else self.generation_config.get("eos_token_id")
@@ -49,15 +53,30 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, cache_gb: float | None = None,
+                        speculative: str | None = None, draft_tokens: int | None = None,
                         progress: Progress | None = None) -> "Engine":
+        """Load a checkpoint. speculative: "mtp" (V3's draft module; the default where the checkpoint has
+        one), "ngram" (prompt lookup; the default otherwise) or "none". draft_tokens: tokens proposed per
+        step (default 1 for MTP, 4 for n-gram)."""
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ModelError("--device cuda asked for, but PyTorch sees no CUDA GPU here")
         dtype = _parse_dtype(dtype, device)
         root = resolve(path_or_repo_id)
         cfg = ModelConfig.from_file(root / "config.json")
-        model = load_model(root, cfg, device, dtype, progress=progress)
-        return cls(model, cfg, root, device, dtype, cache_gb)
+        if speculative is None:
+            speculative = "mtp" if cfg.num_nextn_predict_layers else "ngram"
+        if speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}")
+        if speculative == "mtp" and not cfg.num_nextn_predict_layers:
+            raise ModelError(f"{root}: this model has no MTP layer (num_nextn_predict_layers is 0); "
+                             "use --speculative ngram or none")
+        if draft_tokens is None:
+            draft_tokens = 4 if speculative == "ngram" else 1
+        if draft_tokens < 1:
+            raise ValueError("draft_tokens must be >= 1")
+        model = load_model(root, cfg, device, dtype, with_mtp=speculative == "mtp", progress=progress)
+        return cls(model, cfg, root, device, dtype, cache_gb, speculative, draft_tokens)
 
     def _make_cache(self, cache_gb: float | None) -> LatentCache:
         n_layers = self.model.n_cached_layers
@@ -118,22 +137,30 @@ class Engine:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     # -- cached path ---------------------------------------------------------------------------------------------
+    def _step(self, seq: Sequence, start: int, n: int) -> Step:
+        """Positions start..start+n-1 of seq, with room reserved in its pages."""
+        self.cache.reserve(seq, start + n)
+        return Step(positions=torch.arange(start, start + n, device=self.device),
+                    slots=self.cache.slots(seq, start + n), cache=self.cache.layers,
+                    absorb=n <= ABSORB_MAX_TOKENS)
+
     def _forward(self, seq: Sequence, new: list[int]) -> torch.Tensor:
         """Run new tokens after seq's cached ones; returns their final hidden states [S, hidden]."""
-        start, S = len(seq.ids), len(new)
-        self.cache.reserve(seq, start + S)
-        step = Step(positions=torch.arange(start, start + S, device=self.device),
-                    slots=self.cache.slots(seq, start + S), cache=self.cache.layers,
-                    absorb=S <= ABSORB_MAX_TOKENS)
+        step = self._step(seq, len(seq.ids), len(new))
         h = self.model(self._ids_tensor(new)[None], step.positions, step)[0]
         seq.ids.extend(new)
         return h
 
     def _prefill(self, seq: Sequence, new: list[int]) -> torch.Tensor:
-        h = None
-        for i in range(0, len(new), PREFILL_CHUNK):
-            h = self._forward(seq, new[i:i + PREFILL_CHUNK])
-        return h
+        return torch.cat([self._forward(seq, new[i:i + PREFILL_CHUNK]) for i in range(0, len(new), PREFILL_CHUNK)])
+
+    def _mtp(self, seq: Sequence, start: int, h: torch.Tensor, next_ids: list[int]):
+        """The MTP module over positions start..start+S-1: h [S, hidden] the depth-0 states there (main
+        model, after its final norm), next_ids the tokens that follow each. Writes its latent rows."""
+        step = self._step(seq, start, len(next_ids))
+        ids = self._ids_tensor(next_ids)[None]
+        h_out, logits = self.model.mtp_forward(0, h[None], ids, step.positions, step)
+        return h_out[0], logits[0]
 
     @torch.inference_mode()
     def generate(self, ids: list[int], params: SamplingParams | None = None) -> Iterator[int]:
@@ -155,35 +182,85 @@ class Engine:
         stats = self.stats = dict(prompt_tokens=len(ids), cached_tokens=0, generated_tokens=0, prefill_s=0.0,
                                   decode_s=0.0, ttft_s=0.0, decode_tokens_per_s=0.0, draft_tokens=0,
                                   accepted_tokens=0, stop_reason=None)
+        mtp = self.speculative == "mtp"
+        ngram = NgramDrafter(self.draft_tokens) if self.speculative == "ngram" else None
+        K = self.draft_tokens
         t0 = time.perf_counter()
         seq = self.cache.open(ids, limit=len(ids) - 1)
         stats["cached_tokens"] = seq.cached
+        # MTP rows are written one position behind the main model (row i needs t_{i+1}): `pending` holds
+        # the main model's normed hidden states for positions mtp_done..len(seq.ids)-1.
+        mtp_done = seq.cached
+        out: list[int] = []
+        finished = False
         try:
             with torch.inference_mode():
                 h = self._prefill(seq, ids[seq.cached:])
-                logits = self.model.head(h[-1:])[0]
-                token = sampler(logits)
-            t1 = time.perf_counter()
-            stats["prefill_s"] = stats["ttft_s"] = t1 - t0
-            n = 0
+                pending = self.model.model.norm(h) if mtp else None
+                token = sampler(self.model.head(h[-1:])[0])
+            stats["prefill_s"] = stats["ttft_s"] = time.perf_counter() - t0
+            if ngram:
+                ngram.extend(ids)
+            new = [token]
             while True:
-                n += 1
-                stats["generated_tokens"] = n
-                yield token
-                if token in stops:
-                    stats["stop_reason"] = "stop"
+                for t in new:  # emit, watching for the end
+                    out.append(t)
+                    stats["generated_tokens"] = len(out)
+                    yield t
+                    if t in stops or len(out) >= params.max_tokens:
+                        stats["stop_reason"] = "stop" if t in stops else "length"
+                        finished = True
+                        break
+                if finished:
                     break
-                if n >= params.max_tokens:
-                    stats["stop_reason"] = "length"
-                    break
+                if ngram:
+                    ngram.extend(new)
+                token = new[-1]
                 with torch.inference_mode():
-                    h = self._forward(seq, [token])
-                    token = sampler(self.model.head(h)[0])
+                    # draft
+                    drafts, draft_probs = [], []
+                    room = params.max_tokens - len(out) - 1  # drafts past max_tokens would be wasted
+                    if mtp and room > 0:
+                        start = mtp_done
+                        next_ids = seq.ids[start + 1:] + [token]
+                        hd, lg = self._mtp(seq, start, pending, next_ids)
+                        mtp_done, pending = len(seq.ids), pending[:0]
+                        for k in range(min(K, room)):
+                            q = None if params.greedy else probabilities(lg[-1], params)
+                            d = int(lg[-1].argmax()) if q is None else sampler.draw(q)
+                            drafts.append(d)
+                            draft_probs.append(q)
+                            if k + 1 < min(K, room):  # chain: the module's own state, the draft token
+                                hd, lg = self._mtp(seq, len(seq.ids) + k, hd[-1:], [d])
+                    elif ngram and room > 0:
+                        drafts = ngram.propose()[:room]
+                        draft_probs = [None] * len(drafts)
+                    # verify: one pass of the main model over the token and its drafts
+                    base = len(seq.ids)
+                    h = self._forward(seq, [token] + drafts)
+                    n_ok, nxt = verify(drafts, draft_probs, self.model.head(h), sampler)
+                    self.cache.truncate(seq, base + 1 + n_ok)
+                    if mtp:
+                        pending = torch.cat([pending, self.model.model.norm(h[: 1 + n_ok])])
+                stats["draft_tokens"] += len(drafts)
+                stats["accepted_tokens"] += n_ok
+                new = drafts[:n_ok] + [nxt]
+            if mtp and out and len(seq.ids) > mtp_done:
+                # fill the MTP rows of the last positions, so the cached prefix is whole for the next turn
+                with torch.inference_mode():
+                    self._mtp(seq, mtp_done, pending, seq.ids[mtp_done + 1:] + [out[-1]])
+                mtp_done = len(seq.ids)
         finally:
+            # The cache keeps exactly the tokens that are now history: prompt + reply minus its last token,
+            # whose latents were never computed (fed tokens past a stop are dropped).
+            keep = min(len(seq.ids), len(ids) + max(0, len(out) - 1))
+            if mtp:
+                keep = min(keep, mtp_done)
+            self.cache.truncate(seq, keep)
             self.cache.close(seq)
             stats["decode_s"] = time.perf_counter() - t0 - stats["prefill_s"]
-            if stats["generated_tokens"] > 1 and stats["decode_s"] > 0:
-                stats["decode_tokens_per_s"] = (stats["generated_tokens"] - 1) / stats["decode_s"]
+            if len(out) > 1 and stats["decode_s"] > 0:
+                stats["decode_tokens_per_s"] = (len(out) - 1) / stats["decode_s"]
 
 
 def _read_json(path: Path) -> dict:

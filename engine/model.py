@@ -133,6 +133,16 @@ def causal_mask(q_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
     return torch.arange(n_keys, device=q_pos.device)[None, :] <= q_pos[:, None]
 
 
+@dataclass
+class Positions:
+    """What every layer needs to know about the positions of one forward pass, computed once:
+    rotary cos/sin [S, dr/2] and the causal mask [S, T]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+
+
 def attend_materialized(q, k, v, mask, scale):
     """q [B,S,H,dq], k [B,T,H,dq], v [B,T,H,dv], mask [S,T] bool -> [B,S,H,dv]."""
     out = F.scaled_dot_product_attention(
@@ -174,10 +184,10 @@ class MLA(nn.Module):
         self.o_proj = Linear(cfg.num_attention_heads * self.v_dim, cfg.hidden_size, split="row")
         self.scale = cfg.softmax_scale
 
-    def forward(self, x, cos, sin, positions, cache: torch.Tensor | None = None, step: Step | None = None):
-        """x [B,S,hidden], positions [S]. Without a cache: plain causal attention over these S tokens
-        (positions 0..S-1).
+    def forward(self, x, pos: Positions, cache: torch.Tensor | None = None, step: Step | None = None):
+        """x [B,S,hidden]. Without a cache: plain causal attention over these S tokens.
         With one (B = 1): write the new latents, attend over all T cached positions."""
+        cos, sin = pos.cos, pos.sin
         B, S, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -192,11 +202,10 @@ class MLA(nn.Module):
 
         if step is None:
             all_latent = latent
-            mask = causal_mask(positions, S)
         else:
             cache[step.slots[-S:]] = latent[0].to(cache.dtype)
             all_latent = cache[step.slots].unsqueeze(0)  # [1,T,r+dr]
-            mask = causal_mask(step.positions, step.slots.numel())
+        mask = pos.mask
 
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         if step is not None and step.absorb:
@@ -292,14 +301,18 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, idx = self.gate(x)
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e in sorted(set(idx.flatten().tolist())):
-            expert = self.experts[str(e)] if str(e) in self.experts else None
-            if expert is None:
-                continue
-            tok, k = torch.where(idx == e)
-            y.index_add_(0, tok, expert(x[tok]) * weights[tok, k, None])
-        y = y.to(x.dtype)
+        if x.shape[0] == 1:  # decode: just the chosen experts, no bookkeeping
+            y = sum(self.experts[str(e)](x) * w for e, w in zip(idx[0].tolist(), weights[0, :, None])
+                    if str(e) in self.experts)
+            y = torch.zeros_like(x) if isinstance(y, int) else y.to(x.dtype)
+        else:
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            for e in sorted(set(idx.flatten().tolist())):
+                if str(e) not in self.experts:
+                    continue
+                tok, k = torch.where(idx == e)
+                y.index_add_(0, tok, self.experts[str(e)](x[tok]) * weights[tok, k, None])
+            y = y.to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return dist.all_reduce(y).view(shape)
@@ -314,8 +327,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, positions, cache=None, step=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache, step)
+    def forward(self, h, pos: Positions, cache=None, step=None):
+        h = h + self.self_attn(self.input_layernorm(h), pos, cache, step)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -372,10 +385,15 @@ class Transformer(nn.Module):
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, step: Step | None = None) -> torch.Tensor:
         """ids [B,S] -> final hidden states before the last norm, [B,S,hidden]."""
         h = self.model.embed_tokens(ids)
-        cos, sin = self.rotary(positions)
+        pos = self.positions(positions, step)
         for i, block in enumerate(self.model.layers):
-            h = block(h, cos, sin, positions, step.cache[i] if step else None, step)
+            h = block(h, pos, step.cache[i] if step else None, step)
         return h
+
+    def positions(self, positions: torch.Tensor, step: Step | None) -> Positions:
+        cos, sin = self.rotary(positions)
+        n_keys = step.slots.numel() if step else positions.numel()
+        return Positions(cos, sin, causal_mask(positions, n_keys))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head -> float32 logits over the whole vocabulary."""
@@ -386,10 +404,11 @@ class Transformer(nn.Module):
         """MTP module k: from the previous depth's hidden states h_prev [B,S,hidden] at positions i and the
         tokens t_{i+1} [B,S], the hidden states of depth k+1 and their logits (float32)."""
         m = self.mtp[k]
-        e = m.enorm(m.embed_tokens(next_ids))
+        e = m.embed_tokens(next_ids)
+        e = e.masked_fill((positions == 0)[:, None], 0.0)  # as vLLM runs the released weights
+        e = m.enorm(e)
         h = m.eh_proj(torch.cat([e, m.hnorm(h_prev)], dim=-1))
-        cos, sin = self.rotary(positions)
         cache = step.cache[self.cfg.num_hidden_layers + k] if step else None
-        h = m(h, cos, sin, positions, cache, step)
+        h = m(h, self.positions(positions, step), cache, step)
         logits = dist.all_gather_last(m.shared_head.head(m.shared_head.norm(h))).float()
         return h, logits

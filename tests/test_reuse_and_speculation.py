@@ -1,0 +1,179 @@
+"""Latent-cache prefix reuse across turns, eviction, and lossless speculative decoding (MTP and n-gram)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny_checkpoints as tc
+from engine import ContextLengthError, Engine, SamplingParams
+from engine.cache import LatentCache
+from engine.sampling import Sampler, probabilities
+from engine.speculative import NgramDrafter, verify
+
+
+def prompt(n, seed=0, vocab=512):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy(n):
+    return SamplingParams(max_tokens=n, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def plain(checkpoints):
+    return {n: Engine.from_pretrained(checkpoints[n], dtype=torch.float32, speculative="none")
+            for n in ("v3", "v3_fp8", "v2_lite")}
+
+
+def fresh(path, **kw):
+    return Engine.from_pretrained(path, dtype=torch.float32, **kw)
+
+
+# -- prefix reuse ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, spec", [("v2_lite", "none"), ("v2_lite", "ngram"), ("v3", "mtp")])
+def test_turn_two_reuses_turn_one(checkpoints, name, spec):
+    eng = fresh(checkpoints[name], speculative=spec)
+    p1 = prompt(70, seed=1)
+    r1 = list(eng.generate(p1, greedy(25)))
+    assert eng.stats["cached_tokens"] == 0
+    p2 = p1 + r1 + prompt(9, seed=2)
+    r2 = list(eng.generate(p2, greedy(20)))
+    assert eng.stats["cached_tokens"] >= len(p1) + len(r1) - 1
+    assert r2 == list(fresh(checkpoints[name], speculative="none").generate(p2, greedy(20)))
+
+
+def test_prefix_shared_mid_page_and_regenerate(checkpoints, plain):
+    """A prompt that diverges in the middle of a page, and the same prompt again (regenerate)."""
+    eng = fresh(checkpoints["v3"], speculative="none")
+    base = prompt(100, seed=3)
+    list(eng.generate(base, greedy(5)))
+    other = base[:90] + prompt(20, seed=4)
+    out = list(eng.generate(other, greedy(12)))
+    assert eng.stats["cached_tokens"] == 90
+    assert out == list(plain["v3"].generate(other, greedy(12)))
+    again = list(eng.generate(other, greedy(12)))
+    assert again == out and eng.stats["cached_tokens"] == len(other) - 1
+
+
+def test_long_prompt_is_prefilled_in_chunks(checkpoints, plain):
+    from engine import engine as engine_module
+
+    ids = prompt(engine_module.PREFILL_CHUNK + 150, seed=5)
+    eng = plain["v2_lite"]
+    first = next(iter(eng.generate(ids, greedy(1))))
+    assert first == int(eng.logits(ids)[-1].argmax())
+
+
+def test_eviction_with_a_small_pool_still_answers_right(checkpoints, plain):
+    cfg = plain["v2_lite"].config
+    per_token = LatentCache.bytes_per_token(cfg.num_hidden_layers, cfg.latent_dim, torch.float32)
+    eng = fresh(checkpoints["v2_lite"], speculative="none", cache_gb=12 * 64 * per_token / 2**30)  # 12 pages
+    assert eng.cache.num_pages == 12
+    prompts = [prompt(200, seed=s) for s in range(6)]  # 4 pages each: they can't all stay
+    for p in prompts + prompts[:2]:
+        out = list(eng.generate(p, greedy(10)))
+        assert out == list(plain["v2_lite"].generate(p, greedy(10)))
+    assert len(eng.cache.free) + sum(1 for _ in eng.cache._nodes()) == 12  # no page lost
+    with pytest.raises(ContextLengthError, match="cache is full"):
+        list(eng.generate(prompt(900, seed=9), greedy(5)))
+
+
+def test_cache_tree_copy_on_write_and_lru():
+    c = LatentCache(n_layers=2, latent_dim=3, num_pages=4, page_size=4, device=torch.device("cpu"),
+                    dtype=torch.float32)
+    s = c.open([1, 2, 3, 4, 5, 6])
+    c.reserve(s, 6)
+    for buf in c.layers:
+        buf[c.slots(s, 6)] = torch.arange(6.0)[:, None].expand(6, 3)
+    s.ids = [1, 2, 3, 4, 5, 6]
+    c.close(s)
+    t = c.open([1, 2, 3, 4, 5, 9, 9])  # one whole page shared, one row copied from the partial page
+    assert t.cached == 5 and len(t.shared) == 1
+    assert torch.equal(c.layers[1][c.slots(t, 5)][:, 0], torch.arange(5.0))
+    c.close(t, insert=False)
+    u = c.open([7, 7, 7, 7, 7])
+    c.reserve(u, 16)  # needs every page: the unpinned tree pages are evicted, least recently used first
+    assert len(u.pages) == 4 and not list(c._nodes())
+
+
+# -- speculation is lossless --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["v3", "v3_fp8"])
+@pytest.mark.parametrize("spec, k", [("mtp", 1), ("mtp", 2), ("mtp", 3), ("ngram", 1), ("ngram", 4)])
+def test_speculative_greedy_equals_plain_greedy(checkpoints, plain, name, spec, k):
+    p = prompt(40, seed=6)
+    p = p + p[:15]  # something for prompt lookup to find
+    want = list(plain[name].generate(p, greedy(40)))
+    eng = fresh(checkpoints[name], speculative=spec, draft_tokens=k)
+    assert list(eng.generate(p, greedy(40))) == want
+    assert eng.stats["draft_tokens"] > 0
+
+
+def test_mtp_drafts_come_from_the_mtp_module(checkpoints):
+    """The first draft is argmax of shared_head(MTP block(eh_proj([enorm(e(t_n)); hnorm(norm(h_{n-1}))])))."""
+    eng = fresh(checkpoints["v3"], speculative="mtp")
+    m, p = eng.model, prompt(12, seed=7)
+    with torch.inference_mode():
+        h = m(torch.tensor([p]), torch.arange(len(p)))
+        t_next = int(m.head(h)[0, -1].argmax())
+        # MTP over every prompt position i with (h_i, t_{i+1}), plain attention (no cache)
+        next_ids = torch.tensor([p[1:] + [t_next]])
+        _, logits = m.mtp_forward(0, m.model.norm(h), next_ids, torch.arange(len(p)))
+    expected_draft = int(logits[0, -1].argmax())
+    drafted = []
+    original = eng._mtp
+
+    def spy(seq, start, hh, ids):
+        out = original(seq, start, hh, ids)
+        drafted.append(int(out[1][-1].argmax()))
+        return out
+
+    eng._mtp = spy
+    list(eng.generate(p, greedy(3)))
+    assert drafted[0] == expected_draft
+
+
+def test_ngram_drafter_proposes_the_continuation():
+    d = NgramDrafter(k=3)
+    d.extend([5, 6, 7, 8, 9, 1, 2, 5, 6])
+    assert d.propose() == [7, 8, 9]
+    d.extend([4])
+    assert d.propose() == []  # "6 4" and "4" never seen before (min n-gram 2)
+
+
+@pytest.mark.parametrize("draft", ["sampled", "deterministic"])
+def test_rejection_sampling_keeps_the_distribution(draft):
+    """The first token out of verify() is distributed as the target p, whatever the draft distribution."""
+    V, N = 6, 20000
+    target = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
+    params = SamplingParams(temperature=1.0, seed=0)
+    sampler = Sampler(params)
+    p = probabilities(target, params)
+    q = torch.tensor([0.05, 0.5, 0.05, 0.3, 0.05, 0.05])
+    counts = torch.zeros(V)
+    logits = torch.stack([target, torch.zeros(V)])
+    for _ in range(N):
+        d = sampler.draw(q) if draft == "sampled" else 1
+        n_ok, nxt = verify([d], [q if draft == "sampled" else None], logits, sampler)
+        counts[d if n_ok else nxt] += 1
+    assert (counts / N - p).abs().max() < 0.015
+
+
+def test_speculative_sampling_end_to_end_distribution(tmp_path):
+    """On a tiny vocabulary, the second sampled token has the same distribution with MTP drafting as without."""
+    cfg = tc.v3_config(vocab=8)
+    path = tc.write_checkpoint(tmp_path / "tiny", cfg, seed=11)
+    plain_eng = fresh(path, speculative="none")
+    mtp_eng = fresh(path, speculative="mtp", draft_tokens=2)
+    p = [1, 2, 3, 4]
+
+    def hist(eng, n=800):
+        c = torch.zeros(8)
+        for s in range(n):
+            out = list(eng.generate(p, SamplingParams(temperature=1.0, seed=s, max_tokens=3, ignore_eos=True)))
+            c[out[1]] += 1
+        return c / n
+
+    a, b = hist(plain_eng), hist(mtp_eng)
+    assert mtp_eng.stats["draft_tokens"] > 0
+    assert 0.5 * float((a - b).abs().sum()) < 0.1
