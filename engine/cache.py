@@ -52,6 +52,11 @@ class LatentCache:
         self.clock = itertools.count(1)
         self.device = device
 
+    def clear(self):
+        """Forget every cached prefix (pages stay allocated; nothing may be open)."""
+        self.free = list(range(self.num_pages - 1, -1, -1))
+        self.root = Node((), -1, None)
+
     @staticmethod
     def bytes_per_token(n_layers: int, latent_dim: int, dtype: torch.dtype) -> int:
         return n_layers * latent_dim * torch.empty((), dtype=dtype).element_size()
