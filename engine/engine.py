@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -13,6 +14,7 @@ import torch
 from .cache import LatentCache, Sequence
 from .config import ModelConfig
 from .errors import ContextLengthError, ModelError
+from . import persist
 from .loader import Progress, load_model, resolve
 from .model import ABSORB_MAX_TOKENS, Step, Transformer
 from .sampling import Sampler, SamplingParams, probabilities
@@ -103,6 +105,58 @@ class Engine:
     @property
     def context_length(self) -> int:
         return self.config.max_position_embeddings
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies these weights: a hash of config.json, the tensor index and the shard sizes."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.sha256()
+            files = [self.path / "config.json", *sorted(self.path.glob("*.safetensors.index.json"))]
+            for f in files + sorted(self.path.glob("*.safetensors")):
+                h.update(f.name.encode())
+                h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    # -- persisted prefixes --------------------------------------------------------------------------------
+    def _layout(self) -> str:
+        return f"{self.fingerprint}-{self.model.n_cached_layers}x{self.config.latent_dim}-{self.dtype}"
+
+    def save_prefix(self, ids: list[int], directory: str | os.PathLike | None = None, cap_gb: float = 4.0) -> int:
+        """Write the latent rows of the cached part of `ids` to disk, keyed by `ids` (see engine/persist.py).
+        Returns the number of tokens written."""
+        seq = self.cache.open(list(ids))
+        try:
+            n = seq.cached
+            if n:
+                slots = self.cache.slots(seq, n)
+                rows = torch.stack([buf[slots] for buf in self.cache.layers])
+                persist.write(Path(directory) if directory else persist.default_dir(), self._layout(),
+                              list(ids), seq.ids[:n], rows, int(cap_gb * 2**30))
+            return n
+        finally:
+            self.cache.close(seq, insert=False)
+
+    def load_prefix(self, ids: list[int], directory: str | os.PathLike | None = None) -> int:
+        """Put the rows saved under exactly `ids` back into the cache. Returns the number of tokens restored
+        (0 when there is no usable file; a stale or corrupt one gives a CacheWarning)."""
+        got = persist.read(Path(directory) if directory else persist.default_dir(), self._layout(), list(ids),
+                           self.model.n_cached_layers, self.config.latent_dim)
+        if got is None:
+            return 0
+        saved, rows = got
+        seq = self.cache.open(saved)
+        try:
+            n0 = seq.cached
+            if n0 < len(saved):
+                self.cache.reserve(seq, len(saved))
+                slots = self.cache.slots(seq, len(saved))[n0:]
+                for layer, buf in enumerate(self.cache.layers):
+                    buf[slots] = rows[layer, n0:].to(device=buf.device, dtype=buf.dtype)
+                seq.ids = list(saved)
+        finally:
+            self.cache.close(seq)
+        return len(saved)
 
     # -- plain path -------------------------------------------------------------------------------------------
     @torch.inference_mode()

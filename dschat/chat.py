@@ -1,0 +1,122 @@
+"""A conversation with a model: messages, the exact token history, and streaming replies.
+
+Token continuity: the engine's latent cache is keyed by token ids, so turn k+1 must start with exactly
+the ids of turn k — its prompt plus the tokens the model generated (end-of-turn token included), not a
+re-tokenisation of the reply text, which can differ ("\\n"+"\\n" vs "\\n\\n", merges at the seam, the space
+after "Assistant:"). So each turn renders the conversation with the model's template, checks that the
+text the history ids stand for is a prefix of it, and tokenizes only the new text. Where a template
+rewrites history (R1 drops old reasoning), the check fails and the whole prompt is tokenized afresh; the
+cache still reuses the longest common prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from engine import SamplingParams
+
+from .template import chat_prompt, completion_prompt, render
+
+
+@dataclass
+class Turn:
+    user: str
+    prompt_text: str
+    prompt_ids: list[int]
+    continued: bool  # True when prompt_ids extend the previous turn's ids
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    interrupted: bool = False
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def content(self) -> str:
+        """The reply as stored in the conversation: decoded text without special tokens, trimmed."""
+        return self.text.strip()
+
+
+class Chat:
+    def __init__(self, engine, system: str | None = None, raw: bool = False,
+                 messages: list[dict] | None = None, history_ids: list[int] | None = None):
+        self.engine, self.raw = engine, raw
+        self.tok = engine.tokenizer
+        self.messages: list[dict] = []
+        if system:
+            self.messages.append({"role": "system", "content": system})
+        self.messages += [dict(m) for m in messages or []]
+        self.ids: list[int] = list(history_ids or [])
+        # the text that self.ids stand for; unknown for history loaded from elsewhere
+        self.text: str | None = None
+
+    @property
+    def system(self) -> str | None:
+        return next((m["content"] for m in self.messages if m["role"] == "system"), None)
+
+    def render_prompt(self, messages: list[dict]) -> tuple[str, list[int]]:
+        if self.raw:
+            return completion_prompt(self.tok, "".join(m["content"] for m in messages if m["role"] != "system"))
+        text = render(self.tok.chat_template, messages, add_generation_prompt=True,
+                      bos_token=self.tok.bos_token, eos_token=self.tok.eos_token) \
+            if self.tok.chat_template is not None else None
+        if text is None:  # a base model: text completion
+            return completion_prompt(self.tok, messages[-1]["content"])
+        if self.ids and self.text is not None and text.startswith(self.text):
+            return text, self.ids + self.tok.encode(text[len(self.text):])
+        if self.ids and self.text is None:
+            # history ids from a saved conversation: trust them where the re-rendered history still matches
+            old = render(self.tok.chat_template, self.messages, add_generation_prompt=False,
+                         bos_token=self.tok.bos_token, eos_token=self.tok.eos_token)
+            if text.startswith(old):
+                return text, self.ids + self.tok.encode(text[len(old):])
+        return chat_prompt(self.tok, messages)
+
+    def turn(self, user: str) -> Turn:
+        """The prompt for the next user message (nothing is changed until `commit`)."""
+        messages = self.messages + [{"role": "user", "content": user}]
+        text, ids = self.render_prompt(messages)
+        continued = bool(self.ids) and ids[: len(self.ids)] == self.ids
+        return Turn(user, text, ids, continued)
+
+    def regenerate_turn(self) -> Turn:
+        """A new answer to the last user message: drops the last exchange and prompts it again."""
+        if len(self.messages) < 2 or self.messages[-1]["role"] != "assistant":
+            raise ValueError("there is no answer to regenerate yet")
+        user = self.messages[-2]["content"]
+        prev = getattr(self, "_before_last", None)
+        self.messages = self.messages[:-2]
+        self.ids, self.text = prev if prev else ([], None)
+        return self.turn(user)
+
+    def stream(self, turn: Turn, params: SamplingParams) -> Iterator[str]:
+        """Generate the reply, yielding text as it becomes complete (never a broken UTF-8 sequence)."""
+        decoder = self.tok.stream(skip_special_tokens=True)
+        started = False
+        for token in self.engine.generate(turn.prompt_ids, params):
+            turn.output_ids.append(token)
+            piece = decoder.push(token)
+            if not started:  # the reply's leading whitespace (V2 puts a space after "Assistant:")
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
+                turn.text += piece
+                yield piece
+            turn.stats = dict(self.engine.stats)
+        tail = decoder.flush()
+        if tail:
+            turn.text += tail
+            yield tail
+        turn.stats = dict(self.engine.stats)
+
+    def commit(self, turn: Turn):
+        """Add the exchange to the conversation, even a partial (interrupted) one."""
+        self._before_last = (list(self.ids), self.text)
+        self.messages += [{"role": "user", "content": turn.user},
+                          {"role": "assistant", "content": turn.content}]
+        self.ids = turn.prompt_ids + turn.output_ids
+        self.text = turn.prompt_text + self.tok.decode(turn.output_ids)
+
+    def clear(self):
+        system = self.system
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.ids, self.text = [], None

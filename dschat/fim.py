@@ -1,0 +1,291 @@
+"""`dschat fim FILE`: fill-in-the-middle code insertion with the model's own FIM tokens.
+
+    prompt = BOS <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜>   ->  the model writes the middle
+
+The splice: the hole is the `<FILL>` marker (or --at LINE[:COL]); the text before it is the prefix and the
+text after it the suffix, each trimmed to a token budget at the line boundaries nearest the hole (more
+prefix than suffix, as editor tools do). The model's text is inserted as generated, only ever cut: at
+end-of-sentence or a FIM token, at --max-tokens, or where it starts repeating the suffix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = "<FILL>"
+FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
+PREFIX_SHARE = 0.75  # of the context budget, when both sides need more than their share
+
+
+class FimError(Exception):
+    pass
+
+
+@dataclass
+class Hole:
+    offset: int  # character offset of the hole in the text (the marker removed)
+    line: int  # 1-based
+    column: int  # 1-based
+
+
+# -- reading the file and finding the hole ------------------------------------------------------------------
+def read_source(path: str) -> tuple[str, Path | None]:
+    if path == "-":
+        data, where = sys.stdin.buffer.read(), None
+    else:
+        where = Path(path)
+        try:
+            data = where.read_bytes()
+        except FileNotFoundError:
+            raise FimError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise FimError(f"{path}: is a directory, not a file") from None
+        except OSError as e:
+            raise FimError(f"{path}: cannot read ({e.strerror})") from None
+    name = path if path != "-" else "stdin"
+    if b"\x00" in data[:8192]:
+        raise FimError(f"{name}: a binary file, not text")
+    try:
+        return data.decode("utf-8"), where
+    except UnicodeDecodeError as e:
+        raise FimError(f"{name}: not UTF-8 text (byte {e.start})") from None
+
+
+def position(text: str, offset: int) -> tuple[int, int]:
+    line = text.count("\n", 0, offset) + 1
+    column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    return line, column
+
+
+def find_holes(text: str, at: str | None, fill_all: bool, name: str) -> list[int]:
+    """Offsets of the holes (in the text with every marker still in place)."""
+    marks = []
+    i = text.find(MARKER)
+    while i >= 0:
+        marks.append(i)
+        i = text.find(MARKER, i + len(MARKER))
+    if at is not None:
+        if marks:
+            raise FimError(f"{name}: has a {MARKER} marker; use the marker or --at, not both")
+        return [offset_of(text, at, name)]
+    if not marks:
+        raise FimError(f"{name}: no {MARKER} marker in the file (add one where the code should go, or use --at LINE[:COL])")
+    if len(marks) > 1 and not fill_all:
+        lines = ", ".join(str(position(text, m)[0]) for m in marks[:5])
+        raise FimError(f"{name}: {len(marks)} {MARKER} markers (lines {lines}); use --all to fill each in turn")
+    return marks
+
+
+def offset_of(text: str, at: str, name: str) -> int:
+    try:
+        parts = [int(p) for p in at.split(":")]
+        if len(parts) not in (1, 2) or min(parts) < 1:
+            raise ValueError
+    except ValueError:
+        raise FimError(f"--at {at!r}: expected LINE or LINE:COL (1-based)") from None
+    lines = text.split("\n")
+    line, col = parts[0], parts[1] if len(parts) == 2 else None
+    if line > len(lines):
+        raise FimError(f"--at {at}: {name} has {len(lines)} lines")
+    if col is None:
+        col = len(lines[line - 1]) + 1  # end of the line
+    if col > len(lines[line - 1]) + 1:
+        raise FimError(f"--at {at}: line {line} has {len(lines[line - 1])} characters")
+    return sum(len(s) + 1 for s in lines[: line - 1]) + col - 1
+
+
+# -- the prompt ------------------------------------------------------------------------------------------------
+def trim(prefix: str, suffix: str, count, budget: int) -> tuple[str, str]:
+    """Keep whole lines nearest the hole within `budget` tokens (count(text) -> tokens): the prefix's last
+    partial line and the suffix's first one always stay; the prefix gets PREFIX_SHARE of the budget unless
+    the suffix needs less."""
+    pre_lines = prefix.split("\n")
+    suf_lines = suffix.split("\n")
+    pre_head, pre_rest = pre_lines[-1], pre_lines[:-1]  # the cursor line's start stays whole
+    suf_head, suf_rest = suf_lines[0], suf_lines[1:]
+    pre_costs = [count(line + "\n") for line in reversed(pre_rest)]
+    suf_costs = [count("\n" + line) for line in suf_rest]
+    left = max(0, budget - count(pre_head) - count(suf_head))
+    suf_want = sum(suf_costs)
+    pre_budget = max(int(left * PREFIX_SHARE), left - suf_want)
+
+    def take(costs, room):
+        n = used = 0
+        for c in costs:
+            if used + c > room:
+                break
+            used += c
+            n += 1
+        return n, used
+
+    n_pre, used = take(pre_costs, pre_budget)
+    n_suf, _ = take(suf_costs, left - used)
+    kept_prefix = "\n".join(pre_rest[len(pre_rest) - n_pre:] + [pre_head]) if n_pre else pre_head
+    kept_suffix = "\n".join([suf_head] + suf_rest[:n_suf])
+    return kept_prefix, kept_suffix
+
+
+def fim_prompt(tok, prefix: str, suffix: str) -> list[int]:
+    begin, hole, end = FIM_TOKENS
+    ids = tok.encode(f"{begin}{prefix}{hole}{suffix}{end}")
+    if tok.add_bos_token and tok.bos_token_id is not None:
+        ids = [tok.bos_token_id] + ids
+    return ids
+
+
+def cut_repeat(completion: str, suffix: str, at_line_start: bool) -> tuple[str, bool]:
+    """Cut the completion before the first whole line of it that repeats the first non-empty line of the
+    suffix. Its first line is a whole line only when the hole is at the start of a line."""
+    target = next((line.strip() for line in suffix.split("\n") if line.strip()), None)
+    if target is None:
+        return completion, False
+    offset = 0
+    lines = completion.split("\n")
+    for i, line in enumerate(lines[:-1]):  # lines that are complete (a newline follows)
+        if (i > 0 or at_line_start) and line.strip() == target:
+            return completion[:offset], True
+        offset += len(line) + 1
+    return completion, False
+
+
+# -- the command ------------------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    from .cli import add_model_options, add_output_options
+
+    p = argparse.ArgumentParser(
+        prog="dschat fim", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fill a hole in a source file with the model's fill-in-the-middle tokens "
+                    "(DeepSeek-Coder-V2, V2.5, V3).\n\n"
+                    "  dschat fim app.py              the filled file on stdout\n"
+                    "  dschat fim -i app.py           rewrite app.py in place (atomically)\n"
+                    "  dschat fim --diff app.py       a unified diff of the change\n"
+                    "  dschat fim --at 12:5 app.py    a hole at line 12, column 5 (no marker needed)\n"
+                    "  cat app.py | dschat fim -      read the file from stdin",
+        epilog=f"The hole is the marker {MARKER} (exactly one, or --all to fill each in turn, top to bottom).")
+    p.add_argument("file", help="the source file, or - for stdin")
+    p.add_argument("--at", metavar="LINE[:COL]", help="the hole's position (1-based) in a file without a marker")
+    p.add_argument("--all", action="store_true", help=f"fill every {MARKER} marker, top to bottom")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("-i", "--in-place", action="store_true", help="rewrite the file (temp file + rename)")
+    out.add_argument("--diff", action="store_true", help="print a unified diff instead of the file")
+    out.add_argument("--json", action="store_true",
+                     help='print {"insertion", "line", "column", "stop_reason"} (a list with --all)')
+    p.add_argument("--context", type=int, default=4096, metavar="TOKENS",
+                   help="prompt budget split between prefix and suffix (default 4096)")
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="longest insertion (default 256)")
+    p.add_argument("-t", "--temperature", type=float, default=0.0, help="default 0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lang", help="language for highlighting on a terminal (default: from the file name)")
+    p.add_argument("--filename", help="file name to show and to guess the language from, for stdin")
+    add_model_options(p)
+    add_output_options(p)
+    return p
+
+
+def fill(engine, tok, text: str, offset: int, args) -> tuple[str, str]:
+    """The insertion for a hole at `offset` of `text` (no marker inside), and why it stopped."""
+    from engine import SamplingParams
+
+    prefix, suffix = trim(text[:offset], text[offset:], lambda s: len(tok.encode(s)), args.context)
+    ids = fim_prompt(tok, prefix, suffix)
+    stops = tuple(i for i in (tok.token_id(t) for t in FIM_TOKENS) if i is not None)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            max_tokens=args.max_tokens, stop_token_ids=stops)
+    decoder = tok.stream(skip_special_tokens=True)
+    completion, reason = "", "length"
+    at_line_start = offset == 0 or text[offset - 1] == "\n"
+    for token in engine.generate(ids, params):
+        if token in stops or token in engine.eos_token_ids:
+            reason = "stop"
+            break
+        completion += decoder.push(token)
+        if "\n" in completion:
+            cut, repeated = cut_repeat(completion, suffix, at_line_start)
+            if repeated:
+                return cut, "suffix"
+    completion += decoder.flush()
+    cut, repeated = cut_repeat(completion, suffix, at_line_start)
+    return cut, "suffix" if repeated else reason
+
+
+def run_fim(argv: list[str]) -> int:
+    from engine.loader import resolve
+    from engine.tokenizer import Tokenizer
+
+    from .cli import load_engine, model_name, print_stats, settings
+
+    args = parser().parse_args(argv)
+    if args.in_place and args.file == "-":
+        raise FimError("-i needs a file, not stdin")
+    text, path = read_source(args.file)
+    name = args.filename or args.file
+    holes = find_holes(text, args.at, args.all, name)
+    conf = settings()
+    tok = Tokenizer.from_dir(resolve(model_name(args, conf)))
+    missing = [t for t in FIM_TOKENS if tok.token_id(t) is None]
+    if missing:
+        raise FimError(f"this model's tokenizer has no FIM tokens ({missing[0]}); use DeepSeek-Coder-V2, "
+                       "V2.5 or V3 (DeepSeek-V2 was not trained for fill-in-the-middle)")
+    engine = load_engine(args, conf)
+    results, current = [], text
+    for _ in holes:
+        if args.at is not None:
+            offset = holes[0]
+        else:
+            offset = current.find(MARKER)
+            current = current[:offset] + current[offset + len(MARKER):]
+        insertion, reason = fill(engine, tok, current, offset, args)
+        line, column = position(current, offset)
+        results.append({"insertion": insertion, "line": line, "column": column, "stop_reason": reason})
+        current = current[:offset] + insertion + current[offset:]
+        if args.stats:
+            print_stats(engine)
+    if args.json:
+        out = results if args.all else results[0]
+        print(json.dumps(out, ensure_ascii=False))
+    elif args.diff:
+        write_diff(text, current, name)
+    elif args.in_place:
+        from .files import atomic_write_text
+
+        atomic_write_text(path, current)
+    else:
+        sys.stdout.write(colour(current, args.lang, name) if sys.stdout.isatty() else current)
+        sys.stdout.flush()
+    return 0
+
+
+def colour(text: str, lang: str | None, name: str) -> str:
+    """Syntax-highlighted for a colour terminal (NO_COLOR honoured)."""
+    if os.environ.get("NO_COLOR"):
+        return text
+    from pygments import highlight
+    from pygments.formatters import TerminalFormatter
+    from pygments.lexers import get_lexer_by_name, get_lexer_for_filename
+    from pygments.util import ClassNotFound
+
+    try:
+        lexer = get_lexer_by_name(lang) if lang else get_lexer_for_filename(name, text)
+    except ClassNotFound:
+        return text
+    return highlight(text, lexer, TerminalFormatter())
+
+
+def write_diff(before: str, after: str, name: str):
+    diff = "".join(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
+                                        fromfile=f"a/{name}", tofile=f"b/{name}"))
+    if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        from pygments import highlight
+        from pygments.formatters import TerminalFormatter
+        from pygments.lexers import DiffLexer
+
+        diff = highlight(diff, DiffLexer(), TerminalFormatter())
+    sys.stdout.write(diff)
+    sys.stdout.flush()

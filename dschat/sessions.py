@@ -1,0 +1,72 @@
+"""Glue between a live Chat and the history store: open (-c / --session), save each turn as it ends."""
+
+from __future__ import annotations
+
+from .chat import Chat, Turn
+
+
+def history_ids(messages) -> list[int] | None:
+    """The exact token ids of a saved conversation: the last user message holds the prompt ids of its
+    turn, the assistant message after it the ids generated; together they are the whole history."""
+    if len(messages) < 2 or messages[-1].role != "assistant" or messages[-2].role != "user":
+        return None
+    prompt, reply = messages[-2].token_ids, messages[-1].token_ids
+    if not prompt or reply is None:
+        return None
+    return list(prompt) + list(reply)
+
+
+def chat_from_conversation(engine, conv, system: str | None = None, raw: bool = False) -> Chat:
+    msgs = [{"role": m.role, "content": m.content} for m in conv.messages if m.role != "system"]
+    return Chat(engine, system=system if system is not None else conv.system, raw=raw, messages=msgs,
+                history_ids=history_ids(conv.messages) if system is None or system == conv.system else None)
+
+
+def open_conversation(args, engine, system: str | None):
+    """(chat, conversation id or None). -c continues the latest conversation, --session ID a given one."""
+    if getattr(args, "no_save", False) and not (args.cont or args.session):
+        return Chat(engine, system=system, raw=args.raw), None
+    from .store import Store, StoreError
+
+    store = Store()
+    try:
+        if args.session or args.cont:
+            conv = store.get(store.resolve_id(args.session)) if args.session else store.latest()
+            if conv is None:
+                raise StoreError("there is no saved conversation to continue yet")
+            chat = chat_from_conversation(engine, conv, system=args.system, raw=args.raw)
+            if args.system is not None and args.system != conv.system:
+                store.set_system(conv.id, args.system)
+            return chat, (None if args.no_save else conv.id)
+        if args.no_save:
+            return Chat(engine, system=system, raw=args.raw), None
+        conv_id = store.create(model=str(args.model or engine.path), fingerprint=engine.fingerprint,
+                               system=system, params=_params(args))
+        return Chat(engine, system=system, raw=args.raw), conv_id
+    finally:
+        store.close()
+
+
+def _params(args) -> dict:
+    return {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "seed", "max_tokens")
+            if getattr(args, k, None) is not None}
+
+
+def save_turn(args, conv_id: str | None, chat: Chat, turn: Turn, engine):
+    """Commit one exchange at once: the user message with the prompt ids it ran as, the reply with the
+    ids generated (an interrupted reply is kept and marked)."""
+    if conv_id is None:
+        return
+    from .store import Store
+
+    store = Store()
+    try:
+        store.add_message(conv_id, "user", turn.user, token_ids=turn.prompt_ids,
+                          prompt_tokens=len(turn.prompt_ids))
+        stats = turn.stats or {}
+        store.add_message(conv_id, "assistant", turn.content, token_ids=turn.output_ids,
+                          generated_tokens=len(turn.output_ids), interrupted=turn.interrupted,
+                          timings={k: stats[k] for k in ("ttft_s", "decode_tokens_per_s", "cached_tokens",
+                                                         "draft_tokens", "accepted_tokens") if k in stats})
+    finally:
+        store.close()

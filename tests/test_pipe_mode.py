@@ -1,0 +1,212 @@
+"""`dschat` end to end in a subprocess: pipe mode, --raw, --show-prompt, --stats, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_checkpoints as tc
+from engine import Engine, SamplingParams
+
+
+def dschat_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "dschat"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dschat"]
+
+
+def run(args, stdin: bytes | str | None = b"", env=None, timeout=120):
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    return subprocess.run(dschat_cmd() + list(args), input=stdin, capture_output=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def chat_config(kind: str) -> dict:
+    """A tiny model whose vocabulary fits a real DeepSeek tokenizer."""
+    if kind == "v3":
+        c = tc.v3_config(vocab=129280)
+        c["num_nextn_predict_layers"] = 0
+    else:
+        c = tc.v2_lite_config(vocab=102400)
+    c.update(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+             first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None if kind == "v2" else 48,
+             bos_token_id=0 if kind == "v3" else 100000, eos_token_id=1 if kind == "v3" else 100001)
+    return c
+
+
+@pytest.fixture(scope="session")
+def chat_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat_models")
+    return {
+        "v3": tc.write_checkpoint(root / "v3", chat_config("v3"), seed=21, tokenizer="deepseek-v3"),
+        "v2": tc.write_checkpoint(root / "v2", chat_config("v2"), seed=22, tokenizer="deepseek-v2"),
+    }
+
+
+@pytest.fixture(scope="session")
+def engines(chat_models):
+    return {k: Engine.from_pretrained(p, dtype=torch.float32, speculative="none") for k, p in chat_models.items()}
+
+
+def greedy_text(engine, ids, n):
+    out = list(engine.generate(ids, SamplingParams(max_tokens=n)))
+    return engine.tokenizer.decode(out, skip_special_tokens=True)
+
+
+# -- the happy paths --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+def test_pipe_mode_streams_the_engines_greedy_answer(chat_models, engines, kind):
+    from dschat.template import chat_prompt
+
+    r = run(["--model", str(chat_models[kind]), "-t", "0", "-n", "12"], stdin="What is MLA?\n")
+    assert r.returncode == 0, r.stderr
+    _, ids = chat_prompt(engines[kind].tokenizer, [{"role": "user", "content": "What is MLA?"}])
+    want = greedy_text(engines[kind], ids, 12).strip()
+    assert r.stdout.decode() == want + "\n"
+    assert b"\x1b" not in r.stdout and r.stderr == b""
+
+
+def test_raw_mode_is_text_completion(chat_models, engines):
+    from dschat.template import completion_prompt
+
+    r = run(["--model", str(chat_models["v3"]), "--raw", "-t", "0", "-n", "10", "def fib(n):"], stdin=None)
+    assert r.returncode == 0, r.stderr
+    _, ids = completion_prompt(engines["v3"].tokenizer, "def fib(n):")
+    assert ids[0] == engines["v3"].tokenizer.bos_token_id and ids.count(ids[0]) == 1
+    assert r.stdout.decode() == greedy_text(engines["v3"], ids, 10).lstrip() + "\n"
+
+
+def test_show_prompt_is_the_exact_prompt_stdin_first(chat_models, engines):
+    from dschat.template import chat_prompt
+
+    r = run(["--model", str(chat_models["v3"]), "--show-prompt", "-s", "Be brief.", "review this"],
+            stdin="diff --git a/x b/x\n")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    text, ids = chat_prompt(engines["v3"].tokenizer, [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "diff --git a/x b/x\n\nreview this"}])
+    assert got == {"text": text, "ids": ids}
+    assert got["text"].index("diff --git") < got["text"].index("review this")
+
+
+def test_stats_line(chat_models):
+    r = run(["--model", str(chat_models["v2"]), "-t", "0", "-n", "5", "--stats", "--no-save", "hi"], stdin=None)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stderr.decode().strip().splitlines()[-1])
+    assert 1 <= stats["generated_tokens"] <= 5 and stats["prompt_tokens"] > 1
+    for key in ("prompt_tokens", "cached_tokens", "ttft_s", "decode_tokens_per_s", "draft_tokens", "accepted_tokens"):
+        assert key in stats
+
+
+def test_help_reads_well():
+    r = run(["--help"], stdin=None)
+    assert r.returncode == 0
+    text = r.stdout.decode()
+    for needle in ("echo \"question\" | dschat", "--model", "--temperature", "--show-prompt", "--raw", "fim",
+                   "huggingface-cli download"):
+        assert needle in text
+
+
+def test_generation_config_defaults(chat_models, tmp_path):
+    from dschat import cli
+
+    d = tmp_path / "m"
+    shutil.copytree(chat_models["v2"], d)
+    (d / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.3, "top_p": 0.95,
+                                                          "max_new_tokens": 77}))
+    eng = Engine.from_pretrained(d, dtype=torch.float32)
+    args = cli.chat_parser().parse_args([])
+    conf = cli.settings()
+    p = cli.sampling_params(args, conf, eng, 10)
+    assert (p.temperature, p.top_p, p.max_tokens) == (0.3, 0.95, 77)
+    args = cli.chat_parser().parse_args(["-t", "0", "--top-p", "0.5"])
+    p = cli.sampling_params(args, conf, eng, 10)
+    assert (p.temperature, p.top_p) == (0.0, 0.5)
+
+
+# -- bad input: one readable line, non-zero exit, no traceback -------------------------------------------------------
+def assert_clean_error(r, *needles, code=None):
+    err = r.stderr.decode()
+    assert r.returncode != 0 and (code is None or r.returncode == code), (r.returncode, err)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dschat: error: "), err
+    for n in needles:
+        assert n in lines[0], err
+
+
+def broken_copy(chat_models, tmp_path, how):
+    d = tmp_path / "broken"
+    shutil.copytree(chat_models["v2"], d)
+    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = d / index["lm_head.weight"]
+    if how == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:1000])
+        return d, shard.name
+    if how == "missing shard":
+        shard.unlink()
+        return d, shard.name
+    if how == "truncated config":
+        (d / "config.json").write_text((d / "config.json").read_text()[:40])
+        return d, "config.json"
+    if how == "unreadable config":
+        (d / "config.json").write_bytes(b"\xff\xfe\x00garbage")
+        return d, "config.json"
+    if how == "unknown model_type":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["model_type"] = "mamba"
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d, "'mamba'"
+    if how == "no tokenizer":
+        (d / "tokenizer.json").unlink()
+        return d, "tokenizer"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated shard", "missing shard", "truncated config", "unreadable config",
+                                 "unknown model_type", "no tokenizer"])
+def test_bad_models(chat_models, tmp_path, how):
+    d, needle = broken_copy(chat_models, tmp_path, how)
+    r = run(["--model", str(d), "-n", "3"], stdin="hello")
+    assert_clean_error(r, needle)
+
+
+def test_missing_model_directory(tmp_path):
+    r = run(["--model", str(tmp_path / "nowhere")], stdin="hello")
+    assert_clean_error(r, "nowhere")
+
+
+def test_no_model_configured_says_how_to_get_one(tmp_path):
+    r = run([], stdin="hello", env={"DSCHAT_MODEL": "", "DSCHAT_NO_DEMO": "1"})
+    assert_clean_error(r, "huggingface-cli download", "--model")
+
+
+def test_stdin_that_is_not_utf8(chat_models):
+    r = run(["--model", str(chat_models["v2"])], stdin=b"caf\xe9 \xff\n")
+    assert_clean_error(r, "UTF-8", code=2)
+
+
+def test_ctrl_c_while_streaming_exits_130_without_traceback(chat_models):
+    p = subprocess.Popen(dschat_cmd() + ["--model", str(chat_models["v3"]), "-t", "1.0", "-n", "100000",
+                                         "--seed", "1", "--no-save"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdin.write(b"tell me a long story")
+    p.stdin.close()
+    first = p.stdout.read(1)  # the answer has started streaming
+    assert first
+    p.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    code = p.wait(timeout=30)
+    assert time.monotonic() - t0 < 10
+    err = p.stderr.read().decode()
+    assert code == 130 and "Traceback" not in err, err
