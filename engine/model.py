@@ -136,18 +136,18 @@ def causal_mask(q_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
 @dataclass
 class Positions:
     """What every layer needs to know about the positions of one forward pass, computed once:
-    rotary cos/sin [S, dr/2] and the causal mask [S, T]."""
+    rotary cos/sin [S, dr/2] and the causal mask [S, T] (None: plain causal attention, S = T)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
 
 
 def attend_materialized(q, k, v, mask, scale):
-    """q [B,S,H,dq], k [B,T,H,dq], v [B,T,H,dv], mask [S,T] bool -> [B,S,H,dv]."""
+    """q [B,S,H,dq], k [B,T,H,dq], v [B,T,H,dv], mask [S,T] bool (None: causal, S = T) -> [B,S,H,dv]."""
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
-    )
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+        scale=scale)
     return out.transpose(1, 2)
 
 
@@ -392,8 +392,7 @@ class Transformer(nn.Module):
 
     def positions(self, positions: torch.Tensor, step: Step | None) -> Positions:
         cos, sin = self.rotary(positions)
-        n_keys = step.slots.numel() if step else positions.numel()
-        return Positions(cos, sin, causal_mask(positions, n_keys))
+        return Positions(cos, sin, causal_mask(positions, step.slots.numel()) if step else None)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head -> float32 logits over the whole vocabulary."""
