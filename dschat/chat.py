@@ -16,19 +16,23 @@ from typing import Iterator
 
 from engine import SamplingParams
 
-from .template import chat_prompt, completion_prompt, render
+from .template import completion_prompt, encode_marked, render_marked, unmark
 
 
 @dataclass
 class Turn:
     user: str
-    prompt_text: str
+    marked_text: str  # the rendered prompt, control tokens in message text marked (see template.py)
     prompt_ids: list[int]
     continued: bool  # True when prompt_ids extend the previous turn's ids
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     interrupted: bool = False
     stats: dict = field(default_factory=dict)
+
+    @property
+    def prompt_text(self) -> str:
+        return unmark(self.marked_text)
 
     @property
     def content(self) -> str:
@@ -46,7 +50,7 @@ class Chat:
             self.messages.append({"role": "system", "content": system})
         self.messages += [dict(m) for m in messages or []]
         self.ids: list[int] = list(history_ids or [])
-        # the text that self.ids stand for; unknown for history loaded from elsewhere
+        # the (marked) text that self.ids stand for; unknown for history loaded from elsewhere
         self.text: str | None = None
 
     @property
@@ -54,22 +58,22 @@ class Chat:
         return next((m["content"] for m in self.messages if m["role"] == "system"), None)
 
     def render_prompt(self, messages: list[dict]) -> tuple[str, list[int]]:
-        if self.raw:
-            return completion_prompt(self.tok, "".join(m["content"] for m in messages if m["role"] != "system"))
-        text = render(self.tok.chat_template, messages, add_generation_prompt=True,
-                      bos_token=self.tok.bos_token, eos_token=self.tok.eos_token) \
-            if self.tok.chat_template is not None else None
-        if text is None:  # a base model: text completion
-            return completion_prompt(self.tok, messages[-1]["content"])
-        if self.ids and self.text is not None and text.startswith(self.text):
-            return text, self.ids + self.tok.encode(text[len(self.text):])
+        """(marked text, ids) of the prompt for these messages."""
+        if self.raw or self.tok.chat_template is None:  # --raw, or a base model: text completion
+            text = "".join(m["content"] for m in messages if m["role"] != "system") if self.raw \
+                else messages[-1]["content"]
+            return completion_prompt(self.tok, text)
+        text = render_marked(self.tok, messages)
         if self.ids and self.text is None:
-            # history ids from a saved conversation: trust them where the re-rendered history still matches
-            old = render(self.tok.chat_template, self.messages, add_generation_prompt=False,
-                         bos_token=self.tok.bos_token, eos_token=self.tok.eos_token)
-            if text.startswith(old):
-                return text, self.ids + self.tok.encode(text[len(old):])
-        return chat_prompt(self.tok, messages)
+            # history ids from a saved conversation: use them if they spell the re-rendered history
+            history = render_marked(self.tok, self.messages, add_generation_prompt=False)
+            if self.tok.decode(self.ids) == unmark(history):
+                self.text = history
+            else:
+                self.ids = []
+        if self.ids and text.startswith(self.text):
+            return text, self.ids + encode_marked(self.tok, text[len(self.text):])
+        return text, encode_marked(self.tok, text)
 
     def turn(self, user: str) -> Turn:
         """The prompt for the next user message (nothing is changed until `commit`)."""
@@ -114,7 +118,7 @@ class Chat:
         self.messages += [{"role": "user", "content": turn.user},
                           {"role": "assistant", "content": turn.content}]
         self.ids = turn.prompt_ids + turn.output_ids
-        self.text = turn.prompt_text + self.tok.decode(turn.output_ids)
+        self.text = turn.marked_text + self.tok.decode(turn.output_ids)
 
     def clear(self):
         system = self.system

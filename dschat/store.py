@@ -1,0 +1,440 @@
+"""Conversation history: one SQLite file, `$XDG_DATA_HOME/dschat/history.db` (~/.local/share/dschat/).
+
+WAL mode so that several dschat processes can write at once; a schema version (PRAGMA user_version) with
+migrations; full-text search (FTS5, trigram: substrings in any script) over message text. Messages form a
+tree (each has a parent), so a regenerated answer is a sibling, not an overwrite; a conversation's `head`
+is the current leaf and the active branch is the path from the root to it.
+
+A file that is not a database, is corrupt, or comes from a newer dschat is refused with StoreError and
+left exactly as it was: nothing is written before the file has been checked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import sqlite3
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA = 1
+EXPORT_VERSION = 1
+
+MIGRATIONS = {
+    # version -> statements that bring a database from version-1 to version
+    1: [
+        """CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            title TEXT NOT NULL,
+            title_auto INTEGER NOT NULL DEFAULT 1,
+            model TEXT NOT NULL DEFAULT '',
+            fingerprint TEXT NOT NULL DEFAULT '',
+            system TEXT,
+            params TEXT NOT NULL DEFAULT '{}',
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            head TEXT)""",
+        """CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            parent_id TEXT,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            token_ids BLOB,
+            prompt_tokens INTEGER,
+            generated_tokens INTEGER,
+            timings TEXT NOT NULL DEFAULT '{}',
+            created REAL NOT NULL,
+            interrupted INTEGER NOT NULL DEFAULT 0)""",
+        "CREATE INDEX messages_by_conversation ON messages(conversation_id)",
+        "CREATE INDEX conversations_by_update ON conversations(updated)",
+        "CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='messages', content_rowid='rowid', "
+        "tokenize='trigram')",
+        """CREATE TRIGGER messages_ai AFTER INSERT ON messages BEGIN
+            INSERT INTO messages_fts(rowid, content) VALUES (new.rowid, new.content); END""",
+        """CREATE TRIGGER messages_ad AFTER DELETE ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.rowid, old.content); END""",
+        """CREATE TRIGGER messages_au AFTER UPDATE ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.rowid, old.content);
+            INSERT INTO messages_fts(rowid, content) VALUES (new.rowid, new.content); END""",
+    ],
+}
+
+
+class StoreError(Exception):
+    pass
+
+
+@dataclass
+class Message:
+    id: str
+    conversation_id: str
+    parent_id: str | None
+    role: str
+    content: str
+    token_ids: list[int] | None = None
+    prompt_tokens: int | None = None
+    generated_tokens: int | None = None
+    timings: dict = field(default_factory=dict)
+    created: float = 0.0
+    interrupted: bool = False
+
+
+@dataclass
+class Conversation:
+    id: str
+    title: str
+    model: str
+    fingerprint: str
+    system: str | None
+    params: dict
+    created: float
+    updated: float
+    head: str | None
+    messages: list[Message] = field(default_factory=list)
+
+
+def _pack(ids) -> bytes | None:
+    return None if ids is None else array("i", [int(i) for i in ids]).tobytes()
+
+
+def _unpack(blob) -> list[int] | None:
+    if blob is None:
+        return None
+    a = array("i")
+    a.frombytes(blob)
+    return a.tolist()
+
+
+def auto_title(text: str) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= 60 else line[:59].rstrip() + "…"
+
+
+def iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+class Store:
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else self.default_path()
+        self.db = self._open()
+
+    @staticmethod
+    def default_path() -> Path:
+        from .config import xdg
+
+        return xdg("DATA") / "history.db"
+
+    # -- opening: check first, write after ---------------------------------------------------------------------
+    def _open(self) -> sqlite3.Connection:
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        if fresh:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: cannot open the history ({e})") from None
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if not fresh:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if version > SCHEMA:
+                    raise StoreError(f"{self.path}: the history was written by a newer dschat (schema {version}, "
+                                     f"this one knows {SCHEMA}); upgrade dschat to read it")
+                if version == 0 or not {"conversations", "messages"} <= tables:
+                    raise StoreError(f"{self.path}: not a dschat history database")
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise StoreError(f"{self.path}: the history database is corrupt ({check})")
+        except StoreError:
+            db.close()
+            raise
+        except sqlite3.DatabaseError as e:
+            db.close()
+            raise StoreError(f"{self.path}: the history is not a readable database ({e})") from None
+        # Checked: from here on we may write.
+        db.execute("PRAGMA busy_timeout = 30000")
+        db.execute("PRAGMA foreign_keys = ON")
+        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            db.execute("PRAGMA journal_mode = WAL")
+        if version < SCHEMA:
+            self._migrate(db, version)
+        return db
+
+    def _migrate(self, db: sqlite3.Connection, version: int):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            current = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have done it
+            for v in range(current + 1, SCHEMA + 1):
+                for stmt in MIGRATIONS[v]:
+                    db.execute(stmt)
+            db.execute(f"PRAGMA user_version = {SCHEMA}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self):
+        self.db.close()
+
+    def _tx(self):
+        return _Transaction(self.db, self.path)
+
+    # -- ids ---------------------------------------------------------------------------------------------------------
+    def _new_id(self, table: str) -> str:
+        while True:
+            i = secrets.token_hex(4)
+            if not self.db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (i,)).fetchone():
+                return i
+
+    def resolve_id(self, prefix: str) -> str:
+        prefix = (prefix or "").strip().lower()
+        rows = [r[0] for r in self.db.execute(
+            "SELECT id FROM conversations WHERE id LIKE ? ESCAPE '\\' LIMIT 3",
+            (prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",))] if prefix else []
+        if not rows:
+            raise StoreError(f"no saved conversation with id {prefix!r} (see `dschat sessions`)")
+        if len(rows) > 1 and prefix not in rows:
+            raise StoreError(f"id {prefix!r} is ambiguous ({', '.join(rows[:2])}, ...): give more of it")
+        return prefix if prefix in rows else rows[0]
+
+    # -- writing -------------------------------------------------------------------------------------------------------
+    def create(self, model: str, fingerprint: str = "", system: str | None = None, params: dict | None = None,
+               title: str | None = None) -> str:
+        now = time.time()
+        with self._tx():
+            cid = self._new_id("conversations")
+            self.db.execute(
+                "INSERT INTO conversations (id, title, title_auto, model, fingerprint, system, params, created, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (cid, title or "New chat", 0 if title else 1, model or "", fingerprint or "", system,
+                 json.dumps(params or {}), now, now))
+        return cid
+
+    def add_message(self, conv_id: str, role: str, content: str, *, parent_id: str | None = None,
+                    token_ids=None, prompt_tokens=None, generated_tokens=None, timings=None,
+                    interrupted: bool = False, _use_head: bool = True) -> str:
+        if role not in ("system", "user", "assistant"):
+            raise StoreError(f"unknown message role {role!r}")
+        now = time.time()
+        with self._tx():
+            row = self.db.execute("SELECT head, title_auto FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no saved conversation with id {conv_id!r}")
+            head, title_auto = row
+            if parent_id is None and _use_head:
+                parent_id = head
+            mid = self._new_id("messages")
+            self.db.execute(
+                "INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
+                "generated_tokens, timings, created, interrupted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mid, conv_id, parent_id, role, content, _pack(token_ids), prompt_tokens, generated_tokens,
+                 json.dumps(timings or {}), now, int(bool(interrupted))))
+            self.db.execute("UPDATE conversations SET head = ?, updated = ? WHERE id = ?", (mid, now, conv_id))
+            if title_auto and role == "user" and content.strip():
+                first_user = self.db.execute(
+                    "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND role = 'user'",
+                    (conv_id,)).fetchone()[0] == 1
+                if first_user:
+                    self.db.execute("UPDATE conversations SET title = ? WHERE id = ?", (auto_title(content), conv_id))
+        return mid
+
+    def add_sibling(self, conv_id: str, of_message_id: str, role: str, content: str, **kwargs) -> str:
+        """A new version of a message (regenerate): same parent, and it becomes the head."""
+        row = self.db.execute("SELECT parent_id FROM messages WHERE id = ? AND conversation_id = ?",
+                              (of_message_id, conv_id)).fetchone()
+        if row is None:
+            raise StoreError(f"no message {of_message_id!r} in conversation {conv_id!r}")
+        return self.add_message(conv_id, role, content, parent_id=row[0], _use_head=row[0] is not None, **kwargs)
+
+    def set_head(self, conv_id: str, message_id: str | None):
+        with self._tx():
+            self.db.execute("UPDATE conversations SET head = ?, updated = ? WHERE id = ?",
+                            (message_id, time.time(), conv_id))
+
+    def rename(self, conv_id: str, title: str):
+        with self._tx():
+            n = self.db.execute("UPDATE conversations SET title = ?, title_auto = 0 WHERE id = ?",
+                                (title, conv_id)).rowcount
+        if not n:
+            raise StoreError(f"no saved conversation with id {conv_id!r}")
+
+    def set_system(self, conv_id: str, system: str | None):
+        with self._tx():
+            self.db.execute("UPDATE conversations SET system = ?, updated = ? WHERE id = ?",
+                            (system, time.time(), conv_id))
+
+    def delete(self, conv_id: str):
+        with self._tx():
+            self.db.execute("DELETE FROM messages WHERE conversation_id = ?", (conv_id,))
+            n = self.db.execute("DELETE FROM conversations WHERE id = ?", (conv_id,)).rowcount
+        if not n:
+            raise StoreError(f"no saved conversation with id {conv_id!r}")
+
+    # -- reading ---------------------------------------------------------------------------------------------------------
+    def get(self, conv_id: str) -> Conversation:
+        row = self.db.execute("SELECT id, title, model, fingerprint, system, params, created, updated, head "
+                              "FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no saved conversation with id {conv_id!r}")
+        conv = Conversation(row[0], row[1], row[2], row[3], row[4], json.loads(row[5] or "{}"), row[6], row[7], row[8])
+        conv.messages = self.branch(conv_id, conv.head)
+        return conv
+
+    def branch(self, conv_id: str, head: str | None) -> list[Message]:
+        """The messages from the root to `head`."""
+        by_id = {m.id: m for m in self._messages(conv_id)}
+        out, seen = [], set()
+        while head is not None and head in by_id and head not in seen:
+            seen.add(head)
+            out.append(by_id[head])
+            head = by_id[head].parent_id
+        return out[::-1]
+
+    def siblings(self, message_id: str) -> list[Message]:
+        row = self.db.execute("SELECT conversation_id, parent_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            return []
+        return [m for m in self._messages(row[0]) if m.parent_id == row[1]]
+
+    def _messages(self, conv_id: str) -> list[Message]:
+        rows = self.db.execute(
+            "SELECT id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, generated_tokens, "
+            "timings, created, interrupted FROM messages WHERE conversation_id = ? ORDER BY rowid", (conv_id,))
+        return [Message(r[0], r[1], r[2], r[3], r[4], _unpack(r[5]), r[6], r[7], json.loads(r[8] or "{}"), r[9],
+                        bool(r[10])) for r in rows]
+
+    def latest(self) -> Conversation | None:
+        row = self.db.execute("SELECT id FROM conversations ORDER BY updated DESC LIMIT 1").fetchone()
+        return self.get(row[0]) if row else None
+
+    def list(self, search: str | None = None, limit: int | None = None) -> list[dict]:
+        """Newest first: id, title, model, updated (and updated_iso), created, messages (on the active branch)."""
+        if search:
+            ids = set(self._search(search))
+            rows = [r for r in self._all_rows() if r[0] in ids]
+        else:
+            rows = self._all_rows()
+        if limit is not None:
+            rows = rows[:max(0, limit)]
+        out = []
+        for cid, title, model, created, updated, head in rows:
+            n = len(self.branch(cid, head))
+            out.append({"id": cid, "title": title, "model": model, "updated": updated, "updated_iso": iso(updated),
+                        "created": created, "messages": n})
+        return out
+
+    def _all_rows(self):
+        return self.db.execute("SELECT id, title, model, created, updated, head FROM conversations "
+                               "ORDER BY updated DESC").fetchall()
+
+    def _search(self, text: str) -> list[str]:
+        like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        ids = [r[0] for r in self.db.execute("SELECT id FROM conversations WHERE title LIKE ? ESCAPE '\\'", (like,))]
+        if len(text) >= 3:  # the trigram index needs three characters
+            phrase = '"' + text.replace('"', '""') + '"'
+            ids += [r[0] for r in self.db.execute(
+                "SELECT DISTINCT m.conversation_id FROM messages_fts f JOIN messages m ON m.rowid = f.rowid "
+                "WHERE messages_fts MATCH ?", (phrase,))]
+        else:
+            ids += [r[0] for r in self.db.execute(
+                "SELECT DISTINCT conversation_id FROM messages WHERE content LIKE ? ESCAPE '\\'", (like,))]
+        return ids
+
+    # -- export / import -------------------------------------------------------------------------------------------------
+    def export_json(self, conv_id: str) -> dict:
+        c = self.get(conv_id)
+        return {
+            "version": EXPORT_VERSION, "id": c.id, "title": c.title, "model": c.model, "fingerprint": c.fingerprint,
+            "system": c.system, "params": c.params, "created": c.created, "updated": c.updated,
+            "messages": [{"role": m.role, "content": m.content, "token_ids": m.token_ids,
+                          "prompt_tokens": m.prompt_tokens, "generated_tokens": m.generated_tokens,
+                          "timings": m.timings, "interrupted": m.interrupted, "created": m.created}
+                         for m in c.messages],
+        }
+
+    def import_json(self, data: dict) -> str:
+        msgs = _validate_export(data)
+        now = time.time()
+        with self._tx():
+            cid = self._new_id("conversations")
+            self.db.execute(
+                "INSERT INTO conversations (id, title, title_auto, model, fingerprint, system, params, created, "
+                "updated) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?)",
+                (cid, data.get("title") or "Imported chat", data.get("model") or "", data.get("fingerprint") or "",
+                 data.get("system"), json.dumps(data.get("params") or {}), float(data.get("created") or now),
+                 float(data.get("updated") or now)))
+            parent = None
+            for m in msgs:
+                mid = self._new_id("messages")
+                self.db.execute(
+                    "INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
+                    "generated_tokens, timings, created, interrupted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (mid, cid, parent, m["role"], m["content"], _pack(m.get("token_ids")), m.get("prompt_tokens"),
+                     m.get("generated_tokens"), json.dumps(m.get("timings") or {}),
+                     float(m.get("created") or now), int(bool(m.get("interrupted")))))
+                parent = mid
+            self.db.execute("UPDATE conversations SET head = ? WHERE id = ?", (parent, cid))
+        return cid
+
+    def export_markdown(self, conv_id: str) -> str:
+        c = self.get(conv_id)
+        lines = [f"# {c.title}", "", f"- model: `{c.model}`", f"- created: {iso(c.created)}",
+                 f"- updated: {iso(c.updated)}", f"- id: `{c.id}`", ""]
+        if c.system:
+            lines += ["## System", "", c.system, ""]
+        for m in c.messages:
+            heading = {"user": "User", "assistant": "Assistant", "system": "System"}[m.role]
+            lines += [f"## {heading}" + (" (interrupted)" if m.interrupted else ""), "", m.content, ""]
+        return "\n".join(lines)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, so that concurrent writers queue (busy timeout) instead of failing."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path):
+        self.db, self.path = db, path
+
+    def __enter__(self):
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"{self.path}: the history is busy or read-only ({e})") from None
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
+            if isinstance(value, sqlite3.DatabaseError):
+                raise StoreError(f"{self.path}: could not write the history ({value})") from None
+        return False
+
+
+def _validate_export(data) -> list[dict]:
+    if not isinstance(data, dict):
+        raise StoreError("not a conversation export: expected a JSON object")
+    if data.get("version") not in (None, EXPORT_VERSION):
+        raise StoreError(f"conversation export version {data.get('version')!r} is not supported")
+    msgs = data.get("messages")
+    if not isinstance(msgs, list):
+        raise StoreError('not a conversation export: "messages" must be a list')
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
+                not isinstance(m.get("content"), str):
+            raise StoreError(f'message {i + 1}: needs "role" (system, user or assistant) and a "content" string')
+        ids = m.get("token_ids")
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < 2**31
+                                                                      for t in ids)):
+            raise StoreError(f'message {i + 1}: "token_ids" must be a list of non-negative integers')
+    for key in ("title", "model", "system", "fingerprint"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise StoreError(f'"{key}" must be a string')
+    if data.get("params") is not None and not isinstance(data["params"], dict):
+        raise StoreError('"params" must be an object')
+    return msgs
