@@ -5,9 +5,10 @@ that does not escape HTML, and the globals `raise_exception`, `strftime_now`, `d
 template sees `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and any extra variables.
 
 Tokenizing: the rendered text already holds BOS and the role tokens, so it is tokenized without adding
-special tokens again (no double BOS). Added tokens that appear inside message text ("<｜User｜>" pasted into a
-question) are control tokens only when the template writes them: in message text they are marked while
-rendering and then encoded as plain text, as transformers does.
+special tokens again (no double BOS). Control tokens that appear inside message text ("<｜User｜>" pasted into
+a question) are encoded as plain text, so only the template itself writes role and end tokens: this is
+transformers' apply_chat_template(..., sanitize_control_tokens=True), and for messages without such tokens
+it is exactly its default.
 """
 
 from __future__ import annotations
@@ -107,9 +108,26 @@ def _mark(obj, control: re.Pattern):
     return obj
 
 
+@lru_cache(maxsize=16)
+def _template_literals(template: str) -> str:
+    env = _compile(template).environment
+    ast = env.parse(template)
+    texts = {n.data for n in ast.find_all(jinja2.nodes.TemplateData)}
+    texts |= {n.value for n in ast.find_all(jinja2.nodes.Const) if isinstance(n.value, str)}
+    return "\0".join(texts)
+
+
+def control_tokens(tok) -> tuple[str, ...]:
+    """The tokens only the template may write: special tokens, and added tokens the template spells out
+    (as transformers decides them for sanitize_control_tokens)."""
+    literals = _template_literals(tok.chat_template)
+    return tuple(t for t, special in tok.added_tokens.items()
+                 if special or (t in literals and not t.isspace()))
+
+
 def render_marked(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The rendered prompt with control tokens inside message text marked (see `encode_marked`)."""
-    control, _ = _patterns(tok.added_tokens)
+    control, _ = _patterns(control_tokens(tok))
     return render(tok.chat_template, _mark(messages, control), add_generation_prompt=add_generation_prompt,
                   bos_token=tok.bos_token, eos_token=tok.eos_token)
 
@@ -121,7 +139,7 @@ def unmark(text: str) -> str:
 def encode_marked(tok, text: str) -> list[int]:
     """Token ids of rendered text: marked control tokens as plain text, the rest (the template's own role
     and end tokens included) normally. A lone mark still separates the text on its two sides."""
-    _, marked = _patterns(tok.added_tokens)
+    _, marked = _patterns(control_tokens(tok)) if tok.chat_template else _patterns(())
     pieces = marked.split(text)  # [text, marked token or None, text, ...]
     ids = tok.encode(pieces[0])
     for i, piece in enumerate(pieces[1:], start=1):

@@ -31,7 +31,7 @@ class Tokenizer:
         self.chat_template = chat_template
         added = tk.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
-        self.added_tokens = tuple(t.content for t in added.values())
+        self.added_tokens = {t.content: t.special for t in added.values()}  # content -> special?
         ids = [tk.token_to_id(t) for t in FIM_TOKENS]
         self.fim = tuple(ids) if None not in ids else None
 
@@ -73,12 +73,12 @@ class Tokenizer:
 
     def encode_plain(self, text: str) -> list[int]:
         """Token ids of text with every added token spelled out as ordinary text (for user-supplied text
-        that happens to contain "<｜User｜>" or the like)."""
-        self.tk.encode_special_tokens = True
-        try:
-            return self.tk.encode(text, add_special_tokens=False).ids
-        finally:
-            self.tk.encode_special_tokens = False
+        that happens to contain "<｜User｜>" or the like): normaliser, pre-tokeniser and BPE model only."""
+        tk = self.tk
+        if tk.normalizer is not None:
+            text = tk.normalizer.normalize_str(text)
+        pieces = [p for p, _ in tk.pre_tokenizer.pre_tokenize_str(text)] if tk.pre_tokenizer else [text]
+        return [t.id for p in pieces for t in tk.model.tokenize(p)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)

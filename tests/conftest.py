@@ -66,3 +66,32 @@ def load_reference(path: Path):
     transformers.logging.set_verbosity_error()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
+
+
+def chat_config(kind: str) -> dict:
+    """A tiny model whose vocabulary fits a real DeepSeek tokenizer."""
+    if kind == "v3":
+        c = tc.v3_config(vocab=129280)
+        c["num_nextn_predict_layers"] = 0
+    else:
+        c = tc.v2_lite_config(vocab=102400)
+    c.update(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+             first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None if kind == "v2" else 48,
+             bos_token_id=0 if kind == "v3" else 100000, eos_token_id=1 if kind == "v3" else 100001)
+    return c
+
+
+@pytest.fixture(scope="session")
+def chat_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat_models")
+    return {
+        "v3": tc.write_checkpoint(root / "v3", chat_config("v3"), seed=21, tokenizer="deepseek-v3"),
+        "v2": tc.write_checkpoint(root / "v2", chat_config("v2"), seed=22, tokenizer="deepseek-v2"),
+    }
+
+
+@pytest.fixture(scope="session")
+def chat_engines(chat_models):
+    from engine import Engine
+
+    return {k: Engine.from_pretrained(p, dtype=torch.float32, speculative="none") for k, p in chat_models.items()}

@@ -30,33 +30,6 @@ def run(args, stdin: bytes | str | None = b"", env=None, timeout=120):
                           env={**os.environ, **(env or {})})
 
 
-def chat_config(kind: str) -> dict:
-    """A tiny model whose vocabulary fits a real DeepSeek tokenizer."""
-    if kind == "v3":
-        c = tc.v3_config(vocab=129280)
-        c["num_nextn_predict_layers"] = 0
-    else:
-        c = tc.v2_lite_config(vocab=102400)
-    c.update(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-             first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None if kind == "v2" else 48,
-             bos_token_id=0 if kind == "v3" else 100000, eos_token_id=1 if kind == "v3" else 100001)
-    return c
-
-
-@pytest.fixture(scope="session")
-def chat_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat_models")
-    return {
-        "v3": tc.write_checkpoint(root / "v3", chat_config("v3"), seed=21, tokenizer="deepseek-v3"),
-        "v2": tc.write_checkpoint(root / "v2", chat_config("v2"), seed=22, tokenizer="deepseek-v2"),
-    }
-
-
-@pytest.fixture(scope="session")
-def engines(chat_models):
-    return {k: Engine.from_pretrained(p, dtype=torch.float32, speculative="none") for k, p in chat_models.items()}
-
-
 def greedy_text(engine, ids, n):
     out = list(engine.generate(ids, SamplingParams(max_tokens=n)))
     return engine.tokenizer.decode(out, skip_special_tokens=True)
@@ -64,35 +37,35 @@ def greedy_text(engine, ids, n):
 
 # -- the happy paths --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["v3", "v2"])
-def test_pipe_mode_streams_the_engines_greedy_answer(chat_models, engines, kind):
+def test_pipe_mode_streams_the_engines_greedy_answer(chat_models, chat_engines, kind):
     from dschat.template import chat_prompt
 
     r = run(["--model", str(chat_models[kind]), "-t", "0", "-n", "12"], stdin="What is MLA?\n")
     assert r.returncode == 0, r.stderr
-    _, ids = chat_prompt(engines[kind].tokenizer, [{"role": "user", "content": "What is MLA?"}])
-    want = greedy_text(engines[kind], ids, 12).strip()
+    _, ids = chat_prompt(chat_engines[kind].tokenizer, [{"role": "user", "content": "What is MLA?"}])
+    want = greedy_text(chat_engines[kind], ids, 12).strip()
     assert r.stdout.decode() == want + "\n"
     assert b"\x1b" not in r.stdout and r.stderr == b""
 
 
-def test_raw_mode_is_text_completion(chat_models, engines):
+def test_raw_mode_is_text_completion(chat_models, chat_engines):
     from dschat.template import completion_prompt
 
     r = run(["--model", str(chat_models["v3"]), "--raw", "-t", "0", "-n", "10", "def fib(n):"], stdin=None)
     assert r.returncode == 0, r.stderr
-    _, ids = completion_prompt(engines["v3"].tokenizer, "def fib(n):")
-    assert ids[0] == engines["v3"].tokenizer.bos_token_id and ids.count(ids[0]) == 1
-    assert r.stdout.decode() == greedy_text(engines["v3"], ids, 10).lstrip() + "\n"
+    _, ids = completion_prompt(chat_engines["v3"].tokenizer, "def fib(n):")
+    assert ids[0] == chat_engines["v3"].tokenizer.bos_token_id and ids.count(ids[0]) == 1
+    assert r.stdout.decode() == greedy_text(chat_engines["v3"], ids, 10).lstrip() + "\n"
 
 
-def test_show_prompt_is_the_exact_prompt_stdin_first(chat_models, engines):
+def test_show_prompt_is_the_exact_prompt_stdin_first(chat_models, chat_engines):
     from dschat.template import chat_prompt
 
     r = run(["--model", str(chat_models["v3"]), "--show-prompt", "-s", "Be brief.", "review this"],
             stdin="diff --git a/x b/x\n")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    text, ids = chat_prompt(engines["v3"].tokenizer, [
+    text, ids = chat_prompt(chat_engines["v3"].tokenizer, [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "diff --git a/x b/x\n\nreview this"}])
     assert got == {"text": text, "ids": ids}
