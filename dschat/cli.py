@@ -244,9 +244,18 @@ def show_prompt(args, conf, message, system) -> int:
 
 
 # -- entry point ----------------------------------------------------------------------------------------------
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings (a stale cache file, say) as one line on stderr."""
+    sys.stderr.write(f"dschat: warning: {message}\n")
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if not debug:
+        import warnings
+
+        warnings.showwarning = show_warning
     try:
         if argv and argv[0] in SUBCOMMANDS:
             from . import commands

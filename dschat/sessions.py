@@ -37,6 +37,8 @@ def open_conversation(args, engine, system: str | None):
             chat = chat_from_conversation(engine, conv, system=args.system, raw=args.raw)
             if args.system is not None and args.system != conv.system:
                 store.set_system(conv.id, args.system)
+            if chat.ids:  # the latent cache of this history, if an earlier process saved it
+                engine.load_prefix(chat.ids)
             return chat, (None if args.no_save else conv.id)
         if args.no_save:
             return Chat(engine, system=system, raw=args.raw), None
@@ -70,3 +72,5 @@ def save_turn(args, conv_id: str | None, chat: Chat, turn: Turn, engine):
                                                          "draft_tokens", "accepted_tokens") if k in stats})
     finally:
         store.close()
+    if chat.ids:
+        engine.save_prefix(chat.ids)  # so that `dschat -c` starts without re-prefilling

@@ -1,0 +1,155 @@
+"""Saved conversations through the real `dschat` command: save, continue (-c) with the latent cache persisted
+across processes, sessions/export/import/rename/rm, replay --compare, and Ctrl+C keeping a partial answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from test_pipe_mode import dschat_cmd, run
+
+from dschat.store import Store
+
+
+def ask(model, text, *extra):
+    r = run(["--model", str(model), "-t", "0", "-n", "8", "--stats", *extra], stdin=text)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stderr.decode().strip().splitlines()[-1])
+    return r.stdout.decode(), stats
+
+
+def test_save_continue_and_list(chat_models):
+    model = chat_models["v3"]
+    first, s1 = ask(model, "What is a latent cache?")
+    second, s2 = ask(model, "And why is it small?", "-c")
+    # the second process found the first turn's latent rows on disk: no re-prefill of the history
+    assert s2["cached_tokens"] >= s1["prompt_tokens"] + s1["generated_tokens"] - 1
+    r = run(["sessions", "--json"], stdin=None)
+    rows = json.loads(r.stdout)
+    assert len(rows) == 1 and rows[0]["messages"] == 4 and rows[0]["title"] == "What is a latent cache?"
+    conv = Store().get(rows[0]["id"])
+    assert [m.role for m in conv.messages] == ["user", "assistant"] * 2
+    assert conv.messages[1].content == first.strip() and conv.messages[3].content == second.strip()
+    # the ids saved for turn two extend turn one's exactly (prompt + every generated token)
+    t1 = conv.messages[0].token_ids + conv.messages[1].token_ids
+    assert conv.messages[2].token_ids[: len(t1)] == t1
+    assert conv.fingerprint and conv.model == str(model)
+
+
+def test_corrupt_kv_file_is_ignored_with_a_warning(chat_models):
+    model = chat_models["v2"]
+    ask(model, "Tell me about pages.")
+    kv_dir = os.path.join(os.environ["XDG_CACHE_HOME"], "dschat", "kv")
+    files = [os.path.join(kv_dir, f) for f in os.listdir(kv_dir)]
+    assert len(files) == 1
+    with open(files[0], "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage\x00" * 20)
+    r = run(["--model", str(model), "-t", "0", "-n", "8", "-c", "--no-save", "--stats"], stdin="More please.")
+    assert r.returncode == 0
+    err = r.stderr.decode().strip().splitlines()
+    assert any(line.startswith("dschat: warning: ignoring cached prefix") for line in err)
+    fresh = run(["--model", str(model), "-t", "0", "-n", "8", "--session", Store().latest().id, "--no-save"],
+                stdin="More please.")
+    assert r.stdout == fresh.stdout  # the same answer, recomputed
+
+
+def test_export_import_rename_rm(chat_models, tmp_path):
+    ask(chat_models["v3"], "Export me.")
+    cid = json.loads(run(["sessions", "--json"], stdin=None).stdout)[0]["id"]
+    out = tmp_path / "chat.json"
+    assert run(["export", cid[:5], "-o", str(out)], stdin=None).returncode == 0
+    data = json.loads(out.read_text())
+    assert data["messages"][0] == {**data["messages"][0], "role": "user", "content": "Export me."}
+    md = run(["export", cid, "--format", "md"], stdin=None).stdout.decode()
+    assert md.startswith("# Export me.") and "## Assistant" in md
+    new_id = run(["import", str(out)], stdin=None).stdout.decode().strip()
+    assert new_id != cid and Store().export_json(new_id)["messages"] == data["messages"]
+    assert run(["rename", new_id, "Imported", "copy"], stdin=None).returncode == 0
+    rows = json.loads(run(["sessions", "--json", "--search", "Imported"], stdin=None).stdout)
+    assert [r["id"] for r in rows] == [new_id]
+    assert run(["rm", new_id], stdin=None).returncode == 0
+    assert [r["id"] for r in json.loads(run(["sessions", "--json"], stdin=None).stdout)] == [cid]
+    bad = run(["rm", "ffffffff"], stdin=None)
+    assert bad.returncode == 1 and b"no saved conversation" in bad.stderr
+
+
+def test_replay_compare_same_and_different(chat_models, tmp_path):
+    model = chat_models["v3"]
+    ask(model, "First question.")
+    ask(model, "Second question.", "-c")
+    cid = Store().latest().id
+    r = run(["replay", cid, "--compare"], stdin=None)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.decode()
+    assert text.count("same (token for token)") == 2 and "2 of 2 turns unchanged" in text
+    # an edited saved answer must be reported, with where it differs
+    data = Store().export_json(cid)
+    data["messages"][3]["content"] = "Something else entirely."
+    data["messages"][3]["token_ids"][0] += 1
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    r = run(["replay", str(path), "--compare"], stdin=None)
+    assert r.returncode == 1
+    text = r.stdout.decode()
+    assert "── turn 1: same" in text and "── turn 2: DIFFERS at token 0" in text and "1 of 2 turns unchanged" in text
+
+
+def test_replay_prints_the_transcript_with_another_model(chat_models):
+    ask(chat_models["v3"], "Hello there.")
+    cid = Store().latest().id
+    r = run(["replay", cid, "--model", str(chat_models["v2"]), "-t", "0", "-n", "5"], stdin=None)
+    assert r.returncode == 0, r.stderr
+    assert "── user (1) ──\nHello there.\n── assistant ──\n" in r.stdout.decode()
+
+
+def test_corrupt_history_is_an_error_and_left_alone(chat_models):
+    path = Store.default_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"this is not sqlite" * 100)
+    before = path.read_bytes()
+    r = run(["--model", str(chat_models["v2"]), "-n", "3"], stdin="hi")
+    assert r.returncode == 1 and b"dschat: error:" in r.stderr and b"Traceback" not in r.stderr
+    assert path.read_bytes() == before
+    assert run(["sessions"], stdin=None).returncode == 1
+
+
+def test_ctrl_c_keeps_the_partial_answer(chat_models):
+    p = subprocess.Popen(dschat_cmd() + ["--model", str(chat_models["v3"]), "-t", "1.0", "-n", "100000",
+                                         "--seed", "3"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdin.write(b"a long story please")
+    p.stdin.close()
+    streamed = p.stdout.read(20)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=30) == 130
+    streamed += p.stdout.read()
+    conv = Store().latest()
+    reply = conv.messages[-1]
+    assert reply.role == "assistant" and reply.interrupted
+    assert reply.content and streamed.decode(errors="replace").strip().startswith(reply.content[:10])
+    assert len(reply.token_ids) >= 1
+
+
+@pytest.mark.parametrize("cmd", [["sessions", "--help"], ["replay", "--help"], ["export", "--help"]])
+def test_subcommand_help(cmd):
+    r = run(cmd, stdin=None)
+    assert r.returncode == 0 and r.stdout.decode().startswith("usage: dschat " + cmd[0])
+
+
+def test_two_processes_saving_at_once(chat_models):
+    procs = [subprocess.Popen(dschat_cmd() + ["--model", str(chat_models["v2"]), "-t", "0", "-n", "4"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    for i, p in enumerate(procs):
+        p.stdin.write(f"question {i}".encode())
+        p.stdin.close()
+    t0 = time.monotonic()
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    assert time.monotonic() - t0 < 120
+    assert sorted(r["title"] for r in Store().list()) == ["question 0", "question 1"]
