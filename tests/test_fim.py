@@ -1,0 +1,167 @@
+"""`dschat fim`: the FIM prompt, the splice, output modes, budgets and every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+
+import pytest
+from test_pipe_mode import assert_clean_error, dschat_cmd, run
+
+from dschat.fim import FIM_TOKENS, cut_repeat, fim_prompt, trim
+from engine import SamplingParams
+
+SOURCE = '''import os
+
+
+def list_files(root):
+    """Every file under root."""
+    out = []
+    for dirpath, _, names in os.walk(root):
+        <FILL>
+    return out
+
+
+if __name__ == "__main__":
+    print(list_files("."))
+'''
+
+
+@pytest.fixture
+def src(tmp_path):
+    p = tmp_path / "walk.py"
+    p.write_text(SOURCE)
+    p.chmod(0o640)
+    return p
+
+
+def engine_fill(engine, text, offset, n=24):
+    """What the splice should insert: the engine's greedy FIM tokens, cut only by the stop rules."""
+    tok = engine.tokenizer
+    ids = fim_prompt(tok, text[:offset], text[offset:])
+    stops = tuple(tok.token_id(t) for t in FIM_TOKENS)
+    out = list(engine.generate(ids, SamplingParams(max_tokens=n, stop_token_ids=stops)))
+    if out and (out[-1] in stops or out[-1] in engine.eos_token_ids):
+        out = out[:-1]
+    text_out = tok.decode(out, skip_special_tokens=True)
+    return cut_repeat(text_out, text[offset:], offset == 0 or text[offset - 1] == "\n")[0]
+
+
+def test_prompt_is_the_tokenizers_encoding_of_the_fim_string(chat_engines):
+    tok = chat_engines["v3"].tokenizer
+    ids = fim_prompt(tok, "def f(x):\n    ", "\n    return y\n")
+    text = "<｜fim▁begin｜>def f(x):\n    <｜fim▁hole｜>\n    return y\n<｜fim▁end｜>"
+    assert ids == [tok.bos_token_id] + tok.tk.encode(text, add_special_tokens=False).ids
+    assert ids[1] == tok.fim[0] and tok.fim[1] in ids and ids[-1] == tok.fim[2]
+
+
+def test_fill_equals_the_engines_greedy_tokens(chat_models, chat_engines, src):
+    r = run(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "24"], stdin=None)
+    assert r.returncode == 0, r.stderr
+    offset = SOURCE.index("<FILL>")
+    text = SOURCE.replace("<FILL>", "")
+    want = engine_fill(chat_engines["v3"], text, offset)
+    assert r.stdout.decode() == text[:offset] + want + text[offset:]
+
+
+def test_in_place_writes_what_stdout_shows(chat_models, src, tmp_path):
+    shown = run(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "16"], stdin=None).stdout
+    r = run(["fim", "-i", str(src), "--model", str(chat_models["v3"]), "-n", "16"], stdin=None)
+    assert r.returncode == 0 and r.stdout == b""
+    assert src.read_bytes() == shown and (src.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["walk.py"]  # no temp file left behind
+
+
+def test_json_and_diff(chat_models, src):
+    r = run(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "16", "--json"], stdin=None)
+    got = json.loads(r.stdout)
+    assert set(got) == {"insertion", "line", "column", "stop_reason"}
+    assert (got["line"], got["column"]) == (8, 9) and got["stop_reason"] in ("stop", "length", "suffix")
+    d = run(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "16", "--diff"], stdin=None).stdout.decode()
+    assert d.startswith("--- a/") and "\n+++ b/" in d and "-        <FILL>" in d and b"\x1b" not in d.encode()
+    filled = SOURCE.replace("<FILL>", got["insertion"])
+    added = [ln[1:] for ln in d.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    assert all(line in filled.splitlines() for line in added)
+
+
+def test_all_and_at_and_stdin(chat_models, chat_engines, tmp_path):
+    p = tmp_path / "two.py"
+    p.write_text("x = <FILL>\ny = <FILL>\n")
+    r = run(["fim", str(p), "--model", str(chat_models["v3"]), "-n", "6", "--all", "--json"], stdin=None)
+    fills = json.loads(r.stdout)
+    assert [f["line"] for f in fills] == [1, 2] and len(fills) == 2
+    q = tmp_path / "plain.py"
+    q.write_text("def f():\n    return 1\n")
+    r = run(["fim", str(q), "--model", str(chat_models["v3"]), "-n", "6", "--at", "2:5", "--json"], stdin=None)
+    assert (json.loads(r.stdout)["line"], json.loads(r.stdout)["column"]) == (2, 5)
+    r = run(["fim", "-", "--model", str(chat_models["v3"]), "-n", "6", "--filename", "x.py"],
+            stdin="a = <FILL>\n")
+    assert r.returncode == 0 and r.stdout.decode().startswith("a = ")
+
+
+def test_budget_trims_at_line_boundaries_with_more_prefix():
+    prefix = "".join(f"line {i}\n" for i in range(200)) + "    x = "
+    suffix = " + 1\n" + "".join(f"after {i}\n" for i in range(200))
+    count = len  # one "token" per character keeps the arithmetic visible
+    p, s = trim(prefix, suffix, count, 400)
+    assert prefix.endswith(p) and suffix.startswith(s)
+    assert p.startswith("line ") and s.endswith("\n" + s.split("\n")[-1])  # whole lines only
+    assert p.endswith("    x = ") and s.startswith(" + 1\n")  # the cursor's line stays whole
+    assert len(p) > len(s) and len(p) + len(s) <= 400
+    # a short suffix leaves its share to the prefix
+    p2, s2 = trim(prefix, " + 1\n", count, 400)
+    assert s2 == " + 1\n" and len(p2) > len(p)
+
+
+def test_cut_when_the_completion_repeats_the_suffix():
+    suffix = "\n    return out\n"
+    assert cut_repeat("out.append(x)\n    return out\n", suffix, False) == ("out.append(x)\n", True)
+    assert cut_repeat("out.append(x)", suffix, False) == ("out.append(x)", False)
+    assert cut_repeat("    return out\n", suffix, True) == ("", True)
+
+
+# -- bad input leaves the file byte-identical ------------------------------------------------------------------------
+@pytest.mark.parametrize("content, args, needle", [
+    ("def f():\n    pass\n", [], "no <FILL> marker"),
+    ("a = <FILL>\nb = <FILL>\n", [], "2 <FILL> markers"),
+    (b"\x7fELF\x02\x01\x00\x00binary", [], "binary"),
+    (b"caf\xe9 = 1\n", [], "not UTF-8"),
+    ("x = <FILL>\n", ["--at", "1:1"], "not both"),
+    ("x = 1\n", ["--at", "9"], "has 2 lines"),
+])
+def test_bad_files(chat_models, tmp_path, content, args, needle):
+    p = tmp_path / "bad.py"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = p.read_bytes()
+    r = run(["fim", "-i", str(p), "--model", str(chat_models["v3"]), *args], stdin=None)
+    assert_clean_error(r, needle)
+    assert p.read_bytes() == before
+
+
+def test_missing_file(chat_models, tmp_path):
+    r = run(["fim", str(tmp_path / "nope.py"), "--model", str(chat_models["v3"])], stdin=None)
+    assert_clean_error(r, "no such file")
+
+
+def test_model_without_fim_tokens(chat_models, src):
+    before = src.read_bytes()
+    r = run(["fim", "-i", str(src), "--model", str(chat_models["v2"])], stdin=None)
+    assert_clean_error(r, "no FIM tokens")
+    assert src.read_bytes() == before
+
+
+def test_ctrl_c_during_in_place_leaves_the_file(chat_models, tmp_path, src):
+    before = src.read_bytes()
+    p = subprocess.Popen(dschat_cmd() + ["fim", "-i", str(src), "--model", str(chat_models["v3"]), "-t", "1.0",
+                                         "--seed", "5", "-n", "100000", "--speculative", "none"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    import time
+
+    time.sleep(6)  # loading, then generating
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=30) == 130
+    assert src.read_bytes() == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["walk.py"]
+    shutil.rmtree(tmp_path, ignore_errors=True)
