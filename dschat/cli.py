@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 DESCRIPTION = """\
 dschat: chat with DeepSeek models (V2, V2-Lite, V2.5, Coder-V2, V3, R1) on a local engine.
@@ -28,12 +29,19 @@ subcommands:
 models: --model takes a local directory in the Hugging Face layout or a hub repo id from the local
 cache, e.g. `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat` then
 `dschat --model deepseek-ai/DeepSeek-V2-Lite-Chat`. DSCHAT_MODEL or `model = ...` in
-~/.config/dschat/config.toml set a default.
+~/.config/dschat/config.toml set a default. With none of these, dschat runs its bundled demo model
+(`--model demo`): a 14M-parameter model of the DeepSeek-V3 architecture that we trained on Python's
+standard library so that dschat works anywhere, offline, on a CPU. It is a toy, not a DeepSeek release.
 """
 
 NO_MODEL = (
     "no model given. Get one with `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then run "
     "`dschat --model deepseek-ai/DeepSeek-V2-Lite-Chat` (or a local directory), or set DSCHAT_MODEL"
+)
+DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+DEMO_NOTE = (
+    "using the bundled demo model (tiny, trained on Python's standard library; not a DeepSeek release). "
+    "For a real one: `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then --model"
 )
 
 SUBCOMMANDS = ("fim", "sessions", "export", "import", "rm", "rename", "replay")
@@ -46,7 +54,8 @@ class UsageError(Exception):
 # -- shared options ------------------------------------------------------------------------------------
 def add_model_options(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
-    g.add_argument("-m", "--model", help="model directory or hub repo id (default: $DSCHAT_MODEL, then the config file)")
+    g.add_argument("-m", "--model", help="model directory, hub repo id, or `demo` (default: $DSCHAT_MODEL, then the "
+                                          "config file, then the bundled demo)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
     g.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations (default: bfloat16 on GPU, float32 on CPU)")
@@ -101,10 +110,20 @@ def settings():
 
 
 def model_name(args, conf) -> str:
+    """--model, then $DSCHAT_MODEL, then the config file, then the bundled demo ("demo" names it)."""
     name = args.model or os.environ.get("DSCHAT_MODEL") or conf.model
-    if not name:
+    if name == "demo":
+        return str(DEMO_DIR)
+    if name:
+        return name
+    if os.environ.get("DSCHAT_NO_DEMO") or not (DEMO_DIR / "config.json").exists():
         raise UsageError(NO_MODEL)
-    return name
+    sys.stderr.write(f"dschat: {DEMO_NOTE}\n")
+    return str(DEMO_DIR)
+
+
+def is_demo(path) -> bool:
+    return Path(path).resolve() == DEMO_DIR
 
 
 def default_device(args, conf) -> str:

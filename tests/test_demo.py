@@ -1,0 +1,80 @@
+"""The bundled demo model: intact, loaded by the production path, and working end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from test_pipe_mode import run
+
+from dschat.cli import DEMO_DIR
+from engine import Engine, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_weights_match_their_recorded_checksums():
+    sums = (DEMO_DIR / "SHA256SUMS").read_text().split("\n")
+    recorded = dict(reversed(line.split()) for line in sums if line.strip())
+    assert recorded and set(recorded) == {p.name for p in DEMO_DIR.glob("*.safetensors")}
+    for name, digest in recorded.items():
+        assert hashlib.sha256((DEMO_DIR / name).read_bytes()).hexdigest() == digest, name
+    assert sum(p.stat().st_size for p in DEMO_DIR.iterdir()) <= 30 * 2**20
+
+
+def test_it_is_a_v3_architecture_model_with_mtp():
+    cfg = json.loads((DEMO_DIR / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3" and cfg["num_nextn_predict_layers"] == 1
+    assert cfg["scoring_func"] == "sigmoid" and cfg["topk_method"] == "noaux_tc" and cfg["first_k_dense_replace"] >= 1
+    tok_cfg = json.loads((DEMO_DIR / "tokenizer_config.json").read_text())
+    assert "<｜User｜>" in tok_cfg["chat_template"] and "<｜Assistant｜>" in tok_cfg["chat_template"]
+    eng = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32)
+    assert eng.speculative == "mtp" and len(eng.model.mtp) == 1
+    assert eng.tokenizer.fim is not None and len(eng.tokenizer) <= 8192
+
+
+def test_chat_with_the_default_model():
+    r = run(["-t", "0", "--no-save"], stdin="What does os.path.join do?")
+    assert r.returncode == 0, r.stderr
+    assert "os.path.join" in r.stdout.decode()
+    assert b"demo model" in r.stderr  # it says plainly what is answering
+
+
+def test_fim_with_the_demo(tmp_path):
+    p = tmp_path / "m.py"
+    p.write_text("import os\n\n\ndef home():\n    return <FILL>\n")
+    r = run(["fim", str(p), "--model", "demo", "--json", "-n", "16"], stdin=None)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["stop_reason"] in ("stop", "suffix", "length")
+
+
+def test_mtp_drafts_are_accepted_and_lossless():
+    spec = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32)
+    plain = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32, speculative="none")
+    tok = spec.tokenizer
+    ids = [tok.bos_token_id] + tok.encode("import os\nimport sys\n\n\ndef main(argv=None):\n    ")
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    out = list(spec.generate(ids, params))
+    assert out == list(plain.generate(ids, params))
+    assert spec.stats["draft_tokens"] > 0 and spec.stats["accepted_tokens"] > 0.3 * spec.stats["draft_tokens"]
+
+
+def test_help_says_what_the_demo_is():
+    text = run(["--help"], stdin=None).stdout.decode()
+    assert "bundled demo model" in text and "not a DeepSeek release" in text.replace("\n", " ")
+
+
+def test_training_script_runs_and_learns(tmp_path):
+    out = tmp_path / "tiny"
+    r = subprocess.run([sys.executable, str(ROOT / "training" / "train_demo.py"), "--tiny", "--steps", "40",
+                        "--chat-steps", "0", "--batch", "8", "--eval", "2", "--out", str(out)],
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["last_loss"] < report["first_loss"] - 0.5
+    eng = Engine.from_pretrained(out, dtype=torch.float32)
+    assert len(list(eng.generate([0, 5, 6], SamplingParams(max_tokens=4, ignore_eos=True)))) == 4
