@@ -8,7 +8,8 @@ Attention has two paths that compute the same function:
   * absorbed: fold kv_b_proj's key half into the query and its value half into the output, and attend
     directly over the cached latents (cheap per cached token; used for decode and short chunks).
 The cache holds, per token per layer, only the normalised latent c_kv (kv_lora_rank values) and the
-rotated k_pe (qk_rope_head_dim values): see engine/cache.py.
+rotated k_pe (qk_rope_head_dim values): see engine/cache.py. The absorbed attention itself is
+kernels/mla_decode.py (a Triton kernel on CUDA, its PyTorch reference elsewhere).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels.mla_decode import mla_decode
 
 from . import dist
 from .config import ModelConfig, yarn_mscale
@@ -151,17 +154,6 @@ def attend_materialized(q, k, v, mask, scale):
     return out.transpose(1, 2)
 
 
-def attend_absorbed(q_lat, q_pe, kv, pe, mask, scale):
-    """Attention straight over the latent cache.
-    q_lat [S,H,r] (q_nope folded through W_UK), q_pe [S,H,dr], kv [T,r], pe [T,dr], mask [S,T]
-    -> [S,H,r] (still to be unfolded through W_UV)."""
-    scores = torch.einsum("shc,tc->sht", q_lat, kv) + torch.einsum("shd,td->sht", q_pe, pe)
-    scores = scores.float() * scale
-    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    p = scores.softmax(dim=-1).to(kv.dtype)
-    return torch.einsum("sht,tc->shc", p, kv)
-
-
 class MLA(nn.Module):
     """Multi-head latent attention, hub names: q_proj | q_a_proj, q_a_layernorm, q_b_proj;
     kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj; o_proj."""
@@ -200,28 +192,25 @@ class MLA(nn.Module):
         kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin)], dim=-1)  # [B,S,r+dr]
 
-        if step is None:
-            all_latent = latent
-        else:
+        if step is not None:
             cache[step.slots[-S:]] = latent[0].to(cache.dtype)
-            all_latent = cache[step.slots].unsqueeze(0)  # [1,T,r+dr]
-        mask = pos.mask
 
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         if step is not None and step.absorb:
+            # fold W_UK into the query, attend over the latent rows in place, unfold W_UV from the output
             w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
             q_lat = torch.einsum("shd,hdc->shc", q_nope[0], w_uk)
-            c_kv, pe = all_latent[0].split([self.rank, self.rope], dim=-1)
-            o_lat = attend_absorbed(q_lat, q_pe[0], c_kv, pe, mask, self.scale)
+            o_lat = mla_decode(q_lat, q_pe[0].to(q_lat.dtype), cache, step.slots, step.positions, self.scale)
             out = torch.einsum("shc,hdc->shd", o_lat, w_uv).unsqueeze(0)
         else:
+            all_latent = latent if step is None else cache[step.slots].unsqueeze(0)  # [B,T,r+dr]
             c_kv, pe = all_latent.split([self.rank, self.rope], dim=-1)
             T = c_kv.shape[1]
             kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.nope + self.v_dim)
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
             k = torch.cat([k_nope, pe.unsqueeze(2).expand(B, T, self.n_heads, self.rope)], dim=-1)
             q = torch.cat([q_nope, q_pe], dim=-1)
-            out = attend_materialized(q, k, v, mask, self.scale)
+            out = attend_materialized(q, k, v, pos.mask, self.scale)
         return dist.all_reduce(self.o_proj(out.flatten(2)))
 
 

@@ -1,0 +1,119 @@
+"""Absorbed MLA attention over a paged latent cache: the decode step of DeepSeek's attention.
+
+    o_lat[s, h] = softmax_t(scale * (q_lat[s, h] . c_kv[t] + q_pe[s, h] . k_pe[t])) . c_kv[t]
+
+over the keys t = 0..q_pos[s] of one sequence, whose cache rows ([c_kv | k_pe], kv_lora_rank +
+qk_rope_head_dim values each) live at flat slots `slots[t]` of a paged buffer. Two implementations of the
+same function: `mla_decode_reference` (PyTorch: gather the rows, then attend) and `mla_decode_triton`
+(reads the rows in place, flash-decoding: the keys are split over programs, each keeps a running max and
+sum, and a small combine step merges the splits). `mla_decode` picks Triton for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency
+    triton = None
+
+
+def mla_decode_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
+                         q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """q_lat [S,H,R], q_pe [S,H,P], cache [N, R+P], slots [T], q_pos [S] -> o_lat [S,H,R] (q_lat's dtype).
+    Scores and softmax in float32."""
+    R = q_lat.shape[-1]
+    rows = cache[slots]  # [T, R+P]
+    kv, pe = rows[:, :R], rows[:, R:]
+    scores = torch.einsum("shc,tc->sht", q_lat, kv) + torch.einsum("shd,td->sht", q_pe, pe)
+    scores = scores.float() * scale
+    visible = torch.arange(slots.numel(), device=slots.device)[None, :] <= q_pos[:, None]
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    p = scores.softmax(dim=-1).to(kv.dtype)
+    return torch.einsum("sht,tc->shc", p, kv).to(q_lat.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mla_split_kernel(Q_lat, Q_pe, Cache, Slots, Q_pos, O, M, L,
+                          T, H, R, P, keys_per_split, scale,
+                          stride_qs, stride_qh, stride_ps, stride_ph, stride_cn,
+                          stride_os, stride_osplit, stride_oh, stride_ms, stride_msplit,
+                          BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_P: tl.constexpr):
+        s = tl.program_id(0)
+        hb = tl.program_id(1)
+        split = tl.program_id(2)
+        heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = heads < H
+        r = tl.arange(0, BLOCK_R)
+        p = tl.arange(0, BLOCK_P)
+        q = tl.load(Q_lat + s * stride_qs + heads[:, None] * stride_qh + r[None, :],
+                    mask=hmask[:, None] & (r[None, :] < R), other=0.0)
+        qp = tl.load(Q_pe + s * stride_ps + heads[:, None] * stride_ph + p[None, :],
+                     mask=hmask[:, None] & (p[None, :] < P), other=0.0)
+        last = tl.load(Q_pos + s)  # keys 0..last are visible
+        start = split * keys_per_split
+        end = tl.minimum(tl.minimum(start + keys_per_split, T), last + 1)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+        for t0 in range(start, end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tmask = t < end
+            slot = tl.load(Slots + t, mask=tmask, other=0)
+            kv = tl.load(Cache + slot[:, None] * stride_cn + r[None, :],
+                         mask=tmask[:, None] & (r[None, :] < R), other=0.0)
+            pe = tl.load(Cache + slot[:, None] * stride_cn + R + p[None, :],
+                         mask=tmask[:, None] & (p[None, :] < P), other=0.0)
+            scores = tl.dot(q, tl.trans(kv)) + tl.dot(qp, tl.trans(pe))
+            scores = scores * scale
+            scores = tl.where(tmask[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            probs = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(probs, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(probs.to(kv.dtype), kv)
+            m_i = m_new
+        out = O + s * stride_os + split * stride_osplit + heads[:, None] * stride_oh + r[None, :]
+        tl.store(out, acc, mask=hmask[:, None] & (r[None, :] < R))
+        tl.store(M + s * stride_ms + split * stride_msplit + heads, m_i, mask=hmask)
+        tl.store(L + s * stride_ms + split * stride_msplit + heads, l_i, mask=hmask)
+
+
+def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
+                      q_pos: torch.Tensor, scale: float, keys_per_split: int | None = None) -> torch.Tensor:
+    """Same contract as mla_decode_reference; the cache rows are read through `slots` in place."""
+    S, H, R = q_lat.shape
+    P = q_pe.shape[-1]
+    T = slots.numel()
+    q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
+    if keys_per_split is None:  # enough programs to fill the GPU, enough keys to amortise each
+        keys_per_split = max(64, triton.next_power_of_2(triton.cdiv(T, 32)))
+    n_split = triton.cdiv(T, keys_per_split)
+    BLOCK_H = max(16, min(64, triton.next_power_of_2(H)))
+    o = torch.empty(S, n_split, H, R, device=q_lat.device, dtype=torch.float32)
+    m = torch.empty(S, n_split, H, device=q_lat.device, dtype=torch.float32)
+    lse = torch.empty_like(m)
+    grid = (S, triton.cdiv(H, BLOCK_H), n_split)
+    _mla_split_kernel[grid](
+        q_lat, q_pe, cache, slots, q_pos, o, m, lse, T, H, R, P, keys_per_split, scale,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
+        o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
+        BLOCK_H=BLOCK_H, BLOCK_T=32, BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(P))
+    # merge the splits: each holds an unnormalised sum with its own running max
+    m_all = m.amax(dim=1, keepdim=True)  # [S,1,H]
+    w = torch.exp(m - m_all).nan_to_num(0.0)  # splits with no visible keys weigh 0
+    num = (o * w[..., None]).sum(dim=1)
+    den = (lse * w).sum(dim=1)
+    return (num / den[..., None]).to(q_lat.dtype)
+
+
+def mla_decode(q_lat, q_pe, cache, slots, q_pos, scale):
+    """Triton on CUDA, the PyTorch reference elsewhere."""
+    if triton is not None and q_lat.is_cuda:
+        return mla_decode_triton(q_lat, q_pe, cache, slots, q_pos, scale)
+    return mla_decode_reference(q_lat, q_pe, cache, slots, q_pos, scale)
