@@ -43,7 +43,7 @@ if triton is not None:
                           stride_qs, stride_qh, stride_ps, stride_ph, stride_cn,
                           stride_os, stride_osplit, stride_oh, stride_ms, stride_msplit,
                           BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_P: tl.constexpr):
+                          BLOCK_P: tl.constexpr, PRECISION: tl.constexpr):
         s = tl.program_id(0)
         hb = tl.program_id(1)
         split = tl.program_id(2)
@@ -69,14 +69,15 @@ if triton is not None:
                          mask=tmask[:, None] & (r[None, :] < R), other=0.0)
             pe = tl.load(Cache + slot[:, None] * stride_cn + R + p[None, :],
                          mask=tmask[:, None] & (p[None, :] < P), other=0.0)
-            scores = tl.dot(q, tl.trans(kv)) + tl.dot(qp, tl.trans(pe))
+            scores = tl.dot(q, tl.trans(kv), input_precision=PRECISION) + \
+                tl.dot(qp, tl.trans(pe), input_precision=PRECISION)
             scores = scores * scale
             scores = tl.where(tmask[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             alpha = tl.exp(m_i - m_new)
             probs = tl.exp(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(probs, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(probs.to(kv.dtype), kv)
+            acc = acc * alpha[:, None] + tl.dot(probs.to(kv.dtype), kv, input_precision=PRECISION)
             m_i = m_new
         out = O + s * stride_os + split * stride_osplit + heads[:, None] * stride_oh + r[None, :]
         tl.store(out, acc, mask=hmask[:, None] & (r[None, :] < R))
@@ -103,7 +104,9 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
         q_lat, q_pe, cache, slots, q_pos, o, m, lse, T, H, R, P, keys_per_split, scale,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), cache.stride(0),
         o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
-        BLOCK_H=BLOCK_H, BLOCK_T=32, BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(P))
+        BLOCK_H=BLOCK_H, BLOCK_T=32, BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(P),
+        # float32 stays float32 (no TF32 rounding): the exactness tests run the engine in float32
+        PRECISION="ieee" if cache.dtype == torch.float32 else "tf32")
     # merge the splits: each holds an unnormalised sum with its own running max
     m_all = m.amax(dim=1, keepdim=True)  # [S,1,H]
     w = torch.exp(m - m_all).nan_to_num(0.0)  # splits with no visible keys weigh 0
