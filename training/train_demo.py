@@ -231,7 +231,7 @@ class Data:
         self.tok, self.seq = tok, seq
         self.rng = random.Random(seed)
         self.ids = {s: tok.token_to_id(s) for s in SPECIALS}
-        self.newline = {i for t, i in tok.get_vocab().items() if "Ċ" in t}  # byte-level "\n"
+        self.texts = [t for _, t in files if len(t) > 200]
         docs = tok.encode_batch([t for _, t in files])
         self.stream = []
         for d in docs:
@@ -242,25 +242,45 @@ class Data:
             answer = tok.encode(f"{a}{EOS}").ids
             self.chats.append((prompt, answer))
 
+    def hole(self, text: str) -> tuple[int, int]:
+        """Where the middle is cut out, in characters (as `dschat fim` cuts it at inference): the rest of a
+        line from the cursor, one to a few whole lines, or a random span."""
+        rng = self.rng
+        kind = rng.random()
+        starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
+        if kind < 0.4:  # the rest of a line, from after its indentation or from inside it
+            k = rng.randrange(len(starts) - 1)
+            line = text[starts[k]:starts[k + 1] - 1]
+            indent = len(line) - len(line.lstrip())
+            a = starts[k] + (indent if rng.random() < 0.6 else rng.randint(indent, len(line)))
+            return a, starts[k + 1] - 1
+        if kind < 0.75:  # whole lines, newline included
+            k = rng.randrange(len(starts) - 1)
+            j = min(len(starts) - 1, k + rng.choice((1, 1, 2, 3, 5)))
+            return starts[k], starts[j]
+        a = rng.randrange(len(text))
+        return a, min(len(text), a + rng.randint(1, 200))
+
     def code(self) -> tuple[list[int], list[int]]:
         S = self.seq
-        start = self.rng.randrange(0, max(1, len(self.stream) - S - 1))
-        window = self.stream[start:start + S + 1]
-        if self.rng.random() < 0.5 and len(window) > 16:  # fill-in-the-middle form
-            body = window[: S - 4]
-            n = len(body)
-            nl = [i + 1 for i, t in enumerate(body[:-1]) if t in self.newline] if self.rng.random() < 0.5 else []
-            if len(nl) >= 8:  # a hole of one to a few whole lines, as editors ask for
-                k = self.rng.randrange(0, len(nl) - 1)
-                cuts = [nl[k], nl[min(len(nl) - 1, k + self.rng.choice((1, 1, 1, 2, 3, 5)))]]
-            else:
-                cuts = sorted(self.rng.sample(range(n), 2))
-            a, b = cuts
-            pre, mid, suf = body[:a], body[a:b], body[b:]
+        if self.rng.random() < 0.5:  # fill-in-the-middle, cut in characters and tokenized piece by piece
+            text = self.rng.choice(self.texts)
+            start = self.rng.randrange(0, max(1, len(text) - 4 * S))
+            text = text[start:start + 4 * S]
+            a, b = self.hole(text)
+            pre, mid, suf = (e.ids for e in self.tok.encode_batch([text[:a], text[a:b], text[b:]]))
+            room = S - 4 - len(mid)  # keep the middle whole; trim the far ends of prefix and suffix
+            if room < 16:
+                return self.code()
+            keep_suf = min(len(suf), room // 4)
+            keep_pre = min(len(pre), room - keep_suf)
+            pre, suf = pre[len(pre) - keep_pre:], suf[:keep_suf + (room - keep_suf - keep_pre)]
             seq = [self.ids[FIM_BEGIN]] + pre + [self.ids[FIM_HOLE]] + suf + [self.ids[FIM_END]] + mid + \
                 [self.ids[EOS]]
             labels = [-100] * (len(pre) + len(suf) + 3) + mid + [self.ids[EOS]]
             return seq, labels
+        start = self.rng.randrange(0, max(1, len(self.stream) - S - 1))
+        window = self.stream[start:start + S + 1]
         return window, window
 
     def chat(self) -> tuple[list[int], list[int]]:
@@ -420,8 +440,9 @@ def evaluate(model_dir: Path, tok, files, n: int, device: str, seed: int) -> dic
         cands = [i for i, ln in enumerate(lines) if len(ln.strip()) >= 8 and i > 3]
         if not cands:
             continue
-        i = rng.choice(cands)
-        prefix = "\n".join(lines[:i]) + "\n"
+        i = rng.choice(cands)  # the hole: line i after its indentation (a cursor at the start of the code)
+        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+        prefix = "\n".join(lines[:i]) + "\n" + indent
         suffix = "\n" + "\n".join(lines[i + 1:])
         prefix, suffix = prefix[-3000:], suffix[:1000]
         ids = [bos] + tok.encode(f"{FIM_BEGIN}{prefix}{FIM_HOLE}{suffix}{FIM_END}").ids
