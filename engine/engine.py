@@ -235,7 +235,7 @@ class Engine:
         sampler = Sampler(params)
         stats = self.stats = dict(prompt_tokens=len(ids), cached_tokens=0, generated_tokens=0, prefill_s=0.0,
                                   decode_s=0.0, ttft_s=0.0, decode_tokens_per_s=0.0, draft_tokens=0,
-                                  accepted_tokens=0, stop_reason=None)
+                                  accepted_tokens=0, decode_steps=0, stop_reason=None)
         mtp = self.speculative == "mtp"
         ngram = NgramDrafter(self.draft_tokens) if self.speculative == "ngram" else None
         K = self.draft_tokens
@@ -296,6 +296,7 @@ class Engine:
                     self.cache.truncate(seq, base + 1 + n_ok)
                     if mtp:
                         pending = torch.cat([pending, self.model.model.norm(h[: 1 + n_ok])])
+                stats["decode_steps"] += 1  # forward passes of the main model after the prefill
                 stats["draft_tokens"] += len(drafts)
                 stats["accepted_tokens"] += n_ok
                 new = drafts[:n_ok] + [nxt]
