@@ -52,6 +52,7 @@ class Chat:
         self.ids: list[int] = list(history_ids or [])
         # the (marked) text that self.ids stand for; unknown for history loaded from elsewhere
         self.text: str | None = None
+        self._before_last: tuple[list[int], str | None] | None = None
 
     @property
     def system(self) -> str | None:
@@ -82,15 +83,20 @@ class Chat:
         continued = bool(self.ids) and ids[: len(self.ids)] == self.ids
         return Turn(user, text, ids, continued)
 
-    def regenerate_turn(self) -> Turn:
-        """A new answer to the last user message: drops the last exchange and prompts it again."""
+    def rewind(self) -> str:
+        """Drop the last exchange (to regenerate it, or to edit and resend its prompt); returns its user
+        message. The history ids go back to what they were before it."""
         if len(self.messages) < 2 or self.messages[-1]["role"] != "assistant":
-            raise ValueError("there is no answer to regenerate yet")
+            raise ValueError("there is no answer to take back yet")
         user = self.messages[-2]["content"]
-        prev = getattr(self, "_before_last", None)
         self.messages = self.messages[:-2]
-        self.ids, self.text = prev if prev else ([], None)
-        return self.turn(user)
+        self.ids, self.text = self._before_last if self._before_last else ([], None)
+        self._before_last = None
+        return user
+
+    def regenerate_turn(self) -> Turn:
+        """A new answer to the last user message (the same prompt ids, so the cache serves all of it)."""
+        return self.turn(self.rewind())
 
     def stream(self, turn: Turn, params: SamplingParams) -> Iterator[str]:
         """Generate the reply, yielding text as it becomes complete (never a broken UTF-8 sequence)."""

@@ -54,23 +54,32 @@ def _params(args) -> dict:
             if getattr(args, k, None) is not None}
 
 
-def save_turn(args, conv_id: str | None, chat: Chat, turn: Turn, engine):
+def save_turn(args, conv_id: str | None, chat: Chat, turn: Turn, engine, *, answer_of: str | None = None,
+              edit_of: str | None = None) -> tuple[str | None, str | None]:
     """Commit one exchange at once: the user message with the prompt ids it ran as, the reply with the
-    ids generated (an interrupted reply is kept and marked)."""
+    ids generated (an interrupted reply is kept and marked). `answer_of`: a regenerated answer, saved as a
+    sibling of that assistant message; `edit_of`: an edited prompt, a sibling of that user message.
+    Returns (user message id, assistant message id)."""
     if conv_id is None:
-        return
+        return None, None
     from .store import Store
 
+    stats = turn.stats or {}
+    reply = dict(token_ids=turn.output_ids, generated_tokens=len(turn.output_ids), interrupted=turn.interrupted,
+                 timings={k: stats[k] for k in ("ttft_s", "decode_tokens_per_s", "cached_tokens", "draft_tokens",
+                                                "accepted_tokens") if k in stats})
     store = Store()
     try:
-        store.add_message(conv_id, "user", turn.user, token_ids=turn.prompt_ids,
-                          prompt_tokens=len(turn.prompt_ids))
-        stats = turn.stats or {}
-        store.add_message(conv_id, "assistant", turn.content, token_ids=turn.output_ids,
-                          generated_tokens=len(turn.output_ids), interrupted=turn.interrupted,
-                          timings={k: stats[k] for k in ("ttft_s", "decode_tokens_per_s", "cached_tokens",
-                                                         "draft_tokens", "accepted_tokens") if k in stats})
+        if answer_of:
+            user_id = None
+            reply_id = store.add_sibling(conv_id, answer_of, "assistant", turn.content, **reply)
+        else:
+            user = dict(token_ids=turn.prompt_ids, prompt_tokens=len(turn.prompt_ids))
+            user_id = (store.add_sibling(conv_id, edit_of, "user", turn.user, **user) if edit_of
+                       else store.add_message(conv_id, "user", turn.user, **user))
+            reply_id = store.add_message(conv_id, "assistant", turn.content, **reply)
     finally:
         store.close()
     if chat.ids:
         engine.save_prefix(chat.ids)  # so that `dschat -c` starts without re-prefilling
+    return user_id, reply_id
