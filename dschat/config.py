@@ -3,6 +3,7 @@
     model = "deepseek-ai/DeepSeek-V2-Lite-Chat"   # default model (DSCHAT_MODEL and --model win)
     system = "You are a concise assistant."
     theme = "deepseek-dark"
+    code_style = "monokai"                        # Pygments style of code blocks (default: the theme's)
     temperature = 0.3
     top_p = 0.95
     max_tokens = 2048
@@ -40,6 +41,7 @@ class Settings:
     model: str | None = None
     system: str | None = None
     theme: str | None = None
+    code_style: str | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None

@@ -1,0 +1,640 @@
+"""The full-screen chat (Textual).
+
+The engine runs in worker threads, so typing, scrolling and Esc stay live while a model loads or a reply
+streams. Replies stream into a Markdown widget through Textual's MarkdownStream (fragments are appended,
+the message is not re-rendered per token); the view follows the stream only while it is scrolled to the
+bottom (Textual's anchor). Every completed or stopped turn is saved at once.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Markdown, Static, TextArea
+from textual.widgets.markdown import MarkdownFence
+
+from .chat import Chat, Turn
+from .config import Settings, xdg
+
+CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+
+
+# -- code blocks -----------------------------------------------------------------------------------------------
+def code_theme(style_name: str):
+    """A Textual highlight theme made from a Pygments style (`code_style` in the config file)."""
+    from pygments.styles import get_style_by_name
+    from textual.highlight import HighlightTheme
+
+    styles = {}
+    for token, d in get_style_by_name(style_name):  # ClassNotFound for an unknown name
+        parts = ([f"#{d['color']}"] if d["color"] else []) + [k for k in ("bold", "italic", "underline") if d[k]]
+        if parts:
+            styles[token] = " ".join(parts)
+    return type(f"PygmentsTheme_{style_name}", (HighlightTheme,), {"STYLES": styles})
+
+
+class ReplyFence(MarkdownFence):
+    """A code block highlighted by Pygments in the configured style, or in the app theme's colours."""
+
+    def __init__(self, markdown, token, code):
+        self.code_theme = getattr(markdown, "code_theme", None)
+        super().__init__(markdown, token, code)
+
+    def highlight(self, code, language, ansi=False, dark=False):
+        if self.code_theme is None:
+            return MarkdownFence.highlight(code, language, ansi=ansi, dark=dark)
+        from textual.highlight import highlight
+
+        return highlight(code, language=language or None, theme=self.code_theme)
+
+
+class ReplyMarkdown(Markdown):
+    BLOCKS = {**Markdown.BLOCKS, "fence": ReplyFence, "code_block": ReplyFence}
+
+    def __init__(self, text: str, code_theme=None):
+        self.code_theme = code_theme
+        super().__init__(text)
+
+
+# -- widgets ---------------------------------------------------------------------------------------------------
+class PromptArea(TextArea):
+    """The input: Enter sends, Ctrl+J (or Shift/Alt+Enter where the terminal reports them) starts a new
+    line, Up in an empty input recalls earlier prompts."""
+
+    class Submitted(Message):
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+    def __init__(self, **kw):
+        super().__init__(soft_wrap=True, show_line_numbers=False, **kw)
+        self.prompts: list[str] = []
+        self._recall: int | None = None
+
+    async def _on_key(self, event) -> None:
+        if event.key == "enter":
+            event.prevent_default()
+            event.stop()
+            if self.text.strip():
+                self.post_message(self.Submitted(self.text))
+            return
+        if event.key in ("ctrl+j", "shift+enter", "alt+enter"):
+            event.prevent_default()
+            event.stop()
+            self.insert("\n")
+            return
+        if event.key in ("up", "down") and self.prompts and (not self.text or self._recall is not None):
+            if event.key == "up":
+                self._recall = len(self.prompts) - 1 if self._recall is None else max(0, self._recall - 1)
+            elif self._recall is not None:
+                self._recall += 1
+                if self._recall >= len(self.prompts):
+                    self._recall = None
+            event.prevent_default()
+            event.stop()
+            self.text = "" if self._recall is None else self.prompts[self._recall]
+            self.move_cursor(self.document.end)
+            return
+        self._recall = None
+        await super()._on_key(event)
+
+
+class MessageView(Vertical):
+    """One message: who wrote it, then its Markdown."""
+
+    def __init__(self, role: str, text: str = "", interrupted: bool = False):
+        super().__init__(classes=f"message {role}")
+        self.role, self.text, self.interrupted = role, text, interrupted
+        self.stream = None
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.title(), classes="role")
+        yield ReplyMarkdown(self.text, code_theme=getattr(self.app, "code_theme", None))
+
+    def title(self) -> str:
+        name = {"user": "You", "assistant": "Assistant", "system": "System"}[self.role]
+        return name + ("  (stopped)" if self.interrupted else "")
+
+    async def append(self, piece: str):
+        if self.stream is None:
+            self.stream = Markdown.get_stream(self.query_one(Markdown))
+        self.text += piece
+        await self.stream.write(piece)
+
+    async def finish(self, interrupted: bool):
+        if self.stream is not None:
+            await self.stream.stop()
+            self.stream = None
+        self.interrupted = interrupted
+        self.query_one(".role", Label).update(self.title())
+
+
+class AskScreen(ModalScreen[str | None]):
+    """A one-line question: Enter answers, Esc cancels."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, question: str, value: str = ""):
+        super().__init__()
+        self.question, self.value = question, value
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="ask"):
+            yield Label(self.question)
+            yield Input(value=self.value, id="answer")
+
+    @on(Input.Submitted)
+    def answered(self, event: Input.Submitted):
+        self.dismiss(event.value)
+
+    def action_cancel(self):
+        self.dismiss(None)
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,f1,q", "close", "Close")]
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Markdown(self.text)
+
+    def action_close(self):
+        self.dismiss(None)
+
+
+# -- the app ----------------------------------------------------------------------------------------------------
+class ChatApp(App):
+    TITLE = "dschat"
+    CSS = """
+    #sidebar { width: 32; border-right: solid $panel; }
+    #sidebar.hidden { display: none; }
+    #sidebar Label.heading { padding: 0 1; color: $text-muted; }
+    #main { width: 1fr; }
+    #conversation { height: 1fr; padding: 0 1; }
+    .message { height: auto; margin: 1 0 0 0; }
+    .message .role { color: $text-muted; text-style: bold; }
+    .message.user .role { color: $secondary; }
+    .message.assistant .role { color: $primary; }
+    .message Markdown { margin: 0; padding: 0; }
+    PromptArea { height: auto; max-height: 10; min-height: 3; border: round $primary; }
+    #status { height: 1; padding: 0 1; background: $panel; color: $text-muted; }
+    #ask { width: 70; height: auto; padding: 1 2; border: round $primary; background: $surface; }
+    AskScreen, HelpScreen { align: center middle; }
+    #help { width: 80; height: 80%; border: round $primary; background: $surface; padding: 0 1; }
+    """
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+        Binding("escape", "stop", "Stop", id="stop"),
+        Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
+        Binding("ctrl+r", "regenerate", "Regenerate", id="regenerate"),
+        Binding("ctrl+o", "copy_reply", "Copy reply", id="copy_reply"),
+        Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="toggle_sidebar"),
+        Binding("f1", "help", "Help", id="help"),
+    ]
+
+    def __init__(self, args, conf: Settings):
+        super().__init__()
+        self.args, self.conf = args, conf
+        self.engine = None
+        self.chat: Chat | None = None
+        self.conv_id: str | None = None
+        self.last_ids: tuple[str | None, str | None] = (None, None)  # saved user / assistant message ids
+        self.busy = False
+        self.stop_event = threading.Event()
+        self.pending_edit: str | None = None  # user message id being edited and resent
+        self.last_stats: dict = {}
+        self.model_label = ""
+        self.turns_done = 0  # completed or stopped replies (tests wait on it)
+        self.code_theme = None  # a Pygments style for code blocks, when the config names one
+
+    # -- layout -------------------------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal():
+            with Vertical(id="sidebar"):
+                yield Label("Conversations", classes="heading")
+                yield ListView(id="sessions")
+            with Vertical(id="main"):
+                yield VerticalScroll(id="conversation")
+                yield PromptArea(id="prompt")
+                yield Static("", id="status")
+        yield Footer()
+
+    def on_mount(self):
+        from themes import load_themes
+
+        themes, problems = load_themes(xdg("CONFIG") / "themes")
+        for t in themes:
+            self.register_theme(t)
+        for p in problems:
+            self.notify(p, severity="warning")
+        wanted = self.args.theme or self.conf.theme or "deepseek-dark"
+        if wanted in self.available_themes:
+            self.theme = wanted
+        else:
+            self.notify(f"no theme called {wanted!r}", severity="warning")
+            self.theme = "deepseek-dark"
+        self.theme_changed_signal.subscribe(self, self._remember_theme)
+        if self.conf.code_style:
+            from pygments.util import ClassNotFound
+
+            try:
+                self.code_theme = code_theme(self.conf.code_style)
+            except ClassNotFound:
+                self.notify(f"no Pygments style called {self.conf.code_style!r}; code uses the theme's colours",
+                            severity="warning")
+        if self.conf.keys:
+            self.set_keymap(self.conf.keys)
+        self.query_one("#conversation").anchor()
+        self.query_one(PromptArea).focus()
+        self.refresh_sessions()
+        self.load_model()
+
+    def _remember_theme(self, theme):
+        if theme.name != self.conf.theme:
+            try:
+                self.conf.save(theme=theme.name)
+            except OSError as e:
+                self.notify(f"could not save the theme: {e}", severity="warning")
+
+    # -- model ----------------------------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="engine")
+    def load_model(self, name: str | None = None):
+        from .cli import DEMO_DIR, error_text, load_engine, model_name
+
+        if name:
+            self.args.model = name
+        try:
+            label = model_name(self.args, self.conf)
+        except Exception as e:
+            self.call_from_thread(self.notify, error_text(e), severity="error", timeout=10)
+            return
+        self.call_from_thread(self.set_status, f"loading {label} ...")
+
+        def progress(done, total):
+            self.call_from_thread(self.set_status, f"loading {label}: {done / max(total, 1):.0%}")
+
+        try:
+            engine = load_engine(self.args, self.conf, progress=progress)
+            engine.tokenizer  # fail here, not on the first message
+        except Exception as e:
+            self.call_from_thread(self.set_status, "no model loaded")
+            self.call_from_thread(self.notify, f"model failed to load: {error_text(e)}", severity="error",
+                                  timeout=15)
+            return
+        demo = Path(engine.path).resolve() == DEMO_DIR
+        self.model_label = ("demo model (tiny, trained on Python's standard library; not a DeepSeek release)"
+                            if demo else Path(str(label)).name)
+        self.call_from_thread(self._model_ready, engine)
+
+    def _model_ready(self, engine):
+        self.engine = engine
+        self.sub_title = f"{self.model_label} on {engine.device}"
+        self.start_chat()
+        if self.args.cont or self.args.session:
+            from .store import Store, StoreError
+
+            try:
+                store = Store()
+                try:
+                    conv = store.get(store.resolve_id(self.args.session)) if self.args.session else store.latest()
+                finally:
+                    store.close()
+                if conv is not None:
+                    self.open_conversation(conv)
+            except StoreError as e:
+                self.notify(str(e), severity="error")
+        self.update_status()
+
+    def start_chat(self):
+        system = self.args.system if self.args.system is not None else self.conf.system
+        self.chat = Chat(self.engine, system=system)
+        self.conv_id, self.last_ids, self.pending_edit = None, (None, None), None
+        self.query_one("#conversation").remove_children()
+
+    def open_conversation(self, conv):
+        from .sessions import chat_from_conversation
+
+        self.chat = chat_from_conversation(self.engine, conv)
+        if self.chat.ids:
+            self.engine.load_prefix(self.chat.ids)  # resume without a long prefill when it was saved
+        self.conv_id = None if self.args.no_save else conv.id
+        msgs = [m for m in conv.messages if m.role != "system"]
+        user = next((m.id for m in reversed(msgs) if m.role == "user"), None)
+        reply = next((m.id for m in reversed(msgs) if m.role == "assistant"), None)
+        self.last_ids, self.pending_edit = (user, reply), None
+        view = self.query_one("#conversation")
+        view.remove_children()
+        view.mount_all([MessageView(m.role, m.content, m.interrupted) for m in msgs])
+        view.scroll_end(animate=False)
+        self.query_one(PromptArea).prompts = [m.content for m in msgs if m.role == "user"]
+        self.update_status()
+
+    # -- sending ---------------------------------------------------------------------------------------------------
+    @on(PromptArea.Submitted)
+    def submitted(self, event: PromptArea.Submitted):
+        if self.engine is None or self.chat is None:
+            self.notify("the model is still loading (or failed to load); your text is kept", severity="warning")
+            return
+        if self.busy:
+            self.notify("a reply is still streaming: Esc stops it", severity="warning")
+            return
+        prompt = self.query_one(PromptArea)
+        prompt.prompts.append(event.text)
+        try:
+            turn = self.chat.turn(event.text)
+        except Exception as e:
+            from .cli import error_text
+
+            self.notify(error_text(e), severity="error")
+            return
+        prompt.text = ""
+        self.run_turn(turn, user_view=True)
+
+    def run_turn(self, turn: Turn, user_view: bool, answer_of: str | None = None):
+        view = self.query_one("#conversation")
+        if user_view:
+            view.mount(MessageView("user", turn.user))
+        reply = MessageView("assistant")
+        view.mount(reply)
+        view.anchor()
+        self.busy = True
+        self.stop_event.clear()
+        self.generate(turn, reply, answer_of)
+
+    @work(thread=True, exclusive=True, group="engine")
+    def generate(self, turn: Turn, reply: MessageView, answer_of: str | None):
+        from .cli import error_text, sampling_params
+
+        error = None
+        pieces = None
+        try:
+            params = sampling_params(self.args, self.conf, self.engine, len(turn.prompt_ids))
+            pieces = self.chat.stream(turn, params)
+            for piece in pieces:
+                self.call_from_thread(reply.append, piece)
+                self.call_from_thread(self.update_status, turn.stats)
+                if self.stop_event.is_set():
+                    turn.interrupted = True
+                    break
+        except Exception as e:  # context full, out of memory, ...: a notice, and the app goes on
+            error = error_text(e)
+            turn.interrupted = True
+        finally:
+            if pieces is not None:
+                pieces.close()  # ends the engine's generation now, in this thread
+        self.call_from_thread(self._turn_done, turn, reply, answer_of, error)
+
+    async def _turn_done(self, turn: Turn, reply: MessageView, answer_of: str | None, error: str | None):
+        await reply.finish(turn.interrupted)
+        if error:
+            self.notify(error, severity="error", timeout=10)
+        if turn.output_ids or turn.interrupted:
+            self.chat.commit(turn)
+            self.save(turn, answer_of)
+        self.last_stats = dict(turn.stats)
+        self.busy = False
+        self.turns_done += 1
+        self.update_status(turn.stats)
+
+    def save(self, turn: Turn, answer_of: str | None):
+        if self.args.no_save:
+            return
+        from .sessions import save_turn
+        from .store import Store
+
+        try:
+            if self.conv_id is None:
+                store = Store()
+                try:
+                    self.conv_id = store.create(model=str(self.args.model or self.engine.path),
+                                                fingerprint=self.engine.fingerprint, system=self.chat.system)
+                finally:
+                    store.close()
+            user_id, reply_id = save_turn(self.args, self.conv_id, self.chat, turn, self.engine,
+                                          answer_of=answer_of, edit_of=self.pending_edit)
+            self.last_ids = (user_id or self.last_ids[0], reply_id)
+            self.pending_edit = None
+        except Exception as e:
+            self.notify(f"could not save the conversation: {e}", severity="error")
+        self.refresh_sessions()
+
+    # -- status -----------------------------------------------------------------------------------------------------
+    def set_status(self, text: str):
+        self.query_one("#status", Static).update(text)
+
+    def update_status(self, stats: dict | None = None):
+        if self.engine is None:
+            return
+        s = stats if stats is not None else self.last_stats
+        used = len(self.chat.ids) if self.chat else 0
+        parts = ["streaming · Esc stops" if self.busy else "ready", f"context {used}/{self.engine.context_length}"]
+        if s:
+            if s.get("decode_tokens_per_s"):
+                parts.append(f"{s['decode_tokens_per_s']:.1f} tok/s")
+            parts.append(f"reused {s.get('cached_tokens', 0)}")
+            if s.get("draft_tokens"):
+                parts.append(f"MTP {s['accepted_tokens']}/{s['draft_tokens']} accepted")
+        self.set_status("  ·  ".join(parts))
+
+    # -- actions ----------------------------------------------------------------------------------------------------
+    async def action_quit(self):
+        self.stop_event.set()  # a streaming reply ends (and is saved) before the app goes
+        self.exit()
+
+    def action_stop(self):
+        if self.busy:
+            self.stop_event.set()
+
+    def action_new_chat(self):
+        if self.busy:
+            self.stop_event.set()
+            return
+        if self.engine is not None:
+            self.start_chat()
+            self.update_status({})
+
+    def action_regenerate(self):
+        if self.busy or self.chat is None:
+            return
+        try:
+            turn = self.chat.regenerate_turn()
+        except ValueError as e:
+            self.notify(str(e), severity="warning")
+            return
+        views = list(self.query(MessageView))
+        if views and views[-1].role == "assistant":
+            views[-1].remove()
+        self.run_turn(turn, user_view=False, answer_of=self.last_ids[1])
+
+    def action_edit_last(self):
+        """Put the last prompt back in the input; sending it replaces the last exchange (kept as a sibling)."""
+        if self.busy or self.chat is None:
+            return
+        try:
+            text = self.chat.rewind()
+        except ValueError as e:
+            self.notify(str(e), severity="warning")
+            return
+        for v in list(self.query(MessageView))[-2:]:
+            v.remove()
+        self.pending_edit = self.last_ids[0]
+        prompt = self.query_one(PromptArea)
+        prompt.text = text
+        prompt.focus()
+
+    def last_reply(self) -> str | None:
+        replies = [v for v in self.query(MessageView) if v.role == "assistant"]
+        return replies[-1].text.strip() if replies else None
+
+    def action_copy_reply(self):
+        text = self.last_reply()
+        if text:
+            self.copy_to_clipboard(text)
+            self.notify("reply copied")
+
+    def action_copy_code(self):
+        blocks = CODE_BLOCK.findall(self.last_reply() or "")
+        if not blocks:
+            self.notify("the last reply has no code block", severity="warning")
+            return
+        self.copy_to_clipboard(blocks[-1])
+        self.notify("code block copied")
+
+    def action_toggle_sidebar(self):
+        self.query_one("#sidebar").toggle_class("hidden")
+
+    def action_help(self):
+        keys = "\n".join(f"| `{b.key}` | {b.description} |" for b in self.BINDINGS)
+        self.push_screen(HelpScreen(
+            "# dschat\n\n| key | action |\n|---|---|\n" + keys +
+            "\n| `enter` | send |\n| `ctrl+j` | new line |\n| `up` | earlier prompts (empty input) |"
+            "\n| `ctrl+p` | command palette: every action |\n\nKeys can be changed in the `[keys]` table of "
+            "`~/.config/dschat/config.toml`, e.g. `stop = \"ctrl+s\"`."))
+
+    def action_set_system(self):
+        def done(text):
+            if text is None or self.chat is None:
+                return
+            self.chat.messages = [m for m in self.chat.messages if m["role"] != "system"]
+            if text.strip():
+                self.chat.messages.insert(0, {"role": "system", "content": text})
+            self.chat.ids, self.chat.text = [], None
+            if self.conv_id:
+                from .store import Store
+
+                store = Store()
+                try:
+                    store.set_system(self.conv_id, text or None)
+                finally:
+                    store.close()
+            self.notify("system prompt set")
+
+        self.push_screen(AskScreen("System prompt:", self.chat.system or "" if self.chat else ""), done)
+
+    def _with_store(self, fn):
+        from .store import Store, StoreError
+
+        try:
+            store = Store()
+            try:
+                return fn(store)
+            finally:
+                store.close()
+        except StoreError as e:
+            self.notify(str(e), severity="error")
+
+    def action_rename(self):
+        if not self.conv_id:
+            self.notify("nothing saved yet to rename", severity="warning")
+            return
+
+        def done(title):
+            if title:
+                self._with_store(lambda s: s.rename(self.conv_id, title))
+                self.refresh_sessions()
+
+        self.push_screen(AskScreen("New title:"), done)
+
+    def action_delete(self):
+        if self.conv_id:
+            self._with_store(lambda s: s.delete(self.conv_id))
+            self.notify("conversation deleted")
+        self.action_new_chat()
+        self.refresh_sessions()
+
+    def action_export(self):
+        if not self.conv_id:
+            self.notify("nothing saved yet to export", severity="warning")
+            return
+        from .files import atomic_write_text
+
+        text = self._with_store(lambda s: s.export_markdown(self.conv_id))
+        if text:
+            path = Path.cwd() / f"dschat-{self.conv_id}.md"
+            atomic_write_text(path, text)
+            self.notify(f"exported to {path}")
+
+    def action_search(self):
+        self.push_screen(AskScreen("Search conversations (empty: all):"), lambda q: self.refresh_sessions(q or None))
+
+    def action_switch_model(self):
+        def done(name):
+            if name and not self.busy:
+                self.engine = None
+                self.load_model(name.strip())
+
+        self.push_screen(AskScreen("Model (directory, hub id or demo):", self.args.model or ""), done)
+
+    def get_system_commands(self, screen):
+        yield from super().get_system_commands(screen)
+        for title, help_, action in (
+                ("New chat", "Start a new conversation", self.action_new_chat),
+                ("Regenerate", "A new answer to the last prompt (the old one is kept)", self.action_regenerate),
+                ("Edit last prompt", "Put the last prompt back in the input to edit and resend",
+                 self.action_edit_last),
+                ("Copy reply", "Copy the last reply to the clipboard", self.action_copy_reply),
+                ("Copy code block", "Copy the last code block of the last reply", self.action_copy_code),
+                ("System prompt", "Set the system prompt", self.action_set_system),
+                ("Rename conversation", "Give this conversation a title", self.action_rename),
+                ("Delete conversation", "Delete this conversation from the history", self.action_delete),
+                ("Export conversation", "Write this conversation as Markdown", self.action_export),
+                ("Search conversations", "Full-text search of the history", self.action_search),
+                ("Switch model", "Load another model", self.action_switch_model),
+                ("Toggle sidebar", "Show or hide saved conversations", self.action_toggle_sidebar),
+                ("Help", "Keys and actions", self.action_help)):
+            yield SystemCommand(title, help_, action)
+
+    # -- sidebar ------------------------------------------------------------------------------------------------------
+    def refresh_sessions(self, search: str | None = None):
+        rows = self._with_store(lambda s: s.list(search=search, limit=200)) or []
+        lv = self.query_one("#sessions", ListView)
+        lv.clear()
+        lv.extend(ListItem(Label(r["title"] or "(untitled)"), name=r["id"]) for r in rows)
+
+    @on(ListView.Selected, "#sessions")
+    def session_selected(self, event: ListView.Selected):
+        if self.busy or self.engine is None:
+            self.notify("wait for the reply (or the model) first", severity="warning")
+            return
+        conv = self._with_store(lambda s: s.get(event.item.name))
+        if conv is not None:
+            self.open_conversation(conv)
+            self.query_one(PromptArea).focus()
+
+
+def run_tui(args, conf) -> int:
+    ChatApp(args, conf).run()
+    return 0

@@ -1,0 +1,233 @@
+"""The Textual app driven by Textual's Pilot on tiny checkpoints, and snapshots of its main screens."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dschat import cli
+from dschat.config import Settings
+from dschat.store import Store
+from dschat.tui import ChatApp, MessageView, PromptArea
+from engine import SamplingParams
+
+
+def make_app(model, *extra):
+    args = cli.chat_parser().parse_args(["--model", str(model), "-t", "0", *extra])
+    return ChatApp(args, Settings.load())
+
+
+async def until(pilot, cond, timeout=60.0):
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("timed out waiting")
+        await pilot.pause(0.05)
+
+
+async def ready(pilot, app):
+    await until(pilot, lambda: app.engine is not None and app.chat is not None)
+
+
+async def send(pilot, app, text):
+    done = app.turns_done
+    prompt = app.query_one(PromptArea)
+    prompt.text = text
+    prompt.focus()
+    await pilot.press("enter")
+    await until(pilot, lambda: app.turns_done > done)
+    await pilot.pause(0.1)
+
+
+def replies(app):
+    return [v for v in app.query(MessageView) if v.role == "assistant"]
+
+
+async def test_send_streams_the_engines_answer_and_saves_it(chat_models, chat_engines):
+    from dschat.template import chat_prompt
+
+    app = make_app(chat_models["v3"], "-n", "12")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "What is MLA?")
+        eng = chat_engines["v3"]
+        _, ids = chat_prompt(eng.tokenizer, [{"role": "user", "content": "What is MLA?"}])
+        want = eng.tokenizer.decode(list(eng.generate(ids, SamplingParams(max_tokens=12))),
+                                    skip_special_tokens=True).strip()
+        assert replies(app)[-1].text.strip() == want
+        assert "ready" in str(app.query_one("#status").render())
+        conv = Store().latest()
+        assert [m.content for m in conv.messages] == ["What is MLA?", want]
+        # the sidebar lists it
+        assert [i.name for i in app.query("#sessions ListItem")] == [conv.id]
+
+
+async def test_esc_stops_the_reply_and_keeps_it(chat_models):
+    app = make_app(chat_models["v3"], "-n", "100000", "-t", "1.0", "--seed", "1")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        prompt = app.query_one(PromptArea)
+        prompt.text = "a long story"
+        prompt.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: replies(app) and len(replies(app)[-1].text) > 20)
+        t0 = time.monotonic()
+        await pilot.press("escape")
+        await until(pilot, lambda: app.turns_done == 1, timeout=10)
+        assert time.monotonic() - t0 < 5
+        view = replies(app)[-1]
+        assert view.interrupted and "(stopped)" in view.title()
+        saved = Store().latest().messages[-1]
+        assert saved.interrupted and saved.content == view.text.strip()
+        # still usable afterwards
+        app.args.max_tokens = 4
+        await send(pilot, app, "short one")
+        assert len(replies(app)) == 2
+
+
+async def test_regenerate_copy_new_chat_and_recall(chat_models):
+    app = make_app(chat_models["v3"], "-n", "8")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "first prompt")
+        first = replies(app)[-1].text
+        app.args.temperature, app.args.seed = 1.0, 7  # a different answer this time
+        done = app.turns_done
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: app.turns_done > done)
+        assert len(replies(app)) == 1 and len(list(app.query(MessageView))) == 2
+        second = replies(app)[-1].text
+        conv = Store().latest()
+        assert conv.messages[-1].content == second.strip()
+        siblings = Store().siblings(conv.messages[-1].id)
+        assert sorted(m.content for m in siblings) == sorted([first.strip(), second.strip()])
+        await pilot.press("ctrl+o")
+        assert app.clipboard == second.strip()
+        await pilot.press("ctrl+n")
+        await pilot.pause(0.1)
+        assert not list(app.query(MessageView)) and app.chat.messages == []
+        app.query_one(PromptArea).focus()
+        await pilot.press("up")
+        assert app.query_one(PromptArea).text == "first prompt"
+
+
+async def test_copy_a_code_block(chat_models):
+    app = make_app(chat_models["v3"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        view = MessageView("assistant", "Here:\n\n```python\nprint('hi')\n```\n\nand more text")
+        await app.query_one("#conversation").mount(view)
+        app.action_copy_code()
+        assert app.clipboard == "print('hi')\n"
+
+
+async def test_switching_theme_is_remembered(chat_models):
+    app = make_app(chat_models["v3"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        assert app.theme == "deepseek-dark" and "deepseek-light" in app.available_themes
+        app.theme = "deepseek-light"
+        await pilot.pause(0.2)
+    assert Settings.load().theme == "deepseek-light"
+    app2 = make_app(chat_models["v3"])
+    async with app2.run_test(size=(100, 30)) as pilot:
+        await pilot.pause(0.1)
+        assert app2.theme == "deepseek-light"
+
+
+async def test_open_a_saved_conversation_from_the_sidebar(chat_models):
+    from test_pipe_mode import run
+
+    r = run(["--model", str(chat_models["v3"]), "-t", "0", "-n", "6"], stdin="saved question")
+    assert r.returncode == 0
+    saved = Store().latest()
+    app = make_app(chat_models["v3"], "-n", "6")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        lv = app.query_one("#sessions")
+        lv.focus()
+        lv.index = 0
+        await pilot.press("enter")
+        await until(pilot, lambda: len(list(app.query(MessageView))) == 2)
+        assert [v.text for v in app.query(MessageView)][0] == "saved question"
+        await send(pilot, app, "follow-up")
+        # resumed from the saved token ids: the history came from the cache, not a new prefill
+        conv = Store().get(saved.id)
+        assert len(conv.messages) == 4
+        assert conv.messages[3].timings["cached_tokens"] >= len(conv.messages[0].token_ids)
+
+
+async def test_a_model_that_fails_to_load_is_a_notice(tmp_path, chat_models):
+    app = make_app(tmp_path / "missing")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: "no model loaded" in str(app.query_one("#status").render()))
+        prompt = app.query_one(PromptArea)
+        prompt.text = "keep me"
+        prompt.focus()
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert prompt.text == "keep me"  # nothing typed is lost
+        assert any("failed to load" in n.message for n in app._notifications)
+        # another model can still be loaded
+        app.load_model(str(chat_models["v3"]))
+        await ready(pilot, app)
+
+
+# -- snapshots ---------------------------------------------------------------------------------------------------------
+def snapshot_app(theme: str, with_history: bool):
+    from dschat.cli import DEMO_DIR
+
+    if with_history:
+        s = Store()
+        cid = s.create(model=str(DEMO_DIR), title="What does os.path.join do?")
+        s.add_message(cid, "user", "What does os.path.join do?")
+        s.add_message(cid, "assistant", "`os.path.join(a, *p)` joins path components:\n\n"
+                                        "```python\nos.path.join('a', 'b')  # 'a/b'\n```")
+        s.close()
+        extra = ["--session", cid]
+    else:
+        extra = []
+    return make_app("demo", "--theme", theme, *extra)
+
+
+@pytest.mark.parametrize("theme", ["deepseek-dark", "deepseek-light"])
+@pytest.mark.parametrize("with_history", [False, True], ids=["empty", "conversation"])
+def test_snapshots(snap_compare, theme, with_history):
+    app = snapshot_app(theme, with_history)
+
+    async def loaded(pilot):
+        await ready(pilot, app)
+        app.query_one(PromptArea).cursor_blink = False  # a blinking cursor would make the picture racy
+        if with_history:
+            await until(pilot, lambda: len(list(app.query(MessageView))) == 2)
+        await pilot.pause(0.3)
+        await asyncio.sleep(0)
+
+    assert snap_compare(app, terminal_size=(100, 28), run_before=loaded)
+
+
+async def test_code_blocks_use_the_configured_pygments_style(chat_models):
+    from pygments.styles import get_style_by_name
+    from pygments.token import Keyword
+
+    from dschat.tui import ReplyFence
+
+    app = make_app(chat_models["v3"])
+    app.conf.code_style = "monokai"
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await app.query_one("#conversation").mount(MessageView("assistant", "```python\nimport os\n```"))
+        await pilot.pause(0.1)
+        fence = app.query_one(ReplyFence)
+        keyword = "#" + get_style_by_name("monokai").style_for_token(Keyword.Namespace)["color"]
+        spans = [str(s.style) for s in fence._highlighted_code.spans]
+        assert any(keyword in s for s in spans), spans
+    # an unknown style is a notice, and code falls back to the theme's colours
+    app = make_app(chat_models["v3"])
+    app.conf.code_style = "no-such-style"
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        assert app.code_theme is None
+        assert any("no-such-style" in n.message for n in app._notifications)
