@@ -1,0 +1,254 @@
+"""`dschat --plain`: a line-mode chat in the terminal's own scrollback (prompt-toolkit input).
+
+Enter sends; Alt+Enter (Esc then Enter) inserts a new line, and a message that starts with \"\"\" continues
+until a line that ends with \"\"\". Ctrl+C stops a reply (it is kept, marked interrupted) or clears the input;
+Ctrl+D exits. Slash commands: /system, /clear, /save, /load, /regen, /stats, /help, /exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .chat import Chat, Turn
+from .config import xdg
+
+HELP = """\
+  /system TEXT   set the system prompt (/system alone clears it)
+  /clear         start a new conversation
+  /save FILE     export this conversation as JSON (for `dschat import` and `dschat replay`)
+  /load ID|FILE  open a saved conversation (an id from `dschat sessions`, or an exported file)
+  /regen         a new answer to the last prompt (the old one is kept in the history)
+  /stats         statistics of the last reply
+  /help          this help
+  /exit          leave (or Ctrl+D)
+Alt+Enter inserts a new line; a message that starts with \"\"\" ends at a line ending with \"\"\"."""
+
+
+class Printer:
+    """Streams reply text to stdout; on a colour terminal, code blocks are highlighted line by line."""
+
+    def __init__(self, out=None, formatter=None):
+        self.out = out or sys.stdout
+        self.colour = self.out.isatty() and not os.environ.get("NO_COLOR")
+        self.line = ""
+        self.in_code = False
+        self.lexer = None
+        self.formatter = formatter or code_formatter(None)
+
+    def write(self, text: str):
+        if not self.colour:
+            self.out.write(text)
+            self.out.flush()
+            return
+        self.line += text
+        while "\n" in self.line:
+            line, self.line = self.line.split("\n", 1)
+            self.out.write(self._render(line) + "\n")
+        self.out.flush()
+
+    def close(self):
+        if self.line:
+            self.out.write(self._render(self.line) if self.colour else "")
+            self.line = ""
+        self.out.write("\n")
+        self.out.flush()
+
+    def _render(self, line: str) -> str:
+        from pygments import highlight
+        from pygments.lexers import TextLexer, get_lexer_by_name
+        from pygments.util import ClassNotFound
+
+        if line.lstrip().startswith("```"):
+            self.in_code = not self.in_code
+            if self.in_code:
+                lang = line.strip()[3:].strip()
+                try:
+                    self.lexer = get_lexer_by_name(lang) if lang else TextLexer()
+                except ClassNotFound:
+                    self.lexer = TextLexer()
+            return f"\x1b[2m{line}\x1b[0m"
+        if self.in_code:
+            return highlight(line, self.lexer, self.formatter).rstrip("\n")
+        return line
+
+
+def code_formatter(style: str | None):
+    """The terminal's 16 colours, or a Pygments style in 256 colours when the config names one."""
+    from pygments.formatters import Terminal256Formatter, TerminalFormatter
+    from pygments.util import ClassNotFound
+
+    if style:
+        try:
+            return Terminal256Formatter(style=style)
+        except ClassNotFound:
+            print(f"dschat: no Pygments style called {style!r}; using the terminal's colours", file=sys.stderr)
+    return TerminalFormatter()
+
+
+def read_message(session) -> str | None:
+    """One message from the user (None at Ctrl+D)."""
+    try:
+        text = session.prompt("you> ")
+    except EOFError:
+        return None
+    except KeyboardInterrupt:
+        return ""
+    if text.lstrip().startswith('"""'):
+        lines = [text.lstrip()[3:]]
+        while not lines[-1].rstrip().endswith('"""'):
+            try:
+                lines.append(session.prompt("...  "))
+            except (EOFError, KeyboardInterrupt):
+                return ""
+        text = "\n".join(lines).rstrip()[:-3]
+    return text
+
+
+def run_line_mode(args, conf) -> int:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    from .cli import load_engine, print_stats, sampling_params
+    from .sessions import chat_from_conversation, open_conversation, save_turn
+
+    engine = load_engine(args, conf)
+    system = args.system if args.system is not None else conf.system
+    if args.cont or args.session:
+        chat, conv_id = open_conversation(args, engine, system)
+    else:  # a new conversation is saved once something is said
+        chat, conv_id = Chat(engine, system=system), None
+    last: dict = {"reply_id": None, "turn": None}
+    formatter = code_formatter(conf.code_style)
+    history_file = xdg("DATA") / "prompt_history"
+    history_file.parent.mkdir(parents=True, exist_ok=True)
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _(event):
+        event.current_buffer.insert_text("\n")
+
+    session = PromptSession(history=FileHistory(str(history_file)), key_bindings=keys, multiline=False)
+    print(f"dschat: {engine.path.name} on {engine.device}. /help for commands, Ctrl+D to leave.", flush=True)
+    for m in chat.messages:
+        if m["role"] != "system":
+            print(f"{'you' if m['role'] == 'user' else 'assistant'}> {m['content']}")
+
+    def reply(turn: Turn, answer_of=None):
+        nonlocal conv_id
+        printer = Printer(formatter=formatter)
+        if conv_id is None and not args.no_save:
+            from .store import Store
+
+            store = Store()
+            try:
+                conv_id = store.create(model=str(args.model or engine.path), fingerprint=engine.fingerprint,
+                                       system=chat.system)
+            finally:
+                store.close()
+        try:
+            for piece in chat.stream(turn, sampling_params(args, conf, engine, len(turn.prompt_ids))):
+                printer.write(piece)
+        except KeyboardInterrupt:
+            turn.interrupted = True
+        printer.close()
+        if turn.interrupted:
+            print("(stopped)")
+        chat.commit(turn)
+        _, last["reply_id"] = save_turn(args, conv_id, chat, turn, engine, answer_of=answer_of)
+        last["turn"] = turn
+        if args.stats:
+            print_stats(engine)
+
+    while True:
+        text = read_message(session)
+        if text is None:
+            print()
+            return 0
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            cmd, _, rest = text[1:].partition(" ")
+            if cmd in ("exit", "quit"):
+                return 0
+            if cmd == "help":
+                print(HELP)
+            elif cmd == "clear":
+                chat.clear()
+                conv_id, last["reply_id"] = None, None
+                print("(new conversation)")
+            elif cmd == "system":
+                chat.messages = [m for m in chat.messages if m["role"] != "system"]
+                if rest.strip():
+                    chat.messages.insert(0, {"role": "system", "content": rest.strip()})
+                chat.ids, chat.text = [], None
+                print("(system prompt set)" if rest.strip() else "(system prompt cleared)")
+            elif cmd == "stats":
+                print(json.dumps(engine.stats) if engine.stats else "(no reply yet)")
+            elif cmd == "regen":
+                try:
+                    turn = chat.regenerate_turn()
+                except ValueError as e:
+                    print(f"({e})")
+                    continue
+                reply(turn, answer_of=last["reply_id"])
+            elif cmd == "save":
+                save_to(rest.strip(), conv_id)
+            elif cmd == "load":
+                opened = load_from(rest.strip(), engine, chat_from_conversation)
+                if opened:
+                    chat, conv_id = opened
+                    last["reply_id"] = None
+            else:
+                print(f"(unknown command /{cmd}: /help lists them)")
+            continue
+        try:
+            turn = chat.turn(text)
+        except Exception as e:  # a template that refuses the conversation, say
+            print(f"(error: {e})")
+            continue
+        reply(turn)
+
+
+def save_to(path: str, conv_id: str | None):
+    from .files import atomic_write_text
+    from .store import Store
+
+    if not path or conv_id is None:
+        print("(usage: /save FILE, once something has been said)" if not path else "(nothing saved yet)")
+        return
+    store = Store()
+    try:
+        atomic_write_text(path, json.dumps(store.export_json(conv_id), ensure_ascii=False, indent=2) + "\n")
+    finally:
+        store.close()
+    print(f"(saved to {path})")
+
+
+def load_from(source: str, engine, chat_from_conversation):
+    from .commands import load_source
+    from .store import Store, StoreError
+
+    if not source:
+        print("(usage: /load ID or /load FILE)")
+        return None
+    try:
+        data = load_source(source)
+        store = Store()
+        try:
+            conv_id = data["id"] if not source.endswith(".json") else store.import_json(data)
+            conv = store.get(conv_id)
+        finally:
+            store.close()
+    except (StoreError, KeyError) as e:
+        print(f"(cannot load {source}: {e})")
+        return None
+    chat = chat_from_conversation(engine, conv)
+    if chat.ids:
+        engine.load_prefix(chat.ids)
+    for m in conv.messages:
+        if m.role != "system":
+            print(f"{'you' if m.role == 'user' else 'assistant'}> {m.content}")
+    return chat, conv.id

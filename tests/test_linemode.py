@@ -1,0 +1,104 @@
+"""`dschat --plain` driven through a pseudo-terminal (pexpect)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pexpect
+from test_pipe_mode import dschat_cmd
+
+from dschat.store import Store
+from dschat.template import chat_prompt
+from engine import SamplingParams
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
+
+
+def clean(text: str) -> str:
+    return ANSI.sub("", text).replace("\r", "")
+
+
+def spawn(*args):
+    cmd = dschat_cmd()
+    return pexpect.spawn(cmd[0], cmd[1:] + list(args), encoding="utf-8", timeout=90, dimensions=(40, 160),
+                         env={**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "NO_COLOR": "1"})
+
+
+# prompt-toolkit switches bracketed paste off when a line is accepted and on again for the next prompt:
+# what is printed in between is dschat's answer to that line.
+ACCEPTED, PROMPT = "\x1b[?2004l", "\x1b[?2004h"
+
+
+def ask(p, text):
+    p.sendline(text)
+    p.expect_exact(ACCEPTED)
+    p.expect_exact(PROMPT)
+    return clean(p.before)
+
+
+def test_line_mode_chat_commands_and_history(chat_models, chat_engines):
+    p = spawn("--plain", "--model", str(chat_models["v3"]), "-t", "0", "-n", "10")
+    p.expect_exact(PROMPT)
+    assert "/help for commands" in clean(p.before)
+    out = ask(p, "What is MLA?")
+    eng = chat_engines["v3"]
+    _, ids = chat_prompt(eng.tokenizer, [{"role": "user", "content": "What is MLA?"}])
+    want = eng.tokenizer.decode(list(eng.generate(ids, SamplingParams(max_tokens=10))), skip_special_tokens=True)
+    assert want.strip() in out
+    stats = ask(p, "/stats")
+    assert json.loads(stats.strip().splitlines()[-1])["generated_tokens"] >= 1
+    ask(p, "/regen")
+    assert "/system" in ask(p, "/help")
+    p.sendline('"""two')
+    p.expect_exact(ACCEPTED)
+    ask(p, 'lines"""')
+    p.sendline("/exit")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+    conv = Store().latest()
+    assert [m.role for m in conv.messages] == ["user", "assistant"] * 2
+    assert conv.messages[2].content == "two\nlines"
+    assert len(Store().siblings(conv.messages[1].id)) == 2  # /regen kept the first answer
+
+
+def test_ctrl_c_stops_a_reply_and_ctrl_d_exits(chat_models):
+    p = spawn("--plain", "--model", str(chat_models["v3"]), "-t", "1.0", "-n", "100000", "--seed", "2")
+    p.expect_exact(PROMPT)
+    p.sendline("tell me everything")
+    p.expect_exact(ACCEPTED)
+    p.expect(r"\S", timeout=60)  # the reply has started
+    p.sendintr()
+    p.expect(r"\(stopped\)")
+    p.expect_exact(PROMPT)
+    p.sendeof()
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+    assert Store().latest().messages[-1].interrupted
+
+
+def test_printer_highlights_code_blocks_on_a_colour_terminal(monkeypatch):
+    import io
+
+    from dschat.linemode import Printer, code_formatter
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    for style in (None, "monokai"):
+        out = Tty()
+        p = Printer(out, formatter=code_formatter(style))
+        for piece in ["Use:\n```py", "thon\nimport os\n", "```\ndone"]:
+            p.write(piece)
+        p.close()
+        text = out.getvalue()
+        assert clean(text) == "Use:\n```python\nimport os\n```\ndone\n"
+        code_line = text.splitlines()[2]
+        assert code_line != "import os" and "\x1b[" in code_line  # coloured
+        assert text.splitlines()[0] == "Use:"  # prose is left alone
+    assert "38;5;" in code_line  # the named style is drawn in 256 colours
