@@ -231,3 +231,132 @@ async def test_code_blocks_use_the_configured_pygments_style(chat_models):
         await ready(pilot, app)
         assert app.code_theme is None
         assert any("no-such-style" in n.message for n in app._notifications)
+
+
+async def answer(pilot, app, text):
+    """Type an answer into the AskScreen that is open and press Enter."""
+    from textual.widgets import Input
+
+    from dschat.tui import AskScreen
+
+    await until(pilot, lambda: isinstance(app.screen, AskScreen) and app.screen.query(Input))
+    app.screen.query_one(Input).value = text
+    await pilot.press("enter")
+    await pilot.pause(0.1)
+
+
+async def test_edit_and_resend_keeps_the_old_prompt_as_a_sibling(chat_models):
+    app = make_app(chat_models["v3"], "-n", "6")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "frist try")
+        app.action_edit_last()
+        await pilot.pause(0.1)
+        prompt = app.query_one(PromptArea)
+        assert prompt.text == "frist try" and not list(app.query(MessageView))
+        prompt.text = "first try"
+        done = app.turns_done
+        await pilot.press("enter")
+        await until(pilot, lambda: app.turns_done > done)
+        assert [v.text for v in app.query(MessageView)][0] == "first try"
+        assert app.chat.messages[0]["content"] == "first try" and len(app.chat.messages) == 2
+        conv = Store().latest()
+        assert [m.content for m in conv.messages][0] == "first try" and len(conv.messages) == 2
+        assert sorted(m.content for m in Store().siblings(conv.messages[0].id)) == ["first try", "frist try"]
+
+
+async def test_system_prompt_rename_search_export_delete(chat_models, tmp_path, monkeypatch):
+    from dschat.template import chat_prompt
+
+    monkeypatch.chdir(tmp_path)
+    app = make_app(chat_models["v3"], "-n", "4")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        app.action_set_system()
+        await answer(pilot, app, "Be brief.")
+        await send(pilot, app, "alpha question")
+        _, want = chat_prompt(app.engine.tokenizer, [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": "alpha question"}])
+        conv = Store().latest()
+        assert conv.system == "Be brief." and conv.messages[0].token_ids == want
+        app.action_rename()
+        await answer(pilot, app, "Renamed one")
+        assert Store().get(conv.id).title == "Renamed one"
+        assert [str(i.query_one("Label").render()) for i in app.query("#sessions ListItem")] == ["Renamed one"]
+        app.action_export()
+        await pilot.pause(0.1)
+        exported = (tmp_path / f"dschat-{conv.id}.md").read_text()
+        assert "alpha question" in exported and conv.messages[1].content in exported
+        app.action_search()
+        await answer(pilot, app, "nothing like this")
+        assert not list(app.query("#sessions ListItem"))
+        app.action_search()
+        await answer(pilot, app, "alpha")
+        assert [i.name for i in app.query("#sessions ListItem")] == [conv.id]
+        app.action_delete()
+        await pilot.pause(0.1)
+        assert Store().latest() is None and not list(app.query(MessageView))
+
+
+async def test_palette_reaches_the_actions(chat_models):
+    app = make_app(chat_models["v3"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        for want in ("New chat", "Regenerate", "Edit last prompt", "Copy reply", "Copy code block", "System prompt",
+                     "Rename conversation", "Delete conversation", "Export conversation", "Search conversations",
+                     "Switch model", "Toggle sidebar", "Help"):
+            assert want in titles
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.2)
+        await pilot.press(*"toggle sidebar")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        assert app.query_one("#sidebar").has_class("hidden")
+
+
+async def test_keys_are_rebindable_in_the_config_file(chat_models):
+    app = make_app(chat_models["v3"])
+    app.conf.keys = {"toggle_sidebar": "ctrl+t"}
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+t")
+        await pilot.pause(0.1)
+        assert app.query_one("#sidebar").has_class("hidden")
+
+
+async def test_scrolling_up_is_not_yanked_back_by_the_stream(chat_models):
+    app = make_app(chat_models["v3"], "-n", "100000", "-t", "1.0", "--seed", "3")
+    async with app.run_test(size=(100, 20)) as pilot:
+        await ready(pilot, app)
+        view = app.query_one("#conversation")
+        for i in range(6):
+            await view.mount(MessageView("user", f"earlier message {i}\n\nwith a second paragraph"))
+        prompt = app.query_one(PromptArea)
+        prompt.text = "stream a lot"
+        await pilot.press("enter")
+        await until(pilot, lambda: replies(app) and len(replies(app)[-1].text) > 20)
+        await until(pilot, lambda: view.max_scroll_y > 5)
+        assert view.scroll_y == view.max_scroll_y  # following the stream at the bottom
+        view.scroll_to(y=0, animate=False)
+        await pilot.pause(0.1)
+        grown = len(replies(app)[-1].text)
+        await until(pilot, lambda: len(replies(app)[-1].text) > grown + 40)
+        assert view.scroll_y == 0  # the reader stays where they scrolled
+        await pilot.press("escape")
+        await until(pilot, lambda: app.turns_done == 1)
+
+
+def test_user_theme_files(tmp_path):
+    from themes import ThemeError, load_themes, read_theme
+
+    (tmp_path / "mine.toml").write_text('primary = "#ff8800"\ndark = true\n')
+    (tmp_path / "broken.toml").write_text('primary = "not a colour"\n')
+    themes, problems = load_themes(tmp_path)
+    names = [t.name for t in themes]
+    assert {"deepseek-dark", "deepseek-light", "mine"} <= set(names)
+    assert len(problems) == 1 and "broken.toml" in problems[0]
+    (tmp_path / "odd.toml").write_text('primary = "#ffffff"\nsparkle = 1\n')
+    with pytest.raises(ThemeError, match="sparkle"):
+        read_theme(tmp_path / "odd.toml")

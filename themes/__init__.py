@@ -19,11 +19,16 @@ FIELDS = ("name", "primary", "secondary", "accent", "foreground", "background", 
           "warning", "error", "dark", "variables")
 
 
+COLOURS = ("primary", "secondary", "accent", "foreground", "background", "surface", "panel", "success", "warning",
+           "error")
+
+
 class ThemeError(Exception):
     pass
 
 
 def read_theme(path: Path):
+    from textual.color import Color
     from textual.theme import Theme
 
     try:
@@ -34,9 +39,15 @@ def read_theme(path: Path):
     if unknown or "primary" not in data:
         raise ThemeError(f"{path}: " + (f"unknown field {unknown[0]!r}" if unknown else "needs a primary colour"))
     data.setdefault("name", path.stem)
+    for key, value in data.items():
+        if key in COLOURS:
+            try:
+                Color.parse(value)
+            except Exception:
+                raise ThemeError(f"{path}: {key} = {value!r} is not a colour") from None
     try:
         return Theme(**data)
-    except Exception as e:  # textual validates colours
+    except Exception as e:
         raise ThemeError(f"{path}: {e}") from None
 
 
