@@ -89,10 +89,15 @@ class Chat:
         if len(self.messages) < 2 or self.messages[-1]["role"] != "assistant":
             raise ValueError("there is no answer to take back yet")
         user = self.messages[-2]["content"]
+        self._rewound = (self.messages, self.ids, self.text, self._before_last)
         self.messages = self.messages[:-2]
         self.ids, self.text = self._before_last if self._before_last else ([], None)
         self._before_last = None
         return user
+
+    def restore(self):
+        """Undo the last `rewind` (a regenerated answer that failed before its first token)."""
+        self.messages, self.ids, self.text, self._before_last = self._rewound
 
     def regenerate_turn(self) -> Turn:
         """A new answer to the last user message (the same prompt ids, so the cache serves all of it)."""

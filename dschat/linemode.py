@@ -111,7 +111,7 @@ def run_line_mode(args, conf) -> int:
     from prompt_toolkit.history import FileHistory
     from prompt_toolkit.key_binding import KeyBindings
 
-    from .cli import load_engine, print_stats, sampling_params
+    from .cli import error_text, load_engine, print_stats, sampling_params
     from .sessions import chat_from_conversation, open_conversation, save_turn
 
     engine = load_engine(args, conf)
@@ -138,8 +138,25 @@ def run_line_mode(args, conf) -> int:
 
     def reply(turn: Turn, answer_of=None):
         nonlocal conv_id
-        printer = Printer(formatter=formatter)
-        if conv_id is None and not args.no_save:
+        printer, error = Printer(formatter=formatter), None
+        try:
+            for piece in chat.stream(turn, sampling_params(args, conf, engine, len(turn.prompt_ids))):
+                printer.write(piece)
+        except KeyboardInterrupt:
+            turn.interrupted = True
+        except Exception as e:  # context full, out of memory, ...: say so and go on
+            error, turn.interrupted = error_text(e), True
+        printer.close()
+        if error:
+            print(f"(error: {error})")
+            if not turn.output_ids:  # nothing was generated: the conversation stays as it was
+                if answer_of:
+                    chat.restore()
+                return
+        if turn.interrupted:
+            print("(stopped)")
+        chat.commit(turn)
+        if conv_id is None and not args.no_save:  # a new conversation is saved with its first reply
             from .store import Store
 
             store = Store()
@@ -148,15 +165,6 @@ def run_line_mode(args, conf) -> int:
                                        system=chat.system)
             finally:
                 store.close()
-        try:
-            for piece in chat.stream(turn, sampling_params(args, conf, engine, len(turn.prompt_ids))):
-                printer.write(piece)
-        except KeyboardInterrupt:
-            turn.interrupted = True
-        printer.close()
-        if turn.interrupted:
-            print("(stopped)")
-        chat.commit(turn)
         _, last["reply_id"] = save_turn(args, conv_id, chat, turn, engine, answer_of=answer_of)
         last["turn"] = turn
         if args.stats:

@@ -401,13 +401,30 @@ class ChatApp(App):
         await reply.finish(turn.interrupted)
         if error:
             self.notify(error, severity="error", timeout=10)
-        if turn.output_ids or turn.interrupted:
+        if error and not turn.output_ids:
+            await self._take_back(turn, reply, regenerating=answer_of is not None)
+        elif turn.output_ids or turn.interrupted:
             self.chat.commit(turn)
             self.save(turn, answer_of)
         self.last_stats = dict(turn.stats)
         self.busy = False
         self.turns_done += 1
         self.update_status(turn.stats)
+
+    async def _take_back(self, turn: Turn, reply: MessageView, regenerating: bool):
+        """A turn that failed before its first token (context full, say) leaves no trace: its message goes
+        back into the input, so nothing typed is lost."""
+        await reply.remove()
+        if regenerating:  # the answer it was to replace comes back
+            self.chat.restore()
+            await self.query_one("#conversation").mount(MessageView("assistant", self.chat.messages[-1]["content"]))
+            return
+        views = list(self.query(MessageView))
+        if views and views[-1].role == "user":
+            await views[-1].remove()
+        prompt = self.query_one(PromptArea)
+        if not prompt.text.strip():
+            prompt.text = turn.user
 
     def save(self, turn: Turn, answer_of: str | None):
         if self.args.no_save:
@@ -542,7 +559,7 @@ class ChatApp(App):
                     store.close()
             self.notify("system prompt set")
 
-        self.push_screen(AskScreen("System prompt:", self.chat.system or "" if self.chat else ""), done)
+        self.push_screen(AskScreen("System prompt:", (self.chat.system or "") if self.chat else ""), done)
 
     def _with_store(self, fn):
         from .store import Store, StoreError
@@ -569,6 +586,9 @@ class ChatApp(App):
         self.push_screen(AskScreen("New title:"), done)
 
     def action_delete(self):
+        if self.busy:
+            self.notify("a reply is still streaming: Esc stops it", severity="warning")
+            return
         if self.conv_id:
             self._with_store(lambda s: s.delete(self.conv_id))
             self.notify("conversation deleted")

@@ -102,3 +102,26 @@ def test_printer_highlights_code_blocks_on_a_colour_terminal(monkeypatch):
         assert code_line != "import os" and "\x1b[" in code_line  # coloured
         assert text.splitlines()[0] == "Use:"  # prose is left alone
     assert "38;5;" in code_line  # the named style is drawn in 256 colours
+
+
+def test_a_full_context_is_reported_and_the_session_goes_on(chat_models, tmp_path):
+    small = tmp_path / "small-context"
+    small.mkdir()
+    for f in chat_models["v3"].iterdir():
+        (small / f.name).symlink_to(f)
+    config = json.loads((chat_models["v3"] / "config.json").read_text())
+    config["max_position_embeddings"] = 48
+    (small / "config.json").unlink()
+    (small / "config.json").write_text(json.dumps(config))
+    p = spawn("--plain", "--model", str(small), "-t", "0", "-n", "4")
+    p.expect_exact(PROMPT)
+    ask(p, "hi")
+    out = ask(p, "word " * 60)
+    assert "(error:" in out and "context window" in out
+    assert "(error:" not in ask(p, "/regen")  # the history is intact: regenerating still works
+    p.sendline("/exit")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+    conv = Store().latest()
+    assert [m.content for m in conv.messages][0] == "hi" and len(conv.messages) == 2

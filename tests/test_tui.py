@@ -360,3 +360,37 @@ def test_user_theme_files(tmp_path):
     (tmp_path / "odd.toml").write_text('primary = "#ffffff"\nsparkle = 1\n')
     with pytest.raises(ThemeError, match="sparkle"):
         read_theme(tmp_path / "odd.toml")
+
+
+async def test_a_full_context_is_a_notice_and_the_message_goes_back_into_the_input(chat_models, monkeypatch):
+    from engine import Engine
+
+    app = make_app(chat_models["v3"], "-n", "4")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "short")
+        answer = replies(app)[-1].text
+        with monkeypatch.context() as m:
+            m.setattr(Engine, "context_length", property(lambda self: 40))
+            long = "word " * 60
+            done = app.turns_done
+            prompt = app.query_one(PromptArea)
+            prompt.text = long
+            await pilot.press("enter")
+            await until(pilot, lambda: app.turns_done > done)
+            await pilot.pause(0.1)
+            assert any("context window" in n.message for n in app._notifications)
+            assert prompt.text == long  # nothing typed is lost
+            assert [v.text for v in app.query(MessageView)] == ["short", answer]
+            assert len(app.chat.messages) == 2 and len(Store().latest().messages) == 2
+            # a regeneration that cannot start leaves the old answer in place
+            m.setattr(Engine, "context_length", property(lambda self: 8))
+            done = app.turns_done
+            await pilot.press("ctrl+r")
+            await until(pilot, lambda: app.turns_done > done)
+            await pilot.pause(0.1)
+            assert [v.text for v in app.query(MessageView)] == ["short", answer]
+            assert app.chat.messages[-1]["content"] == answer and len(Store().latest().messages) == 2
+        await send(pilot, app, "again")  # and the chat goes on from the same history
+        assert len(Store().latest().messages) == 4
+        assert Store().latest().messages[3].timings["cached_tokens"] > 0
