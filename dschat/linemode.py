@@ -120,7 +120,7 @@ def run_line_mode(args, conf) -> int:
         chat, conv_id = open_conversation(args, engine, system)
     else:  # a new conversation is saved once something is said
         chat, conv_id = Chat(engine, system=system), None
-    last: dict = {"reply_id": None, "turn": None}
+    last: dict = {"reply_id": None}  # the saved id of the last answer (a regenerated one is its sibling)
     formatter = code_formatter(conf.code_style)
     history_file = xdg("DATA") / "prompt_history"
     history_file.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def run_line_mode(args, conf) -> int:
         if m["role"] != "system":
             print(f"{'you' if m['role'] == 'user' else 'assistant'}> {m['content']}")
 
-    def reply(turn: Turn, answer_of=None):
+    def reply(turn: Turn, answer_of=None, regenerating=False):
         nonlocal conv_id
         printer, error = Printer(formatter=formatter), None
         try:
@@ -150,7 +150,7 @@ def run_line_mode(args, conf) -> int:
         if error:
             print(f"(error: {error})")
             if not turn.output_ids:  # nothing was generated: the conversation stays as it was
-                if answer_of:
+                if regenerating:
                     chat.restore()
                 return
         if turn.interrupted:
@@ -166,7 +166,6 @@ def run_line_mode(args, conf) -> int:
             finally:
                 store.close()
         _, last["reply_id"] = save_turn(args, conv_id, chat, turn, engine, answer_of=answer_of)
-        last["turn"] = turn
         if args.stats:
             print_stats(engine)
 
@@ -201,7 +200,7 @@ def run_line_mode(args, conf) -> int:
                 except ValueError as e:
                     print(f"({e})")
                     continue
-                reply(turn, answer_of=last["reply_id"])
+                reply(turn, answer_of=last["reply_id"] or saved_reply_id(conv_id), regenerating=True)
             elif cmd == "save":
                 save_to(rest.strip(), conv_id)
             elif cmd == "load":
@@ -218,6 +217,20 @@ def run_line_mode(args, conf) -> int:
             print(f"(error: {e})")
             continue
         reply(turn)
+
+
+def saved_reply_id(conv_id: str | None) -> str | None:
+    """The id of the saved last answer of a conversation opened from the history (-c, --session, /load)."""
+    if conv_id is None:
+        return None
+    from .store import Store
+
+    store = Store()
+    try:
+        msgs = store.get(conv_id).messages
+    finally:
+        store.close()
+    return msgs[-1].id if msgs and msgs[-1].role == "assistant" else None
 
 
 def save_to(path: str, conv_id: str | None):

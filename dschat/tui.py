@@ -372,10 +372,10 @@ class ChatApp(App):
         view.anchor()
         self.busy = True
         self.stop_event.clear()
-        self.generate(turn, reply, answer_of)
+        self.generate(turn, reply, answer_of, regenerating=not user_view)
 
     @work(thread=True, exclusive=True, group="engine")
-    def generate(self, turn: Turn, reply: MessageView, answer_of: str | None):
+    def generate(self, turn: Turn, reply: MessageView, answer_of: str | None, regenerating: bool):
         from .cli import error_text, sampling_params
 
         error = None
@@ -395,14 +395,15 @@ class ChatApp(App):
         finally:
             if pieces is not None:
                 pieces.close()  # ends the engine's generation now, in this thread
-        self.call_from_thread(self._turn_done, turn, reply, answer_of, error)
+        self.call_from_thread(self._turn_done, turn, reply, answer_of, regenerating, error)
 
-    async def _turn_done(self, turn: Turn, reply: MessageView, answer_of: str | None, error: str | None):
+    async def _turn_done(self, turn: Turn, reply: MessageView, answer_of: str | None, regenerating: bool,
+                         error: str | None):
         await reply.finish(turn.interrupted)
         if error:
             self.notify(error, severity="error", timeout=10)
         if error and not turn.output_ids:
-            await self._take_back(turn, reply, regenerating=answer_of is not None)
+            await self._take_back(turn, reply, regenerating)
         elif turn.output_ids or turn.interrupted:
             self.chat.commit(turn)
             self.save(turn, answer_of)

@@ -125,3 +125,19 @@ def test_a_full_context_is_reported_and_the_session_goes_on(chat_models, tmp_pat
     assert p.exitstatus == 0
     conv = Store().latest()
     assert [m.content for m in conv.messages][0] == "hi" and len(conv.messages) == 2
+
+
+def test_regen_in_a_continued_conversation_adds_a_sibling(chat_models):
+    from test_pipe_mode import run
+
+    assert run(["--model", str(chat_models["v3"]), "-t", "0", "-n", "5"], stdin="first").returncode == 0
+    saved = Store().latest()
+    p = spawn("--plain", "-c", "--model", str(chat_models["v3"]), "-t", "1.0", "--seed", "5", "-n", "5")
+    p.expect_exact(PROMPT)
+    ask(p, "/regen")
+    p.sendline("/exit")
+    p.expect(pexpect.EOF)
+    p.close()
+    conv = Store().get(saved.id)
+    assert [m.role for m in conv.messages] == ["user", "assistant"]
+    assert len(Store().siblings(conv.messages[1].id)) == 2
