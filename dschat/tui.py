@@ -16,6 +16,7 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Markdown, Static, TextArea
@@ -218,6 +219,7 @@ class ChatApp(App):
         self.model_label = ""
         self.turns_done = 0  # completed or stopped replies (tests wait on it)
         self.code_theme = None  # a Pygments style for code blocks, when the config names one
+        self.closing = False  # Ctrl+Q came while a reply streamed: quit once it is saved
 
     # -- layout -------------------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -269,6 +271,15 @@ class ChatApp(App):
             except OSError as e:
                 self.notify(f"could not save the theme: {e}", severity="warning")
 
+    def _ui(self, callback, *args, **kwargs):
+        """Run `callback` on the UI thread from a worker thread; nothing if the app has closed meanwhile."""
+        try:
+            return self.call_from_thread(callback, *args, **kwargs)
+        except (RuntimeError, NoMatches):
+            if self.is_running and not self.closing:
+                raise
+            return None
+
     # -- model ----------------------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="engine")
     def load_model(self, name: str | None = None):
@@ -279,25 +290,25 @@ class ChatApp(App):
         try:
             label = model_name(self.args, self.conf)
         except Exception as e:
-            self.call_from_thread(self.notify, error_text(e), severity="error", timeout=10)
+            self._ui(self.notify, error_text(e), severity="error", timeout=10)
             return
-        self.call_from_thread(self.set_status, f"loading {label} ...")
+        self._ui(self.set_status, f"loading {label} ...")
 
         def progress(done, total):
-            self.call_from_thread(self.set_status, f"loading {label}: {done / max(total, 1):.0%}")
+            self._ui(self.set_status, f"loading {label}: {done / max(total, 1):.0%}")
 
         try:
             engine = load_engine(self.args, self.conf, progress=progress)
             engine.tokenizer  # fail here, not on the first message
         except Exception as e:
-            self.call_from_thread(self.set_status, "no model loaded")
-            self.call_from_thread(self.notify, f"model failed to load: {error_text(e)}", severity="error",
+            self._ui(self.set_status, "no model loaded")
+            self._ui(self.notify, f"model failed to load: {error_text(e)}", severity="error",
                                   timeout=15)
             return
         demo = Path(engine.path).resolve() == DEMO_DIR
         self.model_label = ("demo model (tiny, trained on Python's standard library; not a DeepSeek release)"
                             if demo else Path(str(label)).name)
-        self.call_from_thread(self._model_ready, engine)
+        self._ui(self._model_ready, engine)
 
     def _model_ready(self, engine):
         self.engine = engine
@@ -384,8 +395,8 @@ class ChatApp(App):
             params = sampling_params(self.args, self.conf, self.engine, len(turn.prompt_ids))
             pieces = self.chat.stream(turn, params)
             for piece in pieces:
-                self.call_from_thread(reply.append, piece)
-                self.call_from_thread(self.update_status, turn.stats)
+                self._ui(reply.append, piece)
+                self._ui(self.update_status, turn.stats)
                 if self.stop_event.is_set():
                     turn.interrupted = True
                     break
@@ -395,7 +406,7 @@ class ChatApp(App):
         finally:
             if pieces is not None:
                 pieces.close()  # ends the engine's generation now, in this thread
-        self.call_from_thread(self._turn_done, turn, reply, answer_of, regenerating, error)
+        self._ui(self._turn_done, turn, reply, answer_of, regenerating, error)
 
     async def _turn_done(self, turn: Turn, reply: MessageView, answer_of: str | None, regenerating: bool,
                          error: str | None):
@@ -410,6 +421,9 @@ class ChatApp(App):
         self.last_stats = dict(turn.stats)
         self.busy = False
         self.turns_done += 1
+        if self.closing:
+            self.exit()
+            return
         self.update_status(turn.stats)
 
     async def _take_back(self, turn: Turn, reply: MessageView, regenerating: bool):
@@ -469,8 +483,16 @@ class ChatApp(App):
 
     # -- actions ----------------------------------------------------------------------------------------------------
     async def action_quit(self):
-        self.stop_event.set()  # a streaming reply ends (and is saved) before the app goes
+        self.closing = True
+        if self.busy:  # the streaming reply stops, is saved, then the app goes (_turn_done)
+            self.stop_event.set()
+            self.set_timer(10, self.exit)  # should the engine not answer at once
+            return
         self.exit()
+
+    def on_unmount(self):
+        self.closing = True
+        self.stop_event.set()
 
     def action_stop(self):
         if self.busy:

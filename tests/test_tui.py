@@ -87,6 +87,31 @@ async def test_esc_stops_the_reply_and_keeps_it(chat_models):
         assert len(replies(app)) == 2
 
 
+async def test_ctrl_q_while_streaming_saves_the_partial_reply_then_quits(chat_models):
+    app = make_app(chat_models["v3"], "-n", "100000", "-t", "1.0", "--seed", "4")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        app.query_one(PromptArea).text = "go on and on"
+        await pilot.press("enter")
+        await until(pilot, lambda: replies(app) and len(replies(app)[-1].text) > 20)
+        shown = replies(app)[-1].text.strip()
+        await pilot.press("ctrl+q")
+        await until(pilot, lambda: not app.is_running, timeout=10)
+    saved = Store().latest().messages
+    assert [m.role for m in saved] == ["user", "assistant"] and saved[1].interrupted
+    assert saved[1].content.startswith(shown)
+
+
+async def test_a_worker_that_finishes_after_the_app_closed_is_harmless(chat_models):
+    app = make_app(chat_models["v3"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+q")
+    # what a loader or a stream still running in its thread does once the app has gone
+    result = await asyncio.to_thread(app._ui, app.set_status, "loading: 100%")
+    assert result is None
+
+
 async def test_regenerate_copy_new_chat_and_recall(chat_models):
     app = make_app(chat_models["v3"], "-n", "8")
     async with app.run_test(size=(100, 30)) as pilot:
