@@ -229,6 +229,14 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class DenseMLP(MLP):
+    """A dense layer's MLP: its column-split partial outputs are summed across ranks (inside an MoE the
+    shared experts' partial sum joins the routed experts' before one all-reduce)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dist.all_reduce(super().forward(x))
+
+
 class Gate(nn.Module):
     """Router: scores in float32 (softmax or sigmoid); V3's e_score_correction_bias only chooses experts;
     group-limited choice (V2: max per group, V3: sum of the top two); weights from the unbiased scores."""
@@ -312,7 +320,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.self_attn = MLA(cfg)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

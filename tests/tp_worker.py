@@ -1,0 +1,34 @@
+"""One rank of a tensor-parallel run (started by torchrun from test_tensor_parallel.py).
+
+Every rank loads the same checkpoint and makes the same calls; rank 0 writes what the test compares with a
+single-process engine: the plain-path logits, greedy tokens through the latent cache (with the checkpoint's
+default speculation), a second turn that reuses the cache, and each rank's tokens of an unseeded sampled
+generation (which must agree across ranks)."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from engine import Engine, SamplingParams
+
+
+def main(path: str, out: str, ids: list[int]):
+    dist.init_process_group("gloo")
+    eng = Engine.from_pretrained(path, device="cpu", dtype=torch.float32)
+    logits = eng.logits(ids)
+    greedy = list(eng.generate(ids, SamplingParams(max_tokens=10)))
+    follow = ids + greedy + [7, 8, 9]
+    second = list(eng.generate(follow, SamplingParams(max_tokens=6)))
+    cached = eng.stats["cached_tokens"]
+    sampled = list(eng.generate(ids, SamplingParams(temperature=1.0, max_tokens=10)))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sampled)
+    if dist.get_rank() == 0:
+        torch.save({"logits": logits, "greedy": greedy, "second": second, "cached": cached,
+                    "sampled": everyone, "ranks": dist.get_world_size()}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], [int(t) for t in sys.argv[3].split(",")])
