@@ -1,4 +1,4 @@
-"""Tensor parallelism in three functions: which rank am I, how many are we, and sum across us.
+"""Tensor parallelism in a few functions: which rank am I, how many are we, sum (or gather) across us.
 
 Attention heads, dense/shared MLP columns and routed experts are split over ranks; the partial outputs of
 `o_proj`, the MLPs and the MoE are summed with `all_reduce`. With one process these are no-ops.
@@ -31,6 +31,15 @@ def all_gather_last(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
+
+
+def same_everywhere(value: int) -> int:
+    """Rank 0's value on every rank (a random sampling seed, so that all ranks choose the same tokens)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 def split(n: int, what: str) -> int:

@@ -14,7 +14,7 @@ import torch
 from .cache import LatentCache, Sequence
 from .config import ModelConfig
 from .errors import ContextLengthError, ModelError
-from . import persist
+from . import dist, persist
 from .loader import Progress, load_model, resolve
 from .model import ABSORB_MAX_TOKENS, Step, Transformer
 from .sampling import Sampler, SamplingParams, probabilities
@@ -63,6 +63,9 @@ class Engine:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ModelError("--device cuda asked for, but PyTorch sees no CUDA GPU here")
+        if device.type == "cuda" and device.index is None and dist.world_size() > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank())))  # one GPU per rank
+            torch.cuda.set_device(device)
         dtype = _parse_dtype(dtype, device)
         root = resolve(path_or_repo_id)
         cfg = ModelConfig.from_file(root / "config.json")
@@ -128,7 +131,7 @@ class Engine:
         seq = self.cache.open(list(ids))
         try:
             n = seq.cached
-            if n:
+            if n and dist.rank() == 0:  # every rank holds the same latent rows: one writes them
                 slots = self.cache.slots(seq, n)
                 rows = torch.stack([buf[slots] for buf in self.cache.layers])
                 persist.write(Path(directory) if directory else persist.default_dir(), self._layout(),

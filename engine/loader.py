@@ -227,8 +227,8 @@ def _hub_name(model: Transformer, local: str) -> str:
 
 
 def terminal_progress(label: str) -> Progress:
-    """A progress bar on stderr when it is a terminal; silent otherwise."""
-    if not sys.stderr.isatty():
+    """A progress bar on stderr when it is a terminal (rank 0's, with several ranks); silent otherwise."""
+    if not sys.stderr.isatty() or dist.rank() != 0:
         return lambda done, total: None
     start = time.monotonic()
     last = [0.0]

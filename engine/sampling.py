@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .dist import same_everywhere
+
 
 @dataclass
 class SamplingParams:
@@ -57,8 +59,8 @@ class Sampler:
         self.gen = torch.Generator(device="cpu")
         if params.seed is not None:
             self.gen.manual_seed(params.seed)
-        else:
-            self.gen.seed()
+        else:  # a fresh seed; under tensor parallelism rank 0's, so every rank draws the same tokens
+            self.gen.manual_seed(same_everywhere(self.gen.seed() % 2**63))
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [V] -> token id."""
