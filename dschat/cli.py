@@ -207,7 +207,11 @@ def run_chat(argv: list[str]) -> int:
 
         return run_tui(args, conf)
     if not message.strip():
-        raise UsageError("nothing to answer: stdin and the prompt are empty")
+        from .ranks import launched
+
+        raise UsageError("under torchrun dschat answers a message on stdin or as an argument (the TUI and "
+                         "line mode run in one process)" if launched() else
+                         "nothing to answer: stdin and the prompt are empty")
     return answer_once(args, conf, message)
 
 
@@ -275,7 +279,14 @@ def main(argv: list[str] | None = None):
         import warnings
 
         warnings.showwarning = show_warning
+    from . import ranks
+
     try:
+        if ranks.launched():
+            argv = ranks.start(argv)
+            if argv and argv[0] in SUBCOMMANDS:
+                raise UsageError(f"`dschat {argv[0]}` runs in one process; under torchrun dschat answers a "
+                                 "message on stdin or as an argument")
         if argv and argv[0] in SUBCOMMANDS:
             from . import commands
 
@@ -295,6 +306,8 @@ def main(argv: list[str] | None = None):
             traceback.print_exc()
         code = 2 if isinstance(e, UsageError) else 1
         sys.stderr.write(f"dschat: error: {error_text(e)}\n")
+    finally:
+        ranks.finish()
     sys.exit(code)
 
 

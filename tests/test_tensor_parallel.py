@@ -47,3 +47,29 @@ def test_two_ranks_compute_what_one_does(checkpoints, tmp_path, kind):
     assert got["cached"] >= len(ids)  # the second turn reused the first one's latent cache on every rank
     first, *others = got["sampled"]
     assert all(o == first for o in others)  # an unseeded sample is the same draw on every rank
+
+
+def torchrun_dschat(args, stdin: str, ranks: int = 2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",
+           "-m", "dschat", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_dschat_under_torchrun_answers_like_one_process_and_saves_once(chat_models):
+    from test_pipe_mode import run
+
+    from dschat.store import Store
+
+    args = ["--model", str(chat_models["v3"]), "-t", "0", "-n", "12"]
+    r = torchrun_dschat(args, "What is MLA?")
+    assert r.returncode == 0, r.stderr[-2000:]
+    single = run(args, stdin="What is MLA?")
+    assert single.returncode == 0
+    assert r.stdout == single.stdout.decode() and r.stdout.strip()
+    convs = Store().list()
+    assert len(convs) == 2  # one from the two ranks (rank 0 saves), one from the single process
+    # what cannot run on several ranks says so, once
+    r = torchrun_dschat(["sessions"], "")
+    assert r.returncode != 0
+    assert r.stderr.count("dschat: error:") == 1 and "runs in one process" in r.stderr
