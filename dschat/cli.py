@@ -32,6 +32,9 @@ cache, e.g. `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat` then
 ~/.config/dschat/config.toml set a default. With none of these, dschat runs its bundled demo model
 (`--model demo`): a 14M-parameter model of the DeepSeek-V3 architecture that we trained on Python's
 standard library so that dschat works anywhere, offline, on a CPU. It is a toy, not a DeepSeek release.
+
+several GPUs: `echo question | torchrun --nproc-per-node N -m dschat --model ...` splits the model over
+N GPUs (tensor parallelism); rank 0 reads and answers (pipe mode and one-shot answers).
 """
 
 NO_MODEL = (
