@@ -472,13 +472,16 @@ class ChatApp(App):
             return
         s = stats if stats is not None else self.last_stats
         used = len(self.chat.ids) if self.chat else 0
+        if self.busy and s.get("prompt_tokens"):  # the reply so far counts too
+            used = s["prompt_tokens"] + s.get("generated_tokens", 0)
         parts = ["streaming · Esc stops" if self.busy else "ready", f"context {used}/{self.engine.context_length}"]
         if s:
             if s.get("decode_tokens_per_s"):
                 parts.append(f"{s['decode_tokens_per_s']:.1f} tok/s")
             parts.append(f"reused {s.get('cached_tokens', 0)}")
             if s.get("draft_tokens"):
-                parts.append(f"MTP {s['accepted_tokens']}/{s['draft_tokens']} accepted")
+                kind = "MTP" if self.engine.speculative == "mtp" else "n-gram"
+                parts.append(f"{kind} {s['accepted_tokens']}/{s['draft_tokens']} accepted")
         self.set_status("  ·  ".join(parts))
 
     # -- actions ----------------------------------------------------------------------------------------------------

@@ -263,6 +263,9 @@ class Engine:
                 for t in new:  # emit, watching for the end
                     out.append(t)
                     stats["generated_tokens"] = len(out)
+                    if len(out) > 1:  # live figures, for a status line while the reply streams
+                        stats["decode_s"] = time.perf_counter() - t0 - stats["prefill_s"]
+                        stats["decode_tokens_per_s"] = (len(out) - 1) / max(stats["decode_s"], 1e-9)
                     yield t
                     if t in stops or len(out) >= params.max_tokens:
                         stats["stop_reason"] = "stop" if t in stops else "length"

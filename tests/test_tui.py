@@ -73,6 +73,10 @@ async def test_esc_stops_the_reply_and_keeps_it(chat_models):
         prompt.focus()
         await pilot.press("enter")
         await until(pilot, lambda: replies(app) and len(replies(app)[-1].text) > 20)
+        status = str(app.query_one("#status").render())  # live figures while it streams
+        used = int(status.split("context ")[1].split("/")[0])
+        assert "streaming" in status and "tok/s" in status
+        assert used > len(app.chat.turn("a long story").prompt_ids)
         t0 = time.monotonic()
         await pilot.press("escape")
         await until(pilot, lambda: app.turns_done == 1, timeout=10)
