@@ -202,6 +202,9 @@ def run_chat(argv: list[str]) -> int:
     else:
         message = prompt
     if not piped and not message and not args.show_prompt:
+        if not sys.stdout.isatty():
+            raise UsageError("the chat needs a terminal on stdout; to write an answer elsewhere, give the "
+                             "message on stdin or as an argument")
         if args.plain:
             from .linemode import run_line_mode
 

@@ -183,3 +183,17 @@ def test_ctrl_c_while_streaming_exits_130_without_traceback(chat_models):
     assert time.monotonic() - t0 < 10
     err = p.stderr.read().decode()
     assert code == 130 and "Traceback" not in err, err
+
+
+def test_the_chat_without_a_terminal_on_stdout_is_a_clear_error(tmp_path):
+    import pty
+
+    master, slave = pty.openpty()  # stdin is a terminal, stdout a pipe: `dschat > file`
+    try:
+        r = subprocess.run(dschat_cmd(), stdin=slave, capture_output=True, timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and r.stdout == b""
+    assert err.count("\n") == 1 and "needs a terminal" in err
