@@ -53,6 +53,7 @@ class Chat:
         # the (marked) text that self.ids stand for; unknown for history loaded from elsewhere
         self.text: str | None = None
         self._before_last: tuple[list[int], str | None] | None = None
+        self._rewound = None  # the state before the last rewind, for restore()
 
     @property
     def system(self) -> str | None:
@@ -97,7 +98,9 @@ class Chat:
 
     def restore(self):
         """Undo the last `rewind` (a regenerated answer that failed before its first token)."""
-        self.messages, self.ids, self.text, self._before_last = self._rewound
+        if self._rewound is None:
+            raise ValueError("nothing to restore")
+        (self.messages, self.ids, self.text, self._before_last), self._rewound = self._rewound, None
 
     def regenerate_turn(self) -> Turn:
         """A new answer to the last user message (the same prompt ids, so the cache serves all of it)."""
