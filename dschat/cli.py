@@ -62,6 +62,9 @@ def add_model_options(p: argparse.ArgumentParser):
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
     g.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations (default: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--fp8", choices=["dequant", "keep"], default="dequant",
+                   help="FP8 checkpoints (V3, R1): dequantise the weights on load (default; fastest), or keep "
+                        "them in FP8, half the memory of bf16, dequantised as each layer runs")
     g.add_argument("--cache-gb", type=float, default=None, metavar="GB",
                    help="size of the latent KV cache pool (default: a share of free memory)")
     g.add_argument("--speculative", choices=["mtp", "ngram", "none"], default=None,
@@ -144,7 +147,7 @@ def load_engine(args, conf, progress=None):
     return Engine.from_pretrained(model_name(args, conf), device=default_device(args, conf),
                                   dtype=args.dtype or conf.dtype, cache_gb=args.cache_gb,
                                   speculative=args.speculative, draft_tokens=args.draft_tokens,
-                                  progress=progress)
+                                  progress=progress, fp8=getattr(args, "fp8", "dequant"))
 
 
 def sampling_params(args, conf, engine, prompt_len: int):

@@ -56,10 +56,13 @@ class Engine:
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, cache_gb: float | None = None,
                         speculative: str | None = None, draft_tokens: int | None = None,
-                        progress: Progress | None = None) -> "Engine":
+                        progress: Progress | None = None, fp8: str = "dequant") -> "Engine":
         """Load a checkpoint. speculative: "mtp" (V3's draft module; the default where the checkpoint has
         one), "ngram" (prompt lookup; the default otherwise) or "none". draft_tokens: tokens proposed per
-        step (default 1 for MTP, 4 for n-gram)."""
+        step (default 1 for MTP, 4 for n-gram). fp8: "dequant" (FP8 block weights become `dtype` on load)
+        or "keep" (they stay FP8 in memory, half of bf16, and are dequantised as each layer runs)."""
+        if fp8 not in ("dequant", "keep"):
+            raise ValueError('fp8 must be "dequant" or "keep"')
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ModelError("--device cuda asked for, but PyTorch sees no CUDA GPU here")
@@ -80,7 +83,7 @@ class Engine:
             draft_tokens = 4 if speculative == "ngram" else 1
         if draft_tokens < 1:
             raise ValueError("draft_tokens must be >= 1")
-        model = load_model(root, cfg, device, dtype, with_mtp=speculative == "mtp", progress=progress)
+        model = load_model(root, cfg, device, dtype, with_mtp=speculative == "mtp", progress=progress, fp8=fp8)
         return cls(model, cfg, root, device, dtype, cache_gb, speculative, draft_tokens)
 
     def _make_cache(self, cache_gb: float | None) -> LatentCache:

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from . import dist
 from .errors import ModelError
-from .model import Linear, Transformer
+from .model import Linear, Transformer, dequantize_fp8
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -139,14 +139,6 @@ def _read_header(path: Path) -> dict:
     return header
 
 
-def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Blockwise FP8 -> float32: each [block x block] tile times its scale (edge tiles may be partial)."""
-    out_f, in_f = w.shape
-    bo, bi = block
-    s = scale_inv.float().repeat_interleave(bo, dim=0)[:out_f].repeat_interleave(bi, dim=1)[:, :in_f]
-    return w.float() * s
-
-
 def _shard(model: Transformer, local: str, t: torch.Tensor) -> torch.Tensor:
     """This rank's slice of a tensor-parallel weight."""
     ws = dist.world_size()
@@ -169,8 +161,28 @@ def _set(model: Transformer, local: str, value: torch.Tensor | torch.nn.Paramete
             value, requires_grad=False)
 
 
+def _fp8_slice(model: Transformer, local: str, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]):
+    """This rank's FP8 weight and block scales, when the weight can stay in FP8: a Linear whose split (if
+    any) falls on block boundaries. kv_b_proj is read whole by the absorbed MLA path, so it never stays.
+    None when it cannot."""
+    owner = model.get_submodule(local.rsplit(".", 1)[0])
+    if not isinstance(owner, Linear) or local.endswith("kv_b_proj.weight"):
+        return None
+    ws = dist.world_size()
+    if ws == 1 or not owner.split:
+        return owner, w, scale
+    dim = 0 if owner.split == "col" else 1
+    n = w.shape[dim] // ws
+    if n % block[dim]:
+        return None
+    r = dist.rank()
+    return owner, w.narrow(dim, r * n, n), scale.narrow(dim, r * n // block[dim], n // block[dim])
+
+
 def load_model(root: Path, cfg, device: torch.device, dtype: torch.dtype, with_mtp: bool = True,
-               progress: Progress | None = None) -> Transformer:
+               progress: Progress | None = None, fp8: str = "dequant") -> Transformer:
+    """fp8: "dequant" turns FP8 block weights into `dtype` on load; "keep" stores them as FP8 with their
+    scales (half the memory of bf16) and dequantises each one when it is used."""
     ckpt = Checkpoint(root)
     with torch.device("meta"):
         model = Transformer(cfg, with_mtp=with_mtp)
@@ -193,7 +205,18 @@ def load_model(root: Path, cfg, device: torch.device, dtype: torch.dtype, with_m
                         scale = name + "_scale_inv"
                         if scale not in ckpt:
                             raise ModelError(f"{shard}: FP8 tensor {name!r} has no {scale!r}")
-                        t = dequantize_fp8(t, ckpt.get(scale), cfg.fp8_block_size or (128, 128))
+                        block = tuple(cfg.fp8_block_size or (128, 128))
+                        kept = _fp8_slice(model, local, t, ckpt.get(scale), block) if fp8 == "keep" else None
+                        if kept is not None:
+                            owner, t, s = kept
+                            if tuple(t.shape) != tuple(target.shape):
+                                raise ModelError(f"{shard}: tensor {name!r} has shape {list(t.shape)}, "
+                                                 f"expected {list(target.shape)}")
+                            _set(model, local, t.to(device))
+                            owner.scale, owner.block = s.to(device=device, dtype=torch.float32), block
+                            progress(min(done, total), total)
+                            continue
+                        t = dequantize_fp8(t, ckpt.get(scale), block)
                     t = _shard(model, local, t)
                     if tuple(t.shape) != tuple(target.shape):
                         raise ModelError(f"{shard}: tensor {name!r} has shape {list(t.shape)}, "

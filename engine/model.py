@@ -32,9 +32,18 @@ ABSORB_MAX_TOKENS = 128
 
 
 # -- building blocks ---------------------------------------------------------------------------------
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Blockwise FP8 -> float32: each [block x block] tile times its scale (edge tiles may be partial)."""
+    out_f, in_f = w.shape
+    bo, bi = block
+    s = scale_inv.float().repeat_interleave(bo, dim=0)[:out_f].repeat_interleave(bi, dim=1)[:, :in_f]
+    return w.float() * s
+
+
 class Linear(nn.Module):
     """y = x W^T with an uninitialised weight (the checkpoint fills it). `split` says how tensor
-    parallelism cuts it: "col" splits the output features, "row" the input features."""
+    parallelism cuts it: "col" splits the output features, "row" the input features. The weight may stay
+    in FP8 with its block scales (`scale`, `block`): then each call dequantises it (memory over speed)."""
 
     def __init__(self, n_in: int, n_out: int, split: str | None = None):
         super().__init__()
@@ -44,8 +53,12 @@ class Linear(nn.Module):
             n_in = dist.split(n_in, "input features")
         self.split = split
         self.weight = nn.Parameter(torch.empty(n_out, n_in))
+        self.register_buffer("scale", None)
+        self.block: tuple[int, int] = (128, 128)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            return F.linear(x, dequantize_fp8(self.weight, self.scale, self.block).to(x.dtype))
         return F.linear(x, self.weight)
 
 

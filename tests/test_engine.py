@@ -81,6 +81,29 @@ def test_fp8_checkpoint_really_is_fp8_with_partial_blocks(checkpoints):
     assert torch.equal(dequantize_fp8(w, s, (128, 128)), tc.dequantize_fp8_reference(w, s))
 
 
+def test_fp8_weights_kept_in_fp8_compute_the_same(checkpoints, engines, references):
+    """--fp8 keep: the FP8 weights stay FP8 in memory (with their block scales) and give the same logits
+    and greedy tokens as dequantising on load, which the reference checks."""
+    from engine.model import Linear
+
+    keep = Engine.from_pretrained(checkpoints["v3_fp8"], device="cpu", dtype=torch.float32, fp8="keep")
+    kept = [n for n, m in keep.model.named_modules() if isinstance(m, Linear) and m.scale is not None]
+    assert len(kept) > 50 and all(not n.endswith("kv_b_proj") for n in kept)
+    assert keep.model.get_submodule(kept[0]).weight.dtype == torch.float8_e4m3fn
+    ids = prompt(30, seed=4)
+    want = engines["v3_fp8"].logits(ids)
+    assert torch.equal(keep.logits(ids), want)
+    with torch.no_grad():
+        assert rel_err(keep.logits(ids), references["v3_fp8"](torch.tensor([ids])).logits[0]) < 1e-5
+
+    def weight_bytes(e):
+        return sum(t.numel() * t.element_size() for t in list(e.model.parameters()) + list(e.model.buffers()))
+
+    assert weight_bytes(keep) < 0.5 * weight_bytes(engines["v3_fp8"])  # float32 here; bf16 would be 2x
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    assert list(keep.generate(ids, params)) == list(engines["v3_fp8"].generate(ids, params))
+
+
 def test_shards_and_index_are_used(checkpoints):
     files = {p.name for p in checkpoints["v3"].glob("*.safetensors")}
     assert len(files) == 3

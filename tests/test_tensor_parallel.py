@@ -24,19 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(path: Path, out: Path, ids: list[int], ranks: int = 2):
+def run_ranks(path: Path, out: Path, ids: list[int], ranks: int = 2, fp8: str = "dequant"):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
            f"--master-port={free_port()}", str(WORKER), str(path), str(out), ",".join(map(str, ids))]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TP_TEST_FP8": fp8}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out)
 
 
-@pytest.mark.parametrize("kind", ["v2_lite", "v2", "v3", "v3_fp8"])
-def test_two_ranks_compute_what_one_does(checkpoints, tmp_path, kind):
+@pytest.mark.parametrize("kind, fp8", [("v2_lite", "dequant"), ("v2", "dequant"), ("v3", "dequant"),
+                                       ("v3_fp8", "dequant"), ("v3_fp8", "keep")])
+def test_two_ranks_compute_what_one_does(checkpoints, tmp_path, kind, fp8):
     ids = torch.randint(2, 500, (24,), generator=torch.Generator().manual_seed(3)).tolist()
-    got = run_ranks(checkpoints[kind], tmp_path / "out.pt", ids)
+    got = run_ranks(checkpoints[kind], tmp_path / "out.pt", ids, fp8=fp8)
     eng = Engine.from_pretrained(checkpoints[kind], device="cpu", dtype=torch.float32)
     want = eng.logits(ids)
     assert got["ranks"] == 2

@@ -5,6 +5,7 @@ single-process engine: the plain-path logits, greedy tokens through the latent c
 default speculation), a second turn that reuses the cache, and each rank's tokens of an unseeded sampled
 generation (which must agree across ranks)."""
 
+import os
 import sys
 
 import torch
@@ -15,7 +16,7 @@ from engine import Engine, SamplingParams
 
 def main(path: str, out: str, ids: list[int]):
     dist.init_process_group("gloo")
-    eng = Engine.from_pretrained(path, device="cpu", dtype=torch.float32)
+    eng = Engine.from_pretrained(path, device="cpu", dtype=torch.float32, fp8=os.environ.get("TP_TEST_FP8", "dequant"))
     logits = eng.logits(ids)
     greedy = list(eng.generate(ids, SamplingParams(max_tokens=10)))
     follow = ids + greedy + [7, 8, 9]
