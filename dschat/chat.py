@@ -84,6 +84,13 @@ class Chat:
         continued = bool(self.ids) and ids[: len(self.ids)] == self.ids
         return Turn(user, text, ids, continued)
 
+    def set_system(self, text: str | None):
+        """Replace the system prompt (none for empty text); the next turn renders the whole conversation."""
+        self.messages = [m for m in self.messages if m["role"] != "system"]
+        if text and text.strip():
+            self.messages.insert(0, {"role": "system", "content": text})
+        self.ids, self.text = [], None
+
     def rewind(self) -> str:
         """Drop the last exchange (to regenerate it, or to edit and resend its prompt); returns its user
         message. The history ids go back to what they were before it."""

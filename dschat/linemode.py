@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from .chat import Chat, Turn
 from .config import xdg
@@ -112,7 +113,7 @@ def run_line_mode(args, conf) -> int:
     from prompt_toolkit.key_binding import KeyBindings
 
     from .cli import error_text, load_engine, print_stats, sampling_params
-    from .sessions import chat_from_conversation, open_conversation, save_turn
+    from .sessions import new_conversation, open_conversation, save_turn
 
     engine = load_engine(args, conf)
     system = args.system if args.system is not None else conf.system
@@ -157,14 +158,7 @@ def run_line_mode(args, conf) -> int:
             print("(stopped)")
         chat.commit(turn)
         if conv_id is None and not args.no_save:  # a new conversation is saved with its first reply
-            from .store import Store
-
-            store = Store()
-            try:
-                conv_id = store.create(model=str(args.model or engine.path), fingerprint=engine.fingerprint,
-                                       system=chat.system)
-            finally:
-                store.close()
+            conv_id = new_conversation(args, engine, chat.system)
         _, last["reply_id"] = save_turn(args, conv_id, chat, turn, engine, answer_of=answer_of)
         if args.stats:
             print_stats(engine)
@@ -187,10 +181,7 @@ def run_line_mode(args, conf) -> int:
                 conv_id, last["reply_id"] = None, None
                 print("(new conversation)")
             elif cmd == "system":
-                chat.messages = [m for m in chat.messages if m["role"] != "system"]
-                if rest.strip():
-                    chat.messages.insert(0, {"role": "system", "content": rest.strip()})
-                chat.ids, chat.text = [], None
+                chat.set_system(rest.strip())
                 print("(system prompt set)" if rest.strip() else "(system prompt cleared)")
             elif cmd == "stats":
                 print(json.dumps(engine.stats) if engine.stats else "(no reply yet)")
@@ -204,7 +195,7 @@ def run_line_mode(args, conf) -> int:
             elif cmd == "save":
                 save_to(rest.strip(), conv_id)
             elif cmd == "load":
-                opened = load_from(rest.strip(), engine, chat_from_conversation)
+                opened = load_from(rest.strip(), engine)
                 if opened:
                     chat, conv_id = opened
                     last["reply_id"] = None
@@ -225,11 +216,8 @@ def saved_reply_id(conv_id: str | None) -> str | None:
         return None
     from .store import Store
 
-    store = Store()
-    try:
+    with Store() as store:
         msgs = store.get(conv_id).messages
-    finally:
-        store.close()
     return msgs[-1].id if msgs and msgs[-1].role == "assistant" else None
 
 
@@ -240,30 +228,26 @@ def save_to(path: str, conv_id: str | None):
     if not path or conv_id is None:
         print("(usage: /save FILE, once something has been said)" if not path else "(nothing saved yet)")
         return
-    store = Store()
-    try:
-        atomic_write_text(path, json.dumps(store.export_json(conv_id), ensure_ascii=False, indent=2) + "\n")
-    finally:
-        store.close()
+    with Store() as store:
+        data = store.export_json(conv_id)
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
     print(f"(saved to {path})")
 
 
-def load_from(source: str, engine, chat_from_conversation):
-    from .commands import load_source
+def load_from(source: str, engine):
+    """Open a saved conversation by id, or import an exported file and open that; None (said why) if not."""
+    from .commands import read_json_file
+    from .sessions import chat_from_conversation
     from .store import Store, StoreError
 
     if not source:
         print("(usage: /load ID or /load FILE)")
         return None
     try:
-        data = load_source(source)
-        store = Store()
-        try:
-            conv_id = data["id"] if not source.endswith(".json") else store.import_json(data)
-            conv = store.get(conv_id)
-        finally:
-            store.close()
-    except (StoreError, KeyError) as e:
+        with Store() as store:  # a file, as `dschat replay` tells them apart; otherwise an id
+            is_file = Path(source).is_file() or source.endswith(".json")
+            conv = store.get(store.import_json(read_json_file(source)) if is_file else store.resolve_id(source))
+    except StoreError as e:
         print(f"(cannot load {source}: {e})")
         return None
     chat = chat_from_conversation(engine, conv)

@@ -22,31 +22,37 @@ def chat_from_conversation(engine, conv, system: str | None = None, raw: bool = 
                 history_ids=history_ids(conv.messages) if system is None or system == conv.system else None)
 
 
+def saved_conversation(store, session_id: str | None):
+    """The conversation `--session ID` names (an id prefix), or the latest one (`-c`); None if there is none."""
+    return store.get(store.resolve_id(session_id)) if session_id else store.latest()
+
+
+def new_conversation(args, engine, system: str | None) -> str:
+    """Create a conversation in the history for this model, system prompt and sampling flags; its id."""
+    from .store import Store
+
+    with Store() as store:
+        return store.create(model=str(args.model or engine.path), fingerprint=engine.fingerprint, system=system,
+                            params=_params(args))
+
+
 def open_conversation(args, engine, system: str | None):
     """(chat, conversation id or None). -c continues the latest conversation, --session ID a given one."""
-    if getattr(args, "no_save", False) and not (args.cont or args.session):
-        return Chat(engine, system=system, raw=args.raw), None
+    if not (args.cont or args.session):
+        conv_id = None if getattr(args, "no_save", False) else new_conversation(args, engine, system)
+        return Chat(engine, system=system, raw=args.raw), conv_id
     from .store import Store, StoreError
 
-    store = Store()
-    try:
-        if args.session or args.cont:
-            conv = store.get(store.resolve_id(args.session)) if args.session else store.latest()
-            if conv is None:
-                raise StoreError("there is no saved conversation to continue yet")
-            chat = chat_from_conversation(engine, conv, system=args.system, raw=args.raw)
-            if args.system is not None and args.system != conv.system:
-                store.set_system(conv.id, args.system)
-            if chat.ids:  # the latent cache of this history, if an earlier process saved it
-                engine.load_prefix(chat.ids)
-            return chat, (None if args.no_save else conv.id)
-        if args.no_save:
-            return Chat(engine, system=system, raw=args.raw), None
-        conv_id = store.create(model=str(args.model or engine.path), fingerprint=engine.fingerprint,
-                               system=system, params=_params(args))
-        return Chat(engine, system=system, raw=args.raw), conv_id
-    finally:
-        store.close()
+    with Store() as store:
+        conv = saved_conversation(store, args.session)
+        if conv is None:
+            raise StoreError("there is no saved conversation to continue yet")
+        chat = chat_from_conversation(engine, conv, system=args.system, raw=args.raw)
+        if args.system is not None and args.system != conv.system:
+            store.set_system(conv.id, args.system)
+    if chat.ids:  # the latent cache of this history, if an earlier process saved it
+        engine.load_prefix(chat.ids)
+    return chat, (None if args.no_save else conv.id)
 
 
 def _params(args) -> dict:
@@ -68,8 +74,7 @@ def save_turn(args, conv_id: str | None, chat: Chat, turn: Turn, engine, *, answ
     reply = dict(token_ids=turn.output_ids, generated_tokens=len(turn.output_ids), interrupted=turn.interrupted,
                  timings={k: stats[k] for k in ("ttft_s", "decode_tokens_per_s", "cached_tokens", "draft_tokens",
                                                 "accepted_tokens") if k in stats})
-    store = Store()
-    try:
+    with Store() as store:
         if answer_of:
             user_id = None
             reply_id = store.add_sibling(conv_id, answer_of, "assistant", turn.content, **reply)
@@ -78,8 +83,6 @@ def save_turn(args, conv_id: str | None, chat: Chat, turn: Turn, engine, *, answ
             user_id = (store.add_sibling(conv_id, edit_of, "user", turn.user, **user) if edit_of
                        else store.add_message(conv_id, "user", turn.user, **user))
             reply_id = store.add_message(conv_id, "assistant", turn.content, **reply)
-    finally:
-        store.close()
     if chat.ids:
         engine.save_prefix(chat.ids)  # so that `dschat -c` starts without re-prefilling
     return user_id, reply_id

@@ -181,6 +181,12 @@ class Store:
     def close(self):
         self.db.close()
 
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _tx(self):
         return _Transaction(self.db, self.path)
 

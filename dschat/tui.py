@@ -219,7 +219,7 @@ class ChatApp(App):
         self.model_label = ""
         self.turns_done = 0  # completed or stopped replies (tests wait on it)
         self.code_theme = None  # a Pygments style for code blocks, when the config names one
-        self.closing = False  # Ctrl+Q came while a reply streamed: quit once it is saved
+        self.closing = False  # quitting: a streaming reply is saved, then the app exits; late workers keep quiet
 
     # -- layout -------------------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -315,18 +315,11 @@ class ChatApp(App):
         self.sub_title = f"{self.model_label} on {engine.device}"
         self.start_chat()
         if self.args.cont or self.args.session:
-            from .store import Store, StoreError
+            from .sessions import saved_conversation
 
-            try:
-                store = Store()
-                try:
-                    conv = store.get(store.resolve_id(self.args.session)) if self.args.session else store.latest()
-                finally:
-                    store.close()
-                if conv is not None:
-                    self.open_conversation(conv)
-            except StoreError as e:
-                self.notify(str(e), severity="error")
+            conv = self._with_store(lambda s: saved_conversation(s, self.args.session))
+            if conv is not None:
+                self.open_conversation(conv)
         self.update_status()
 
     def start_chat(self):
@@ -395,8 +388,7 @@ class ChatApp(App):
             params = sampling_params(self.args, self.conf, self.engine, len(turn.prompt_ids))
             pieces = self.chat.stream(turn, params)
             for piece in pieces:
-                self._ui(reply.append, piece)
-                self._ui(self.update_status, turn.stats)
+                self._ui(self._show_piece, reply, piece, turn.stats)
                 if self.stop_event.is_set():
                     turn.interrupted = True
                     break
@@ -407,6 +399,11 @@ class ChatApp(App):
             if pieces is not None:
                 pieces.close()  # ends the engine's generation now, in this thread
         self._ui(self._turn_done, turn, reply, answer_of, regenerating, error)
+
+    async def _show_piece(self, reply: MessageView, piece: str, stats: dict):
+        """One round trip to the UI thread per piece: the text, then the live figures."""
+        await reply.append(piece)
+        self.update_status(stats)
 
     async def _turn_done(self, turn: Turn, reply: MessageView, answer_of: str | None, regenerating: bool,
                          error: str | None):
@@ -444,17 +441,11 @@ class ChatApp(App):
     def save(self, turn: Turn, answer_of: str | None):
         if self.args.no_save:
             return
-        from .sessions import save_turn
-        from .store import Store
+        from .sessions import new_conversation, save_turn
 
         try:
             if self.conv_id is None:
-                store = Store()
-                try:
-                    self.conv_id = store.create(model=str(self.args.model or self.engine.path),
-                                                fingerprint=self.engine.fingerprint, system=self.chat.system)
-                finally:
-                    store.close()
+                self.conv_id = new_conversation(self.args, self.engine, self.chat.system)
             user_id, reply_id = save_turn(self.args, self.conv_id, self.chat, turn, self.engine,
                                           answer_of=answer_of, edit_of=self.pending_edit)
             self.last_ids = (user_id or self.last_ids[0], reply_id)
@@ -571,18 +562,9 @@ class ChatApp(App):
         def done(text):
             if text is None or self.chat is None:
                 return
-            self.chat.messages = [m for m in self.chat.messages if m["role"] != "system"]
-            if text.strip():
-                self.chat.messages.insert(0, {"role": "system", "content": text})
-            self.chat.ids, self.chat.text = [], None
+            self.chat.set_system(text)
             if self.conv_id:
-                from .store import Store
-
-                store = Store()
-                try:
-                    store.set_system(self.conv_id, text or None)
-                finally:
-                    store.close()
+                self._with_store(lambda s: s.set_system(self.conv_id, text or None))
             self.notify("system prompt set")
 
         self.push_screen(AskScreen("System prompt:", (self.chat.system or "") if self.chat else ""), done)
@@ -591,11 +573,8 @@ class ChatApp(App):
         from .store import Store, StoreError
 
         try:
-            store = Store()
-            try:
+            with Store() as store:
                 return fn(store)
-            finally:
-                store.close()
         except StoreError as e:
             self.notify(str(e), severity="error")
 

@@ -201,28 +201,29 @@ def load_model(root: Path, cfg, device: torch.device, dtype: torch.dtype, with_m
                 t = ckpt.get(name) if target is not None else None
                 if t is not None:
                     done += t.numel() * t.element_size()
+                    owner = None  # the Linear that keeps this weight in FP8 (with block scales `s`)
                     if t.dtype == torch.float8_e4m3fn:
                         scale = name + "_scale_inv"
                         if scale not in ckpt:
                             raise ModelError(f"{shard}: FP8 tensor {name!r} has no {scale!r}")
                         block = tuple(cfg.fp8_block_size or (128, 128))
-                        kept = _fp8_slice(model, local, t, ckpt.get(scale), block) if fp8 == "keep" else None
-                        if kept is not None:
-                            owner, t, s = kept
-                            if tuple(t.shape) != tuple(target.shape):
-                                raise ModelError(f"{shard}: tensor {name!r} has shape {list(t.shape)}, "
-                                                 f"expected {list(target.shape)}")
-                            _set(model, local, t.to(device))
-                            owner.scale, owner.block = s.to(device=device, dtype=torch.float32), block
-                            progress(min(done, total), total)
-                            continue
-                        t = dequantize_fp8(t, ckpt.get(scale), block)
-                    t = _shard(model, local, t)
+                        s = ckpt.get(scale)
+                        sliced = _fp8_slice(model, local, t, s, block) if fp8 == "keep" else None
+                        if sliced is None:
+                            t = dequantize_fp8(t, s, block)
+                        else:
+                            owner, t, s = sliced
+                    if owner is None:
+                        t = _shard(model, local, t)
                     if tuple(t.shape) != tuple(target.shape):
                         raise ModelError(f"{shard}: tensor {name!r} has shape {list(t.shape)}, "
                                          f"expected {list(target.shape)}")
-                    keep_fp32 = local.endswith("e_score_correction_bias")
-                    _set(model, local, t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype))
+                    if owner is not None:
+                        _set(model, local, t.to(device))
+                        owner.scale, owner.block = s.to(device=device, dtype=torch.float32), block
+                    else:
+                        keep_fp32 = local.endswith("e_score_correction_bias")
+                        _set(model, local, t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype))
                     progress(min(done, total), total)
         # Tied or shared weights the checkpoint leaves out.
         loaded = {n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if not p.is_meta}

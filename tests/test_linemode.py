@@ -141,3 +141,21 @@ def test_regen_in_a_continued_conversation_adds_a_sibling(chat_models):
     conv = Store().get(saved.id)
     assert [m.role for m in conv.messages] == ["user", "assistant"]
     assert len(Store().siblings(conv.messages[1].id)) == 2
+
+
+def test_load_by_id_and_from_an_exported_file(chat_models, tmp_path):
+    from test_pipe_mode import run
+
+    assert run(["--model", str(chat_models["v3"]), "-t", "0", "-n", "4"], stdin="saved one").returncode == 0
+    saved = Store().latest()
+    exported = tmp_path / "chat.json"
+    assert run(["export", saved.id, "-o", str(exported)]).returncode == 0
+    p = spawn("--plain", "--model", str(chat_models["v3"]), "-t", "0", "-n", "4")
+    p.expect_exact(PROMPT)
+    assert "you> saved one" in ask(p, f"/load {saved.id[:6]}")
+    assert "you> saved one" in ask(p, f"/load {exported}")
+    assert "cannot load" in ask(p, "/load no-such-id")
+    p.sendline("/exit")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert len(Store().list()) == 2  # the file was imported as a conversation of its own

@@ -15,12 +15,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 HERE = Path(__file__).resolve().parent
-FIELDS = ("name", "primary", "secondary", "accent", "foreground", "background", "surface", "panel", "success",
-          "warning", "error", "dark", "variables")
-
 
 COLOURS = ("primary", "secondary", "accent", "foreground", "background", "surface", "panel", "success", "warning",
            "error")
+FIELDS = ("name", *COLOURS, "dark", "variables")
 
 
 class ThemeError(Exception):
