@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.mla_decode import mla_decode_reference, mla_decode_triton  # noqa: E402
+from dschat.kernels.mla_decode import mla_decode_reference, mla_decode_triton  # noqa: E402
 
 
 def timed(fn, iters=50):

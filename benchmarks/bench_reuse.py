@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 import tiny_checkpoints as tc  # noqa: E402
 from bench_decode import bench_config  # noqa: E402
-from engine import Engine, SamplingParams  # noqa: E402
+from dschat.engine import Engine, SamplingParams  # noqa: E402
 
 V2_LITE = dict(layers=27, heads=16, kv_lora=512, rope=64, nope=128, v=128)
 V3 = dict(layers=61, heads=128, kv_lora=512, rope=64, nope=128, v=128, mtp=1)

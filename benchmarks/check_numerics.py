@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import tiny_checkpoints as tc  # noqa: E402
-from engine import Engine, SamplingParams  # noqa: E402
+from dschat.engine import Engine, SamplingParams  # noqa: E402
 
 
 def main():

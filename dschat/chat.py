@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from engine import SamplingParams
+from dschat.engine import SamplingParams
 
 from .template import completion_prompt, encode_marked, render_marked, unmark
 

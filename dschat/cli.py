@@ -142,7 +142,7 @@ def default_device(args, conf) -> str:
 
 
 def load_engine(args, conf, progress=None):
-    from engine import Engine
+    from dschat.engine import Engine
 
     return Engine.from_pretrained(model_name(args, conf), device=default_device(args, conf),
                                   dtype=args.dtype or conf.dtype, cache_gb=args.cache_gb,
@@ -152,7 +152,7 @@ def load_engine(args, conf, progress=None):
 
 def sampling_params(args, conf, engine, prompt_len: int):
     """Flags, then the config file, then the model's generation_config.json, then built-in defaults."""
-    from engine import SamplingParams
+    from dschat.engine import SamplingParams
 
     gen = engine.generation_config
 
@@ -168,7 +168,7 @@ def sampling_params(args, conf, engine, prompt_len: int):
     room = engine.context_length - prompt_len
     max_tokens = pick(args.max_tokens, conf.max_tokens, "max_new_tokens", min(2048, room))
     if room < 1:
-        from engine import ContextLengthError
+        from dschat.engine import ContextLengthError
 
         raise ContextLengthError(f"the prompt ({prompt_len} tokens) fills the context window "
                                  f"({engine.context_length} tokens)")
@@ -259,8 +259,8 @@ def answer_once(args, conf, message: str) -> int:
 
 def show_prompt(args, conf, message, system) -> int:
     """The exact prompt that would run, without loading the weights."""
-    from engine.loader import resolve
-    from engine.tokenizer import Tokenizer
+    from dschat.engine.loader import resolve
+    from dschat.engine.tokenizer import Tokenizer
 
     from .chat import Chat
 

@@ -191,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
 
 def fill(engine, tok, text: str, offset: int, args) -> tuple[str, str]:
     """The insertion for a hole at `offset` of `text` (no marker inside), and why it stopped."""
-    from engine import SamplingParams
+    from dschat.engine import SamplingParams
 
     prefix, suffix = trim(text[:offset], text[offset:], lambda s: len(tok.encode(s)), args.context)
     ids = fim_prompt(tok, prefix, suffix)
@@ -216,8 +216,8 @@ def fill(engine, tok, text: str, offset: int, args) -> tuple[str, str]:
 
 
 def run_fim(argv: list[str]) -> int:
-    from engine.loader import resolve
-    from engine.tokenizer import Tokenizer
+    from dschat.engine.loader import resolve
+    from dschat.engine.tokenizer import Tokenizer
 
     from .cli import load_engine, model_name, print_stats, settings
 

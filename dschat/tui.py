@@ -235,7 +235,7 @@ class ChatApp(App):
         yield Footer()
 
     def on_mount(self):
-        from themes import load_themes
+        from dschat.themes import load_themes
 
         themes, problems = load_themes(xdg("CONFIG") / "themes")
         for t in themes:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.mla_decode import mla_decode
+from dschat.kernels.mla_decode import mla_decode
 
 from . import dist
 from .config import ModelConfig, yarn_mscale

@@ -95,6 +95,6 @@ def chat_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def chat_engines(chat_models):
-    from engine import Engine
+    from dschat.engine import Engine
 
     return {k: Engine.from_pretrained(p, dtype=torch.float32, speculative="none") for k, p in chat_models.items()}

@@ -12,7 +12,7 @@ import torch
 from test_pipe_mode import run
 
 from dschat.cli import DEMO_DIR
-from engine import Engine, SamplingParams
+from dschat.engine import Engine, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ import torch
 from conftest import CHECKPOINTS, load_reference
 
 import tiny_checkpoints as tc
-from engine import ContextLengthError, Engine, ModelConfig, ModelError, SamplingParams
-from engine.loader import dequantize_fp8
+from dschat.engine import ContextLengthError, Engine, ModelConfig, ModelError, SamplingParams
+from dschat.engine.loader import dequantize_fp8
 
 NAMES = list(CHECKPOINTS)
 
@@ -84,7 +84,7 @@ def test_fp8_checkpoint_really_is_fp8_with_partial_blocks(checkpoints):
 def test_fp8_weights_kept_in_fp8_compute_the_same(checkpoints, engines, references):
     """--fp8 keep: the FP8 weights stay FP8 in memory (with their block scales) and give the same logits
     and greedy tokens as dequantising on load, which the reference checks."""
-    from engine.model import Linear
+    from dschat.engine.model import Linear
 
     keep = Engine.from_pretrained(checkpoints["v3_fp8"], device="cpu", dtype=torch.float32, fp8="keep")
     kept = [n for n, m in keep.model.named_modules() if isinstance(m, Linear) and m.scale is not None]

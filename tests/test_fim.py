@@ -11,7 +11,7 @@ import pytest
 from test_pipe_mode import assert_clean_error, dschat_cmd, run
 
 from dschat.fim import FIM_TOKENS, cut_repeat, fim_prompt, trim
-from engine import SamplingParams
+from dschat.engine import SamplingParams
 
 SOURCE = '''import os
 

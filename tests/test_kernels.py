@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_triton
+from dschat.kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_triton
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
 

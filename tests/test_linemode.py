@@ -11,7 +11,7 @@ from test_pipe_mode import dschat_cmd
 
 from dschat.store import Store
 from dschat.template import chat_prompt
-from engine import SamplingParams
+from dschat.engine import SamplingParams
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tiny_checkpoints as tc
-from engine import Engine, SamplingParams
+from dschat.engine import Engine, SamplingParams
 
 
 def dschat_cmd() -> list[str]:

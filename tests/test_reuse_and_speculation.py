@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import tiny_checkpoints as tc
-from engine import ContextLengthError, Engine, SamplingParams
-from engine.cache import LatentCache
-from engine.sampling import Sampler, probabilities
-from engine.speculative import NgramDrafter, verify
+from dschat.engine import ContextLengthError, Engine, SamplingParams
+from dschat.engine.cache import LatentCache
+from dschat.engine.sampling import Sampler, probabilities
+from dschat.engine.speculative import NgramDrafter, verify
 
 
 def prompt(n, seed=0, vocab=512):
@@ -57,7 +57,7 @@ def test_prefix_shared_mid_page_and_regenerate(checkpoints, plain):
 
 
 def test_long_prompt_is_prefilled_in_chunks(checkpoints, plain):
-    from engine import engine as engine_module
+    from dschat.engine import engine as engine_module
 
     ids = prompt(engine_module.PREFILL_CHUNK + 150, seed=5)
     eng = plain["v2_lite"]

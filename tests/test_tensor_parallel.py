@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import Engine, SamplingParams
+from dschat.engine import Engine, SamplingParams
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 ROOT = Path(__file__).resolve().parents[1]

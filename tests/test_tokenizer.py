@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import tiny_checkpoints as tc
 from dschat.template import TemplateError, chat_prompt, completion_prompt, render
-from engine import ModelError
-from engine.tokenizer import Tokenizer
+from dschat.engine import ModelError
+from dschat.engine.tokenizer import Tokenizer
 
 FAMILIES = ["deepseek-v2", "deepseek-v2.5", "deepseek-v3", "deepseek-r1"]
 

@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from engine import Engine, SamplingParams
+from dschat.engine import Engine, SamplingParams
 
 
 def main(path: str, out: str, ids: list[int]):

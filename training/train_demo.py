@@ -40,8 +40,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.config import ModelConfig  # noqa: E402
-from engine.model import Gate, Transformer  # noqa: E402
+from dschat.engine.config import ModelConfig  # noqa: E402
+from dschat.engine.model import Gate, Transformer  # noqa: E402
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -426,7 +426,7 @@ def heldout_loss(model, data: Data, files, device, n_windows: int = 64) -> float
 def evaluate(model_dir: Path, tok, files, n: int, device: str, seed: int) -> dict:
     """Through the production path (Engine.from_pretrained on the written files): single-line FIM exact
     match on held-out files, and the MTP acceptance rate of greedy decoding on held-out code prompts."""
-    from engine import Engine, SamplingParams
+    from dschat.engine import Engine, SamplingParams
 
     rng = random.Random(seed)
     eng = Engine.from_pretrained(model_dir, device=device, speculative="mtp", draft_tokens=1)

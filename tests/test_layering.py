@@ -1,0 +1,69 @@
+"""The import layering: the app (dschat) sits on the engine, the engine on the kernels; nothing imports upwards and no
+module imports itself back through another. Read from the source with ast, so it covers function-local imports too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# The folder each installed package lives in (pyproject.toml nests engine, kernels and themes under dschat).
+FOLDERS = {"dschat": "dschat", "dschat.engine": "engine", "dschat.kernels": "kernels", "dschat.themes": "themes"}
+
+
+def module_names() -> dict[str, Path]:
+    names = {}
+    for package, folder in FOLDERS.items():
+        for path in sorted((ROOT / folder).glob("*.py")):
+            names[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return names
+
+
+def imported(name: str, path: Path, known: set[str]) -> set[str]:
+    """Our modules that `name` imports, anywhere in its source."""
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    names = module_names()
+    return {name: imported(name, path, set(names)) for name, path in names.items()}
+
+
+def layer(name: str) -> str:
+    for package in ("dschat.engine", "dschat.kernels", "dschat.themes"):
+        if name == package or name.startswith(package + "."):
+            return package
+    return "dschat"
+
+
+def test_the_graph_sees_the_known_imports():
+    edges = graph()
+    assert "dschat.kernels.mla_decode" in edges["dschat.engine.model"]
+    assert "dschat.engine" in edges["dschat.chat"]
+
+
+def test_engine_kernels_and_themes_never_import_the_app():
+    allowed = {"dschat.engine": {"dschat.engine", "dschat.kernels"}, "dschat.kernels": {"dschat.kernels"},
+               "dschat.themes": {"dschat.themes"}, "dschat": {"dschat", "dschat.engine", "dschat.kernels",
+                                                              "dschat.themes"}}
+    wrong = [(a, b) for a, targets in graph().items() for b in targets if layer(b) not in allowed[layer(a)]]
+    assert wrong == []
