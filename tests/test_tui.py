@@ -228,7 +228,13 @@ def test_snapshots(snap_compare, theme, with_history):
 
     async def loaded(pilot):
         await ready(pilot, app)
-        app.query_one(PromptArea).cursor_blink = False  # a blinking cursor would make the picture racy
+        prompt = app.query_one(PromptArea)
+        await until(pilot, lambda: prompt.has_focus)
+        # A blinking cursor would make the picture racy. Textual's TextArea caches rendered lines under a key
+        # that leaves cursor_blink out, so a line drawn in the blink's off phase would be reused without the
+        # cursor: reloading the text clears that cache.
+        prompt.cursor_blink = False
+        prompt.load_text(prompt.text)
         if with_history:
             await until(pilot, lambda: len(list(app.query(MessageView))) == 2)
         await pilot.pause(0.3)
