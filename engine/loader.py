@@ -26,11 +26,12 @@ from safetensors import safe_open
 
 from . import dist
 from .errors import ModelError
-from .model import Linear, Transformer, dequantize_fp8
+from .model import Experts, Linear, MoE, Transformer, dequantize_fp8
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_EXPERT = re.compile(r"^(.+)\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
@@ -179,6 +180,100 @@ def _fp8_slice(model: Transformer, local: str, w: torch.Tensor, scale: torch.Ten
     return owner, w.narrow(dim, r * n, n), scale.narrow(dim, r * n // block[dim], n // block[dim])
 
 
+class Placer:
+    """Puts checkpoint tensors into the model built on the meta device: this rank's slice, on the device,
+    in the model's dtype; FP8 block weights dequantised, or kept FP8 with their scales (`keep_fp8`) by the
+    Linear or the expert stack that owns them. Routed experts fill their layer's stacks (model.Experts),
+    allocated when the first expert arrives."""
+
+    def __init__(self, model: Transformer, device: torch.device, dtype: torch.dtype, block: tuple[int, int],
+                 keep_fp8: bool):
+        self.model, self.device, self.dtype, self.block, self.keep_fp8 = model, device, dtype, block, keep_fp8
+        self.wanted = dict(model.named_parameters())
+        self.wanted.update(model.named_buffers())
+        self.loaded: set[tuple[int, int, str]] = set()  # (id of the stack's module, expert, projection)
+
+    def wants(self, local: str):
+        """The routed expert's (Experts, index in the stack, projection) for an expert tensor, True for
+        any other tensor the model holds, None for one this model or this rank does not hold."""
+        m = _EXPERT.match(local)
+        if m is None:
+            return True if local in self.wanted else None
+        try:
+            moe = self.model.get_submodule(m[1])
+        except AttributeError:  # a layer this model does not build (MTP when it is off)
+            return None
+        if not isinstance(moe, MoE):
+            return None
+        e = int(m[2]) - moe.first
+        return (moe.experts, e, m[3]) if 0 <= e < moe.experts.w13.shape[0] else None
+
+    def put(self, local: str, target, t: torch.Tensor, scale: torch.Tensor | None, where: str):
+        if scale is not None and not self.keep_fp8:
+            t, scale = dequantize_fp8(t, scale, self.block), None
+        if target is True:
+            self._tensor(local, t, scale, where)
+        else:
+            self._expert(*target, t, scale, where)
+
+    def _tensor(self, local, t, scale, where):
+        sliced = _fp8_slice(self.model, local, t, scale, self.block) if scale is not None else None
+        if scale is not None and sliced is None:
+            t = dequantize_fp8(t, scale, self.block)
+        t = _shard(self.model, local, t) if sliced is None else sliced[1]
+        _check_shape(t, self.wanted[local].shape, where)
+        if sliced is not None:
+            owner = sliced[0]
+            _set(self.model, local, t.to(self.device))
+            owner.scale, owner.block = sliced[2].to(device=self.device, dtype=torch.float32), self.block
+        else:
+            keep_fp32 = local.endswith("e_score_correction_bias")
+            _set(self.model, local, t.to(device=self.device, dtype=torch.float32 if keep_fp32 else self.dtype))
+
+    def _expert(self, experts: Experts, e: int, proj: str, t, scale, where):
+        attr = "w2" if proj == "down" else "w13"
+        stack = getattr(experts, attr)
+        E, rows, cols = stack.shape
+        rows //= 1 if proj == "down" else 2
+        _check_shape(t, (rows, cols), where)
+        if stack.is_meta:  # the first of this stack: FP8 if it is
+            stack = torch.empty(stack.shape, device=self.device, dtype=self.dtype if scale is None else t.dtype)
+            experts._parameters[attr] = torch.nn.Parameter(stack, requires_grad=False)
+            if scale is not None:
+                blocks = (scale.shape[0] * (1 if proj == "down" else 2), scale.shape[1])
+                setattr(experts, attr + "_scale", torch.empty(E, *blocks, device=self.device))
+                experts.block = self.block
+        scales = getattr(experts, attr + "_scale")
+        if (scales is None) != (scale is None) or stack.dtype != (self.dtype if scale is None else t.dtype):
+            raise ModelError(f"{where}: the routed experts of one layer mix FP8 and unquantised weights")
+        half = 1 if proj == "up" else 0
+        stack[e, half * rows:(half + 1) * rows] = t.to(device=self.device, dtype=stack.dtype)
+        if scale is not None:
+            n = scale.shape[0]
+            scales[e, half * n:(half + 1) * n] = scale.to(device=self.device, dtype=torch.float32)
+        self.loaded.add((id(experts), e, proj))
+
+    def missing(self) -> str | None:
+        """The local name of a tensor that never arrived, if any."""
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, Experts):
+                first = self.model.get_submodule(name.rpartition(".")[0]).first
+                for e in range(mod.w13.shape[0]):
+                    for proj in ("gate", "up", "down"):
+                        if (id(mod), e, proj) not in self.loaded:
+                            return f"{name}.{first + e}.{proj}_proj.weight"
+        return next(iter(_still_meta(self.model)), None)
+
+
+def _still_meta(model: Transformer) -> list[str]:
+    return [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+
+
+def _check_shape(t: torch.Tensor, shape, where: str):
+    if tuple(t.shape) != tuple(shape):
+        raise ModelError(f"{where} has shape {list(t.shape)}, expected {list(shape)}")
+
+
 def load_model(root: Path, cfg, device: torch.device, dtype: torch.dtype, with_mtp: bool = True,
                progress: Progress | None = None, fp8: str = "dequant") -> Transformer:
     """fp8: "dequant" turns FP8 block weights into `dtype` on load; "keep" stores them as FP8 with their
@@ -186,68 +281,40 @@ def load_model(root: Path, cfg, device: torch.device, dtype: torch.dtype, with_m
     ckpt = Checkpoint(root)
     with torch.device("meta"):
         model = Transformer(cfg, with_mtp=with_mtp)
-    wanted = dict(model.named_parameters())
-    wanted.update(model.named_buffers())
+    placer = Placer(model, device, dtype, tuple(cfg.fp8_block_size or (128, 128)), fp8 == "keep")
     total, done = ckpt.total_bytes(), 0
     if progress is None:
         progress = terminal_progress("Loading " + root.name)
     try:
         for shard, names in ckpt.by_file().items():
             for name in names:
-                if name.endswith("_scale_inv"):
+                target = None if name.endswith("_scale_inv") else placer.wants(model.local_name(name))
+                if target is None:
                     continue
-                local = model.local_name(name)
-                target = wanted.get(local)
-                t = ckpt.get(name) if target is not None else None
-                if t is not None:
-                    done += t.numel() * t.element_size()
-                    owner = None  # the Linear that keeps this weight in FP8 (with block scales `s`)
-                    if t.dtype == torch.float8_e4m3fn:
-                        scale = name + "_scale_inv"
-                        if scale not in ckpt:
-                            raise ModelError(f"{shard}: FP8 tensor {name!r} has no {scale!r}")
-                        block = tuple(cfg.fp8_block_size or (128, 128))
-                        s = ckpt.get(scale)
-                        sliced = _fp8_slice(model, local, t, s, block) if fp8 == "keep" else None
-                        if sliced is None:
-                            t = dequantize_fp8(t, s, block)
-                        else:
-                            owner, t, s = sliced
-                    if owner is None:
-                        t = _shard(model, local, t)
-                    if tuple(t.shape) != tuple(target.shape):
-                        raise ModelError(f"{shard}: tensor {name!r} has shape {list(t.shape)}, "
-                                         f"expected {list(target.shape)}")
-                    if owner is not None:
-                        _set(model, local, t.to(device))
-                        owner.scale, owner.block = s.to(device=device, dtype=torch.float32), block
-                    else:
-                        keep_fp32 = local.endswith("e_score_correction_bias")
-                        _set(model, local, t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype))
-                    progress(min(done, total), total)
+                t = ckpt.get(name)
+                done += t.numel() * t.element_size()
+                scale = None
+                if t.dtype == torch.float8_e4m3fn:
+                    if name + "_scale_inv" not in ckpt:
+                        raise ModelError(f"{shard}: FP8 tensor {name!r} has no {name + '_scale_inv'!r}")
+                    scale = ckpt.get(name + "_scale_inv")
+                placer.put(model.local_name(name), target, t, scale, f"{shard}: tensor {name!r}")
+                progress(min(done, total), total)
         # Tied or shared weights the checkpoint leaves out.
-        loaded = {n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if not p.is_meta}
-        if "lm_head.weight" not in loaded and cfg.tie_word_embeddings:
+        if "lm_head.weight" in _still_meta(model) and cfg.tie_word_embeddings:
             _set(model, "lm_head.weight", model.model.embed_tokens.weight)
         for i, m in enumerate(model.mtp):
             if m.embed_tokens.weight.is_meta:
                 _set(model, f"mtp.{i}.embed_tokens.weight", model.model.embed_tokens.weight)
             if m.shared_head.head.weight.is_meta:
                 _set(model, f"mtp.{i}.shared_head.head.weight", model.lm_head.weight)
-        for n, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if p.is_meta:
-                raise ModelError(f"{root}: tensor {_hub_name(model, n)!r} is missing from the checkpoint")
+        missing = placer.missing()
+        if missing:
+            raise ModelError(f"{root}: tensor {model.hub_name(missing)!r} is missing from the checkpoint")
         progress(total, total)
     finally:
         ckpt.close()
     return model.eval()
-
-
-def _hub_name(model: Transformer, local: str) -> str:
-    if local.startswith("mtp."):
-        i, _, rest = local[4:].partition(".")
-        return f"model.layers.{model.cfg.num_hidden_layers + int(i)}.{rest}"
-    return local
 
 
 def terminal_progress(label: str) -> Progress:

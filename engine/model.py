@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dschat.kernels.fp8_matmul import dequantize_fp8
+from dschat.kernels.fused_moe import moe_experts
 from dschat.kernels.mla_decode import mla_decode
 
 from . import dist
@@ -32,14 +34,6 @@ ABSORB_MAX_TOKENS = 128
 
 
 # -- building blocks ---------------------------------------------------------------------------------
-def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Blockwise FP8 -> float32: each [block x block] tile times its scale (edge tiles may be partial)."""
-    out_f, in_f = w.shape
-    bo, bi = block
-    s = scale_inv.float().repeat_interleave(bo, dim=0)[:out_f].repeat_interleave(bi, dim=1)[:, :in_f]
-    return w.float() * s
-
-
 class Linear(nn.Module):
     """y = x W^T with an uninitialised weight (the checkpoint fills it). `split` says how tensor
     parallelism cuts it: "col" splits the output features, "row" the input features. The weight may stay
@@ -175,7 +169,7 @@ class MLA(nn.Module):
         super().__init__()
         self.n_heads = dist.split(cfg.num_attention_heads, "num_attention_heads")
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.rank = cfg.kv_lora_rank
+        self.kv_rank = cfg.kv_lora_rank
         qk = cfg.qk_head_dim
         if cfg.q_lora_rank is None:
             self.q_proj = Linear(cfg.hidden_size, cfg.num_attention_heads * qk, split="col")
@@ -202,13 +196,13 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # cos/sin [S, dr/2], broadcast over heads
 
-        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin)], dim=-1)  # [B,S,r+dr]
 
         if step is not None:
             cache[step.slots[-S:]] = latent[0].to(cache.dtype)
 
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
         if step is not None and step.absorb:
             # fold W_UK into the query, attend over the latent rows in place, unfold W_UV from the output
             w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
@@ -217,7 +211,7 @@ class MLA(nn.Module):
             out = torch.einsum("shc,hdc->shd", o_lat, w_uv).unsqueeze(0)
         else:
             all_latent = latent if step is None else cache[step.slots].unsqueeze(0)  # [B,T,r+dr]
-            c_kv, pe = all_latent.split([self.rank, self.rope], dim=-1)
+            c_kv, pe = all_latent.split([self.kv_rank, self.rope], dim=-1)
             T = c_kv.shape[1]
             kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.nope + self.v_dim)
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
@@ -289,20 +283,46 @@ class Gate(nn.Module):
         return weights, idx
 
 
+class Experts(nn.Module):
+    """A rank's routed experts, stacked (kernels/fused_moe.py): w13 [E, 2I, H] = gate_proj rows then up_proj
+    rows, w2 [E, H, I] = down_proj; the loader fills them from the hub's per-expert tensors. Under
+    `--fp8 keep` they stay FP8 with their block scales (w13_scale: gate's blocks, then up's) and only the
+    experts chosen in a forward pass are dequantised."""
+
+    def __init__(self, n: int, dim: int, inter: int):
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(n, 2 * inter, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter))
+        self.register_buffer("w13_scale", None)
+        self.register_buffer("w2_scale", None)
+        self.block: tuple[int, int] = (128, 128)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T,H], ids [T,k] indices into this stack (others contribute zero), weights [T,k] -> [T,H]."""
+        if self.w13_scale is None:
+            return moe_experts(x, self.w13, self.w2, ids, weights)
+        E, I = self.w13.shape[0], self.w2.shape[-1]
+        valid = (ids >= 0) & (ids < E)
+        used, local = torch.unique(torch.where(valid, ids, 0), return_inverse=True)
+        n_gate = self.w13_scale.shape[1] // 2
+        w13, s13 = self.w13[used], self.w13_scale[used]
+        gate = dequantize_fp8(w13[:, :I], s13[:, :n_gate], self.block)
+        up = dequantize_fp8(w13[:, I:], s13[:, n_gate:], self.block)
+        w2 = dequantize_fp8(self.w2[used], self.w2_scale[used], self.block)
+        return moe_experts(x, torch.cat([gate, up], dim=1).to(x.dtype), w2.to(x.dtype),
+                           torch.where(valid, local, -1), weights)
+
+
 class MoE(nn.Module):
     """Shared experts (always on) plus the top-k routed experts. With several ranks each holds a contiguous
     block of the routed experts; partial sums are added across ranks."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        n = cfg.n_routed_experts
-        per_rank = dist.split(n, "n_routed_experts")
+        per_rank = dist.split(cfg.n_routed_experts, "n_routed_experts")
         self.first = dist.rank() * per_rank
         self.gate = Gate(cfg)
-        self.experts = nn.ModuleDict(
-            {str(e): MLP(cfg.hidden_size, cfg.moe_intermediate_size, parallel=False)
-             for e in range(self.first, self.first + per_rank)}
-        )
+        self.experts = Experts(per_rank, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = None
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
@@ -311,18 +331,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, idx = self.gate(x)
-        if x.shape[0] == 1:  # decode: just the chosen experts, no bookkeeping
-            y = sum(self.experts[str(e)](x) * w for e, w in zip(idx[0].tolist(), weights[0, :, None])
-                    if str(e) in self.experts)
-            y = torch.zeros_like(x) if isinstance(y, int) else y.to(x.dtype)
-        else:
-            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-            for e in sorted(set(idx.flatten().tolist())):
-                if str(e) not in self.experts:
-                    continue
-                tok, k = torch.where(idx == e)
-                y.index_add_(0, tok, self.experts[str(e)](x[tok]) * weights[tok, k, None])
-            y = y.to(x.dtype)
+        y = self.experts(x, idx - self.first, weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return dist.all_reduce(y).view(shape)
@@ -391,6 +400,32 @@ class Transformer(nn.Module):
             if layer.isdigit() and int(layer) >= L:
                 return f"mtp.{int(layer) - L}.{rest}"
         return hub_name
+
+    def hub_name(self, local: str) -> str:
+        """This module's parameter name -> the hub's (the inverse of local_name)."""
+        if local.startswith("mtp."):
+            i, _, rest = local[4:].partition(".")
+            return f"model.layers.{self.cfg.num_hidden_layers + int(i)}.{rest}"
+        return local
+
+    def hub_tensors(self) -> dict[str, torch.Tensor]:
+        """Every weight under its hub name, routed experts one tensor per expert and projection, as a
+        checkpoint holds them (the inverse of the loader; for training's checkpoints)."""
+        out = {}
+        for name, t in self.state_dict().items():
+            prefix, _, attr = name.rpartition(".experts.")
+            if attr not in ("w13", "w2"):
+                out[self.hub_name(name)] = t
+                continue
+            first = self.get_submodule(prefix).first
+            for e, w in enumerate(t):
+                stem = self.hub_name(f"{prefix}.experts.{first + e}")
+                if attr == "w2":
+                    out[f"{stem}.down_proj.weight"] = w
+                else:
+                    gate, up = w.chunk(2)
+                    out[f"{stem}.gate_proj.weight"], out[f"{stem}.up_proj.weight"] = gate, up
+        return out
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, step: Step | None = None) -> torch.Tensor:
         """ids [B,S] -> final hidden states before the last norm, [B,S,hidden]."""

@@ -313,7 +313,7 @@ def build_model(cfg: ModelConfig, device, seed: int) -> Transformer:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.w2")):
                 p.normal_(0, 0.02 / math.sqrt(2 * (cfg.num_hidden_layers + 1)))
             else:
                 p.normal_(0, 0.02)
@@ -369,14 +369,11 @@ def save(model: Transformer, tok, cfg_dict: dict, out: Path, max_shard_bytes: in
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    L = cfg_dict["num_hidden_layers"]
     tensors = {}
-    for name, p in model.state_dict().items():
-        if name.startswith("mtp."):
-            i, _, rest = name[4:].partition(".")
-            if rest in ("embed_tokens.weight", "shared_head.head.weight"):
-                continue  # shared with the main model: the loader links them
-            name = f"model.layers.{L + int(i)}.{rest}"
+    for name, p in model.hub_tensors().items():
+        mtp = name.startswith("model.layers.")
+        if mtp and name.endswith(("shared_head.head.weight", "embed_tokens.weight")):
+            continue  # the MTP module shares them with the main model: the loader links them
         keep_fp32 = name.endswith("e_score_correction_bias")
         tensors[name] = p.detach().to("cpu", torch.float32 if keep_fp32 else torch.bfloat16).contiguous()
     shards, cur, size = [], {}, 0

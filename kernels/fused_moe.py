@@ -1,0 +1,177 @@
+"""The routed experts of a DeepSeekMoE layer over STACKED expert weights:
+
+    y[t] = sum_j w[t, j] * down_e(silu(gate_e x[t]) * up_e x[t]),   e = ids[t, j]
+
+w13 [E, 2I, H] holds every expert's gate_proj (rows 0..I-1) and up_proj (rows I..2I-1), w2 [E, H, I] its
+down_proj. ids [T, k] (int64) are expert indices into this stack; an id outside 0..E-1 (an expert held by
+another rank) contributes zero. The sum runs in float32 and comes back in x's dtype.
+
+Three implementations of the same function:
+  * `moe_experts_reference`: PyTorch, gathers each token's chosen experts (no host sync, so a CUDA graph
+    can capture it); batches of more than GATHER_MAX_TOKENS tokens (prefill, training) go expert by expert
+    instead, with one host sync, since gathering T*k experts would copy more weights than the model holds.
+  * `moe_experts_triton`: two GEMV-shaped kernels that read only the chosen experts' rows in place (the
+    batch-1 decode and 1+K verify shapes): gate/up + SiLU, then down with the routing weights.
+  * `moe_experts_loop`: the host picks the experts (`.tolist()`, free on the CPU) and runs each on views of
+    the stack, copying no weights: the fastest on the CPU, and never used on CUDA.
+`moe_experts` picks Triton for CUDA tensors and the loop on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency
+    triton = None
+
+GATHER_MAX_TOKENS = 16
+
+
+def _matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [..., n] through w: one matrix [m, n] for all rows, or one matrix per row [N, m, n]."""
+    return F.linear(x, w) if w.dim() == 2 else torch.bmm(w, x[..., None])[..., 0]
+
+
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * up x): one expert on its tokens, or one gathered expert per token."""
+    gate, up = _matvec(w13, x).chunk(2, dim=-1)
+    return _matvec(w2, F.silu(gate) * up)
+
+
+def _valid(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    return (ids >= 0) & (ids < n_experts)
+
+
+def moe_experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
+                          weights: torch.Tensor) -> torch.Tensor:
+    """x [T,H], w13 [E,2I,H], w2 [E,H,I], ids [T,k] int64, weights [T,k] float32 -> [T,H] in x's dtype."""
+    T, k = ids.shape
+    if T > GATHER_MAX_TOKENS:
+        return _grouped(x, w13, w2, ids, weights)
+    E = w13.shape[0]
+    valid = _valid(ids, E)
+    chosen = ids.clamp(0, E - 1).flatten()
+    out = expert_ffn(x.repeat_interleave(k, dim=0), w13[chosen], w2[chosen])  # [T*k, H]
+    w = torch.where(valid, weights, torch.zeros_like(weights)).flatten()
+    return (out.float() * w[:, None]).view(T, k, -1).sum(dim=1).to(x.dtype)
+
+
+def _grouped(x, w13, w2, ids, weights) -> torch.Tensor:
+    """Expert by expert over the tokens that chose it; one host sync for the group sizes."""
+    E, k = w13.shape[0], ids.shape[1]
+    flat = torch.where(_valid(ids, E), ids, E).flatten()  # out of range -> a last group that is skipped
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    w = weights.flatten()
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = order[start:start + n]
+            tok = rows // k
+            y.index_add_(0, tok, expert_ffn(x[tok], w13[e], w2[e]).float() * w[rows, None])
+            start += n
+    return y.to(x.dtype)
+
+
+def moe_experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """The reference's function with the experts chosen on the host: at one token each expert runs on
+    views of the stack (no weights copied); larger batches are grouped by expert."""
+    if ids.shape[0] != 1:
+        return _grouped(x, w13, w2, ids, weights)
+    E = w13.shape[0]
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e, w in zip(ids[0].tolist(), weights[0]):
+        if 0 <= e < E:
+            y += expert_ffn(x, w13[e], w2[e]).float() * w
+    return y.to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gate_up_kernel(X, W13, Ids, Act, H, I, E, k,
+                        stride_xt, stride_we, stride_wr, stride_at,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """act[t*k + j, n] = silu(gate_e[n] . x[t]) * (up_e[n] . x[t]) for a block of n, e = ids[t, j]."""
+        row = tl.program_id(0)  # t * k + j
+        nb = tl.program_id(1)
+        t = row // k
+        e = tl.load(Ids + row)
+        ok = (e >= 0) & (e < E)
+        e = tl.where(ok, e, 0)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < tl.where(ok, I, 0)  # an expert of another rank reads nothing
+        acc_g = tl.zeros([BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_N], tl.float32)
+        base = W13 + e * stride_we
+        for h0 in range(0, H, BLOCK_K):
+            h = h0 + tl.arange(0, BLOCK_K)
+            hmask = h < H
+            xv = tl.load(X + t * stride_xt + h, mask=hmask, other=0.0).to(tl.float32)
+            m = nmask[:, None] & hmask[None, :]
+            g = tl.load(base + n[:, None] * stride_wr + h[None, :], mask=m, other=0.0).to(tl.float32)
+            u = tl.load(base + (n[:, None] + I) * stride_wr + h[None, :], mask=m, other=0.0).to(tl.float32)
+            acc_g += tl.sum(g * xv[None, :], axis=1)
+            acc_u += tl.sum(u * xv[None, :], axis=1)
+        act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        tl.store(Act + row * stride_at + n, act, mask=n < I)
+
+    @triton.jit
+    def _down_kernel(Act, W2, Ids, Wts, Y, H, I, E, k,
+                     stride_at, stride_we, stride_wr, stride_yt,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[t, n] = sum_j w[t, j] * (down_e[n] . act[t*k + j]) for a block of output features n."""
+        t = tl.program_id(0)
+        nb = tl.program_id(1)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for j in range(0, k):
+            e = tl.load(Ids + t * k + j)
+            ok = (e >= 0) & (e < E)
+            w = tl.where(ok, tl.load(Wts + t * k + j), 0.0)
+            e = tl.where(ok, e, 0)
+            nmask = n < tl.where(ok, H, 0)
+            part = tl.zeros([BLOCK_N], tl.float32)
+            for i0 in range(0, I, BLOCK_K):
+                i = i0 + tl.arange(0, BLOCK_K)
+                imask = i < I
+                a = tl.load(Act + (t * k + j) * stride_at + i, mask=imask, other=0.0)
+                wv = tl.load(W2 + e * stride_we + n[:, None] * stride_wr + i[None, :],
+                             mask=nmask[:, None] & imask[None, :], other=0.0).to(tl.float32)
+                part += tl.sum(wv * a[None, :], axis=1)
+            acc += w * part
+        tl.store(Y + t * stride_yt + n, acc, mask=n < H)
+
+
+def moe_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
+                       weights: torch.Tensor, block_n: int = 32, block_k: int = 128) -> torch.Tensor:
+    """Same contract as moe_experts_reference; the chosen experts' rows are read in place."""
+    T, k = ids.shape
+    E, H, I = w2.shape
+    x, ids = x.contiguous(), ids.contiguous()
+    weights = weights.float().contiguous()
+    w13, w2 = w13.contiguous(), w2.contiguous()
+    act = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+    _gate_up_kernel[(T * k, triton.cdiv(I, block_n))](
+        x, w13, ids, act, H, I, E, k, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k)
+    y = torch.empty(T, H, device=x.device, dtype=torch.float32)
+    _down_kernel[(T, triton.cdiv(H, block_n))](
+        act, w2, ids, weights, y, H, I, E, k, act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k)
+    return y.to(x.dtype)
+
+
+def moe_experts(x, w13, w2, ids, weights):
+    """Triton on CUDA for decode-sized batches, the host-chosen loop on the CPU."""
+    if triton is not None and x.is_cuda:
+        if ids.shape[0] <= GATHER_MAX_TOKENS:
+            return moe_experts_triton(x, w13, w2, ids, weights)
+        return _grouped(x, w13, w2, ids, weights)
+    return moe_experts_loop(x, w13, w2, ids, weights)

@@ -1,0 +1,84 @@
+"""The stacked-expert MoE (kernels/fused_moe.py): the Triton kernel in Triton's interpreter on the CPU and
+the CPU loop against the gathering PyTorch reference, and an independent per-expert sum."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dschat.kernels.fused_moe import (GATHER_MAX_TOKENS, moe_experts, moe_experts_loop, moe_experts_reference,
+                                      moe_experts_triton)
+
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+
+
+def case(T, E, k, H, I, seed=0, lo=0, hi=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    w13 = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5
+    w2 = torch.randn(E, H, I, generator=g) / I ** 0.5
+    hi = E if hi is None else hi
+    ids = torch.stack([torch.randperm(hi - lo, generator=g)[:k] + lo for _ in range(T)])
+    weights = torch.rand(T, k, generator=g)
+    return x, w13, w2, ids, weights
+
+
+def by_hand(x, w13, w2, ids, weights):
+    """Token by token, expert by expert, with the per-expert projections as the hub stores them."""
+    E, I = w13.shape[0], w2.shape[-1]
+    y = torch.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for e, w in zip(ids[t].tolist(), weights[t].tolist()):
+            if 0 <= e < E:
+                gate, up, down = w13[e, :I], w13[e, I:], w2[e]
+                y[t] += w * (down @ (F.silu(gate @ x[t]) * (up @ x[t])))
+    return y
+
+
+@pytest.mark.parametrize("T", [1, 3, GATHER_MAX_TOKENS + 5])
+def test_reference_and_loop_equal_the_per_expert_sum(T):
+    args = case(T, E=8, k=3, H=48, I=40, seed=T)
+    want = by_hand(*args)
+    assert torch.allclose(moe_experts_reference(*args), want, atol=1e-5)
+    assert torch.allclose(moe_experts_loop(*args), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, GATHER_MAX_TOKENS + 5])
+def test_experts_of_other_ranks_contribute_zero(T):
+    """ids outside 0..E-1 (another rank's experts, after subtracting this rank's first) add nothing."""
+    x, w13, w2, ids, weights = case(T, E=6, k=4, H=32, I=24, seed=5, lo=-6, hi=12)
+    kept = (ids >= 0) & (ids < 6)
+    assert kept.any() and not kept.all()
+    want = by_hand(x, w13, w2, torch.where(kept, ids, 0), torch.where(kept, weights, 0.0))
+    for fn in (moe_experts_reference, moe_experts_loop):
+        assert torch.allclose(fn(x, w13, w2, ids, weights), want, atol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("T, E, k, H, I", [
+    (1, 8, 2, 64, 48),     # batch-1 decode; I not a multiple of the block
+    (3, 6, 3, 100, 40),    # 1+K verify; H not a multiple of either block
+])
+def test_triton_matches_reference(T, E, k, H, I):
+    x, w13, w2, ids, weights = case(T, E, k, H, I, seed=E + T, lo=-2, hi=E + 2)
+    ref = moe_experts_reference(x, w13, w2, ids, weights)
+    out = moe_experts_triton(x, w13, w2, ids, weights, block_n=16, block_k=32)
+    assert out.dtype == x.dtype
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@needs_interpreter
+def test_triton_in_bfloat16_accumulates_in_float32():
+    x, w13, w2, ids, weights = case(2, 4, 2, 64, 32, seed=9)
+    want = moe_experts_reference(x, w13, w2, ids, weights)
+    out = moe_experts_triton(x.bfloat16(), w13.bfloat16(), w2.bfloat16(), ids, weights, block_n=16, block_k=32)
+    assert out.dtype == torch.bfloat16
+    assert float((out.float() - want).abs().max() / want.abs().max()) < 2e-2
+
+
+def test_dispatch_on_the_cpu_is_the_loop():
+    args = case(1, 5, 2, 16, 8, seed=3)
+    assert torch.equal(moe_experts(*args), moe_experts_loop(*args))
