@@ -1,14 +1,19 @@
-"""The `dschat` command: chat (TUI, line mode, pipe mode) and its subcommands."""
+"""The `dschat` command: its parser and its dispatch to the chat (TUI, line mode, pipe mode) and the
+subcommands. Nothing imports this module."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import traceback
-from pathlib import Path
+
+from . import commands, fim, ranks
+from .config import Settings
+from .errors import UsageError, error_text
+from .options import add_model_options, add_output_options, add_sampling_options
+from .runtime import Options
 
 DESCRIPTION = """\
 dschat: chat with DeepSeek models (V2, V2-Lite, V2.5, Coder-V2, V3, R1) on a local engine.
@@ -37,55 +42,7 @@ several GPUs: `echo question | torchrun --nproc-per-node N -m dschat --model ...
 N GPUs (tensor parallelism); rank 0 reads and answers (pipe mode and one-shot answers).
 """
 
-NO_MODEL = (
-    "no model given. Get one with `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then run "
-    "`dschat --model deepseek-ai/DeepSeek-V2-Lite-Chat` (or a local directory), or set DSCHAT_MODEL"
-)
-DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
-DEMO_NOTE = (
-    "using the bundled demo model (tiny, trained on Python's standard library; not a DeepSeek release). "
-    "For a real one: `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then --model"
-)
-
 SUBCOMMANDS = ("fim", "sessions", "export", "import", "rm", "rename", "replay")
-
-
-class UsageError(Exception):
-    """A problem with how dschat was called (exit code 2)."""
-
-
-# -- shared options ------------------------------------------------------------------------------------
-def add_model_options(p: argparse.ArgumentParser):
-    g = p.add_argument_group("model")
-    g.add_argument("-m", "--model", help="model directory, hub repo id, or `demo` (default: $DSCHAT_MODEL, then the "
-                                          "config file, then the bundled demo)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
-    g.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations (default: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--fp8", choices=["dequant", "keep"], default="dequant",
-                   help="FP8 checkpoints (V3, R1): dequantise the weights on load (default; fastest), or keep "
-                        "them in FP8, half the memory of bf16, dequantised as each layer runs")
-    g.add_argument("--cache-gb", type=float, default=None, metavar="GB",
-                   help="size of the latent KV cache pool (default: a share of free memory)")
-    g.add_argument("--speculative", choices=["mtp", "ngram", "none"], default=None,
-                   help="draft tokens with V3's MTP module or by prompt lookup (default: mtp when the model "
-                        "has it, else ngram)")
-    g.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens drafted per step")
-
-
-def add_sampling_options(p: argparse.ArgumentParser):
-    g = p.add_argument_group("sampling (defaults: the model's generation_config.json, then the config file)")
-    g.add_argument("-t", "--temperature", type=float, default=None, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None, help="0 = no limit")
-    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    g.add_argument("-n", "--max-tokens", type=int, default=None, help="longest reply, in tokens")
-
-
-def add_output_options(p: argparse.ArgumentParser):
-    p.add_argument("--stats", action="store_true",
-                   help="after each reply print one JSON line of statistics on stderr")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
 def chat_parser() -> argparse.ArgumentParser:
@@ -108,83 +65,6 @@ def chat_parser() -> argparse.ArgumentParser:
     return p
 
 
-# -- resolving settings ------------------------------------------------------------------------------------
-def settings():
-    from .config import Settings
-
-    return Settings.load()
-
-
-def model_name(args, conf) -> str:
-    """--model, then $DSCHAT_MODEL, then the config file, then the bundled demo ("demo" names it)."""
-    name = args.model or os.environ.get("DSCHAT_MODEL") or conf.model
-    if name == "demo":
-        return str(DEMO_DIR)
-    if name:
-        return name
-    if os.environ.get("DSCHAT_NO_DEMO") or not (DEMO_DIR / "config.json").exists():
-        raise UsageError(NO_MODEL)
-    sys.stderr.write(f"dschat: {DEMO_NOTE}\n")
-    return str(DEMO_DIR)
-
-
-def is_demo(path) -> bool:
-    return Path(path).resolve() == DEMO_DIR
-
-
-def default_device(args, conf) -> str:
-    dev = args.device or conf.device
-    if dev and dev != "auto":
-        return dev
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_engine(args, conf, progress=None):
-    from dschat.engine import Engine
-
-    return Engine.from_pretrained(model_name(args, conf), device=default_device(args, conf),
-                                  dtype=args.dtype or conf.dtype, cache_gb=args.cache_gb,
-                                  speculative=args.speculative, draft_tokens=args.draft_tokens,
-                                  progress=progress, fp8=getattr(args, "fp8", "dequant"))
-
-
-def sampling_params(args, conf, engine, prompt_len: int):
-    """Flags, then the config file, then the model's generation_config.json, then built-in defaults."""
-    from dschat.engine import SamplingParams
-
-    gen = engine.generation_config
-
-    def pick(flag, conf_value, gen_key, default):
-        for v in (flag, conf_value, gen.get(gen_key) if gen_key else None):
-            if v is not None:
-                return v
-        return default
-
-    temperature = pick(args.temperature, conf.temperature, "temperature", 0.6)
-    if args.temperature is None and conf.temperature is None and gen.get("do_sample") is False:
-        temperature = 0.0
-    room = engine.context_length - prompt_len
-    max_tokens = pick(args.max_tokens, conf.max_tokens, "max_new_tokens", min(2048, room))
-    if room < 1:
-        from dschat.engine import ContextLengthError
-
-        raise ContextLengthError(f"the prompt ({prompt_len} tokens) fills the context window "
-                                 f"({engine.context_length} tokens)")
-    return SamplingParams(temperature=float(temperature), top_p=float(pick(args.top_p, conf.top_p, "top_p", 1.0)),
-                          top_k=int(pick(args.top_k, conf.top_k, "top_k", 0)), seed=args.seed,
-                          max_tokens=int(min(max_tokens, room)))
-
-
-def print_stats(engine, file=None):
-    keys = ("prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "draft_tokens",
-            "accepted_tokens")
-    s = engine.stats
-    out = {k: (round(s[k], 4) if isinstance(s.get(k), float) else s.get(k)) for k in keys}
-    print(json.dumps(out), file=file or sys.stderr, flush=True)
-
-
 def read_stdin() -> str:
     data = sys.stdin.buffer.read()
     try:
@@ -193,10 +73,9 @@ def read_stdin() -> str:
         raise UsageError(f"stdin is not valid UTF-8 text (byte {e.start})") from None
 
 
-# -- chat: pipe mode / one-shot ------------------------------------------------------------------------------------
 def run_chat(argv: list[str]) -> int:
     args = chat_parser().parse_args(argv)
-    conf = settings()
+    opts = Options.from_args(args, Settings.load())
     piped = not sys.stdin.isatty()
     prompt = " ".join(args.prompt)
     if piped:
@@ -208,71 +87,34 @@ def run_chat(argv: list[str]) -> int:
         if not sys.stdout.isatty():
             raise UsageError("the chat needs a terminal on stdout; to write an answer elsewhere, give the "
                              "message on stdin or as an argument")
-        if args.plain:
-            from .linemode import run_line_mode
-
-            return run_line_mode(args, conf)
-        from .tui import run_tui
-
-        return run_tui(args, conf)
+        return run_interactive(opts, args.plain)
     if not message.strip():
-        from .ranks import launched
-
         raise UsageError("under torchrun dschat answers a message on stdin or as an argument (the TUI and "
-                         "line mode run in one process)" if launched() else
+                         "line mode run in one process)" if ranks.launched() else
                          "nothing to answer: stdin and the prompt are empty")
-    return answer_once(args, conf, message)
+    from . import pipe  # deferred: it loads torch
+
+    return pipe.show_prompt(opts, message) if args.show_prompt else pipe.answer(opts, message)
 
 
-def answer_once(args, conf, message: str) -> int:
-    from .chat import Chat
-    from .sessions import open_conversation, save_turn
+def run_interactive(opts: Options, plain: bool) -> int:
+    if plain:
+        from .linemode import run_line_mode  # deferred: torch
 
-    system = args.system if args.system is not None else conf.system
-    if args.show_prompt:
-        return show_prompt(args, conf, message, system)
-    engine = load_engine(args, conf)
-    chat, conv = open_conversation(args, engine, system)
-    turn = chat.turn(message)
-    params = sampling_params(args, conf, engine, len(turn.prompt_ids))
-    out = sys.stdout
-    wrote_newline = True
-    try:
-        for piece in chat.stream(turn, params):
-            out.write(piece)
-            out.flush()
-            wrote_newline = piece.endswith("\n")
-    except KeyboardInterrupt:
-        turn.interrupted = True
-        raise
-    finally:
-        if turn.output_ids or turn.interrupted:
-            chat.commit(turn)
-            save_turn(args, conv, chat, turn, engine)
-        if not wrote_newline:
-            out.write("\n")
-            out.flush()
-    if args.stats:
-        print_stats(engine)
-    return 0
+        return run_line_mode(opts)
+    from .tui import run_tui  # deferred: torch and Textual
+
+    return run_tui(opts)
 
 
-def show_prompt(args, conf, message, system) -> int:
-    """The exact prompt that would run, without loading the weights."""
-    from dschat.engine.loader import resolve
-    from dschat.engine.tokenizer import Tokenizer
+def run_subcommand(name: str, argv: list[str]) -> int:
+    if name == "fim":
+        return fim.run_fim(argv)
+    if name == "replay":
+        from .replay import run_replay  # deferred: torch
 
-    from .chat import Chat
-
-    class _NoWeights:  # the tokenizer is all Chat needs to build a prompt
-        pass
-
-    eng = _NoWeights()
-    eng.tokenizer = Tokenizer.from_dir(resolve(model_name(args, conf)))
-    chat = Chat(eng, system=system, raw=args.raw)
-    turn = chat.turn(message)
-    print(json.dumps({"text": turn.prompt_text, "ids": turn.prompt_ids}, ensure_ascii=False))
-    return 0
+        return run_replay(argv)
+    return commands.run(name, argv)
 
 
 # -- entry point ----------------------------------------------------------------------------------------------
@@ -288,20 +130,13 @@ def main(argv: list[str] | None = None):
         import warnings
 
         warnings.showwarning = show_warning
-    from . import ranks
-
     try:
         if ranks.launched():
             argv = ranks.start(argv)
             if argv and argv[0] in SUBCOMMANDS:
                 raise UsageError(f"`dschat {argv[0]}` runs in one process; under torchrun dschat answers a "
                                  "message on stdin or as an argument")
-        if argv and argv[0] in SUBCOMMANDS:
-            from . import commands
-
-            code = commands.run(argv[0], argv[1:])
-        else:
-            code = run_chat(argv)
+        code = run_subcommand(argv[0], argv[1:]) if argv and argv[0] in SUBCOMMANDS else run_chat(argv)
     except KeyboardInterrupt:
         sys.stderr.write("\ndschat: interrupted\n")
         code = 130
@@ -319,7 +154,3 @@ def main(argv: list[str] | None = None):
         ranks.finish()
     sys.exit(code)
 
-
-def error_text(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.split("\n")[0].split()) if "\n" in text else text

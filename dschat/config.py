@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .files import atomic_write_text
+from .paths import xdg
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,13 +29,6 @@ else:  # pragma: no cover
 
 class ConfigError(Exception):
     pass
-
-
-def xdg(kind: str) -> Path:
-    """$XDG_{CONFIG,DATA,CACHE}_HOME with the usual defaults."""
-    default = {"CONFIG": ".config", "DATA": ".local/share", "CACHE": ".cache"}[kind]
-    base = os.environ.get(f"XDG_{kind}_HOME") or str(Path.home() / default)
-    return Path(base) / "dschat"
 
 
 @dataclass
@@ -78,8 +73,6 @@ class Settings:
 
     def save(self, **changes):
         """Write changed settings back, atomically (other settings and comments are kept)."""
-        from .files import atomic_write_text
-
         path = self.path or self.path_default()
         lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
         for key, value in changes.items():

@@ -18,6 +18,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import Settings
+from .files import atomic_write_text
+from .options import add_model_options, add_output_options
+from .runtime import Options, load_engine, model_name, print_stats
+
 MARKER = "<FILL>"
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
 PREFIX_SHARE = 0.75  # of the context budget, when both sides need more than their share
@@ -156,8 +161,6 @@ def cut_repeat(completion: str, suffix: str, at_line_start: bool) -> tuple[str, 
 
 # -- the command ------------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    from .cli import add_model_options, add_output_options
-
     p = argparse.ArgumentParser(
         prog="dschat fim", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fill a hole in a source file with the model's fill-in-the-middle tokens "
@@ -219,21 +222,19 @@ def run_fim(argv: list[str]) -> int:
     from dschat.engine.loader import resolve
     from dschat.engine.tokenizer import Tokenizer
 
-    from .cli import load_engine, model_name, print_stats, settings
-
     args = parser().parse_args(argv)
     if args.in_place and args.file == "-":
         raise FimError("-i needs a file, not stdin")
     text, path = read_source(args.file)
     name = args.filename or args.file
     holes = find_holes(text, args.at, args.all, name)
-    conf = settings()
-    tok = Tokenizer.from_dir(resolve(model_name(args, conf)))
+    opts = Options.from_args(args, Settings.load())
+    tok = Tokenizer.from_dir(resolve(model_name(opts)))
     missing = [t for t in FIM_TOKENS if tok.token_id(t) is None]
     if missing:
         raise FimError(f"this model's tokenizer has no FIM tokens ({missing[0]}); use DeepSeek-Coder-V2, "
                        "V2.5 or V3 (DeepSeek-V2 was not trained for fill-in-the-middle)")
-    engine = load_engine(args, conf)
+    engine = load_engine(opts)
     results, current = [], text
     for _ in holes:
         if args.at is not None:
@@ -246,15 +247,13 @@ def run_fim(argv: list[str]) -> int:
         results.append({"insertion": insertion, "line": line, "column": column, "stop_reason": reason})
         current = current[:offset] + insertion + current[offset:]
         if args.stats:
-            print_stats(engine)
+            print_stats(engine.stats)
     if args.json:
         out = results if args.all else results[0]
         print(json.dumps(out, ensure_ascii=False))
     elif args.diff:
         write_diff(text, current, name)
     elif args.in_place:
-        from .files import atomic_write_text
-
         atomic_write_text(path, current)
     else:
         sys.stdout.write(colour(current, args.lang, name) if sys.stdout.isatty() else current)

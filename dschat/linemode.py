@@ -13,7 +13,12 @@ import sys
 from pathlib import Path
 
 from .chat import Chat, Turn
-from .config import xdg
+from .errors import error_text
+from .files import atomic_write_text
+from .paths import xdg
+from .runtime import Options, load_engine, print_stats, sampling_params, stats_json
+from .sessions import chat_from_conversation, new_conversation, open_conversation, save_turn
+from .store import Store, StoreError, read_json_file
 
 HELP = """\
   /system TEXT   set the system prompt (/system alone clears it)
@@ -107,22 +112,18 @@ def read_message(session) -> str | None:
     return text
 
 
-def run_line_mode(args, conf) -> int:
+def run_line_mode(opts: Options) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
     from prompt_toolkit.key_binding import KeyBindings
 
-    from .cli import error_text, load_engine, print_stats, sampling_params
-    from .sessions import new_conversation, open_conversation, save_turn
-
-    engine = load_engine(args, conf)
-    system = args.system if args.system is not None else conf.system
-    if args.cont or args.session:
-        chat, conv_id = open_conversation(args, engine, system)
+    engine = load_engine(opts)
+    if opts.continuing:
+        chat, conv_id = open_conversation(opts, engine)
     else:  # a new conversation is saved once something is said
-        chat, conv_id = Chat(engine, system=system), None
+        chat, conv_id = Chat(engine, system=opts.system_prompt), None
     last: dict = {"reply_id": None}  # the saved id of the last answer (a regenerated one is its sibling)
-    formatter = code_formatter(conf.code_style)
+    formatter = code_formatter(opts.config.code_style)
     history_file = xdg("DATA") / "prompt_history"
     history_file.parent.mkdir(parents=True, exist_ok=True)
     keys = KeyBindings()
@@ -141,7 +142,7 @@ def run_line_mode(args, conf) -> int:
         nonlocal conv_id
         printer, error = Printer(formatter=formatter), None
         try:
-            for piece in chat.stream(turn, sampling_params(args, conf, engine, len(turn.prompt_ids))):
+            for piece in chat.stream(turn, sampling_params(opts, engine, len(turn.prompt_ids))):
                 printer.write(piece)
         except KeyboardInterrupt:
             turn.interrupted = True
@@ -157,11 +158,11 @@ def run_line_mode(args, conf) -> int:
         if turn.interrupted:
             print("(stopped)")
         chat.commit(turn)
-        if conv_id is None and not args.no_save:  # a new conversation is saved with its first reply
-            conv_id = new_conversation(args, engine, chat.system)
-        _, last["reply_id"] = save_turn(args, conv_id, chat, turn, engine, answer_of=answer_of)
-        if args.stats:
-            print_stats(engine)
+        if conv_id is None and not opts.no_save:  # a new conversation is saved with its first reply
+            conv_id = new_conversation(opts, engine, chat.system)
+        _, last["reply_id"] = save_turn(conv_id, chat, turn, engine, answer_of=answer_of)
+        if opts.stats:
+            print_stats(engine.stats)
 
     while True:
         text = read_message(session)
@@ -184,7 +185,7 @@ def run_line_mode(args, conf) -> int:
                 chat.set_system(rest.strip())
                 print("(system prompt set)" if rest.strip() else "(system prompt cleared)")
             elif cmd == "stats":
-                print(json.dumps(engine.stats) if engine.stats else "(no reply yet)")
+                print(stats_json(engine.stats) if engine.stats else "(no reply yet)")
             elif cmd == "regen":
                 try:
                     turn = chat.regenerate_turn()
@@ -214,17 +215,12 @@ def saved_reply_id(conv_id: str | None) -> str | None:
     """The id of the saved last answer of a conversation opened from the history (-c, --session, /load)."""
     if conv_id is None:
         return None
-    from .store import Store
-
     with Store() as store:
         msgs = store.get(conv_id).messages
     return msgs[-1].id if msgs and msgs[-1].role == "assistant" else None
 
 
 def save_to(path: str, conv_id: str | None):
-    from .files import atomic_write_text
-    from .store import Store
-
     if not path or conv_id is None:
         print("(usage: /save FILE, once something has been said)" if not path else "(nothing saved yet)")
         return
@@ -236,10 +232,6 @@ def save_to(path: str, conv_id: str | None):
 
 def load_from(source: str, engine):
     """Open a saved conversation by id, or import an exported file and open that; None (said why) if not."""
-    from .commands import read_json_file
-    from .sessions import chat_from_conversation
-    from .store import Store, StoreError
-
     if not source:
         print("(usage: /load ID or /load FILE)")
         return None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .chat import Chat, Turn
+from .runtime import Options
+from .store import Store, StoreError
 
 
 def history_ids(messages) -> list[int] | None:
@@ -27,40 +29,31 @@ def saved_conversation(store, session_id: str | None):
     return store.get(store.resolve_id(session_id)) if session_id else store.latest()
 
 
-def new_conversation(args, engine, system: str | None) -> str:
+def new_conversation(opts: Options, engine, system: str | None) -> str:
     """Create a conversation in the history for this model, system prompt and sampling flags; its id."""
-    from .store import Store
-
     with Store() as store:
-        return store.create(model=str(args.model or engine.path), fingerprint=engine.fingerprint, system=system,
-                            params=_params(args))
+        return store.create(model=str(opts.model or engine.path), fingerprint=engine.fingerprint, system=system,
+                            params=opts.sampling_flags())
 
 
-def open_conversation(args, engine, system: str | None):
+def open_conversation(opts: Options, engine):
     """(chat, conversation id or None). -c continues the latest conversation, --session ID a given one."""
-    if not (args.cont or args.session):
-        conv_id = None if getattr(args, "no_save", False) else new_conversation(args, engine, system)
-        return Chat(engine, system=system, raw=args.raw), conv_id
-    from .store import Store, StoreError
-
+    if not opts.continuing:
+        conv_id = None if opts.no_save else new_conversation(opts, engine, opts.system_prompt)
+        return Chat(engine, system=opts.system_prompt, raw=opts.raw), conv_id
     with Store() as store:
-        conv = saved_conversation(store, args.session)
+        conv = saved_conversation(store, opts.session)
         if conv is None:
             raise StoreError("there is no saved conversation to continue yet")
-        chat = chat_from_conversation(engine, conv, system=args.system, raw=args.raw)
-        if args.system is not None and args.system != conv.system:
-            store.set_system(conv.id, args.system)
+        chat = chat_from_conversation(engine, conv, system=opts.system, raw=opts.raw)
+        if opts.system is not None and opts.system != conv.system:
+            store.set_system(conv.id, opts.system)
     if chat.ids:  # the latent cache of this history, if an earlier process saved it
         engine.load_prefix(chat.ids)
-    return chat, (None if args.no_save else conv.id)
+    return chat, (None if opts.no_save else conv.id)
 
 
-def _params(args) -> dict:
-    return {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "seed", "max_tokens")
-            if getattr(args, k, None) is not None}
-
-
-def save_turn(args, conv_id: str | None, chat: Chat, turn: Turn, engine, *, answer_of: str | None = None,
+def save_turn(conv_id: str | None, chat: Chat, turn: Turn, engine, *, answer_of: str | None = None,
               edit_of: str | None = None) -> tuple[str | None, str | None]:
     """Commit one exchange at once: the user message with the prompt ids it ran as, the reply with the
     ids generated (an interrupted reply is kept and marked). `answer_of`: a regenerated answer, saved as a
@@ -68,8 +61,6 @@ def save_turn(args, conv_id: str | None, chat: Chat, turn: Turn, engine, *, answ
     Returns (user message id, assistant message id)."""
     if conv_id is None:
         return None, None
-    from .store import Store
-
     stats = turn.stats or {}
     reply = dict(token_ids=turn.output_ids, generated_tokens=len(turn.output_ids), interrupted=turn.interrupted,
                  timings={k: stats[k] for k in ("ttft_s", "decode_tokens_per_s", "cached_tokens", "draft_tokens",

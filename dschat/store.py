@@ -20,6 +20,8 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .paths import xdg
+
 SCHEMA = 1
 EXPORT_VERSION = 1
 
@@ -125,8 +127,6 @@ class Store:
 
     @staticmethod
     def default_path() -> Path:
-        from .config import xdg
-
         return xdg("DATA") / "history.db"
 
     # -- opening: check first, write after ---------------------------------------------------------------------
@@ -420,6 +420,19 @@ class _Transaction:
             if isinstance(value, sqlite3.DatabaseError):
                 raise StoreError(f"{self.path}: could not write the history ({value})") from None
         return False
+
+
+def read_json_file(path: str) -> dict:
+    """An exported conversation file, read (not yet validated: `import_json` does that)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise StoreError(f"{path}: not a conversation file ({e})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: not a conversation file (expected a JSON object)")
+    return data
 
 
 def _validate_export(data) -> list[dict]:

@@ -22,8 +22,15 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Markdown, Static, TextArea
 from textual.widgets.markdown import MarkdownFence
 
+from dschat.themes import load_themes
+
 from .chat import Chat, Turn
-from .config import Settings, xdg
+from .errors import error_text
+from .files import atomic_write_text
+from .paths import xdg
+from .runtime import DEMO_DIR, Options, load_engine, model_name, sampling_params
+from .sessions import chat_from_conversation, new_conversation, saved_conversation, save_turn
+from .store import Store, StoreError
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
@@ -205,9 +212,10 @@ class ChatApp(App):
         Binding("f1", "help", "Help", id="help"),
     ]
 
-    def __init__(self, args, conf: Settings):
+    def __init__(self, opts: Options):
         super().__init__()
-        self.args, self.conf = args, conf
+        self.opts = opts
+        self.conf = opts.config
         self.engine = None
         self.chat: Chat | None = None
         self.conv_id: str | None = None
@@ -235,14 +243,12 @@ class ChatApp(App):
         yield Footer()
 
     def on_mount(self):
-        from dschat.themes import load_themes
-
         themes, problems = load_themes(xdg("CONFIG") / "themes")
         for t in themes:
             self.register_theme(t)
         for p in problems:
             self.notify(p, severity="warning")
-        wanted = self.args.theme or self.conf.theme or "deepseek-dark"
+        wanted = self.opts.theme or self.conf.theme or "deepseek-dark"
         if wanted in self.available_themes:
             self.theme = wanted
         else:
@@ -283,12 +289,10 @@ class ChatApp(App):
     # -- model ----------------------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="engine")
     def load_model(self, name: str | None = None):
-        from .cli import DEMO_DIR, error_text, load_engine, model_name
-
         if name:
-            self.args.model = name
+            self.opts.model = name
         try:
-            label = model_name(self.args, self.conf)
+            label = model_name(self.opts)
         except Exception as e:
             self._ui(self.notify, error_text(e), severity="error", timeout=10)
             return
@@ -298,7 +302,7 @@ class ChatApp(App):
             self._ui(self.set_status, f"loading {label}: {done / max(total, 1):.0%}")
 
         try:
-            engine = load_engine(self.args, self.conf, progress=progress)
+            engine = load_engine(self.opts, progress=progress)
             engine.tokenizer  # fail here, not on the first message
         except Exception as e:
             self._ui(self.set_status, "no model loaded")
@@ -314,27 +318,22 @@ class ChatApp(App):
         self.engine = engine
         self.sub_title = f"{self.model_label} on {engine.device}"
         self.start_chat()
-        if self.args.cont or self.args.session:
-            from .sessions import saved_conversation
-
-            conv = self._with_store(lambda s: saved_conversation(s, self.args.session))
+        if self.opts.continuing:
+            conv = self._with_store(lambda s: saved_conversation(s, self.opts.session))
             if conv is not None:
                 self.open_conversation(conv)
         self.update_status()
 
     def start_chat(self):
-        system = self.args.system if self.args.system is not None else self.conf.system
-        self.chat = Chat(self.engine, system=system)
+        self.chat = Chat(self.engine, system=self.opts.system_prompt)
         self.conv_id, self.last_ids, self.pending_edit = None, (None, None), None
         self.query_one("#conversation").remove_children()
 
     def open_conversation(self, conv):
-        from .sessions import chat_from_conversation
-
         self.chat = chat_from_conversation(self.engine, conv)
         if self.chat.ids:
             self.engine.load_prefix(self.chat.ids)  # resume without a long prefill when it was saved
-        self.conv_id = None if self.args.no_save else conv.id
+        self.conv_id = None if self.opts.no_save else conv.id
         msgs = [m for m in conv.messages if m.role != "system"]
         user = next((m.id for m in reversed(msgs) if m.role == "user"), None)
         reply = next((m.id for m in reversed(msgs) if m.role == "assistant"), None)
@@ -360,8 +359,6 @@ class ChatApp(App):
         try:
             turn = self.chat.turn(event.text)
         except Exception as e:
-            from .cli import error_text
-
             self.notify(error_text(e), severity="error")
             return
         prompt.text = ""
@@ -380,12 +377,10 @@ class ChatApp(App):
 
     @work(thread=True, exclusive=True, group="engine")
     def generate(self, turn: Turn, reply: MessageView, answer_of: str | None, regenerating: bool):
-        from .cli import error_text, sampling_params
-
         error = None
         pieces = None
         try:
-            params = sampling_params(self.args, self.conf, self.engine, len(turn.prompt_ids))
+            params = sampling_params(self.opts, self.engine, len(turn.prompt_ids))
             pieces = self.chat.stream(turn, params)
             for piece in pieces:
                 self._ui(self._show_piece, reply, piece, turn.stats)
@@ -439,14 +434,12 @@ class ChatApp(App):
             prompt.text = turn.user
 
     def save(self, turn: Turn, answer_of: str | None):
-        if self.args.no_save:
+        if self.opts.no_save:
             return
-        from .sessions import new_conversation, save_turn
-
         try:
             if self.conv_id is None:
-                self.conv_id = new_conversation(self.args, self.engine, self.chat.system)
-            user_id, reply_id = save_turn(self.args, self.conv_id, self.chat, turn, self.engine,
+                self.conv_id = new_conversation(self.opts, self.engine, self.chat.system)
+            user_id, reply_id = save_turn(self.conv_id, self.chat, turn, self.engine,
                                           answer_of=answer_of, edit_of=self.pending_edit)
             self.last_ids = (user_id or self.last_ids[0], reply_id)
             self.pending_edit = None
@@ -570,8 +563,6 @@ class ChatApp(App):
         self.push_screen(AskScreen("System prompt:", (self.chat.system or "") if self.chat else ""), done)
 
     def _with_store(self, fn):
-        from .store import Store, StoreError
-
         try:
             with Store() as store:
                 return fn(store)
@@ -604,8 +595,6 @@ class ChatApp(App):
         if not self.conv_id:
             self.notify("nothing saved yet to export", severity="warning")
             return
-        from .files import atomic_write_text
-
         text = self._with_store(lambda s: s.export_markdown(self.conv_id))
         if text:
             path = Path.cwd() / f"dschat-{self.conv_id}.md"
@@ -621,7 +610,7 @@ class ChatApp(App):
                 self.engine = None
                 self.load_model(name.strip())
 
-        self.push_screen(AskScreen("Model (directory, hub id or demo):", self.args.model or ""), done)
+        self.push_screen(AskScreen("Model (directory, hub id or demo):", self.opts.model or ""), done)
 
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)
@@ -660,6 +649,6 @@ class ChatApp(App):
             self.query_one(PromptArea).focus()
 
 
-def run_tui(args, conf) -> int:
-    ChatApp(args, conf).run()
+def run_tui(opts: Options) -> int:
+    ChatApp(opts).run()
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from test_pipe_mode import run
 
-from dschat.cli import DEMO_DIR
+from dschat.runtime import DEMO_DIR
 from dschat.engine import Engine, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]

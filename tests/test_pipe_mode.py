@@ -91,19 +91,17 @@ def test_help_reads_well():
 
 
 def test_generation_config_defaults(chat_models, tmp_path):
-    from dschat import cli
+    from dschat.config import Settings
+    from dschat.runtime import Options, sampling_params
 
     d = tmp_path / "m"
     shutil.copytree(chat_models["v2"], d)
     (d / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.3, "top_p": 0.95,
                                                           "max_new_tokens": 77}))
     eng = Engine.from_pretrained(d, dtype=torch.float32)
-    args = cli.chat_parser().parse_args([])
-    conf = cli.settings()
-    p = cli.sampling_params(args, conf, eng, 10)
+    p = sampling_params(Options(config=Settings.load()), eng, 10)
     assert (p.temperature, p.top_p, p.max_tokens) == (0.3, 0.95, 77)
-    args = cli.chat_parser().parse_args(["-t", "0", "--top-p", "0.5"])
-    p = cli.sampling_params(args, conf, eng, 10)
+    p = sampling_params(Options(config=Settings.load(), temperature=0.0, top_p=0.5), eng, 10)
     assert (p.temperature, p.top_p) == (0.0, 0.5)
 
 

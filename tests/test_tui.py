@@ -7,16 +7,17 @@ import time
 
 import pytest
 
-from dschat import cli
+from dschat.cli import chat_parser
 from dschat.config import Settings
+from dschat.engine import SamplingParams
+from dschat.runtime import Options
 from dschat.store import Store
 from dschat.tui import ChatApp, MessageView, PromptArea
-from engine import SamplingParams
 
 
 def make_app(model, *extra):
-    args = cli.chat_parser().parse_args(["--model", str(model), "-t", "0", *extra])
-    return ChatApp(args, Settings.load())
+    args = chat_parser().parse_args(["--model", str(model), "-t", "0", *extra])
+    return ChatApp(Options.from_args(args, Settings.load()))
 
 
 async def until(pilot, cond, timeout=60.0):
@@ -86,7 +87,7 @@ async def test_esc_stops_the_reply_and_keeps_it(chat_models):
         saved = Store().latest().messages[-1]
         assert saved.interrupted and saved.content == view.text.strip()
         # still usable afterwards
-        app.args.max_tokens = 4
+        app.opts.max_tokens = 4
         await send(pilot, app, "short one")
         assert len(replies(app)) == 2
 
@@ -122,7 +123,7 @@ async def test_regenerate_copy_new_chat_and_recall(chat_models):
         await ready(pilot, app)
         await send(pilot, app, "first prompt")
         first = replies(app)[-1].text
-        app.args.temperature, app.args.seed = 1.0, 7  # a different answer this time
+        app.opts.temperature, app.opts.seed = 1.0, 7  # a different answer this time
         done = app.turns_done
         await pilot.press("ctrl+r")
         await until(pilot, lambda: app.turns_done > done)
@@ -206,7 +207,7 @@ async def test_a_model_that_fails_to_load_is_a_notice(tmp_path, chat_models):
 
 # -- snapshots ---------------------------------------------------------------------------------------------------------
 def snapshot_app(theme: str, with_history: bool):
-    from dschat.cli import DEMO_DIR
+    from dschat.runtime import DEMO_DIR
 
     if with_history:
         s = Store()
@@ -384,7 +385,7 @@ async def test_scrolling_up_is_not_yanked_back_by_the_stream(chat_models):
 
 
 def test_user_theme_files(tmp_path):
-    from themes import ThemeError, load_themes, read_theme
+    from dschat.themes import ThemeError, load_themes, read_theme
 
     (tmp_path / "mine.toml").write_text('primary = "#ff8800"\ndark = true\n')
     (tmp_path / "broken.toml").write_text('primary = "not a colour"\n')
@@ -398,7 +399,7 @@ def test_user_theme_files(tmp_path):
 
 
 async def test_a_full_context_is_a_notice_and_the_message_goes_back_into_the_input(chat_models, monkeypatch):
-    from engine import Engine
+    from dschat.engine import Engine
 
     app = make_app(chat_models["v3"], "-n", "4")
     async with app.run_test(size=(100, 30)) as pilot:

@@ -1,0 +1,13 @@
+"""How the app reports a problem: one readable line on stderr, and an exit code."""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """A problem with how dschat was called (exit code 2)."""
+
+
+def error_text(e: BaseException) -> str:
+    """An exception as one line: its message's first line, spaces collapsed, or its type's name."""
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split("\n")[0].split()) if "\n" in text else text

@@ -1,0 +1,38 @@
+"""The command-line option groups that the chat and the subcommands (fim, replay) share."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_options(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", help="model directory, hub repo id, or `demo` (default: $DSCHAT_MODEL, then the "
+                                          "config file, then the bundled demo)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
+    g.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations (default: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--fp8", choices=["dequant", "keep"], default="dequant",
+                   help="FP8 checkpoints (V3, R1): dequantise the weights on load (default; fastest), or keep "
+                        "them in FP8, half the memory of bf16, dequantised as each layer runs")
+    g.add_argument("--cache-gb", type=float, default=None, metavar="GB",
+                   help="size of the latent KV cache pool (default: a share of free memory)")
+    g.add_argument("--speculative", choices=["mtp", "ngram", "none"], default=None,
+                   help="draft tokens with V3's MTP module or by prompt lookup (default: mtp when the model "
+                        "has it, else ngram)")
+    g.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens drafted per step")
+
+
+def add_sampling_options(p: argparse.ArgumentParser):
+    g = p.add_argument_group("sampling (defaults: the model's generation_config.json, then the config file)")
+    g.add_argument("-t", "--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="0 = no limit")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("-n", "--max-tokens", type=int, default=None, help="longest reply, in tokens")
+
+
+def add_output_options(p: argparse.ArgumentParser):
+    p.add_argument("--stats", action="store_true",
+                   help="after each reply print one JSON line of statistics on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")

@@ -1,0 +1,140 @@
+"""Running a model for the app: the typed options of one run (flags over the config file), which model
+(the bundled demo when none is named), which device, loading the engine, the sampling parameters of a
+reply, and the statistics line of `--stats`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .config import Settings
+from .errors import UsageError
+
+NO_MODEL = (
+    "no model given. Get one with `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then run "
+    "`dschat --model deepseek-ai/DeepSeek-V2-Lite-Chat` (or a local directory), or set DSCHAT_MODEL"
+)
+DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+DEMO_NOTE = (
+    "using the bundled demo model (tiny, trained on Python's standard library; not a DeepSeek release). "
+    "For a real one: `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then --model"
+)
+STATS_KEYS = ("prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "draft_tokens",
+              "accepted_tokens")
+
+
+@dataclass
+class Options:
+    """What one run of dschat was asked for: the command line's flags, with the config file beside them
+    (a flag left out is None; the config file and the model's defaults fill it in where it is used)."""
+
+    config: Settings = field(default_factory=Settings)
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    fp8: str = "dequant"
+    cache_gb: float | None = None
+    speculative: str | None = None
+    draft_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+    system: str | None = None
+    raw: bool = False
+    stats: bool = False
+    no_save: bool = False
+    cont: bool = False
+    session: str | None = None
+    theme: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, config: Settings) -> "Options":
+        """The options a parser produced (each parser defines the flags it takes; the rest keep defaults)."""
+        names = {f.name for f in fields(cls)}
+        return cls(config=config, **{k: v for k, v in vars(args).items() if k in names})
+
+    @property
+    def system_prompt(self) -> str | None:
+        """--system, else the config file's."""
+        return self.system if self.system is not None else self.config.system
+
+    @property
+    def continuing(self) -> bool:
+        """-c or --session: continue a saved conversation."""
+        return self.cont or self.session is not None
+
+    def sampling_flags(self) -> dict:
+        """The sampling flags given, as saved with a conversation."""
+        return {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "seed", "max_tokens")
+                if getattr(self, k) is not None}
+
+
+def model_name(opts: Options) -> str:
+    """--model, then $DSCHAT_MODEL, then the config file, then the bundled demo ("demo" names it)."""
+    name = opts.model or os.environ.get("DSCHAT_MODEL") or opts.config.model
+    if name == "demo":
+        return str(DEMO_DIR)
+    if name:
+        return name
+    if os.environ.get("DSCHAT_NO_DEMO") or not (DEMO_DIR / "config.json").exists():
+        raise UsageError(NO_MODEL)
+    sys.stderr.write(f"dschat: {DEMO_NOTE}\n")
+    return str(DEMO_DIR)
+
+
+def default_device(opts: Options) -> str:
+    dev = opts.device or opts.config.device
+    if dev and dev != "auto":
+        return dev
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_engine(opts: Options, progress=None):
+    from dschat.engine import Engine  # deferred: torch
+
+    return Engine.from_pretrained(model_name(opts), device=default_device(opts), dtype=opts.dtype or opts.config.dtype,
+                                  cache_gb=opts.cache_gb, speculative=opts.speculative,
+                                  draft_tokens=opts.draft_tokens, progress=progress, fp8=opts.fp8)
+
+
+def sampling_params(opts: Options, engine, prompt_len: int):
+    """Flags, then the config file, then the model's generation_config.json, then built-in defaults."""
+    from dschat.engine import ContextLengthError, SamplingParams  # deferred: torch
+
+    gen, conf = engine.generation_config, opts.config
+
+    def pick(flag, conf_value, gen_key, default):
+        for v in (flag, conf_value, gen.get(gen_key)):
+            if v is not None:
+                return v
+        return default
+
+    temperature = pick(opts.temperature, conf.temperature, "temperature", 0.6)
+    if opts.temperature is None and conf.temperature is None and gen.get("do_sample") is False:
+        temperature = 0.0
+    room = engine.context_length - prompt_len
+    if room < 1:
+        raise ContextLengthError(f"the prompt ({prompt_len} tokens) fills the context window "
+                                 f"({engine.context_length} tokens)")
+    max_tokens = pick(opts.max_tokens, conf.max_tokens, "max_new_tokens", min(2048, room))
+    return SamplingParams(temperature=float(temperature), top_p=float(pick(opts.top_p, conf.top_p, "top_p", 1.0)),
+                          top_k=int(pick(opts.top_k, conf.top_k, "top_k", 0)), seed=opts.seed,
+                          max_tokens=int(min(max_tokens, room)))
+
+
+def stats_json(stats: dict) -> str:
+    """The statistics of one reply as one JSON line (`--stats`, /stats)."""
+    return json.dumps({k: (round(stats[k], 4) if isinstance(stats.get(k), float) else stats.get(k))
+                       for k in STATS_KEYS})
+
+
+def print_stats(stats: dict):
+    print(stats_json(stats), file=sys.stderr, flush=True)
