@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from test_pipe_mode import run
 
 from dschat.runtime import DEMO_DIR
 from dschat.engine import Engine, SamplingParams
-
-ROOT = Path(__file__).resolve().parents[1]
+from training.model import MAX_SHIPPED_MB
 
 
 def test_shipped_weights_match_their_recorded_checksums():
@@ -23,7 +19,7 @@ def test_shipped_weights_match_their_recorded_checksums():
     assert recorded and set(recorded) == {p.name for p in DEMO_DIR.glob("*.safetensors")}
     for name, digest in recorded.items():
         assert hashlib.sha256((DEMO_DIR / name).read_bytes()).hexdigest() == digest, name
-    assert sum(p.stat().st_size for p in DEMO_DIR.iterdir()) <= 30 * 2**20
+    assert sum(p.stat().st_size for p in DEMO_DIR.iterdir()) <= MAX_SHIPPED_MB * 2**20
 
 
 def test_it_is_a_v3_architecture_model_with_mtp():
@@ -66,15 +62,3 @@ def test_mtp_drafts_are_accepted_and_lossless():
 def test_help_says_what_the_demo_is():
     text = run(["--help"], stdin=None).stdout.decode()
     assert "bundled demo model" in text and "not a DeepSeek release" in text.replace("\n", " ")
-
-
-def test_training_script_runs_and_learns(tmp_path):
-    out = tmp_path / "tiny"
-    r = subprocess.run([sys.executable, str(ROOT / "training" / "train_demo.py"), "--tiny", "--steps", "40",
-                        "--chat-steps", "0", "--batch", "8", "--eval", "2", "--out", str(out)],
-                       capture_output=True, timeout=300)
-    assert r.returncode == 0, r.stderr.decode()[-2000:]
-    report = json.loads((out / "training_report.json").read_text())
-    assert report["last_loss"] < report["first_loss"] - 0.5
-    eng = Engine.from_pretrained(out, dtype=torch.float32)
-    assert len(list(eng.generate([0, 5, 6], SamplingParams(max_tokens=4, ignore_eos=True)))) == 4

@@ -1,564 +1,227 @@
-"""Train dschat's bundled demo model: a tiny DeepSeek-V3-architecture model on Python's standard library.
+"""Train dschat's bundled demo model: a small DeepSeek-V3-architecture model on Python's standard library.
 
-    python training/train_demo.py --out dschat/demo_model            # the shipped model (use a GPU)
-    python training/train_demo.py --tiny --steps 20 --out /tmp/demo  # a smoke test on the CPU
+    python training/train_demo.py --out dschat/demo_model --minutes 17 --device cuda   # the shipped model (GPU)
+    python training/train_demo.py --tiny --steps 20 --out /tmp/demo                    # a smoke test on the CPU
+    python training/train_demo.py --dry-run                                            # what would be trained
+    python training/train_demo.py --dump-data 8 > rows.jsonl                           # the first 8 rows
+    python training/train_demo.py --evaluate dschat/demo_model --report report.json    # figures, on the CPU
 
-What it does, all from a seed:
-  1. corpus: the .py files of this interpreter's standard library (tests excluded); every 20th module, by a
-     stable hash of its path, is held out for evaluation;
-  2. tokenizer: byte-level BPE (tokenizers) trained on the training files, with DeepSeek's special tokens;
-  3. pre-training on code: next-token loss plus V3's multi-token-prediction loss (weight 0.3), half the
-     examples in fill-in-the-middle form <｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>middle;
-     aux-loss-free load balancing (the router's e_score_correction_bias follows the expert loads);
-  4. chat stage: questions about modules, functions and classes answered from their signatures and
-     docstrings (generated with `inspect` from the library itself), in the model's chat template, mixed
-     with code so FIM is kept;
-  5. writes the hub layout (config.json, safetensors shards + index, tokenizer files, generation_config.json)
-     and reports held-out loss, single-line FIM exact match and the MTP acceptance rate.
+All from a seed: the corpus (corpus.py; every 20th module held out), a byte-level BPE tokenizer (tokens.py),
+batches that are a pure function of (seed, step) (batches.py) mixing plain code, fill-in-the-middle examples
+cut as `dschat fim` cuts files (fim_data.py) and chat generated from the library (chat_data.py); a V3-style
+model with MTP (model.py); export in the hub layout (export.py); evaluation on the CPU (evaluate.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib
-import inspect
 import json
-import math
 import os
-import random
-import re
 import sys
-import sysconfig
 import time
-import warnings
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from dschat.engine.config import ModelConfig  # noqa: E402
-from dschat.engine.model import Gate, Transformer  # noqa: E402
+from dschat.engine.errors import ModelError  # noqa: E402
+from dschat.fim import parser as fim_parser  # noqa: E402
+from training.batches import Data  # noqa: E402
+from training.chat_data import CHAT_MODULES, TINY_MODULES, chat_pairs  # noqa: E402
+from training.corpus import TINY_FILES, split, stdlib_files  # noqa: E402
+from training.evaluate import evaluate  # noqa: E402
+from training.export import export, shipped_bytes  # noqa: E402
+from training.loop import Trainer, save_state  # noqa: E402
+from training.model import MAX_POSITIONS, MAX_SHIPPED_MB, SIZES, build_model, model_config, n_params  # noqa: E402
+from training.tokens import app_tokenizer, from_json, train_tokenizer  # noqa: E402
 
-BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
-FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
-SPECIALS = [BOS, EOS, PAD, USER, ASSISTANT, FIM_BEGIN, FIM_HOLE, FIM_END]
-
-# The chat template (V3's shape: BOS, system text, then <｜User｜>…<｜Assistant｜>…<｜end▁of▁sentence｜>).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- if not messages or messages[0]['role'] != 'system' %}"
-    "You are a small demo model trained on Python's standard library."
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'system' %}{{ message['content'] }}"
-    "{%- elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
-)
-
-SYSTEM = "You are a small demo model trained on Python's standard library."  # also the template's default
+FIM_CONTEXT = fim_parser().get_default("context")  # what `dschat fim` sends by default
+FIM_MIDDLE = fim_parser().get_default("max_tokens")
+TINY = {"context": 96, "max_middle": 32}
 
 
-def model_config(tiny: bool, vocab: int) -> dict:
-    c = {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
-        "vocab_size": vocab,
-        "hidden_size": 256,
-        "intermediate_size": 1024,
-        "moe_intermediate_size": 192,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "q_lora_rank": 128,
-        "kv_lora_rank": 64,
-        "qk_nope_head_dim": 32,
-        "qk_rope_head_dim": 16,
-        "v_head_dim": 32,
-        "n_routed_experts": 16,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 2,
-        "n_group": 4,
-        "topk_group": 2,
-        "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid",
-        "norm_topk_prob": True,
-        "routed_scaling_factor": 2.5,
-        "first_k_dense_replace": 1,
-        "moe_layer_freq": 1,
-        "num_nextn_predict_layers": 1,
-        "max_position_embeddings": 4096,
-        "rope_theta": 10000.0,
-        "rope_scaling": None,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "torch_dtype": "bfloat16",
-    }
-    if tiny:
-        c.update(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-                 q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-                 n_routed_experts=4, n_group=2, topk_group=1)
-    return c
+class TrainError(Exception):
+    pass
 
 
-# -- corpus ----------------------------------------------------------------------------------------------------
-SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo", "idlelib", "ensurepip",
-             "venv"}
-TEST_DIRS = {"test", "tests", "idle_test"}
-
-
-def is_test(rel: str) -> bool:
-    parts = Path(rel).parts
-    return bool(set(parts[:-1]) & TEST_DIRS) or parts[-1].startswith("test_")
-
-
-def stdlib_files(limit: int | None = None, tests: bool = True) -> list[tuple[str, str]]:
-    """(relative path, text) of the standard library's .py files; its own test suite too when `tests`."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if set(rel.parts[:-1]) & SKIP_DIRS or (not tests and is_test(str(rel))):
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        out.append((str(rel), text))
-    return out[:limit] if limit else out
-
-
-def held_out(rel: str) -> bool:
-    return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 20 == 0
-
-
-# -- tokenizer ---------------------------------------------------------------------------------------------------
-def train_tokenizer(texts: list[str], vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
-
-
-def tokenizer_config() -> dict:
-    return {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "pad_token": PAD,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 4096,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHAT_TEMPLATE,
-    }
-
-
-# -- chat data from the library itself -----------------------------------------------------------------------------
-CHAT_MODULES = """os os.path sys json re collections itertools functools pathlib subprocess shutil math random
-datetime time typing dataclasses string textwrap urllib.parse urllib.request http.client csv sqlite3 hashlib
-base64 logging argparse unittest io struct heapq bisect copy glob fnmatch tempfile zipfile tarfile gzip bz2
-lzma pickle enum abc contextlib threading queue asyncio socket select signal statistics fractions decimal
-operator inspect traceback warnings weakref uuid secrets platform locale calendar pprint difflib shlex
-configparser xml.etree.ElementTree html html.parser email json.decoder array codecs unicodedata zlib hmac
-getpass optparse sched shelve dbm timeit cProfile pstats dis ast tokenize keyword types numbers cmath
-ipaddress mimetypes binascii quopri smtplib ftplib imaplib poplib socketserver http.server wsgiref
-concurrent.futures multiprocessing filecmp fileinput stat linecache graphlib zoneinfo""".split()
-
-
-def summary(doc: str | None) -> str | None:
-    if not doc:
-        return None
-    para = doc.strip().split("\n\n")[0]
-    para = " ".join(para.split())
-    if len(para) < 12 or len(para) > 600:
-        return None
-    return para
-
-
-def chat_pairs() -> list[tuple[str, str]]:
-    """(question, answer) pairs about the standard library, from signatures and docstrings."""
-    pairs = []
-    warnings.simplefilter("ignore")
-    for modname in CHAT_MODULES:
-        try:
-            mod = importlib.import_module(modname)
-        except Exception:
-            continue
-        s = summary(mod.__doc__)
-        if s:
-            pairs.append((f"What is the {modname} module for?", f"The `{modname}` module: {s}"))
-            pairs.append((f"Tell me about {modname}.", f"`{modname}` is a standard library module. {s}"))
-        for name, obj in sorted(vars(mod).items()):
-            if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
-                continue
-            if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
-                continue
-            s = summary(inspect.getdoc(obj))
-            if not s:
-                continue
-            qual = f"{modname}.{name}"
-            try:
-                sig = str(inspect.signature(obj))
-            except (TypeError, ValueError):
-                sig = "(...)"
-            kind = "class" if inspect.isclass(obj) else "function"
-            pairs.append((f"What does {qual} do?", f"`{qual}{sig}` {s}"))
-            pairs.append((f"How do I use {qual}?", f"Call `{qual}{sig}`. {s}"))
-            pairs.append((f"Which module has {name}?", f"`{name}` is a {kind} in the `{modname}` module. {s}"))
-    return pairs
-
-
-# -- batches -----------------------------------------------------------------------------------------------------------
-class Data:
-    def __init__(self, tok, files: list[tuple[str, str]], pairs, seq: int, seed: int):
-        self.tok, self.seq = tok, seq
-        self.rng = random.Random(seed)
-        self.ids = {s: tok.token_to_id(s) for s in SPECIALS}
-        self.texts = [t for _, t in files if len(t) > 200]
-        docs = tok.encode_batch([t for _, t in files])
-        self.stream = []
-        for d in docs:
-            self.stream += [self.ids[BOS]] + d.ids + [self.ids[EOS]]
-        self.chats = []
-        for q, a in pairs:
-            prompt = tok.encode(f"{BOS}{SYSTEM}{USER}{q}{ASSISTANT}").ids
-            answer = tok.encode(f"{a}{EOS}").ids
-            self.chats.append((prompt, answer))
-
-    def hole(self, text: str) -> tuple[int, int]:
-        """Where the middle is cut out, in characters (as `dschat fim` cuts it at inference): the rest of a
-        line from the cursor, one to a few whole lines, or a random span."""
-        rng = self.rng
-        kind = rng.random()
-        starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
-        if kind < 0.4:  # the rest of a line, from after its indentation or from inside it
-            k = rng.randrange(len(starts) - 1)
-            line = text[starts[k]:starts[k + 1] - 1]
-            indent = len(line) - len(line.lstrip())
-            a = starts[k] + (indent if rng.random() < 0.6 else rng.randint(indent, len(line)))
-            return a, starts[k + 1] - 1
-        if kind < 0.75:  # whole lines, newline included
-            k = rng.randrange(len(starts) - 1)
-            j = min(len(starts) - 1, k + rng.choice((1, 1, 2, 3, 5)))
-            return starts[k], starts[j]
-        a = rng.randrange(len(text))
-        return a, min(len(text), a + rng.randint(1, 200))
-
-    def code(self) -> tuple[list[int], list[int]]:
-        S = self.seq
-        if self.rng.random() < 0.5:  # fill-in-the-middle, cut in characters and tokenized piece by piece
-            text = self.rng.choice(self.texts)
-            start = self.rng.randrange(0, max(1, len(text) - 4 * S))
-            text = text[start:start + 4 * S]
-            a, b = self.hole(text)
-            pre, mid, suf = (e.ids for e in self.tok.encode_batch([text[:a], text[a:b], text[b:]]))
-            room = S - 4 - len(mid)  # keep the middle whole; trim the far ends of prefix and suffix
-            if room < 16:
-                return self.code()
-            keep_suf = min(len(suf), room // 4)
-            keep_pre = min(len(pre), room - keep_suf)
-            pre, suf = pre[len(pre) - keep_pre:], suf[:keep_suf + (room - keep_suf - keep_pre)]
-            seq = [self.ids[FIM_BEGIN]] + pre + [self.ids[FIM_HOLE]] + suf + [self.ids[FIM_END]] + mid + \
-                [self.ids[EOS]]
-            labels = [-100] * (len(pre) + len(suf) + 3) + mid + [self.ids[EOS]]
-            return seq, labels
-        start = self.rng.randrange(0, max(1, len(self.stream) - S - 1))
-        window = self.stream[start:start + S + 1]
-        return window, window
-
-    def chat(self) -> tuple[list[int], list[int]]:
-        seq, labels = [], []
-        while len(seq) < self.seq:  # pack several exchanges
-            p, a = self.rng.choice(self.chats)
-            seq += p + a
-            labels += [-100] * len(p) + a
-        return seq, labels
-
-    def batch(self, n: int, chat_share: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-        S = self.seq
-        xs, ys = [], []
-        for _ in range(n):
-            seq, labels = self.chat() if self.chats and self.rng.random() < chat_share else self.code()
-            seq, labels = seq[: S + 1], labels[: S + 1]
-            pad = S + 1 - len(seq)
-            xs.append(seq + [self.ids[PAD]] * pad)
-            ys.append(labels + [-100] * pad)
-        x = torch.tensor(xs, device=device)
-        y = torch.tensor(ys, device=device)
-        return x[:, :-1], y[:, 1:]  # inputs, next-token targets
-
-
-# -- model -------------------------------------------------------------------------------------------------------------
-def build_model(cfg: ModelConfig, device, seed: int) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(cfg).to(device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.w2")):
-                p.normal_(0, 0.02 / math.sqrt(2 * (cfg.num_hidden_layers + 1)))
-            else:
-                p.normal_(0, 0.02)
-        for m in model.modules():
-            if isinstance(m, Gate) and m.e_score_correction_bias is not None:
-                m.e_score_correction_bias.zero_()
-        # The MTP module shares the embedding and output head with the main model (as in the V3 report).
-        for m in model.mtp:
-            m.embed_tokens.weight = model.model.embed_tokens.weight
-            m.shared_head.head.weight = model.lm_head.weight
-    return model
-
-
-def losses(model: Transformer, x: torch.Tensor, y: torch.Tensor):
-    """Next-token loss and the MTP loss (the module predicts t_{i+2} from h_i and t_{i+1})."""
-    S = x.shape[1]
-    pos = torch.arange(S, device=x.device)
-    h = model(x, pos)
-    main = F.cross_entropy(model.head(h).flatten(0, 1), y.flatten(), ignore_index=-100)
-    if not len(model.mtp):
-        return main, torch.zeros((), device=x.device)
-    # depth 1: inputs at positions 0..S-2 are (norm(h_i), t_{i+1} = x[:, i+1]); targets t_{i+2} = y[:, i+1]
-    _, mtp_logits = model.mtp_forward(0, model.model.norm(h[:, :-1]), x[:, 1:], pos[:-1])
-    mtp = F.cross_entropy(mtp_logits.flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100)
-    return main, mtp
-
-
-class LoadBalancer:
-    """Aux-loss-free balancing (V3 report): after each step, nudge each router's bias up for underloaded
-    experts and down for overloaded ones."""
-
-    def __init__(self, model: Transformer, rate: float):
-        self.rate = rate
-        self.counts: dict[Gate, torch.Tensor] = {}
-        for m in model.modules():
-            if isinstance(m, Gate) and m.e_score_correction_bias is not None:
-                m.register_forward_hook(self._record)
-
-    def _record(self, gate, inputs, output):
-        _, idx = output
-        c = torch.bincount(idx.flatten(), minlength=gate.cfg.n_routed_experts).float()
-        self.counts[gate] = self.counts.get(gate, 0) + c
-
-    @torch.no_grad()
-    def step(self):
-        for gate, c in self.counts.items():
-            gate.e_score_correction_bias += self.rate * torch.sign(c.mean() - c)
-        self.counts.clear()
-
-
-# -- saving ---------------------------------------------------------------------------------------------------------------
-def save(model: Transformer, tok, cfg_dict: dict, out: Path, max_shard_bytes: int = 14 * 2**20):
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, p in model.hub_tensors().items():
-        mtp = name.startswith("model.layers.")
-        if mtp and name.endswith(("shared_head.head.weight", "embed_tokens.weight")):
-            continue  # the MTP module shares them with the main model: the loader links them
-        keep_fp32 = name.endswith("e_score_correction_bias")
-        tensors[name] = p.detach().to("cpu", torch.float32 if keep_fp32 else torch.bfloat16).contiguous()
-    shards, cur, size = [], {}, 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[name] = t
-        size += nbytes
-    shards.append(cur)
-    weight_map = {}
-    for k, part in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(part, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in part})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg_dict["bos_token_id"], "eos_token_id": cfg_dict["eos_token_id"], "do_sample": True,
-         "temperature": 0.3, "top_p": 0.95, "max_new_tokens": 256}, indent=2) + "\n")
-
-
-# -- evaluation -------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def heldout_loss(model, data: Data, files, device, n_windows: int = 64) -> float:
-    stream = []
-    for d in data.tok.encode_batch([t for _, t in files]):
-        stream += d.ids
-    S, total, count = data.seq, 0.0, 0
-    for k in range(n_windows):
-        start = (k * 7919 * S) % max(1, len(stream) - S - 1)
-        w = torch.tensor([stream[start:start + S + 1]], device=device)
-        if w.shape[1] < S + 1:
-            continue
-        logits = model.head(model(w[:, :-1], torch.arange(S, device=device)))
-        total += float(F.cross_entropy(logits[0], w[0, 1:]))
-        count += 1
-    return total / max(1, count)
-
-
-def evaluate(model_dir: Path, tok, files, n: int, device: str, seed: int) -> dict:
-    """Through the production path (Engine.from_pretrained on the written files): single-line FIM exact
-    match on held-out files, and the MTP acceptance rate of greedy decoding on held-out code prompts."""
-    from dschat.engine import Engine, SamplingParams
-
-    rng = random.Random(seed)
-    eng = Engine.from_pretrained(model_dir, device=device, speculative="mtp", draft_tokens=1)
-    bos = tok.token_to_id(BOS)
-    stop = tuple(tok.token_to_id(t) for t in (FIM_BEGIN, FIM_HOLE, FIM_END))
-    hits = tried = 0
-    drafts = accepted = 0
-    for _ in range(n):
-        rel, text = rng.choice(files)
-        lines = text.split("\n")
-        cands = [i for i, ln in enumerate(lines) if len(ln.strip()) >= 8 and i > 3]
-        if not cands:
-            continue
-        i = rng.choice(cands)  # the hole: line i after its indentation (a cursor at the start of the code)
-        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-        prefix = "\n".join(lines[:i]) + "\n" + indent
-        suffix = "\n" + "\n".join(lines[i + 1:])
-        prefix, suffix = prefix[-3000:], suffix[:1000]
-        ids = [bos] + tok.encode(f"{FIM_BEGIN}{prefix}{FIM_HOLE}{suffix}{FIM_END}").ids
-        out = list(eng.generate(ids, SamplingParams(max_tokens=48, stop_token_ids=stop)))
-        text_out = tok.decode(out, skip_special_tokens=True)
-        tried += 1
-        hits += text_out.split("\n")[0].strip() == lines[i].strip()
-        # MTP acceptance on a plain code continuation
-        start = rng.randrange(0, max(1, len(text) - 1500))
-        ids = [bos] + tok.encode(text[start:start + 1500]).ids[-400:]
-        list(eng.generate(ids, SamplingParams(max_tokens=48, ignore_eos=True)))
-        drafts += eng.stats["draft_tokens"]
-        accepted += eng.stats["accepted_tokens"]
-    return {"fim_exact_match": hits / max(1, tried), "fim_holes": tried,
-            "mtp_acceptance": accepted / max(1, drafts), "mtp_drafts": drafts}
-
-
-# -- main ---------------------------------------------------------------------------------------------------------------------
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="where the model is written (the hub layout)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=3000, help="pre-training steps")
-    ap.add_argument("--chat-steps", type=int, default=800, help="chat-stage steps")
-    ap.add_argument("--minutes", type=float, default=None, help="stop pre-training after this long")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--tiny", action="store_true", help="a tiny model and corpus, for tests")
-    ap.add_argument("--eval", type=int, default=200, help="held-out FIM holes / MTP prompts to evaluate")
-    ap.add_argument("--evaluate", type=Path, metavar="DIR",
-                    help="only evaluate an existing model directory on the held-out modules")
-    args = ap.parse_args()
-    if args.evaluate:
-        from tokenizers import Tokenizer
+    ap.add_argument("--size", choices=list(SIZES), default="base", help="model size preset (default base)")
+    ap.add_argument("--tiny", action="store_true", help="tiny model, corpus and contexts, for tests")
+    ap.add_argument("--vocab", type=int, default=None, help="tokenizer size (default: the size preset's)")
+    ap.add_argument("--context", type=int, default=None,
+                    help=f"FIM prompt budget in tokens, as `dschat fim --context` (default {FIM_CONTEXT})")
+    ap.add_argument("--max-middle", type=int, default=None,
+                    help=f"longest FIM middle in tokens (default {FIM_MIDDLE}, `dschat fim`'s -n)")
+    ap.add_argument("--seq", type=int, default=None, help="training sequence length (default context + middle + 8)")
+    ap.add_argument("--batch", type=int, default=16, help="rows per step")
+    ap.add_argument("--steps", type=int, default=100000, help="steps (an upper bound with --minutes)")
+    ap.add_argument("--minutes", type=float, default=None, help="time box for the training loop")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    ap.add_argument("--workers", type=int, default=None, help="data worker processes (default: 8 on CUDA, 0)")
+    ap.add_argument("--state", type=Path, default=None, help="resumable state file (default OUT.state.pt)")
+    ap.add_argument("--resume", action="store_true", help="continue from the state file")
+    ap.add_argument("--save-minutes", type=float, default=2.0, help="write the state file this often")
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--dry-run", action="store_true", help="build the data and the model, print the plan, stop")
+    ap.add_argument("--dump-data", type=int, metavar="N", help="print the first N training rows as JSON lines")
+    ap.add_argument("--eval", type=int, default=0, help="after training, evaluate with N holes of each kind")
+    ap.add_argument("--evaluate", type=Path, metavar="DIR", help="only evaluate the model in DIR (on the CPU)")
+    ap.add_argument("--report", type=Path, help="with --evaluate: also write the figures to this file")
+    ap.add_argument("--starts", type=int, default=5, help="dschat start-ups timed by the evaluation")
+    ap.add_argument("--chat-tokens", type=int, default=128, help="longest chat answer in the evaluation")
+    return ap
 
-        tok = Tokenizer.from_file(str(args.evaluate / "tokenizer.json"))
-        test_files = [f for f in stdlib_files(tests=False) if held_out(f[0])]
-        print(json.dumps(evaluate(args.evaluate, tok, test_files, args.eval, args.device, args.seed)))
-        return
 
+def settle(args):
+    """Fill in the defaults that depend on --tiny and the size preset; refuse sizes that do not fit."""
+    if args.tiny:
+        args.size = "tiny"
+        torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and kind to a shared machine
+    tiny = args.size == "tiny"
+    args.vocab = args.vocab or SIZES[args.size]["vocab"]
+    args.context = args.context or (TINY["context"] if tiny else FIM_CONTEXT)
+    args.max_middle = args.max_middle or (TINY["max_middle"] if tiny else FIM_MIDDLE)
+    args.seq = args.seq or args.context + args.max_middle + 8
+    args.workers = args.workers if args.workers is not None else (8 if args.device.startswith("cuda") else 0)
+    if args.seq < args.context + args.max_middle + 8:
+        raise TrainError(f"--seq {args.seq} cannot hold a FIM prompt of --context {args.context} tokens plus a "
+                         f"middle of {args.max_middle}: use --seq {args.context + args.max_middle + 8} or more")
+    if args.state is None and args.out:
+        args.state = args.out.with_name(args.out.name + ".state.pt")
+    if not (args.out or args.dry_run or args.dump_data):
+        raise TrainError("--out DIR is needed (or --dry-run, --dump-data N, --evaluate DIR)")
+    if args.resume and not (args.state and args.state.exists()):
+        raise TrainError(f"--resume: no state file at {args.state}")
+
+
+def log(text: str):
+    """Progress goes to stderr; stdout carries only results (rows, the report)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def prepare(args, tokenizer_json: str | None = None):
+    """(train files, held-out files, tokenizer, data) for the run."""
+    files = stdlib_files(limit=TINY_FILES if args.tiny else None)
+    train_files, test_files = split(files)
+    log(f"corpus: {len(train_files)} training files, {len(test_files)} held out "
+        f"({sum(len(t) for _, t in files) / 1e6:.1f} MB, Python {sys.version.split()[0]})")
+    tok = from_json(tokenizer_json) if tokenizer_json else app_tokenizer(
+        train_tokenizer([t for _, t in train_files], args.vocab))
+    pairs = chat_pairs(TINY_MODULES if args.tiny else CHAT_MODULES, train_files)
+    data = Data(tok, train_files, pairs, args.seq, args.context, args.max_middle, args.seed)
+    log(f"tokenizer: {len(tok)} tokens; {len(data.stream) / 1e6:.2f}M training tokens; {len(pairs)} chat pairs; "
+        f"rows of {args.seq} tokens, FIM prompts cut to {args.context}")
+    return train_files, test_files, tok, data
+
+
+def dump(data: Data, tok, n: int, steps: int, batch: int):
+    for i in range(n):
+        ids, labels, kind = data.row(i, data.stage(i // batch, steps))
+        learnt = [t for t in labels if t != -100]
+        print(json.dumps({"row": i, "step": i // batch, "kind": kind, "tokens": len(ids),
+                          "text": tok.decode(ids), "learnt": tok.decode(learnt)}, ensure_ascii=False))
+
+
+def plan(args, model, cfg_dict) -> dict:
+    mb = shipped_bytes(model) / 2**20
+    return {"size": args.size, "params_M": round(n_params(model) / 1e6, 2), "shipped_MB": round(mb, 1),
+            "config": {k: cfg_dict[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "n_routed_experts",
+                                                "max_position_embeddings")},
+            "seq": args.seq, "batch": args.batch, "steps": args.steps, "minutes": args.minutes}
+
+
+def train(args):
+    state = torch.load(args.state, weights_only=False) if args.resume else None
+    if state and state["run"] != run_key(args):
+        raise TrainError(f"{args.state}: a different run ({state['run']}); drop --resume or match its options")
     t_start = time.time()
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    files = stdlib_files(limit=40 if args.tiny else None)
-    train_files = [f for f in files if not held_out(f[0])]
-    test_files = [f for f in files if held_out(f[0]) and not is_test(f[0])] or files[:2]
-    print(f"corpus: {len(train_files)} training files, {len(test_files)} held out "
-          f"({sum(len(t) for _, t in files) / 1e6:.1f} MB, Python {sys.version.split()[0]})", flush=True)
-    tok = train_tokenizer([t for _, t in train_files], 512 if args.tiny else args.vocab)
-    vocab = tok.get_vocab_size()
-    assert [tok.token_to_id(s) for s in SPECIALS[:2]] == [0, 1]
-    pairs = [] if args.tiny else chat_pairs()
-    data = Data(tok, train_files, pairs, 64 if args.tiny else args.seq, args.seed)
-    print(f"tokenizer: {vocab} tokens; {len(data.stream) / 1e6:.2f}M training tokens; {len(pairs)} chat pairs",
-          flush=True)
-
-    cfg_dict = model_config(args.tiny, vocab)
-    cfg = ModelConfig.from_dict(cfg_dict)
-    model = build_model(cfg, device, args.seed)
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    balancer = LoadBalancer(model, rate=1e-3)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                    enabled=False)
-    history = []
-    budget = 60 * args.minutes if args.minutes else None  # seconds for both stages (80% / 20%)
-
-    def lr_at(progress):  # warm-up, then cosine from lr to lr/10 over the whole run
-        if progress < 0.02:
-            return args.lr * max(progress, 1e-3) / 0.02
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-    model.train()
-    t0 = time.time()
-    steps_done = {"code": 0, "chat": 0}
-    for stage, steps, share, chat_share in (("code", args.steps, 0.8, 0.0), ("chat", args.chat_steps, 0.2, 0.6)):
-        stage_start, stage_budget = time.time(), budget * share if budget else None
-        for i in range(steps):
-            frac = i / steps
-            if stage_budget:
-                frac = max(frac, (time.time() - stage_start) / stage_budget)
-                if frac >= 1.0:
-                    break
-            progress = 0.8 * frac if stage == "code" else 0.8 + 0.2 * frac
-            for g in opt.param_groups:
-                g["lr"] = lr_at(progress)
-            x, y = data.batch(args.batch, chat_share, device)
-            with amp:
-                main_loss, mtp_loss = losses(model, x, y)
-                loss = main_loss + 0.3 * mtp_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            balancer.step()
-            history.append(float(main_loss.detach()))
-            steps_done[stage] += 1
-            if i % 50 == 0 or i == steps - 1:
-                print(f"{stage} step {i:5d} loss {history[-1]:.3f} mtp {float(mtp_loss.detach()):.3f} "
-                      f"lr {lr_at(progress):.2e} {time.time() - t0:6.0f}s", flush=True)
-    model.eval()
-    result = {"steps": steps_done["code"], "chat_steps": steps_done["chat"], "train_seconds": round(time.time() - t0, 1), "params_M": round(n_params / 1e6, 2),
-              "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "python": sys.version.split()[0], "seed": args.seed}
-    with torch.no_grad(), amp:
-        result["heldout_loss"] = round(heldout_loss(model, data, test_files, device, 8 if args.tiny else 64), 4)
-    save(model, tok, cfg_dict, args.out)
+    train_files, test_files, tok, data = prepare(args, state and state["tokenizer"])
+    if args.dump_data:
+        return dump(data, tok, args.dump_data, args.steps, args.batch)
+    cfg_dict = model_config(args.size, len(tok), max(args.seq, MAX_POSITIONS))
+    model = build_model(ModelConfig.from_dict(cfg_dict), torch.device(args.device), args.seed)
+    info = plan(args, model, cfg_dict)
+    log(f"model: {json.dumps(info)}")
+    if info["shipped_MB"] > MAX_SHIPPED_MB:
+        raise TrainError(f"--size {args.size}: {info['shipped_MB']} MB in bf16, over the {MAX_SHIPPED_MB} MB limit")
+    if args.dry_run:
+        counts = {}
+        for _, _, kind in data.rows(0, args.steps, args.batch):
+            counts[kind] = counts.get(kind, 0) + 1
+        log(f"dry run: step 0 has rows {json.dumps(counts)}; nothing trained or written")
+        return
+    trainer = Trainer(model, data, args, log)
+    if state:
+        trainer.restore(state)
+    extra = {"run": run_key(args), "tokenizer": tok.tk.to_str()}
+    trainer.run(lambda t: save_state(args.state, t.state(extra)))
+    report = {**info, "steps": trainer.step, "planned_steps": trainer.steps, "stopped_early": trainer.stopped_early,
+              "train_seconds": round(trainer.seconds, 1),
+              "first_loss": trainer.history[0] if trainer.history else None,
+              "last_loss": trainer.history[-1] if trainer.history else None, "seed": args.seed,
+              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "python": sys.version.split()[0], "reproduce": reproduce(args, trainer.steps)}
+    export(model, tok.tk, cfg_dict, args.out, report)
     if args.eval:
-        result.update(evaluate(args.out, tok, test_files, args.eval, str(device), args.seed))
-    result["total_seconds"] = round(time.time() - t_start, 1)
-    (args.out / "training_report.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), flush=True)
+        report.update(evaluate(args.out, test_files, args.eval, args.seed, args.context, 4 if args.tiny else 64,
+                               args.starts, args.chat_tokens))
+    report["total_seconds"] = round(time.time() - t_start, 1)
+    (args.out / "training_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if args.state.exists():
+        args.state.unlink()
+    print(json.dumps({k: v for k, v in report.items() if k != "chat"}), flush=True)
+
+
+def run_key(args) -> dict:
+    """What a resumed run must share with the one it continues."""
+    return {k: getattr(args, k) for k in ("seed", "size", "tiny", "vocab", "context", "max_middle", "seq", "batch",
+                                          "lr", "warmup")}
+
+
+def reproduce(args, steps: int) -> str:
+    """The command that repeats this run's data and schedule, without the time box."""
+    flags = "--tiny" if args.tiny else f"--size {args.size}"
+    return (f"python training/train_demo.py --out {args.out} {flags} --seed {args.seed} --steps {steps} "
+            f"--batch {args.batch} --seq {args.seq} --context {args.context} --lr {args.lr} --warmup {args.warmup}")
+
+
+def only_evaluate(args):
+    if not (args.evaluate / "config.json").exists():
+        raise TrainError(f"{args.evaluate}: not a model directory (no config.json)")
+    if args.tiny:
+        torch.set_num_threads(1)
+    _, test_files = split(stdlib_files(limit=TINY_FILES if args.tiny else None, tests=False))
+    report = evaluate(args.evaluate, test_files, args.eval or 200, args.seed, args.context or FIM_CONTEXT,
+                      4 if args.tiny else 64, args.starts, args.chat_tokens)
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    if args.report:
+        tmp = args.report.with_name(args.report.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, args.report)
+    sys.stdout.write(text)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.evaluate:
+            only_evaluate(args)
+        else:
+            settle(args)
+            train(args)
+    except (TrainError, ModelError, OSError, ValueError) as e:
+        sys.stderr.write(f"train_demo: {e}\n")
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
