@@ -152,5 +152,6 @@ def evaluate(model_dir: Path, files, n: int, seed: int, context: int, loss_windo
         "chat": chat_scores(plain, chat_tokens),
         "start_to_first_token": first_token_seconds(model_dir, starts),
         "evaluated_on": {"device": "cpu", "dtype": "float32", "python": sys.version.split()[0],
-                         "threads": torch.get_num_threads(), "holes_per_kind": n, "seed": seed},
+                         "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                         "load_average": round(os.getloadavg()[0], 1), "holes_per_kind": n, "seed": seed},
     }

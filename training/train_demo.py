@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dump-data", type=int, metavar="N", help="print the first N training rows as JSON lines")
     ap.add_argument("--eval", type=int, default=0, help="after training, evaluate with N holes of each kind")
     ap.add_argument("--evaluate", type=Path, metavar="DIR", help="only evaluate the model in DIR (on the CPU)")
-    ap.add_argument("--report", type=Path, help="with --evaluate: also write the figures to this file")
+    ap.add_argument("--report", type=Path, help="with --evaluate: also write the figures into this JSON file")
     ap.add_argument("--starts", type=int, default=5, help="dschat start-ups timed by the evaluation")
     ap.add_argument("--chat-tokens", type=int, default=128, help="longest chat answer in the evaluation")
     return ap
@@ -201,12 +201,12 @@ def only_evaluate(args):
     _, test_files = split(stdlib_files(limit=TINY_FILES if args.tiny else None, tests=False))
     report = evaluate(args.evaluate, test_files, args.eval or 200, args.seed, args.context or FIM_CONTEXT,
                       4 if args.tiny else 64, args.starts, args.chat_tokens)
-    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    if args.report:
+    if args.report:  # merged into a report already there (a training report gains the figures)
+        merged = json.loads(args.report.read_text(encoding="utf-8")) if args.report.exists() else {}
         tmp = args.report.with_name(args.report.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(json.dumps({**merged, **report}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, args.report)
-    sys.stdout.write(text)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
 
 
 def main(argv=None) -> int:
