@@ -63,6 +63,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     fp8_block_size: tuple[int, int] | None = None  # quantization_config fp8 weight_block_size
+    weight_quant: dict | None = None  # quantization_config of an int8 / int4 directory (`dschat quantize`)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- derived -------------------------------------------------------------------------------
@@ -138,12 +139,15 @@ class ModelConfig:
         if scoring not in ("softmax", "sigmoid"):
             raise ModelError(f"{where}: unsupported scoring_func {scoring!r}")
 
-        fp8 = None
+        fp8 = weight_quant = None
         q = d.get("quantization_config")
         if q:
-            if q.get("quant_method") != "fp8":
+            if q.get("quant_method") == "dschat":  # written by `dschat quantize` (engine/quant.py reads it)
+                weight_quant = q
+            elif q.get("quant_method") != "fp8":
                 raise ModelError(f"{where}: unsupported quantization {q.get('quant_method')!r}")
-            fp8 = tuple(q.get("weight_block_size") or (128, 128))
+            else:
+                fp8 = tuple(q.get("weight_block_size") or (128, 128))
 
         cfg = cls(
             model_type=model_type,
@@ -177,6 +181,7 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             fp8_block_size=fp8,
+            weight_quant=weight_quant,
             raw=d,
         )
         if cfg.n_routed_experts and cfg.n_routed_experts % cfg.n_group:

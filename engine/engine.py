@@ -15,8 +15,10 @@ from .cache import LatentCache, Sequence
 from .config import ModelConfig
 from .errors import ContextLengthError, ModelError
 from . import dist, persist
-from .loader import Progress, load_model, resolve
+from .loader import Progress, load_model, memory_report, resolve
 from .model import ABSORB_MAX_TOKENS, Step, Transformer
+from .quant import saved_spec as saved_quant_spec
+from .quant import spec as quant_spec
 from .sampling import Sampler, SamplingParams, probabilities
 from .speculative import NgramDrafter, verify
 
@@ -40,8 +42,10 @@ def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
 class Engine:
     def __init__(self, model: Transformer, cfg: ModelConfig, path: Path, device: torch.device,
                  dtype: torch.dtype, cache_gb: float | None = None, speculative: str = "none",
-                 draft_tokens: int = 1):
+                 draft_tokens: int = 1, quant: str | None = None):
         self.model, self.config, self.path = model, cfg, path
+        self.quant = quant  # "int8" / "int4" when the weights run packed
+        self.load_stats: dict = {}  # weight_bytes, peak_host_bytes (and peak_gpu_bytes on CUDA), set on load
         self.device, self.dtype = device, dtype
         self.speculative, self.draft_tokens = speculative, draft_tokens
         self.stats: dict = {}
@@ -56,13 +60,20 @@ class Engine:
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, cache_gb: float | None = None,
                         speculative: str | None = None, draft_tokens: int | None = None,
-                        progress: Progress | None = None, fp8: str = "dequant") -> "Engine":
+                        progress: Progress | None = None, fp8: str = "dequant",
+                        quant: str | None = None) -> "Engine":
         """Load a checkpoint. speculative: "mtp" (V3's draft module; the default where the checkpoint has
         one), "ngram" (prompt lookup; the default otherwise) or "none". draft_tokens: tokens proposed per
         step (default 1 for MTP, 4 for n-gram). fp8: "dequant" (FP8 block weights become `dtype` on load)
-        or "keep" (they stay FP8 in memory, half of bf16, and are dequantised as each layer runs)."""
+        or "keep" (they stay FP8 in memory, half of bf16, and are dequantised as each layer runs).
+        quant: "int8" or "int4" weights (see engine/quant.py), quantized as they load; a directory written
+        by `dschat quantize` loads packed without asking."""
         if fp8 not in ("dequant", "keep"):
             raise ValueError('fp8 must be "dequant" or "keep"')
+        qspec = quant_spec(quant)
+        if qspec is not None and fp8 == "keep":
+            raise ValueError("--quant and --fp8 keep do not combine: the FP8 weights are dequantised, then "
+                             "quantized (leave --fp8 at dequant)")
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ModelError("--device cuda asked for, but PyTorch sees no CUDA GPU here")
@@ -72,6 +83,11 @@ class Engine:
         dtype = _parse_dtype(dtype, device)
         root = resolve(path_or_repo_id)
         cfg = ModelConfig.from_file(root / "config.json")
+        if cfg.weight_quant is not None:
+            saved = saved_quant_spec(cfg.weight_quant, root / "config.json")
+            if qspec is not None and qspec.bits != saved.bits:
+                raise ModelError(f"{root}: already quantized to {saved.name}; it cannot load as {qspec.name}")
+            qspec = saved
         if speculative is None:
             speculative = "mtp" if cfg.num_nextn_predict_layers else "ngram"
         if speculative not in SPECULATIVE:
@@ -83,8 +99,12 @@ class Engine:
             draft_tokens = 4 if speculative == "ngram" else 1
         if draft_tokens < 1:
             raise ValueError("draft_tokens must be >= 1")
-        model = load_model(root, cfg, device, dtype, with_mtp=speculative == "mtp", progress=progress, fp8=fp8)
-        return cls(model, cfg, root, device, dtype, cache_gb, speculative, draft_tokens)
+        model = load_model(root, cfg, device, dtype, with_mtp=speculative == "mtp", progress=progress, fp8=fp8,
+                           quantize=qspec)
+        eng = cls(model, cfg, root, device, dtype, cache_gb, speculative, draft_tokens,
+                  qspec.name if qspec else None)
+        eng.load_stats = memory_report(model, device)
+        return eng
 
     def _make_cache(self, cache_gb: float | None) -> LatentCache:
         n_layers = self.model.n_cached_layers
@@ -126,7 +146,8 @@ class Engine:
 
     # -- persisted prefixes --------------------------------------------------------------------------------
     def _layout(self) -> str:
-        return f"{self.fingerprint}-{self.model.n_cached_layers}x{self.config.latent_dim}-{self.dtype}"
+        weights = self.fingerprint + (f"-{self.quant}" if self.quant else "")
+        return f"{weights}-{self.model.n_cached_layers}x{self.config.latent_dim}-{self.dtype}"
 
     def save_prefix(self, ids: list[int], directory: str | os.PathLike | None = None, cap_gb: float = 4.0) -> int:
         """Write the latent rows of the cached part of `ids` to disk, keyed by `ids` (see engine/persist.py).

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import struct
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from . import dist
+from . import dist, quant
 from .errors import ModelError
 from .model import Experts, Linear, MoE, Transformer, dequantize_fp8
 
@@ -208,9 +209,13 @@ class Placer:
         e = int(m[2]) - moe.first
         return (moe.experts, e, m[3]) if 0 <= e < moe.experts.w13.shape[0] else None
 
-    def put(self, local: str, target, t: torch.Tensor, scale: torch.Tensor | None, where: str):
+    def put(self, local: str, target, t: torch.Tensor | quant.Packed, scale: torch.Tensor | None, where: str):
         if scale is not None and not self.keep_fp8:
             t, scale = dequantize_fp8(t, scale, self.block), None
+        packs = quant.owner(self.model, local, target)
+        if packs is not None:
+            quant.place(packs, target, t, self.device, where)
+            return
         if target is True:
             self._tensor(local, t, scale, where)
         else:
@@ -262,7 +267,7 @@ class Placer:
                     for proj in ("gate", "up", "down"):
                         if (id(mod), e, proj) not in self.loaded:
                             return f"{name}.{first + e}.{proj}_proj.weight"
-        return next(iter(_still_meta(self.model)), None)
+        return quant.missing(self.model) or next(iter(_still_meta(self.model)), None)
 
 
 def _still_meta(model: Transformer) -> list[str]:
@@ -275,12 +280,17 @@ def _check_shape(t: torch.Tensor, shape, where: str):
 
 
 def load_model(root: Path, cfg, device: torch.device, dtype: torch.dtype, with_mtp: bool = True,
-               progress: Progress | None = None, fp8: str = "dequant") -> Transformer:
+               progress: Progress | None = None, fp8: str = "dequant",
+               quantize: quant.QuantSpec | None = None) -> Transformer:
     """fp8: "dequant" turns FP8 block weights into `dtype` on load; "keep" stores them as FP8 with their
-    scales (half the memory of bf16) and dequantises each one when it is used."""
+    scales (half the memory of bf16) and dequantises each one when it is used. quantize: int8 / int4 the
+    weights engine/quant.py names, one tensor at a time as they are read (a directory written by
+    `dschat quantize` says so in its config and loads packed)."""
     ckpt = Checkpoint(root)
     with torch.device("meta"):
         model = Transformer(cfg, with_mtp=with_mtp)
+    if quantize is not None:
+        quant.convert(model, quantize)
     placer = Placer(model, device, dtype, tuple(cfg.fp8_block_size or (128, 128)), fp8 == "keep")
     total, done = ckpt.total_bytes(), 0
     if progress is None:
@@ -288,18 +298,23 @@ def load_model(root: Path, cfg, device: torch.device, dtype: torch.dtype, with_m
     try:
         for shard, names in ckpt.by_file().items():
             for name in names:
-                target = None if name.endswith("_scale_inv") else placer.wants(model.local_name(name))
+                skip = name.endswith(("_scale_inv",) + quant.COMPANIONS)
+                target = None if skip else placer.wants(model.local_name(name))
                 if target is None:
                     continue
                 t = ckpt.get(name)
                 done += t.numel() * t.element_size()
                 scale = None
+                where = f"{shard}: tensor {name!r}"
                 if t.dtype == torch.float8_e4m3fn:
                     if name + "_scale_inv" not in ckpt:
                         raise ModelError(f"{shard}: FP8 tensor {name!r} has no {name + '_scale_inv'!r}")
                     scale = ckpt.get(name + "_scale_inv")
-                placer.put(model.local_name(name), target, t, scale, f"{shard}: tensor {name!r}")
+                elif cfg.weight_quant is not None or not t.is_floating_point():
+                    t = _packed(ckpt, model, name, t, target, cfg, where)
+                placer.put(model.local_name(name), target, t, scale, where)
                 progress(min(done, total), total)
+            ckpt.close()  # unmap the shard just read: host memory holds one shard's pages at most
         # Tied or shared weights the checkpoint leaves out.
         if "lm_head.weight" in _still_meta(model) and cfg.tie_word_embeddings:
             _set(model, "lm_head.weight", model.model.embed_tokens.weight)
@@ -315,6 +330,27 @@ def load_model(root: Path, cfg, device: torch.device, dtype: torch.dtype, with_m
     finally:
         ckpt.close()
     return model.eval()
+
+
+def _packed(ckpt: Checkpoint, model: Transformer, name: str, t: torch.Tensor, target, cfg, where: str):
+    """In a directory `dschat quantize` wrote, the packed form of a weight that runs packed (checked against
+    its config); integers anywhere else are an error."""
+    packs = quant.owner(model, model.local_name(name), target) if cfg.weight_quant is not None else None
+    if packs is not None:
+        return quant.read_packed(name, t, lambda n: ckpt.get(n) if n in ckpt else None, packs, target, where)
+    if not t.is_floating_point():
+        raise ModelError(f"{where} holds {t.dtype} values, but config.json says nothing of a quantization")
+    return t
+
+
+def memory_report(model: Transformer, device: torch.device) -> dict:
+    """Bytes of the loaded weights, this process's peak resident host memory so far (the loader holds one
+    tensor and one shard's mapped pages beyond the model), and the peak GPU memory allocated on CUDA."""
+    out = {"weight_bytes": quant.weight_bytes(model),
+           "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
 
 
 def terminal_progress(label: str) -> Progress:

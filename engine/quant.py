@@ -1,0 +1,288 @@
+"""Weight-only int8 / int4 quantization: which weights, how they are quantized, and the Linear that runs them.
+
+* int8: symmetric, one scale per output channel.
+* int4: groups of 128 input features, each with a scale and a zero point (asymmetric: measured against
+  symmetric on the demo model by benchmarks/bench_quant.py, asymmetric keeps more quality). Input features
+  that are not a multiple of the group size are padded with zeros.
+* Quantized: the attention projections (kv_b_proj excepted: the absorbed attention reads it whole, and it is
+  small), the dense MLPs and the routed and shared experts, in the main layers and the MTP layer. Embeddings,
+  norms, the router, lm_head and the MTP module's own projections stay in the model's dtype.
+* Weights are quantized one tensor at a time as the loader reads them (engine/loader.py), or once by
+  `dschat quantize` into a directory that says how (`quantization_config` with quant_method "dschat").
+The packed format and the kernels live in dschat.kernels (quant_format, quant_matmul).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dschat.kernels.quant_format import Packed, pack_int4
+from dschat.kernels.quant_matmul import quant_matmul
+from dschat.kernels.quant_moe import moe_experts_quant
+
+from . import dist
+from .errors import ModelError
+from .model import Experts, Linear
+
+GROUP = 128
+QUANTS = ("int8", "int4")
+METHOD = "dschat"
+# Module paths (hub names without ".weight") of the linear layers that are quantized.
+_QUANTIZED = re.compile(r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|o_proj)"
+                        r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))$")
+COMPANIONS = ("weight_scale", "weight_zero")  # tensors stored beside a packed "weight"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    group: int = GROUP
+    symmetric: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def config(self) -> dict:
+        """The `quantization_config` of a directory quantized this way."""
+        return {"quant_method": METHOD, "bits": self.bits, "group_size": self.group if self.bits == 4 else 0,
+                "symmetric": self.symmetric or self.bits == 8}
+
+
+def spec(name: str | None) -> QuantSpec | None:
+    """"int8" / "int4" (None: no quantization)."""
+    if name is None:
+        return None
+    if name not in QUANTS:
+        raise ValueError(f"unknown quantization {name!r} (use {' or '.join(QUANTS)})")
+    return QuantSpec(bits=8) if name == "int8" else QuantSpec(bits=4)
+
+
+def saved_spec(qc: dict, where) -> QuantSpec:
+    """The spec a quantized directory's `quantization_config` describes."""
+    bits, group = qc.get("bits"), qc.get("group_size", 0)
+    if bits not in (4, 8) or not isinstance(group, int) or (bits == 4 and (group <= 0 or group % 2)):
+        raise ModelError(f"{where}: quantization_config has bits {bits!r} and group_size {group!r}; "
+                         "expected bits 8, or bits 4 with an even group_size")
+    return QuantSpec(bits=bits, group=group if bits == 4 else GROUP, symmetric=bool(qc.get("symmetric")))
+
+
+def is_quantized(module_path: str) -> bool:
+    """Whether the linear layer at this module path (hub or local name, no ".weight") is quantized."""
+    return bool(_QUANTIZED.search("." + module_path))
+
+
+# -- quantizing --------------------------------------------------------------------------------------------
+def quantize(w: torch.Tensor, s: QuantSpec) -> Packed:
+    """A float weight [N, K] -> its packed form (see dschat/kernels/quant_format.py)."""
+    w = w.float()
+    if s.bits == 8:
+        scale = (w.abs().amax(dim=-1) / 127).clamp(min=1e-12)
+        data = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return Packed(data, scale, None, 8, 0, w.shape[-1])
+    n, k = w.shape
+    padded = -(-k // s.group) * s.group
+    g = torch.nn.functional.pad(w, (0, padded - k)).view(n, padded // s.group, s.group)
+    if s.symmetric:
+        scale = (g.abs().amax(dim=-1) / 7).clamp(min=1e-12)
+        q = torch.round(g / scale[..., None]).clamp(-8, 7) + 8
+        zero = None
+    else:
+        lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        zero = torch.round(-lo / scale).clamp(0, 15)
+        q = (torch.round(g / scale[..., None]) + zero[..., None]).clamp(0, 15)
+        zero = zero.to(torch.uint8)
+    return Packed(pack_int4(q.flatten(1)), scale, zero, 4, s.group, k)
+
+
+def shard(p: Packed, split: str | None, name: str) -> Packed:
+    """This rank's slice of a packed weight [N, K]: output rows ("col"), or input features ("row"), whose
+    cut must fall on a group boundary for int4 (int8 rows keep their one scale)."""
+    ws, r = dist.world_size(), dist.rank()
+    if ws == 1 or not split:
+        return p
+    if split == "col":
+        n = p.out_features // ws
+        rows = [None if t is None else t.narrow(0, r * n, n).clone() for t in (p.data, p.scale, p.zero)]
+        return Packed(*rows, p.bits, p.group, p.in_features)
+    k = p.in_features // ws
+    if p.bits == 8:
+        return Packed(p.data.narrow(1, r * k, k).contiguous(), p.scale, None, 8, 0, k)
+    if p.padded_in != p.in_features or k % p.group:
+        raise ModelError(f"{name}: its {p.in_features} input features do not split into {ws} whole groups "
+                         f"of {p.group}; load the unquantized checkpoint with --quant int4 instead")
+    g = k // p.group
+    data, scale, zero = (None if t is None else t.narrow(1, r * n, n).contiguous()
+                         for t, n in ((p.data, k // 2), (p.scale, g), (p.zero, g)))
+    return Packed(data, scale, zero, 4, p.group, k)
+
+
+def quantize_for_rank(w: torch.Tensor, split: str | None, s: QuantSpec, name: str) -> Packed:
+    """A whole float weight -> this rank's packed slice. int4 slices before quantizing, so that no group
+    straddles two ranks; int8 quantizes whole rows first, so that each row keeps its one scale."""
+    ws, r = dist.world_size(), dist.rank()
+    if ws == 1 or not split or s.bits == 8:
+        return shard(quantize(w, s), split, name)
+    dim = 0 if split == "col" else 1
+    return quantize(w.chunk(ws, dim=dim)[r], s)
+
+
+# -- modules that hold packed weights ------------------------------------------------------------------------
+def packed_layout(s: QuantSpec, n: int, k: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]] | None]:
+    """dtype and shape of each stored tensor of a packed [n, k] weight, by suffix (None: not stored)."""
+    if s.bits == 8:
+        return {"": (torch.int8, (n, k)), "_scale": (torch.float32, (n,)), "_zero": None}
+    g = -(-k // s.group)
+    return {"": (torch.uint8, (n, g * s.group // 2)), "_scale": (torch.float32, (n, g)),
+            "_zero": None if s.symmetric else (torch.uint8, (n, g))}
+
+
+def _register(module: nn.Module, prefix: str, s: QuantSpec, lead: tuple[int, ...], n: int, k: int):
+    """Empty (meta) buffers for a packed weight [*lead, n, k]: `prefix`, `prefix_scale`, `prefix_zero`."""
+    for suffix, layout in packed_layout(s, n, k).items():
+        t = None if layout is None else torch.empty(*lead, *layout[1], dtype=layout[0], device="meta")
+        module.register_buffer(prefix + suffix, t)
+
+
+def _packed(module: nn.Module, prefix: str, s: QuantSpec, k: int) -> Packed:
+    return Packed(getattr(module, prefix), getattr(module, prefix + "_scale"), getattr(module, prefix + "_zero"),
+                  s.bits, s.group if s.bits == 4 else 0, k)
+
+
+def _check(p: Packed, s: QuantSpec, n: int, k: int, where: str):
+    if (p.out_features, p.in_features, p.bits) != (n, k, s.bits) or (p.zero is None) != (
+            s.bits == 8 or s.symmetric):
+        raise ModelError(f"{where}: packed int{p.bits} weight of {p.out_features} x {p.in_features}, expected "
+                         f"int{s.bits} of {n} x {k}")
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T with W packed (int8 or int4), dequantised inside the matmul (dschat.kernels.quant_matmul).
+    Buffers `weight`, `weight_scale` and (asymmetric int4) `weight_zero` hold it, under the hub's names."""
+
+    def __init__(self, linear: Linear, s: QuantSpec):
+        super().__init__()
+        self.split, self.spec = linear.split, s
+        self.out_features, self.in_features = linear.weight.shape
+        ws = dist.world_size()
+        self.full_shape = (self.out_features * (ws if self.split == "col" else 1),
+                           self.in_features * (ws if self.split == "row" else 1))  # before the rank's cut
+        _register(self, "weight", s, (), self.out_features, self.in_features)
+
+    def set(self, p: Packed, device, where: str):
+        _check(p, self.spec, self.out_features, self.in_features, where)
+        self.weight, self.weight_scale, self.weight_zero = (
+            None if t is None else t.to(device) for t in (p.data, p.scale, p.zero))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_matmul(x, _packed(self, "weight", self.spec, self.in_features))
+
+
+class QuantExperts(nn.Module):
+    """A rank's routed experts, stacked as model.Experts stacks them (w13: gate rows then up rows, w2: down),
+    each stack packed; the chosen experts run through dschat.kernels.quant_moe."""
+
+    def __init__(self, n: int, dim: int, inter: int, s: QuantSpec):
+        super().__init__()
+        self.spec, self.dim, self.inter = s, dim, inter
+        _register(self, "w13", s, (n,), 2 * inter, dim)
+        _register(self, "w2", s, (n,), dim, inter)
+        self.loaded: set[tuple[int, str]] = set()
+
+    def put(self, e: int, proj: str, p: Packed, device, where: str):
+        """Expert e's gate_proj, up_proj or down_proj, packed, into its stack."""
+        n, k = (self.dim, self.inter) if proj == "down" else (self.inter, self.dim)
+        _check(p, self.spec, n, k, where)
+        prefix = "w2" if proj == "down" else "w13"
+        rows = slice(n, 2 * n) if proj == "up" else slice(0, n)
+        for suffix, t in p.tensors().items():
+            stack = getattr(self, prefix + suffix)
+            if stack.is_meta:  # the first expert of this stack allocates it
+                stack = torch.empty(stack.shape, dtype=stack.dtype, device=device)
+                setattr(self, prefix + suffix, stack)
+            stack[e, rows] = t.to(device)
+        self.loaded.add((e, proj))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return moe_experts_quant(x, _packed(self, "w13", self.spec, self.dim),
+                                 _packed(self, "w2", self.spec, self.inter), ids, weights)
+
+
+def convert(model: nn.Module, s: QuantSpec):
+    """Replace the model's quantized Linear layers and routed expert stacks by empty packed ones (before
+    loading)."""
+    for n, m in list(model.named_modules()):
+        parent, _, attr = n.rpartition(".")
+        if isinstance(m, Linear) and is_quantized(n):
+            setattr(model.get_submodule(parent), attr, QuantLinear(m, s))
+        elif isinstance(m, Experts):
+            E, I2, H = m.w13.shape
+            setattr(model.get_submodule(parent), attr, QuantExperts(E, H, I2 // 2, s))
+
+
+def owner(model: nn.Module, local: str, target) -> QuantLinear | QuantExperts | None:
+    """The module that packs the tensor `local` (the loader's `target` for it: True, or (experts, e, proj)
+    for a routed expert), if any."""
+    if isinstance(target, tuple):
+        return target[0] if isinstance(target[0], QuantExperts) else None
+    mod, _, attr = local.rpartition(".")
+    m = model.get_submodule(mod) if attr == "weight" and mod else None
+    return m if isinstance(m, QuantLinear) else None
+
+
+def place(into: QuantLinear | QuantExperts, target, t: torch.Tensor | Packed, device, where: str):
+    """A weight into the module that packs it: quantized here from a float tensor (this rank's slice), or
+    already packed (read from a directory `dschat quantize` wrote)."""
+    if isinstance(into, QuantExperts):
+        _, e, proj = target
+        into.put(e, proj, t if isinstance(t, Packed) else quantize(t, into.spec), device, where)
+        return
+    if isinstance(t, Packed):
+        into.set(shard(t, into.split, where), device, where)
+        return
+    if tuple(t.shape) != into.full_shape:
+        raise ModelError(f"{where} has shape {list(t.shape)}, expected {list(into.full_shape)}")
+    into.set(quantize_for_rank(t, into.split, into.spec, where), device, where)
+
+
+def read_packed(name: str, data: torch.Tensor, get, into: QuantLinear | QuantExperts, target,
+                where: str) -> Packed:
+    """A packed weight as `dschat quantize` stored it (`name` and its companions, read with get(name) ->
+    tensor or None), checked against what the config promises: bits, group size, shapes."""
+    s = into.spec
+    if isinstance(into, QuantExperts):
+        n, k = (into.dim, into.inter) if target[2] == "down" else (into.inter, into.dim)
+    else:
+        n, k = into.full_shape
+    tensors = {"": data, "_scale": get(name + "_scale"), "_zero": get(name + "_zero")}
+    for suffix, want in packed_layout(s, n, k).items():
+        t = tensors[suffix]
+        if (want is None and t is None) or (t is not None and (t.dtype, tuple(t.shape)) == want):
+            continue
+        what = "missing" if t is None else f"{t.dtype} {list(t.shape)}"
+        expect = "absent" if want is None else f"{want[0]} {list(want[1])}"
+        raise ModelError(f"{where}: tensor {name + suffix!r} is {what}, but config.json's quantization "
+                         f"(int{s.bits}{'' if s.bits == 8 else f', group {s.group}'}) needs {expect}")
+    return Packed(data, tensors["_scale"], tensors["_zero"], s.bits, s.group if s.bits == 4 else 0, k)
+
+
+def missing(model: nn.Module) -> str | None:
+    """The local name of a routed expert weight that never arrived, if any."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantExperts):
+            first = model.get_submodule(name.rpartition(".")[0]).first
+            for e in range(m.w13.shape[0]):
+                for proj in ("gate", "up", "down"):
+                    if (e, proj) not in m.loaded:
+                        return f"{name}.{first + e}.{proj}_proj.weight"
+    return None
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (packed weights at their packed size)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

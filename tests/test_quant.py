@@ -1,0 +1,136 @@
+"""int8 / int4 weights: the quantizers' error bounds, the packed matmul against dequantise-then-matmul, and
+the engine quantizing on load exactly the weights it should (logits equal a float model holding the
+dequantized weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tiny_checkpoints as tc
+from dschat.engine import Engine, ModelError, SamplingParams
+from dschat.engine.quant import QuantLinear, QuantSpec, is_quantized, quantize
+from dschat.kernels.quant_format import dequantize, pack_int4, unpack_int4
+from dschat.kernels.quant_matmul import quant_matmul_cpu, quant_matmul_reference
+
+SPECS = {"int8": QuantSpec(8), "int4": QuantSpec(4), "int4-sym": QuantSpec(4, symmetric=True)}
+
+
+def test_int4_packing_round_trips():
+    v = torch.randint(0, 16, (3, 10), dtype=torch.uint8)
+    packed = pack_int4(v)
+    assert packed.shape == (3, 5) and packed.dtype == torch.uint8
+    assert int(packed[0, 0]) == int(v[0, 0]) | int(v[0, 1]) << 4  # element 2j in the low nibble
+    assert torch.equal(unpack_int4(packed), v)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_quantization_error_is_within_half_a_step(name):
+    s = SPECS[name]
+    w = torch.randn(24, 300) * torch.linspace(0.1, 3, 300)  # 300: not a multiple of the group (padded)
+    p = quantize(w, s)
+    back = dequantize(p)
+    assert back.shape == w.shape and p.in_features == 300
+    step = p.scale if s.bits == 8 else p.scale.repeat_interleave(s.group, dim=1)[:, :300]
+    step = step[:, None] if s.bits == 8 else step
+    assert bool(((back - w).abs() <= step / 2 + 1e-6).all())
+    exact = torch.zeros(4, 256)  # zero is exact in every scheme (padding relies on it)
+    exact[:, 5] = 1.0
+    assert torch.equal(dequantize(quantize(exact, s))[:, :5], torch.zeros(4, 5))
+
+
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_cpu_matmul_equals_dequantise_then_matmul(name, rows):
+    p = quantize(torch.randn(48, 200), SPECS[name])
+    x = torch.randn(rows, 200)
+    want = x @ dequantize(p).T
+    for got in (quant_matmul_cpu(x, p), quant_matmul_reference(x, p)):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_which_weights_are_quantized():
+    yes = ["model.layers.0.self_attn.q_proj", "model.layers.3.self_attn.q_b_proj", "model.layers.1.self_attn.o_proj",
+           "model.layers.2.self_attn.kv_a_proj_with_mqa", "model.layers.0.mlp.down_proj",
+           "model.layers.5.mlp.experts.17.gate_proj", "model.layers.5.mlp.shared_experts.up_proj",
+           "mtp.0.mlp.experts.3.up_proj"]
+    no = ["lm_head", "model.embed_tokens", "model.layers.5.mlp.gate", "model.layers.0.self_attn.kv_b_proj",
+          "mtp.0.eh_proj", "mtp.0.shared_head.head", "model.layers.0.input_layernorm"]
+    assert all(is_quantized(n) for n in yes)
+    assert not any(is_quantized(n) for n in no)
+
+
+def dequantized_checkpoint(src, dst, s: QuantSpec):
+    """The checkpoint's weights with each quantized one replaced by what it quantizes to, in float32: a
+    float model that must compute what the quantized one does."""
+    weights = tc.dequantized_weights(src)
+    for name, w in weights.items():
+        if name.endswith(".weight") and is_quantized(name[: -len(".weight")]):
+            weights[name] = dequantize(quantize(w, s)).contiguous()
+    dst.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    save_file(weights, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("kind, quant", [("v2_lite", "int8"), ("v2_lite", "int4")])
+def test_quantized_engine_computes_the_dequantized_model(checkpoints, tmp_path, kind, quant):
+    eng = Engine.from_pretrained(checkpoints[kind], dtype=torch.float32, quant=quant)
+    ref = Engine.from_pretrained(dequantized_checkpoint(checkpoints[kind], tmp_path / "deq", SPECS[quant]),
+                                 dtype=torch.float32)
+    ids = torch.randint(2, 500, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    got, want = eng.logits(ids), ref.logits(ids)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    # the cached decode path runs the same packed weights
+    assert float((eng.decode_logits(ids, chunk=4) - got).abs().max() / got.abs().max()) < 1e-4
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    assert list(eng.generate(ids, params)) == list(ref.generate(ids, params))
+    layer = eng.model.model.layers[-1]
+    assert isinstance(layer.self_attn.o_proj, QuantLinear)
+    assert not isinstance(layer.self_attn.kv_b_proj, QuantLinear)
+    assert not isinstance(eng.model.lm_head, QuantLinear)
+    assert eng.model.lm_head.weight.dtype == torch.float32
+    assert eng.load_stats["weight_bytes"] < ref.load_stats["weight_bytes"]
+    assert eng.load_stats["peak_host_bytes"] > 0
+
+
+def test_fp8_weights_requantize_to_int4(checkpoints, tmp_path):
+    """FP8 blocks are dequantised, then quantized: the same as quantizing the dequantised checkpoint."""
+    eng = Engine.from_pretrained(checkpoints["v3_fp8"], dtype=torch.float32, quant="int4", speculative="none")
+    ref = Engine.from_pretrained(dequantized_checkpoint(checkpoints["v3_fp8"], tmp_path / "deq", SPECS["int4"]),
+                                 dtype=torch.float32, speculative="none")
+    ids = list(range(3, 11))
+    got, want = eng.logits(ids), ref.logits(ids)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_quantization_changes_the_cache_key(checkpoints):
+    plain = Engine.from_pretrained(checkpoints["v2_lite"], dtype=torch.float32)
+    int4 = Engine.from_pretrained(checkpoints["v2_lite"], dtype=torch.float32, quant="int4")
+    assert plain._layout() != int4._layout()  # a saved prefix of the bf16 weights is not reused for int4
+
+
+def test_bad_quant_arguments(checkpoints):
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        Engine.from_pretrained(checkpoints["v2_lite"], quant="int3")
+    with pytest.raises(ValueError, match="--fp8 keep"):
+        Engine.from_pretrained(checkpoints["v3_fp8"], quant="int4", fp8="keep")
+
+
+def test_integers_without_a_quantization_config_are_refused(tmp_path):
+    cfg = tc.v2_lite_config()
+    weights = tc.random_weights(cfg)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weights[name] = torch.zeros(weights[name].shape, dtype=torch.int8)
+    path = tc.write_checkpoint(tmp_path / "m", cfg, weights={k: v for k, v in weights.items() if k != name})
+    save_file({name: weights[name]}, str(path / "extra.safetensors"))
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"][name] = "extra.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="q_proj.weight' holds torch.int8 values"):
+        Engine.from_pretrained(path, dtype=torch.float32)
