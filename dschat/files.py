@@ -1,39 +1,96 @@
-"""Writing user data safely: a temporary file beside the target, fsync, then an atomic rename."""
+"""Writing user data safely: a temporary file beside the target, fsync, then an atomic rename.
+
+Rewriting a file the user has (`fim -i`) goes further: a symlink is written through to its target, a file
+without write permission is refused before any work is done, and the rename happens only if the file is
+still exactly what was read (modification time, size and SHA-256), so edits made meanwhile are never lost.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None):
+class WriteError(OSError):
+    """A file that cannot or must not be written; the message names it (the target, never a temp file)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a file was when it was read; a later rewrite requires it unchanged."""
+
+    mtime_ns: int
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path, data: bytes | None = None) -> "Snapshot":
+        st = path.stat()
+        data = path.read_bytes() if data is None else data
+        return cls(st.st_mtime_ns, st.st_size, hashlib.sha256(data).hexdigest())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None,
+                       unchanged: Snapshot | None = None):
     """Replace `path` with `data` so that a crash or Ctrl+C leaves either the old file or the new one.
-    The file's permission bits are kept (or set to `mode` for a new file)."""
+    The file's permission bits are kept (or set to `mode` for a new file), and its owner where we may set
+    it. With `unchanged`, the file must still match that snapshot at the moment of the rename."""
     path = Path(path)
+    try:
+        old = path.stat()
+    except FileNotFoundError:
+        old = None
     if mode is None:
-        try:
-            mode = path.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        mode = old.st_mode & 0o7777 if old else 0o666 & ~_umask()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write here ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
+        if old and os.geteuid() == 0:
+            os.chown(tmp, old.st_uid, old.st_gid)
+        if unchanged is not None and Snapshot.of(path) != unchanged:
+            raise WriteError(f"{path}: changed on disk while dschat worked; not overwritten")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(f"{path}: cannot write ({e.strerror})") from None
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None):
-    atomic_write_bytes(path, text.encode("utf-8"), mode)
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None,
+                      unchanged: Snapshot | None = None):
+    atomic_write_bytes(path, text.encode("utf-8"), mode, unchanged)
+
+
+def rewritable(path: Path) -> Path:
+    """The file that rewriting `path` in place must replace (a symlink's target), checked before any work:
+    a regular file with write permission (its mode bits, even for root, as editors do), owned by us unless
+    we are root (a rename would take it over), in a directory where the temporary file can go."""
+    target = Path(os.path.realpath(path))
+    st = target.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise WriteError(f"{target}: not a regular file; cannot rewrite it in place")
+    if not st.st_mode & 0o222 or not os.access(target, os.W_OK):
+        raise WriteError(f"{target}: read-only; not rewritten (make it writable first)")
+    if os.geteuid() != 0 and st.st_uid != os.geteuid():
+        raise WriteError(f"{target}: owned by another user; rewriting it in place would change its owner")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise WriteError(f"{target}: its directory is not writable (the new file is written beside it)")
+    return target
 
 
 def _umask() -> int:

@@ -15,13 +15,12 @@ import difflib
 import json
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 from .config import Settings
-from .files import atomic_write_text
+from .files import atomic_write_text, rewritable
 from .options import add_model_options, add_output_options
 from .runtime import Options, load_engine, model_name, print_stats
+from .source_file import read_source
 
 MARKER = "<FILL>"
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
@@ -32,36 +31,7 @@ class FimError(Exception):
     pass
 
 
-@dataclass
-class Hole:
-    offset: int  # character offset of the hole in the text (the marker removed)
-    line: int  # 1-based
-    column: int  # 1-based
-
-
-# -- reading the file and finding the hole ------------------------------------------------------------------
-def read_source(path: str) -> tuple[str, Path | None]:
-    if path == "-":
-        data, where = sys.stdin.buffer.read(), None
-    else:
-        where = Path(path)
-        try:
-            data = where.read_bytes()
-        except FileNotFoundError:
-            raise FimError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise FimError(f"{path}: is a directory, not a file") from None
-        except OSError as e:
-            raise FimError(f"{path}: cannot read ({e.strerror})") from None
-    name = path if path != "-" else "stdin"
-    if b"\x00" in data[:8192]:
-        raise FimError(f"{name}: a binary file, not text")
-    try:
-        return data.decode("utf-8"), where
-    except UnicodeDecodeError as e:
-        raise FimError(f"{name}: not UTF-8 text (byte {e.start})") from None
-
-
+# -- finding the hole --------------------------------------------------------------------------------------------
 def position(text: str, offset: int) -> tuple[int, int]:
     line = text.count("\n", 0, offset) + 1
     column = offset - (text.rfind("\n", 0, offset) + 1) + 1
@@ -98,10 +68,13 @@ def offset_of(text: str, at: str, name: str) -> int:
     line, col = parts[0], parts[1] if len(parts) == 2 else None
     if line > len(lines):
         raise FimError(f"--at {at}: {name} has {len(lines)} lines")
+    body = lines[line - 1]
+    if line < len(lines) and body.endswith("\r"):  # a CRLF line in a mixed file: the hole stays before "\r"
+        body = body[:-1]
     if col is None:
-        col = len(lines[line - 1]) + 1  # end of the line
-    if col > len(lines[line - 1]) + 1:
-        raise FimError(f"--at {at}: line {line} has {len(lines[line - 1])} characters")
+        col = len(body) + 1  # end of the line
+    if col > len(body) + 1:
+        raise FimError(f"--at {at}: line {line} has {len(body)} characters")
     return sum(len(s) + 1 for s in lines[: line - 1]) + col - 1
 
 
@@ -223,42 +196,57 @@ def run_fim(argv: list[str]) -> int:
     from dschat.engine.tokenizer import Tokenizer
 
     args = parser().parse_args(argv)
-    if args.in_place and args.file == "-":
-        raise FimError("-i needs a file, not stdin")
-    text, path = read_source(args.file)
-    name = args.filename or args.file
-    holes = find_holes(text, args.at, args.all, name)
+    check_args(args)
+    src = read_source(args.file, args.filename)
+    holes = find_holes(src.text, args.at, args.all, src.name)
+    target = rewritable(src.path) if args.in_place else None  # before any work, not after it
     opts = Options.from_args(args, Settings.load())
-    tok = Tokenizer.from_dir(resolve(model_name(opts)))
+    opts.model = model_name(opts)  # resolved once (the demo model's notice shows once)
+    tok = Tokenizer.from_dir(resolve(opts.model))
     missing = [t for t in FIM_TOKENS if tok.token_id(t) is None]
     if missing:
         raise FimError(f"this model's tokenizer has no FIM tokens ({missing[0]}); use DeepSeek-Coder-V2, "
                        "V2.5 or V3 (DeepSeek-V2 was not trained for fill-in-the-middle)")
-    engine = load_engine(opts)
-    results, current = [], text
+    results, filled = fill_holes(load_engine(opts), tok, src.text, holes, args)
+    if args.json:
+        results = [{**r, "insertion": src.piece(r["insertion"])} for r in results]
+        print(json.dumps(results if args.all else results[0], ensure_ascii=False))
+    elif args.diff:
+        write_diff(src.restore(src.text), src.restore(filled), src.name)
+    elif target is not None:
+        atomic_write_text(target, src.restore(filled), unchanged=src.snapshot)
+    else:
+        out = src.restore(filled)
+        sys.stdout.write(colour(out, args.lang, src.name) if sys.stdout.isatty() else out)
+        sys.stdout.flush()
+    return 0
+
+
+def check_args(args):
+    if args.in_place and args.file == "-":
+        raise FimError("-i needs a file, not stdin")
+    if args.context < 1:
+        raise FimError(f"--context {args.context}: must be a positive number of tokens")
+    if args.max_tokens < 1:
+        raise FimError(f"--max-tokens {args.max_tokens}: must be at least 1")
+
+
+def fill_holes(engine, tok, text: str, holes: list[int], args) -> tuple[list[dict], str]:
+    """Each hole filled in turn, top to bottom: what was inserted where, and the filled text."""
+    results = []
     for _ in holes:
         if args.at is not None:
             offset = holes[0]
         else:
-            offset = current.find(MARKER)
-            current = current[:offset] + current[offset + len(MARKER):]
-        insertion, reason = fill(engine, tok, current, offset, args)
-        line, column = position(current, offset)
+            offset = text.find(MARKER)
+            text = text[:offset] + text[offset + len(MARKER):]
+        insertion, reason = fill(engine, tok, text, offset, args)
+        line, column = position(text, offset)
         results.append({"insertion": insertion, "line": line, "column": column, "stop_reason": reason})
-        current = current[:offset] + insertion + current[offset:]
+        text = text[:offset] + insertion + text[offset:]
         if args.stats:
             print_stats(engine.stats)
-    if args.json:
-        out = results if args.all else results[0]
-        print(json.dumps(out, ensure_ascii=False))
-    elif args.diff:
-        write_diff(text, current, name)
-    elif args.in_place:
-        atomic_write_text(path, current)
-    else:
-        sys.stdout.write(colour(current, args.lang, name) if sys.stdout.isatty() else current)
-        sys.stdout.flush()
-    return 0
+    return results, text
 
 
 def colour(text: str, lang: str | None, name: str) -> str:

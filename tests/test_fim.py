@@ -130,6 +130,8 @@ def test_cut_when_the_completion_repeats_the_suffix():
     (b"caf\xe9 = 1\n", [], "not UTF-8"),
     ("x = <FILL>\n", ["--at", "1:1"], "not both"),
     ("x = 1\n", ["--at", "9"], "has 2 lines"),
+    ("x = <FILL>\n", ["--context", "-5"], "--context -5: must be a positive number of tokens"),
+    ("x = <FILL>\n", ["-n", "0"], "--max-tokens 0: must be at least 1"),
 ])
 def test_bad_files(chat_models, tmp_path, content, args, needle):
     p = tmp_path / "bad.py"
