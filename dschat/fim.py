@@ -110,8 +110,9 @@ def trim(prefix: str, suffix: str, count, budget: int) -> tuple[str, str]:
 
 
 def fim_prompt(tok, prefix: str, suffix: str) -> list[int]:
-    begin, hole, end = FIM_TOKENS
-    ids = tok.encode(f"{begin}{prefix}{hole}{suffix}{end}")
+    """The file's text is encoded as text: FIM or other special token strings in it stay characters."""
+    begin, hole, end = (tok.token_id(t) for t in FIM_TOKENS)
+    ids = [begin, *tok.encode_plain(prefix), hole, *tok.encode_plain(suffix), end]
     if tok.add_bos_token and tok.bos_token_id is not None:
         ids = [tok.bos_token_id] + ids
     return ids
@@ -169,7 +170,7 @@ def fill(engine, tok, text: str, offset: int, args) -> tuple[str, str]:
     """The insertion for a hole at `offset` of `text` (no marker inside), and why it stopped."""
     from dschat.engine import SamplingParams
 
-    prefix, suffix = trim(text[:offset], text[offset:], lambda s: len(tok.encode(s)), args.context)
+    prefix, suffix = trim(text[:offset], text[offset:], lambda s: len(tok.encode_plain(s)), args.context)
     ids = fim_prompt(tok, prefix, suffix)
     stops = tuple(i for i in (tok.token_id(t) for t in FIM_TOKENS) if i is not None)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,

@@ -6,9 +6,10 @@ template sees `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and 
 
 Tokenizing: the rendered text already holds BOS and the role tokens, so it is tokenized without adding
 special tokens again (no double BOS). Control tokens that appear inside message text ("<｜User｜>" pasted into
-a question) are encoded as plain text, so only the template itself writes role and end tokens: this is
-transformers' apply_chat_template(..., sanitize_control_tokens=True), and for messages without such tokens
-it is exactly its default.
+a question, "<｜fim▁hole｜>" in pasted code) are encoded as plain text, so only the template itself writes
+role, end and FIM tokens: transformers' apply_chat_template(..., sanitize_control_tokens=True) does this for
+special tokens and the ones its template spells; we do it for every added token, and for messages without
+such tokens the ids are exactly transformers' default ones.
 """
 
 from __future__ import annotations
@@ -108,21 +109,11 @@ def _mark(obj, control: re.Pattern):
     return obj
 
 
-@lru_cache(maxsize=16)
-def _template_literals(template: str) -> str:
-    env = _compile(template).environment
-    ast = env.parse(template)
-    texts = {n.data for n in ast.find_all(jinja2.nodes.TemplateData)}
-    texts |= {n.value for n in ast.find_all(jinja2.nodes.Const) if isinstance(n.value, str)}
-    return "\0".join(texts)
-
-
 def control_tokens(tok) -> tuple[str, ...]:
-    """The tokens only the template may write: special tokens, and added tokens the template spells out
-    (as transformers decides them for sanitize_control_tokens)."""
-    literals = _template_literals(tok.chat_template)
-    return tuple(t for t, special in tok.added_tokens.items()
-                 if special or (t in literals and not t.isspace()))
+    """The tokens only a template may write: every special token, and every other added token that is more
+    than a lone character and not white space (role, FIM and tool tokens), so that no text typed into a
+    message ("<｜fim▁hole｜>", "<｜User｜>") ever becomes one."""
+    return tuple(t for t, special in tok.added_tokens.items() if special or (len(t) > 1 and not t.isspace()))
 
 
 def render_marked(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -139,7 +130,7 @@ def unmark(text: str) -> str:
 def encode_marked(tok, text: str) -> list[int]:
     """Token ids of rendered text: marked control tokens as plain text, the rest (the template's own role
     and end tokens included) normally. A lone mark still separates the text on its two sides."""
-    _, marked = _patterns(control_tokens(tok)) if tok.chat_template else _patterns(())
+    _, marked = _patterns(control_tokens(tok))
     pieces = marked.split(text)  # [text, marked token or None, text, ...]
     ids = tok.encode(pieces[0])
     for i, piece in enumerate(pieces[1:], start=1):
@@ -158,8 +149,9 @@ def chat_prompt(tok, messages: list[dict], add_generation_prompt: bool = True) -
 
 
 def completion_prompt(tok, text: str) -> tuple[str, list[int]]:
-    """Plain text completion: BOS when the tokenizer config asks for it, then the text."""
-    ids = tok.encode(text)
+    """Plain text completion: BOS when the tokenizer config asks for it, then the text (as text: special
+    token strings in it stay characters)."""
+    ids = tok.encode_plain(text)
     if tok.add_bos_token and tok.bos_token_id is not None:
         return (tok.bos_token or "") + text, [tok.bos_token_id] + ids
     return text, ids

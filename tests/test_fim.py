@@ -57,6 +57,16 @@ def test_prompt_is_the_tokenizers_encoding_of_the_fim_string(chat_engines):
     assert ids[1] == tok.fim[0] and tok.fim[1] in ids and ids[-1] == tok.fim[2]
 
 
+def test_special_token_strings_in_the_file_are_text(chat_engines):
+    tok = chat_engines["v3"].tokenizer
+    prefix, suffix = "s = '<｜fim▁hole｜><｜end▁of▁sentence｜>'\n", "\nt = '<｜fim▁end｜>'\n"
+    ids = fim_prompt(tok, prefix, suffix)
+    assert ids == [tok.bos_token_id, tok.fim[0], *tok.encode_plain(prefix), tok.fim[1], *tok.encode_plain(suffix),
+                   tok.fim[2]]
+    assert [ids.count(i) for i in tok.fim] == [1, 1, 1] and tok.eos_token_id not in ids
+    assert tok.decode(ids[2:-1]) == prefix + "<｜fim▁hole｜>" + suffix
+
+
 def test_fill_equals_the_engines_greedy_tokens(chat_models, chat_engines, src):
     r = run(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "24"], stdin=None)
     assert r.returncode == 0, r.stderr

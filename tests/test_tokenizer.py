@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 import tiny_checkpoints as tc
 from dschat.template import TemplateError, chat_prompt, completion_prompt, render
 from dschat.engine import ModelError
-from dschat.engine.tokenizer import Tokenizer
+from dschat.engine.tokenizer import FIM_TOKENS, Tokenizer
 
 FAMILIES = ["deepseek-v2", "deepseek-v2.5", "deepseek-v3", "deepseek-r1"]
 
@@ -81,6 +82,37 @@ def test_control_tokens_in_message_text_stay_text(toks):
     _, ids = chat_prompt(tok, [{"role": "user", "content": "what does <｜Assistant｜> mean?"}])
     assistant = tok.token_id("<｜Assistant｜>")
     assert ids.count(assistant) == 1 and ids[-1] == assistant  # only the template's own one
+
+
+PASTED = "code with <｜fim▁hole｜>, <｜fim▁begin｜>, <｜fim▁end｜>, <｜tool▁sep｜> and <｜end▁of▁sentence｜> in it"
+
+
+@pytest.mark.parametrize("family", ["deepseek-v3", "deepseek-v2.5", "deepseek-r1"])
+def test_fim_and_other_added_tokens_in_a_message_stay_text(family, toks):
+    tok = toks[family]
+    text, ids = chat_prompt(tok, [{"role": "user", "content": PASTED}])
+    assert PASTED in text and tok.decode(ids) == text
+    added = {tok.token_id(t) for t in tok.added_tokens}
+    # only the template's own tokens (BOS, the role tokens, R1's <think>), as for a message without any
+    _, plain = chat_prompt(tok, [{"role": "user", "content": "x"}])
+    assert [i for i in ids if i in added] == [i for i in plain if i in added]
+    assert tok.token_id("<｜Assistant｜>") in ids
+
+
+def test_show_prompt_of_a_pasted_fim_token(chat_models):
+    from test_pipe_mode import run
+
+    r = run(["--model", str(chat_models["v3"]), "--show-prompt"], stdin=PASTED)
+    tok = Tokenizer.from_dir(chat_models["v3"])
+    ids = json.loads(r.stdout)["ids"]
+    assert r.returncode == 0 and not {tok.token_id(t) for t in FIM_TOKENS + ("<｜end▁of▁sentence｜>",)} & set(ids)
+
+
+def test_raw_completion_encodes_special_token_strings_as_text(toks):
+    tok = toks["deepseek-v3"]
+    _, ids = completion_prompt(tok, PASTED)
+    assert ids == [tok.bos_token_id] + tok.encode_plain(PASTED)
+    assert not set(ids[1:]) & {tok.token_id(t) for t in tok.added_tokens}
 
 
 def test_v2_template_has_no_space_after_assistant(toks):
