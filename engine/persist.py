@@ -2,8 +2,9 @@
 
 One safetensors file per saved prefix in `$XDG_CACHE_HOME/dschat/kv/` (or the directory given), named by a
 hash of the model fingerprint and the token ids it was saved under. It holds the token ids and their latent
-rows for every cached layer. The directory is capped in size; the least recently used files go first.
-A missing file is a miss; a stale or corrupt one is ignored with a warning and the prefix is recomputed.
+rows for every cached layer, and a SHA-256 of both in its metadata. The directory is capped in size; the
+least recently used files go first. A missing file is a miss; a stale or corrupt one, or one whose rows no
+longer match their checksum (altered on disk), is ignored with a warning and the prefix is recomputed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-VERSION = "1"
+VERSION = "2"  # 2: the checksum
 
 
 class CacheWarning(UserWarning):
@@ -43,8 +44,9 @@ def write(directory: Path, fingerprint: str, key_ids: list[int], ids: list[int],
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     os.close(fd)
     try:
-        save_file({"ids": torch.tensor(ids, dtype=torch.int64), "rows": rows.contiguous().cpu()}, tmp,
-                  metadata={"version": VERSION, "fingerprint": fingerprint})
+        tensors = {"ids": torch.tensor(ids, dtype=torch.int64), "rows": rows.contiguous().cpu()}
+        save_file(tensors, tmp, metadata={"version": VERSION, "fingerprint": fingerprint,
+                                          "sha256": checksum(tensors["ids"], tensors["rows"])})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -66,6 +68,8 @@ def read(directory: Path, fingerprint: str, key_ids: list[int], n_layers: int, l
         if meta.get("version") != VERSION or meta.get("fingerprint") != fingerprint:
             raise ValueError("it was written for other weights or by another version")
         data = load_file(str(path))
+        if checksum(data["ids"], data["rows"]) != meta.get("sha256"):
+            raise ValueError("its contents do not match their checksum (the file was altered)")
         ids, rows = data["ids"].tolist(), data["rows"]
         if rows.shape != (n_layers, len(ids), latent_dim):
             raise ValueError(f"its rows have shape {list(rows.shape)}, this engine caches "
@@ -79,6 +83,13 @@ def read(directory: Path, fingerprint: str, key_ids: list[int], n_layers: int, l
         return None
     os.utime(path)  # recently used
     return ids, rows
+
+
+def checksum(ids: torch.Tensor, rows: torch.Tensor) -> str:
+    """SHA-256 of the token ids and the rows' bytes, whatever their dtype."""
+    h = hashlib.sha256(ids.numpy().tobytes())
+    h.update(rows.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _cap(directory: Path, cap_bytes: int, keep: Path):
