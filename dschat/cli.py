@@ -9,7 +9,7 @@ import signal
 import sys
 import traceback
 
-from . import commands, fim, ranks
+from . import commands, fim, quantize, ranks
 from .config import Settings
 from .errors import UsageError, error_text
 from .options import add_model_options, add_output_options, add_sampling_options
@@ -30,6 +30,8 @@ subcommands:
   dschat fim FILE                     fill the <FILL> hole in a file (fill-in-the-middle)
   dschat sessions | export | import | rm | rename | replay
                                       saved conversations (`dschat COMMAND --help` for each)
+  dschat quantize MODEL --quant int4 -o DIR
+                                      write MODEL with int8 / int4 weights; --model DIR loads it
 
 models: --model takes a local directory in the Hugging Face layout or a hub repo id from the local
 cache, e.g. `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat` then
@@ -42,7 +44,7 @@ several GPUs: `echo question | torchrun --nproc-per-node N -m dschat --model ...
 N GPUs (tensor parallelism); rank 0 reads and answers (pipe mode and one-shot answers).
 """
 
-SUBCOMMANDS = ("fim", "sessions", "export", "import", "rm", "rename", "replay")
+SUBCOMMANDS = ("fim", "sessions", "export", "import", "rm", "rename", "replay", "quantize")
 
 
 def chat_parser() -> argparse.ArgumentParser:
@@ -114,6 +116,8 @@ def run_subcommand(name: str, argv: list[str]) -> int:
         from .replay import run_replay  # deferred: torch
 
         return run_replay(argv)
+    if name == "quantize":
+        return quantize.run_quantize(argv)
     return commands.run(name, argv)
 
 

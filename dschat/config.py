@@ -7,6 +7,7 @@
     temperature = 0.3
     top_p = 0.95
     max_tokens = 2048
+    quant = "int4"                                # int8 / int4 weights (--quant wins)
 
     [keys]                                        # TUI key bindings, action = "key"
     stop = "escape"
@@ -26,6 +27,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+QUANTS = ("int8", "int4", "none")  # the `quant` setting (dschat.engine.quant checks the flag)
+
 
 class ConfigError(Exception):
     pass
@@ -43,6 +46,7 @@ class Settings:
     max_tokens: int | None = None
     device: str | None = None
     dtype: str | None = None
+    quant: str | None = None
     keys: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
 
@@ -69,6 +73,8 @@ class Settings:
             want = types.get(k, str)
             if not isinstance(v, want) or isinstance(v, bool):
                 raise ConfigError(f"{path}: setting {k!r} has the wrong type ({type(v).__name__})")
+        if data.get("quant", "none") not in QUANTS:
+            raise ConfigError(f"{path}: setting 'quant' is {data['quant']!r} (use {', '.join(QUANTS)})")
         return cls(**data, path=path)
 
     def save(self, **changes):

@@ -15,6 +15,9 @@ def add_model_options(p: argparse.ArgumentParser):
     g.add_argument("--fp8", choices=["dequant", "keep"], default="dequant",
                    help="FP8 checkpoints (V3, R1): dequantise the weights on load (default; fastest), or keep "
                         "them in FP8, half the memory of bf16, dequantised as each layer runs")
+    g.add_argument("--quant", metavar="int8|int4", default=None,
+                   help="run the weights as int8 (about half of bf16) or int4 (about a quarter), quantized as "
+                        "they load; `none` overrides the config file")
     g.add_argument("--cache-gb", type=float, default=None, metavar="GB",
                    help="size of the latent KV cache pool (default: a share of free memory)")
     g.add_argument("--speculative", choices=["mtp", "ngram", "none"], default=None,

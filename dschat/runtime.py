@@ -37,6 +37,7 @@ class Options:
     device: str | None = None
     dtype: str | None = None
     fp8: str = "dequant"
+    quant: str | None = None
     cache_gb: float | None = None
     speculative: str | None = None
     draft_tokens: int | None = None
@@ -102,7 +103,14 @@ def load_engine(opts: Options, progress=None):
 
     return Engine.from_pretrained(model_name(opts), device=default_device(opts), dtype=opts.dtype or opts.config.dtype,
                                   cache_gb=opts.cache_gb, speculative=opts.speculative,
-                                  draft_tokens=opts.draft_tokens, progress=progress, fp8=opts.fp8)
+                                  draft_tokens=opts.draft_tokens, progress=progress, fp8=opts.fp8,
+                                  quant=quant_name(opts))
+
+
+def quant_name(opts: Options) -> str | None:
+    """--quant, then the config file's `quant`; "none" is none."""
+    name = opts.quant or opts.config.quant
+    return None if name == "none" else name
 
 
 def sampling_params(opts: Options, engine, prompt_len: int):

@@ -9,6 +9,7 @@
 from .config import ModelConfig
 from .engine import Engine
 from .errors import ContextLengthError, ModelError
+from .quantized_dir import quantize_checkpoint
 from .sampling import SamplingParams
 
-__all__ = ["Engine", "SamplingParams", "ModelConfig", "ModelError", "ContextLengthError"]
+__all__ = ["Engine", "SamplingParams", "ModelConfig", "ModelError", "ContextLengthError", "quantize_checkpoint"]

@@ -343,11 +343,15 @@ def _packed(ckpt: Checkpoint, model: Transformer, name: str, t: torch.Tensor, ta
     return t
 
 
+def peak_host_bytes() -> int:
+    """This process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def memory_report(model: Transformer, device: torch.device) -> dict:
     """Bytes of the loaded weights, this process's peak resident host memory so far (the loader holds one
     tensor and one shard's mapped pages beyond the model), and the peak GPU memory allocated on CUDA."""
-    out = {"weight_bytes": quant.weight_bytes(model),
-           "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out = {"weight_bytes": quant.weight_bytes(model), "peak_host_bytes": peak_host_bytes()}
     if device.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
     return out

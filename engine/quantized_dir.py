@@ -1,0 +1,135 @@
+"""Write a checkpoint's int8 / int4 form once, so that later loads read packed weights (`dschat quantize`).
+
+The source streams tensor by tensor (FP8 blocks dequantised first) and the output is written in shards of
+at most `shard_bytes`, so host memory holds one output shard, never the model. The directory gets the
+source's config.json with a `quantization_config` saying how it is quantized (quant_method "dschat"), a
+safetensors index, and every other file of the source (tokenizer, generation config, chat template). It is
+built in a temporary directory beside the target and renamed into place: a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from fnmatch import fnmatch
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dschat.kernels.fp8_matmul import dequantize_fp8
+
+from .config import ModelConfig
+from .errors import ModelError
+from .loader import Checkpoint, Progress, peak_host_bytes, resolve, terminal_progress
+from .quant import QuantSpec, is_quantized, quantize, spec
+
+SHARD_BYTES = 2 * 2**30
+# The source's files that still hold for the quantized weights (not its checksums, say).
+CARRIED = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.jinja", "*.py", "LICENSE*",
+           "README*")
+
+
+def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, quant: str,
+                        progress: Progress | None = None, shard_bytes: int = SHARD_BYTES) -> dict:
+    """Write `src` (a directory or hub id) quantized to `out`, which must not exist. Returns figures:
+    tensors, bytes_in, bytes_out, peak_host_bytes."""
+    s = spec(quant)
+    if s is None:
+        raise ValueError("no quantization asked for (use int8 or int4)")
+    root, out = resolve(src), Path(out)
+    cfg = ModelConfig.from_file(root / "config.json")
+    if cfg.weight_quant is not None:
+        raise ModelError(f"{root}: already quantized (quant_method dschat); quantize the original checkpoint")
+    if out.exists():
+        raise ModelError(f"{out}: already exists; name a new directory")
+    if not out.parent.is_dir():
+        raise ModelError(f"{out.parent}: no such directory")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        figures = _write(root, tmp, cfg, s, progress or terminal_progress("Quantizing " + root.name), shard_bytes)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return figures
+
+
+def _write(root: Path, out: Path, cfg: ModelConfig, s: QuantSpec, progress: Progress, shard_bytes: int) -> dict:
+    ckpt = Checkpoint(root)
+    block = tuple(cfg.fp8_block_size or (128, 128))
+    total, done, written, count = ckpt.total_bytes(), 0, 0, 0
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    try:
+        for path, names in ckpt.by_file().items():
+            for name in names:
+                if name.endswith("_scale_inv"):
+                    continue
+                t = ckpt.get(name)
+                done += t.numel() * t.element_size()
+                if t.dtype == torch.float8_e4m3fn:
+                    t = dequantize_fp8(t, ckpt.get(name + "_scale_inv"), block).to(torch.bfloat16)
+                for n, v in _converted(name, t, s).items():
+                    if size + v.numel() * v.element_size() > shard_bytes and shards[-1]:
+                        written += _flush(out, shards, len(shards))
+                        shards.append({})
+                        size = 0
+                    shards[-1][n] = v.contiguous()
+                    size += v.numel() * v.element_size()
+                    count += 1
+                progress(min(done, total), total)
+            ckpt.close()
+        written += _flush(out, shards, len(shards))
+    finally:
+        ckpt.close()
+    _write_index(out, shards, written)
+    _copy_the_rest(root, out, s)
+    progress(total, total)
+    return {"tensors": count, "bytes_in": total, "bytes_out": written, "peak_host_bytes": peak_host_bytes()}
+
+
+def _converted(name: str, t: torch.Tensor, s: QuantSpec) -> dict[str, torch.Tensor]:
+    """The tensors one source tensor becomes: its packed form and scales (zero points), or itself."""
+    if name.endswith(".weight") and t.dim() == 2 and is_quantized(name[: -len(".weight")]):
+        return {name + suffix: v for suffix, v in quantize(t, s).tensors().items()}
+    return {name: t}
+
+
+def _shard_name(i: int) -> str:
+    return f"model-{i:05d}.safetensors"
+
+
+def _flush(out: Path, shards: list[dict], i: int) -> int:
+    """Write the last shard and drop its tensors from memory; returns its bytes."""
+    tensors = shards[-1]
+    save_file(tensors, str(out / _shard_name(i)), metadata={"format": "pt"})
+    nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
+    shards[-1] = dict.fromkeys(tensors)  # keep the names for the index
+    return nbytes
+
+
+def _write_index(out: Path, shards: list[dict], total: int):
+    weight_map = {n: _shard_name(i + 1) for i, names in enumerate(shards) for n in names}
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def _copy_the_rest(root: Path, out: Path, s: QuantSpec):
+    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    config["quantization_config"] = s.config()
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for f in sorted(root.iterdir()):
+        if f.is_file() and any(fnmatch(f.name, pattern) for pattern in CARRIED):
+            shutil.copy2(f, out / f.name)
+    os.chmod(out, 0o777 & ~_umask())  # mkdtemp made it private
+    for f in out.iterdir():
+        os.chmod(f, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,83 @@
+"""`dschat quantize` and `--quant` through the real command: the written directory loads packed and computes
+exactly what quantizing on load computes; bad input is one line, a non-zero exit and nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_pipe_mode import assert_clean_error, run
+
+from dschat.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def int4_dir(chat_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized") / "v2-int4"
+    r = run(["quantize", str(chat_models["v2"]), "--quant", "int4", "-o", str(out)], timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().startswith(f"wrote {out}: int4, ")
+    return out
+
+
+def test_quantized_directory_loads_what_quantize_on_load_computes(chat_models, int4_dir):
+    config = json.loads((int4_dir / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "dschat", "bits": 4, "group_size": 128,
+                                             "symmetric": False}
+    assert (int4_dir / "tokenizer.json").read_bytes() == (chat_models["v2"] / "tokenizer.json").read_bytes()
+    assert not list(int4_dir.parent.glob(".*"))  # no temporary directory left behind
+    index = json.loads((int4_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.mlp.experts.0.down_proj.weight_zero" in index and "lm_head.weight" in index
+    saved = Engine.from_pretrained(int4_dir, dtype=torch.float32, speculative="none")
+    fresh = Engine.from_pretrained(chat_models["v2"], dtype=torch.float32, speculative="none", quant="int4")
+    assert saved.quant == fresh.quant == "int4"
+    ids = list(range(100, 116))
+    assert torch.equal(saved.logits(ids), fresh.logits(ids))
+    a = run(["--model", str(int4_dir), "-t", "0", "-n", "8", "--no-save"], stdin="Hello")
+    b = run(["--model", str(chat_models["v2"]), "--quant", "int4", "-t", "0", "-n", "8", "--no-save"], stdin="Hello")
+    assert a.returncode == b.returncode == 0, a.stderr.decode() + b.stderr.decode()
+    assert a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_unknown_quant_and_fp8_keep_are_refused(chat_models, checkpoints):
+    assert_clean_error(run(["--model", str(chat_models["v2"]), "--quant", "int3"], stdin="hi"),
+                       "unknown quantization 'int3' (use int8 or int4)")
+    assert_clean_error(run(["--model", str(checkpoints["v3_fp8"]), "--quant", "int4", "--fp8", "keep"],
+                           stdin="hi"), "--fp8 keep")
+
+
+def test_quantize_refuses_without_writing(chat_models, int4_dir, tmp_path):
+    out = tmp_path / "out"
+    assert_clean_error(run(["quantize", str(chat_models["v2"]), "--quant", "int3", "-o", str(out)]),
+                       "unknown quantization 'int3'")
+    before = sorted(p.name for p in int4_dir.iterdir())
+    assert_clean_error(run(["quantize", str(chat_models["v2"]), "--quant", "int4", "-o", str(int4_dir)]),
+                       "already exists")
+    assert sorted(p.name for p in int4_dir.iterdir()) == before
+    assert_clean_error(run(["quantize", str(int4_dir), "--quant", "int8", "-o", str(out)]), "already quantized")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_whose_config_and_tensors_disagree_is_refused(int4_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(int4_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"]["bits"] = 8
+    (bad / "config.json").write_text(json.dumps(config))
+    assert_clean_error(run(["--model", str(bad)], stdin="hi"), "is torch.uint8", "needs torch.int8")
+    assert_clean_error(run(["--model", str(int4_dir), "--quant", "int8"], stdin="hi"),
+                       "already quantized to int4")
+
+
+def test_quant_in_the_config_file(chat_models, tmp_path):
+    conf = tmp_path / "config" / "dschat"
+    conf.mkdir(parents=True)
+    (conf / "config.toml").write_text('quant = "int3"\n')
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    assert_clean_error(run(["--model", str(chat_models["v2"])], stdin="hi", env=env), "setting 'quant'")
+    (conf / "config.toml").write_text('quant = "int4"\n')
+    a = run(["--model", str(chat_models["v2"]), "-t", "0", "-n", "6", "--no-save"], stdin="Hi", env=env)
+    b = run(["--model", str(chat_models["v2"]), "--quant", "int4", "-t", "0", "-n", "6", "--no-save"], stdin="Hi")
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
