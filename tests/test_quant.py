@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 import tiny_checkpoints as tc
-from dschat.engine import Engine, ModelError, SamplingParams
+from test_tensor_parallel import run_ranks
+from dschat.engine import Engine, ModelError, SamplingParams, quantize_checkpoint
 from dschat.engine.quant import QuantLinear, QuantSpec, is_quantized, quantize
 from dschat.kernels.quant_format import dequantize, pack_int4, unpack_int4
 from dschat.kernels.quant_matmul import quant_matmul_cpu, quant_matmul_reference
@@ -107,6 +108,30 @@ def test_fp8_weights_requantize_to_int4(checkpoints, tmp_path):
     ids = list(range(3, 11))
     got, want = eng.logits(ids), ref.logits(ids)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_two_ranks_compute_what_one_quantized_process_does(tmp_path, quant):
+    """Row splits fall on whole groups here (every split input dimension is 2 x 128), so each rank holds
+    exactly its slice of the single process's packed weights."""
+    cfg = tc.v2_lite_config()
+    cfg.update(num_attention_heads=8, num_key_value_heads=8, moe_intermediate_size=128, intermediate_size=256,
+               num_hidden_layers=2)
+    path = tc.write_checkpoint(tmp_path / "aligned", cfg, seed=5)
+    ids = list(range(40, 56))
+    got = run_ranks(path, tmp_path / "out.pt", ids, quant=quant)
+    eng = Engine.from_pretrained(path, dtype=torch.float32, quant=quant)
+    want = eng.logits(ids)
+    assert float((got["logits"] - want).abs().max() / want.abs().max()) < 1e-4
+    assert got["greedy"] == list(eng.generate(ids, SamplingParams(max_tokens=10)))
+
+
+def test_a_saved_int4_directory_splits_only_on_whole_groups(checkpoints, tmp_path):
+    out = tmp_path / "int4"
+    quantize_checkpoint(checkpoints["v2_lite"], out, "int4", progress=lambda done, total: None)
+    r = run_ranks(out, tmp_path / "out.pt", [5, 6, 7], quant="", ok=False)
+    assert r.returncode != 0
+    assert "o_proj.weight': its 128 input features do not split into 2 whole groups of 128" in r.stderr
 
 
 def test_quantization_changes_the_cache_key(checkpoints):

@@ -24,11 +24,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(path: Path, out: Path, ids: list[int], ranks: int = 2, fp8: str = "dequant"):
+def run_ranks(path: Path, out: Path, ids: list[int], ranks: int = 2, fp8: str = "dequant", quant: str = "",
+              ok: bool = True):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
            f"--master-port={free_port()}", str(WORKER), str(path), str(out), ",".join(map(str, ids))]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TP_TEST_FP8": fp8}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TP_TEST_FP8": fp8, "TP_TEST_QUANT": quant}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if not ok:
+        return r
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out)
 

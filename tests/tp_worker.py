@@ -16,7 +16,8 @@ from dschat.engine import Engine, SamplingParams
 
 def main(path: str, out: str, ids: list[int]):
     dist.init_process_group("gloo")
-    eng = Engine.from_pretrained(path, device="cpu", dtype=torch.float32, fp8=os.environ.get("TP_TEST_FP8", "dequant"))
+    eng = Engine.from_pretrained(path, device="cpu", dtype=torch.float32, fp8=os.environ.get("TP_TEST_FP8", "dequant"),
+                                 quant=os.environ.get("TP_TEST_QUANT") or None)
     logits = eng.logits(ids)
     greedy = list(eng.generate(ids, SamplingParams(max_tokens=10)))
     follow = ids + greedy + [7, 8, 9]
