@@ -3,6 +3,7 @@
 A sandboxed Jinja2 environment with trim_blocks and lstrip_blocks, the loopcontrols extension, a `tojson`
 that does not escape HTML, and the globals `raise_exception`, `strftime_now`, `dict` and `namespace`; the
 template sees `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and any extra variables.
+Rendering is bounded in size and time (template_bounds.py); an empty prompt is an error.
 
 Tokenizing: the rendered text already holds BOS and the role tokens, so it is tokenized without adding
 special tokens again (no double BOS). Control tokens that appear inside message text ("<｜User｜>" pasted into
@@ -21,7 +22,8 @@ from functools import lru_cache
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .template_bounds import BoundedEnvironment, TemplateLimit, render_bounded
 
 START, END = "\ue000", "\ue001"  # private-use marks around control tokens found in message text
 
@@ -64,8 +66,7 @@ class _Namespace(jinja2.utils.Namespace):
 
 @lru_cache(maxsize=16)
 def _compile(template: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=dict,
                        namespace=_Namespace)
@@ -79,10 +80,12 @@ def render(chat_template: str, messages: list[dict], *, add_generation_prompt: b
            bos_token: str | None = None, eos_token: str | None = None, **extra) -> str:
     """The prompt text, as transformers' apply_chat_template(..., tokenize=False) gives it."""
     try:
-        return _compile(chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                              bos_token=bos_token, eos_token=eos_token, **extra)
+        return render_bounded(_compile(chat_template), messages=messages, add_generation_prompt=add_generation_prompt,
+                              bos_token=bos_token, eos_token=eos_token, **extra)
     except TemplateError:
         raise
+    except TemplateLimit as e:
+        raise TemplateError(f"the model's chat template was stopped: {e}") from None
     except jinja2.exceptions.TemplateError as e:
         raise TemplateError(f"the model's chat template refused this conversation: {e}") from None
     except (TypeError, KeyError, AttributeError, ValueError) as e:
@@ -119,8 +122,11 @@ def control_tokens(tok) -> tuple[str, ...]:
 def render_marked(tok, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The rendered prompt with control tokens inside message text marked (see `encode_marked`)."""
     control, _ = _patterns(control_tokens(tok))
-    return render(tok.chat_template, _mark(messages, control), add_generation_prompt=add_generation_prompt,
+    text = render(tok.chat_template, _mark(messages, control), add_generation_prompt=add_generation_prompt,
                   bos_token=tok.bos_token, eos_token=tok.eos_token)
+    if add_generation_prompt and not unmark(text).strip():
+        raise TemplateError("the model's chat template rendered an empty prompt for this conversation")
+    return text
 
 
 def unmark(text: str) -> str:
