@@ -124,12 +124,8 @@ class ModelConfig:
                 f"{where}: unsupported model_type {model_type!r} (dschat runs {', '.join(MODEL_TYPES)})"
             )
 
-        def need(key):
-            if key not in d:
-                raise ModelError(f"{where}: missing field {key!r}")
-            return d[key]
-
-        n_routed = d.get("n_routed_experts")
+        f = _Fields(d, where)
+        n_routed = f.int("n_routed_experts", 0, MAX_EXPERTS, default=None, null=True) or None
         topk_method = d.get("topk_method", "greedy")
         if topk_method == "gready":  # the spelling of early DeepSeek-V2 remote code
             topk_method = "greedy"
@@ -142,6 +138,8 @@ class ModelConfig:
         fp8 = weight_quant = None
         q = d.get("quantization_config")
         if q:
+            if not isinstance(q, dict):
+                raise ModelError(f"{where}: quantization_config must be an object, not {json.dumps(q)}")
             if q.get("quant_method") == "dschat":  # written by `dschat quantize` (engine/quant.py reads it)
                 weight_quant = q
             elif q.get("quant_method") != "fp8":
@@ -149,37 +147,39 @@ class ModelConfig:
             else:
                 fp8 = tuple(q.get("weight_block_size") or (128, 128))
 
+        layers = f.int("num_hidden_layers", 1, MAX_LAYERS)
+        n_group = f.int("n_group", 1, MAX_EXPERTS, default=None, null=True) or 1
         cfg = cls(
             model_type=model_type,
-            vocab_size=need("vocab_size"),
-            hidden_size=need("hidden_size"),
-            intermediate_size=need("intermediate_size"),
-            num_hidden_layers=need("num_hidden_layers"),
-            num_attention_heads=need("num_attention_heads"),
-            q_lora_rank=need("q_lora_rank"),
-            kv_lora_rank=need("kv_lora_rank"),
-            qk_nope_head_dim=need("qk_nope_head_dim"),
-            qk_rope_head_dim=need("qk_rope_head_dim"),
-            v_head_dim=need("v_head_dim"),
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            vocab_size=f.int("vocab_size"),
+            hidden_size=f.int("hidden_size"),
+            intermediate_size=f.int("intermediate_size"),
+            num_hidden_layers=layers,
+            num_attention_heads=f.int("num_attention_heads", 1, MAX_HEADS),
+            q_lora_rank=f.int("q_lora_rank", null=True),
+            kv_lora_rank=f.int("kv_lora_rank"),
+            qk_nope_head_dim=f.int("qk_nope_head_dim"),
+            qk_rope_head_dim=f.int("qk_rope_head_dim"),
+            v_head_dim=f.int("v_head_dim"),
+            max_position_embeddings=f.int("max_position_embeddings", default=4096),
+            rms_norm_eps=f.number("rms_norm_eps", default=1e-6),
             rope=_read_rope(d, where),
             n_routed_experts=n_routed,
-            n_shared_experts=d.get("n_shared_experts"),
-            num_experts_per_tok=need("num_experts_per_tok") if n_routed else None,
-            moe_intermediate_size=need("moe_intermediate_size") if n_routed else 0,
-            first_k_dense_replace=d.get("first_k_dense_replace", 0),
-            moe_layer_freq=d.get("moe_layer_freq", 1) or 1,
+            n_shared_experts=f.int("n_shared_experts", 0, MAX_EXPERTS, default=None, null=True),
+            num_experts_per_tok=f.int("num_experts_per_tok", 1, n_routed) if n_routed else None,
+            moe_intermediate_size=f.int("moe_intermediate_size") if n_routed else 0,
+            first_k_dense_replace=f.int("first_k_dense_replace", 0, layers, default=0),
+            moe_layer_freq=f.int("moe_layer_freq", 0, MAX_LAYERS, default=1, null=True) or 1,
             topk_method=topk_method,
             scoring_func=scoring,
-            n_group=d.get("n_group") or 1,
-            topk_group=d.get("topk_group") or 1,
+            n_group=n_group,
+            topk_group=f.int("topk_group", 1, n_group, default=None, null=True) or 1,
             norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+            routed_scaling_factor=f.number("routed_scaling_factor", default=1.0),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            num_nextn_predict_layers=d.get("num_nextn_predict_layers", 0) or 0,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
+            num_nextn_predict_layers=f.int("num_nextn_predict_layers", 0, MAX_LAYERS, default=0, null=True) or 0,
+            bos_token_id=f.token_ids("bos_token_id"),
+            eos_token_id=f.token_ids("eos_token_id"),
             fp8_block_size=fp8,
             weight_quant=weight_quant,
             raw=d,
@@ -191,15 +191,68 @@ class ModelConfig:
         return cfg
 
 
+MAX_SIZE = 1 << 24  # any width, vocabulary or context length: far past every released model
+MAX_LAYERS = 4096
+MAX_HEADS = 4096
+MAX_EXPERTS = 1 << 16
+_REQUIRED = object()
+
+
+class _Fields:
+    """config.json's values, each checked for its type and range as it is read, so that a bad value is one
+    line naming its field (and nothing is sized by it)."""
+
+    def __init__(self, d: dict, where: str, prefix: str = ""):
+        self.d, self.where, self.prefix = d, where, prefix
+
+    def _given(self, key, default, null) -> bool:
+        """Whether the file gives a value to check (not missing, not an allowed null)."""
+        if key not in self.d and default is _REQUIRED:
+            raise ModelError(f"{self.where}: missing field {self.prefix + key!r}")
+        return key in self.d and not (null and self.d[key] is None)
+
+    def _bad(self, key, what):
+        return ModelError(f"{self.where}: {self.prefix}{key} must be {what}, not {json.dumps(self.d[key])}")
+
+    def int(self, key: str, lo: int = 1, hi: int = MAX_SIZE, default=_REQUIRED, null: bool = False):
+        """A whole number in [lo, hi]; missing, or null where `null` allows it, is `default` (None if
+        there is none)."""
+        if not self._given(key, default, null):
+            return None if default is _REQUIRED else default
+        v = self.d[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise self._bad(key, f"a whole number from {lo} to {hi}")
+        return v
+
+    def number(self, key: str, default=_REQUIRED, null: bool = False, zero: bool = False) -> float:
+        """A finite number above 0 (from 0, with `zero`); missing or an allowed null is `default`."""
+        if not self._given(key, default, null):
+            return default
+        v = self.d[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v if zero else 0 < v) \
+                or v == math.inf:
+            raise self._bad(key, f"a finite number {'from' if zero else 'above'} 0")
+        return float(v)
+
+    def token_ids(self, key: str):
+        """A token id, a list of them, or null."""
+        v = self.d.get(key)
+        ids = v if isinstance(v, list) else [] if v is None else [v]
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_SIZE for i in ids):
+            raise self._bad(key, "a token id or a list of them")
+        return v
+
+
 def _read_rope(d: dict, where: str) -> Rope:
     """Both forms: legacy `rope_theta` + `rope_scaling` {type|rope_type: yarn, ...}, and the newer
     `rope_parameters` {rope_type, rope_theta, ...}."""
-    params = d.get("rope_parameters")
-    if params is None:
-        params = dict(d.get("rope_scaling") or {})
-        params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+    name = "rope_parameters" if d.get("rope_parameters") is not None else "rope_scaling"
+    params = d.get(name) or {}
+    if not isinstance(params, dict):
+        raise ModelError(f"{where}: {name} must be an object, not {json.dumps(params)}")
+    f = _Fields(params, where, prefix=f"{name}.")
+    theta = f.number("rope_theta", default=_Fields(d, where).number("rope_theta", default=10000.0))
     kind = params.get("rope_type") or params.get("type") or "default"
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
     if kind == "default":
         return Rope(theta=theta)
     if kind != "yarn":
@@ -207,17 +260,13 @@ def _read_rope(d: dict, where: str) -> Rope:
     return Rope(
         theta=theta,
         kind="yarn",
-        factor=float(params["factor"]),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 4096)),
-        beta_fast=float(params.get("beta_fast") or 32),
-        beta_slow=float(params.get("beta_slow") or 1),
-        mscale=float(_or(params.get("mscale"), 1.0)),
-        mscale_all_dim=float(_or(params.get("mscale_all_dim"), 0.0)),
+        factor=f.number("factor"),
+        original_max_position_embeddings=f.int("original_max_position_embeddings", default=4096),
+        beta_fast=f.number("beta_fast", default=32.0, null=True),
+        beta_slow=f.number("beta_slow", default=1.0, null=True),
+        mscale=f.number("mscale", default=1.0, null=True, zero=True),
+        mscale_all_dim=f.number("mscale_all_dim", default=0.0, null=True, zero=True),
     )
-
-
-def _or(value, default):
-    return default if value is None else value
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

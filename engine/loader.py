@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from . import dist, quant
+from .config_check import check_config
 from .errors import ModelError
 from .model import Experts, Linear, MoE, Transformer, dequantize_fp8
 
@@ -84,6 +85,7 @@ class Checkpoint:
             for shard in shards:
                 for name in _read_header(shard):
                     self.files[name] = shard
+        self.shapes: dict[str, list[int]] = {}  # from the headers, before any tensor is read
         for shard in sorted(set(self.files.values())):
             if not shard.exists():
                 raise ModelError(f"{shard}: shard listed in the index is missing")
@@ -91,6 +93,8 @@ class Checkpoint:
             for name, f in self.files.items():
                 if f == shard and name not in header:
                     raise ModelError(f"{shard}: tensor {name!r} listed in the index is not in this file")
+                if f == shard:
+                    self.shapes[name] = header[name].get("shape")
         self._open: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -287,6 +291,7 @@ def load_model(root: Path, cfg, device: torch.device, dtype: torch.dtype, with_m
     weights engine/quant.py names, one tensor at a time as they are read (a directory written by
     `dschat quantize` says so in its config and loads packed)."""
     ckpt = Checkpoint(root)
+    check_config(cfg, ckpt.shapes, str(root))
     with torch.device("meta"):
         model = Transformer(cfg, with_mtp=with_mtp)
     if quantize is not None:
