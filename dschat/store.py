@@ -422,17 +422,49 @@ class _Transaction:
         return False
 
 
+MAX_IMPORT_BYTES = 64 * 2**20  # an export file (its token ids included)
+MAX_IMPORT_CHARS = 4 * 2**20  # the text of its messages: more than any model's context window holds
+LATEST_TIME = 32503680000.0  # 3000-01-01: later `created` times are mistakes
+
+
 def read_json_file(path: str) -> dict:
-    """An exported conversation file, read (not yet validated: `import_json` does that)."""
+    """An exported conversation file, read (not yet validated: `import_json` does that); its size is
+    checked before it is read."""
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_IMPORT_BYTES:
+            raise StoreError(f"{path}: {size:,} bytes is more than a conversation file may hold "
+                             f"({MAX_IMPORT_BYTES:,})")
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StoreError(f"{path}: no such file") from None
+    except RecursionError:
+        raise StoreError(f"{path}: not a conversation file (JSON nested too deeply)") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise StoreError(f"{path}: not a conversation file ({e})") from None
     if not isinstance(data, dict):
         raise StoreError(f"{path}: not a conversation file (expected a JSON object)")
     return data
+
+
+def _check_time(value, field: str):
+    """A time in seconds since 1970, or null."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 <= value <= LATEST_TIME):
+        raise StoreError(f'{field} must be a time in seconds since 1970 (or null), not {json.dumps(value)}')
+
+
+def _check_order(msgs: list[dict]):
+    """System messages first, then user and assistant turns taking turns, a user message first."""
+    expected = "user"
+    for i, m in enumerate(msgs):
+        role = m["role"]
+        if role == "system" and all(p["role"] == "system" for p in msgs[:i]):
+            continue
+        if role != expected:
+            raise StoreError(f'message {i + 1}: "role" is {role} where {expected} comes (system messages first, '
+                             f"then user and assistant in turn)")
+        expected = "assistant" if role == "user" else "user"
 
 
 def _validate_export(data) -> list[dict]:
@@ -451,6 +483,14 @@ def _validate_export(data) -> list[dict]:
         if ids is not None and (not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < 2**31
                                                                       for t in ids)):
             raise StoreError(f'message {i + 1}: "token_ids" must be a list of non-negative integers')
+        _check_time(m.get("created"), f'message {i + 1}: "created"')
+    _check_order(msgs)
+    chars = sum(len(m["content"]) for m in msgs)
+    if chars > MAX_IMPORT_CHARS:
+        raise StoreError(f'"messages" hold {chars:,} characters, more than any model\'s context '
+                         f"(the limit is {MAX_IMPORT_CHARS:,})")
+    for key in ("created", "updated"):
+        _check_time(data.get(key), f'"{key}"')
     for key in ("title", "model", "system", "fingerprint"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise StoreError(f'"{key}" must be a string')

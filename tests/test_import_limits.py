@@ -1,0 +1,60 @@
+"""`dschat import` of files that are too big, nested too deeply, badly timed or out of role order: one line
+naming the problem, nothing stored."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_pipe_mode import assert_clean_error, run
+
+from dschat.store import MAX_IMPORT_BYTES, MAX_IMPORT_CHARS, Store, StoreError, read_json_file
+
+
+def chat(*roles, **extra):
+    return {"messages": [{"role": r, "content": f"{r} text"} for r in roles], **extra}
+
+
+@pytest.mark.parametrize("data, message", [
+    (chat("user", "assistant", created="yesterday"), '"created" must be a time in seconds since 1970 (or null), not "yesterday"'),
+    (chat("user", created=-5), '"created" must be a time'),
+    (chat("user", updated=1e40), '"updated" must be a time'),
+    ({"messages": [{"role": "user", "content": "x", "created": True}]}, 'message 1: "created" must be a time'),
+    (chat("assistant", "user"), 'message 1: "role" is assistant where user comes'),
+    (chat("user", "user"), 'message 2: "role" is user where assistant comes'),
+    (chat("system", "user", "assistant", "system"), 'message 4: "role" is system where user comes'),
+    ({"messages": [{"role": "user", "content": "x" * (MAX_IMPORT_CHARS + 1)}]}, "characters, more than any model"),
+])
+def test_bad_exports_are_refused(tmp_path, data, message):
+    with Store(tmp_path / "h.db") as store:
+        with pytest.raises(StoreError) as e:
+            store.import_json(data)
+        assert message in str(e.value)
+        assert store.list() == []
+
+
+def test_good_orders_still_import(tmp_path):
+    with Store(tmp_path / "h.db") as store:
+        for data in (chat("system", "user", "assistant", "user"), chat("user", "assistant", created=1.7e9), chat()):
+            store.import_json(data)
+        assert len(store.list()) == 3
+
+
+def test_a_huge_file_is_refused_before_it_is_read(tmp_path):
+    p = tmp_path / "huge.json"
+    with open(p, "wb") as f:
+        f.truncate(MAX_IMPORT_BYTES + 1)  # sparse: nothing to read, only its size tells
+    with pytest.raises(StoreError, match=f"{p}: 67,108,865 bytes is more than a conversation file may hold"):
+        read_json_file(str(p))
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (json.dumps(chat("user", created="yesterday")), '"created" must be a time'),
+    (json.dumps(chat("assistant")), '"role" is assistant where user comes'),
+], ids=["nested", "created", "order"])
+def test_import_through_dschat(tmp_path, content, needle):
+    p = tmp_path / "chat.json"
+    p.write_text(content)
+    assert_clean_error(run(["import", str(p)], stdin=None), needle)
+    assert json.loads(run(["sessions", "--json"], stdin=None).stdout) == []
