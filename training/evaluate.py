@@ -144,13 +144,21 @@ def evaluate(model_dir: Path, files, n: int, seed: int, context: int, loss_windo
     """Every figure for the model in `model_dir`, on the CPU in float32 (n holes of each kind, n MTP prompts)."""
     plain = Engine.from_pretrained(model_dir, dtype=torch.float32, speculative="none")
     mtp = Engine.from_pretrained(model_dir, dtype=torch.float32, speculative="mtp", draft_tokens=1)
+    steps = {
+        "heldout_loss": lambda: round(heldout_loss(plain.model, plain.tokenizer, files, loss_windows), 4),
+        "fim_single_line": lambda: fim_scores(plain, holes(files, n, "line", seed), context),
+        "fim_multi_line": lambda: fim_scores(plain, holes(files, n, "block", seed), context),
+        "mtp_k1": lambda: mtp_scores(mtp, files, n, seed),
+        "chat": lambda: chat_scores(plain, chat_tokens),
+        "start_to_first_token": lambda: first_token_seconds(model_dir, starts),
+    }
+    report = {}
+    for name, measure in steps.items():
+        t0 = time.perf_counter()
+        report[name] = measure()
+        print(f"evaluate: {name} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     return {
-        "heldout_loss": round(heldout_loss(plain.model, plain.tokenizer, files, loss_windows), 4),
-        "fim_single_line": fim_scores(plain, holes(files, n, "line", seed), context),
-        "fim_multi_line": fim_scores(plain, holes(files, n, "block", seed), context),
-        "mtp_k1": mtp_scores(mtp, files, n, seed),
-        "chat": chat_scores(plain, chat_tokens),
-        "start_to_first_token": first_token_seconds(model_dir, starts),
+        **report,
         "evaluated_on": {"device": "cpu", "dtype": "float32", "python": sys.version.split()[0],
                          "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                          "load_average": round(os.getloadavg()[0], 1), "holes_per_kind": n, "seed": seed},

@@ -17,7 +17,7 @@ import torch
 from .batches import Batches, Data
 from .model import LoadBalancer, losses
 
-MEASURE = (5, 25)  # steps timed to size a time-boxed run
+MEASURE_AFTER, MEASURE_STEPS = 5, 20  # a time-boxed run times 20 steps after the first 5 to size itself
 MTP_WEIGHT = 0.3
 
 
@@ -64,9 +64,8 @@ class Trainer:
                                                 batch_size=None, num_workers=workers,
                                                 prefetch_factor=4 if workers else None))
 
-    def size_run(self, measured_s: float):
+    def size_run(self, per_step: float):
         """Fix the number of steps that fits the time box, from the measured seconds per step."""
-        per_step = measured_s / (MEASURE[1] - MEASURE[0])
         left = 60 * self.args.minutes - self.seconds
         self.steps = min(self.args.steps, self.step + max(1, int(left / per_step)))
         self.fixed = True
@@ -90,11 +89,12 @@ class Trainer:
         """Train to the last step (or the time box); `save(trainer)` writes the state file."""
         self.model.train()
         loader, started, last_save, mark = self.batches(), time.time() - self.seconds, time.time(), None
+        first = max(self.step, MEASURE_AFTER)  # a run resumed before it was sized measures from there
         while self.step < self.steps:
-            if not self.fixed and self.step == MEASURE[0]:
+            if not self.fixed and self.step == first:
                 mark = time.time()
-            if not self.fixed and self.step == MEASURE[1]:
-                self.size_run(time.time() - mark)
+            if not self.fixed and self.step == first + MEASURE_STEPS:
+                self.size_run((time.time() - mark) / MEASURE_STEPS)
                 loader = self.batches()
             if self.fixed and self.args.minutes and time.time() - started > 60 * self.args.minutes * 1.1:
                 self.log(f"time is up at step {self.step} of {self.steps}")

@@ -33,7 +33,7 @@ from training.batches import Data  # noqa: E402
 from training.chat_data import CHAT_MODULES, TINY_MODULES, chat_pairs  # noqa: E402
 from training.corpus import TINY_FILES, split, stdlib_files  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
-from training.export import export, shipped_bytes  # noqa: E402
+from training.export import export, shipped_bytes, write_json  # noqa: E402
 from training.loop import Trainer, save_state  # noqa: E402
 from training.model import MAX_POSITIONS, MAX_SHIPPED_MB, SIZES, build_model, model_config, n_params  # noqa: E402
 from training.tokens import app_tokenizer, from_json, train_tokenizer  # noqa: E402
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--minutes", type=float, default=None, help="time box for the training loop")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100, help="warm-up steps")
-    ap.add_argument("--workers", type=int, default=None, help="data worker processes (default: 8 on CUDA, 0)")
+    ap.add_argument("--workers", type=int, default=None, help="data worker processes (default on CUDA: up to 12, else 0)")
     ap.add_argument("--state", type=Path, default=None, help="resumable state file (default OUT.state.pt)")
     ap.add_argument("--resume", action="store_true", help="continue from the state file")
     ap.add_argument("--save-minutes", type=float, default=2.0, help="write the state file this often")
@@ -90,7 +90,8 @@ def settle(args):
     args.context = args.context or (TINY["context"] if tiny else FIM_CONTEXT)
     args.max_middle = args.max_middle or (TINY["max_middle"] if tiny else FIM_MIDDLE)
     args.seq = args.seq or args.context + args.max_middle + 8
-    args.workers = args.workers if args.workers is not None else (8 if args.device.startswith("cuda") else 0)
+    args.workers = args.workers if args.workers is not None else (
+        min(12, (os.cpu_count() or 4) - 2) if args.device.startswith("cuda") else 0)
     if args.seq < args.context + args.max_middle + 8:
         raise TrainError(f"--seq {args.seq} cannot hold a FIM prompt of --context {args.context} tokens plus a "
                          f"middle of {args.max_middle}: use --seq {args.context + args.max_middle + 8} or more")
@@ -153,31 +154,38 @@ def train(args):
     if info["shipped_MB"] > MAX_SHIPPED_MB:
         raise TrainError(f"--size {args.size}: {info['shipped_MB']} MB in bf16, over the {MAX_SHIPPED_MB} MB limit")
     if args.dry_run:
-        counts = {}
-        for _, _, kind in data.rows(0, args.steps, args.batch):
-            counts[kind] = counts.get(kind, 0) + 1
-        log(f"dry run: step 0 has rows {json.dumps(counts)}; nothing trained or written")
-        return
+        return dry_run(data, args)
     trainer = Trainer(model, data, args, log)
     if state:
         trainer.restore(state)
     extra = {"run": run_key(args), "tokenizer": tok.tk.to_str()}
     trainer.run(lambda t: save_state(args.state, t.state(extra)))
-    report = {**info, "steps": trainer.step, "planned_steps": trainer.steps, "stopped_early": trainer.stopped_early,
-              "train_seconds": round(trainer.seconds, 1),
-              "first_loss": trainer.history[0] if trainer.history else None,
-              "last_loss": trainer.history[-1] if trainer.history else None, "seed": args.seed,
-              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "python": sys.version.split()[0], "reproduce": reproduce(args, trainer.steps)}
+    report = training_report(info, trainer, args)
     export(model, tok.tk, cfg_dict, args.out, report)
     if args.eval:
         report.update(evaluate(args.out, test_files, args.eval, args.seed, args.context, 4 if args.tiny else 64,
                                args.starts, args.chat_tokens))
     report["total_seconds"] = round(time.time() - t_start, 1)
-    (args.out / "training_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_json(args.out / "training_report.json", report)
     if args.state.exists():
         args.state.unlink()
     print(json.dumps({k: v for k, v in report.items() if k != "chat"}), flush=True)
+
+
+def dry_run(data: Data, args):
+    counts = {}
+    for _, _, kind in data.rows(0, args.steps, args.batch):
+        counts[kind] = counts.get(kind, 0) + 1
+    log(f"dry run: step 0 has rows {json.dumps(counts)}; nothing trained or written")
+
+
+def training_report(info: dict, trainer: Trainer, args) -> dict:
+    history = trainer.history
+    return {**info, "steps": trainer.step, "planned_steps": trainer.steps, "stopped_early": trainer.stopped_early,
+            "train_seconds": round(trainer.seconds, 1), "first_loss": history[0] if history else None,
+            "last_loss": history[-1] if history else None, "seed": args.seed,
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "python": sys.version.split()[0], "reproduce": reproduce(args, trainer.steps)}
 
 
 def run_key(args) -> dict:
@@ -203,9 +211,7 @@ def only_evaluate(args):
                       4 if args.tiny else 64, args.starts, args.chat_tokens)
     if args.report:  # merged into a report already there (a training report gains the figures)
         merged = json.loads(args.report.read_text(encoding="utf-8")) if args.report.exists() else {}
-        tmp = args.report.with_name(args.report.name + ".tmp")
-        tmp.write_text(json.dumps({**merged, **report}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, args.report)
+        write_json(args.report, {**merged, **report})
     print(json.dumps(report, indent=2, ensure_ascii=False))
 
 
