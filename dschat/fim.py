@@ -203,7 +203,7 @@ def run_fim(argv: list[str]) -> int:
     target = rewritable(src.path) if args.in_place else None  # before any work, not after it
     opts = Options.from_args(args, Settings.load())
     opts.model = model_name(opts)  # resolved once (the demo model's notice shows once)
-    tok = Tokenizer.from_dir(resolve(opts.model))
+    tok = Tokenizer.from_dir(resolve(opts.model, tokenizer_only=True))  # FIM tokens checked before any weights
     missing = [t for t in FIM_TOKENS if tok.token_id(t) is None]
     if missing:
         raise FimError(f"this model's tokenizer has no FIM tokens ({missing[0]}); use DeepSeek-Coder-V2, "

@@ -46,7 +46,7 @@ def show_prompt(opts: Options, message: str) -> int:
         pass
 
     eng = _NoWeights()
-    eng.tokenizer = Tokenizer.from_dir(resolve(model_name(opts)))
+    eng.tokenizer = Tokenizer.from_dir(resolve(model_name(opts), tokenizer_only=True))  # no weights fetched
     chat = Chat(eng, system=opts.system_prompt, raw=opts.raw)
     turn = chat.turn(message)
     print(json.dumps({"text": turn.prompt_text, "ids": turn.prompt_ids}, ensure_ascii=False))

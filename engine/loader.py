@@ -36,8 +36,14 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _EXPERT = re.compile(r"^(.+)\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
-def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local model directory, or a hub repo id (from the local HF cache, downloading if allowed)."""
+TOKENIZER_FILES = ["tokenizer*", "*.jinja"]
+MODEL_FILES = ["*.json", "*.safetensors", *TOKENIZER_FILES]
+
+
+def resolve(path_or_id: str | os.PathLike, tokenizer_only: bool = False) -> Path:
+    """A local model directory, or a hub repo id: from the local HF cache, else downloaded (unless offline),
+    saying first what will be fetched. tokenizer_only: the tokenizer's files are all that is wanted (a hub
+    id then never starts a download of the weights)."""
     p = Path(path_or_id).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -55,14 +61,53 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     cache_dir = os.environ.get("HF_HUB_CACHE") or (
         os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    patterns = TOKENIZER_FILES if tokenizer_only else MODEL_FILES
+    wanted = "tokenizer.json" if tokenizer_only else "config.json"
+
+    def fetch(**kw) -> Path | list:
+        return snapshot_download(name, cache_dir=cache_dir, allow_patterns=patterns, **kw)
+
     try:
-        return Path(snapshot_download(
-            name, cache_dir=cache_dir, local_files_only=offline,
-            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
+        try:
+            cached = Path(fetch(local_files_only=True))
+            if (cached / wanted).exists() and (tokenizer_only or any(cached.glob("*.safetensors"))):
+                return cached
+        except (HfHubHTTPError, OSError, ValueError):
+            pass  # not cached (in full)
+        if offline:
+            raise OSError(f"not in the local cache, and HF_HUB_OFFLINE is set (looked for {', '.join(patterns)})")
+        if dist.rank() == 0:
+            sys.stderr.write(_download_note(name, fetch, tokenizer_only))
+        return Path(fetch())
     except (HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{name}: not a local directory, and not found on the Hugging Face hub or in its "
                          f"cache ({first})") from None
+
+
+def _download_note(name: str, fetch, tokenizer_only: bool) -> str:
+    """What a download of `name` will fetch: its files and their size (when the hub can say)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    what = "its tokenizer" if tokenizer_only else "its config, tokenizer and weights"
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()  # a dry run needs no progress bar
+    try:
+        plan = [f for f in fetch(dry_run=True) if f.will_download]
+    except TypeError:  # a huggingface_hub without dry runs
+        return f"Downloading {name} ({what}) from the Hugging Face hub\n"
+    finally:
+        if not quiet:
+            enable_progress_bars()
+    size = sum(f.file_size or 0 for f in plan)
+    return f"Downloading {name} ({what}) from the Hugging Face hub: {len(plan)} files, {_bytes(size)}\n"
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 class Checkpoint:
