@@ -12,9 +12,8 @@ cache still reuses the longest common prefix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
-
-from dschat.engine import SamplingParams
+from itertools import chain
+from typing import Iterable, Iterator
 
 from .template import completion_prompt, encode_marked, render_marked, unmark
 
@@ -26,7 +25,7 @@ class Turn:
     prompt_ids: list[int]
     continued: bool  # True when prompt_ids extend the previous turn's ids
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # the reply as shown: the decoded text without special tokens (see Chat.stream)
     interrupted: bool = False
     stats: dict = field(default_factory=dict)
 
@@ -36,15 +35,14 @@ class Turn:
 
     @property
     def content(self) -> str:
-        """The reply as stored in the conversation: decoded text without special tokens, trimmed."""
-        return self.text.strip()
+        """The reply as the conversation keeps it (and the history saves it): the text as shown."""
+        return self.text
 
 
 class Chat:
-    def __init__(self, engine, system: str | None = None, raw: bool = False,
+    def __init__(self, tokenizer, system: str | None = None, raw: bool = False,
                  messages: list[dict] | None = None, history_ids: list[int] | None = None):
-        self.engine, self.raw = engine, raw
-        self.tok = engine.tokenizer
+        self.tok, self.raw = tokenizer, raw
         self.messages: list[dict] = []
         if system:
             self.messages.append({"role": "system", "content": system})
@@ -56,12 +54,17 @@ class Chat:
         self._rewound = None  # the state before the last rewind, for restore()
 
     @property
+    def completing(self) -> bool:
+        """Plain text completion (--raw, or a model without a chat template) rather than a chat."""
+        return self.raw or self.tok.chat_template is None
+
+    @property
     def system(self) -> str | None:
         return next((m["content"] for m in self.messages if m["role"] == "system"), None)
 
     def render_prompt(self, messages: list[dict]) -> tuple[str, list[int]]:
         """(marked text, ids) of the prompt for these messages."""
-        if self.raw or self.tok.chat_template is None:  # --raw, or a base model: text completion
+        if self.completing:  # --raw, or a base model: text completion
             text = "".join(m["content"] for m in messages if m["role"] != "system") if self.raw \
                 else messages[-1]["content"]
             return completion_prompt(self.tok, text)
@@ -113,25 +116,31 @@ class Chat:
         """A new answer to the last user message (the same prompt ids, so the cache serves all of it)."""
         return self.turn(self.rewind())
 
-    def stream(self, turn: Turn, params: SamplingParams) -> Iterator[str]:
-        """Generate the reply, yielding text as it becomes complete (never a broken UTF-8 sequence)."""
+    def stream(self, turn: Turn, tokens: Iterable[int]) -> Iterator[str]:
+        """The reply's text as its tokens arrive, each piece complete (never a broken UTF-8 sequence).
+        A completion keeps every byte (leading whitespace is indentation in code); a chat answer drops
+        its leading whitespace, which the template writes itself (V2 puts a space after "Assistant:")."""
         decoder = self.tok.stream(skip_special_tokens=True)
-        started = False
-        for token in self.engine.generate(turn.prompt_ids, params):
-            turn.output_ids.append(token)
-            piece = decoder.push(token)
-            if not started:  # the reply's leading whitespace (V2 puts a space after "Assistant:")
+        started = self.completing
+        for token in chain(tokens, [None]):  # None: the end, flush the decoder
+            if token is None:
+                piece = decoder.flush()
+            else:
+                turn.output_ids.append(token)
+                piece = decoder.push(token)
+            if not started:
                 piece = piece.lstrip()
                 started = bool(piece)
             if piece:
                 turn.text += piece
                 yield piece
-            turn.stats = dict(self.engine.stats)
-        tail = decoder.flush()
-        if tail:
-            turn.text += tail
-            yield tail
-        turn.stats = dict(self.engine.stats)
+
+    def add_exchange(self, user: str, reply: str, ids: list[int] | None = None):
+        """Append an exchange that ran elsewhere (a saved one); `ids`, when known, are the exact token ids
+        of the whole history after it."""
+        self._before_last = (list(self.ids), self.text)
+        self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        self.ids, self.text = list(ids or []), None
 
     def commit(self, turn: Turn):
         """Add the exchange to the conversation, even a partial (interrupted) one."""

@@ -9,7 +9,7 @@ import signal
 import sys
 import traceback
 
-from . import commands, fim, quantize, ranks
+from . import commands, quantize, ranks
 from .config import Settings
 from .errors import UsageError, error_text
 from .options import add_model_options, add_output_options, add_sampling_options
@@ -111,7 +111,9 @@ def run_interactive(opts: Options, plain: bool) -> int:
 
 def run_subcommand(name: str, argv: list[str]) -> int:
     if name == "fim":
-        return fim.run_fim(argv)
+        from .fim import run_fim  # deferred: torch
+
+        return run_fim(argv)
     if name == "replay":
         from .replay import run_replay  # deferred: torch
 

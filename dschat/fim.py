@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+from dschat.engine import SamplingParams, Tokenizer, resolve
+
 from .config import Settings
 from .files import atomic_write_text, rewritable
 from .options import add_model_options, add_output_options
@@ -168,8 +170,6 @@ def parser() -> argparse.ArgumentParser:
 
 def fill(engine, tok, text: str, offset: int, args) -> tuple[str, str]:
     """The insertion for a hole at `offset` of `text` (no marker inside), and why it stopped."""
-    from dschat.engine import SamplingParams
-
     prefix, suffix = trim(text[:offset], text[offset:], lambda s: len(tok.encode_plain(s)), args.context)
     ids = fim_prompt(tok, prefix, suffix)
     stops = tuple(i for i in (tok.token_id(t) for t in FIM_TOKENS) if i is not None)
@@ -193,9 +193,6 @@ def fill(engine, tok, text: str, offset: int, args) -> tuple[str, str]:
 
 
 def run_fim(argv: list[str]) -> int:
-    from dschat.engine.loader import resolve
-    from dschat.engine.tokenizer import Tokenizer
-
     args = parser().parse_args(argv)
     check_args(args)
     src = read_source(args.file, args.filename)

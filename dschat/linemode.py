@@ -12,12 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-from .chat import Chat, Turn
+from .chat import Turn
 from .errors import error_text
 from .files import atomic_write_text
 from .paths import xdg
-from .runtime import Options, load_engine, print_stats, sampling_params, stats_json
-from .sessions import chat_from_conversation, new_conversation, open_conversation, save_turn
+from .runtime import Options, load_engine, print_stats, stats_json
+from .session import ChatSession
 from .store import Store, StoreError, read_json_file
 
 HELP = """\
@@ -113,59 +113,14 @@ def read_message(session) -> str | None:
 
 
 def run_line_mode(opts: Options) -> int:
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory
-    from prompt_toolkit.key_binding import KeyBindings
-
     engine = load_engine(opts)
-    if opts.continuing:
-        chat, conv_id = open_conversation(opts, engine)
-    else:  # a new conversation is saved once something is said
-        chat, conv_id = Chat(engine, system=opts.system_prompt), None
-    last: dict = {"reply_id": None}  # the saved id of the last answer (a regenerated one is its sibling)
+    session = ChatSession(engine, opts)
     formatter = code_formatter(opts.config.code_style)
-    history_file = xdg("DATA") / "prompt_history"
-    history_file.parent.mkdir(parents=True, exist_ok=True)
-    keys = KeyBindings()
-
-    @keys.add("escape", "enter")
-    def _(event):
-        event.current_buffer.insert_text("\n")
-
-    session = PromptSession(history=FileHistory(str(history_file)), key_bindings=keys, multiline=False)
+    prompts = prompt_session()
     print(f"dschat: {engine.path.name} on {engine.device}. /help for commands, Ctrl+D to leave.", flush=True)
-    for m in chat.messages:
-        if m["role"] != "system":
-            print(f"{'you' if m['role'] == 'user' else 'assistant'}> {m['content']}")
-
-    def reply(turn: Turn, answer_of=None, regenerating=False):
-        nonlocal conv_id
-        printer, error = Printer(formatter=formatter), None
-        try:
-            for piece in chat.stream(turn, sampling_params(opts, engine, len(turn.prompt_ids))):
-                printer.write(piece)
-        except KeyboardInterrupt:
-            turn.interrupted = True
-        except Exception as e:  # context full, out of memory, ...: say so and go on
-            error, turn.interrupted = error_text(e), True
-        printer.close()
-        if error:
-            print(f"(error: {error})")
-            if not turn.output_ids:  # nothing was generated: the conversation stays as it was
-                if regenerating:
-                    chat.restore()
-                return
-        if turn.interrupted:
-            print("(stopped)")
-        chat.commit(turn)
-        if conv_id is None and not opts.no_save:  # a new conversation is saved with its first reply
-            conv_id = new_conversation(opts, engine, chat.system)
-        _, last["reply_id"] = save_turn(conv_id, chat, turn, engine, answer_of=answer_of)
-        if opts.stats:
-            print_stats(engine.stats)
-
+    show_messages(session.chat.messages)
     while True:
-        text = read_message(session)
+        text = read_message(prompts)
         if text is None:
             print()
             return 0
@@ -175,49 +130,83 @@ def run_line_mode(opts: Options) -> int:
             cmd, _, rest = text[1:].partition(" ")
             if cmd in ("exit", "quit"):
                 return 0
-            if cmd == "help":
-                print(HELP)
-            elif cmd == "clear":
-                chat.clear()
-                conv_id, last["reply_id"] = None, None
-                print("(new conversation)")
-            elif cmd == "system":
-                chat.set_system(rest.strip())
-                print("(system prompt set)" if rest.strip() else "(system prompt cleared)")
-            elif cmd == "stats":
-                print(stats_json(engine.stats) if engine.stats else "(no reply yet)")
-            elif cmd == "regen":
-                try:
-                    turn = chat.regenerate_turn()
-                except ValueError as e:
-                    print(f"({e})")
-                    continue
-                reply(turn, answer_of=last["reply_id"] or saved_reply_id(conv_id), regenerating=True)
-            elif cmd == "save":
-                save_to(rest.strip(), conv_id)
-            elif cmd == "load":
-                opened = load_from(rest.strip(), engine)
-                if opened:
-                    chat, conv_id = opened
-                    last["reply_id"] = None
-            else:
-                print(f"(unknown command /{cmd}: /help lists them)")
-            continue
+            turn = command(session, cmd, rest.strip())
+        else:
+            try:
+                turn = session.turn(text)
+            except Exception as e:  # a template that refuses the conversation, say
+                print(f"(error: {error_text(e)})")
+                continue
+        if turn is not None:
+            reply(session, turn, formatter)
+
+
+def prompt_session():
+    """prompt-toolkit's input, with the prompt history kept in the data directory."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _(event):
+        event.current_buffer.insert_text("\n")
+
+    history_file = xdg("DATA") / "prompt_history"
+    history_file.parent.mkdir(parents=True, exist_ok=True)
+    return PromptSession(history=FileHistory(str(history_file)), key_bindings=keys, multiline=False)
+
+
+def show_messages(messages: list[dict]):
+    for m in messages:
+        if m["role"] != "system":
+            print(f"{'you' if m['role'] == 'user' else 'assistant'}> {m['content']}")
+
+
+def reply(session: ChatSession, turn: Turn, formatter):
+    printer, error = Printer(formatter=formatter), None
+    try:
+        for piece in session.stream(turn):
+            printer.write(piece)
+    except KeyboardInterrupt:
+        turn.interrupted = True
+    except Exception as e:  # context full, out of memory, ...: say so and go on
+        error, turn.interrupted = error_text(e), True
+    printer.close()
+    if error:
+        print(f"(error: {error})")
+    kept = session.finish(turn, failed=error is not None)
+    if kept and turn.interrupted and not error:
+        print("(stopped)")
+    if kept and session.opts.stats:
+        print_stats(session.engine.stats)
+
+
+def command(session: ChatSession, cmd: str, arg: str) -> Turn | None:
+    """Run a slash command; the turn to answer, for /regen."""
+    if cmd == "help":
+        print(HELP)
+    elif cmd == "clear":
+        session.new()
+        print("(new conversation)")
+    elif cmd == "system":
+        session.set_system(arg)
+        print("(system prompt set)" if arg else "(system prompt cleared)")
+    elif cmd == "stats":
+        print(stats_json(session.engine.stats) if session.engine.stats else "(no reply yet)")
+    elif cmd == "regen":
         try:
-            turn = chat.turn(text)
-        except Exception as e:  # a template that refuses the conversation, say
-            print(f"(error: {e})")
-            continue
-        reply(turn)
-
-
-def saved_reply_id(conv_id: str | None) -> str | None:
-    """The id of the saved last answer of a conversation opened from the history (-c, --session, /load)."""
-    if conv_id is None:
-        return None
-    with Store() as store:
-        msgs = store.get(conv_id).messages
-    return msgs[-1].id if msgs and msgs[-1].role == "assistant" else None
+            return session.regenerate()
+        except ValueError as e:
+            print(f"({e})")
+    elif cmd == "save":
+        save_to(arg, session.conversation_id)
+    elif cmd == "load":
+        load_from(arg, session)
+    else:
+        print(f"(unknown command /{cmd}: /help lists them)")
+    return None
 
 
 def save_to(path: str, conv_id: str | None):
@@ -230,22 +219,17 @@ def save_to(path: str, conv_id: str | None):
     print(f"(saved to {path})")
 
 
-def load_from(source: str, engine):
-    """Open a saved conversation by id, or import an exported file and open that; None (said why) if not."""
+def load_from(source: str, session: ChatSession):
+    """Open a saved conversation by id, or import an exported file and open that (or say why not)."""
     if not source:
         print("(usage: /load ID or /load FILE)")
-        return None
+        return
     try:
         with Store() as store:  # a file, as `dschat replay` tells them apart; otherwise an id
             is_file = Path(source).is_file() or source.endswith(".json")
             conv = store.get(store.import_json(read_json_file(source)) if is_file else store.resolve_id(source))
     except StoreError as e:
         print(f"(cannot load {source}: {e})")
-        return None
-    chat = chat_from_conversation(engine, conv)
-    if chat.ids:
-        engine.load_prefix(chat.ids)
-    for m in conv.messages:
-        if m.role != "system":
-            print(f"{'you' if m.role == 'user' else 'assistant'}> {m.content}")
-    return chat, conv.id
+        return
+    session.open(conv)
+    show_messages(session.chat.messages)

@@ -12,3 +12,8 @@ def xdg(kind: str) -> Path:
     """dschat's directory of one XDG kind (CONFIG, DATA or CACHE), with the usual defaults."""
     base = os.environ.get(f"XDG_{kind}_HOME") or str(Path.home() / DEFAULTS[kind])
     return Path(base) / "dschat"
+
+
+def kv_dir() -> Path:
+    """The latent cache of saved conversations, on disk (engine/persist.py)."""
+    return xdg("CACHE") / "kv"

@@ -4,31 +4,31 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
-from .chat import Chat
-from .runtime import Options, load_engine, model_name, print_stats, sampling_params
-from .sessions import open_conversation, save_turn
+from dschat.engine import Tokenizer, resolve
+
+from .runtime import Options, load_engine, model_name, print_stats
+from .session import ChatSession, open_chat
 
 
 def answer(opts: Options, message: str) -> int:
     engine = load_engine(opts)
-    chat, conv = open_conversation(opts, engine)
-    turn = chat.turn(message)
-    params = sampling_params(opts, engine, len(turn.prompt_ids))
+    session = ChatSession(engine, opts)
+    turn = session.turn(message)
     out = sys.stdout
-    wrote_newline = True
+    wrote_newline, failed = True, True
     try:
-        for piece in chat.stream(turn, params):
+        for piece in session.stream(turn):
             out.write(piece)
             out.flush()
             wrote_newline = piece.endswith("\n")
-    except KeyboardInterrupt:
-        turn.interrupted = True
+        failed = False
+    except KeyboardInterrupt:  # Ctrl+C: the partial answer is kept, marked
+        turn.interrupted, failed = True, False
         raise
     finally:
-        if turn.output_ids or turn.interrupted:
-            chat.commit(turn)
-            save_turn(conv, chat, turn, engine)
+        session.finish(turn, failed)
         if not wrote_newline:
             out.write("\n")
             out.flush()
@@ -38,16 +38,10 @@ def answer(opts: Options, message: str) -> int:
 
 
 def show_prompt(opts: Options, message: str) -> int:
-    """The exact prompt that would run, without loading the weights."""
-    from dschat.engine.loader import resolve
-    from dschat.engine.tokenizer import Tokenizer
-
-    class _NoWeights:  # the tokenizer is all Chat needs to build a prompt
-        pass
-
-    eng = _NoWeights()
-    eng.tokenizer = Tokenizer.from_dir(resolve(model_name(opts), tokenizer_only=True))  # no weights fetched
-    chat = Chat(eng, system=opts.system_prompt, raw=opts.raw)
+    """Exactly the prompt the next turn would feed the model (a continued conversation's too), without
+    loading the weights or changing the history."""
+    tok = Tokenizer.from_dir(resolve(model_name(opts), tokenizer_only=True))  # no weights fetched
+    chat, _ = open_chat(tok, replace(opts, no_save=True))
     turn = chat.turn(message)
     print(json.dumps({"text": turn.prompt_text, "ids": turn.prompt_ids}, ensure_ascii=False))
     return 0

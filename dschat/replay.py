@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,60 +65,75 @@ def load_source(source: str) -> dict:
 
 
 def replay(engine, data: dict, opts: Options, compare_answers: bool) -> int:
-    messages = [m for m in data.get("messages", []) if m.get("role") in ("user", "assistant")]
     same_weights = data.get("fingerprint") == engine.fingerprint
-    chat = Chat(engine, system=data.get("system"))
+    chat = Chat(engine.tokenizer, system=data.get("system"))
     out = sys.stdout
     differ = 0
-    turn_no = 0
-    for i, m in enumerate(messages):
-        if m["role"] != "user":
-            continue
-        turn_no += 1
-        saved = messages[i + 1] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else None
-        if compare_answers and same_weights and m.get("token_ids"):
-            turn = Turn(m["content"], "", list(m["token_ids"]), True)  # exactly what ran before
-        else:
-            turn = chat.turn(m["content"])
-        params = sampling_params(opts, engine, len(turn.prompt_ids))
-        out.write(f"── user ({turn_no}) ──\n{m['content'].rstrip()}\n── assistant ──\n")
+    exchanges = pairs(data.get("messages", []))
+    for n, (user, saved) in enumerate(exchanges, start=1):
+        exact = compare_answers and same_weights and ids_spell(engine.tokenizer, user, n)
+        # exactly the prompt that ran before, or the prompt this model renders
+        turn = Turn(user["content"], "", list(user["token_ids"]), True) if exact else chat.turn(user["content"])
+        out.write(f"── user ({n}) ──\n{user['content'].rstrip()}\n── assistant ──\n")
         out.flush()
-        for piece in chat.stream(turn, params):
+        params = sampling_params(opts, engine, len(turn.prompt_ids))
+        for piece in chat.stream(turn, engine.generate(turn.prompt_ids, params)):
             out.write(piece)
             out.flush()
         out.write("\n")
         if opts.stats:
             print_stats(engine.stats)
-        if compare_answers:
-            verdict, ok = compare(saved, turn, same_weights)
-            differ += not ok
-            out.write(f"── turn {turn_no}: {verdict}\n")
-        out.flush()
-        if compare_answers and saved is not None:
-            # the next turn runs on the saved history, not on this answer
-            chat.messages += [{"role": "user", "content": m["content"]},
-                              {"role": "assistant", "content": saved["content"]}]
-            ids = saved.get("token_ids")
-            if same_weights and m.get("token_ids") and ids is not None:
-                chat.ids, chat.text = list(m["token_ids"]) + list(ids), None
-            else:
-                chat.ids, chat.text = [], None
-        else:
+        if not compare_answers:
             chat.commit(turn)
+            continue
+        by_ids = same_weights and saved is not None and ids_spell(engine.tokenizer, saved, n)
+        verdict, ok = compare(saved, turn, by_ids)
+        differ += not ok
+        out.write(f"── turn {n}: {verdict}\n")
+        out.flush()
+        if saved is not None:  # the next turn runs on the saved history, not on this answer
+            chat.add_exchange(user["content"], saved["content"],
+                              turn.prompt_ids + list(saved["token_ids"]) if exact and by_ids else None)
+        else:
+            chat.add_exchange(user["content"], turn.content, turn.prompt_ids + turn.output_ids)
     if compare_answers:
-        out.write(f"{turn_no - differ} of {turn_no} turns unchanged\n")
+        out.write(f"{len(exchanges) - differ} of {len(exchanges)} turns unchanged\n")
         return 1 if differ else 0
     return 0
 
 
-def compare(saved: dict | None, turn, same_weights: bool) -> tuple[str, bool]:
-    """('same' | where it first differs, ok)."""
+def pairs(messages: list[dict]) -> list[tuple[dict, dict | None]]:
+    """Each user message with the answer saved after it (None where there is none)."""
+    msgs = [m for m in messages if m.get("role") in ("user", "assistant")]
+    return [(m, msgs[i + 1] if i + 1 < len(msgs) and msgs[i + 1]["role"] == "assistant" else None)
+            for i, m in enumerate(msgs) if m["role"] == "user"]
+
+
+def ids_spell(tok, message: dict, turn_no: int) -> bool:
+    """Whether a saved message's token ids stand for its text: a prompt's ids hold the user's text, an
+    answer's ids decode to it. The text is the truth: ids that disagree (the text was edited) are ignored,
+    with a warning."""
+    ids = message.get("token_ids")
+    if not ids:
+        return False
+    if message["role"] == "user":
+        agree = message["content"] in tok.decode(ids)
+    else:
+        agree = tok.decode(ids, skip_special_tokens=True).strip() == message["content"].strip()
+    if not agree:
+        warnings.warn(f"turn {turn_no}: the saved {message['role']} message's token ids do not match its text; "
+                      "the ids were ignored and the text was used")
+    return agree
+
+
+def compare(saved: dict | None, turn: Turn, by_ids: bool) -> tuple[str, bool]:
+    """('same' | where it first differs, ok): token for token when the saved ids can be trusted, else by text."""
     if saved is None:
         return "no saved answer to compare with", False
     new_text, old_text = turn.content, saved["content"]
-    old_ids = saved.get("token_ids")
-    if same_weights and old_ids is not None:
-        if list(old_ids) == turn.output_ids:
+    if by_ids:
+        old_ids = list(saved["token_ids"])
+        if old_ids == turn.output_ids:
             return "same (token for token)", True
         k = next((j for j, (a, b) in enumerate(zip(old_ids, turn.output_ids)) if a != b),
                  min(len(old_ids), len(turn.output_ids)))

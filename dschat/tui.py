@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from textual import on, work
@@ -28,8 +29,8 @@ from .chat import Chat, Turn
 from .errors import error_text
 from .files import atomic_write_text
 from .paths import xdg
-from .runtime import DEMO_DIR, Options, load_engine, model_name, sampling_params
-from .sessions import chat_from_conversation, new_conversation, saved_conversation, save_turn
+from .runtime import DEMO_DIR, Options, load_engine, model_name
+from .session import ChatSession
 from .store import Store, StoreError
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
@@ -217,12 +218,9 @@ class ChatApp(App):
         self.opts = opts
         self.conf = opts.config
         self.engine = None
-        self.chat: Chat | None = None
-        self.conv_id: str | None = None
-        self.last_ids: tuple[str | None, str | None] = (None, None)  # saved user / assistant message ids
+        self.session: ChatSession | None = None
         self.busy = False
         self.stop_event = threading.Event()
-        self.pending_edit: str | None = None  # user message id being edited and resent
         self.last_stats: dict = {}
         self.model_label = ""
         self.turns_done = 0  # completed or stopped replies (tests wait on it)
@@ -314,36 +312,38 @@ class ChatApp(App):
                             if demo else Path(str(label)).name)
         self._ui(self._model_ready, engine)
 
+    @property
+    def chat(self) -> Chat | None:
+        return self.session.chat if self.session else None
+
+    @property
+    def conv_id(self) -> str | None:
+        return self.session.conversation_id if self.session else None
+
     def _model_ready(self, engine):
         self.engine = engine
         self.sub_title = f"{self.model_label} on {engine.device}"
-        self.start_chat()
-        if self.opts.continuing:
-            conv = self._with_store(lambda s: saved_conversation(s, self.opts.session))
-            if conv is not None:
-                self.open_conversation(conv)
+        self.query_one("#conversation").remove_children()
+        try:
+            self.session = ChatSession(engine, self.opts)
+        except StoreError as e:  # nothing to continue (-c), say: a new conversation
+            self.notify(str(e), severity="warning")
+            self.session = ChatSession(engine, replace(self.opts, cont=False, session=None))
+        opened = self.session.opened
+        self.show_conversation([m for m in opened.messages if m.role != "system"] if opened else [])
         self.update_status()
 
-    def start_chat(self):
-        self.chat = Chat(self.engine, system=self.opts.system_prompt)
-        self.conv_id, self.last_ids, self.pending_edit = None, (None, None), None
-        self.query_one("#conversation").remove_children()
-
     def open_conversation(self, conv):
-        self.chat = chat_from_conversation(self.engine, conv)
-        if self.chat.ids:
-            self.engine.load_prefix(self.chat.ids)  # resume without a long prefill when it was saved
-        self.conv_id = None if self.opts.no_save else conv.id
-        msgs = [m for m in conv.messages if m.role != "system"]
-        user = next((m.id for m in reversed(msgs) if m.role == "user"), None)
-        reply = next((m.id for m in reversed(msgs) if m.role == "assistant"), None)
-        self.last_ids, self.pending_edit = (user, reply), None
+        self.session.open(conv)
+        self.show_conversation([m for m in conv.messages if m.role != "system"])
+        self.update_status()
+
+    def show_conversation(self, msgs):
         view = self.query_one("#conversation")
         view.remove_children()
         view.mount_all([MessageView(m.role, m.content, m.interrupted) for m in msgs])
         view.scroll_end(animate=False)
         self.query_one(PromptArea).prompts = [m.content for m in msgs if m.role == "user"]
-        self.update_status()
 
     # -- sending ---------------------------------------------------------------------------------------------------
     @on(PromptArea.Submitted)
@@ -357,14 +357,14 @@ class ChatApp(App):
         prompt = self.query_one(PromptArea)
         prompt.prompts.append(event.text)
         try:
-            turn = self.chat.turn(event.text)
+            turn = self.session.turn(event.text)
         except Exception as e:
             self.notify(error_text(e), severity="error")
             return
         prompt.text = ""
         self.run_turn(turn, user_view=True)
 
-    def run_turn(self, turn: Turn, user_view: bool, answer_of: str | None = None):
+    def run_turn(self, turn: Turn, user_view: bool):
         view = self.query_one("#conversation")
         if user_view:
             view.mount(MessageView("user", turn.user))
@@ -373,15 +373,14 @@ class ChatApp(App):
         view.anchor()
         self.busy = True
         self.stop_event.clear()
-        self.generate(turn, reply, answer_of, regenerating=not user_view)
+        self.generate(turn, reply)
 
     @work(thread=True, exclusive=True, group="engine")
-    def generate(self, turn: Turn, reply: MessageView, answer_of: str | None, regenerating: bool):
+    def generate(self, turn: Turn, reply: MessageView):
         error = None
         pieces = None
         try:
-            params = sampling_params(self.opts, self.engine, len(turn.prompt_ids))
-            pieces = self.chat.stream(turn, params)
+            pieces = self.session.stream(turn)
             for piece in pieces:
                 self._ui(self._show_piece, reply, piece, turn.stats)
                 if self.stop_event.is_set():
@@ -393,23 +392,26 @@ class ChatApp(App):
         finally:
             if pieces is not None:
                 pieces.close()  # ends the engine's generation now, in this thread
-        self._ui(self._turn_done, turn, reply, answer_of, regenerating, error)
+        self._ui(self._turn_done, turn, reply, error)
 
     async def _show_piece(self, reply: MessageView, piece: str, stats: dict):
         """One round trip to the UI thread per piece: the text, then the live figures."""
         await reply.append(piece)
         self.update_status(stats)
 
-    async def _turn_done(self, turn: Turn, reply: MessageView, answer_of: str | None, regenerating: bool,
-                         error: str | None):
+    async def _turn_done(self, turn: Turn, reply: MessageView, error: str | None):
         await reply.finish(turn.interrupted)
         if error:
             self.notify(error, severity="error", timeout=10)
-        if error and not turn.output_ids:
+        regenerating = self.session.regenerating
+        try:
+            kept = self.session.finish(turn, failed=error is not None)
+        except Exception as e:
+            kept = True
+            self.notify(f"could not save the conversation: {error_text(e)}", severity="error")
+        if not kept:
             await self._take_back(turn, reply, regenerating)
-        elif turn.output_ids or turn.interrupted:
-            self.chat.commit(turn)
-            self.save(turn, answer_of)
+        self.refresh_sessions()
         self.last_stats = dict(turn.stats)
         self.busy = False
         self.turns_done += 1
@@ -423,7 +425,6 @@ class ChatApp(App):
         back into the input, so nothing typed is lost."""
         await reply.remove()
         if regenerating:  # the answer it was to replace comes back
-            self.chat.restore()
             await self.query_one("#conversation").mount(MessageView("assistant", self.chat.messages[-1]["content"]))
             return
         views = list(self.query(MessageView))
@@ -432,20 +433,6 @@ class ChatApp(App):
         prompt = self.query_one(PromptArea)
         if not prompt.text.strip():
             prompt.text = turn.user
-
-    def save(self, turn: Turn, answer_of: str | None):
-        if self.opts.no_save:
-            return
-        try:
-            if self.conv_id is None:
-                self.conv_id = new_conversation(self.opts, self.engine, self.chat.system)
-            user_id, reply_id = save_turn(self.conv_id, self.chat, turn, self.engine,
-                                          answer_of=answer_of, edit_of=self.pending_edit)
-            self.last_ids = (user_id or self.last_ids[0], reply_id)
-            self.pending_edit = None
-        except Exception as e:
-            self.notify(f"could not save the conversation: {e}", severity="error")
-        self.refresh_sessions()
 
     # -- status -----------------------------------------------------------------------------------------------------
     def set_status(self, text: str):
@@ -489,35 +476,35 @@ class ChatApp(App):
         if self.busy:
             self.stop_event.set()
             return
-        if self.engine is not None:
-            self.start_chat()
+        if self.session is not None:
+            self.session.new()
+            self.query_one("#conversation").remove_children()
             self.update_status({})
 
     def action_regenerate(self):
         if self.busy or self.chat is None:
             return
         try:
-            turn = self.chat.regenerate_turn()
+            turn = self.session.regenerate()
         except ValueError as e:
             self.notify(str(e), severity="warning")
             return
         views = list(self.query(MessageView))
         if views and views[-1].role == "assistant":
             views[-1].remove()
-        self.run_turn(turn, user_view=False, answer_of=self.last_ids[1])
+        self.run_turn(turn, user_view=False)
 
     def action_edit_last(self):
         """Put the last prompt back in the input; sending it replaces the last exchange (kept as a sibling)."""
         if self.busy or self.chat is None:
             return
         try:
-            text = self.chat.rewind()
+            text = self.session.edit_last()
         except ValueError as e:
             self.notify(str(e), severity="warning")
             return
         for v in list(self.query(MessageView))[-2:]:
             v.remove()
-        self.pending_edit = self.last_ids[0]
         prompt = self.query_one(PromptArea)
         prompt.text = text
         prompt.focus()
@@ -555,9 +542,11 @@ class ChatApp(App):
         def done(text):
             if text is None or self.chat is None:
                 return
-            self.chat.set_system(text)
-            if self.conv_id:
-                self._with_store(lambda s: s.set_system(self.conv_id, text or None))
+            try:
+                self.session.set_system(text)
+            except StoreError as e:
+                self.notify(str(e), severity="error")
+                return
             self.notify("system prompt set")
 
         self.push_screen(AskScreen("System prompt:", (self.chat.system or "") if self.chat else ""), done)

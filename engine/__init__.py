@@ -9,7 +9,10 @@
 from .config import ModelConfig
 from .engine import Engine
 from .errors import ContextLengthError, ModelError
+from .loader import resolve
 from .quantized_dir import quantize_checkpoint
 from .sampling import SamplingParams
+from .tokenizer import Tokenizer
 
-__all__ = ["Engine", "SamplingParams", "ModelConfig", "ModelError", "ContextLengthError", "quantize_checkpoint"]
+__all__ = ["Engine", "SamplingParams", "ModelConfig", "ModelError", "ContextLengthError", "quantize_checkpoint",
+           "Tokenizer", "resolve"]

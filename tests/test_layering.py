@@ -58,7 +58,7 @@ def layer(name: str) -> str:
 def test_the_graph_sees_the_known_imports():
     edges = graph()
     assert "dschat.kernels.mla_decode" in edges["dschat.engine.model"]
-    assert "dschat.engine" in edges["dschat.chat"]
+    assert "dschat.engine" in edges["dschat.pipe"]
 
 
 def test_engine_kernels_and_themes_never_import_the_app():

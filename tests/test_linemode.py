@@ -159,3 +159,16 @@ def test_load_by_id_and_from_an_exported_file(chat_models, tmp_path):
     p.expect(pexpect.EOF)
     p.close()
     assert len(Store().list()) == 2  # the file was imported as a conversation of its own
+
+
+def test_raw_is_honoured_in_a_new_line_mode_chat(chat_models, chat_engines):
+    from dschat.template import completion_prompt
+
+    p = spawn("--plain", "--raw", "--model", str(chat_models["v3"]), "-t", "0", "-n", "4")
+    p.expect_exact(PROMPT)
+    ask(p, "def f(x):")
+    p.sendline("/exit")
+    p.expect(pexpect.EOF)
+    p.close()
+    _, ids = completion_prompt(chat_engines["v3"].tokenizer, "def f(x):")
+    assert Store().latest().messages[0].token_ids == ids  # text completion, not the chat template

@@ -16,6 +16,7 @@ import torch
 
 import tiny_checkpoints as tc
 from dschat.engine import Engine, SamplingParams
+from dschat.store import Store
 
 
 def dschat_cmd() -> list[str]:
@@ -55,7 +56,22 @@ def test_raw_mode_is_text_completion(chat_models, chat_engines):
     assert r.returncode == 0, r.stderr
     _, ids = completion_prompt(chat_engines["v3"].tokenizer, "def fib(n):")
     assert ids[0] == chat_engines["v3"].tokenizer.bos_token_id and ids.count(ids[0]) == 1
-    assert r.stdout.decode() == greedy_text(chat_engines["v3"], ids, 10).lstrip() + "\n"
+    assert r.stdout.decode() == greedy_text(chat_engines["v3"], ids, 10) + "\n"
+
+
+def test_raw_mode_keeps_the_completions_leading_whitespace(chat_models, chat_engines):
+    """The prompt plus the output is the text the model continued, byte for byte: for code, the leading
+    whitespace of a completion is indentation."""
+    from dschat.template import completion_prompt
+
+    source = "def f(x):\n    return"
+    r = run(["--model", str(chat_models["v3"]), "--raw", "-t", "0", "-n", "6"], stdin=source)
+    assert r.returncode == 0, r.stderr
+    _, ids = completion_prompt(chat_engines["v3"].tokenizer, source)
+    want = greedy_text(chat_engines["v3"], ids, 6)
+    assert want[0].isspace()  # this model's first token here starts with a space
+    assert r.stdout.decode() == want + "\n"
+    assert Store().latest().messages[1].content == want  # and the history keeps it exactly
 
 
 def test_show_prompt_is_the_exact_prompt_stdin_first(chat_models, chat_engines):

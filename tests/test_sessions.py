@@ -12,6 +12,7 @@ import time
 import pytest
 from test_pipe_mode import dschat_cmd, run
 
+from dschat.engine import Tokenizer
 from dschat.store import Store
 
 
@@ -87,16 +88,32 @@ def test_replay_compare_same_and_different(chat_models, tmp_path):
     assert r.returncode == 0, r.stderr
     text = r.stdout.decode()
     assert text.count("same (token for token)") == 2 and "2 of 2 turns unchanged" in text
-    # an edited saved answer must be reported, with where it differs
+    # a saved answer whose ids differ must be reported, with where it differs
     data = Store().export_json(cid)
-    data["messages"][3]["content"] = "Something else entirely."
     data["messages"][3]["token_ids"][0] += 1
+    data["messages"][3]["content"] = Tokenizer.from_dir(model).decode(data["messages"][3]["token_ids"],
+                                                                      skip_special_tokens=True)
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(data))
     r = run(["replay", str(path), "--compare"], stdin=None)
     assert r.returncode == 1
     text = r.stdout.decode()
     assert "── turn 1: same" in text and "── turn 2: DIFFERS at token 0" in text and "1 of 2 turns unchanged" in text
+
+
+def test_replay_compare_takes_the_text_over_ids_that_disagree(chat_models, tmp_path):
+    """An answer edited by hand (its text, not its ids) differs from what the model says now: the text is
+    the truth, and the ids are ignored with a warning."""
+    model = chat_models["v3"]
+    ask(model, "First question.")
+    data = Store().export_json(Store().latest().id)
+    data["messages"][1]["content"] = "Something else entirely."
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    r = run(["replay", str(path), "--compare"], stdin=None)
+    assert r.returncode == 1, r.stdout
+    assert "── turn 1: DIFFERS at character 0" in r.stdout.decode()
+    assert "dschat: warning: turn 1: the saved assistant message's token ids do not match its text" in r.stderr.decode()
 
 
 def test_replay_prints_the_transcript_with_another_model(chat_models):
@@ -153,3 +170,15 @@ def test_two_processes_saving_at_once(chat_models):
         assert p.wait(timeout=120) == 0, p.stderr.read()
     assert time.monotonic() - t0 < 120
     assert sorted(r["title"] for r in Store().list()) == ["question 0", "question 1"]
+
+
+@pytest.mark.parametrize("system", [[], ["-s", "Be brief."]], ids=["same-system", "new-system"])
+def test_show_prompt_of_a_continued_conversation_is_what_the_next_turn_feeds(chat_models, system):
+    model = chat_models["v3"]
+    ask(model, "First question.")
+    r = run(["--model", str(model), "--show-prompt", "-c", *system, "Second question."], stdin=None)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert "First question." in shown["text"] and len(Store().latest().messages) == 2  # nothing changed
+    ask(model, "Second question.", "-c", *system)
+    assert shown["ids"] == Store().latest().messages[2].token_ids

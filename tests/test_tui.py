@@ -430,3 +430,14 @@ async def test_a_full_context_is_a_notice_and_the_message_goes_back_into_the_inp
         await send(pilot, app, "again")  # and the chat goes on from the same history
         assert len(Store().latest().messages) == 4
         assert Store().latest().messages[3].timings["cached_tokens"] > 0
+
+
+async def test_raw_is_honoured(chat_models, chat_engines):
+    from dschat.template import completion_prompt
+
+    app = make_app(chat_models["v3"], "-n", "4", "--raw")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "def f(x):")
+    _, ids = completion_prompt(chat_engines["v3"].tokenizer, "def f(x):")
+    assert Store().latest().messages[0].token_ids == ids  # text completion, not the chat template

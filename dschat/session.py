@@ -1,0 +1,166 @@
+"""One conversation as the app runs it, turn by turn, the same in pipe mode, line mode and the TUI.
+
+A ChatSession owns the Chat (the messages and their exact token ids), the conversation's id in the
+history, the saved ids of its last exchange, a pending edit, and --no-save. A turn goes: `turn` (or
+`regenerate`, or an edited prompt after `edit_last`), `stream` the reply, then `finish` it: the exchange
+is committed and saved at once (an interrupted reply too, marked), or, when the reply failed before its
+first token, taken back as if it had never been asked. The history's latent cache is saved beside it, so
+that `dschat -c` in a new process starts without a prefill.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .chat import Chat, Turn
+from .paths import kv_dir
+from .runtime import Options, sampling_params
+from .store import Conversation, Store, StoreError
+
+TIMINGS = ("ttft_s", "decode_tokens_per_s", "cached_tokens", "draft_tokens", "accepted_tokens")
+
+
+def history_ids(messages) -> list[int] | None:
+    """The exact token ids of a saved conversation: the last user message holds the prompt ids of its
+    turn, the assistant message after it the ids generated; together they are the whole history."""
+    if len(messages) < 2 or messages[-1].role != "assistant" or messages[-2].role != "user":
+        return None
+    prompt, reply = messages[-2].token_ids, messages[-1].token_ids
+    if not prompt or reply is None:
+        return None
+    return list(prompt) + list(reply)
+
+
+def saved_conversation(store: Store, conversation_id: str | None) -> Conversation | None:
+    """The conversation an id (prefix) names, or the latest one; None if there is none."""
+    return store.get(store.resolve_id(conversation_id)) if conversation_id else store.latest()
+
+
+def continued_chat(tokenizer, conv: Conversation, system: str | None = None, raw: bool = False) -> Chat:
+    """A saved conversation as a Chat, with its exact token ids (unless another system prompt is given)."""
+    same_system = system is None or system == conv.system
+    return Chat(tokenizer, system=conv.system if system is None else system, raw=raw,
+                messages=[{"role": m.role, "content": m.content} for m in conv.messages if m.role != "system"],
+                history_ids=history_ids(conv.messages) if same_system else None)
+
+
+def open_chat(tokenizer, opts: Options) -> tuple[Chat, Conversation | None]:
+    """The chat a run starts with: a new one, or with -c / --session the saved conversation (--system
+    replaces its system prompt, in the history too)."""
+    if not opts.continuing:
+        return Chat(tokenizer, system=opts.system_prompt, raw=opts.raw), None
+    with Store() as store:
+        conv = saved_conversation(store, opts.session)
+        if conv is None:
+            raise StoreError("there is no saved conversation to continue yet")
+        if opts.system is not None and opts.system != conv.system and not opts.no_save:
+            store.set_system(conv.id, opts.system)
+    return continued_chat(tokenizer, conv, opts.system, opts.raw), conv
+
+
+class ChatSession:
+    def __init__(self, engine, opts: Options):
+        self.engine, self.opts = engine, opts
+        self.chat, conv = open_chat(engine.tokenizer, opts)
+        self.conversation_id: str | None = None  # in the history; None until the first reply is saved
+        self.saved_ids: tuple[str | None, str | None] = (None, None)  # the last user and assistant messages
+        self.pending_edit: str | None = None  # the saved user message an edited prompt replaces
+        self.regenerating = False
+        self.opened: Conversation | None = None  # the saved conversation continued, if any
+        if conv is not None:
+            self._continue(conv)
+
+    # -- which conversation ------------------------------------------------------------------------------------
+    def new(self):
+        """A new conversation with the same system prompt (saved with its first reply)."""
+        self.chat = Chat(self.engine.tokenizer, system=self.chat.system, raw=self.opts.raw)
+        self.conversation_id, self.saved_ids, self.pending_edit, self.opened = None, (None, None), None, None
+
+    def open(self, conv: Conversation):
+        """Continue a saved conversation (the sidebar, /load)."""
+        self.chat = continued_chat(self.engine.tokenizer, conv, raw=self.opts.raw)
+        self._continue(conv)
+
+    def _continue(self, conv: Conversation):
+        self.opened = conv
+        if self.chat.ids:  # its latent cache, when an earlier process saved it
+            self.engine.load_prefix(self.chat.ids, directory=kv_dir())
+        self.conversation_id = None if self.opts.no_save else conv.id
+        msgs = [m for m in conv.messages if m.role != "system"]
+        user = next((m.id for m in reversed(msgs) if m.role == "user"), None)
+        reply = next((m.id for m in reversed(msgs) if m.role == "assistant"), None)
+        self.saved_ids, self.pending_edit = (user, reply), None
+
+    # -- a turn -------------------------------------------------------------------------------------------------
+    def turn(self, text: str) -> Turn:
+        self.regenerating = False
+        return self.chat.turn(text)
+
+    def regenerate(self) -> Turn:
+        """A new answer to the last prompt; saved as a sibling of the old one."""
+        turn = self.chat.regenerate_turn()
+        self.regenerating = True
+        return turn
+
+    def edit_last(self) -> str:
+        """Take back the last exchange to edit its prompt (the next turn is saved as a sibling); its text."""
+        text = self.chat.rewind()
+        self.pending_edit = self.saved_ids[0]
+        return text
+
+    def set_system(self, text: str | None):
+        self.chat.set_system(text)
+        if self.conversation_id:
+            with Store() as store:
+                store.set_system(self.conversation_id, text or None)
+
+    def stream(self, turn: Turn) -> Iterator[str]:
+        """The reply's text as it is generated; turn.stats follows the engine's live figures."""
+        tokens = self.engine.generate(turn.prompt_ids, sampling_params(self.opts, self.engine, len(turn.prompt_ids)))
+        try:
+            for piece in self.chat.stream(turn, tokens):
+                turn.stats = dict(self.engine.stats)
+                yield piece
+        finally:
+            tokens.close()  # a stopped reply ends the engine's generation now, in this thread
+            turn.stats = dict(self.engine.stats)
+
+    def finish(self, turn: Turn, failed: bool = False) -> bool:
+        """After the reply ended, was stopped (turn.interrupted) or failed: keep the exchange (committed and
+        saved), or, when it has no token and was not stopped by the user, take it back as if it had never been
+        asked (a regeneration restores the old answer). Whether it was kept."""
+        regenerating, self.regenerating = self.regenerating, False
+        if not turn.output_ids and (failed or not turn.interrupted):
+            if regenerating:
+                self.chat.restore()
+            return False
+        self.chat.commit(turn)
+        self.save(turn, answer_of=self.saved_ids[1] if regenerating else None)
+        return True
+
+    # -- the history -----------------------------------------------------------------------------------------------
+    def save(self, turn: Turn, answer_of: str | None = None):
+        """Save one exchange at once: the user message with the prompt ids it ran as, the reply with the ids
+        generated. `answer_of`: a regenerated answer, a sibling of that assistant message; an edited prompt is
+        a sibling of the user message it replaces."""
+        if self.opts.no_save:
+            return
+        stats = turn.stats or {}
+        reply = dict(token_ids=turn.output_ids, generated_tokens=len(turn.output_ids), interrupted=turn.interrupted,
+                     timings={k: stats[k] for k in TIMINGS if k in stats})
+        with Store() as store:
+            if self.conversation_id is None:
+                self.conversation_id = store.create(model=str(self.opts.model or self.engine.path),
+                                                    fingerprint=self.engine.fingerprint, system=self.chat.system,
+                                                    params=self.opts.sampling_flags())
+            cid, user_id = self.conversation_id, self.saved_ids[0]
+            if answer_of:
+                reply_id = store.add_sibling(cid, answer_of, "assistant", turn.content, **reply)
+            else:
+                user = dict(token_ids=turn.prompt_ids, prompt_tokens=len(turn.prompt_ids))
+                user_id = (store.add_sibling(cid, self.pending_edit, "user", turn.user, **user) if self.pending_edit
+                           else store.add_message(cid, "user", turn.user, **user))
+                reply_id = store.add_message(cid, "assistant", turn.content, **reply)
+        self.saved_ids, self.pending_edit = (user_id, reply_id), None
+        if self.chat.ids:
+            self.engine.save_prefix(self.chat.ids, directory=kv_dir())  # so that `dschat -c` starts warm
