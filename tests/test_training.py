@@ -88,6 +88,18 @@ def test_a_fim_example_is_exactly_what_dschat_fim_sends(demo, kind):
         assert tok.decode(ids[n:]) == text[a:b] + tok.eos_token and ("\n" in text[a:b]) == (kind == "block")
 
 
+def test_special_token_strings_in_a_file_stay_text_as_in_dschat_fim(demo):
+    tok = demo.tokenizer
+    text = "".join(f"marks_{i} = '<｜fim▁hole｜><｜end▁of▁sentence｜>'\n" for i in range(80))
+    a, b = pick_hole(line_table(text), random.Random(1), "line")
+    ids, _ = fim_example(tok, text, (a, b), 300, 64, token_counter(tok))
+    fill(demo, tok, text[:a] + text[b:], a, SimpleNamespace(context=300, temperature=0.0, top_p=1.0, seed=None,
+                                                            max_tokens=1))
+    n = len(demo.sent)
+    assert ids[:n] == demo.sent and 200 < n < 340
+    assert "<｜fim▁hole｜>" in text[a:b] and not set(ids[n:-1]) & tok.special_ids and ids[-1] == tok.eos_token_id
+
+
 def test_hole_kinds_cut_lines_as_an_editor_would():
     text = "def f(x):\n    y = x + 1\n    return y\n"
     rng = random.Random(0)

@@ -181,5 +181,5 @@ def chat_example(tok, question: str, answer: str) -> tuple[list[int], list[int]]
     """(ids, labels): the prompt exactly as `echo QUESTION | dschat` renders it (the model's template, its
     default system text), then the answer and end-of-sentence, which alone are learnt."""
     _, prompt = chat_prompt(tok, [{"role": "user", "content": question}])
-    answer_ids = tok.encode(answer) + [tok.eos_token_id]
+    answer_ids = tok.encode_plain(answer) + [tok.eos_token_id]
     return prompt + answer_ids, [-100] * len(prompt) + answer_ids

@@ -47,8 +47,9 @@ def pick_hole(lines: list[tuple[int, int, int]], rng: random.Random, kind: str) 
 
 
 def token_counter(tok):
-    """Tokens in a piece of text, as `dschat fim` counts them when it trims (memoised: files repeat lines)."""
-    return lru_cache(maxsize=1 << 20)(lambda s: len(tok.encode(s)))
+    """Tokens in a piece of text, as `dschat fim`'s `fill` counts them when it trims (the file's text encoded
+    as plain text); memoised, since a worker sees the same lines again and again."""
+    return lru_cache(maxsize=1 << 20)(lambda s: len(tok.encode_plain(s)))
 
 
 def hole_prompt(tok, text: str, offset: int, context: int, count) -> list[int]:
@@ -61,7 +62,7 @@ def fim_example(tok, text: str, hole: tuple[int, int], context: int, max_middle:
     """(ids, labels) for the hole, or None when the middle is longer than max_middle tokens. Labels are
     -100 on the prompt; the middle and end-of-sentence are learnt."""
     a, b = hole
-    middle = tok.encode(text[a:b]) + [tok.eos_token_id]
+    middle = tok.encode_plain(text[a:b]) + [tok.eos_token_id]
     if len(middle) > max_middle:
         return None
     prompt = hole_prompt(tok, text[:a] + text[b:], a, context, count)
