@@ -18,20 +18,20 @@ def fim(model, *args):
 
 
 def test_in_place_refuses_a_file_edited_while_generating(chat_models, tmp_path):
-    p = tmp_path / "two.py"
-    p.write_text("x = <FILL>\ny = <FILL>\n")
+    p = tmp_path / "three.py"
+    p.write_text("x = <FILL>\ny = <FILL>\nz = <FILL>\n")
     proc = subprocess.Popen(dschat_cmd() + ["fim", "-i", "--all", "--stats", str(p), "--model", str(chat_models["v3"]),
-                                            "-t", "1.0", "--seed", "5", "-n", "200", "--speculative", "none"],
+                                            "-t", "1.0", "--seed", "5", "-n", "12", "--speculative", "none"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = proc.stderr.readline()  # the first hole's statistics: the second hole is generating now
+    first = proc.stderr.readline()  # the first hole's statistics: two more holes are still to generate
     assert first.startswith(b"{"), first
-    p.write_text("x = 1  # the user's edit\ny = <FILL>\n")
+    p.write_text("x = 1  # the user's edit\ny = <FILL>\nz = <FILL>\n")
     err = first + proc.stderr.read()
     assert proc.wait(timeout=120) == 1
     lines = err.decode().splitlines()
     assert lines[-1] == f"dschat: error: {os.path.realpath(p)}: changed on disk while dschat worked; not overwritten", err
-    assert p.read_text() == "x = 1  # the user's edit\ny = <FILL>\n"
-    assert [x.name for x in tmp_path.iterdir()] == ["two.py"]
+    assert p.read_text() == "x = 1  # the user's edit\ny = <FILL>\nz = <FILL>\n"
+    assert [x.name for x in tmp_path.iterdir()] == ["three.py"]
 
 
 def test_in_place_writes_through_a_symlink(chat_models, tmp_path):
