@@ -10,7 +10,9 @@ import pytest
 import torch
 from test_pipe_mode import assert_clean_error, run
 
+from dschat.config import Settings
 from dschat.engine import Engine
+from dschat.runtime import Options, quant_name
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,7 @@ def test_quant_in_the_config_file(chat_models, tmp_path):
     env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
     assert_clean_error(run(["--model", str(chat_models["v2"])], stdin="hi", env=env), "setting 'quant'")
     (conf / "config.toml").write_text('quant = "int4"\n')
-    a = run(["--model", str(chat_models["v2"]), "-t", "0", "-n", "6", "--no-save"], stdin="Hi", env=env)
-    b = run(["--model", str(chat_models["v2"]), "--quant", "int4", "-t", "0", "-n", "6", "--no-save"], stdin="Hi")
-    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+    settings = Settings.load(conf / "config.toml")
+    assert quant_name(Options(config=settings)) == "int4"
+    assert quant_name(Options(config=settings, quant="int8")) == "int8"  # the flag wins
+    assert quant_name(Options(config=settings, quant="none")) is None
