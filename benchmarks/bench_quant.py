@@ -10,7 +10,8 @@ library modules; random ids for the random model), perplexity on the held-out te
 over 256 generated tokens (the share of positions with the same token, and where the first difference
 falls). int4 is measured with zero points (what --quant int4 runs) and symmetric.
 
---gpu: DeepSeek-V2-Lite's shapes (27 layers, 64 experts, vocab 102400) with random weights made directly on
+--gpu: the packed matmul at V2-Lite's decode shapes (error and time per call against bf16), then
+DeepSeek-V2-Lite's shapes (27 layers, 64 experts, vocab 102400) with random weights made directly on
 the GPU, batch-1 greedy decode tok/s and GPU memory at bf16, int8 and int4, and the device's copy bandwidth
 measured in the same run (bytes read per token / bandwidth is the roofline).
 """
@@ -34,7 +35,8 @@ from dschat.engine import Engine, SamplingParams  # noqa: E402
 from dschat.engine.config import ModelConfig  # noqa: E402
 from dschat.engine.loader import Placer, load_model, resolve  # noqa: E402
 from dschat.engine.model import Transformer  # noqa: E402
-from dschat.engine.quant import QuantSpec, convert, is_quantized, packed_layout  # noqa: E402
+from dschat.engine.quant import QuantSpec, convert, is_quantized, packed_layout, quantize  # noqa: E402
+from dschat.kernels.quant_matmul import quant_matmul, quant_matmul_reference  # noqa: E402
 from training.corpus import split, stdlib_files  # noqa: E402
 
 PRECISIONS = {"bf16": None, "int8": QuantSpec(8), "int4": QuantSpec(4), "int4-sym": QuantSpec(4, symmetric=True)}
@@ -184,6 +186,37 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def kernel_table(device: torch.device, smoke: bool):
+    """The packed matmul at V2-Lite's decode shapes (one row): error against dequantise-then-matmul, and
+    time per call against the bf16 matmul, on this device's path (Triton on CUDA)."""
+    shapes = [(1408, 2048), (2048, 1408), (10944, 2048), (3072, 2048)] if not smoke else [(128, 256)]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"\npacked matmul, one row, on {device}: error vs dequantise-then-matmul, µs per call (bf16 F.linear = 1)")
+    print("| N x K | precision | max rel. error | µs | vs bf16 |")
+    print("|---|---|---|---|---|")
+    for n, k in shapes:
+        w = torch.randn(n, k, device=device) / k ** 0.5
+        x = torch.randn(1, k, device=device, dtype=dtype)
+        dense = w.to(dtype)
+        base = timed(lambda: torch.nn.functional.linear(x, dense), device)
+        for name in ("int8", "int4"):
+            p = quantize(w, PRECISIONS[name])
+            err = float((quant_matmul(x, p).float() - quant_matmul_reference(x, p).float()).abs().max()
+                        / quant_matmul_reference(x, p).float().abs().max())
+            t = timed(lambda: quant_matmul(x, p), device)
+            print(f"| {n} x {k} | {name} | {err:.1e} | {t:.1f} | {base / t:.2f}x |", flush=True)
+
+
+def timed(fn, device, n: int = 50) -> float:
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / n * 1e6
+
+
 def gpu_table(device: torch.device, layers: int, tokens: int, smoke: bool):
     c = v2_lite_config(layers, smoke)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -235,8 +268,10 @@ def main():
     weight_table(v2_lite_config(27, smoke=False))
     if args.gpu or args.smoke:
         if args.smoke:
+            kernel_table(torch.device("cpu"), smoke=True)
             gpu_table(torch.device("cpu"), args.layers, args.tokens, smoke=True)
         elif torch.cuda.is_available():
+            kernel_table(torch.device("cuda"), smoke=False)
             gpu_table(torch.device("cuda"), args.layers, args.tokens, smoke=False)
         else:
             print("\n--gpu: no CUDA device here; the GPU figures are not measured")
