@@ -113,7 +113,7 @@ def test_hole_kinds_cut_lines_as_an_editor_would():
 def test_a_chat_example_is_exactly_what_the_chat_sends(demo):
     q = "What does shlex.split do?"
     ids, labels = chat_example(demo.tokenizer, q, "It splits.")
-    prompt = Chat(demo).turn(q).prompt_ids
+    prompt = Chat(demo.tokenizer).turn(q).prompt_ids
     assert ids[:len(prompt)] == prompt and labels[:len(prompt)] == [-100] * len(prompt)
     assert demo.tokenizer.decode(ids[len(prompt):]) == "It splits." + demo.tokenizer.eos_token
 

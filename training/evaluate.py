@@ -109,8 +109,10 @@ def names_one(answer: str, expect: list[str]) -> bool:
 def chat_scores(eng, max_tokens: int = CHAT_TOKENS) -> dict:
     answers = []
     for q in eval_questions():
-        chat = Chat(eng)
-        text = "".join(chat.stream(chat.turn(q["question"]), SamplingParams(max_tokens=max_tokens))).strip()
+        chat = Chat(eng.tokenizer)
+        turn = chat.turn(q["question"])
+        tokens = eng.generate(turn.prompt_ids, SamplingParams(max_tokens=max_tokens))
+        text = "".join(chat.stream(turn, tokens)).strip()
         answers.append({"question": q["question"], "answer": text, "right": names_one(text, q["expect"])})
     return {"right": sum(a["right"] for a in answers), "questions": len(answers), "answers": answers}
 
