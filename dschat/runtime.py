@@ -24,7 +24,7 @@ DEMO_NOTE = (
     "For a real one: `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then --model"
 )
 STATS_KEYS = ("prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "draft_tokens",
-              "accepted_tokens")
+              "accepted_tokens", "weight_bytes", "peak_host_bytes", "peak_gpu_bytes")
 
 
 @dataclass

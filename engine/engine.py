@@ -262,7 +262,7 @@ class Engine:
         sampler = Sampler(params)
         stats = self.stats = dict(prompt_tokens=len(ids), cached_tokens=0, generated_tokens=0, prefill_s=0.0,
                                   decode_s=0.0, ttft_s=0.0, decode_tokens_per_s=0.0, draft_tokens=0,
-                                  accepted_tokens=0, decode_steps=0, stop_reason=None)
+                                  accepted_tokens=0, decode_steps=0, stop_reason=None, **self.load_stats)
         mtp = self.speculative == "mtp"
         ngram = NgramDrafter(self.draft_tokens) if self.speculative == "ngram" else None
         K = self.draft_tokens

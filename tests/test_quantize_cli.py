@@ -37,10 +37,13 @@ def test_quantized_directory_loads_what_quantize_on_load_computes(chat_models, i
     assert saved.quant == fresh.quant == "int4"
     ids = list(range(100, 116))
     assert torch.equal(saved.logits(ids), fresh.logits(ids))
-    a = run(["--model", str(int4_dir), "-t", "0", "-n", "8", "--no-save"], stdin="Hello")
+    a = run(["--model", str(int4_dir), "-t", "0", "-n", "8", "--no-save", "--stats"], stdin="Hello")
     b = run(["--model", str(chat_models["v2"]), "--quant", "int4", "-t", "0", "-n", "8", "--no-save"], stdin="Hello")
     assert a.returncode == b.returncode == 0, a.stderr.decode() + b.stderr.decode()
     assert a.stdout == b.stdout and a.stdout.strip()
+    stats = json.loads(a.stderr.decode().strip().splitlines()[-1])  # the loader's figures, in --stats
+    assert stats["weight_bytes"] == saved.load_stats["weight_bytes"] == fresh.load_stats["weight_bytes"]
+    assert stats["peak_host_bytes"] > stats["weight_bytes"] and stats["peak_gpu_bytes"] is None
 
 
 def test_unknown_quant_and_fp8_keep_are_refused(chat_models, checkpoints):
