@@ -8,8 +8,10 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import UsageError
 from .files import atomic_write_text
 from .store import Store, read_json_file
+from .terminal_text import terminal_safe
 
 
 def run(name: str, argv: list[str]) -> int:
@@ -29,6 +31,8 @@ def cmd_sessions(argv) -> int:
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("-n", type=int, default=None, metavar="N", help="at most N conversations")
     args = p.parse_args(argv)
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"-n {args.n}: must be a positive number of conversations")
     with Store() as store:
         rows = store.list(search=args.search, limit=args.n)
     if args.json:
@@ -39,8 +43,8 @@ def cmd_sessions(argv) -> int:
         return 0
     for r in rows:
         when = dt.datetime.fromtimestamp(r["updated"]).strftime("%Y-%m-%d %H:%M")
-        model = Path(str(r.get("model") or "")).name or "?"
-        print(f"{r['id']}  {when}  {r['messages']:>3} msgs  {model:<24.24}  {r['title']}")
+        model = terminal_safe(Path(str(r.get("model") or "")).name) or "?"
+        print(f"{r['id']}  {when}  {r['messages']:>3} msgs  {model:<24.24}  {terminal_safe(r['title'])}")
     return 0
 
 
@@ -57,8 +61,8 @@ def cmd_export(argv) -> int:
                 if args.format == "json" else store.export_markdown(cid))
     if args.output:
         atomic_write_text(args.output, text)
-    else:
-        sys.stdout.write(text)
+    else:  # on a terminal, without its escape sequences
+        sys.stdout.write(terminal_safe(text, body=True) if sys.stdout.isatty() else text)
     return 0
 
 

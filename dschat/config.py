@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import atomic_write_text
 from .paths import xdg
+from .settings_check import problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,22 +61,15 @@ class Settings:
         path = path or cls.path_default()
         if not path.exists():
             return cls(path=path)
+        text = ""
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text)
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read the config file ({e})") from None
-        known = {f for f in cls.__dataclass_fields__ if f != "path"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown setting {unknown[0]!r}")
-        types = {"temperature": (int, float), "top_p": (int, float), "top_k": int, "max_tokens": int,
-                 "keys": dict}
-        for k, v in data.items():
-            want = types.get(k, str)
-            if not isinstance(v, want) or isinstance(v, bool):
-                raise ConfigError(f"{path}: setting {k!r} has the wrong type ({type(v).__name__})")
-        if data.get("quant", "none") not in QUANTS:
-            raise ConfigError(f"{path}: setting 'quant' is {data['quant']!r} (use {', '.join(QUANTS)})")
+            raise ConfigError(f"{path}: cannot read the config file ({e}){_bad_line(text, e)}") from None
+        problem_text = _problem(data, {f for f in cls.__dataclass_fields__ if f != "path"})
+        if problem_text:
+            raise ConfigError(f"{path}: {problem_text}")
         return cls(**data, path=path)
 
     def save(self, **changes):
@@ -94,6 +89,33 @@ class Settings:
                 lines.insert(at, rendered)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _problem(data: dict, known: set[str]) -> str | None:
+    """What is wrong with the settings read (naming the first bad one), or None."""
+    unknown = sorted(set(data) - known)
+    if unknown:
+        return f"unknown setting {unknown[0]!r}"
+    types = {"temperature": (int, float), "top_p": (int, float), "top_k": int, "max_tokens": int, "keys": dict}
+    for k, v in data.items():
+        if not isinstance(v, types.get(k, str)) or isinstance(v, bool):
+            return f"setting {k!r} has the wrong type ({type(v).__name__})"
+        if problem(k, v):
+            return f"setting {k!r} = {v!r}: {problem(k, v)}"
+    bad_key = next((a for a, key in data.get("keys", {}).items() if not isinstance(key, str)), None)
+    if bad_key is not None:
+        return f'[keys] {bad_key} must be a key name in quotes, e.g. "ctrl+s"'
+    if data.get("quant", "none") not in QUANTS:
+        return f"setting 'quant' is {data['quant']!r} (use {', '.join(QUANTS)})"
+    return None
+
+
+def _bad_line(text: str, e: Exception) -> str:
+    """`: the line` a TOML error points at (`temperature = null`), so that the message names the setting."""
+    at = re.search(r"at line (\d+)", str(e))
+    lines = text.splitlines() if isinstance(e, tomllib.TOMLDecodeError) and at else []
+    n = int(at.group(1)) if at else 0
+    return f": {lines[n - 1].strip()[:80]}" if 0 < n <= len(lines) and lines[n - 1].strip() else ""
 
 
 def _toml_value(v) -> str:

@@ -19,6 +19,7 @@ from .paths import xdg
 from .runtime import Options, load_engine, print_stats, stats_json
 from .session import ChatSession
 from .store import Store, StoreError, read_json_file
+from .terminal_text import terminal_safe
 
 HELP = """\
   /system TEXT   set the system prompt (/system alone clears it)
@@ -44,6 +45,7 @@ class Printer:
         self.formatter = formatter or code_formatter(None)
 
     def write(self, text: str):
+        text = terminal_safe(text, body=True)
         if not self.colour:
             self.out.write(text)
             self.out.flush()
@@ -159,9 +161,10 @@ def prompt_session():
 
 
 def show_messages(messages: list[dict]):
+    """A conversation opened from the history, as it was said (without escape sequences)."""
     for m in messages:
         if m["role"] != "system":
-            print(f"{'you' if m['role'] == 'user' else 'assistant'}> {m['content']}")
+            print(f"{'you' if m['role'] == 'user' else 'assistant'}> {terminal_safe(m['content'], body=True)}")
 
 
 def reply(session: ChatSession, turn: Turn, formatter):
@@ -213,9 +216,13 @@ def save_to(path: str, conv_id: str | None):
     if not path or conv_id is None:
         print("(usage: /save FILE, once something has been said)" if not path else "(nothing saved yet)")
         return
-    with Store() as store:
-        data = store.export_json(conv_id)
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    try:
+        with Store() as store:
+            data = store.export_json(conv_id)
+        atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    except (OSError, StoreError) as e:  # a bad path is reported; the chat goes on
+        print(f"(not saved: {error_text(e)})")
+        return
     print(f"(saved to {path})")
 
 

@@ -14,6 +14,7 @@ from .config import Settings
 from .options import add_model_options, add_sampling_options
 from .runtime import Options, load_engine, print_stats, sampling_params
 from .store import Store, read_json_file
+from .terminal_text import terminal_safe
 
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "max_tokens")
 
@@ -74,11 +75,11 @@ def replay(engine, data: dict, opts: Options, compare_answers: bool) -> int:
         exact = compare_answers and same_weights and ids_spell(engine.tokenizer, user, n)
         # exactly the prompt that ran before, or the prompt this model renders
         turn = Turn(user["content"], "", list(user["token_ids"]), True) if exact else chat.turn(user["content"])
-        out.write(f"── user ({n}) ──\n{user['content'].rstrip()}\n── assistant ──\n")
+        out.write(f"── user ({n}) ──\n{terminal_safe(user['content'].rstrip(), body=True)}\n── assistant ──\n")
         out.flush()
         params = sampling_params(opts, engine, len(turn.prompt_ids))
         for piece in chat.stream(turn, engine.generate(turn.prompt_ids, params)):
-            out.write(piece)
+            out.write(terminal_safe(piece, body=True))
             out.flush()
         out.write("\n")
         if opts.stats:

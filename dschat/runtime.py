@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import UsageError
+from .settings_check import CHECKS, problem
 
 NO_MODEL = (
     "no model given. Get one with `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then run "
@@ -58,7 +59,15 @@ class Options:
     def from_args(cls, args: argparse.Namespace, config: Settings) -> "Options":
         """The options a parser produced (each parser defines the flags it takes; the rest keep defaults)."""
         names = {f.name for f in fields(cls)}
-        return cls(config=config, **{k: v for k, v in vars(args).items() if k in names})
+        return cls(config=config, **{k: v for k, v in vars(args).items() if k in names}).checked()
+
+    def checked(self) -> "Options":
+        """These options, if every flag given has an allowed value (else a UsageError naming the first)."""
+        for name in CHECKS:
+            value = getattr(self, name, None)
+            if problem(name, value):
+                raise UsageError(f"--{name.replace('_', '-')} {value}: {problem(name, value)}")
+        return self
 
     @property
     def system_prompt(self) -> str | None:

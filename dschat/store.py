@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .paths import xdg
+from .terminal_text import terminal_safe
 
 SCHEMA = 1
 EXPORT_VERSION = 1
@@ -112,7 +113,8 @@ def _unpack(blob) -> list[int] | None:
 
 
 def auto_title(text: str) -> str:
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    """The first line of the first message, shortened, without escape sequences or control characters."""
+    line = next((ln.strip() for ln in terminal_safe(text, body=True).splitlines() if ln.strip()), "")
     return line if len(line) <= 60 else line[:59].rstrip() + "…"
 
 

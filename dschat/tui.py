@@ -28,6 +28,7 @@ from dschat.themes import load_themes
 from .chat import Chat, Turn
 from .errors import error_text
 from .files import atomic_write_text
+from .keymap import check_keymap
 from .paths import xdg
 from .runtime import DEMO_DIR, Options, load_engine, model_name
 from .session import ChatSession
@@ -220,6 +221,7 @@ class ChatApp(App):
         self.engine = None
         self.session: ChatSession | None = None
         self.busy = False
+        self.loading = False  # a model is loading (a reply cannot start meanwhile)
         self.stop_event = threading.Event()
         self.last_stats: dict = {}
         self.model_label = ""
@@ -287,30 +289,31 @@ class ChatApp(App):
     # -- model ----------------------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="engine")
     def load_model(self, name: str | None = None):
-        if name:
-            self.opts.model = name
+        """Load the model (`name`, else the options'); a model already loaded stays until the new one has."""
+        opts = replace(self.opts, model=name) if name else self.opts
+        self.loading = True
         try:
-            label = model_name(self.opts)
-        except Exception as e:
-            self._ui(self.notify, error_text(e), severity="error", timeout=10)
-            return
-        self._ui(self.set_status, f"loading {label} ...")
-
-        def progress(done, total):
-            self._ui(self.set_status, f"loading {label}: {done / max(total, 1):.0%}")
-
-        try:
-            engine = load_engine(self.opts, progress=progress)
+            label = model_name(opts)
+            self._ui(self.set_status, f"loading {label} ...")
+            engine = load_engine(opts, progress=lambda done, total: self._ui(
+                self.set_status, f"loading {label}: {done / max(total, 1):.0%}"))
             engine.tokenizer  # fail here, not on the first message
         except Exception as e:
-            self._ui(self.set_status, "no model loaded")
-            self._ui(self.notify, f"model failed to load: {error_text(e)}", severity="error",
-                                  timeout=15)
+            self._ui(self._model_failed, error_text(e))
             return
         demo = Path(engine.path).resolve() == DEMO_DIR
-        self.model_label = ("demo model (tiny, trained on Python's standard library; not a DeepSeek release)"
-                            if demo else Path(str(label)).name)
-        self._ui(self._model_ready, engine)
+        label = ("demo model (tiny, trained on Python's standard library; not a DeepSeek release)"
+                 if demo else Path(str(label)).name)
+        self._ui(self._model_ready, engine, opts, label)
+
+    def _model_failed(self, error: str):
+        self.loading = False
+        kept = f"; still using {self.model_label}" if self.engine is not None else ""
+        self.notify(f"model failed to load: {error}{kept}", severity="error", timeout=15)
+        if self.engine is None:
+            self.set_status("no model loaded")
+        else:
+            self.update_status()
 
     @property
     def chat(self) -> Chat | None:
@@ -320,8 +323,8 @@ class ChatApp(App):
     def conv_id(self) -> str | None:
         return self.session.conversation_id if self.session else None
 
-    def _model_ready(self, engine):
-        self.engine = engine
+    def _model_ready(self, engine, opts: Options, label: str):
+        self.engine, self.opts, self.model_label, self.loading = engine, opts, label, False
         self.sub_title = f"{self.model_label} on {engine.device}"
         self.query_one("#conversation").remove_children()
         try:
@@ -348,7 +351,7 @@ class ChatApp(App):
     # -- sending ---------------------------------------------------------------------------------------------------
     @on(PromptArea.Submitted)
     def submitted(self, event: PromptArea.Submitted):
-        if self.engine is None or self.chat is None:
+        if self.engine is None or self.chat is None or self.loading:
             self.notify("the model is still loading (or failed to load); your text is kept", severity="warning")
             return
         if self.busy:
@@ -595,9 +598,8 @@ class ChatApp(App):
 
     def action_switch_model(self):
         def done(name):
-            if name and not self.busy:
-                self.engine = None
-                self.load_model(name.strip())
+            if name and not self.busy and not self.loading:
+                self.load_model(name.strip())  # the current model stays until this one has loaded
 
         self.push_screen(AskScreen("Model (directory, hub id or demo):", self.opts.model or ""), done)
 
@@ -639,5 +641,6 @@ class ChatApp(App):
 
 
 def run_tui(opts: Options) -> int:
+    check_keymap(opts.config.keys, {b.id for b in ChatApp.BINDINGS if b.id}, opts.config.path)
     ChatApp(opts).run()
     return 0

@@ -151,15 +151,16 @@ class Engine:
 
     def save_prefix(self, ids: list[int], directory: str | os.PathLike | None = None, cap_gb: float = 4.0) -> int:
         """Write the latent rows of the cached part of `ids` to disk, keyed by `ids` (see engine/persist.py).
-        Returns the number of tokens written."""
+        Returns the number of tokens written (0, with a CacheWarning, where the directory cannot be written)."""
         seq = self.cache.open(list(ids))
         try:
             n = seq.cached
             if n and dist.rank() == 0:  # every rank holds the same latent rows: one writes them
                 slots = self.cache.slots(seq, n)
                 rows = torch.stack([buf[slots] for buf in self.cache.layers])
-                persist.write(Path(directory) if directory else persist.default_dir(), self._layout(),
-                              list(ids), seq.ids[:n], rows, int(cap_gb * 2**30))
+                written = persist.write(Path(directory) if directory else persist.default_dir(), self._layout(),
+                                        list(ids), seq.ids[:n], rows, int(cap_gb * 2**30))
+                return n if written else 0
             return n
         finally:
             self.cache.close(seq, insert=False)

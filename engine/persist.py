@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 VERSION = "2"  # 2: the checksum
@@ -37,8 +38,18 @@ def key(fingerprint: str, ids: list[int]) -> str:
 
 
 def write(directory: Path, fingerprint: str, key_ids: list[int], ids: list[int], rows: torch.Tensor,
-          cap_bytes: int) -> Path:
-    """rows [n_layers, len(ids), latent_dim]. Atomic: a crash leaves the old file or the new one."""
+          cap_bytes: int) -> Path | None:
+    """rows [n_layers, len(ids), latent_dim]. Atomic: a crash leaves the old file or the new one. Problems
+    (the directory is a file, the disk is full) are warnings, never errors: None, and nothing is saved."""
+    try:
+        return _write(directory, fingerprint, key_ids, ids, rows, cap_bytes)
+    except (OSError, SafetensorError) as e:
+        warnings.warn(f"the latent cache was not saved in {directory}: {e}", CacheWarning, stacklevel=3)
+        return None
+
+
+def _write(directory: Path, fingerprint: str, key_ids: list[int], ids: list[int], rows: torch.Tensor,
+           cap_bytes: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{key(fingerprint, key_ids)}.safetensors"
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")

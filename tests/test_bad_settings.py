@@ -1,0 +1,113 @@
+"""Bad flags and config values through the real `dschat` command: one line on stderr naming the setting, a
+non-zero exit, no traceback, and nothing written (no conversation, no cache) because nothing started."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pexpect
+import pytest
+from test_linemode import spawn
+from test_pipe_mode import run
+
+from dschat.config import ConfigError, Settings
+from dschat.keymap import check_keymap, known_key
+
+
+def assert_one_line_error(r, named: str):
+    err = r.stderr.decode()
+    assert r.returncode not in (0, None) and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and named in err, err
+
+
+def assert_nothing_written():
+    for var in ("XDG_DATA_HOME", "XDG_CACHE_HOME"):
+        assert not (Path(os.environ[var]) / "dschat").exists(), var
+
+
+def write_config(body: str) -> Path:
+    cfg = Path(os.environ["XDG_CONFIG_HOME"]) / "dschat" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(body)
+    return cfg
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--device", "tpu"], "--device tpu"),
+    (["-t", "nan"], "--temperature nan"),
+    (["-t", "inf"], "--temperature inf"),
+    (["-t", "-1"], "--temperature -1"),
+    (["--top-p", "0"], "--top-p 0"),
+    (["--top-p", "1.5"], "--top-p 1.5"),
+    (["--top-k", "-2"], "--top-k -2"),
+    (["-n", "0"], "--max-tokens 0"),
+    (["--cache-gb", "-1"], "--cache-gb -1"),
+    (["--cache-gb", "0"], "--cache-gb 0"),
+    (["--draft-tokens", "0"], "--draft-tokens 0"),
+])
+def test_bad_flags_are_one_line_before_anything_starts(chat_models, args, named):
+    r = run(["--model", str(chat_models["v3"]), *args], stdin="hello")
+    assert_one_line_error(r, named)
+    assert_nothing_written()
+
+
+@pytest.mark.parametrize("body, named", [
+    ('temperature = "64"\n', "'temperature'"),
+    ("temperature = null\n", "temperature = null"),
+    ("temperature = 1e40\n", "'temperature'"),
+    ("top_p = 0\n", "'top_p'"),
+    ("max_tokens = 1e40\n", "'max_tokens'"),
+    ("max_tokens = -5\n", "'max_tokens'"),
+    ('device = "tpu"\n', "'device'"),
+    ('dtype = "float8"\n', "'dtype'"),
+    ("[keys]\nstop = 5\n", "[keys] stop"),
+])
+def test_bad_config_values_name_the_setting(chat_models, body, named):
+    write_config(body)
+    r = run(["--model", str(chat_models["v3"])], stdin="hello")
+    assert_one_line_error(r, named)
+    assert_nothing_written()
+
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_sessions_n_must_be_positive(n):
+    assert_one_line_error(run(["sessions", "-n", n], stdin=None), f"-n {n}")
+
+
+@pytest.mark.parametrize("key, ok", [
+    ("ctrl+s", True), ("f2", True), ("escape", True), ("question_mark", True), ("?", True), ("slash", True),
+    ("ctrl+shift+up", True), ("nonsense", False), ("ctrl+", False), ("cmd+s", False), ("", False), ("f2 ", True),
+])
+def test_key_names(key, ok):
+    assert known_key(key) is ok
+
+
+def test_keymap_check_names_the_action_or_key(tmp_path):
+    actions = {"stop", "quit"}
+    check_keymap({"stop": "ctrl+s,f2"}, actions, None)
+    with pytest.raises(ConfigError, match=re.escape("[keys] stopp: no such action")):
+        check_keymap({"stopp": "ctrl+s"}, actions, None)
+    with pytest.raises(ConfigError, match=re.escape("'ctrl+qq' is not a key name")):
+        check_keymap({"quit": "ctrl+qq"}, actions, tmp_path / "config.toml")
+
+
+@pytest.mark.parametrize("body, named", [
+    ('[keys]\nquit = "nonsense"\n', "'nonsense' is not a key name"),
+    ('[keys]\nstopp = "escape"\n', "stopp: no such action"),
+])
+def test_a_bad_key_binding_stops_the_tui_before_it_starts(chat_models, body, named):
+    write_config(body)
+    p = spawn("--model", str(chat_models["v3"]))
+    p.expect(pexpect.EOF, timeout=60)
+    p.close()
+    out = p.before
+    assert p.exitstatus not in (0, None) and "Traceback" not in out, out
+    assert named in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_good_settings_still_load():
+    write_config('temperature = 0\ntop_p = 1\nmax_tokens = 1\ndevice = "cuda:1"\n[keys]\nstop = "ctrl+s"\n')
+    s = Settings.load()
+    assert (s.temperature, s.top_p, s.device, s.keys) == (0, 1, "cuda:1", {"stop": "ctrl+s"})
