@@ -27,7 +27,7 @@ from training.chat_data import CHAT_MODULES, chat_example, chat_pairs, eval_ques
 from training.corpus import split, stdlib_files, stdlib_root
 from training.export import shipped_bytes
 from training.fim_data import fim_example, line_table, pick_hole, token_counter
-from training.loop import Trainer
+from training.loop import MEASURE_AFTER, MEASURE_STEPS, Trainer
 from training.model import MAX_SHIPPED_MB, SIZES, build_model, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,6 +189,20 @@ def test_a_cut_off_run_resumes_exactly(tiny, one_thread):
         assert torch.equal(v, second.model.state_dict()[k]), k
 
 
+def test_a_time_box_sizes_the_run_to_fit(tiny, one_thread):
+    _, tok, data = tiny
+    cfg = ModelConfig.from_dict(model_config("tiny", len(tok), 256))
+    measured = MEASURE_AFTER + MEASURE_STEPS
+    probe = Trainer(build_model(cfg, "cpu", 1), data, tiny_args(steps=measured, log_every=1000), log=lambda s: None)
+    probe.run(lambda t: None)
+    budget = 2 * probe.seconds  # time for about twice the steps it takes to size the run
+    args = tiny_args(steps=100000, log_every=1000, save_minutes=100.0)
+    timed = Trainer(build_model(cfg, "cpu", 1), data, args, log=lambda s: None, budget_s=budget)
+    timed.run(lambda t: None)
+    assert timed.fixed and measured < timed.steps < 100000 and timed.step <= timed.steps
+    assert timed.seconds < budget + max(1.0, budget / 2)
+
+
 @pytest.mark.parametrize("size", [s for s in SIZES if s != "tiny"])
 def test_every_size_fits_the_package(size):
     with torch.device("meta"):
@@ -215,13 +229,12 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
 
 def test_tiny_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "tiny"
-    r = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--minutes", "0.02", "--steps", "400", "--batch", "8",
-                        "--warmup", "2", "--eval", "2", "--starts", "1", "--chat-tokens", "4", "--out", str(out)],
+    r = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "30", "--batch", "8", "--warmup", "2",
+                        "--eval", "2", "--starts", "1", "--chat-tokens", "4", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "training_report.json").read_text())
-    assert 25 <= report["steps"] <= report["planned_steps"] < 400
-    assert f"--steps {report['planned_steps']}" in report["reproduce"]
+    assert report["steps"] == report["planned_steps"] == 30 and "--steps 30" in report["reproduce"]
     assert report["last_loss"] < report["first_loss"] - 0.5
     assert report["fim_single_line"]["holes"] == report["fim_multi_line"]["holes"] == 2
     assert report["chat"]["questions"] == 20 and report["start_to_first_token"]["median_s"] > 0

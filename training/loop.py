@@ -1,9 +1,10 @@
 """The training loop: AdamW with warm-up then cosine decay, bf16 autocast on CUDA, batches from worker
 processes, a time box, and a state file written every few minutes so that a cut-off run resumes where it was.
 
-With a time box (--minutes) the run first measures its speed over a few steps, then fixes the number of
-steps that fits; the data and the schedule depend only on the seed and that number, which the report gives
-(rerunning with --steps N reproduces the run without the time box)."""
+With a time box (`budget_s`, the seconds this process may spend in the loop) the run first measures its speed
+over a few steps, then fixes the number of steps that fits; the data and the schedule depend only on the seed
+and that number, which the report gives (rerunning with --steps N reproduces the run without the time box).
+A run that still overruns stops at the end of its budget."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .batches import Batches, Data
 from .model import LoadBalancer, losses
 
 MEASURE_AFTER, MEASURE_STEPS = 5, 20  # a time-boxed run times 20 steps after the first 5 to size itself
+FILL = 0.97  # of the time left that the sized run plans to use
 MTP_WEIGHT = 0.3
 
 
@@ -36,13 +38,13 @@ def save_state(path: Path, state: dict):
 
 
 class Trainer:
-    def __init__(self, model, data: Data, args, log=print):
-        self.model, self.data, self.args, self.log = model, data, args, log
+    def __init__(self, model, data: Data, args, log=print, budget_s: float | None = None):
+        self.model, self.data, self.args, self.log, self.budget_s = model, data, args, log, budget_s
         self.device = next(model.parameters()).device
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
         self.balancer = LoadBalancer(model, rate=1e-3)
         self.step, self.steps, self.seconds, self.history = 0, args.steps, 0.0, []
-        self.fixed = not args.minutes  # the number of steps is known (else it is measured first)
+        self.fixed = budget_s is None  # the number of steps is known (else it is measured first)
         self.stopped_early = False
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -64,12 +66,11 @@ class Trainer:
                                                 batch_size=None, num_workers=workers,
                                                 prefetch_factor=4 if workers else None))
 
-    def size_run(self, per_step: float):
-        """Fix the number of steps that fits the time box, from the measured seconds per step."""
-        left = 60 * self.args.minutes - self.seconds
-        self.steps = min(self.args.steps, self.step + max(1, int(left / per_step)))
+    def size_run(self, per_step: float, left: float):
+        """Fix the number of steps that fits the time left, from the measured seconds per step."""
+        self.steps = min(self.args.steps, self.step + max(1, int(FILL * left / per_step)))
         self.fixed = True
-        self.log(f"{per_step:.3f}s per step: {self.steps} steps fit in {self.args.minutes} minutes")
+        self.log(f"{per_step:.3f}s per step: {self.steps} steps fit in the {self.budget_s / 60:.1f} minutes")
 
     def train_step(self, x, y) -> tuple[float, float]:
         for g in self.opt.param_groups:
@@ -88,15 +89,16 @@ class Trainer:
     def run(self, save):
         """Train to the last step (or the time box); `save(trainer)` writes the state file."""
         self.model.train()
-        loader, started, last_save, mark = self.batches(), time.time() - self.seconds, time.time(), None
+        loader, now, mark = self.batches(), time.time(), None
+        started, last_save = now - self.seconds, now  # started: as if never cut off, for the report
         first = max(self.step, MEASURE_AFTER)  # a run resumed before it was sized measures from there
         while self.step < self.steps:
             if not self.fixed and self.step == first:
                 mark = time.time()
             if not self.fixed and self.step == first + MEASURE_STEPS:
-                self.size_run((time.time() - mark) / MEASURE_STEPS)
+                self.size_run((time.time() - mark) / MEASURE_STEPS, self.budget_s - (time.time() - now))
                 loader = self.batches()
-            if self.fixed and self.args.minutes and time.time() - started > 60 * self.args.minutes * 1.1:
+            if self.budget_s is not None and time.time() - now > self.budget_s:
                 self.log(f"time is up at step {self.step} of {self.steps}")
                 self.stopped_early = True
                 break

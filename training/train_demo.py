@@ -14,12 +14,15 @@ model with MTP (model.py); export in the hub layout (export.py); evaluation on t
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
-from pathlib import Path
+
+PROCESS_START = time.time()  # --minutes counts from here
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,6 +44,7 @@ from training.tokens import app_tokenizer, from_json, train_tokenizer  # noqa: E
 FIM_CONTEXT = fim_parser().get_default("context")  # what `dschat fim` sends by default
 FIM_MIDDLE = fim_parser().get_default("max_tokens")
 TINY = {"context": 96, "max_middle": 32}
+EXPORT_SECONDS = 30  # kept back from --minutes for the export
 
 
 class TrainError(Exception):
@@ -62,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq", type=int, default=None, help="training sequence length (default context + middle + 8)")
     ap.add_argument("--batch", type=int, default=16, help="rows per step")
     ap.add_argument("--steps", type=int, default=100000, help="steps (an upper bound with --minutes)")
-    ap.add_argument("--minutes", type=float, default=None, help="time box for the training loop")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="time box for the whole run (setup and export included; the loop gets the rest)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     ap.add_argument("--workers", type=int, default=None, help="data worker processes (default on CUDA: up to 12, else 0)")
@@ -143,7 +148,7 @@ def train(args):
     state = torch.load(args.state, weights_only=False) if args.resume else None
     if state and state["run"] != run_key(args):
         raise TrainError(f"{args.state}: a different run ({state['run']}); drop --resume or match its options")
-    t_start = time.time()
+    t_start = PROCESS_START
     train_files, test_files, tok, data = prepare(args, state and state["tokenizer"])
     if args.dump_data:
         return dump(data, tok, args.dump_data, args.steps, args.batch)
@@ -155,7 +160,7 @@ def train(args):
         raise TrainError(f"--size {args.size}: {info['shipped_MB']} MB in bf16, over the {MAX_SHIPPED_MB} MB limit")
     if args.dry_run:
         return dry_run(data, args)
-    trainer = Trainer(model, data, args, log)
+    trainer = Trainer(model, data, args, log, budget(args, t_start))
     if state:
         trainer.restore(state)
     extra = {"run": run_key(args), "tokenizer": tok.tk.to_str()}
@@ -170,6 +175,17 @@ def train(args):
     if args.state.exists():
         args.state.unlink()
     print(json.dumps({k: v for k, v in report.items() if k != "chat"}), flush=True)
+
+
+def budget(args, t_start: float) -> float | None:
+    """Seconds the training loop may take: --minutes covers the whole run, setup and export included."""
+    if not args.minutes:
+        return None
+    left = 60 * args.minutes - (time.time() - t_start) - EXPORT_SECONDS
+    if left <= 0:
+        raise TrainError(f"--minutes {args.minutes}: setting up took {time.time() - t_start:.0f}s, which leaves "
+                         "no time to train")
+    return left
 
 
 def dry_run(data: Data, args):
