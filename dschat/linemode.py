@@ -182,6 +182,8 @@ def reply(session: ChatSession, turn: Turn, formatter):
     kept = session.finish(turn, failed=error is not None)
     if kept and turn.interrupted and not error:
         print("(stopped)")
+    if kept and session.cut_notice(turn):
+        print(f"({session.cut_notice(turn)})")
     if kept and session.opts.stats:
         print_stats(session.engine.stats)
 

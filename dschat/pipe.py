@@ -32,6 +32,9 @@ def answer(opts: Options, message: str) -> int:
         if not wrote_newline:
             out.write("\n")
             out.flush()
+    notice = session.cut_notice(turn)
+    if notice:
+        sys.stderr.write(f"dschat: warning: {notice}\n")
     if opts.stats:
         print_stats(engine.stats)
     return 0

@@ -125,6 +125,16 @@ class ChatSession:
             tokens.close()  # a stopped reply ends the engine's generation now, in this thread
             turn.stats = dict(self.engine.stats)
 
+    def cut_notice(self, turn: Turn) -> str | None:
+        """What to tell the user when the reply stopped because the context window was full (it used every
+        position left and did not end with an end-of-turn token); None otherwise."""
+        ids, size = turn.output_ids, self.engine.context_length
+        if not ids or turn.interrupted or len(turn.prompt_ids) + len(ids) < size:
+            return None
+        if ids[-1] in self.engine.eos_token_ids:  # it ended on the last position
+            return None
+        return f"the reply was cut short: the context window ({size} tokens) is full; start a new conversation"
+
     def finish(self, turn: Turn, failed: bool = False) -> bool:
         """After the reply ended, was stopped (turn.interrupted) or failed: keep the exchange (committed and
         saved), or, when it has no token and was not stopped by the user, take it back as if it had never been

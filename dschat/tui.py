@@ -414,6 +414,8 @@ class ChatApp(App):
             self.notify(f"could not save the conversation: {error_text(e)}", severity="error")
         if not kept:
             await self._take_back(turn, reply, regenerating)
+        elif self.session.cut_notice(turn):
+            self.notify(self.session.cut_notice(turn), severity="warning", timeout=10)
         self.refresh_sessions()
         self.last_stats = dict(turn.stats)
         self.busy = False
