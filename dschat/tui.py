@@ -33,6 +33,7 @@ from .paths import xdg
 from .runtime import DEMO_DIR, Options, load_engine, model_name
 from .session import ChatSession
 from .store import Store, StoreError
+from .terminal_text import terminal_safe
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
@@ -629,7 +630,8 @@ class ChatApp(App):
         rows = self._with_store(lambda s: s.list(search=search, limit=200)) or []
         lv = self.query_one("#sessions", ListView)
         lv.clear()
-        lv.extend(ListItem(Label(r["title"] or "(untitled)"), name=r["id"]) for r in rows)
+        # a title is shown as text: no markup (a "[/]" in it would break the sidebar), no control characters
+        lv.extend(ListItem(Label(terminal_safe(r["title"]) or "(untitled)", markup=False), name=r["id"]) for r in rows)
 
     @on(ListView.Selected, "#sessions")
     def session_selected(self, event: ListView.Selected):

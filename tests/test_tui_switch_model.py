@@ -1,9 +1,12 @@
-"""The TUI's "switch model" keeps the working model until the new one has loaded (Pilot)."""
+"""The TUI (Pilot): "switch model" keeps the working model until the new one has loaded; sidebar titles are
+shown as plain text."""
 
 from __future__ import annotations
 
 from test_tui import make_app, ready, replies, send, until
+from textual.widgets import Label
 
+from dschat.store import Store
 from dschat.tui import AskScreen
 
 
@@ -27,3 +30,15 @@ async def test_switching_to_a_broken_checkpoint_keeps_the_old_model(chat_models,
         assert any("still using" in n.message for n in app._notifications)
         await send(pilot, app, "still there?")
         assert replies(app)[-1].text.strip()
+
+
+async def test_a_title_with_markup_or_escapes_is_shown_as_text(chat_models):
+    with Store() as store:
+        cid = store.create(model=str(chat_models["v3"]))
+        store.add_message(cid, "user", "hello")
+        store.rename(cid, "a [/] b [link=x]c\x1b]0;pwned\x07")
+    app = make_app(chat_models["v3"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        label = app.query_one("#sessions").query_one(Label)
+        assert str(label.render()) == "a [/] b [link=x]c"
