@@ -32,7 +32,7 @@ V3 = dict(layers=61, heads=128, kv_lora=512, rope=64, nope=128, v=128, mtp=1)
 
 def ttft(eng, ids) -> float:
     list(eng.generate(ids, SamplingParams(max_tokens=1)))
-    return eng.stats["ttft_s"]
+    return eng.stats.ttft_s
 
 
 def reuse():
@@ -84,11 +84,11 @@ def mtp():
             ids = [tok.bos_token_id] + tok.encode(p)
             list(eng.generate(ids, SamplingParams(max_tokens=64, ignore_eos=True)))
             s = eng.stats
-            gen += s["generated_tokens"] - 1
-            steps += s["decode_steps"]
-            drafts += s["draft_tokens"]
-            acc += s["accepted_tokens"]
-            secs += s["decode_s"]
+            gen += s.generated_tokens - 1
+            steps += s.forwards
+            drafts += s.draft_tokens
+            acc += s.accepted_tokens
+            secs += s.decode_s
         label = "none" if spec == "none" else f"mtp K={k}"
         rate = f"{acc / drafts:.0%}" if drafts else "-"
         print(f"{label:<10} {gen / steps:>15.2f} {rate:>11} {gen / secs:>13.1f}")

@@ -21,8 +21,8 @@ def add_model_options(p: argparse.ArgumentParser):
     g.add_argument("--cache-gb", type=float, default=None, metavar="GB",
                    help="size of the latent KV cache pool (default: a share of free memory)")
     g.add_argument("--speculative", choices=["mtp", "ngram", "none"], default=None,
-                   help="draft tokens with V3's MTP module or by prompt lookup (default: mtp when the model "
-                        "has it, else ngram)")
+                   help="draft tokens with V3's MTP module or by prompt lookup (default on a GPU: mtp when "
+                        "the model has it, else ngram; none on the CPU, where drafting does not pay)")
     g.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens drafted per step")
 
 

@@ -24,10 +24,6 @@ DEMO_NOTE = (
     "using the bundled demo model (tiny, trained on Python's standard library; not a DeepSeek release). "
     "For a real one: `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then --model"
 )
-STATS_KEYS = ("prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "decode_tokens_per_s", "draft_tokens",
-              "accepted_tokens", "weight_bytes", "peak_host_bytes", "peak_gpu_bytes")
-
-
 @dataclass
 class Options:
     """What one run of dschat was asked for: the command line's flags, with the config file beside them
@@ -147,11 +143,10 @@ def sampling_params(opts: Options, engine, prompt_len: int):
                           max_tokens=int(min(max_tokens, room)))
 
 
-def stats_json(stats: dict) -> str:
-    """The statistics of one reply as one JSON line (`--stats`, /stats)."""
-    return json.dumps({k: (round(stats[k], 4) if isinstance(stats.get(k), float) else stats.get(k))
-                       for k in STATS_KEYS})
+def stats_json(stats) -> str:
+    """The statistics of one reply (the engine's GenerationStats) as one JSON line (`--stats`, /stats)."""
+    return json.dumps(stats.as_dict())
 
 
-def print_stats(stats: dict):
+def print_stats(stats):
     print(stats_json(stats), file=sys.stderr, flush=True)

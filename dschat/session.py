@@ -17,8 +17,6 @@ from .paths import kv_dir
 from .runtime import Options, sampling_params
 from .store import Conversation, Store, StoreError
 
-TIMINGS = ("ttft_s", "decode_tokens_per_s", "cached_tokens", "draft_tokens", "accepted_tokens")
-
 
 def history_ids(messages) -> list[int] | None:
     """The exact token ids of a saved conversation: the last user message holds the prompt ids of its
@@ -119,11 +117,11 @@ class ChatSession:
         tokens = self.engine.generate(turn.prompt_ids, sampling_params(self.opts, self.engine, len(turn.prompt_ids)))
         try:
             for piece in self.chat.stream(turn, tokens):
-                turn.stats = dict(self.engine.stats)
+                turn.stats = self.engine.stats.as_dict()
                 yield piece
         finally:
             tokens.close()  # a stopped reply ends the engine's generation now, in this thread
-            turn.stats = dict(self.engine.stats)
+            turn.stats = self.engine.stats.as_dict()
 
     def cut_notice(self, turn: Turn) -> str | None:
         """What to tell the user when the reply stopped because the context window was full (it used every
@@ -155,9 +153,8 @@ class ChatSession:
         a sibling of the user message it replaces."""
         if self.opts.no_save:
             return
-        stats = turn.stats or {}
         reply = dict(token_ids=turn.output_ids, generated_tokens=len(turn.output_ids), interrupted=turn.interrupted,
-                     timings={k: stats[k] for k in TIMINGS if k in stats})
+                     timings=turn.stats or {})
         with Store() as store:
             if self.conversation_id is None:
                 self.conversation_id = store.create(model=str(self.opts.model or self.engine.path),

@@ -12,7 +12,8 @@ from .errors import ContextLengthError, ModelError
 from .loader import resolve
 from .quantized_dir import quantize_checkpoint
 from .sampling import SamplingParams
+from .stats import GenerationStats
 from .tokenizer import Tokenizer
 
-__all__ = ["Engine", "SamplingParams", "ModelConfig", "ModelError", "ContextLengthError", "quantize_checkpoint",
-           "Tokenizer", "resolve"]
+__all__ = ["Engine", "SamplingParams", "ModelConfig", "ModelError", "ContextLengthError", "GenerationStats",
+           "quantize_checkpoint", "Tokenizer", "resolve"]

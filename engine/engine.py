@@ -19,8 +19,9 @@ from .loader import Progress, load_model, memory_report, resolve
 from .model import ABSORB_MAX_TOKENS, Step, Transformer
 from .quant import saved_spec as saved_quant_spec
 from .quant import spec as quant_spec
-from .sampling import Sampler, SamplingParams, probabilities
-from .speculative import NgramDrafter, verify
+from .sampling import Sampler, SamplingParams
+from .speculative import MTPDrafter, NgramDrafter, NoDrafter, verify
+from .stats import GenerationStats
 
 PREFILL_CHUNK = 1024
 PAGE_SIZE = 64
@@ -39,6 +40,15 @@ def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
+def default_speculative(cfg: ModelConfig, device: torch.device) -> str:
+    """Speculation only where it pays (benchmarks/bench_decode.py): on a GPU a forward pass over 1+K tokens
+    costs about what one token does, so MTP (or n-gram lookup without MTP weights) drafts; on the CPU
+    verifying costs nearly K+1 times one token and the demo model decodes faster plainly."""
+    if device.type != "cuda":
+        return "none"
+    return "mtp" if cfg.num_nextn_predict_layers else "ngram"
+
+
 class Engine:
     def __init__(self, model: Transformer, cfg: ModelConfig, path: Path, device: torch.device,
                  dtype: torch.dtype, cache_gb: float | None = None, speculative: str = "none",
@@ -48,7 +58,7 @@ class Engine:
         self.load_stats: dict = {}  # weight_bytes, peak_host_bytes (and peak_gpu_bytes on CUDA), set on load
         self.device, self.dtype = device, dtype
         self.speculative, self.draft_tokens = speculative, draft_tokens
-        self.stats: dict = {}
+        self.stats: GenerationStats | None = None  # the last (or current) generation's
         self.generation_config = _read_json(path / "generation_config.json")
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else self.generation_config.get("eos_token_id")
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -62,8 +72,8 @@ class Engine:
                         speculative: str | None = None, draft_tokens: int | None = None,
                         progress: Progress | None = None, fp8: str = "dequant",
                         quant: str | None = None) -> "Engine":
-        """Load a checkpoint. speculative: "mtp" (V3's draft module; the default where the checkpoint has
-        one), "ngram" (prompt lookup; the default otherwise) or "none". draft_tokens: tokens proposed per
+        """Load a checkpoint. speculative: "mtp" (V3's draft module), "ngram" (prompt lookup) or "none";
+        by default MTP where the checkpoint has it and n-gram otherwise on a GPU, none on the CPU. draft_tokens: tokens proposed per
         step (default 1 for MTP, 4 for n-gram). fp8: "dequant" (FP8 block weights become `dtype` on load)
         or "keep" (they stay FP8 in memory, half of bf16, and are dequantised as each layer runs).
         quant: "int8" or "int4" weights (see engine/quant.py), quantized as they load; a directory written
@@ -89,7 +99,7 @@ class Engine:
                 raise ModelError(f"{root}: already quantized to {saved.name}; it cannot load as {qspec.name}")
             qspec = saved
         if speculative is None:
-            speculative = "mtp" if cfg.num_nextn_predict_layers else "ngram"
+            speculative = default_speculative(cfg, device)
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}")
         if speculative == "mtp" and not cfg.num_nextn_predict_layers:
@@ -258,95 +268,64 @@ class Engine:
                 f"of {self.context_length} tokens")
         return self._generate(ids, params)
 
+    def _drafter(self, seq: Sequence, sampler: Sampler):
+        if self.speculative == "mtp":
+            return MTPDrafter(self, seq, sampler, self.draft_tokens)
+        return NgramDrafter(self.draft_tokens) if self.speculative == "ngram" else NoDrafter()
+
     def _generate(self, ids: list[int], params: SamplingParams) -> Iterator[int]:
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         sampler = Sampler(params)
-        stats = self.stats = dict(prompt_tokens=len(ids), cached_tokens=0, generated_tokens=0, prefill_s=0.0,
-                                  decode_s=0.0, ttft_s=0.0, decode_tokens_per_s=0.0, draft_tokens=0,
-                                  accepted_tokens=0, decode_steps=0, stop_reason=None, **self.load_stats)
-        mtp = self.speculative == "mtp"
-        ngram = NgramDrafter(self.draft_tokens) if self.speculative == "ngram" else None
-        K = self.draft_tokens
         t0 = time.perf_counter()
         seq = self.cache.open(ids, limit=len(ids) - 1)
-        stats["cached_tokens"] = seq.cached
-        # MTP rows are written one position behind the main model (row i needs t_{i+1}): `pending` holds
-        # the main model's normed hidden states for positions mtp_done..len(seq.ids)-1.
-        mtp_done = seq.cached
+        drafter = self._drafter(seq, sampler)
+        stats = self.stats = GenerationStats(prompt_tokens=len(ids), cached_tokens=seq.cached, drafter=drafter.name,
+                                             load=dict(self.load_stats))
         out: list[int] = []
-        finished = False
         try:
             with torch.inference_mode():
                 h = self._prefill(seq, ids[seq.cached:])
-                pending = self.model.model.norm(h) if mtp else None
-                token = sampler(self.model.head(h[-1:])[0])
-            stats["prefill_s"] = stats["ttft_s"] = time.perf_counter() - t0
-            if ngram:
-                ngram.extend(ids)
-            new = [token]
+                drafter.start(ids, h)
+                new = [sampler(self.model.head(h[-1:])[0])]
+            stats.prefill_s = time.perf_counter() - t0
             while True:
                 for t in new:  # emit, watching for the end
                     out.append(t)
-                    stats["generated_tokens"] = len(out)
+                    stats.generated_tokens = len(out)
                     if len(out) > 1:  # live figures, for a status line while the reply streams
-                        stats["decode_s"] = time.perf_counter() - t0 - stats["prefill_s"]
-                        stats["decode_tokens_per_s"] = (len(out) - 1) / max(stats["decode_s"], 1e-9)
+                        stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
                     yield t
                     if t in stops or len(out) >= params.max_tokens:
-                        stats["stop_reason"] = "stop" if t in stops else "length"
-                        finished = True
+                        stats.stop_reason = "stop" if t in stops else "length"
                         break
-                if finished:
+                if stats.stop_reason:
                     break
-                if ngram:
-                    ngram.extend(new)
-                token = new[-1]
                 with torch.inference_mode():
-                    # draft
-                    drafts, draft_probs = [], []
-                    room = params.max_tokens - len(out) - 1  # drafts past max_tokens would be wasted
-                    if mtp and room > 0:
-                        start = mtp_done
-                        next_ids = seq.ids[start + 1:] + [token]
-                        hd, lg = self._mtp(seq, start, pending, next_ids)
-                        mtp_done, pending = len(seq.ids), pending[:0]
-                        for k in range(min(K, room)):
-                            q = None if params.greedy else probabilities(lg[-1], params)
-                            d = int(lg[-1].argmax()) if q is None else sampler.draw(q)
-                            drafts.append(d)
-                            draft_probs.append(q)
-                            if k + 1 < min(K, room):  # chain: the module's own state, the draft token
-                                hd, lg = self._mtp(seq, len(seq.ids) + k, hd[-1:], [d])
-                    elif ngram and room > 0:
-                        drafts = ngram.propose()[:room]
-                        draft_probs = [None] * len(drafts)
-                    # verify: one pass of the main model over the token and its drafts
-                    base = len(seq.ids)
-                    h = self._forward(seq, [token] + drafts)
-                    n_ok, nxt = verify(drafts, draft_probs, self.model.head(h), sampler)
-                    self.cache.truncate(seq, base + 1 + n_ok)
-                    if mtp:
-                        pending = torch.cat([pending, self.model.model.norm(h[: 1 + n_ok])])
-                stats["decode_steps"] += 1  # forward passes of the main model after the prefill
-                stats["draft_tokens"] += len(drafts)
-                stats["accepted_tokens"] += n_ok
-                new = drafts[:n_ok] + [nxt]
-            if mtp and out and len(seq.ids) > mtp_done:
-                # fill the MTP rows of the last positions, so the cached prefix is whole for the next turn
-                with torch.inference_mode():
-                    self._mtp(seq, mtp_done, pending, seq.ids[mtp_done + 1:] + [out[-1]])
-                mtp_done = len(seq.ids)
+                    n_drafts, n_ok, new = self._decode_step(seq, new[-1], drafter, sampler,
+                                                            params.max_tokens - len(out) - 1)
+                stats.forwards += 1
+                stats.draft_tokens += n_drafts
+                stats.accepted_tokens += n_ok
+            with torch.inference_mode():
+                drafter.finish(out[-1])
         finally:
             # The cache keeps exactly the tokens that are now history: prompt + reply minus its last token,
             # whose latents were never computed (fed tokens past a stop are dropped).
             keep = min(len(seq.ids), len(ids) + max(0, len(out) - 1))
-            if mtp:
-                keep = min(keep, mtp_done)
-            self.cache.truncate(seq, keep)
+            self.cache.truncate(seq, drafter.whole(keep))
             self.cache.close(seq)
-            stats["decode_s"] = time.perf_counter() - t0 - stats["prefill_s"]
-            if len(out) > 1 and stats["decode_s"] > 0:
-                stats["decode_tokens_per_s"] = (len(out) - 1) / stats["decode_s"]
+            stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+
+    def _decode_step(self, seq: Sequence, token: int, drafter, sampler: Sampler, room: int):
+        """Feed `token` (and the drafts proposed after it, up to `room`) in one forward pass of the main model;
+        keep the drafts it agrees with. Returns (drafts proposed, drafts kept, the new tokens)."""
+        drafts, draft_probs = drafter.propose(token, room)
+        base = len(seq.ids)
+        h = self._forward(seq, [token] + drafts)
+        n_ok, nxt = verify(drafts, draft_probs, self.model.head(h), sampler)
+        self.cache.truncate(seq, base + 1 + n_ok)
+        drafter.accept(drafts[:n_ok], h[: 1 + n_ok])
+        return len(drafts), n_ok, drafts[:n_ok] + [nxt]
 
 
 def _read_json(path: Path) -> dict:

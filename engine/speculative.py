@@ -7,6 +7,13 @@
 
 Verification keeps the output distribution exactly: greedy accepts the longest prefix of drafts that
 match the main model's argmax; sampling uses speculative rejection sampling.
+
+Every drafter has one interface, which Engine._generate drives:
+    start(prompt, h)            after the prefill (h: the main model's states of the prompt's new positions)
+    propose(token, room)        -> (drafts, draft_probs): up to `room` tokens to follow `token`
+    accept(drafts_ok, h)        after verification: the drafts kept, h the states of token + drafts_ok
+    finish(last)                after the last token, before the sequence is cached
+    whole(length)               how many cached positions hold every row the drafter needs
 """
 
 from __future__ import annotations
@@ -44,15 +51,49 @@ def verify(drafts: list[int], draft_probs: list[torch.Tensor | None], logits: to
     return len(drafts), sampler(logits[len(drafts)])
 
 
-class NgramDrafter:
+class NoDrafter:
+    """No speculation: every step is one token."""
+
+    name = "none"
+
+    def start(self, prompt: list[int], h: torch.Tensor):
+        pass
+
+    def propose(self, token: int, room: int) -> tuple[list[int], list[torch.Tensor | None]]:
+        return [], []
+
+    def accept(self, drafts_ok: list[int], h: torch.Tensor):
+        pass
+
+    def finish(self, last: int):
+        pass
+
+    def whole(self, length: int) -> int:
+        return length
+
+
+class NgramDrafter(NoDrafter):
     """Prompt lookup: index every n-gram (n = 1..max_n) of the context by the position that follows its
     most recent occurrence; propose the k tokens after the longest n-gram (at least min_n) that ends the
     context."""
+
+    name = "ngram"
 
     def __init__(self, k: int, max_n: int = 3, min_n: int = 2):
         self.k, self.max_n, self.min_n = k, max_n, min_n
         self.ctx: list[int] = []
         self.index: dict[tuple[int, ...], int] = {}
+
+    def start(self, prompt: list[int], h: torch.Tensor):
+        self.extend(prompt)
+
+    def propose(self, token: int, room: int) -> tuple[list[int], list[torch.Tensor | None]]:
+        self.extend([token])
+        drafts = self.lookup()[:max(room, 0)]
+        return drafts, [None] * len(drafts)
+
+    def accept(self, drafts_ok: list[int], h: torch.Tensor):
+        self.extend(drafts_ok)
 
     def extend(self, tokens: list[int]):
         for t in tokens:
@@ -62,10 +103,58 @@ class NgramDrafter:
                     self.index[tuple(self.ctx[j - n:j])] = j
             self.ctx.append(t)
 
-    def propose(self) -> list[int]:
+    def lookup(self) -> list[int]:
         L = len(self.ctx)
         for n in range(min(self.max_n, L), self.min_n - 1, -1):
             p = self.index.get(tuple(self.ctx[L - n:]))
             if p is not None:
                 return self.ctx[p:p + self.k]
         return []
+
+
+class MTPDrafter(NoDrafter):
+    """V3's MTP module, chained K times. Its cache rows trail the main model's by one position (row i needs
+    t_{i+1}): `pending` holds the main model's normed states of positions done..len(seq.ids)-1, whose MTP
+    rows are written by the next proposal (or by finish)."""
+
+    name = "mtp"
+
+    def __init__(self, engine, seq, sampler: Sampler, k: int):
+        self.engine, self.seq, self.sampler, self.k = engine, seq, sampler, k
+        self.done = seq.cached
+        self.pending: torch.Tensor | None = None
+
+    def start(self, prompt: list[int], h: torch.Tensor):
+        self.pending = self.engine.model.model.norm(h)
+
+    def _catch_up(self, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the pending MTP rows (the last one with `token`); the module's states and logits there."""
+        seq = self.seq
+        h, logits = self.engine._mtp(seq, self.done, self.pending, seq.ids[self.done + 1:] + [token])
+        self.done, self.pending = len(seq.ids), self.pending[:0]
+        return h, logits
+
+    def propose(self, token: int, room: int) -> tuple[list[int], list[torch.Tensor | None]]:
+        if room <= 0:
+            return [], []
+        h, logits = self._catch_up(token)
+        params, n = self.sampler.params, min(self.k, room)
+        drafts, probs = [], []
+        for j in range(n):
+            q = None if params.greedy else probabilities(logits[-1], params)
+            drafts.append(int(logits[-1].argmax()) if q is None else self.sampler.draw(q))
+            probs.append(q)
+            if j + 1 < n:  # chain: the module's own state, the draft token
+                h, logits = self.engine._mtp(self.seq, len(self.seq.ids) + j, h[-1:], [drafts[-1]])
+        return drafts, probs
+
+    def accept(self, drafts_ok: list[int], h: torch.Tensor):
+        self.pending = torch.cat([self.pending, self.engine.model.model.norm(h)])
+
+    def finish(self, last: int):
+        """Write the MTP rows of the last positions, so the cached prefix is whole for the next turn."""
+        if len(self.seq.ids) > self.done:
+            self._catch_up(last)
+
+    def whole(self, length: int) -> int:
+        return min(length, self.done)

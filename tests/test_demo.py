@@ -28,8 +28,8 @@ def test_it_is_a_v3_architecture_model_with_mtp():
     assert cfg["scoring_func"] == "sigmoid" and cfg["topk_method"] == "noaux_tc" and cfg["first_k_dense_replace"] >= 1
     tok_cfg = json.loads((DEMO_DIR / "tokenizer_config.json").read_text())
     assert "<｜User｜>" in tok_cfg["chat_template"] and "<｜Assistant｜>" in tok_cfg["chat_template"]
-    eng = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32)
-    assert eng.speculative == "mtp" and len(eng.model.mtp) == 1
+    eng = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32, speculative="mtp")
+    assert len(eng.model.mtp) == 1
     assert eng.tokenizer.fim is not None and len(eng.tokenizer) <= 8192
 
 
@@ -49,14 +49,14 @@ def test_fim_with_the_demo(tmp_path):
 
 
 def test_mtp_drafts_are_accepted_and_lossless():
-    spec = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32)
+    spec = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32, speculative="mtp")
     plain = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32, speculative="none")
     tok = spec.tokenizer
     ids = [tok.bos_token_id] + tok.encode("import os\nimport sys\n\n\ndef main(argv=None):\n    ")
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     out = list(spec.generate(ids, params))
     assert out == list(plain.generate(ids, params))
-    assert spec.stats["draft_tokens"] > 0 and spec.stats["accepted_tokens"] > 0.3 * spec.stats["draft_tokens"]
+    assert spec.stats.draft_tokens > 0 and spec.stats.accepted_tokens > 0.3 * spec.stats.draft_tokens
 
 
 def test_help_says_what_the_demo_is():

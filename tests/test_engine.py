@@ -19,7 +19,7 @@ NAMES = list(CHECKPOINTS)
 
 @pytest.fixture(scope="module")
 def engines(checkpoints):
-    return {n: Engine.from_pretrained(p, dtype=torch.float32) for n, p in checkpoints.items()}
+    return {n: Engine.from_pretrained(p, dtype=torch.float32, speculative=tc.drafter(p)) for n, p in checkpoints.items()}
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +146,11 @@ def test_top_k_1_is_greedy(engines):
 def test_stops_at_stop_tokens_and_max_tokens(engines):
     eng = engines["v2"]
     free = list(eng.generate(prompt(12), SamplingParams(max_tokens=20, ignore_eos=True)))
-    assert len(free) == 20 and eng.stats["stop_reason"] == "length"
+    assert len(free) == 20 and eng.stats.stop_reason == "length"
     stop = free[5]
     first = free.index(stop)
     out = list(eng.generate(prompt(12), SamplingParams(max_tokens=20, stop_token_ids=(stop,))))
-    assert out == free[: first + 1] and eng.stats["stop_reason"] == "stop"
+    assert out == free[: first + 1] and eng.stats.stop_reason == "stop"
 
 
 def test_stops_at_the_models_eos(checkpoints, tmp_path):
@@ -164,7 +164,7 @@ def test_stops_at_the_models_eos(checkpoints, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     eng2 = Engine.from_pretrained(d, dtype=torch.float32)
     assert list(eng2.generate(prompt(9), SamplingParams(max_tokens=10))) == [first]
-    assert eng2.stats["stop_reason"] == "stop"
+    assert eng2.stats.stop_reason == "stop"
 
 
 def test_context_window_is_enforced(engines):
@@ -175,14 +175,27 @@ def test_context_window_is_enforced(engines):
         eng.generate([0, 99999], SamplingParams())
 
 
+def test_speculation_by_default_only_on_a_gpu(checkpoints):
+    from dschat.engine.engine import default_speculative
+
+    v3, v2 = (ModelConfig.from_file(checkpoints[n] / "config.json") for n in ("v3", "v2"))
+    assert default_speculative(v3, torch.device("cuda")) == "mtp"
+    assert default_speculative(v2, torch.device("cuda")) == "ngram"
+    eng = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32)
+    assert eng.speculative == "none" and len(eng.model.mtp) == 0  # the MTP weights are not even loaded
+
+
 def test_stats_after_generate(engines):
     eng = engines["v3"]
     out = list(eng.generate(prompt(30, seed=9), SamplingParams(max_tokens=8, ignore_eos=True)))
     s = eng.stats
-    assert s["prompt_tokens"] == 30 and s["generated_tokens"] == len(out) == 8
-    for key in ("cached_tokens", "prefill_s", "decode_s", "ttft_s", "decode_tokens_per_s"):
-        assert key in s
-    assert s["prefill_s"] > 0 and s["decode_s"] > 0
+    assert s.prompt_tokens == 30 and s.generated_tokens == len(out) == 8
+    assert s.prefill_s > 0 and s.decode_s > 0 and s.ttft_s == s.prefill_s
+    assert s.decode_tokens_per_s == pytest.approx(7 / s.decode_s)
+    assert s.forwards + s.accepted_tokens == 7  # each forward pass: one token and the drafts it kept
+    assert s.tokens_per_forward == pytest.approx(7 / s.forwards)
+    d = s.as_dict()
+    assert json.loads(json.dumps(d)) == d and d["generated_tokens"] == 8 and d["drafter"] == eng.speculative
 
 
 # -- config ------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def test_altered_rows_are_a_warning_and_a_recompute(chat_models, tmp_path, how):
     eng2 = Engine.from_pretrained(chat_models["v2"], dtype=torch.float32, speculative="none")
     with pytest.warns(CacheWarning, match="do not match their checksum"):
         assert eng2.load_prefix(history, tmp_path) == 0
-    assert list(eng2.generate(follow, params)) == want and eng2.stats["cached_tokens"] == 0
+    assert list(eng2.generate(follow, params)) == want and eng2.stats.cached_tokens == 0
 
 
 def test_altered_cache_file_through_dschat(chat_models):

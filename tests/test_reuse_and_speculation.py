@@ -36,10 +36,10 @@ def test_turn_two_reuses_turn_one(checkpoints, name, spec):
     eng = fresh(checkpoints[name], speculative=spec)
     p1 = prompt(70, seed=1)
     r1 = list(eng.generate(p1, greedy(25)))
-    assert eng.stats["cached_tokens"] == 0
+    assert eng.stats.cached_tokens == 0
     p2 = p1 + r1 + prompt(9, seed=2)
     r2 = list(eng.generate(p2, greedy(20)))
-    assert eng.stats["cached_tokens"] >= len(p1) + len(r1) - 1
+    assert eng.stats.cached_tokens >= len(p1) + len(r1) - 1
     assert r2 == list(fresh(checkpoints[name], speculative="none").generate(p2, greedy(20)))
 
 
@@ -50,10 +50,10 @@ def test_prefix_shared_mid_page_and_regenerate(checkpoints, plain):
     list(eng.generate(base, greedy(5)))
     other = base[:90] + prompt(20, seed=4)
     out = list(eng.generate(other, greedy(12)))
-    assert eng.stats["cached_tokens"] == 90
+    assert eng.stats.cached_tokens == 90
     assert out == list(plain["v3"].generate(other, greedy(12)))
     again = list(eng.generate(other, greedy(12)))
-    assert again == out and eng.stats["cached_tokens"] == len(other) - 1
+    assert again == out and eng.stats.cached_tokens == len(other) - 1
 
 
 def test_long_prompt_is_prefilled_in_chunks(checkpoints, plain):
@@ -106,7 +106,7 @@ def test_speculative_greedy_equals_plain_greedy(checkpoints, plain, name, spec, 
     want = list(plain[name].generate(p, greedy(40)))
     eng = fresh(checkpoints[name], speculative=spec, draft_tokens=k)
     assert list(eng.generate(p, greedy(40))) == want
-    assert eng.stats["draft_tokens"] > 0
+    assert eng.stats.draft_tokens > 0
 
 
 def test_mtp_drafts_come_from_the_mtp_module(checkpoints):
@@ -135,10 +135,13 @@ def test_mtp_drafts_come_from_the_mtp_module(checkpoints):
 
 def test_ngram_drafter_proposes_the_continuation():
     d = NgramDrafter(k=3)
-    d.extend([5, 6, 7, 8, 9, 1, 2, 5, 6])
-    assert d.propose() == [7, 8, 9]
-    d.extend([4])
-    assert d.propose() == []  # "6 4" and "4" never seen before (min n-gram 2)
+    d.start([5, 6, 7, 8, 9, 1, 2, 5], None)
+    assert d.propose(6, room=5) == ([7, 8, 9], [None] * 3)
+    d.accept([7], None)  # the first draft kept, then 4 follows
+    assert d.propose(4, room=5) == ([], [])  # "7 4" and "4" never seen before (min n-gram 2)
+    d.accept([], None)
+    d.propose(8, room=5)  # 7 4 8 ...
+    assert d.propose(9, room=2) == ([1, 2], [None] * 2)  # "8 9" was followed by 1 2 5; room cuts it
 
 
 @pytest.mark.parametrize("draft", ["sampled", "deterministic"])
@@ -175,5 +178,5 @@ def test_speculative_sampling_end_to_end_distribution(tmp_path):
         return c / n
 
     a, b = hist(plain_eng), hist(mtp_eng)
-    assert mtp_eng.stats["draft_tokens"] > 0
+    assert mtp_eng.stats.draft_tokens > 0
     assert 0.5 * float((a - b).abs().sum()) < 0.1

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_checkpoints as tc
 import torch
 
 from dschat.engine import Engine, SamplingParams
@@ -41,7 +42,8 @@ def run_ranks(path: Path, out: Path, ids: list[int], ranks: int = 2, fp8: str = 
 def test_two_ranks_compute_what_one_does(checkpoints, tmp_path, kind, fp8):
     ids = torch.randint(2, 500, (24,), generator=torch.Generator().manual_seed(3)).tolist()
     got = run_ranks(checkpoints[kind], tmp_path / "out.pt", ids, fp8=fp8)
-    eng = Engine.from_pretrained(checkpoints[kind], device="cpu", dtype=torch.float32)
+    eng = Engine.from_pretrained(checkpoints[kind], device="cpu", dtype=torch.float32,
+                                 speculative=tc.drafter(checkpoints[kind]))
     want = eng.logits(ids)
     assert got["ranks"] == 2
     assert float((got["logits"] - want).abs().max() / want.abs().max()) < 1e-4

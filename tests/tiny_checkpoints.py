@@ -256,6 +256,12 @@ def dequantize_fp8_reference(q: torch.Tensor, scale: torch.Tensor, block: int = 
 
 
 # -- writing -------------------------------------------------------------------------------------------------------
+def drafter(path: Path) -> str:
+    """MTP where the checkpoint has the module, n-gram lookup otherwise: tests pass it explicitly so that
+    both drafters stay exercised on the CPU, where the engine's default is no speculation."""
+    return "mtp" if json.loads((Path(path) / "config.json").read_text()).get("num_nextn_predict_layers") else "ngram"
+
+
 def write_checkpoint(path: Path, config: dict, seed: int = 0, shards: int = 3,
                      weights: dict[str, torch.Tensor] | None = None, tokenizer: str | None = None,
                      generation_config: dict | None = None) -> Path:

@@ -96,8 +96,8 @@ def mtp_scores(eng, files, n: int, seed: int) -> dict:
         ids = [tok.bos_token_id] + tok.encode(text[start:start + 1500])[-400:]
         list(eng.generate(ids, SamplingParams(max_tokens=48, ignore_eos=True)))
         s = eng.stats
-        generated, steps = generated + s["generated_tokens"] - 1, steps + s["decode_steps"]
-        drafts, accepted = drafts + s["draft_tokens"], accepted + s["accepted_tokens"]
+        generated, steps = generated + s.generated_tokens - 1, steps + s.forwards
+        drafts, accepted = drafts + s.draft_tokens, accepted + s.accepted_tokens
     return {"prompts": n, "draft_tokens": drafts, "acceptance": round(accepted / max(1, drafts), 4),
             "tokens_per_forward": round(generated / max(1, steps), 4)}
 
