@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import tiny_checkpoints as tc  # noqa: E402
-from dschat.cli import DEMO_DIR  # noqa: E402
+from dschat.runtime import DEMO_DIR  # noqa: E402
 from dschat.engine import Engine, SamplingParams  # noqa: E402
 
 DEMO_PROMPT = "import os\nimport sys\n\n\ndef main(argv=None):\n    "

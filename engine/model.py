@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dschat.kernels.fp8_matmul import dequantize_fp8
+from dschat.kernels.fp8_matmul import dequantize_fp8, fp8_linear
 from dschat.kernels.fused_moe import moe_experts
 from dschat.kernels.mla_decode import mla_decode
 
@@ -37,7 +37,8 @@ ABSORB_MAX_TOKENS = 128
 class Linear(nn.Module):
     """y = x W^T with an uninitialised weight (the checkpoint fills it). `split` says how tensor
     parallelism cuts it: "col" splits the output features, "row" the input features. The weight may stay
-    in FP8 with its block scales (`scale`, `block`): then each call dequantises it (memory over speed)."""
+    in FP8 with its block scales (`scale`, `block`): then it is read as FP8 (kernels/fp8_matmul.py: a Triton
+    kernel that dequantises in registers on CUDA, dequantise-then-matmul elsewhere)."""
 
     def __init__(self, n_in: int, n_out: int, split: str | None = None):
         super().__init__()
@@ -52,7 +53,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
-            return F.linear(x, dequantize_fp8(self.weight, self.scale, self.block).to(x.dtype))
+            return fp8_linear(x, self.weight, self.scale, self.block)
         return F.linear(x, self.weight)
 
 
