@@ -400,11 +400,9 @@ def peak_host_bytes() -> int:
 
 def memory_report(model: Transformer, device: torch.device) -> dict:
     """Bytes of the loaded weights, this process's peak resident host memory so far (the loader holds one
-    tensor and one shard's mapped pages beyond the model), and the peak GPU memory allocated on CUDA."""
-    out = {"weight_bytes": quant.weight_bytes(model), "peak_host_bytes": peak_host_bytes()}
-    if device.type == "cuda":
-        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
+    tensor and one shard's mapped pages beyond the model), and the peak GPU memory allocated (None off CUDA)."""
+    return {"weight_bytes": quant.weight_bytes(model), "peak_host_bytes": peak_host_bytes(),
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
 def terminal_progress(label: str) -> Progress:
