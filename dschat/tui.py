@@ -593,7 +593,11 @@ class ChatApp(App):
         text = self._with_store(lambda s: s.export_markdown(self.conv_id))
         if text:
             path = Path.cwd() / f"dschat-{self.conv_id}.md"
-            atomic_write_text(path, text)
+            try:
+                atomic_write_text(path, text)
+            except OSError as e:  # a notice; the app goes on
+                self.notify(f"not exported: {error_text(e)}", severity="error")
+                return
             self.notify(f"exported to {path}")
 
     def action_search(self):

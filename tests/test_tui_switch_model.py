@@ -1,5 +1,5 @@
 """The TUI (Pilot): "switch model" keeps the working model until the new one has loaded; sidebar titles are
-shown as plain text."""
+shown as plain text; an export that cannot be written is a notice."""
 
 from __future__ import annotations
 
@@ -42,3 +42,17 @@ async def test_a_title_with_markup_or_escapes_is_shown_as_text(chat_models):
         await ready(pilot, app)
         label = app.query_one("#sessions").query_one(Label)
         assert str(label.render()) == "a [/] b [link=x]c"
+
+
+async def test_an_export_that_cannot_be_written_is_a_notice(chat_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = make_app(chat_models["v3"], "-n", "2")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "export me")
+        (tmp_path / f"dschat-{app.conv_id}.md").mkdir()  # the target is taken by a directory
+        app.action_export()
+        await pilot.pause(0.1)
+        assert any("not exported" in n.message for n in app._notifications)
+        await send(pilot, app, "still here?")  # the app goes on
+        assert len(replies(app)) == 2
