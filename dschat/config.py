@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import atomic_write_text
-from .paths import xdg
+from .paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, xdg
 from .settings_check import problem
 
 if sys.version_info >= (3, 11):
@@ -87,8 +87,10 @@ class Settings:
                 # top-level keys must come before any [table]
                 at = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[")), len(lines))
                 lines.insert(at, rendered)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        if path.parent == xdg("CONFIG"):
+            private_dir("CONFIG")
+        path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        atomic_write_text(path, "\n".join(lines) + "\n", mode=PRIVATE_FILE)
 
 
 def _problem(data: dict, known: set[str]) -> str | None:

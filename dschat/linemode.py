@@ -15,7 +15,7 @@ from pathlib import Path
 from .chat import Turn
 from .errors import error_text
 from .files import atomic_write_text
-from .paths import xdg
+from .paths import private_dir, private_file
 from .runtime import Options, load_engine, print_stats, stats_json
 from .session import ChatSession
 from .store import Store, StoreError, read_json_file
@@ -155,8 +155,7 @@ def prompt_session():
     def _(event):
         event.current_buffer.insert_text("\n")
 
-    history_file = xdg("DATA") / "prompt_history"
-    history_file.parent.mkdir(parents=True, exist_ok=True)
+    history_file = private_file(private_dir("DATA") / "prompt_history")
     return PromptSession(history=FileHistory(str(history_file)), key_bindings=keys, multiline=False)
 
 

@@ -1,11 +1,17 @@
-"""Where dschat keeps its files: $XDG_CONFIG_HOME, $XDG_DATA_HOME and $XDG_CACHE_HOME, each + /dschat."""
+"""Where dschat keeps its files: $XDG_CONFIG_HOME, $XDG_DATA_HOME and $XDG_CACHE_HOME, each + /dschat.
+
+Conversations hold pasted code, diffs and secrets, so, as shells do for their history, dschat's
+directories are private to the user (0700) and so are its files (0600); ones an older dschat made
+world-readable are tightened when they are opened."""
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 DEFAULTS = {"CONFIG": ".config", "DATA": ".local/share", "CACHE": ".cache"}
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 
 def xdg(kind: str) -> Path:
@@ -14,6 +20,29 @@ def xdg(kind: str) -> Path:
     return Path(base) / "dschat"
 
 
+def private_dir(kind: str, *parts: str) -> Path:
+    """dschat's directory of one kind (or a folder in it), made, or tightened, private to the user."""
+    path = xdg(kind)
+    for d in [path, *(path.joinpath(*parts[: i + 1]) for i in range(len(parts)))]:
+        d.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        tighten(d, PRIVATE_DIR)
+    return path.joinpath(*parts)
+
+
+def private_file(path: Path) -> Path:
+    """`path`, created empty if missing, readable and writable by the user alone."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE))
+    tighten(path, PRIVATE_FILE)
+    return path
+
+
+def tighten(path: Path, mode: int):
+    """Take away any permission beyond `mode` (the group's and others')."""
+    now = stat.S_IMODE(path.stat().st_mode)
+    if now & ~mode:
+        os.chmod(path, now & mode)
+
+
 def kv_dir() -> Path:
     """The latent cache of saved conversations, on disk (engine/persist.py)."""
-    return xdg("CACHE") / "kv"
+    return private_dir("CACHE", "kv")

@@ -20,7 +20,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .paths import xdg
+from .paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, private_file, tighten
 from .terminal_text import terminal_safe
 
 SCHEMA = 1
@@ -129,13 +129,15 @@ class Store:
 
     @staticmethod
     def default_path() -> Path:
-        return xdg("DATA") / "history.db"
+        """The history in the user's data directory (made, or tightened, private)."""
+        return private_dir("DATA") / "history.db"
 
     # -- opening: check first, write after ---------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
         fresh = not self.path.exists() or self.path.stat().st_size == 0
         if fresh:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+            private_file(self.path)
         try:
             db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
         except sqlite3.Error as e:
@@ -159,6 +161,9 @@ class Store:
             db.close()
             raise StoreError(f"{self.path}: the history is not a readable database ({e})") from None
         # Checked: from here on we may write.
+        for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            if f.exists():
+                tighten(f, PRIVATE_FILE)
         db.execute("PRAGMA busy_timeout = 30000")
         db.execute("PRAGMA foreign_keys = ON")
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":

@@ -459,6 +459,8 @@ class ChatApp(App):
             if s.get("draft_tokens"):
                 kind = "MTP" if self.engine.speculative == "mtp" else "n-gram"
                 parts.append(f"{kind} {s['accepted_tokens']}/{s['draft_tokens']} accepted")
+            if s.get("tokens_per_forward"):  # what drafting really gained (1.00: nothing)
+                parts.append(f"{s['tokens_per_forward']:.2f} tok/forward")
         self.set_status("  ·  ".join(parts))
 
     # -- actions ----------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+from pathlib import Path
 
 import pexpect
 from test_pipe_mode import dschat_cmd
@@ -172,3 +174,5 @@ def test_raw_is_honoured_in_a_new_line_mode_chat(chat_models, chat_engines):
     p.close()
     _, ids = completion_prompt(chat_engines["v3"].tokenizer, "def f(x):")
     assert Store().latest().messages[0].token_ids == ids  # text completion, not the chat template
+    history = Path(os.environ["XDG_DATA_HOME"]) / "dschat" / "prompt_history"
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600 and "def f(x):" in history.read_text()

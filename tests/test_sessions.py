@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from test_pipe_mode import dschat_cmd, run
@@ -182,3 +184,19 @@ def test_show_prompt_of_a_continued_conversation_is_what_the_next_turn_feeds(cha
     assert "First question." in shown["text"] and len(Store().latest().messages) == 2  # nothing changed
     ask(model, "Second question.", "-c", *system)
     assert shown["ids"] == Store().latest().messages[2].token_ids
+
+
+def test_history_and_cache_are_private_to_the_user(chat_models):
+    def mode(p):
+        return stat.S_IMODE(p.stat().st_mode)
+
+    data = Path(os.environ["XDG_DATA_HOME"]) / "dschat"
+    data.mkdir(parents=True)
+    Store(data / "history.db").close()
+    os.chmod(data, 0o755)  # as an older dschat left them: world-readable
+    os.chmod(data / "history.db", 0o644)
+    ask(chat_models["v3"], "My password is hunter2.")
+    cache = Path(os.environ["XDG_CACHE_HOME"]) / "dschat"
+    assert mode(data) == mode(cache) == mode(cache / "kv") == 0o700
+    assert mode(data / "history.db") == 0o600
+    assert [mode(f) for f in (cache / "kv").iterdir()] == [0o600]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import stat
 import time
 
 import pytest
@@ -58,7 +59,8 @@ async def test_send_streams_the_engines_answer_and_saves_it(chat_models, chat_en
         want = eng.tokenizer.decode(list(eng.generate(ids, SamplingParams(max_tokens=12))),
                                     skip_special_tokens=True).strip()
         assert replies(app)[-1].text.strip() == want
-        assert "ready" in str(app.query_one("#status").render())
+        status = str(app.query_one("#status").render())
+        assert "ready" in status and "tok/forward" in status  # what the drafter did
         conv = Store().latest()
         assert [m.content for m in conv.messages] == ["What is MLA?", want]
         # the sidebar lists it
@@ -161,6 +163,8 @@ async def test_switching_theme_is_remembered(chat_models):
         app.theme = "deepseek-light"
         await pilot.pause(0.2)
     assert Settings.load().theme == "deepseek-light"
+    config = Settings.path_default()  # private to the user, as the history is
+    assert stat.S_IMODE(config.parent.stat().st_mode) == 0o700 and stat.S_IMODE(config.stat().st_mode) == 0o600
     app2 = make_app(chat_models["v3"])
     async with app2.run_test(size=(100, 30)) as pilot:
         await pilot.pause(0.1)
