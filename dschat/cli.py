@@ -14,6 +14,7 @@ from .config import Settings
 from .errors import UsageError, error_text
 from .options import add_model_options, add_output_options, add_sampling_options
 from .runtime import Options
+from .signals import default_signals, exit_code, stop_on_signals, stop_received
 
 DESCRIPTION = """\
 dschat: chat with DeepSeek models (V2, V2-Lite, V2.5, Coder-V2, V3, R1) on a local engine.
@@ -106,6 +107,7 @@ def run_interactive(opts: Options, plain: bool) -> int:
         return run_line_mode(opts)
     from .tui import run_tui  # deferred: torch and Textual
 
+    default_signals()  # not yet handled in the TUI: a signal there ends it as before
     return run_tui(opts)
 
 
@@ -129,7 +131,21 @@ def show_warning(message, category, filename, lineno, file=None, line=None):
     sys.stderr.write(f"dschat: warning: {message}\n")
 
 
+def interrupted(e: KeyboardInterrupt) -> int:
+    sys.stderr.write(f"\ndschat: interrupted{f' ({e})' if str(e) else ''}\n")
+    return exit_code(e)
+
+
+def failed(e: Exception, debug: bool) -> int:
+    """One readable line, no traceback (unless --debug)."""
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(f"dschat: error: {error_text(e)}\n")
+    return 2 if isinstance(e, UsageError) else 1
+
+
 def main(argv: list[str] | None = None):
+    stop_on_signals()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     if not debug:
@@ -143,19 +159,16 @@ def main(argv: list[str] | None = None):
                 raise UsageError(f"`dschat {argv[0]}` runs in one process; under torchrun dschat answers a "
                                  "message on stdin or as an argument")
         code = run_subcommand(argv[0], argv[1:]) if argv and argv[0] in SUBCOMMANDS else run_chat(argv)
-    except KeyboardInterrupt:
-        sys.stderr.write("\ndschat: interrupted\n")
-        code = 130
+    except KeyboardInterrupt as e:  # Ctrl+C, SIGTERM, SIGHUP
+        code = interrupted(e)
     except BrokenPipeError:
         # the reader went away (`dschat ... | head`): say nothing more
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = 128 + signal.SIGPIPE
     except Exception as e:  # one readable line, no traceback (unless --debug)
-        if debug:
-            traceback.print_exc()
-        code = 2 if isinstance(e, UsageError) else 1
-        sys.stderr.write(f"dschat: error: {error_text(e)}\n")
+        stop = stop_received()  # an error a signal caused (torch half imported) is the signal's
+        code = interrupted(stop) if stop else failed(e, debug)
     finally:
         ranks.finish()
     sys.exit(code)

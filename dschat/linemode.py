@@ -18,6 +18,7 @@ from .files import atomic_write_text
 from .paths import private_dir, private_file
 from .runtime import Options, load_engine, print_stats, stats_json
 from .session import ChatSession
+from .signals import Stopped, signals_held
 from .store import Store, StoreError, read_json_file
 from .terminal_text import terminal_safe
 
@@ -101,6 +102,8 @@ def read_message(session) -> str | None:
         text = session.prompt("you> ")
     except EOFError:
         return None
+    except Stopped:
+        raise
     except KeyboardInterrupt:
         return ""
     if text.lstrip().startswith('"""'):
@@ -108,6 +111,8 @@ def read_message(session) -> str | None:
         while not lines[-1].rstrip().endswith('"""'):
             try:
                 lines.append(session.prompt("...  "))
+            except Stopped:
+                raise
             except (EOFError, KeyboardInterrupt):
                 return ""
         text = "\n".join(lines).rstrip()[:-3]
@@ -167,18 +172,23 @@ def show_messages(messages: list[dict]):
 
 
 def reply(session: ChatSession, turn: Turn, formatter):
-    printer, error = Printer(formatter=formatter), None
+    """Stream a reply and save it. Ctrl+C stops it (kept, marked) and the chat goes on; SIGTERM and SIGHUP
+    stop it the same way, then end dschat."""
+    printer, error, stopped = Printer(formatter=formatter), None, None
     try:
         for piece in session.stream(turn):
             printer.write(piece)
-    except KeyboardInterrupt:
-        turn.interrupted = True
+    except KeyboardInterrupt as e:
+        turn.interrupted, stopped = True, e if isinstance(e, Stopped) else None
     except Exception as e:  # context full, out of memory, ...: say so and go on
         error, turn.interrupted = error_text(e), True
-    printer.close()
-    if error:
-        print(f"(error: {error})")
-    kept = session.finish(turn, failed=error is not None)
+    with signals_held():  # a signal now waits until the turn is saved
+        printer.close()
+        if error:
+            print(f"(error: {error})")
+        kept = session.finish(turn, failed=error is not None)
+    if stopped:
+        raise stopped
     if kept and turn.interrupted and not error:
         print("(stopped)")
     if kept and session.cut_notice(turn):

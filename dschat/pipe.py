@@ -10,34 +10,41 @@ from dschat.engine import Tokenizer, resolve
 
 from .runtime import Options, load_engine, model_name, print_stats
 from .session import ChatSession, open_chat
+from .signals import signals_held
 
 
 def answer(opts: Options, message: str) -> int:
     engine = load_engine(opts)
     session = ChatSession(engine, opts)
     turn = session.turn(message)
-    out = sys.stdout
-    wrote_newline, failed = True, True
-    try:
-        for piece in session.stream(turn):
-            out.write(piece)
-            out.flush()
-            wrote_newline = piece.endswith("\n")
-        failed = False
-    except KeyboardInterrupt:  # Ctrl+C: the partial answer is kept, marked
-        turn.interrupted, failed = True, False
-        raise
-    finally:
-        session.finish(turn, failed)
-        if not wrote_newline:
-            out.write("\n")
-            out.flush()
+    stream_answer(session, turn)
     notice = session.cut_notice(turn)
     if notice:
         sys.stderr.write(f"dschat: warning: {notice}\n")
     if opts.stats:
         print_stats(engine.stats)
     return 0
+
+
+def stream_answer(session: ChatSession, turn):
+    """The reply on stdout as it is generated, then saved (an interrupted one too, marked)."""
+    out = sys.stdout
+    wrote_newline, failed = True, True
+    try:
+        for piece in session.stream(turn):
+            wrote_newline = piece.endswith("\n")  # before the write, which a signal may interrupt
+            out.write(piece)
+            out.flush()
+        failed = False
+    except KeyboardInterrupt:  # Ctrl+C, SIGTERM, SIGHUP: the partial answer is kept, marked
+        turn.interrupted, failed = True, False
+        raise
+    finally:
+        with signals_held():  # a signal now waits until the turn is saved
+            if not wrote_newline:
+                out.write("\n")
+                out.flush()
+            session.finish(turn, failed)
 
 
 def show_prompt(opts: Options, message: str) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import Settings
 from .errors import UsageError
 from .settings_check import CHECKS, problem
+from .signals import start_up_done
 
 NO_MODEL = (
     "no model given. Get one with `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then run "
@@ -106,10 +107,12 @@ def default_device(opts: Options) -> str:
 def load_engine(opts: Options, progress=None):
     from dschat.engine import Engine  # deferred: torch
 
-    return Engine.from_pretrained(model_name(opts), device=default_device(opts), dtype=opts.dtype or opts.config.dtype,
-                                  cache_gb=opts.cache_gb, speculative=opts.speculative,
-                                  draft_tokens=opts.draft_tokens, progress=progress, fp8=opts.fp8,
-                                  quant=quant_name(opts))
+    engine = Engine.from_pretrained(model_name(opts), device=default_device(opts),
+                                    dtype=opts.dtype or opts.config.dtype, cache_gb=opts.cache_gb,
+                                    speculative=opts.speculative, draft_tokens=opts.draft_tokens,
+                                    progress=progress, fp8=opts.fp8, quant=quant_name(opts))
+    start_up_done()  # a Ctrl+C during start-up stops here, even one that torch's import swallowed
+    return engine
 
 
 def quant_name(opts: Options) -> str | None:
