@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import sys
 
 from dschat.engine import SamplingParams, Tokenizer, resolve
 
 from .config import Settings
 from .files import atomic_write_text, rewritable
+from .highlight import ansi, colour_terminal, lexer_for
 from .options import add_model_options, add_output_options
 from .runtime import Options, load_engine, model_name, print_stats
 from .source_file import read_source
@@ -215,7 +215,7 @@ def run_fim(argv: list[str]) -> int:
         atomic_write_text(target, src.restore(filled), unchanged=src.snapshot)
     else:
         out = src.restore(filled)
-        sys.stdout.write(colour(out, args.lang, src.name) if sys.stdout.isatty() else out)
+        sys.stdout.write(colour(out, args.lang, src.name) if colour_terminal() else out)
         sys.stdout.flush()
     return 0
 
@@ -248,29 +248,13 @@ def fill_holes(engine, tok, text: str, holes: list[int], args) -> tuple[list[dic
 
 
 def colour(text: str, lang: str | None, name: str) -> str:
-    """Syntax-highlighted for a colour terminal (NO_COLOR honoured)."""
-    if os.environ.get("NO_COLOR"):
-        return text
-    from pygments import highlight
-    from pygments.formatters import TerminalFormatter
-    from pygments.lexers import get_lexer_by_name, get_lexer_for_filename
-    from pygments.util import ClassNotFound
-
-    try:
-        lexer = get_lexer_by_name(lang) if lang else get_lexer_for_filename(name, text)
-    except ClassNotFound:
-        return text
-    return highlight(text, lexer, TerminalFormatter())
+    """Syntax-highlighted by the language named, else by the file name's (plain when neither is known)."""
+    lexer = lexer_for(lang, name, text)
+    return ansi(text, lexer) if lexer else text
 
 
 def write_diff(before: str, after: str, name: str):
     diff = "".join(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
                                         fromfile=f"a/{name}", tofile=f"b/{name}"))
-    if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
-        from pygments import highlight
-        from pygments.formatters import TerminalFormatter
-        from pygments.lexers import DiffLexer
-
-        diff = highlight(diff, DiffLexer(), TerminalFormatter())
-    sys.stdout.write(diff)
+    sys.stdout.write(ansi(diff, lexer_for("diff")) if colour_terminal() else diff)
     sys.stdout.flush()

@@ -8,13 +8,13 @@ Ctrl+D exits. Slash commands: /system, /clear, /save, /load, /regen, /stats, /he
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 from .chat import Turn
 from .errors import error_text
 from .files import atomic_write_text
+from .highlight import ansi, colour_terminal, lexer_for, terminal_formatter
 from .paths import private_dir, private_file
 from .runtime import Options, load_engine, print_stats, stats_json
 from .session import ChatSession
@@ -39,11 +39,11 @@ class Printer:
 
     def __init__(self, out=None, formatter=None):
         self.out = out or sys.stdout
-        self.colour = self.out.isatty() and not os.environ.get("NO_COLOR")
+        self.colour = colour_terminal(self.out)
         self.line = ""
         self.in_code = False
         self.lexer = None
-        self.formatter = formatter or code_formatter(None)
+        self.formatter = formatter or terminal_formatter(None)
 
     def write(self, text: str):
         text = terminal_safe(text, body=True)
@@ -65,35 +65,14 @@ class Printer:
         self.out.flush()
 
     def _render(self, line: str) -> str:
-        from pygments import highlight
-        from pygments.lexers import TextLexer, get_lexer_by_name
-        from pygments.util import ClassNotFound
-
         if line.lstrip().startswith("```"):
             self.in_code = not self.in_code
             if self.in_code:
-                lang = line.strip()[3:].strip()
-                try:
-                    self.lexer = get_lexer_by_name(lang) if lang else TextLexer()
-                except ClassNotFound:
-                    self.lexer = TextLexer()
+                self.lexer = lexer_for(line.strip()[3:].strip())
             return f"\x1b[2m{line}\x1b[0m"
         if self.in_code:
-            return highlight(line, self.lexer, self.formatter).rstrip("\n")
+            return ansi(line, self.lexer, self.formatter).rstrip("\n")
         return line
-
-
-def code_formatter(style: str | None):
-    """The terminal's 16 colours, or a Pygments style in 256 colours when the config names one."""
-    from pygments.formatters import Terminal256Formatter, TerminalFormatter
-    from pygments.util import ClassNotFound
-
-    if style:
-        try:
-            return Terminal256Formatter(style=style)
-        except ClassNotFound:
-            print(f"dschat: no Pygments style called {style!r}; using the terminal's colours", file=sys.stderr)
-    return TerminalFormatter()
 
 
 def read_message(session) -> str | None:
@@ -122,7 +101,7 @@ def read_message(session) -> str | None:
 def run_line_mode(opts: Options) -> int:
     engine = load_engine(opts)
     session = ChatSession(engine, opts)
-    formatter = code_formatter(opts.config.code_style)
+    formatter = terminal_formatter(opts.config.code_style)
     prompts = prompt_session()
     print(f"dschat: {engine.path.name} on {engine.device}. /help for commands, Ctrl+D to leave.", flush=True)
     show_messages(session.chat.messages)

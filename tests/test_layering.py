@@ -14,8 +14,9 @@ FOLDERS = {"dschat": "dschat", "dschat.engine": "engine", "dschat.kernels": "ker
 def module_names() -> dict[str, Path]:
     names = {}
     for package, folder in FOLDERS.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            names[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            names[".".join([package, *(p for p in parts if p != "__init__")])] = path
     return names
 
 
@@ -59,6 +60,7 @@ def test_the_graph_sees_the_known_imports():
     edges = graph()
     assert "dschat.kernels.mla_decode" in edges["dschat.engine.model"]
     assert "dschat.engine" in edges["dschat.pipe"]
+    assert "dschat.session" in edges["dschat.tui.app"]  # modules in sub-packages too
 
 
 def test_engine_kernels_and_themes_never_import_the_app():

@@ -85,7 +85,8 @@ def test_ctrl_c_stops_a_reply_and_ctrl_d_exits(chat_models):
 def test_printer_highlights_code_blocks_on_a_colour_terminal(monkeypatch):
     import io
 
-    from dschat.linemode import Printer, code_formatter
+    from dschat.highlight import terminal_formatter
+    from dschat.linemode import Printer
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -94,7 +95,7 @@ def test_printer_highlights_code_blocks_on_a_colour_terminal(monkeypatch):
     monkeypatch.delenv("NO_COLOR", raising=False)
     for style in (None, "monokai"):
         out = Tty()
-        p = Printer(out, formatter=code_formatter(style))
+        p = Printer(out, formatter=terminal_formatter(style))
         for piece in ["Use:\n```py", "thon\nimport os\n", "```\ndone"]:
             p.write(piece)
         p.close()

@@ -13,7 +13,9 @@ from dschat.config import Settings
 from dschat.engine import SamplingParams
 from dschat.runtime import Options
 from dschat.store import Store
-from dschat.tui import ChatApp, MessageView, PromptArea
+from dschat.tui.app import ChatApp
+from dschat.tui.message_view import MessageView
+from dschat.tui.prompt_area import PromptArea
 
 
 def make_app(model, *extra):
@@ -252,7 +254,7 @@ async def test_code_blocks_use_the_configured_pygments_style(chat_models):
     from pygments.styles import get_style_by_name
     from pygments.token import Keyword
 
-    from dschat.tui import ReplyFence
+    from dschat.tui.reply_markdown import ReplyFence
 
     app = make_app(chat_models["v3"])
     app.conf.code_style = "monokai"
@@ -277,7 +279,7 @@ async def answer(pilot, app, text):
     """Type an answer into the AskScreen that is open and press Enter."""
     from textual.widgets import Input
 
-    from dschat.tui import AskScreen
+    from dschat.tui.ask_screen import AskScreen
 
     await until(pilot, lambda: isinstance(app.screen, AskScreen) and app.screen.query(Input))
     app.screen.query_one(Input).value = text

@@ -7,7 +7,7 @@ from test_tui import make_app, ready, replies, send, until
 from textual.widgets import Label
 
 from dschat.store import Store
-from dschat.tui import AskScreen
+from dschat.tui.ask_screen import AskScreen
 
 
 async def test_switching_to_a_broken_checkpoint_keeps_the_old_model(chat_models, tmp_path):

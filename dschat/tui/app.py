@@ -1,4 +1,4 @@
-"""The full-screen chat (Textual).
+"""The full-screen chat (Textual): the app, its layout, its actions and its worker threads.
 
 The engine runs in worker threads, so typing, scrolling and Esc stay live while a model loads or a reply
 streams. Replies stream into a Markdown widget through Textual's MarkdownStream (fragments are appended,
@@ -13,198 +13,37 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+from pygments.util import ClassNotFound
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
-from textual.message import Message
-from textual.screen import ModalScreen
-from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Markdown, Static, TextArea
-from textual.widgets.markdown import MarkdownFence
+from textual.widgets import Footer, Header, Label, ListItem, ListView, Static
 
 from dschat.themes import load_themes
 
-from .chat import Chat, Turn
-from .errors import error_text
-from .files import atomic_write_text
-from .keymap import check_keymap
-from .paths import xdg
-from .runtime import DEMO_DIR, Options, load_engine, model_name
-from .session import ChatSession
-from .store import Store, StoreError
-from .terminal_text import terminal_safe
+from ..chat import Chat, Turn
+from ..errors import error_text
+from ..files import atomic_write_text
+from ..keymap import check_keymap
+from ..paths import xdg
+from ..runtime import DEMO_DIR, Options, load_engine, model_name
+from ..session import ChatSession
+from ..store import Store, StoreError
+from ..terminal_text import terminal_safe
+from .ask_screen import AskScreen
+from .help_screen import HelpScreen
+from .message_view import MessageView
+from .prompt_area import PromptArea
+from .reply_markdown import code_theme
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
 
-# -- code blocks -----------------------------------------------------------------------------------------------
-def code_theme(style_name: str):
-    """A Textual highlight theme made from a Pygments style (`code_style` in the config file)."""
-    from pygments.styles import get_style_by_name
-    from textual.highlight import HighlightTheme
-
-    styles = {}
-    for token, d in get_style_by_name(style_name):  # ClassNotFound for an unknown name
-        parts = ([f"#{d['color']}"] if d["color"] else []) + [k for k in ("bold", "italic", "underline") if d[k]]
-        if parts:
-            styles[token] = " ".join(parts)
-    return type(f"PygmentsTheme_{style_name}", (HighlightTheme,), {"STYLES": styles})
-
-
-class ReplyFence(MarkdownFence):
-    """A code block highlighted by Pygments in the configured style, or in the app theme's colours."""
-
-    def __init__(self, markdown, token, code):
-        self.code_theme = getattr(markdown, "code_theme", None)
-        super().__init__(markdown, token, code)
-
-    def highlight(self, code, language, ansi=False, dark=False):
-        if self.code_theme is None:
-            return MarkdownFence.highlight(code, language, ansi=ansi, dark=dark)
-        from textual.highlight import highlight
-
-        return highlight(code, language=language or None, theme=self.code_theme)
-
-
-class ReplyMarkdown(Markdown):
-    BLOCKS = {**Markdown.BLOCKS, "fence": ReplyFence, "code_block": ReplyFence}
-
-    def __init__(self, text: str, code_theme=None):
-        self.code_theme = code_theme
-        super().__init__(text)
-
-
-# -- widgets ---------------------------------------------------------------------------------------------------
-class PromptArea(TextArea):
-    """The input: Enter sends, Ctrl+J (or Shift/Alt+Enter where the terminal reports them) starts a new
-    line, Up in an empty input recalls earlier prompts."""
-
-    class Submitted(Message):
-        def __init__(self, text: str):
-            super().__init__()
-            self.text = text
-
-    def __init__(self, **kw):
-        super().__init__(soft_wrap=True, show_line_numbers=False, **kw)
-        self.prompts: list[str] = []
-        self._recall: int | None = None
-
-    async def _on_key(self, event) -> None:
-        if event.key == "enter":
-            event.prevent_default()
-            event.stop()
-            if self.text.strip():
-                self.post_message(self.Submitted(self.text))
-            return
-        if event.key in ("ctrl+j", "shift+enter", "alt+enter"):
-            event.prevent_default()
-            event.stop()
-            self.insert("\n")
-            return
-        if event.key in ("up", "down") and self.prompts and (not self.text or self._recall is not None):
-            if event.key == "up":
-                self._recall = len(self.prompts) - 1 if self._recall is None else max(0, self._recall - 1)
-            elif self._recall is not None:
-                self._recall += 1
-                if self._recall >= len(self.prompts):
-                    self._recall = None
-            event.prevent_default()
-            event.stop()
-            self.text = "" if self._recall is None else self.prompts[self._recall]
-            self.move_cursor(self.document.end)
-            return
-        self._recall = None
-        await super()._on_key(event)
-
-
-class MessageView(Vertical):
-    """One message: who wrote it, then its Markdown."""
-
-    def __init__(self, role: str, text: str = "", interrupted: bool = False):
-        super().__init__(classes=f"message {role}")
-        self.role, self.text, self.interrupted = role, text, interrupted
-        self.stream = None
-
-    def compose(self) -> ComposeResult:
-        yield Label(self.title(), classes="role")
-        yield ReplyMarkdown(self.text, code_theme=getattr(self.app, "code_theme", None))
-
-    def title(self) -> str:
-        name = {"user": "You", "assistant": "Assistant", "system": "System"}[self.role]
-        return name + ("  (stopped)" if self.interrupted else "")
-
-    async def append(self, piece: str):
-        if self.stream is None:
-            self.stream = Markdown.get_stream(self.query_one(Markdown))
-        self.text += piece
-        await self.stream.write(piece)
-
-    async def finish(self, interrupted: bool):
-        if self.stream is not None:
-            await self.stream.stop()
-            self.stream = None
-        self.interrupted = interrupted
-        self.query_one(".role", Label).update(self.title())
-
-
-class AskScreen(ModalScreen[str | None]):
-    """A one-line question: Enter answers, Esc cancels."""
-
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
-
-    def __init__(self, question: str, value: str = ""):
-        super().__init__()
-        self.question, self.value = question, value
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="ask"):
-            yield Label(self.question)
-            yield Input(value=self.value, id="answer")
-
-    @on(Input.Submitted)
-    def answered(self, event: Input.Submitted):
-        self.dismiss(event.value)
-
-    def action_cancel(self):
-        self.dismiss(None)
-
-
-class HelpScreen(ModalScreen[None]):
-    BINDINGS = [Binding("escape,f1,q", "close", "Close")]
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def compose(self) -> ComposeResult:
-        with VerticalScroll(id="help"):
-            yield Markdown(self.text)
-
-    def action_close(self):
-        self.dismiss(None)
-
-
-# -- the app ----------------------------------------------------------------------------------------------------
 class ChatApp(App):
     TITLE = "dschat"
-    CSS = """
-    #sidebar { width: 32; border-right: solid $panel; }
-    #sidebar.hidden { display: none; }
-    #sidebar Label.heading { padding: 0 1; color: $text-muted; }
-    #main { width: 1fr; }
-    #conversation { height: 1fr; padding: 0 1; }
-    .message { height: auto; margin: 1 0 0 0; }
-    .message .role { color: $text-muted; text-style: bold; }
-    .message.user .role { color: $secondary; }
-    .message.assistant .role { color: $primary; }
-    .message Markdown { margin: 0; padding: 0; }
-    PromptArea { height: auto; max-height: 10; min-height: 3; border: round $primary; }
-    #status { height: 1; padding: 0 1; background: $panel; color: $text-muted; }
-    #ask { width: 70; height: auto; padding: 1 2; border: round $primary; background: $surface; }
-    AskScreen, HelpScreen { align: center middle; }
-    #help { width: 80; height: 80%; border: round $primary; background: $surface; padding: 0 1; }
-    """
+    CSS_PATH = "chat.tcss"
     BINDINGS = [
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
         Binding("escape", "stop", "Stop", id="stop"),
@@ -257,8 +96,6 @@ class ChatApp(App):
             self.theme = "deepseek-dark"
         self.theme_changed_signal.subscribe(self, self._remember_theme)
         if self.conf.code_style:
-            from pygments.util import ClassNotFound
-
             try:
                 self.code_theme = code_theme(self.conf.code_style)
             except ClassNotFound:

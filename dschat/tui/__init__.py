@@ -1,0 +1,7 @@
+"""The full-screen chat (Textual), laid out as Textual apps are: the app (app.py), its screens
+(ask_screen.py, help_screen.py), its widgets (prompt_area.py, message_view.py, reply_markdown.py), and its
+styles (chat.tcss)."""
+
+from .app import ChatApp, run_tui
+
+__all__ = ["ChatApp", "run_tui"]

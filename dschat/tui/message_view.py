@@ -1,0 +1,39 @@
+"""One message of the conversation: who wrote it, then its Markdown, which a reply streams into."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Label, Markdown
+
+from .reply_markdown import ReplyMarkdown
+
+
+class MessageView(Vertical):
+    """One message: who wrote it, then its Markdown."""
+
+    def __init__(self, role: str, text: str = "", interrupted: bool = False):
+        super().__init__(classes=f"message {role}")
+        self.role, self.text, self.interrupted = role, text, interrupted
+        self.stream = None
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.title(), classes="role")
+        yield ReplyMarkdown(self.text, code_theme=getattr(self.app, "code_theme", None))
+
+    def title(self) -> str:
+        name = {"user": "You", "assistant": "Assistant", "system": "System"}[self.role]
+        return name + ("  (stopped)" if self.interrupted else "")
+
+    async def append(self, piece: str):
+        if self.stream is None:
+            self.stream = Markdown.get_stream(self.query_one(Markdown))
+        self.text += piece
+        await self.stream.write(piece)
+
+    async def finish(self, interrupted: bool):
+        if self.stream is not None:
+            await self.stream.stop()
+            self.stream = None
+        self.interrupted = interrupted
+        self.query_one(".role", Label).update(self.title())
