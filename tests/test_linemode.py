@@ -66,12 +66,18 @@ def test_line_mode_chat_commands_and_history(chat_models, chat_engines):
     assert len(Store().siblings(conv.messages[1].id)) == 2  # /regen kept the first answer
 
 
-def test_ctrl_c_stops_a_reply_and_ctrl_d_exits(chat_models):
-    p = spawn("--plain", "--model", str(chat_models["v3"]), "-t", "1.0", "-n", "100000", "--seed", "2")
+def long_reply(model) -> pexpect.spawn:
+    """Line mode, once its reply to a request for a long answer has started."""
+    p = spawn("--plain", "--model", str(model), "-t", "1.0", "-n", "100000", "--seed", "2")
     p.expect_exact(PROMPT)
     p.sendline("tell me everything")
     p.expect_exact(ACCEPTED)
     p.expect(r"\S", timeout=60)  # the reply has started
+    return p
+
+
+def test_ctrl_c_stops_a_reply_and_ctrl_d_exits(chat_models):
+    p = long_reply(chat_models["v3"])
     p.sendintr()
     p.expect(r"\(stopped\)")
     p.expect_exact(PROMPT)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from test_linemode import ACCEPTED, PROMPT, spawn
+from test_linemode import long_reply
 from test_pipe_mode import dschat_cmd
 
 from dschat.store import Store
@@ -67,11 +67,7 @@ def test_ctrl_c_during_start_up_exits_130_at_once_and_saves_nothing(chat_models)
 
 
 def test_sigterm_in_line_mode_keeps_the_reply_and_exits_143(chat_models):
-    p = spawn("--plain", "--model", str(chat_models["v3"]), "-t", "1.0", "-n", "100000", "--seed", "2")
-    p.expect_exact(PROMPT)
-    p.sendline("tell me everything")
-    p.expect_exact(ACCEPTED)
-    p.expect(r"\S", timeout=60)  # the reply has started
+    p = long_reply(chat_models["v3"])
     p.kill(signal.SIGTERM)
     p.expect(pexpect.EOF, timeout=30)
     p.close()
