@@ -44,5 +44,9 @@ def tighten(path: Path, mode: int):
 
 
 def kv_dir() -> Path:
-    """The latent cache of saved conversations, on disk (engine/persist.py)."""
-    return private_dir("CACHE", "kv")
+    """The latent cache of saved conversations, on disk (engine/persist.py). A cache that cannot be made (its
+    parent is a file, say) is not an error here: the engine reads nothing from it and warns when it cannot save."""
+    try:
+        return private_dir("CACHE", "kv")
+    except OSError:
+        return xdg("CACHE") / "kv"
