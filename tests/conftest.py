@@ -18,7 +18,10 @@ import tiny_checkpoints as tc  # noqa: E402
 
 # Keep runs hermetic: never touch the user's config, history or caches, never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (the README's `-n 2`) each worker gets a share of the cores: two workers with two threads
+# each on two cores made small matmuls many times slower.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
 @pytest.fixture(autouse=True)
