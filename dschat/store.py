@@ -378,7 +378,7 @@ class Store:
             self.db.execute(
                 "INSERT INTO conversations (id, title, title_auto, model, fingerprint, system, params, created, "
                 "updated) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?)",
-                (cid, data.get("title") or "Imported chat", data.get("model") or "", data.get("fingerprint") or "",
+                (cid, data["title"] if isinstance(data.get("title"), str) else "Imported chat", data.get("model") or "", data.get("fingerprint") or "",
                  data.get("system"), json.dumps(data.get("params") or {}), float(data.get("created") or now),
                  float(data.get("updated") or now)))
             parent = None
