@@ -8,7 +8,7 @@ import multiprocessing
 import sqlite3
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, settings, example
 from hypothesis import strategies as st
 
 from dschat.store import SCHEMA, Store, StoreError
@@ -142,6 +142,7 @@ text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(user=text, reply=text, system=text, title=text)
+@example(user="\x1b", reply="", system="", title="")  # a title that cleans to nothing
 def test_any_unicode_survives_save_export_import(store, user, reply, system, title):
     cid = store.create("m", system=system, title=title or None)
     store.add_message(cid, "user", user)
