@@ -21,6 +21,7 @@ from .session import ChatSession
 from .signals import Stopped, signals_held
 from .store import Store, StoreError, read_json_file
 from .terminal_text import terminal_safe
+from .turn_lock import ConversationBusy
 
 HELP = """\
   /system TEXT   set the system prompt (/system alone clears it)
@@ -118,13 +119,32 @@ def run_line_mode(opts: Options) -> int:
                 return 0
             turn = command(session, cmd, rest.strip())
         else:
-            try:
-                turn = session.turn(text)
-            except Exception as e:  # a template that refuses the conversation, say
-                print(f"(error: {error_text(e)})")
-                continue
+            turn = start_turn(session, lambda wait: session.turn(text, wait))
         if turn is not None:
             reply(session, turn, formatter)
+
+
+def start_turn(session: ChatSession, make) -> Turn | None:
+    """A turn (`make(wait)`), once no other dschat is answering in this conversation; first the turns saved
+    in it meanwhile, which this one follows. None if it cannot start (said why)."""
+    try:
+        try:
+            turn = make(False)
+        except ConversationBusy:
+            print("(waiting: another dschat is answering in this conversation)", flush=True)
+            turn = make(True)
+    except Stopped:
+        raise
+    except KeyboardInterrupt:
+        print("(not sent)")
+        return None
+    except Exception as e:  # a template that refuses the conversation, say
+        print(f"(error: {error_text(e)})")
+        return None
+    if session.caught_up:
+        print("(saved meanwhile by another dschat:)")
+        show_messages([{"role": m.role, "content": m.content} for m in session.caught_up])
+    return turn
 
 
 def prompt_session():
@@ -189,10 +209,7 @@ def command(session: ChatSession, cmd: str, arg: str) -> Turn | None:
     elif cmd == "stats":
         print(stats_json(session.engine.stats) if session.engine.stats else "(no reply yet)")
     elif cmd == "regen":
-        try:
-            return session.regenerate()
-        except ValueError as e:
-            print(f"({e})")
+        return start_turn(session, session.regenerate)
     elif cmd == "save":
         save_to(arg, session.conversation_id)
     elif cmd == "load":

@@ -11,15 +11,13 @@ from dschat.engine import Tokenizer, resolve
 from .runtime import Options, load_engine, model_name, print_stats
 from .session import ChatSession, open_chat
 from .signals import signals_held
-from .turn_lock import turn_locked
 
 
 def answer(opts: Options, message: str) -> int:
     engine = load_engine(opts)
-    with turn_locked(opts) as opts:  # a continued conversation: no other turn until this one is saved
-        session = ChatSession(engine, opts)
-        turn = session.turn(message)
-        stream_answer(session, turn)
+    session = ChatSession(engine, opts)
+    turn = session.turn(message)  # a continued conversation: no other turn until this one is saved
+    stream_answer(session, turn)
     notice = session.cut_notice(turn)
     if notice:
         sys.stderr.write(f"dschat: warning: {notice}\n")

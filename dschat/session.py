@@ -6,6 +6,11 @@ history, the saved ids of its last exchange, a pending edit, and --no-save. A tu
 is committed and saved at once (an interrupted reply too, marked), or, when the reply failed before its
 first token, taken back as if it had never been asked. The history's latent cache is saved beside it, so
 that `dschat -c` in a new process starts without a prefill.
+
+A turn in a saved conversation holds it from `turn` (or `regenerate`) to `finish` (turn_lock.py), and first
+catches up with the turns another dschat saved in it meanwhile: the session re-reads the conversation and
+the turn is asked after them (`caught_up` lists them, for the front end to show), so the saved transcript
+is what each turn saw. A prompt being edited (`edit_last`) then becomes a new turn after them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Iterator
 from .chat import Chat, Turn
 from .paths import kv_dir
 from .runtime import Options, sampling_params
-from .store import Conversation, Store, StoreError
+from .store import Conversation, Message, Store, StoreError
+from .turn_lock import TurnLock
 
 
 def history_ids(messages) -> list[int] | None:
@@ -65,6 +71,9 @@ class ChatSession:
         self.pending_edit: str | None = None  # the saved user message an edited prompt replaces
         self.regenerating = False
         self.opened: Conversation | None = None  # the saved conversation continued, if any
+        self.head: str | None = None  # the last message saved in the conversation, as this session knows it
+        self.caught_up: list[Message] = []  # what another dschat saved before this turn (see `turn`)
+        self.lock = TurnLock()
         if conv is not None:
             self._continue(conv)
 
@@ -73,6 +82,7 @@ class ChatSession:
         """A new conversation with the same system prompt (saved with its first reply)."""
         self.chat = Chat(self.engine.tokenizer, system=self.chat.system, raw=self.opts.raw)
         self.conversation_id, self.saved_ids, self.pending_edit, self.opened = None, (None, None), None, None
+        self.head = None
 
     def open(self, conv: Conversation):
         """Continue a saved conversation (the sidebar, /load)."""
@@ -80,7 +90,7 @@ class ChatSession:
         self._continue(conv)
 
     def _continue(self, conv: Conversation):
-        self.opened = conv
+        self.opened, self.head = conv, conv.head
         if self.chat.ids:  # its latent cache, when an earlier process saved it
             self.engine.load_prefix(self.chat.ids, directory=kv_dir())
         self.conversation_id = None if self.opts.no_save else conv.id
@@ -90,15 +100,41 @@ class ChatSession:
         self.saved_ids, self.pending_edit = (user, reply), None
 
     # -- a turn -------------------------------------------------------------------------------------------------
-    def turn(self, text: str) -> Turn:
+    def turn(self, text: str, wait: bool = True) -> Turn:
+        """The next turn: from here to `finish` the saved conversation is held (with `wait` False, another
+        run holding it is ConversationBusy rather than a wait)."""
+        turn = self._held_turn(lambda: self.chat.turn(text), wait)
         self.regenerating = False
-        return self.chat.turn(text)
+        return turn
 
-    def regenerate(self) -> Turn:
+    def regenerate(self, wait: bool = True) -> Turn:
         """A new answer to the last prompt; saved as a sibling of the old one."""
-        turn = self.chat.regenerate_turn()
+        turn = self._held_turn(self.chat.regenerate_turn, wait)
         self.regenerating = True
         return turn
+
+    def _held_turn(self, make, wait: bool) -> Turn:
+        self.caught_up = []
+        if self.conversation_id is not None:  # saved: hold it (one not saved yet nobody else can reach)
+            self.lock.acquire(self.conversation_id, wait)
+        try:
+            self._catch_up()
+            return make()
+        except BaseException:  # no turn (a template that refuses it, nothing to regenerate): let it go
+            self.lock.release()
+            raise
+
+    def _catch_up(self):
+        """Continue the saved conversation from what is saved now: another dschat may have added turns."""
+        if self.conversation_id is None:
+            return
+        with Store() as store:
+            conv = store.get(self.conversation_id)
+        if conv.head != self.head:
+            known = [m.id for m in conv.messages]
+            start = known.index(self.head) + 1 if self.head in known else 0
+            self.open(conv)
+            self.caught_up = [m for m in conv.messages[start:] if m.role != "system"]
 
     def edit_last(self) -> str:
         """Take back the last exchange to edit its prompt (the next turn is saved as a sibling); its text."""
@@ -138,13 +174,16 @@ class ChatSession:
         saved), or, when it has no token and was not stopped by the user, take it back as if it had never been
         asked (a regeneration restores the old answer). Whether it was kept."""
         regenerating, self.regenerating = self.regenerating, False
-        if not turn.output_ids and (failed or not turn.interrupted):
-            if regenerating:
-                self.chat.restore()
-            return False
-        self.chat.commit(turn)
-        self.save(turn, answer_of=self.saved_ids[1] if regenerating else None)
-        return True
+        try:
+            if not turn.output_ids and (failed or not turn.interrupted):
+                if regenerating:
+                    self.chat.restore()
+                return False
+            self.chat.commit(turn)
+            self.save(turn, answer_of=self.saved_ids[1] if regenerating else None)
+            return True
+        finally:
+            self.lock.release()
 
     # -- the history -----------------------------------------------------------------------------------------------
     def save(self, turn: Turn, answer_of: str | None = None):
@@ -168,6 +207,6 @@ class ChatSession:
                 user_id = (store.add_sibling(cid, self.pending_edit, "user", turn.user, **user) if self.pending_edit
                            else store.add_message(cid, "user", turn.user, **user))
                 reply_id = store.add_message(cid, "assistant", turn.content, **reply)
-        self.saved_ids, self.pending_edit = (user_id, reply_id), None
+        self.saved_ids, self.pending_edit, self.head = (user_id, reply_id), None, reply_id
         if self.chat.ids:
             self.engine.save_prefix(self.chat.ids, directory=kv_dir())  # so that `dschat -c` starts warm

@@ -197,13 +197,24 @@ class ChatApp(App):
             return
         prompt = self.query_one(PromptArea)
         prompt.prompts.append(event.text)
-        try:
-            turn = self.session.turn(event.text)
+        try:  # a saved conversation: held until the turn is saved (another dschat answering in it: a notice)
+            turn = self.session.turn(event.text, wait=False)
         except Exception as e:
             self.notify(error_text(e), severity="error")
             return
         prompt.text = ""
+        self.show_caught_up()
         self.run_turn(turn, user_view=True)
+
+    def show_caught_up(self, regenerating: bool = False) -> bool:
+        """Turns another dschat saved in this conversation meanwhile: the conversation is shown again (less
+        the answer being regenerated). Whether there were any."""
+        if not self.session.caught_up:
+            return False
+        msgs = [m for m in self.session.opened.messages if m.role != "system"]
+        self.show_conversation(msgs[:-1] if regenerating else msgs)
+        self.notify("turns saved meanwhile by another dschat are shown; this one follows them")
+        return True
 
     def run_turn(self, turn: Turn, user_view: bool):
         view = self.query_one("#conversation")
@@ -330,12 +341,12 @@ class ChatApp(App):
         if self.busy or self.chat is None:
             return
         try:
-            turn = self.session.regenerate()
-        except ValueError as e:
-            self.notify(str(e), severity="warning")
+            turn = self.session.regenerate(wait=False)
+        except Exception as e:  # nothing to regenerate, another dschat answering in this conversation
+            self.notify(error_text(e), severity="warning")
             return
         views = list(self.query(MessageView))
-        if views and views[-1].role == "assistant":
+        if not self.show_caught_up(regenerating=True) and views and views[-1].role == "assistant":
             views[-1].remove()
         self.run_turn(turn, user_view=False)
 
