@@ -22,11 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is a Linux dependency
-    triton = None
+from .triton_support import tl, triton
 
 GATHER_MAX_TOKENS = 16
 

@@ -15,12 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .quant_format import SYMMETRIC_ZERO, Packed, dequantize
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is a Linux dependency
-    triton = None
+from .triton_support import tl, triton
 
 CPU_INT8_MAX_ROWS = 8  # up to this many rows PyTorch's int8 kernel is faster than dequantise + matmul
 

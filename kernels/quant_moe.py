@@ -15,12 +15,7 @@ import torch
 
 from .fused_moe import GATHER_MAX_TOKENS, moe_experts, moe_experts_reference
 from .quant_format import Packed, dequantize
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is a Linux dependency
-    triton = None
+from .triton_support import tl, triton
 
 
 def select(w: Packed, experts: torch.Tensor) -> Packed:

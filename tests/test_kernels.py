@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from dschat.kernels import triton_support
 from dschat.kernels.mla_decode import mla_decode, mla_decode_reference, mla_decode_triton
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
@@ -46,3 +47,11 @@ def test_causal_rows_see_only_their_past():
 def test_dispatch_uses_the_reference_on_cpu():
     args = case(1, 4, 32, 16, 20, n_slots=30)
     assert torch.equal(mla_decode(*args, scale=0.3), mla_decode_reference(*args, scale=0.3))
+
+
+def test_triton_is_imported_only_where_a_kernel_can_run(monkeypatch):
+    """Without a GPU and outside the interpreter no kernel runs, so Triton's import (0.4 s) is left out of
+    start-up."""
+    assert triton_support._load()[0] is not None  # the interpreter (these tests)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert (triton_support._load()[0] is not None) == torch.cuda.is_available()
