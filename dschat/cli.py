@@ -29,7 +29,7 @@ dschat: chat with DeepSeek models (V2, V2-Lite, V2.5, Coder-V2, V3, R1) on a loc
 EPILOG = """\
 subcommands:
   dschat fim FILE                     fill the <FILL> hole in a file (fill-in-the-middle)
-  dschat sessions | export | import | rm | rename | replay
+  dschat conversations | export | import | rm | rename | replay
                                       saved conversations (`dschat COMMAND --help` for each)
   dschat quantize MODEL --quant int4 -o DIR
                                       write MODEL with int8 / int4 weights; --model DIR loads it
@@ -45,7 +45,8 @@ several GPUs: `echo question | torchrun --nproc-per-node N -m dschat --model ...
 N GPUs (tensor parallelism); rank 0 reads and answers (pipe mode and one-shot answers).
 """
 
-SUBCOMMANDS = ("fim", "sessions", "export", "import", "rm", "rename", "replay", "quantize")
+SUBCOMMANDS = ("fim", "conversations", "sessions", "export", "import", "rm", "rename", "replay",  # sessions:
+               "quantize")  # the old name of conversations
 
 
 def chat_parser() -> argparse.ArgumentParser:
@@ -59,7 +60,8 @@ def chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="line-mode chat instead of the full-screen TUI")
     p.add_argument("-c", "--continue", dest="cont", action="store_true",
                    help="continue the most recent conversation")
-    p.add_argument("--session", metavar="ID", help="continue the conversation with this id")
+    p.add_argument("--conversation", metavar="ID", help="continue the conversation with this id")
+    p.add_argument("--session", dest="conversation", help=argparse.SUPPRESS)  # the old name
     p.add_argument("--no-save", action="store_true", help="do not save this conversation in the history")
     p.add_argument("--theme", help="TUI theme")
     add_model_options(p)

@@ -1,4 +1,4 @@
-"""The subcommands on saved conversations: sessions, export, import, rm, rename."""
+"""The subcommands on saved conversations: conversations, export, import, rm, rename."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from .terminal_text import terminal_safe
 
 
 def run(name: str, argv: list[str]) -> int:
-    return {"sessions": cmd_sessions, "export": cmd_export, "import": cmd_import, "rm": cmd_rm,
-            "rename": cmd_rename}[name](argv)
+    return {"conversations": cmd_conversations, "sessions": cmd_conversations,  # sessions: the old name
+            "export": cmd_export, "import": cmd_import, "rm": cmd_rm, "rename": cmd_rename}[name](argv)
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -25,8 +25,8 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def cmd_sessions(argv) -> int:
-    p = _parser("sessions", "List saved conversations, newest first.")
+def cmd_conversations(argv) -> int:
+    p = _parser("conversations", "List saved conversations, newest first.")
     p.add_argument("--search", metavar="TEXT", help="only conversations whose messages or title match (full text)")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("-n", type=int, default=None, metavar="N", help="at most N conversations")
@@ -56,9 +56,7 @@ def cmd_export(argv) -> int:
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     args = p.parse_args(argv)
     with Store() as store:
-        cid = store.resolve_id(args.id)
-        text = (json.dumps(store.export_json(cid), ensure_ascii=False, indent=2) + "\n"
-                if args.format == "json" else store.export_markdown(cid))
+        text = store.export_text(store.resolve_id(args.id), args.format)
     if args.output:
         atomic_write_text(args.output, text)
     else:  # on a terminal, without its escape sequences

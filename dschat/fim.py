@@ -23,6 +23,7 @@ from .highlight import ansi, colour_terminal, lexer_for
 from .options import add_model_options, add_output_options
 from .runtime import Options, load_engine, model_name, print_stats
 from .source_file import read_source
+from .template import bos
 
 MARKER = "<FILL>"
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
@@ -114,10 +115,7 @@ def trim(prefix: str, suffix: str, count, budget: int) -> tuple[str, str]:
 def fim_prompt(tok, prefix: str, suffix: str) -> list[int]:
     """The file's text is encoded as text: FIM or other special token strings in it stay characters."""
     begin, hole, end = (tok.token_id(t) for t in FIM_TOKENS)
-    ids = [begin, *tok.encode_plain(prefix), hole, *tok.encode_plain(suffix), end]
-    if tok.add_bos_token and tok.bos_token_id is not None:
-        ids = [tok.bos_token_id] + ids
-    return ids
+    return bos(tok) + [begin, *tok.encode_plain(prefix), hole, *tok.encode_plain(suffix), end]
 
 
 def cut_repeat(completion: str, suffix: str, at_line_start: bool) -> tuple[str, bool]:

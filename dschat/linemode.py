@@ -7,9 +7,7 @@ Ctrl+D exits. Slash commands: /system, /clear, /save, /load, /regen, /stats, /he
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 from .chat import Turn
 from .errors import error_text
@@ -19,7 +17,7 @@ from .paths import private_dir, private_file
 from .runtime import Options, load_engine, print_stats, stats_json
 from .session import ChatSession
 from .signals import Stopped, signals_held
-from .store import Store, StoreError, read_json_file
+from .store import Store, StoreError, names_a_file, read_json_file
 from .terminal_text import terminal_safe
 from .turn_lock import ConversationBusy
 
@@ -27,7 +25,7 @@ HELP = """\
   /system TEXT   set the system prompt (/system alone clears it)
   /clear         start a new conversation
   /save FILE     export this conversation as JSON (for `dschat import` and `dschat replay`)
-  /load ID|FILE  open a saved conversation (an id from `dschat sessions`, or an exported file)
+  /load ID|FILE  open a saved conversation (an id from `dschat conversations`, or an exported file)
   /regen         a new answer to the last prompt (the old one is kept in the history)
   /stats         statistics of the last reply
   /help          this help
@@ -225,8 +223,8 @@ def save_to(path: str, conv_id: str | None):
         return
     try:
         with Store() as store:
-            data = store.export_json(conv_id)
-        atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+            text = store.export_text(conv_id)
+        atomic_write_text(path, text)
     except (OSError, StoreError) as e:  # a bad path is reported; the chat goes on
         print(f"(not saved: {error_text(e)})")
         return
@@ -239,9 +237,9 @@ def load_from(source: str, session: ChatSession):
         print("(usage: /load ID or /load FILE)")
         return
     try:
-        with Store() as store:  # a file, as `dschat replay` tells them apart; otherwise an id
-            is_file = Path(source).is_file() or source.endswith(".json")
-            conv = store.get(store.import_json(read_json_file(source)) if is_file else store.resolve_id(source))
+        with Store() as store:
+            imported = store.import_json(read_json_file(source)) if names_a_file(source) else None
+            conv = store.get(imported or store.resolve_id(source))
     except StoreError as e:
         print(f"(cannot load {source}: {e})")
         return

@@ -7,13 +7,12 @@ import argparse
 import sys
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 from .chat import Chat, Turn
 from .config import Settings
 from .options import add_model_options, add_sampling_options
 from .runtime import Options, load_engine, print_stats, sampling_params
-from .store import Store, read_json_file
+from .store import Store, names_a_file, read_json_file
 from .terminal_text import terminal_safe
 
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "max_tokens")
@@ -59,7 +58,7 @@ def replay_options(opts: Options, data: dict, compare: bool) -> Options:
 
 
 def load_source(source: str) -> dict:
-    if Path(source).is_file() or source.endswith(".json"):
+    if names_a_file(source):
         return read_json_file(source)
     with Store() as store:
         return store.export_json(store.resolve_id(source))

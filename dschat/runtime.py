@@ -49,7 +49,7 @@ class Options:
     stats: bool = False
     no_save: bool = False
     cont: bool = False
-    session: str | None = None
+    conversation: str | None = None
     theme: str | None = None
 
     @classmethod
@@ -73,8 +73,8 @@ class Options:
 
     @property
     def continuing(self) -> bool:
-        """-c or --session: continue a saved conversation."""
-        return self.cont or self.session is not None
+        """-c or --conversation: continue a saved conversation."""
+        return self.cont or self.conversation is not None
 
     def sampling_flags(self) -> dict:
         """The sampling flags given, as saved with a conversation."""

@@ -49,12 +49,12 @@ def continued_chat(tokenizer, conv: Conversation, system: str | None = None, raw
 
 
 def open_chat(tokenizer, opts: Options) -> tuple[Chat, Conversation | None]:
-    """The chat a run starts with: a new one, or with -c / --session the saved conversation (--system
+    """The chat a run starts with: a new one, or with -c / --conversation the saved conversation (--system
     replaces its system prompt, in the history too)."""
     if not opts.continuing:
         return Chat(tokenizer, system=opts.system_prompt, raw=opts.raw), None
     with Store() as store:
-        conv = saved_conversation(store, opts.session)
+        conv = saved_conversation(store, opts.conversation)
         if conv is None:
             raise StoreError("there is no saved conversation to continue yet")
         if opts.system is not None and opts.system != conv.system and not opts.no_save:

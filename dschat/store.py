@@ -112,6 +112,11 @@ def _unpack(blob) -> list[int] | None:
     return a.tolist()
 
 
+def like(text: str) -> str:
+    """`text` matched literally in a LIKE pattern (ESCAPE '\\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def auto_title(text: str) -> str:
     """The first line of the first message, shortened, without escape sequences or control characters."""
     line = next((ln.strip() for ln in terminal_safe(text, body=True).splitlines() if ln.strip()), "")
@@ -169,10 +174,10 @@ class Store:
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             db.execute("PRAGMA journal_mode = WAL")
         if version < SCHEMA:
-            self._migrate(db, version)
+            self._migrate(db)
         return db
 
-    def _migrate(self, db: sqlite3.Connection, version: int):
+    def _migrate(self, db: sqlite3.Connection):
         db.execute("BEGIN IMMEDIATE")
         try:
             current = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have done it
@@ -207,10 +212,9 @@ class Store:
     def resolve_id(self, prefix: str) -> str:
         prefix = (prefix or "").strip().lower()
         rows = [r[0] for r in self.db.execute(
-            "SELECT id FROM conversations WHERE id LIKE ? ESCAPE '\\' LIMIT 3",
-            (prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",))] if prefix else []
+            "SELECT id FROM conversations WHERE id LIKE ? ESCAPE '\\' LIMIT 3", (like(prefix) + "%",))] if prefix else []
         if not rows:
-            raise StoreError(f"no saved conversation with id {prefix!r} (see `dschat sessions`)")
+            raise StoreError(f"no saved conversation with id {prefix!r} (see `dschat conversations`)")
         if len(rows) > 1 and prefix not in rows:
             raise StoreError(f"id {prefix!r} is ambiguous ({', '.join(rows[:2])}, ...): give more of it")
         return prefix if prefix in rows else rows[0]
@@ -263,11 +267,6 @@ class Store:
         if row is None:
             raise StoreError(f"no message {of_message_id!r} in conversation {conv_id!r}")
         return self.add_message(conv_id, role, content, parent_id=row[0], _use_head=row[0] is not None, **kwargs)
-
-    def set_head(self, conv_id: str, message_id: str | None):
-        with self._tx():
-            self.db.execute("UPDATE conversations SET head = ?, updated = ? WHERE id = ?",
-                            (message_id, time.time(), conv_id))
 
     def rename(self, conv_id: str, title: str):
         with self._tx():
@@ -346,8 +345,9 @@ class Store:
                                "ORDER BY updated DESC").fetchall()
 
     def _search(self, text: str) -> list[str]:
-        like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        ids = [r[0] for r in self.db.execute("SELECT id FROM conversations WHERE title LIKE ? ESCAPE '\\'", (like,))]
+        pattern = f"%{like(text)}%"
+        ids = [r[0] for r in self.db.execute("SELECT id FROM conversations WHERE title LIKE ? ESCAPE '\\'",
+                                             (pattern,))]
         if len(text) >= 3:  # the trigram index needs three characters
             phrase = '"' + text.replace('"', '""') + '"'
             ids += [r[0] for r in self.db.execute(
@@ -355,7 +355,7 @@ class Store:
                 "WHERE messages_fts MATCH ?", (phrase,))]
         else:
             ids += [r[0] for r in self.db.execute(
-                "SELECT DISTINCT conversation_id FROM messages WHERE content LIKE ? ESCAPE '\\'", (like,))]
+                "SELECT DISTINCT conversation_id FROM messages WHERE content LIKE ? ESCAPE '\\'", (pattern,))]
         return ids
 
     # -- export / import -------------------------------------------------------------------------------------------------
@@ -393,6 +393,12 @@ class Store:
                 parent = mid
             self.db.execute("UPDATE conversations SET head = ? WHERE id = ?", (parent, cid))
         return cid
+
+    def export_text(self, conv_id: str, fmt: str = "json") -> str:
+        """The conversation as a file's text: JSON (for import and replay) or Markdown (for reading)."""
+        if fmt == "md":
+            return self.export_markdown(conv_id)
+        return json.dumps(self.export_json(conv_id), ensure_ascii=False, indent=2) + "\n"
 
     def export_markdown(self, conv_id: str) -> str:
         c = self.get(conv_id)
@@ -432,6 +438,11 @@ class _Transaction:
 MAX_IMPORT_BYTES = 64 * 2**20  # an export file (its token ids included)
 MAX_IMPORT_CHARS = 4 * 2**20  # the text of its messages: more than any model's context window holds
 LATEST_TIME = 32503680000.0  # 3000-01-01: later `created` times are mistakes
+
+
+def names_a_file(source: str) -> bool:
+    """Whether a conversation named on the command line is an exported file (else it is an id)."""
+    return Path(source).is_file() or source.endswith(".json")
 
 
 def read_json_file(path: str) -> dict:

@@ -154,10 +154,13 @@ def chat_prompt(tok, messages: list[dict], add_generation_prompt: bool = True) -
     return unmark(marked), encode_marked(tok, marked)
 
 
+def bos(tok) -> list[int]:
+    """[BOS] when the tokenizer config asks for it (a prompt that no template writes starts with it), else []."""
+    return [tok.bos_token_id] if tok.add_bos_token and tok.bos_token_id is not None else []
+
+
 def completion_prompt(tok, text: str) -> tuple[str, list[int]]:
     """Plain text completion: BOS when the tokenizer config asks for it, then the text (as text: special
     token strings in it stay characters)."""
-    ids = tok.encode_plain(text)
-    if tok.add_bos_token and tok.bos_token_id is not None:
-        return (tok.bos_token or "") + text, [tok.bos_token_id] + ids
-    return text, ids
+    first = bos(tok)
+    return ((tok.bos_token or "") if first else "") + text, first + tok.encode_plain(text)

@@ -194,6 +194,3 @@ class LatentCache:
         for n in seq.shared:
             n.refs -= 1
         seq.pages, seq.shared = [], []
-
-    def cached_tokens(self) -> int:
-        return sum(len(n.tokens) for n in self._nodes())

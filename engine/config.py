@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
@@ -64,7 +64,6 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     fp8_block_size: tuple[int, int] | None = None  # quantization_config fp8 weight_block_size
     weight_quant: dict | None = None  # quantization_config of an int8 / int4 directory (`dschat quantize`)
-    raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -182,7 +181,6 @@ class ModelConfig:
             eos_token_id=f.token_ids("eos_token_id"),
             fp8_block_size=fp8,
             weight_quant=weight_quant,
-            raw=d,
         )
         if cfg.n_routed_experts and cfg.n_routed_experts % cfg.n_group:
             raise ModelError(f"{where}: n_routed_experts is not a multiple of n_group")

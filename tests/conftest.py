@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_checkpoints as tc  # noqa: E402
+from helpers import CHECKPOINTS  # noqa: E402
 
 # Keep runs hermetic: never touch the user's config, history or caches, never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,15 +31,6 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     for var in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
         monkeypatch.setenv(var, str(home / var.lower()))
     monkeypatch.delenv("DSCHAT_MODEL", raising=False)
-
-
-CHECKPOINTS = {
-    "v2_lite": lambda: tc.v2_lite_config(),
-    "v2": lambda: tc.v2_config(),
-    "v3": lambda: tc.v3_config(),
-    "v3_legacy_rope": lambda: tc.v3_config(rope_parameters=False),
-    "v3_fp8": lambda: tc.v3_fp8_config(),
-}
 
 
 @pytest.fixture(scope="session")
@@ -64,14 +56,6 @@ def reference_dirs(checkpoints, tmp_path_factory) -> dict[str, Path]:
         save_file(tc.dequantized_weights(path), str(d / "model.safetensors"))
         out[name] = d
     return out
-
-
-def load_reference(path: Path):
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval()
 
 
 def chat_config(kind: str) -> dict:

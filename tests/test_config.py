@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import run
 
 from dschat.config import ConfigError, Settings
 
@@ -52,8 +53,6 @@ def test_save_changes_one_setting_and_keeps_comments_and_tables(tmp_path):
 
 def test_a_bad_config_file_is_one_line_on_stderr(tmp_path):
     import os
-
-    from test_pipe_mode import run
 
     cfg = Path(os.environ["XDG_CONFIG_HOME"]) / "dschat" / "config.toml"
     cfg.parent.mkdir(parents=True, exist_ok=True)

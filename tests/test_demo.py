@@ -6,7 +6,7 @@ import hashlib
 import json
 
 import torch
-from test_pipe_mode import run
+from helpers import run
 
 from dschat.runtime import DEMO_DIR
 from dschat.engine import Engine, SamplingParams

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import CHECKPOINTS, load_reference
+from helpers import CHECKPOINTS, load_reference
 
 import tiny_checkpoints as tc
 from dschat.engine import ContextLengthError, Engine, ModelConfig, ModelError, SamplingParams

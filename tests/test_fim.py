@@ -8,7 +8,7 @@ import signal
 import subprocess
 
 import pytest
-from test_pipe_mode import assert_clean_error, dschat_cmd, run
+from helpers import assert_clean_error, dschat_cmd, run
 
 from dschat.fim import FIM_TOKENS, cut_repeat, fim_prompt, trim
 from dschat.engine import SamplingParams

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 import pexpect
-from test_pipe_mode import dschat_cmd
+from helpers import dschat_cmd, run
 
 from dschat.store import Store
 from dschat.template import chat_prompt
@@ -137,8 +137,6 @@ def test_a_full_context_is_reported_and_the_session_goes_on(chat_models, tmp_pat
 
 
 def test_regen_in_a_continued_conversation_adds_a_sibling(chat_models):
-    from test_pipe_mode import run
-
     assert run(["--model", str(chat_models["v3"]), "-t", "0", "-n", "5"], stdin="first").returncode == 0
     saved = Store().latest()
     p = spawn("--plain", "-c", "--model", str(chat_models["v3"]), "-t", "1.0", "--seed", "5", "-n", "5")
@@ -153,8 +151,6 @@ def test_regen_in_a_continued_conversation_adds_a_sibling(chat_models):
 
 
 def test_load_by_id_and_from_an_exported_file(chat_models, tmp_path):
-    from test_pipe_mode import run
-
     assert run(["--model", str(chat_models["v3"]), "-t", "0", "-n", "4"], stdin="saved one").returncode == 0
     saved = Store().latest()
     exported = tmp_path / "chat.json"

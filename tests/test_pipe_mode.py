@@ -7,28 +7,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-import tiny_checkpoints as tc
+from helpers import assert_clean_error, dschat_cmd, run
 from dschat.engine import Engine, SamplingParams
 from dschat.store import Store
-
-
-def dschat_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "dschat"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dschat"]
-
-
-def run(args, stdin: bytes | str | None = b"", env=None, timeout=120):
-    if isinstance(stdin, str):
-        stdin = stdin.encode()
-    return subprocess.run(dschat_cmd() + list(args), input=stdin, capture_output=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
 
 
 def greedy_text(engine, ids, n):
@@ -122,16 +108,6 @@ def test_generation_config_defaults(chat_models, tmp_path):
 
 
 # -- bad input: one readable line, non-zero exit, no traceback -------------------------------------------------------
-def assert_clean_error(r, *needles, code=None):
-    err = r.stderr.decode()
-    assert r.returncode != 0 and (code is None or r.returncode == code), (r.returncode, err)
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("dschat: error: "), err
-    for n in needles:
-        assert n in lines[0], err
-
-
 def broken_copy(chat_models, tmp_path, how):
     d = tmp_path / "broken"
     shutil.copytree(chat_models["v2"], d)

@@ -1,5 +1,5 @@
 """Saved conversations through the real `dschat` command: save, continue (-c) with the latent cache persisted
-across processes, sessions/export/import/rename/rm, replay --compare, and Ctrl+C keeping a partial answer."""
+across processes, conversations/export/import/rename/rm, replay --compare, and Ctrl+C keeping a partial answer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pipe_mode import dschat_cmd, run
+from helpers import dschat_cmd, run
 
 from dschat.engine import Tokenizer
 from dschat.store import Store
@@ -31,7 +31,7 @@ def test_save_continue_and_list(chat_models):
     second, s2 = ask(model, "And why is it small?", "-c")
     # the second process found the first turn's latent rows on disk: no re-prefill of the history
     assert s2["cached_tokens"] >= s1["prompt_tokens"] + s1["generated_tokens"] - 1
-    r = run(["sessions", "--json"], stdin=None)
+    r = run(["conversations", "--json"], stdin=None)
     rows = json.loads(r.stdout)
     assert len(rows) == 1 and rows[0]["messages"] == 4 and rows[0]["title"] == "What is a latent cache?"
     conv = Store().get(rows[0]["id"])
@@ -56,14 +56,14 @@ def test_corrupt_kv_file_is_ignored_with_a_warning(chat_models):
     assert r.returncode == 0
     err = r.stderr.decode().strip().splitlines()
     assert any(line.startswith("dschat: warning: ignoring cached prefix") for line in err)
-    fresh = run(["--model", str(model), "-t", "0", "-n", "8", "--session", Store().latest().id, "--no-save"],
+    fresh = run(["--model", str(model), "-t", "0", "-n", "8", "--conversation", Store().latest().id, "--no-save"],
                 stdin="More please.")
     assert r.stdout == fresh.stdout  # the same answer, recomputed
 
 
 def test_export_import_rename_rm(chat_models, tmp_path):
     ask(chat_models["v3"], "Export me.")
-    cid = json.loads(run(["sessions", "--json"], stdin=None).stdout)[0]["id"]
+    cid = json.loads(run(["conversations", "--json"], stdin=None).stdout)[0]["id"]
     out = tmp_path / "chat.json"
     assert run(["export", cid[:5], "-o", str(out)], stdin=None).returncode == 0
     data = json.loads(out.read_text())
@@ -73,10 +73,10 @@ def test_export_import_rename_rm(chat_models, tmp_path):
     new_id = run(["import", str(out)], stdin=None).stdout.decode().strip()
     assert new_id != cid and Store().export_json(new_id)["messages"] == data["messages"]
     assert run(["rename", new_id, "Imported", "copy"], stdin=None).returncode == 0
-    rows = json.loads(run(["sessions", "--json", "--search", "Imported"], stdin=None).stdout)
+    rows = json.loads(run(["conversations", "--json", "--search", "Imported"], stdin=None).stdout)
     assert [r["id"] for r in rows] == [new_id]
     assert run(["rm", new_id], stdin=None).returncode == 0
-    assert [r["id"] for r in json.loads(run(["sessions", "--json"], stdin=None).stdout)] == [cid]
+    assert [r["id"] for r in json.loads(run(["conversations", "--json"], stdin=None).stdout)] == [cid]
     bad = run(["rm", "ffffffff"], stdin=None)
     assert bad.returncode == 1 and b"no saved conversation" in bad.stderr
 
@@ -134,7 +134,7 @@ def test_corrupt_history_is_an_error_and_left_alone(chat_models):
     r = run(["--model", str(chat_models["v2"]), "-n", "3"], stdin="hi")
     assert r.returncode == 1 and b"dschat: error:" in r.stderr and b"Traceback" not in r.stderr
     assert path.read_bytes() == before
-    assert run(["sessions"], stdin=None).returncode == 1
+    assert run(["conversations"], stdin=None).returncode == 1
 
 
 def test_ctrl_c_keeps_the_partial_answer(chat_models):
@@ -154,7 +154,7 @@ def test_ctrl_c_keeps_the_partial_answer(chat_models):
     assert len(reply.token_ids) >= 1
 
 
-@pytest.mark.parametrize("cmd", [["sessions", "--help"], ["replay", "--help"], ["export", "--help"]])
+@pytest.mark.parametrize("cmd", [["conversations", "--help"], ["replay", "--help"], ["export", "--help"]])
 def test_subcommand_help(cmd):
     r = run(cmd, stdin=None)
     assert r.returncode == 0 and r.stdout.decode().startswith("usage: dschat " + cmd[0])

@@ -63,8 +63,6 @@ def torchrun_dschat(args, stdin: str, ranks: int = 2):
 
 
 def test_dschat_under_torchrun_answers_like_one_process_and_saves_once(chat_models):
-    from test_pipe_mode import run
-
     from dschat.store import Store
 
     args = ["--model", str(chat_models["v3"]), "-t", "0", "-n", "12"]
@@ -76,6 +74,6 @@ def test_dschat_under_torchrun_answers_like_one_process_and_saves_once(chat_mode
     convs = Store().list()
     assert len(convs) == 2  # one from the two ranks (rank 0 saves), one from the single process
     # what cannot run on several ranks says so, once
-    r = torchrun_dschat(["sessions"], "")
+    r = torchrun_dschat(["conversations"], "")
     assert r.returncode != 0
     assert r.stderr.count("dschat: error:") == 1 and "runs in one process" in r.stderr

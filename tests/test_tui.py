@@ -7,6 +7,7 @@ import stat
 import time
 
 import pytest
+from helpers import run
 
 from dschat.cli import chat_parser
 from dschat.config import Settings
@@ -66,7 +67,7 @@ async def test_send_streams_the_engines_answer_and_saves_it(chat_models, chat_en
         conv = Store().latest()
         assert [m.content for m in conv.messages] == ["What is MLA?", want]
         # the sidebar lists it
-        assert [i.name for i in app.query("#sessions ListItem")] == [conv.id]
+        assert [i.name for i in app.query("#conversations ListItem")] == [conv.id]
 
 
 async def test_esc_stops_the_reply_and_keeps_it(chat_models):
@@ -174,15 +175,13 @@ async def test_switching_theme_is_remembered(chat_models):
 
 
 async def test_open_a_saved_conversation_from_the_sidebar(chat_models):
-    from test_pipe_mode import run
-
     r = run(["--model", str(chat_models["v3"]), "-t", "0", "-n", "6"], stdin="saved question")
     assert r.returncode == 0
     saved = Store().latest()
     app = make_app(chat_models["v3"], "-n", "6")
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
-        lv = app.query_one("#sessions")
+        lv = app.query_one("#conversations")
         lv.focus()
         lv.index = 0
         await pilot.press("enter")
@@ -222,7 +221,7 @@ def snapshot_app(theme: str, with_history: bool):
         s.add_message(cid, "assistant", "`os.path.join(a, *p)` joins path components:\n\n"
                                         "```python\nos.path.join('a', 'b')  # 'a/b'\n```")
         s.close()
-        extra = ["--session", cid]
+        extra = ["--conversation", cid]
     else:
         extra = []
     return make_app("demo", "--theme", theme, *extra)
@@ -324,17 +323,17 @@ async def test_system_prompt_rename_search_export_delete(chat_models, tmp_path, 
         app.action_rename()
         await answer(pilot, app, "Renamed one")
         assert Store().get(conv.id).title == "Renamed one"
-        assert [str(i.query_one("Label").render()) for i in app.query("#sessions ListItem")] == ["Renamed one"]
+        assert [str(i.query_one("Label").render()) for i in app.query("#conversations ListItem")] == ["Renamed one"]
         app.action_export()
         await pilot.pause(0.1)
         exported = (tmp_path / f"dschat-{conv.id}.md").read_text()
         assert "alpha question" in exported and conv.messages[1].content in exported
         app.action_search()
         await answer(pilot, app, "nothing like this")
-        assert not list(app.query("#sessions ListItem"))
+        assert not list(app.query("#conversations ListItem"))
         app.action_search()
         await answer(pilot, app, "alpha")
-        assert [i.name for i in app.query("#sessions ListItem")] == [conv.id]
+        assert [i.name for i in app.query("#conversations ListItem")] == [conv.id]
         app.action_delete()
         await pilot.pause(0.1)
         assert Store().latest() is None and not list(app.query(MessageView))

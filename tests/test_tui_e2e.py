@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from test_pipe_mode import dschat_cmd
+from helpers import dschat_cmd
 
 from dschat.store import Store
 

@@ -75,7 +75,7 @@ class ChatApp(App):
         with Horizontal():
             with Vertical(id="sidebar"):
                 yield Label("Conversations", classes="heading")
-                yield ListView(id="sessions")
+                yield ListView(id="conversations")
             with Vertical(id="main"):
                 yield VerticalScroll(id="conversation")
                 yield PromptArea(id="prompt")
@@ -105,7 +105,7 @@ class ChatApp(App):
             self.set_keymap(self.conf.keys)
         self.query_one("#conversation").anchor()
         self.query_one(PromptArea).focus()
-        self.refresh_sessions()
+        self.refresh_conversations()
         self.load_model()
 
     def _remember_theme(self, theme):
@@ -169,7 +169,7 @@ class ChatApp(App):
             self.session = ChatSession(engine, self.opts)
         except StoreError as e:  # nothing to continue (-c), say: a new conversation
             self.notify(str(e), severity="warning")
-            self.session = ChatSession(engine, replace(self.opts, cont=False, session=None))
+            self.session = ChatSession(engine, replace(self.opts, cont=False, conversation=None))
         opened = self.session.opened
         self.show_conversation([m for m in opened.messages if m.role != "system"] if opened else [])
         self.update_status()
@@ -265,7 +265,7 @@ class ChatApp(App):
             await self._take_back(turn, reply, regenerating)
         elif self.session.cut_notice(turn):
             self.notify(self.session.cut_notice(turn), severity="warning", timeout=10)
-        self.refresh_sessions()
+        self.refresh_conversations()
         self.last_stats = dict(turn.stats)
         self.busy = False
         self.turns_done += 1
@@ -422,7 +422,7 @@ class ChatApp(App):
         def done(title):
             if title:
                 self._with_store(lambda s: s.rename(self.conv_id, title))
-                self.refresh_sessions()
+                self.refresh_conversations()
 
         self.push_screen(AskScreen("New title:"), done)
 
@@ -434,13 +434,13 @@ class ChatApp(App):
             self._with_store(lambda s: s.delete(self.conv_id))
             self.notify("conversation deleted")
         self.action_new_chat()
-        self.refresh_sessions()
+        self.refresh_conversations()
 
     def action_export(self):
         if not self.conv_id:
             self.notify("nothing saved yet to export", severity="warning")
             return
-        text = self._with_store(lambda s: s.export_markdown(self.conv_id))
+        text = self._with_store(lambda s: s.export_text(self.conv_id, "md"))
         if text:
             path = Path.cwd() / f"dschat-{self.conv_id}.md"
             try:
@@ -451,7 +451,7 @@ class ChatApp(App):
             self.notify(f"exported to {path}")
 
     def action_search(self):
-        self.push_screen(AskScreen("Search conversations (empty: all):"), lambda q: self.refresh_sessions(q or None))
+        self.push_screen(AskScreen("Search conversations (empty: all):"), lambda q: self.refresh_conversations(q or None))
 
     def action_switch_model(self):
         def done(name):
@@ -480,15 +480,15 @@ class ChatApp(App):
             yield SystemCommand(title, help_, action)
 
     # -- sidebar ------------------------------------------------------------------------------------------------------
-    def refresh_sessions(self, search: str | None = None):
+    def refresh_conversations(self, search: str | None = None):
         rows = self._with_store(lambda s: s.list(search=search, limit=200)) or []
-        lv = self.query_one("#sessions", ListView)
+        lv = self.query_one("#conversations", ListView)
         lv.clear()
         # a title is shown as text: no markup (a "[/]" in it would break the sidebar), no control characters
         lv.extend(ListItem(Label(terminal_safe(r["title"]) or "(untitled)", markup=False), name=r["id"]) for r in rows)
 
-    @on(ListView.Selected, "#sessions")
-    def session_selected(self, event: ListView.Selected):
+    @on(ListView.Selected, "#conversations")
+    def conversation_selected(self, event: ListView.Selected):
         if self.busy or self.engine is None:
             self.notify("wait for the reply (or the model) first", severity="warning")
             return
