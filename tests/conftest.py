@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -85,3 +86,14 @@ def chat_engines(chat_models):
     from dschat.engine import Engine
 
     return {k: Engine.from_pretrained(p, dtype=torch.float32, speculative="none") for k, p in chat_models.items()}
+
+
+@pytest.fixture
+def small_context(chat_models, tmp_path):
+    """The v3 chat model with a 48-token context window (its files linked, its config rewritten)."""
+    small = tmp_path / "small-window"
+    shutil.copytree(chat_models["v3"], small, copy_function=os.symlink)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").unlink()
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
+    return small

@@ -1,16 +1,29 @@
-"""What several test files use: running the real `dschat` command, checking its error line, the tiny
-checkpoints' recipes, and the transformers reference model."""
+"""What several test files use: running the real `dschat` command (pipe mode, line mode in a pseudo-terminal,
+the TUI under Pilot, torchrun ranks), checking its error line, the tiny checkpoints' recipes, the engine's own
+FIM fill, and the transformers reference model."""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pexpect
+import tiny_checkpoints as tc
 import torch
 
-import tiny_checkpoints as tc
+from dschat.cli import chat_parser
+from dschat.config import Settings
+from dschat.engine import SamplingParams
+from dschat.fim import FIM_TOKENS, cut_repeat, fim_prompt
+from dschat.runtime import Options
+from dschat.tui.app import ChatApp
+from dschat.tui.message_view import MessageView
+from dschat.tui.prompt_area import PromptArea
 
 CHECKPOINTS = {
     "v2_lite": lambda: tc.v2_lite_config(),
@@ -49,3 +62,105 @@ def load_reference(path: Path):
     transformers.logging.set_verbosity_error()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
+
+
+def clean(text: str) -> str:
+    return ANSI.sub("", text).replace("\r", "")
+
+
+def spawn(*args):
+    cmd = dschat_cmd()
+    return pexpect.spawn(cmd[0], cmd[1:] + list(args), encoding="utf-8", timeout=90, dimensions=(40, 160),
+                         env={**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "NO_COLOR": "1"})
+
+
+# prompt-toolkit switches bracketed paste off when a line is accepted and on again for the next prompt:
+# what is printed in between is dschat's answer to that line.
+ACCEPTED, PROMPT = "\x1b[?2004l", "\x1b[?2004h"
+
+
+def ask(p, text):
+    p.sendline(text)
+    p.expect_exact(ACCEPTED)
+    p.expect_exact(PROMPT)
+    return clean(p.before)
+
+
+def long_reply(model) -> pexpect.spawn:
+    """Line mode, once its reply to a request for a long answer has started."""
+    p = spawn("--plain", "--model", str(model), "-t", "1.0", "-n", "100000", "--seed", "2")
+    p.expect_exact(PROMPT)
+    p.sendline("tell me everything")
+    p.expect_exact(ACCEPTED)
+    p.expect(r"\S", timeout=60)  # the reply has started
+    return p
+
+
+def make_app(model, *extra):
+    args = chat_parser().parse_args(["--model", str(model), "-t", "0", *extra])
+    return ChatApp(Options.from_args(args, Settings.load()))
+
+
+async def until(pilot, cond, timeout=60.0):
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("timed out waiting")
+        await pilot.pause(0.05)
+
+
+async def ready(pilot, app):
+    await until(pilot, lambda: app.engine is not None and app.chat is not None)
+
+
+async def send(pilot, app, text):
+    done = app.turns_done
+    prompt = app.query_one(PromptArea)
+    prompt.text = text
+    prompt.focus()
+    await pilot.press("enter")
+    await until(pilot, lambda: app.turns_done > done)
+    await pilot.pause(0.1)
+
+
+def replies(app):
+    return [v for v in app.query(MessageView) if v.role == "assistant"]
+
+
+def engine_fill(engine, text, offset, n=24):
+    """What the splice should insert: the engine's greedy FIM tokens, cut only by the stop rules."""
+    tok = engine.tokenizer
+    ids = fim_prompt(tok, text[:offset], text[offset:])
+    stops = tuple(tok.token_id(t) for t in FIM_TOKENS)
+    out = list(engine.generate(ids, SamplingParams(max_tokens=n, stop_token_ids=stops)))
+    if out and (out[-1] in stops or out[-1] in engine.eos_token_ids):
+        out = out[:-1]
+    text_out = tok.decode(out, skip_special_tokens=True)
+    return cut_repeat(text_out, text[offset:], offset == 0 or text[offset - 1] == "\n")[0]
+
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(path: Path, out: Path, ids: list[int], ranks: int = 2, fp8: str = "dequant", quant: str = "",
+              ok: bool = True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+           f"--master-port={free_port()}", str(WORKER), str(path), str(out), ",".join(map(str, ids))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TP_TEST_FP8": fp8, "TP_TEST_QUANT": quant}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if not ok:
+        return r
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from test_linemode import spawn
-from test_pipe_mode import run
+from helpers import run, spawn
 
 from dschat.config import ConfigError, Settings
 from dschat.keymap import check_keymap, known_key
@@ -72,8 +71,8 @@ def test_bad_config_values_name_the_setting(chat_models, body, named):
 
 
 @pytest.mark.parametrize("n", ["0", "-1"])
-def test_sessions_n_must_be_positive(n):
-    assert_one_line_error(run(["sessions", "-n", n], stdin=None), f"-n {n}")
+def test_conversations_n_must_be_positive(n):
+    assert_one_line_error(run(["conversations", "-n", n], stdin=None), f"-n {n}")
 
 
 @pytest.mark.parametrize("key, ok", [

@@ -6,8 +6,7 @@ import os
 import subprocess
 
 import pexpect
-from test_linemode import PROMPT, ask, spawn
-from test_pipe_mode import dschat_cmd, run
+from helpers import PROMPT, ask, dschat_cmd, run, spawn
 
 from dschat.engine import Tokenizer
 from dschat.store import Store

@@ -3,28 +3,10 @@ notice in the TUI. A reply that ends by itself or at --max-tokens says nothing."
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-
 import pexpect
-import pytest
-from test_linemode import PROMPT, ask, spawn
-from test_pipe_mode import run
-from test_tui import make_app, ready, send
+from helpers import PROMPT, ask, make_app, ready, run, send, spawn
 
 CUT = "the reply was cut short: the context window (48 tokens) is full"
-
-
-@pytest.fixture
-def small_context(chat_models, tmp_path):
-    """The v3 chat model with a 48-token context window (its files linked, its config rewritten)."""
-    small = tmp_path / "small-window"
-    shutil.copytree(chat_models["v3"], small, copy_function=os.symlink)
-    config = json.loads((small / "config.json").read_text())
-    (small / "config.json").unlink()
-    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
-    return small
 
 
 def test_pipe_mode_warns_on_stderr(small_context):

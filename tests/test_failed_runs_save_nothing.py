@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 
-from test_context_cut import small_context  # noqa: F401 (a fixture)
-from test_pipe_mode import run
+from helpers import run
 
 from dschat.store import Store
 

@@ -8,10 +8,9 @@ import signal
 import subprocess
 
 import pytest
-from helpers import assert_clean_error, dschat_cmd, run
+from helpers import assert_clean_error, dschat_cmd, engine_fill, run
 
-from dschat.fim import FIM_TOKENS, cut_repeat, fim_prompt, trim
-from dschat.engine import SamplingParams
+from dschat.fim import cut_repeat, fim_prompt, trim
 
 SOURCE = '''import os
 
@@ -35,18 +34,6 @@ def src(tmp_path):
     p.write_text(SOURCE)
     p.chmod(0o640)
     return p
-
-
-def engine_fill(engine, text, offset, n=24):
-    """What the splice should insert: the engine's greedy FIM tokens, cut only by the stop rules."""
-    tok = engine.tokenizer
-    ids = fim_prompt(tok, text[:offset], text[offset:])
-    stops = tuple(tok.token_id(t) for t in FIM_TOKENS)
-    out = list(engine.generate(ids, SamplingParams(max_tokens=n, stop_token_ids=stops)))
-    if out and (out[-1] in stops or out[-1] in engine.eos_token_ids):
-        out = out[:-1]
-    text_out = tok.decode(out, skip_special_tokens=True)
-    return cut_repeat(text_out, text[offset:], offset == 0 or text[offset - 1] == "\n")[0]
 
 
 def test_prompt_is_the_tokenizers_encoding_of_the_fim_string(chat_engines):

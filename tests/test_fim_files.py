@@ -7,8 +7,7 @@ import os
 import subprocess
 
 import pytest
-from test_fim import engine_fill
-from test_pipe_mode import assert_clean_error, dschat_cmd, run
+from helpers import assert_clean_error, dschat_cmd, engine_fill, run
 
 from dschat.files import Snapshot, WriteError, atomic_write_bytes
 

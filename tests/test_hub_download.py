@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 import pytest
-from test_pipe_mode import run
+from helpers import run
 
 REPO = "tiny-org/tiny-chat"
 SHA = "0123456789abcdef0123456789abcdef01234567"

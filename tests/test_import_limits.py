@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_pipe_mode import assert_clean_error, run
+from helpers import assert_clean_error, run
 
 from dschat.store import MAX_IMPORT_BYTES, MAX_IMPORT_CHARS, Store, StoreError, read_json_file
 
@@ -57,4 +57,4 @@ def test_import_through_dschat(tmp_path, content, needle):
     p = tmp_path / "chat.json"
     p.write_text(content)
     assert_clean_error(run(["import", str(p)], stdin=None), needle)
-    assert json.loads(run(["sessions", "--json"], stdin=None).stdout) == []
+    assert json.loads(run(["conversations", "--json"], stdin=None).stdout) == []

@@ -4,40 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from pathlib import Path
 
 import pexpect
-from helpers import dschat_cmd, run
+from helpers import ACCEPTED, PROMPT, ask, clean, long_reply, run, spawn
 
 from dschat.store import Store
 from dschat.template import chat_prompt
 from dschat.engine import SamplingParams
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
-
-
-def clean(text: str) -> str:
-    return ANSI.sub("", text).replace("\r", "")
-
-
-def spawn(*args):
-    cmd = dschat_cmd()
-    return pexpect.spawn(cmd[0], cmd[1:] + list(args), encoding="utf-8", timeout=90, dimensions=(40, 160),
-                         env={**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "NO_COLOR": "1"})
-
-
-# prompt-toolkit switches bracketed paste off when a line is accepted and on again for the next prompt:
-# what is printed in between is dschat's answer to that line.
-ACCEPTED, PROMPT = "\x1b[?2004l", "\x1b[?2004h"
-
-
-def ask(p, text):
-    p.sendline(text)
-    p.expect_exact(ACCEPTED)
-    p.expect_exact(PROMPT)
-    return clean(p.before)
 
 
 def test_line_mode_chat_commands_and_history(chat_models, chat_engines):
@@ -64,16 +39,6 @@ def test_line_mode_chat_commands_and_history(chat_models, chat_engines):
     assert [m.role for m in conv.messages] == ["user", "assistant"] * 2
     assert conv.messages[2].content == "two\nlines"
     assert len(Store().siblings(conv.messages[1].id)) == 2  # /regen kept the first answer
-
-
-def long_reply(model) -> pexpect.spawn:
-    """Line mode, once its reply to a request for a long answer has started."""
-    p = spawn("--plain", "--model", str(model), "-t", "1.0", "-n", "100000", "--seed", "2")
-    p.expect_exact(PROMPT)
-    p.sendline("tell me everything")
-    p.expect_exact(ACCEPTED)
-    p.expect(r"\S", timeout=60)  # the reply has started
-    return p
 
 
 def test_ctrl_c_stops_a_reply_and_ctrl_d_exits(chat_models):

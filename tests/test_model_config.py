@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from test_pipe_mode import assert_clean_error, run
+from helpers import assert_clean_error, run
 
 import tiny_checkpoints as tc
 from dschat.engine import Engine, ModelConfig, ModelError

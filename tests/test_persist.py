@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_pipe_mode import run
+from helpers import run
 
 from dschat.engine import Engine, SamplingParams
 from dschat.engine.persist import CacheWarning
@@ -54,6 +54,6 @@ def test_altered_cache_file_through_dschat(chat_models):
     assert r.returncode == 0, r.stderr
     warnings = [line for line in r.stderr.decode().splitlines() if line.startswith("dschat: warning:")]
     assert len(warnings) == 1 and "checksum" in warnings[0], r.stderr
-    fresh = run(base + ["--session", Store().latest().id, "--no-save"], stdin="More please.",
+    fresh = run(base + ["--conversation", Store().latest().id, "--no-save"], stdin="More please.",
                 env={"XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"] + "-empty"})
     assert r.stdout == fresh.stdout  # the answer of a cold start

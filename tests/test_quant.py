@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import tiny_checkpoints as tc
-from test_tensor_parallel import run_ranks
+from helpers import run_ranks
 from dschat.engine import Engine, ModelError, SamplingParams, quantize_checkpoint
 from dschat.engine.quant import QuantLinear, QuantSpec, is_quantized, quantize
 from dschat.kernels.quant_format import dequantize, pack_int4, unpack_int4

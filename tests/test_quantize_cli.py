@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from test_pipe_mode import assert_clean_error, run
+from helpers import assert_clean_error, run
 
 from dschat.config import Settings
 from dschat.engine import Engine

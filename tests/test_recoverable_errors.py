@@ -4,8 +4,7 @@ on; a cache directory that cannot be written is a warning, and the answer still 
 from __future__ import annotations
 
 import pexpect
-from test_linemode import PROMPT, ask, spawn
-from test_pipe_mode import run
+from helpers import PROMPT, ask, run, spawn
 
 from dschat.store import Store
 

@@ -43,6 +43,20 @@ def test_save_continue_and_list(chat_models):
     assert conv.fingerprint and conv.model == str(model)
 
 
+def test_old_spellings_sessions_and_session_still_work(chat_models):
+    """`dschat sessions` and `--session ID` are the old names of `conversations` and `--conversation`: unlisted,
+    but scripts that use them keep working."""
+    ask(chat_models["v3"], "Old names.")
+    assert run(["sessions", "--json"], stdin=None).stdout == run(["conversations", "--json"], stdin=None).stdout
+    cid = Store().latest().id
+    base = ["--model", str(chat_models["v3"]), "--show-prompt"]
+    old, new = run(base + ["--session", cid], stdin="Next."), run(base + ["--conversation", cid], stdin="Next.")
+    assert old.returncode == new.returncode == 0 and old.stdout == new.stdout
+    assert "Old names." in json.loads(old.stdout)["text"]
+    listed = run(["--help"], stdin=None).stdout.decode()
+    assert "conversations" in listed and "sessions" not in listed and "--session " not in listed
+
+
 def test_corrupt_kv_file_is_ignored_with_a_warning(chat_models):
     model = chat_models["v2"]
     ask(model, "Tell me about pages.")

@@ -3,7 +3,6 @@ marked interrupted) and exit 130, 143, 129; SIGINT during start-up exits at once
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -11,8 +10,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from test_linemode import long_reply
-from test_pipe_mode import dschat_cmd
+from helpers import dschat_cmd, long_reply
 
 from dschat.store import Store
 

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from test_pipe_mode import assert_clean_error, run
+from helpers import assert_clean_error, run
 
 from dschat.template import TemplateError, render
 from dschat.template_bounds import BoundedEnvironment, TemplateLimit, render_bounded

@@ -4,37 +4,15 @@ the routed experts; logits and greedy tokens equal a single process's on the sam
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, free_port, run, run_ranks
 import tiny_checkpoints as tc
 import torch
 
 from dschat.engine import Engine, SamplingParams
-
-WORKER = Path(__file__).with_name("tp_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(path: Path, out: Path, ids: list[int], ranks: int = 2, fp8: str = "dequant", quant: str = "",
-              ok: bool = True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-           f"--master-port={free_port()}", str(WORKER), str(path), str(out), ",".join(map(str, ids))]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TP_TEST_FP8": fp8, "TP_TEST_QUANT": quant}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    if not ok:
-        return r
-    assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(out)
 
 
 @pytest.mark.parametrize("kind, fp8", [("v2_lite", "dequant"), ("v2", "dequant"), ("v3", "dequant"),

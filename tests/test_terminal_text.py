@@ -1,4 +1,4 @@
-"""Stored text never reaches the terminal raw: titles (first message, import, rename) in `dschat sessions`,
+"""Stored text never reaches the terminal raw: titles (first message, import, rename) in `dschat conversations`,
 messages in `dschat replay` and in line mode lose their escape sequences and control characters."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ import json
 
 import pexpect
 import pytest
-from test_linemode import PROMPT, ask, spawn
-from test_pipe_mode import run
+from helpers import PROMPT, ask, run, spawn
 
 from dschat.store import Store
 from dschat.terminal_text import terminal_safe
@@ -43,11 +42,11 @@ def test_titles_from_the_first_message_import_and_rename_are_printed_clean(tmp_p
     assert imported.returncode == 0, imported.stderr
     renamed = run(["import", str(tmp_path / "evil.json")], stdin=None).stdout.decode().strip()
     assert run(["rename", renamed, EVIL.replace("\x00", "")], stdin=None).returncode == 0
-    listing = run(["sessions"], stdin=None)
+    listing = run(["conversations"], stdin=None)
     assert listing.returncode == 0
     assert_clean(listing.stdout)
     assert listing.stdout.decode().count("red ok done") == 3
-    assert json.loads(run(["sessions", "--json"], stdin=None).stdout)[0]["title"] == EVIL.replace("\x00", "")  # stored as given
+    assert json.loads(run(["conversations", "--json"], stdin=None).stdout)[0]["title"] == EVIL.replace("\x00", "")  # stored as given
 
 
 def test_replay_prints_messages_clean(chat_models):

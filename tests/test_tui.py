@@ -7,47 +7,13 @@ import stat
 import time
 
 import pytest
-from helpers import run
+from helpers import make_app, ready, replies, run, send, until
 
-from dschat.cli import chat_parser
 from dschat.config import Settings
 from dschat.engine import SamplingParams
-from dschat.runtime import Options
 from dschat.store import Store
-from dschat.tui.app import ChatApp
 from dschat.tui.message_view import MessageView
 from dschat.tui.prompt_area import PromptArea
-
-
-def make_app(model, *extra):
-    args = chat_parser().parse_args(["--model", str(model), "-t", "0", *extra])
-    return ChatApp(Options.from_args(args, Settings.load()))
-
-
-async def until(pilot, cond, timeout=60.0):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("timed out waiting")
-        await pilot.pause(0.05)
-
-
-async def ready(pilot, app):
-    await until(pilot, lambda: app.engine is not None and app.chat is not None)
-
-
-async def send(pilot, app, text):
-    done = app.turns_done
-    prompt = app.query_one(PromptArea)
-    prompt.text = text
-    prompt.focus()
-    await pilot.press("enter")
-    await until(pilot, lambda: app.turns_done > done)
-    await pilot.pause(0.1)
-
-
-def replies(app):
-    return [v for v in app.query(MessageView) if v.role == "assistant"]
 
 
 async def test_send_streams_the_engines_answer_and_saves_it(chat_models, chat_engines):

@@ -3,7 +3,7 @@ shown as plain text; an export that cannot be written is a notice."""
 
 from __future__ import annotations
 
-from test_tui import make_app, ready, replies, send, until
+from helpers import make_app, ready, replies, send, until
 from textual.widgets import Label
 
 from dschat.store import Store
@@ -40,7 +40,7 @@ async def test_a_title_with_markup_or_escapes_is_shown_as_text(chat_models):
     app = make_app(chat_models["v3"])
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
-        label = app.query_one("#sessions").query_one(Label)
+        label = app.query_one("#conversations").query_one(Label)
         assert str(label.render()) == "a [/] b [link=x]c"
 
 
