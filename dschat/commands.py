@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .files import atomic_write_text
+from .options import command_parser
 from .store import Store, read_json_file
 from .terminal_text import terminal_safe
 
@@ -20,7 +21,7 @@ def run(name: str, argv: list[str]) -> int:
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"dschat {prog}", description=description)
+    p = command_parser(prog, description)
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p
 

@@ -20,7 +20,7 @@ from dschat.engine import SamplingParams, Tokenizer, resolve
 from .config import Settings
 from .files import atomic_write_text, rewritable
 from .highlight import ansi, colour_terminal, lexer_for
-from .options import add_model_options, add_output_options
+from .options import add_model_options, add_output_options, command_parser
 from .runtime import Options, load_engine, model_name, print_stats
 from .source_file import read_source
 from .template import bos
@@ -135,16 +135,15 @@ def cut_repeat(completion: str, suffix: str, at_line_start: bool) -> tuple[str, 
 
 # -- the command ------------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dschat fim", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fill a hole in a source file with the model's fill-in-the-middle tokens "
+    p = command_parser(
+        "fim", "Fill a hole in a source file with the model's fill-in-the-middle tokens "
                     "(DeepSeek-Coder-V2, V2.5, V3).\n\n"
                     "  dschat fim app.py              the filled file on stdout\n"
                     "  dschat fim -i app.py           rewrite app.py in place (atomically)\n"
                     "  dschat fim --diff app.py       a unified diff of the change\n"
                     "  dschat fim --at 12:5 app.py    a hole at line 12, column 5 (no marker needed)\n"
                     "  cat app.py | dschat fim -      read the file from stdin",
-        epilog=f"The hole is the marker {MARKER} (exactly one, or --all to fill each in turn, top to bottom).")
+        f"The hole is the marker {MARKER} (exactly one, or --all to fill each in turn, top to bottom).")
     p.add_argument("file", help="the source file, or - for stdin")
     p.add_argument("--at", metavar="LINE[:COL]", help="the hole's position (1-based) in a file without a marker")
     p.add_argument("--all", action="store_true", help=f"fill every {MARKER} marker, top to bottom")

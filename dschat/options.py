@@ -1,8 +1,18 @@
-"""The command-line option groups that the chat and the subcommands (fim, replay) share."""
+"""The command-line parsers' shared parts: a subcommand's parser and the option groups that the chat and the
+subcommands (fim, replay, quantize, the history commands) share."""
 
 from __future__ import annotations
 
 import argparse
+
+
+def command_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `dschat PROG`. A description of several lines (examples in columns) is printed as written;
+    a one-line one is wrapped to the terminal."""
+    raw = "\n" in description
+    return argparse.ArgumentParser(prog=f"dschat {prog}", description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter if raw else
+                                   argparse.HelpFormatter)
 
 
 def add_model_options(p: argparse.ArgumentParser):

@@ -3,14 +3,14 @@ loads the packed weights directly (no bf16 checkpoint in memory, no quantizing a
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from .options import command_parser
 from .runtime import DEMO_DIR
 
 
 def run_quantize(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dschat quantize", description=(
+    p = command_parser("quantize", (
         "Write MODEL with int8 or int4 weights into a new directory (safetensors shards, an index, its config "
         "saying how it is quantized, and the tokenizer files). `dschat --model DIR` loads it."))
     p.add_argument("model", help="model directory, hub repo id, or `demo`")

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from .chat import Chat, Turn
 from .config import Settings
-from .options import add_model_options, add_sampling_options
+from .options import add_model_options, add_output_options, add_sampling_options, command_parser
 from .runtime import Options, load_engine, print_stats, sampling_params
 from .store import Store, names_a_file, read_json_file
 from .terminal_text import terminal_safe
@@ -19,22 +19,20 @@ SAMPLING = ("temperature", "top_p", "top_k", "seed", "max_tokens")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dschat replay", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Re-run the user turns of a saved conversation through a model, printing the transcript.\n\n"
+    p = command_parser(
+        "replay", "Re-run the user turns of a saved conversation through a model, printing the transcript.\n\n"
                     "  dschat replay a1b2c3d4                     the saved model, the saved settings\n"
                     "  dschat replay chat.json --model NEW        another model\n"
                     "  dschat replay a1b2c3d4 --compare           a regression check: does each answer still\n"
                     "                                             equal the saved one? (exit 1 if not)",
-        epilog="With --compare, sampling defaults to greedy (temperature 0) and every turn runs on the saved\n"
+        "With --compare, sampling defaults to greedy (temperature 0) and every turn runs on the saved\n"
                "history, so a difference in one turn does not spill into the next; when the weights are the\n"
                "saved ones, each turn runs on exactly the saved prompt token ids.")
     p.add_argument("source", help="a conversation id, or a JSON file from `dschat export`")
     p.add_argument("--compare", action="store_true", help="report, turn by turn, whether the answer is unchanged")
-    p.add_argument("--stats", action="store_true", help="print one JSON line of statistics per turn on stderr")
-    p.add_argument("--debug", action="store_true")
     add_model_options(p)
     add_sampling_options(p)
+    add_output_options(p)
     return p
 
 
