@@ -11,7 +11,8 @@ Three implementations of the same function:
     can capture it); batches of more than GATHER_MAX_TOKENS tokens (prefill, training) go expert by expert
     instead, with one host sync, since gathering T*k experts would copy more weights than the model holds.
   * `moe_experts_triton`: two GEMV-shaped kernels that read only the chosen experts' rows in place (the
-    batch-1 decode and 1+K verify shapes): gate/up + SiLU, then down with the routing weights.
+    batch-1 decode and 1+K verify shapes): gate/up + SiLU, then down with the routing weights. They read
+    weights through expert_rows, so quant_moe runs the same kernels on packed int8/int4 stacks.
   * `moe_experts_loop`: the host picks the experts (`.tolist()`, free on the CPU) and runs each on views of
     the stack, copying no weights: the fastest on the CPU, and never used on CUDA.
 `moe_experts` picks Triton for CUDA tensors and the loop on the CPU.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .expert_rows import expert_rows
 from .triton_support import tl, triton
 
 GATHER_MAX_TOKENS = 16
@@ -91,8 +93,8 @@ def moe_experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: 
 if triton is not None:
 
     @triton.jit
-    def _gate_up_kernel(X, W13, Ids, Act, H, I, E, k,
-                        stride_xt, stride_we, stride_wr, stride_at,
+    def _gate_up_kernel(X, W, Scale, Zero, Ids, Act, H, I, E, k, stride_xt, stride_at, row_len, n_groups,
+                        PACKED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """act[t*k + j, n] = silu(gate_e[n] . x[t]) * (up_e[n] . x[t]) for a block of n, e = ids[t, j]."""
         row = tl.program_id(0)  # t * k + j
@@ -105,22 +107,22 @@ if triton is not None:
         nmask = n < tl.where(ok, I, 0)  # an expert of another rank reads nothing
         acc_g = tl.zeros([BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_N], tl.float32)
-        base = W13 + e * stride_we
         for h0 in range(0, H, BLOCK_K):
             h = h0 + tl.arange(0, BLOCK_K)
             hmask = h < H
             xv = tl.load(X + t * stride_xt + h, mask=hmask, other=0.0).to(tl.float32)
             m = nmask[:, None] & hmask[None, :]
-            g = tl.load(base + n[:, None] * stride_wr + h[None, :], mask=m, other=0.0).to(tl.float32)
-            u = tl.load(base + (n[:, None] + I) * stride_wr + h[None, :], mask=m, other=0.0).to(tl.float32)
+            g = expert_rows(W, Scale, Zero, e, n, h, m, 2 * I, row_len, n_groups, PACKED, BITS, GROUP, HAS_ZERO)
+            u = expert_rows(W, Scale, Zero, e, n + I, h, m, 2 * I, row_len, n_groups, PACKED, BITS, GROUP,
+                            HAS_ZERO)
             acc_g += tl.sum(g * xv[None, :], axis=1)
             acc_u += tl.sum(u * xv[None, :], axis=1)
         act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
         tl.store(Act + row * stride_at + n, act, mask=n < I)
 
     @triton.jit
-    def _down_kernel(Act, W2, Ids, Wts, Y, H, I, E, k,
-                     stride_at, stride_we, stride_wr, stride_yt,
+    def _down_kernel(Act, W, Scale, Zero, Ids, Wts, Y, H, I, E, k, stride_at, stride_yt, row_len, n_groups,
+                     PACKED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y[t, n] = sum_j w[t, j] * (down_e[n] . act[t*k + j]) for a block of output features n."""
         t = tl.program_id(0)
@@ -138,30 +140,45 @@ if triton is not None:
                 i = i0 + tl.arange(0, BLOCK_K)
                 imask = i < I
                 a = tl.load(Act + (t * k + j) * stride_at + i, mask=imask, other=0.0)
-                wv = tl.load(W2 + e * stride_we + n[:, None] * stride_wr + i[None, :],
-                             mask=nmask[:, None] & imask[None, :], other=0.0).to(tl.float32)
+                wv = expert_rows(W, Scale, Zero, e, n, i, nmask[:, None] & imask[None, :], H, row_len, n_groups,
+                                 PACKED, BITS, GROUP, HAS_ZERO)
                 part += tl.sum(wv * a[None, :], axis=1)
             acc += w * part
         tl.store(Y + t * stride_yt + n, acc, mask=n < H)
 
 
+def plain_stack(w: torch.Tensor):
+    """A plain stack [E, rows, row_len] as the kernels take it: (W, Scale, Zero), row_len, n_groups, constants
+    (Scale and Zero are unused: W stands in)."""
+    w = w.contiguous()
+    return (w, w, w), w.shape[-1], 1, dict(PACKED=False, BITS=8, GROUP=1, HAS_ZERO=False)
+
+
+def run_expert_kernels(x: torch.Tensor, w13, w2, ids: torch.Tensor, weights: torch.Tensor, E: int, I: int,
+                       block_n: int, block_k: int) -> torch.Tensor:
+    """Both kernels on stacks as `plain_stack` gives them (or quant_moe's packed ones): gate/up + SiLU into a
+    float32 buffer [T*k, I], then down with the routing weights."""
+    T, k = ids.shape
+    H = x.shape[1]
+    x, ids, weights = x.contiguous(), ids.contiguous(), weights.float().contiguous()
+    act = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
+    t13, len13, g13, c13 = w13
+    _gate_up_kernel[(T * k, triton.cdiv(I, block_n))](
+        x, *t13, ids, act, H, I, E, k, x.stride(0), act.stride(0), len13, g13, **c13,
+        BLOCK_N=block_n, BLOCK_K=block_k)
+    y = torch.empty(T, H, device=x.device, dtype=torch.float32)
+    t2, len2, g2, c2 = w2
+    _down_kernel[(T, triton.cdiv(H, block_n))](
+        act, *t2, ids, weights, y, H, I, E, k, act.stride(0), y.stride(0), len2, g2, **c2,
+        BLOCK_N=block_n, BLOCK_K=block_k)
+    return y.to(x.dtype)
+
+
 def moe_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
                        weights: torch.Tensor, block_n: int = 32, block_k: int = 128) -> torch.Tensor:
     """Same contract as moe_experts_reference; the chosen experts' rows are read in place."""
-    T, k = ids.shape
     E, H, I = w2.shape
-    x, ids = x.contiguous(), ids.contiguous()
-    weights = weights.float().contiguous()
-    w13, w2 = w13.contiguous(), w2.contiguous()
-    act = torch.empty(T * k, I, device=x.device, dtype=torch.float32)
-    _gate_up_kernel[(T * k, triton.cdiv(I, block_n))](
-        x, w13, ids, act, H, I, E, k, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k)
-    y = torch.empty(T, H, device=x.device, dtype=torch.float32)
-    _down_kernel[(T, triton.cdiv(H, block_n))](
-        act, w2, ids, weights, y, H, I, E, k, act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k)
-    return y.to(x.dtype)
+    return run_expert_kernels(x, plain_stack(w13), plain_stack(w2), ids, weights, E, I, block_n, block_k)
 
 
 def moe_experts(x, w13, w2, ids, weights):
