@@ -23,8 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .expert_rows import expert_rows
 from .triton_support import tl, triton
+
+if triton is not None:
+    from .expert_rows import expert_rows
 
 GATHER_MAX_TOKENS = 16
 

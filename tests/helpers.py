@@ -40,10 +40,11 @@ def dschat_cmd() -> list[str]:
 
 
 def run(args, stdin: bytes | str | None = b"", env=None, timeout=120):
+    """The real `dschat` with these arguments; `env` adds variables to the tests' environment (None removes one)."""
     if isinstance(stdin, str):
         stdin = stdin.encode()
-    return subprocess.run(dschat_cmd() + list(args), input=stdin, capture_output=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    return subprocess.run(dschat_cmd() + list(args), input=stdin, capture_output=True, timeout=timeout, env=env)
 
 
 def assert_clean_error(r, *needles, code=None):

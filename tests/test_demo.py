@@ -33,8 +33,12 @@ def test_it_is_a_v3_architecture_model_with_mtp():
     assert eng.tokenizer.fim is not None and len(eng.tokenizer) <= 8192
 
 
+# As on a user's CPU machine: outside Triton's interpreter (which the other tests run in) Triton is not imported.
+AS_A_USER = {"TRITON_INTERPRET": None}
+
+
 def test_chat_with_the_default_model():
-    r = run(["-t", "0", "--no-save"], stdin="What does os.path.join do?")
+    r = run(["-t", "0", "--no-save"], stdin="What does os.path.join do?", env=AS_A_USER)
     assert r.returncode == 0, r.stderr
     assert "os.path.join" in r.stdout.decode()
     assert b"demo model" in r.stderr  # it says plainly what is answering
@@ -43,7 +47,7 @@ def test_chat_with_the_default_model():
 def test_fim_with_the_demo(tmp_path):
     p = tmp_path / "m.py"
     p.write_text("import os\n\n\ndef home():\n    return <FILL>\n")
-    r = run(["fim", str(p), "--model", "demo", "--json", "-n", "16"], stdin=None)
+    r = run(["fim", str(p), "--model", "demo", "--json", "-n", "16"], stdin=None, env=AS_A_USER)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["stop_reason"] in ("stop", "suffix", "length")
 
