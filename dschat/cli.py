@@ -109,7 +109,7 @@ def run_interactive(opts: Options, plain: bool) -> int:
         return run_line_mode(opts)
     from .tui import run_tui  # deferred: torch and Textual
 
-    default_signals()  # not yet handled in the TUI: a signal there ends it as before
+    default_signals()  # the TUI handles SIGTERM and SIGHUP on its loop
     return run_tui(opts)
 
 

@@ -53,10 +53,9 @@ def stop_on_signals():
 
 
 def default_signals():
-    """The interpreter's own handling (the TUI: Textual reads Ctrl+C as a key, SIGTERM ends it at once)."""
+    """For the TUI: SIGINT as the interpreter handles it (Textual reads Ctrl+C as a key). SIGTERM and SIGHUP
+    raise Stopped until the app runs, then its loop handles them (tui/app.py)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
 
 
 def exit_code(interrupt: KeyboardInterrupt) -> int:

@@ -1,12 +1,15 @@
-"""One end-to-end run in a real terminal: tmux starts `dschat`, a message is typed, the reply is read off
-the screen, Ctrl+Q quits, and the conversation is in the history."""
+"""End-to-end runs in a real terminal: tmux starts `dschat`, a message is typed, the reply is read off
+the screen, Ctrl+Q quits, and the conversation is in the history; SIGTERM or SIGHUP during a reply keeps it."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from helpers import dschat_cmd
@@ -34,11 +37,38 @@ def wait_for(sock, pred, timeout=90):
     raise AssertionError("timed out; the screen shows:\n" + screen(sock))
 
 
-def test_tui_in_tmux(chat_models, tmp_path):
-    sock = f"dschat-test-{os.getpid()}"
+def start(sock, status: Path, *args):
+    """dschat in a new tmux session; its exit status is written to `status`, and the pane stays (to read the
+    terminal's modes after it)."""
     env = [f"-e{k}={os.environ[k]}" for k in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")]
-    cmd = " ".join(dschat_cmd() + ["--model", str(chat_models["v3"]), "-t", "0", "-n", "8"])
-    tmux(sock, "new-session", "-d", "-s", "dschat", "-x", "140", "-y", "32", *env, "TERM=xterm-256color " + cmd)
+    cmd = " ".join(dschat_cmd() + list(args))
+    tmux(sock, "new-session", "-d", "-s", "dschat", "-x", "140", "-y", "32", *env,
+         f"TERM=xterm-256color {cmd}; echo $? > {status}; exec sleep 600")
+
+
+def used(text) -> int:
+    """The context used, as the status line shows it while a reply streams (0 when it does not show)."""
+    m = re.search(r"streaming .* context (\d+)/", text)
+    return int(m.group(1)) if m else 0
+
+
+def pane(sock, fmt: str) -> str:
+    return tmux(sock, "display-message", "-p", "-t", "dschat", fmt).stdout.strip()
+
+
+def exit_status(status: Path, timeout=30) -> str | None:
+    """dschat's exit status, once it has ended."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if status.exists() and status.read_text().strip():
+            return status.read_text().strip()
+        time.sleep(0.2)
+    return None
+
+
+def test_tui_in_tmux(chat_models, tmp_path):
+    sock, status = f"dschat-test-{os.getpid()}", tmp_path / "status"
+    start(sock, status, "--model", str(chat_models["v3"]), "-t", "0", "-n", "8")
     try:
         wait_for(sock, lambda s: "ready" in s)
         tmux(sock, "send-keys", "-t", "dschat", "-l", "hello from tmux")
@@ -46,10 +76,7 @@ def test_tui_in_tmux(chat_models, tmp_path):
         text = wait_for(sock, lambda s: "Assistant" in s and "ready" in s and "tok/s" in s)
         assert "hello from tmux" in text
         tmux(sock, "send-keys", "-t", "dschat", "C-q")
-        t0 = time.monotonic()
-        while tmux(sock, "has-session", "-t", "dschat", check=False).returncode == 0:
-            assert time.monotonic() - t0 < 20, "dschat did not quit on Ctrl+Q"
-            time.sleep(0.2)
+        assert exit_status(status) == "0", "dschat did not quit on Ctrl+Q"
     finally:
         tmux(sock, "kill-server", check=False)
     conv = Store().latest()
@@ -57,3 +84,26 @@ def test_tui_in_tmux(chat_models, tmp_path):
     assert conv.messages[0].content == "hello from tmux"
     reply = conv.messages[1].content
     assert reply.split()[0][:8] in text  # what the screen showed is what was saved
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_a_tui_reply_keeps_it_and_restores_the_terminal(chat_models, sig, tmp_path):
+    sock, status = f"dschat-test-{os.getpid()}-{sig}", tmp_path / "status"
+    start(sock, status, "--model", str(chat_models["v3"]), "-t", "1.0", "-n", "100000", "--seed", "2")
+    try:
+        wait_for(sock, lambda s: "ready" in s)
+        tmux(sock, "send-keys", "-t", "dschat", "-l", "tell me everything")
+        tmux(sock, "send-keys", "-t", "dschat", "Enter")
+        first = used(wait_for(sock, lambda s: "streaming" in s and used(s)))
+        wait_for(sock, lambda s: used(s) > first)  # the reply has started
+        shell = pane(sock, "#{pane_pid}")
+        os.kill(int(subprocess.run(["pgrep", "-P", shell], capture_output=True, text=True).stdout), sig)  # dschat
+        assert exit_status(status) == str(128 + sig), f"dschat did not end on {sig.name}:\n{screen(sock)}"
+        assert pane(sock, "#{alternate_on} #{mouse_any_flag}") == "0 0"  # restored: no alternate screen, no mouse
+        text = screen(sock)
+        assert f"dschat: interrupted ({sig.name})" in text and "Traceback" not in text, text
+    finally:
+        tmux(sock, "kill-server", check=False)
+    conv = Store().latest()
+    assert conv is not None and [m.role for m in conv.messages] == ["user", "assistant"]
+    assert conv.messages[1].interrupted and conv.messages[1].content.strip()
