@@ -12,7 +12,7 @@ from .errors import UsageError
 from .files import atomic_write_text
 from .options import command_parser
 from .store import Store, read_json_file
-from .terminal_text import terminal_safe
+from .terminal_text import for_output, json_for_output, terminal_safe
 
 
 def run(name: str, argv: list[str]) -> int:
@@ -37,7 +37,7 @@ def cmd_conversations(argv) -> int:
     with Store() as store:
         rows = store.list(search=args.search, limit=args.n)
     if args.json:
-        print(json.dumps(rows, ensure_ascii=False, indent=None))
+        print(json_for_output(json.dumps(rows, ensure_ascii=False, indent=None), sys.stdout))
         return 0
     if not rows:
         print("no saved conversations" + (f" match {args.search!r}" if args.search else ""))
@@ -61,7 +61,7 @@ def cmd_export(argv) -> int:
     if args.output:
         atomic_write_text(args.output, text)
     else:  # on a terminal, without its escape sequences
-        sys.stdout.write(terminal_safe(text, body=True) if sys.stdout.isatty() else text)
+        sys.stdout.write(for_output(text, sys.stdout))
     return 0
 
 

@@ -24,6 +24,7 @@ from .options import add_model_options, add_output_options, command_parser
 from .runtime import Options, load_engine, model_name, print_stats
 from .source_file import read_source
 from .template import bos
+from .terminal_text import for_output, json_for_output
 
 MARKER = "<FILL>"
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
@@ -205,13 +206,13 @@ def run_fim(argv: list[str]) -> int:
     results, filled = fill_holes(load_engine(opts), tok, src.text, holes, args)
     if args.json:
         results = [{**r, "insertion": src.piece(r["insertion"])} for r in results]
-        print(json.dumps(results if args.all else results[0], ensure_ascii=False))
+        print(json_for_output(json.dumps(results if args.all else results[0], ensure_ascii=False), sys.stdout))
     elif args.diff:
         write_diff(src.restore(src.text), src.restore(filled), src.name)
     elif target is not None:
         atomic_write_text(target, src.restore(filled), unchanged=src.snapshot)
     else:
-        out = src.restore(filled)
+        out = for_output(src.restore(filled), sys.stdout)  # model text: on a terminal without escape sequences
         sys.stdout.write(colour(out, args.lang, src.name) if colour_terminal() else out)
         sys.stdout.flush()
     return 0
@@ -253,5 +254,6 @@ def colour(text: str, lang: str | None, name: str) -> str:
 def write_diff(before: str, after: str, name: str):
     diff = "".join(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
                                         fromfile=f"a/{name}", tofile=f"b/{name}"))
+    diff = for_output(diff, sys.stdout)
     sys.stdout.write(ansi(diff, lexer_for("diff")) if colour_terminal() else diff)
     sys.stdout.flush()

@@ -11,6 +11,7 @@ from dschat.engine import Tokenizer, resolve
 from .runtime import Options, load_engine, model_name, print_stats
 from .session import ChatSession, open_chat
 from .signals import signals_held
+from .terminal_text import for_output, json_for_output
 
 
 def answer(opts: Options, message: str) -> int:
@@ -33,7 +34,7 @@ def stream_answer(session: ChatSession, turn):
     try:
         for piece in session.stream(turn):
             wrote_newline = piece.endswith("\n")  # before the write, which a signal may interrupt
-            out.write(piece)
+            out.write(for_output(piece, out))  # on a terminal without escape sequences; exact elsewhere
             out.flush()
         failed = False
     except KeyboardInterrupt:  # Ctrl+C, SIGTERM, SIGHUP: the partial answer is kept, marked
@@ -53,5 +54,6 @@ def show_prompt(opts: Options, message: str) -> int:
     tok = Tokenizer.from_dir(resolve(model_name(opts), tokenizer_only=True))  # no weights fetched
     chat, _ = open_chat(tok, replace(opts, no_save=True))
     turn = chat.turn(message)
-    print(json.dumps({"text": turn.prompt_text, "ids": turn.prompt_ids}, ensure_ascii=False))
+    print(json_for_output(json.dumps({"text": turn.prompt_text, "ids": turn.prompt_ids}, ensure_ascii=False),
+                          sys.stdout))
     return 0

@@ -1,10 +1,12 @@
 """Stored or generated text made safe to print on a terminal: escape sequences (CSI, OSC, DCS, ...) and
 control characters (C0, DEL, C1, bidirectional overrides) are removed, so a title or a message cannot set
-the window title, move the cursor, clear the screen or reorder what is shown."""
+the window title, move the cursor, clear the screen or reorder what is shown. Only on a terminal: text
+written to a pipe or a file stays exact (`for_output`, `json_for_output`)."""
 
 from __future__ import annotations
 
 import re
+from typing import TextIO
 
 _SEQUENCE = re.compile(
     r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"  # CSI: ESC [ or its C1 form, parameters, a final byte
@@ -21,3 +23,15 @@ def terminal_safe(text: str, body: bool = False) -> str:
     if not body:
         text = _LINE_BREAK.sub(" ", text)
     return _CONTROL.sub("", text)
+
+
+def for_output(text: str, out: TextIO) -> str:
+    """A message body as it is written to `out`: terminal-safe on a terminal, exact elsewhere."""
+    return terminal_safe(text, body=True) if out.isatty() else text
+
+
+def json_for_output(text: str, out: TextIO) -> str:
+    """JSON as it is written to `out`: on a terminal, control characters inside strings (JSON escapes C0
+    itself; C1 and the bidirectional overrides not) are written as \\u escapes, which is the same JSON;
+    exact elsewhere."""
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text) if out.isatty() else text

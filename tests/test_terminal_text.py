@@ -1,15 +1,23 @@
 """Stored text never reaches the terminal raw: titles (first message, import, rename) in `dschat conversations`,
-messages in `dschat replay` and in line mode lose their escape sequences and control characters."""
+messages in `dschat replay` and in line mode lose their escape sequences and control characters; so do a pipe-mode
+answer and `conversations --json` written to a terminal, while a pipe gets them exactly."""
 
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
 
 import pexpect
 import pytest
-from helpers import PROMPT, ask, run, spawn
+import tiny_checkpoints as tc
+import torch
+from helpers import PROMPT, ask, dschat_cmd, run, spawn
 
+from dschat.engine import Tokenizer
 from dschat.store import Store
+from dschat.template import chat_prompt
 from dschat.terminal_text import terminal_safe
 
 EVIL = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x1b[0m \x9b1;1H\x9d8;;http://x\x9cok\x1bP1$q\x1b\\ \x08\x00\u202edone"
@@ -72,3 +80,61 @@ def test_line_mode_shows_a_loaded_conversation_clean(chat_models):
     p.close()
     assert "you> red ok done" in out and "assistant> answer  here" in out
     assert "pwned" not in p.before and "pwned" not in out
+
+
+def parrot(src, dst, answer: str):
+    """A copy of the tiny chat model `src` that answers `answer` to any message, greedily: its layers add
+    nothing to the residual (o_proj and down_proj are zero), so the next token is a function of the last one,
+    which the embeddings and lm_head make a chain from the prompt's last token through the answer's to EOS."""
+    cfg = json.loads((src / "config.json").read_text())
+    tok = Tokenizer.from_dir(src)
+    chain = [chat_prompt(tok, [{"role": "user", "content": "?"}])[1][-1]] + tok.encode(answer) + [cfg["eos_token_id"]]
+    assert len(set(chain[:-1])) == len(chain) - 1 <= cfg["hidden_size"]  # each token says what comes next
+    w = tc.random_weights(cfg, seed=1)
+    for name in w:
+        if name.endswith(("o_proj.weight", "down_proj.weight", "lm_head.weight", "embed_tokens.weight")):
+            w[name].zero_()
+    w["model.norm.weight"] = torch.ones(cfg["hidden_size"])
+    for k, (token, following) in enumerate(zip(chain, chain[1:])):
+        w["model.embed_tokens.weight"][token, k] = 1.0
+        w["lm_head.weight"][following, k] = 1.0
+    return tc.write_checkpoint(dst, cfg, weights=w, tokenizer="deepseek-v3")
+
+
+def on_a_terminal(args, stdin: bytes) -> bytes:
+    """What `dschat ARGS` writes to stdout when stdout is a pseudo-terminal (stdin a pipe)."""
+    master, slave = pty.openpty()
+    r = subprocess.run(dschat_cmd() + args, input=stdin, stdout=slave, stderr=subprocess.PIPE, timeout=120)
+    os.close(slave)
+    assert r.returncode == 0, r.stderr
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: everything written has been read
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return out.replace(b"\r\n", b"\n")
+
+
+def test_a_pipe_mode_answer_is_clean_on_a_terminal_and_exact_in_a_pipe(chat_models, tmp_path):
+    answer = "\x1b]0;pwned\x07 hello"  # sets the window title, on a terminal that received it raw
+    model = ["--model", str(parrot(chat_models["v3"], tmp_path / "parrot", answer)), "-t", "0", "-n", "20"]
+    piped = run(model, stdin="question")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.decode() == answer + "\n"  # a script gets the exact answer
+    shown = on_a_terminal(model, b"question").decode()
+    assert_clean(shown.encode())  # no ESC, no BEL: what is left of the sequence is plain characters
+    assert shown.endswith(" hello\n")
+    assert Store().latest().messages[-1].content == answer  # saved as generated
+
+
+def test_conversations_json_escapes_controls_on_a_terminal(tmp_path):
+    with Store() as store:
+        store.rename(store.create(model="m"), EVIL.replace("\x00", ""))
+    shown = on_a_terminal(["conversations", "--json"], b"")
+    assert_clean(shown)
+    assert json.loads(shown)[0]["title"] == EVIL.replace("\x00", "")  # the same JSON, escaped
