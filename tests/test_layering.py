@@ -91,3 +91,12 @@ def test_no_import_circles():
         if name not in state:
             visit(name, [name])
     assert cycles == []
+
+
+def test_the_readme_names_every_module_of_the_app():
+    """The README's layout is where a newcomer looks first: every module of the app has its line there."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("The app, `dschat/`"):readme.index("## Development")]
+    missing = [p.name for p in sorted((ROOT / "dschat").glob("*.py"))
+               if p.stem not in ("__init__", "__main__") and p.name not in block]
+    assert not missing, f"not in README's layout: {missing}"
