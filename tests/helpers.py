@@ -4,19 +4,23 @@ FIM fill, and the transformers reference model."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pexpect
 import tiny_checkpoints as tc
 import torch
 
-from dschat.cli import chat_parser
+from dschat.cli import chat_parser, main
 from dschat.config import Settings
 from dschat.engine import SamplingParams
 from dschat.fim import FIM_TOKENS, cut_repeat, fim_prompt
@@ -45,6 +49,58 @@ def run(args, stdin: bytes | str | None = b"", env=None, timeout=120):
         stdin = stdin.encode()
     env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     return subprocess.run(dschat_cmd() + list(args), input=stdin, capture_output=True, timeout=timeout, env=env)
+
+
+def call(args, stdin: bytes | str | None = b"", env=None) -> subprocess.CompletedProcess:
+    """The real `dschat` with these arguments through its entry point in this process, with stdin, stdout and
+    stderr as pipes (no terminal); the same result as `run`. For what a command prints, saves and exits with,
+    where the process boundary is not the point: a new process spends seconds importing torch. `env` sets
+    variables while it runs (None removes one). Signals, terminals, processes at the same time and
+    variables read at import time need `run`."""
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    with _environment(env or {}), _pipes(stdin or b"") as (out, err):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return subprocess.CompletedProcess(["dschat", *args], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _environment(env: dict):
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if v is not None})
+    for k in [k for k, v in env.items() if v is None]:
+        os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _pipes(stdin: bytes):
+    """stdin, stdout and stderr as pipes would be; warnings filtered as in a new interpreter; the signal
+    handlers dschat installs undone after."""
+    out, err = io.BytesIO(), io.BytesIO()
+    stdin_text, stdout_text, stderr_text = (io.TextIOWrapper(b, encoding="utf-8", write_through=True)
+                                            for b in (io.BytesIO(stdin), out, err))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    saved_stdin, sys.stdin = sys.stdin, stdin_text
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(stdout_text), \
+                contextlib.redirect_stderr(stderr_text):
+            warnings.resetwarnings()  # each warning shown once, these left out
+            for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", quiet)
+            yield out, err
+    finally:
+        sys.stdin = saved_stdin
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def assert_clean_error(r, *needles, code=None):

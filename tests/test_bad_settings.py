@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from helpers import run, spawn
+from helpers import call, spawn
 
 from dschat.config import ConfigError, Settings
 from dschat.keymap import check_keymap, known_key
@@ -47,7 +47,7 @@ def write_config(body: str) -> Path:
     (["--draft-tokens", "0"], "--draft-tokens 0"),
 ])
 def test_bad_flags_are_one_line_before_anything_starts(chat_models, args, named):
-    r = run(["--model", str(chat_models["v3"]), *args], stdin="hello")
+    r = call(["--model", str(chat_models["v3"]), *args], stdin="hello")
     assert_one_line_error(r, named)
     assert_nothing_written()
 
@@ -65,14 +65,14 @@ def test_bad_flags_are_one_line_before_anything_starts(chat_models, args, named)
 ])
 def test_bad_config_values_name_the_setting(chat_models, body, named):
     write_config(body)
-    r = run(["--model", str(chat_models["v3"])], stdin="hello")
+    r = call(["--model", str(chat_models["v3"])], stdin="hello")
     assert_one_line_error(r, named)
     assert_nothing_written()
 
 
 @pytest.mark.parametrize("n", ["0", "-1"])
 def test_conversations_n_must_be_positive(n):
-    assert_one_line_error(run(["conversations", "-n", n], stdin=None), f"-n {n}")
+    assert_one_line_error(call(["conversations", "-n", n], stdin=None), f"-n {n}")
 
 
 @pytest.mark.parametrize("key, ok", [

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import run
+from helpers import call
 
 from dschat.config import ConfigError, Settings
 
@@ -58,7 +58,7 @@ def test_a_bad_config_file_is_one_line_on_stderr(tmp_path):
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text("temprature = 1\n")
     try:
-        r = run(["hello"], stdin="")
+        r = call(["hello"], stdin="")
     finally:
         cfg.unlink()
     err = r.stderr.decode()

@@ -4,16 +4,16 @@ notice in the TUI. A reply that ends by itself or at --max-tokens says nothing."
 from __future__ import annotations
 
 import pexpect
-from helpers import PROMPT, ask, make_app, ready, run, send, spawn
+from helpers import PROMPT, ask, call, make_app, ready, send, spawn
 
 CUT = "the reply was cut short: the context window (48 tokens) is full"
 
 
 def test_pipe_mode_warns_on_stderr(small_context):
-    cut = run(["--model", str(small_context), "-t", "0"], stdin="hi")
+    cut = call(["--model", str(small_context), "-t", "0"], stdin="hi")
     assert cut.returncode == 0 and cut.stdout.strip()
     assert f"dschat: warning: {CUT}" in cut.stderr.decode()
-    whole = run(["--model", str(small_context), "-t", "0", "-n", "3", "--no-save"], stdin="hi")
+    whole = call(["--model", str(small_context), "-t", "0", "-n", "3", "--no-save"], stdin="hi")
     assert whole.returncode == 0 and "cut short" not in whole.stderr.decode()
 
 

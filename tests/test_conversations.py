@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import dschat_cmd, run
+from helpers import call, dschat_cmd
 
 from dschat.engine import Tokenizer
 from dschat.store import Store
 
 
 def ask(model, text, *extra):
-    r = run(["--model", str(model), "-t", "0", "-n", "8", "--stats", *extra], stdin=text)
+    r = call(["--model", str(model), "-t", "0", "-n", "8", "--stats", *extra], stdin=text)
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stderr.decode().strip().splitlines()[-1])
     return r.stdout.decode(), stats
@@ -31,7 +31,7 @@ def test_save_continue_and_list(chat_models):
     second, s2 = ask(model, "And why is it small?", "-c")
     # the second process found the first turn's latent rows on disk: no re-prefill of the history
     assert s2["cached_tokens"] >= s1["prompt_tokens"] + s1["generated_tokens"] - 1
-    r = run(["conversations", "--json"], stdin=None)
+    r = call(["conversations", "--json"], stdin=None)
     rows = json.loads(r.stdout)
     assert len(rows) == 1 and rows[0]["messages"] == 4 and rows[0]["title"] == "What is a latent cache?"
     conv = Store().get(rows[0]["id"])
@@ -47,13 +47,13 @@ def test_old_spellings_sessions_and_session_still_work(chat_models):
     """`dschat sessions` and `--session ID` are the old names of `conversations` and `--conversation`: unlisted,
     but scripts that use them keep working."""
     ask(chat_models["v3"], "Old names.")
-    assert run(["sessions", "--json"], stdin=None).stdout == run(["conversations", "--json"], stdin=None).stdout
+    assert call(["sessions", "--json"], stdin=None).stdout == call(["conversations", "--json"], stdin=None).stdout
     cid = Store().latest().id
     base = ["--model", str(chat_models["v3"]), "--show-prompt"]
-    old, new = run(base + ["--session", cid], stdin="Next."), run(base + ["--conversation", cid], stdin="Next.")
+    old, new = call(base + ["--session", cid], stdin="Next."), call(base + ["--conversation", cid], stdin="Next.")
     assert old.returncode == new.returncode == 0 and old.stdout == new.stdout
     assert "Old names." in json.loads(old.stdout)["text"]
-    listed = run(["--help"], stdin=None).stdout.decode()
+    listed = call(["--help"], stdin=None).stdout.decode()
     assert "conversations" in listed and "sessions" not in listed and "--session " not in listed
 
 
@@ -66,32 +66,32 @@ def test_corrupt_kv_file_is_ignored_with_a_warning(chat_models):
     with open(files[0], "r+b") as f:
         f.seek(100)
         f.write(b"\x00garbage\x00" * 20)
-    r = run(["--model", str(model), "-t", "0", "-n", "8", "-c", "--no-save", "--stats"], stdin="More please.")
+    r = call(["--model", str(model), "-t", "0", "-n", "8", "-c", "--no-save", "--stats"], stdin="More please.")
     assert r.returncode == 0
     err = r.stderr.decode().strip().splitlines()
     assert any(line.startswith("dschat: warning: ignoring cached prefix") for line in err)
-    fresh = run(["--model", str(model), "-t", "0", "-n", "8", "--conversation", Store().latest().id, "--no-save"],
+    fresh = call(["--model", str(model), "-t", "0", "-n", "8", "--conversation", Store().latest().id, "--no-save"],
                 stdin="More please.")
     assert r.stdout == fresh.stdout  # the same answer, recomputed
 
 
 def test_export_import_rename_rm(chat_models, tmp_path):
     ask(chat_models["v3"], "Export me.")
-    cid = json.loads(run(["conversations", "--json"], stdin=None).stdout)[0]["id"]
+    cid = json.loads(call(["conversations", "--json"], stdin=None).stdout)[0]["id"]
     out = tmp_path / "chat.json"
-    assert run(["export", cid[:5], "-o", str(out)], stdin=None).returncode == 0
+    assert call(["export", cid[:5], "-o", str(out)], stdin=None).returncode == 0
     data = json.loads(out.read_text())
     assert data["messages"][0] == {**data["messages"][0], "role": "user", "content": "Export me."}
-    md = run(["export", cid, "--format", "md"], stdin=None).stdout.decode()
+    md = call(["export", cid, "--format", "md"], stdin=None).stdout.decode()
     assert md.startswith("# Export me.") and "## Assistant" in md
-    new_id = run(["import", str(out)], stdin=None).stdout.decode().strip()
+    new_id = call(["import", str(out)], stdin=None).stdout.decode().strip()
     assert new_id != cid and Store().export_json(new_id)["messages"] == data["messages"]
-    assert run(["rename", new_id, "Imported", "copy"], stdin=None).returncode == 0
-    rows = json.loads(run(["conversations", "--json", "--search", "Imported"], stdin=None).stdout)
+    assert call(["rename", new_id, "Imported", "copy"], stdin=None).returncode == 0
+    rows = json.loads(call(["conversations", "--json", "--search", "Imported"], stdin=None).stdout)
     assert [r["id"] for r in rows] == [new_id]
-    assert run(["rm", new_id], stdin=None).returncode == 0
-    assert [r["id"] for r in json.loads(run(["conversations", "--json"], stdin=None).stdout)] == [cid]
-    bad = run(["rm", "ffffffff"], stdin=None)
+    assert call(["rm", new_id], stdin=None).returncode == 0
+    assert [r["id"] for r in json.loads(call(["conversations", "--json"], stdin=None).stdout)] == [cid]
+    bad = call(["rm", "ffffffff"], stdin=None)
     assert bad.returncode == 1 and b"no saved conversation" in bad.stderr
 
 
@@ -100,7 +100,7 @@ def test_replay_compare_same_and_different(chat_models, tmp_path):
     ask(model, "First question.")
     ask(model, "Second question.", "-c")
     cid = Store().latest().id
-    r = run(["replay", cid, "--compare"], stdin=None)
+    r = call(["replay", cid, "--compare"], stdin=None)
     assert r.returncode == 0, r.stderr
     text = r.stdout.decode()
     assert text.count("same (token for token)") == 2 and "2 of 2 turns unchanged" in text
@@ -111,7 +111,7 @@ def test_replay_compare_same_and_different(chat_models, tmp_path):
                                                                       skip_special_tokens=True)
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(data))
-    r = run(["replay", str(path), "--compare"], stdin=None)
+    r = call(["replay", str(path), "--compare"], stdin=None)
     assert r.returncode == 1
     text = r.stdout.decode()
     assert "── turn 1: same" in text and "── turn 2: DIFFERS at token 0" in text and "1 of 2 turns unchanged" in text
@@ -126,7 +126,7 @@ def test_replay_compare_takes_the_text_over_ids_that_disagree(chat_models, tmp_p
     data["messages"][1]["content"] = "Something else entirely."
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(data))
-    r = run(["replay", str(path), "--compare"], stdin=None)
+    r = call(["replay", str(path), "--compare"], stdin=None)
     assert r.returncode == 1, r.stdout
     assert "── turn 1: DIFFERS at character 0" in r.stdout.decode()
     assert "dschat: warning: turn 1: the saved assistant message's token ids do not match its text" in r.stderr.decode()
@@ -135,7 +135,7 @@ def test_replay_compare_takes_the_text_over_ids_that_disagree(chat_models, tmp_p
 def test_replay_prints_the_transcript_with_another_model(chat_models):
     ask(chat_models["v3"], "Hello there.")
     cid = Store().latest().id
-    r = run(["replay", cid, "--model", str(chat_models["v2"]), "-t", "0", "-n", "5"], stdin=None)
+    r = call(["replay", cid, "--model", str(chat_models["v2"]), "-t", "0", "-n", "5"], stdin=None)
     assert r.returncode == 0, r.stderr
     assert "── user (1) ──\nHello there.\n── assistant ──\n" in r.stdout.decode()
 
@@ -145,10 +145,10 @@ def test_corrupt_history_is_an_error_and_left_alone(chat_models):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not sqlite" * 100)
     before = path.read_bytes()
-    r = run(["--model", str(chat_models["v2"]), "-n", "3"], stdin="hi")
+    r = call(["--model", str(chat_models["v2"]), "-n", "3"], stdin="hi")
     assert r.returncode == 1 and b"dschat: error:" in r.stderr and b"Traceback" not in r.stderr
     assert path.read_bytes() == before
-    assert run(["conversations"], stdin=None).returncode == 1
+    assert call(["conversations"], stdin=None).returncode == 1
 
 
 def test_ctrl_c_keeps_the_partial_answer(chat_models):
@@ -170,7 +170,7 @@ def test_ctrl_c_keeps_the_partial_answer(chat_models):
 
 @pytest.mark.parametrize("cmd", [["conversations", "--help"], ["replay", "--help"], ["export", "--help"]])
 def test_subcommand_help(cmd):
-    r = run(cmd, stdin=None)
+    r = call(cmd, stdin=None)
     assert r.returncode == 0 and r.stdout.decode().startswith("usage: dschat " + cmd[0])
 
 
@@ -192,7 +192,7 @@ def test_two_processes_saving_at_once(chat_models):
 def test_show_prompt_of_a_continued_conversation_is_what_the_next_turn_feeds(chat_models, system):
     model = chat_models["v3"]
     ask(model, "First question.")
-    r = run(["--model", str(model), "--show-prompt", "-c", *system, "Second question."], stdin=None)
+    r = call(["--model", str(model), "--show-prompt", "-c", *system, "Second question."], stdin=None)
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
     assert "First question." in shown["text"] and len(Store().latest().messages) == 2  # nothing changed

@@ -8,7 +8,7 @@ import signal
 import subprocess
 
 import pytest
-from helpers import assert_clean_error, dschat_cmd, engine_fill, run
+from helpers import assert_clean_error, call, dschat_cmd, engine_fill
 
 from dschat.fim import cut_repeat, fim_prompt, trim
 
@@ -55,7 +55,7 @@ def test_special_token_strings_in_the_file_are_text(chat_engines):
 
 
 def test_fill_equals_the_engines_greedy_tokens(chat_models, chat_engines, src):
-    r = run(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "24"], stdin=None)
+    r = call(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "24"], stdin=None)
     assert r.returncode == 0, r.stderr
     offset = SOURCE.index("<FILL>")
     text = SOURCE.replace("<FILL>", "")
@@ -64,19 +64,19 @@ def test_fill_equals_the_engines_greedy_tokens(chat_models, chat_engines, src):
 
 
 def test_in_place_writes_what_stdout_shows(chat_models, src, tmp_path):
-    shown = run(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "16"], stdin=None).stdout
-    r = run(["fim", "-i", str(src), "--model", str(chat_models["v3"]), "-n", "16"], stdin=None)
+    shown = call(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "16"], stdin=None).stdout
+    r = call(["fim", "-i", str(src), "--model", str(chat_models["v3"]), "-n", "16"], stdin=None)
     assert r.returncode == 0 and r.stdout == b""
     assert src.read_bytes() == shown and (src.stat().st_mode & 0o777) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["walk.py"]  # no temp file left behind
 
 
 def test_json_and_diff(chat_models, src):
-    r = run(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "16", "--json"], stdin=None)
+    r = call(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "16", "--json"], stdin=None)
     got = json.loads(r.stdout)
     assert set(got) == {"insertion", "line", "column", "stop_reason"}
     assert (got["line"], got["column"]) == (8, 9) and got["stop_reason"] in ("stop", "length", "suffix")
-    d = run(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "16", "--diff"], stdin=None).stdout.decode()
+    d = call(["fim", str(src), "--model", str(chat_models["v3"]), "-n", "16", "--diff"], stdin=None).stdout.decode()
     assert d.startswith("--- a/") and "\n+++ b/" in d and "-        <FILL>" in d and b"\x1b" not in d.encode()
     filled = SOURCE.replace("<FILL>", got["insertion"])
     added = [ln[1:] for ln in d.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
@@ -86,14 +86,14 @@ def test_json_and_diff(chat_models, src):
 def test_all_and_at_and_stdin(chat_models, chat_engines, tmp_path):
     p = tmp_path / "two.py"
     p.write_text("x = <FILL>\ny = <FILL>\n")
-    r = run(["fim", str(p), "--model", str(chat_models["v3"]), "-n", "6", "--all", "--json"], stdin=None)
+    r = call(["fim", str(p), "--model", str(chat_models["v3"]), "-n", "6", "--all", "--json"], stdin=None)
     fills = json.loads(r.stdout)
     assert [f["line"] for f in fills] == [1, 2] and len(fills) == 2
     q = tmp_path / "plain.py"
     q.write_text("def f():\n    return 1\n")
-    r = run(["fim", str(q), "--model", str(chat_models["v3"]), "-n", "6", "--at", "2:5", "--json"], stdin=None)
+    r = call(["fim", str(q), "--model", str(chat_models["v3"]), "-n", "6", "--at", "2:5", "--json"], stdin=None)
     assert (json.loads(r.stdout)["line"], json.loads(r.stdout)["column"]) == (2, 5)
-    r = run(["fim", "-", "--model", str(chat_models["v3"]), "-n", "6", "--filename", "x.py"],
+    r = call(["fim", "-", "--model", str(chat_models["v3"]), "-n", "6", "--filename", "x.py"],
             stdin="a = <FILL>\n")
     assert r.returncode == 0 and r.stdout.decode().startswith("a = ")
 
@@ -134,19 +134,19 @@ def test_bad_files(chat_models, tmp_path, content, args, needle):
     p = tmp_path / "bad.py"
     p.write_bytes(content if isinstance(content, bytes) else content.encode())
     before = p.read_bytes()
-    r = run(["fim", "-i", str(p), "--model", str(chat_models["v3"]), *args], stdin=None)
+    r = call(["fim", "-i", str(p), "--model", str(chat_models["v3"]), *args], stdin=None)
     assert_clean_error(r, needle)
     assert p.read_bytes() == before
 
 
 def test_missing_file(chat_models, tmp_path):
-    r = run(["fim", str(tmp_path / "nope.py"), "--model", str(chat_models["v3"])], stdin=None)
+    r = call(["fim", str(tmp_path / "nope.py"), "--model", str(chat_models["v3"])], stdin=None)
     assert_clean_error(r, "no such file")
 
 
 def test_model_without_fim_tokens(chat_models, src):
     before = src.read_bytes()
-    r = run(["fim", "-i", str(src), "--model", str(chat_models["v2"])], stdin=None)
+    r = call(["fim", "-i", str(src), "--model", str(chat_models["v2"])], stdin=None)
     assert_clean_error(r, "no FIM tokens")
     assert src.read_bytes() == before
 

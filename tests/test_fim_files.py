@@ -7,13 +7,13 @@ import os
 import subprocess
 
 import pytest
-from helpers import assert_clean_error, dschat_cmd, engine_fill, run
+from helpers import assert_clean_error, call, dschat_cmd, engine_fill
 
 from dschat.files import Snapshot, WriteError, atomic_write_bytes
 
 
 def fim(model, *args):
-    return run(["fim", *map(str, args), "--model", str(model), "-n", "12"], stdin=None)
+    return call(["fim", *map(str, args), "--model", str(model), "-n", "12"], stdin=None)
 
 
 def test_in_place_refuses_a_file_edited_while_generating(chat_models, tmp_path):
@@ -52,12 +52,12 @@ def test_in_place_refuses_a_read_only_file_before_loading_anything(tmp_path):
     p.write_text("x = <FILL>\n")
     p.chmod(0o444)
     # the model does not exist: the refusal comes first, before the model is looked at
-    r = run(["fim", "-i", str(p), "--model", str(tmp_path / "no-model")], stdin=None)
+    r = call(["fim", "-i", str(p), "--model", str(tmp_path / "no-model")], stdin=None)
     assert_clean_error(r, f"{os.path.realpath(p)}: read-only")
     assert p.read_text() == "x = <FILL>\n" and (p.stat().st_mode & 0o777) == 0o444
     link = tmp_path / "link.py"
     link.symlink_to(p)
-    r = run(["fim", "-i", str(link), "--model", str(tmp_path / "no-model")], stdin=None)
+    r = call(["fim", "-i", str(link), "--model", str(tmp_path / "no-model")], stdin=None)
     assert_clean_error(r, f"{os.path.realpath(p)}: read-only")  # the target is named, not the link
 
 
@@ -122,6 +122,6 @@ def test_a_mixed_file_keeps_the_hole_before_a_crlf(chat_models, chat_engines, tm
 def test_the_demo_models_notice_shows_once(tmp_path):
     p = tmp_path / "d.py"
     p.write_text("import os\nprint(os.path.<FILL>)\n")
-    r = run(["fim", str(p), "-n", "4"], stdin=None)
+    r = call(["fim", str(p), "-n", "4"], stdin=None)
     assert r.returncode == 0, r.stderr
     assert r.stderr.decode().count("using the bundled demo model") == 1, r.stderr

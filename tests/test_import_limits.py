@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import assert_clean_error, run
+from helpers import assert_clean_error, call
 
 from dschat.store import MAX_IMPORT_BYTES, MAX_IMPORT_CHARS, Store, StoreError, read_json_file
 
@@ -56,5 +56,5 @@ def test_a_huge_file_is_refused_before_it_is_read(tmp_path):
 def test_import_through_dschat(tmp_path, content, needle):
     p = tmp_path / "chat.json"
     p.write_text(content)
-    assert_clean_error(run(["import", str(p)], stdin=None), needle)
-    assert json.loads(run(["conversations", "--json"], stdin=None).stdout) == []
+    assert_clean_error(call(["import", str(p)], stdin=None), needle)
+    assert json.loads(call(["conversations", "--json"], stdin=None).stdout) == []

@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pexpect
-from helpers import ACCEPTED, PROMPT, ask, clean, long_reply, run, spawn
+from helpers import ACCEPTED, PROMPT, ask, call, clean, long_reply, spawn
 
 from dschat.store import Store
 from dschat.template import chat_prompt
@@ -102,7 +102,7 @@ def test_a_full_context_is_reported_and_the_session_goes_on(chat_models, tmp_pat
 
 
 def test_regen_in_a_continued_conversation_adds_a_sibling(chat_models):
-    assert run(["--model", str(chat_models["v3"]), "-t", "0", "-n", "5"], stdin="first").returncode == 0
+    assert call(["--model", str(chat_models["v3"]), "-t", "0", "-n", "5"], stdin="first").returncode == 0
     saved = Store().latest()
     p = spawn("--plain", "-c", "--model", str(chat_models["v3"]), "-t", "1.0", "--seed", "5", "-n", "5")
     p.expect_exact(PROMPT)
@@ -116,10 +116,10 @@ def test_regen_in_a_continued_conversation_adds_a_sibling(chat_models):
 
 
 def test_load_by_id_and_from_an_exported_file(chat_models, tmp_path):
-    assert run(["--model", str(chat_models["v3"]), "-t", "0", "-n", "4"], stdin="saved one").returncode == 0
+    assert call(["--model", str(chat_models["v3"]), "-t", "0", "-n", "4"], stdin="saved one").returncode == 0
     saved = Store().latest()
     exported = tmp_path / "chat.json"
-    assert run(["export", saved.id, "-o", str(exported)]).returncode == 0
+    assert call(["export", saved.id, "-o", str(exported)]).returncode == 0
     p = spawn("--plain", "--model", str(chat_models["v3"]), "-t", "0", "-n", "4")
     p.expect_exact(PROMPT)
     assert "you> saved one" in ask(p, f"/load {saved.id[:6]}")

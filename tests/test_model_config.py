@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from helpers import assert_clean_error, run
+from helpers import assert_clean_error, call
 
 import tiny_checkpoints as tc
 from dschat.engine import Engine, ModelConfig, ModelError
@@ -69,4 +69,4 @@ def test_config_against_the_checkpoints_tensors(checkpoints, tmp_path, name, cha
 
 def test_an_absurd_config_through_dschat(checkpoints, tmp_path):
     d = with_config(checkpoints, tmp_path, "v2_lite", num_hidden_layers=1000000)
-    assert_clean_error(run(["--model", str(d), "--no-save", "hi"], stdin=None), "num_hidden_layers must be")
+    assert_clean_error(call(["--model", str(d), "--no-save", "hi"], stdin=None), "num_hidden_layers must be")

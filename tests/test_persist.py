@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from helpers import run
+from helpers import call
 
 from dschat.engine import Engine, SamplingParams
 from dschat.engine.persist import CacheWarning
@@ -46,14 +46,14 @@ def test_altered_rows_are_a_warning_and_a_recompute(chat_models, tmp_path, how):
 def test_altered_cache_file_through_dschat(chat_models):
     model = chat_models["v3"]
     base = ["--model", str(model), "-t", "0", "-n", "8"]
-    assert run(base, stdin="Tell me about pages.").returncode == 0
+    assert call(base, stdin="Tell me about pages.").returncode == 0
     kv_dir = os.path.join(os.environ["XDG_CACHE_HOME"], "dschat", "kv")
     (name,) = os.listdir(kv_dir)
     alter(os.path.join(kv_dir, name), "scaled")
-    r = run(base + ["-c", "--no-save"], stdin="More please.")
+    r = call(base + ["-c", "--no-save"], stdin="More please.")
     assert r.returncode == 0, r.stderr
     warnings = [line for line in r.stderr.decode().splitlines() if line.startswith("dschat: warning:")]
     assert len(warnings) == 1 and "checksum" in warnings[0], r.stderr
-    fresh = run(base + ["--conversation", Store().latest().id, "--no-save"], stdin="More please.",
+    fresh = call(base + ["--conversation", Store().latest().id, "--no-save"], stdin="More please.",
                 env={"XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"] + "-empty"})
     assert r.stdout == fresh.stdout  # the answer of a cold start

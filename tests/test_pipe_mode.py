@@ -1,4 +1,5 @@
-"""`dschat` end to end in a subprocess: pipe mode, --raw, --show-prompt, --stats, and every bad input."""
+"""`dschat` end to end: pipe mode, --raw, --show-prompt and --stats in a subprocess, and every bad input (a bad
+model through the entry point in this process)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 import pytest
 import torch
 
-from helpers import assert_clean_error, dschat_cmd, run
+from helpers import assert_clean_error, call, dschat_cmd, run
 from dschat.engine import Engine, SamplingParams
 from dschat.store import Store
 
@@ -140,17 +141,17 @@ def broken_copy(chat_models, tmp_path, how):
                                  "unknown model_type", "no tokenizer"])
 def test_bad_models(chat_models, tmp_path, how):
     d, needle = broken_copy(chat_models, tmp_path, how)
-    r = run(["--model", str(d), "-n", "3"], stdin="hello")
+    r = call(["--model", str(d), "-n", "3"], stdin="hello")
     assert_clean_error(r, needle)
 
 
 def test_missing_model_directory(tmp_path):
-    r = run(["--model", str(tmp_path / "nowhere")], stdin="hello")
+    r = call(["--model", str(tmp_path / "nowhere")], stdin="hello")
     assert_clean_error(r, "nowhere")
 
 
 def test_no_model_configured_says_how_to_get_one(tmp_path):
-    r = run([], stdin="hello", env={"DSCHAT_MODEL": "", "DSCHAT_NO_DEMO": "1"})
+    r = call([], stdin="hello", env={"DSCHAT_MODEL": "", "DSCHAT_NO_DEMO": "1"})
     assert_clean_error(r, "huggingface-cli download", "--model")
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import assert_clean_error, run
+from helpers import assert_clean_error, call
 
 from dschat.config import Settings
 from dschat.engine import Engine
@@ -18,7 +18,7 @@ from dschat.runtime import Options, quant_name
 @pytest.fixture(scope="module")
 def int4_dir(chat_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized") / "v2-int4"
-    r = run(["quantize", str(chat_models["v2"]), "--quant", "int4", "-o", str(out)], timeout=300)
+    r = call(["quantize", str(chat_models["v2"]), "--quant", "int4", "-o", str(out)])
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode().startswith(f"wrote {out}: int4, ")
     return out
@@ -37,8 +37,8 @@ def test_quantized_directory_loads_what_quantize_on_load_computes(chat_models, i
     assert saved.quant == fresh.quant == "int4"
     ids = list(range(100, 116))
     assert torch.equal(saved.logits(ids), fresh.logits(ids))
-    a = run(["--model", str(int4_dir), "-t", "0", "-n", "8", "--no-save", "--stats"], stdin="Hello")
-    b = run(["--model", str(chat_models["v2"]), "--quant", "int4", "-t", "0", "-n", "8", "--no-save"], stdin="Hello")
+    a = call(["--model", str(int4_dir), "-t", "0", "-n", "8", "--no-save", "--stats"], stdin="Hello")
+    b = call(["--model", str(chat_models["v2"]), "--quant", "int4", "-t", "0", "-n", "8", "--no-save"], stdin="Hello")
     assert a.returncode == b.returncode == 0, a.stderr.decode() + b.stderr.decode()
     assert a.stdout == b.stdout and a.stdout.strip()
     stats = json.loads(a.stderr.decode().strip().splitlines()[-1])  # the loader's figures, in --stats
@@ -47,21 +47,21 @@ def test_quantized_directory_loads_what_quantize_on_load_computes(chat_models, i
 
 
 def test_unknown_quant_and_fp8_keep_are_refused(chat_models, checkpoints):
-    assert_clean_error(run(["--model", str(chat_models["v2"]), "--quant", "int3"], stdin="hi"),
+    assert_clean_error(call(["--model", str(chat_models["v2"]), "--quant", "int3"], stdin="hi"),
                        "unknown quantization 'int3' (use int8 or int4)")
-    assert_clean_error(run(["--model", str(checkpoints["v3_fp8"]), "--quant", "int4", "--fp8", "keep"],
+    assert_clean_error(call(["--model", str(checkpoints["v3_fp8"]), "--quant", "int4", "--fp8", "keep"],
                            stdin="hi"), "--fp8 keep")
 
 
 def test_quantize_refuses_without_writing(chat_models, int4_dir, tmp_path):
     out = tmp_path / "out"
-    assert_clean_error(run(["quantize", str(chat_models["v2"]), "--quant", "int3", "-o", str(out)]),
+    assert_clean_error(call(["quantize", str(chat_models["v2"]), "--quant", "int3", "-o", str(out)]),
                        "unknown quantization 'int3'")
     before = sorted(p.name for p in int4_dir.iterdir())
-    assert_clean_error(run(["quantize", str(chat_models["v2"]), "--quant", "int4", "-o", str(int4_dir)]),
+    assert_clean_error(call(["quantize", str(chat_models["v2"]), "--quant", "int4", "-o", str(int4_dir)]),
                        "already exists")
     assert sorted(p.name for p in int4_dir.iterdir()) == before
-    assert_clean_error(run(["quantize", str(int4_dir), "--quant", "int8", "-o", str(out)]), "already quantized")
+    assert_clean_error(call(["quantize", str(int4_dir), "--quant", "int8", "-o", str(out)]), "already quantized")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -71,8 +71,8 @@ def test_a_directory_whose_config_and_tensors_disagree_is_refused(int4_dir, tmp_
     config = json.loads((bad / "config.json").read_text())
     config["quantization_config"]["bits"] = 8
     (bad / "config.json").write_text(json.dumps(config))
-    assert_clean_error(run(["--model", str(bad)], stdin="hi"), "is torch.uint8", "needs torch.int8")
-    assert_clean_error(run(["--model", str(int4_dir), "--quant", "int8"], stdin="hi"),
+    assert_clean_error(call(["--model", str(bad)], stdin="hi"), "is torch.uint8", "needs torch.int8")
+    assert_clean_error(call(["--model", str(int4_dir), "--quant", "int8"], stdin="hi"),
                        "already quantized to int4")
 
 
@@ -81,7 +81,7 @@ def test_quant_in_the_config_file(chat_models, tmp_path):
     conf.mkdir(parents=True)
     (conf / "config.toml").write_text('quant = "int3"\n')
     env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
-    assert_clean_error(run(["--model", str(chat_models["v2"])], stdin="hi", env=env), "setting 'quant'")
+    assert_clean_error(call(["--model", str(chat_models["v2"])], stdin="hi", env=env), "setting 'quant'")
     (conf / "config.toml").write_text('quant = "int4"\n')
     settings = Settings.load(conf / "config.toml")
     assert quant_name(Options(config=settings)) == "int4"

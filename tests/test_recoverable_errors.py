@@ -4,7 +4,7 @@ on; a cache directory that cannot be written is a warning, and the answer still 
 from __future__ import annotations
 
 import pexpect
-from helpers import PROMPT, ask, run, spawn
+from helpers import PROMPT, ask, call, spawn
 
 from dschat.store import Store
 
@@ -26,7 +26,7 @@ def test_save_to_a_bad_path_is_reported_and_line_mode_goes_on(chat_models, tmp_p
 def test_a_cache_directory_that_is_a_file_is_a_warning(chat_models, tmp_path):
     blocker = tmp_path / "cache-is-a-file"
     blocker.write_text("not a directory")
-    r = run(["--model", str(chat_models["v3"]), "-t", "0", "-n", "4"], stdin="hello",
+    r = call(["--model", str(chat_models["v3"]), "-t", "0", "-n", "4"], stdin="hello",
             env={"XDG_CACHE_HOME": str(blocker)})
     err = r.stderr.decode()
     assert r.returncode == 0, err

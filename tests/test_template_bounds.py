@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from helpers import assert_clean_error, run
+from helpers import assert_clean_error, call
 
 from dschat.template import TemplateError, render
 from dschat.template_bounds import BoundedEnvironment, TemplateLimit, render_bounded
@@ -74,5 +74,5 @@ def model_with_template(chat_models, tmp_path):
     ("{% if false %}{{ messages }}{% endif %}  \n", "chat template rendered an empty prompt"),
 ], ids=["huge", "empty"])
 def test_bad_templates_through_dschat(model_with_template, template, needle):
-    r = run(["--model", str(model_with_template(template)), "--show-prompt"], stdin="hello")
+    r = call(["--model", str(model_with_template(template)), "--show-prompt"], stdin="hello")
     assert_clean_error(r, needle)

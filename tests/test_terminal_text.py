@@ -13,7 +13,7 @@ import pexpect
 import pytest
 import tiny_checkpoints as tc
 import torch
-from helpers import PROMPT, ask, dschat_cmd, run, spawn
+from helpers import PROMPT, ask, call, dschat_cmd, spawn
 
 from dschat.engine import Tokenizer
 from dschat.store import Store
@@ -46,22 +46,22 @@ def test_titles_from_the_first_message_import_and_rename_are_printed_clean(tmp_p
         store.add_message(auto, "user", EVIL)
     exported = {"title": EVIL, "model": "m", "messages": [{"role": "user", "content": "hi"}]}
     (tmp_path / "evil.json").write_text(json.dumps(exported))
-    imported = run(["import", str(tmp_path / "evil.json")], stdin=None)
+    imported = call(["import", str(tmp_path / "evil.json")], stdin=None)
     assert imported.returncode == 0, imported.stderr
-    renamed = run(["import", str(tmp_path / "evil.json")], stdin=None).stdout.decode().strip()
-    assert run(["rename", renamed, EVIL.replace("\x00", "")], stdin=None).returncode == 0
-    listing = run(["conversations"], stdin=None)
+    renamed = call(["import", str(tmp_path / "evil.json")], stdin=None).stdout.decode().strip()
+    assert call(["rename", renamed, EVIL.replace("\x00", "")], stdin=None).returncode == 0
+    listing = call(["conversations"], stdin=None)
     assert listing.returncode == 0
     assert_clean(listing.stdout)
     assert listing.stdout.decode().count("red ok done") == 3
-    assert json.loads(run(["conversations", "--json"], stdin=None).stdout)[0]["title"] == EVIL.replace("\x00", "")  # stored as given
+    assert json.loads(call(["conversations", "--json"], stdin=None).stdout)[0]["title"] == EVIL.replace("\x00", "")  # stored as given
 
 
 def test_replay_prints_messages_clean(chat_models):
     with Store() as store:
         cid = store.create(model=str(chat_models["v3"]))
         store.add_message(cid, "user", EVIL)
-    r = run(["replay", cid, "-t", "0", "-n", "4"], stdin=None)
+    r = call(["replay", cid, "-t", "0", "-n", "4"], stdin=None)
     assert r.returncode == 0, r.stderr
     assert_clean(r.stdout)
     assert "red ok done" in r.stdout.decode()
@@ -123,7 +123,7 @@ def on_a_terminal(args, stdin: bytes) -> bytes:
 def test_a_pipe_mode_answer_is_clean_on_a_terminal_and_exact_in_a_pipe(chat_models, tmp_path):
     answer = "\x1b]0;pwned\x07 hello"  # sets the window title, on a terminal that received it raw
     model = ["--model", str(parrot(chat_models["v3"], tmp_path / "parrot", answer)), "-t", "0", "-n", "20"]
-    piped = run(model, stdin="question")
+    piped = call(model, stdin="question")
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout.decode() == answer + "\n"  # a script gets the exact answer
     shown = on_a_terminal(model, b"question").decode()

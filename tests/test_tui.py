@@ -7,7 +7,7 @@ import stat
 import time
 
 import pytest
-from helpers import make_app, ready, replies, run, send, until
+from helpers import call, make_app, ready, replies, send, until
 
 from dschat.config import Settings
 from dschat.engine import SamplingParams
@@ -141,7 +141,7 @@ async def test_switching_theme_is_remembered(chat_models):
 
 
 async def test_open_a_saved_conversation_from_the_sidebar(chat_models):
-    r = run(["--model", str(chat_models["v3"]), "-t", "0", "-n", "6"], stdin="saved question")
+    r = call(["--model", str(chat_models["v3"]), "-t", "0", "-n", "6"], stdin="saved question")
     assert r.returncode == 0
     saved = Store().latest()
     app = make_app(chat_models["v3"], "-n", "6")
