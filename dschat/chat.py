@@ -12,9 +12,11 @@ cache still reuses the longest common prefix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from typing import Iterable, Iterator
 
+from .prompt_fit import check_fits
 from .template import completion_prompt, encode_marked, render_marked, unmark
 
 
@@ -52,6 +54,7 @@ class Chat:
         self.text: str | None = None
         self._before_last: tuple[list[int], str | None] | None = None
         self._rewound = None  # the state before the last rewind, for restore()
+        self.context: int | None = None  # the model's context window, when known: a prompt must fit it
 
     @property
     def completing(self) -> bool:
@@ -67,6 +70,7 @@ class Chat:
         if self.completing:  # --raw, or a base model: text completion
             text = "".join(m["content"] for m in messages if m["role"] != "system") if self.raw \
                 else messages[-1]["content"]
+            check_fits(text, self._room(0), self.tok.encode_plain)
             return completion_prompt(self.tok, text)
         text = render_marked(self.tok, messages)
         if self.ids and self.text is None:
@@ -76,9 +80,16 @@ class Chat:
                 self.text = history
             else:
                 self.ids = []
+        encode = partial(encode_marked, self.tok)
         if self.ids and text.startswith(self.text):
-            return text, self.ids + encode_marked(self.tok, text[len(self.text):])
-        return text, encode_marked(self.tok, text)
+            check_fits(text[len(self.text):], self._room(len(self.ids)), encode)
+            return text, self.ids + encode(text[len(self.text):])
+        check_fits(text, self._room(0), encode)
+        return text, encode(text)
+
+    def _room(self, used: int) -> int | None:
+        """How many prompt tokens may follow `used` ones (one position is kept for the reply)."""
+        return None if self.context is None else self.context - 1 - used
 
     def turn(self, user: str) -> Turn:
         """The prompt for the next user message (nothing is changed until `commit`)."""

@@ -119,6 +119,7 @@ class ChatSession:
             self.lock.acquire(self.conversation_id, wait)
         try:
             self._catch_up()
+            self.chat.context = self.engine.context_length  # a prompt that cannot fit fails before it is tokenized
             return make()
         except BaseException:  # no turn (a template that refuses it, nothing to regenerate): let it go
             self.lock.release()

@@ -8,6 +8,8 @@ import json
 import pytest
 from helpers import assert_clean_error, call
 
+from dschat.engine import Tokenizer
+from dschat.prompt_fit import _LINE_START
 from dschat.store import MAX_IMPORT_BYTES, MAX_IMPORT_CHARS, Store, StoreError, read_json_file
 
 
@@ -58,3 +60,32 @@ def test_import_through_dschat(tmp_path, content, needle):
     p.write_text(content)
     assert_clean_error(call(["import", str(p)], stdin=None), needle)
     assert json.loads(call(["conversations", "--json"], stdin=None).stdout) == []
+
+
+def test_a_huge_imported_conversation_is_refused_from_its_tail(small_context, tmp_path):
+    """Continuing an import of millions of characters fails on the prompt's last characters alone, not after
+    tokenizing all of it (the error names that check); nothing is added to the conversation."""
+    line = "the quick brown fox jumps over the lazy dog, again and again\n"
+    huge = chat("user", "assistant")
+    for m in huge["messages"]:
+        m["content"] = line * (MAX_IMPORT_CHARS // 2 // len(line))  # as much as an import may hold
+    p = tmp_path / "huge.json"
+    p.write_text(json.dumps(huge))
+    imported = call(["import", str(p)], stdin=None)
+    assert imported.returncode == 0, imported.stderr
+    cid = imported.stdout.decode().strip()
+    r = call(["--model", str(small_context), "--conversation", cid, "-t", "0", "next question"], stdin=None)
+    assert_clean_error(r, "the prompt does not fit the context window: its last ", "characters alone are")
+    with Store() as store:
+        assert len(store.get(cid).messages) == 2
+
+
+def test_the_tail_is_tokenized_as_the_whole_text_has_it(small_context):
+    """Where the tail check cuts (after a line break a non-space follows), the tokens of the two sides are
+    the tokens of the whole: digits, CJK, punctuation, indentation and blank lines around the cut."""
+    tok = Tokenizer.from_dir(small_context)
+    text = "def f(x):\n    return x  \n\n12345\n中文字符\n  \n!!?\n\tindent\nword\r\nend 7\n"
+    cuts = [m.end() for m in _LINE_START.finditer(text)]
+    assert len(cuts) == 5
+    for cut in cuts:
+        assert tok.encode(text[:cut]) + tok.encode(text[cut:]) == tok.encode(text), repr(text[cut:cut + 8])
