@@ -128,10 +128,10 @@ def sampling_params(opts: Options, engine, prompt_len: int):
     gen, conf = engine.generation_config, opts.config
 
     def pick(flag, conf_value, gen_key, default):
-        for v in (flag, conf_value, gen.get(gen_key)):
+        for v in (flag, conf_value):
             if v is not None:
                 return v
-        return default
+        return model_default(engine, gen_key, default)
 
     temperature = pick(opts.temperature, conf.temperature, "temperature", 0.6)
     if opts.temperature is None and conf.temperature is None and gen.get("do_sample") is False:
@@ -144,6 +144,20 @@ def sampling_params(opts: Options, engine, prompt_len: int):
     return SamplingParams(temperature=float(temperature), top_p=float(pick(opts.top_p, conf.top_p, "top_p", 1.0)),
                           top_k=int(pick(opts.top_k, conf.top_k, "top_k", 0)), seed=opts.seed,
                           max_tokens=int(min(max_tokens, room)))
+
+
+def model_default(engine, key: str, default):
+    """A sampling default from the model's generation_config.json (`default` when it has none), checked as the
+    flag is: a bad one is an error naming the file and the field."""
+    from dschat.engine import ModelError  # deferred: torch
+
+    value = engine.generation_config.get(key)
+    if value is None:
+        return default
+    why = problem("max_tokens" if key == "max_new_tokens" else key, value)
+    if why:
+        raise ModelError(f"{Path(engine.path) / 'generation_config.json'}: {key!r} {why} (it is {json.dumps(value)})")
+    return value
 
 
 def stats_json(stats) -> str:
