@@ -18,7 +18,7 @@ from .runtime import Options, load_engine, print_stats, stats_json
 from .session import ChatSession
 from .signals import Stopped, signals_held
 from .store import Store, StoreError, names_a_file, read_json_file
-from .terminal_text import terminal_safe
+from .terminal_text import SafeStream, terminal_safe
 from .turn_lock import ConversationBusy
 
 HELP = """\
@@ -43,9 +43,10 @@ class Printer:
         self.in_code = False
         self.lexer = None
         self.formatter = formatter or terminal_formatter(None)
+        self.safe = SafeStream()
 
     def write(self, text: str):
-        text = terminal_safe(text, body=True)
+        text = self.safe.feed(text)
         if not self.colour:
             self.out.write(text)
             self.out.flush()
@@ -57,10 +58,10 @@ class Printer:
         self.out.flush()
 
     def close(self):
-        if self.line:
-            self.out.write(self._render(self.line) if self.colour else "")
-            self.line = ""
-        self.out.write("\n")
+        rest = self.safe.flush()  # an unfinished escape sequence at the end: nothing
+        if self.colour:
+            rest, self.line = self._render(self.line + rest) if self.line + rest else "", ""
+        self.out.write(rest + "\n")
         self.out.flush()
 
     def _render(self, line: str) -> str:

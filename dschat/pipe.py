@@ -11,7 +11,7 @@ from dschat.engine import Tokenizer, resolve
 from .runtime import Options, load_engine, model_name, print_stats
 from .session import ChatSession, open_chat
 from .signals import signals_held
-from .terminal_text import for_output, json_for_output
+from .terminal_text import SafeStream, json_for_output
 
 
 def answer(opts: Options, message: str) -> int:
@@ -30,11 +30,13 @@ def answer(opts: Options, message: str) -> int:
 def stream_answer(session: ChatSession, turn):
     """The reply on stdout as it is generated, then saved (an interrupted one too, marked)."""
     out = sys.stdout
+    safe = SafeStream() if out.isatty() else None  # on a terminal without escape sequences; exact elsewhere
     wrote_newline, failed = True, True
     try:
         for piece in session.stream(turn):
-            wrote_newline = piece.endswith("\n")  # before the write, which a signal may interrupt
-            out.write(for_output(piece, out))  # on a terminal without escape sequences; exact elsewhere
+            piece = safe.feed(piece) if safe else piece
+            wrote_newline = piece.endswith("\n") if piece else wrote_newline  # before the write (a signal)
+            out.write(piece)
             out.flush()
         failed = False
     except KeyboardInterrupt:  # Ctrl+C, SIGTERM, SIGHUP: the partial answer is kept, marked
@@ -42,7 +44,9 @@ def stream_answer(session: ChatSession, turn):
         raise
     finally:
         with signals_held():  # a signal now waits until the turn is saved
-            if not wrote_newline:
+            rest = safe.flush() if safe else ""
+            out.write(rest)
+            if not (rest.endswith("\n") if rest else wrote_newline):
                 out.write("\n")
                 out.flush()
             session.finish(turn, failed)

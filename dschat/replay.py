@@ -13,7 +13,7 @@ from .config import Settings
 from .options import add_model_options, add_output_options, add_sampling_options, command_parser
 from .runtime import Options, load_engine, print_stats, sampling_params
 from .store import Store, names_a_file, read_json_file
-from .terminal_text import terminal_safe
+from .terminal_text import SafeStream, terminal_safe
 
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "max_tokens")
 
@@ -75,10 +75,11 @@ def replay(engine, data: dict, opts: Options, compare_answers: bool) -> int:
         out.write(f"── user ({n}) ──\n{terminal_safe(user['content'].rstrip(), body=True)}\n── assistant ──\n")
         out.flush()
         params = sampling_params(opts, engine, len(turn.prompt_ids))
+        safe = SafeStream()
         for piece in chat.stream(turn, engine.generate(turn.prompt_ids, params)):
-            out.write(terminal_safe(piece, body=True))
+            out.write(safe.feed(piece))
             out.flush()
-        out.write("\n")
+        out.write(safe.flush() + "\n")
         if opts.stats:
             print_stats(engine.stats)
         if not compare_answers:
