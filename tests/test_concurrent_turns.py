@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pexpect
-from helpers import PROMPT, ask, dschat_cmd, run, spawn
+from helpers import PROMPT, ask, dschat_cmd, make_app, ready, run, send, spawn, until
 
 from dschat.engine import Tokenizer
 from dschat.store import Store
+from dschat.tui.message_view import MessageView
+from dschat.tui.prompt_area import PromptArea
+
+HOLD = ("import sys; from dschat.turn_lock import TurnLock; t = TurnLock(); t.acquire(sys.argv[1]); "
+        "print(1, flush=True); input()")  # a process that holds a conversation until its stdin closes
 
 
-def assert_each_turn_saw_the_turns_before(model_dir, n_messages: int):
-    """The latest conversation is one chain of `n_messages`, and the prompt each turn ran with holds every
-    message saved before it, in order."""
+def assert_each_turn_saw_the_turns_before(model_dir, n_messages: int, regenerated: int = 0):
+    """The latest conversation is one chain of `n_messages` (beside it only `regenerated` answers), and the
+    prompt each turn ran with holds every message saved before it, in order."""
     with Store() as store:
         conv = store.latest()
         everything = store._messages(conv.id)
     msgs = conv.messages
-    assert len(everything) == len(msgs) == n_messages  # one chain: no turn was saved beside another
+    assert len(everything) - regenerated == len(msgs) == n_messages  # one chain: no turn saved beside another
     tok = Tokenizer.from_dir(model_dir)
     for k in range(2, n_messages, 2):
         prompt = tok.decode(msgs[k].token_ids, skip_special_tokens=True)
@@ -55,3 +61,39 @@ def test_a_line_mode_turn_follows_a_dschat_c_run_between_its_turns(chat_models):
     p.expect(pexpect.EOF)
     msgs = assert_each_turn_saw_the_turns_before(chat_models["v3"], 6)
     assert [m.content for m in msgs[::2]] == ["line one", "piped between", "line two"]
+
+
+async def test_a_tui_turn_does_not_wait_and_follows_what_was_saved_meanwhile(chat_models):
+    """While another process holds the conversation, the TUI says so and keeps the text; once it is saved,
+    the TUI's next turn shows it and is asked after it; so does a regeneration."""
+    app = make_app(chat_models["v3"], "-n", "6")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "tui one")
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, app.conv_id], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, env=dict(os.environ))
+        assert holder.stdout.readline()  # it holds the conversation
+        prompt = app.query_one(PromptArea)
+        prompt.text = "tui two"
+        prompt.focus()
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert not app.busy and app.turns_done == 1 and prompt.text == "tui two"  # not sent, not lost
+        assert any("another dschat is answering" in str(n.message) for n in app._notifications)
+        holder.communicate(b"\n", timeout=30)
+        pipe = ["--model", str(chat_models["v3"]), "-t", "0", "-n", "6", "-c"]
+        assert run(pipe + ["piped between"], stdin=None).returncode == 0
+        await send(pilot, app, "tui two")
+        assert [v.text.strip() for v in app.query(MessageView) if v.role == "user"] == \
+            ["tui one", "piped between", "tui two"]
+        assert run(pipe + ["piped again"], stdin=None).returncode == 0
+        done = app.turns_done
+        await pilot.press("ctrl+r")  # a new answer to the last prompt, which is now "piped again"
+        await until(pilot, lambda: app.turns_done > done)
+        await pilot.pause(0.2)
+        shown = [(v.role, v.text.strip()) for v in app.query(MessageView)]
+    assert [text for role, text in shown if role == "user"] == ["tui one", "piped between", "tui two", "piped again"]
+    assert [role for role, _ in shown] == ["user", "assistant"] * 4
+    msgs = assert_each_turn_saw_the_turns_before(chat_models["v3"], 8, regenerated=1)
+    assert [m.content for m in msgs[::2]] == ["tui one", "piped between", "tui two", "piped again"]
+    assert len(Store().siblings(msgs[-1].id)) == 2  # the regenerated answer beside the piped one
