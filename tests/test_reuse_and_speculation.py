@@ -170,13 +170,15 @@ def test_speculative_sampling_end_to_end_distribution(tmp_path):
     mtp_eng = fresh(path, speculative="mtp", draft_tokens=2)
     p = [1, 2, 3, 4]
 
-    def hist(eng, n=800):
+    def hist(eng, max_tokens, n=800):
         c = torch.zeros(8)
         for s in range(n):
-            out = list(eng.generate(p, SamplingParams(temperature=1.0, seed=s, max_tokens=3, ignore_eos=True)))
+            out = list(eng.generate(p, SamplingParams(temperature=1.0, seed=s, max_tokens=max_tokens, ignore_eos=True)))
             c[out[1]] += 1
         return c / n
 
-    a, b = hist(plain_eng), hist(mtp_eng)
+    # Drafting decides the second token only with room for a draft after it (max_tokens 3); plain decoding
+    # gives the same second token for a seed however many follow, so it stops there (a third less work).
+    a, b = hist(plain_eng, 2), hist(mtp_eng, 3)
     assert mtp_eng.stats.draft_tokens > 0
     assert 0.5 * float((a - b).abs().sum()) < 0.1
