@@ -14,7 +14,7 @@ from .config import Settings
 from .errors import UsageError, error_text
 from .options import add_model_options, add_output_options, add_sampling_options
 from .runtime import Options
-from .signals import default_signals, exit_code, stop_on_signals, stop_received
+from .signals import exit_code, stop_on_signals, stop_received
 
 DESCRIPTION = """\
 dschat: chat with DeepSeek models (V2, V2-Lite, V2.5, Coder-V2, V3, R1) on a local engine.
@@ -109,7 +109,6 @@ def run_interactive(opts: Options, plain: bool) -> int:
         return run_line_mode(opts)
     from .tui import run_tui  # deferred: torch and Textual
 
-    default_signals()  # the TUI handles SIGTERM and SIGHUP on its loop
     return run_tui(opts)
 
 

@@ -15,7 +15,7 @@ _first: int | None = None  # the first stopping signal received while starting
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP: handled wherever Ctrl+C is, with its own exit code."""
+    """SIGTERM or SIGHUP (or a SIGINT the TUI received): handled wherever Ctrl+C is, with its own exit code."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -50,12 +50,6 @@ def stop_on_signals():
     """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP raise Stopped, in the main thread."""
     for sig in STOPPING:
         signal.signal(sig, _stop)
-
-
-def default_signals():
-    """For the TUI: SIGINT as the interpreter handles it (Textual reads Ctrl+C as a key). SIGTERM and SIGHUP
-    raise Stopped until the app runs, then its loop handles them (tui/app.py)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def exit_code(interrupt: KeyboardInterrupt) -> int:

@@ -1,5 +1,6 @@
 """End-to-end runs in a real terminal: tmux starts `dschat`, a message is typed, the reply is read off
-the screen, Ctrl+Q quits, and the conversation is in the history; SIGTERM or SIGHUP during a reply keeps it."""
+the screen, Ctrl+Q quits, and the conversation is in the history; SIGTERM, SIGHUP or SIGINT during a reply
+keeps it."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def test_tui_in_tmux(chat_models, tmp_path):
     assert reply.split()[0][:8] in text  # what the screen showed is what was saved
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_during_a_tui_reply_keeps_it_and_restores_the_terminal(chat_models, sig, tmp_path):
     sock, status = f"dschat-test-{os.getpid()}-{sig}", tmp_path / "status"
     start(sock, status, "--model", str(chat_models["v3"]), "-t", "1.0", "-n", "100000", "--seed", "2")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from ..keymap import check_keymap
 from ..paths import xdg
 from ..runtime import DEMO_DIR, Options, load_engine, model_name
 from ..session import ChatSession
-from ..signals import Stopped
+from ..signals import STOPPING, Stopped
 from ..store import Store, StoreError
 from ..terminal_text import terminal_safe
 from .ask_screen import AskScreen
@@ -71,7 +70,7 @@ class ChatApp(App):
         self.turns_done = 0  # completed or stopped replies (tests wait on it)
         self.code_theme = None  # a Pygments style for code blocks, when the config names one
         self.closing = False  # quitting: a streaming reply is saved, then the app exits; late workers keep quiet
-        self.stopped_by: int | None = None  # SIGTERM or SIGHUP, when one ended the app
+        self.stopped_by: int | None = None  # SIGTERM, SIGHUP or SIGINT, when one ended the app
 
     # -- layout -------------------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -325,7 +324,7 @@ class ChatApp(App):
         self.exit()
 
     def stop_on_signal(self, signum: int):
-        """SIGTERM or SIGHUP, on the app's loop: as Ctrl+Q (a streaming reply stops and is saved, marked
+        """SIGTERM, SIGHUP or SIGINT (`kill -INT`: Ctrl+C is a key here), on the app's loop: as Ctrl+Q (a streaming reply stops and is saved, marked
         interrupted), then dschat ends with the signal's exit code (run_tui)."""
         self.stopped_by = self.stopped_by or signum
         self.call_later(self.action_quit)
@@ -509,16 +508,16 @@ class ChatApp(App):
 
 
 def run_tui(opts: Options) -> int:
-    """Run the app. SIGTERM and SIGHUP are handled on its loop, as Textual's own events are: a handler that
-    raised in the main thread, as pipe and line mode's do, would interrupt Textual wherever it was."""
+    """Run the app. SIGTERM, SIGHUP and SIGINT are handled on its loop, as Textual's own events are: a handler
+    that raised in the main thread, as pipe and line mode's do, would interrupt Textual wherever it was."""
     check_keymap(opts.config.keys, {b.id for b in ChatApp.BINDINGS if b.id}, opts.config.path)
     app, loop = ChatApp(opts), asyncio.new_event_loop()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in STOPPING:
         loop.add_signal_handler(sig, app.stop_on_signal, sig)
     try:
         app.run(loop=loop)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        for sig in STOPPING:
             loop.remove_signal_handler(sig)
         loop.close()
     if app.stopped_by:
