@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pexpect
-from helpers import PROMPT, ask, dschat_cmd, make_app, ready, run, send, spawn, until
+from helpers import PROMPT, ask, call, dschat_cmd, make_app, ready, run, send, spawn, until
 
 from dschat.engine import Tokenizer
 from dschat.store import Store
@@ -37,7 +37,7 @@ def assert_each_turn_saw_the_turns_before(model_dir, n_messages: int, regenerate
 
 def test_four_concurrent_continued_turns_each_see_the_turns_saved_before(chat_models):
     model = ["--model", str(chat_models["v3"]), "-t", "0", "-n", "6"]
-    assert run(model + ["first question"], stdin=None).returncode == 0
+    assert call(model + ["first question"], stdin=None).returncode == 0
     runs = [subprocess.Popen(dschat_cmd() + model + ["-c", f"question {i}"], stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
             for i in range(4)]
