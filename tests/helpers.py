@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -211,13 +212,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(path: Path, out: Path, ids: list[int], ranks: int = 2, fp8: str = "dequant", quant: str = "",
-              ok: bool = True):
+def run_ranks(cases: list[dict], ids: list[int], ranks: int = 2, ok: bool = True):
+    """One torchrun of tests/tp_worker.py over each case ({"path", "out", "fp8", "quant"}) in turn; what
+    rank 0 wrote for each case, in order (the finished process instead when not `ok`)."""
+    cases = [{k: str(v) for k, v in case.items()} for case in cases]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-           f"--master-port={free_port()}", str(WORKER), str(path), str(out), ",".join(map(str, ids))]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TP_TEST_FP8": fp8, "TP_TEST_QUANT": quant}
+           f"--master-port={free_port()}", str(WORKER), ",".join(map(str, ids)), json.dumps(cases)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if not ok:
         return r
     assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(out)
+    return [torch.load(case["out"]) for case in cases]

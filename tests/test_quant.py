@@ -110,16 +110,31 @@ def test_fp8_weights_requantize_to_int4(checkpoints, tmp_path):
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_two_ranks_compute_what_one_quantized_process_does(tmp_path, quant):
-    """Row splits fall on whole groups here (every split input dimension is 2 x 128), so each rank holds
-    exactly its slice of the single process's packed weights."""
+RANK_QUANTS = ("int8", "int4")
+RANK_IDS = list(range(40, 56))
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    """A checkpoint whose row splits fall on whole groups (every split input dimension is 2 x 128), so each
+    rank holds exactly its slice of the single process's packed weights."""
     cfg = tc.v2_lite_config()
     cfg.update(num_attention_heads=8, num_key_value_heads=8, moe_intermediate_size=128, intermediate_size=256,
                num_hidden_layers=2)
-    path = tc.write_checkpoint(tmp_path / "aligned", cfg, seed=5)
-    ids = list(range(40, 56))
-    got = run_ranks(path, tmp_path / "out.pt", ids, quant=quant)
+    return tc.write_checkpoint(tmp_path_factory.mktemp("aligned") / "aligned", cfg, seed=5)
+
+
+@pytest.fixture(scope="module")
+def quantized_ranks(aligned, tmp_path_factory) -> dict:
+    """What rank 0 computed for int8 and int4, from one torchrun."""
+    out = tmp_path_factory.mktemp("ranks")
+    cases = [{"path": aligned, "out": out / f"{q}.pt", "quant": q} for q in RANK_QUANTS]
+    return dict(zip(RANK_QUANTS, run_ranks(cases, RANK_IDS)))
+
+
+@pytest.mark.parametrize("quant", RANK_QUANTS)
+def test_two_ranks_compute_what_one_quantized_process_does(aligned, quantized_ranks, quant):
+    path, ids, got = aligned, RANK_IDS, quantized_ranks[quant]
     eng = Engine.from_pretrained(path, dtype=torch.float32, quant=quant)
     want = eng.logits(ids)
     assert float((got["logits"] - want).abs().max() / want.abs().max()) < 1e-4
@@ -129,7 +144,7 @@ def test_two_ranks_compute_what_one_quantized_process_does(tmp_path, quant):
 def test_a_saved_int4_directory_splits_only_on_whole_groups(checkpoints, tmp_path):
     out = tmp_path / "int4"
     quantize_checkpoint(checkpoints["v2_lite"], out, "int4", progress=lambda done, total: None)
-    r = run_ranks(out, tmp_path / "out.pt", [5, 6, 7], quant="", ok=False)
+    r = run_ranks([{"path": out, "out": tmp_path / "out.pt"}], [5, 6, 7], ok=False)
     assert r.returncode != 0
     assert "o_proj.weight': its 128 input features do not split into 2 whole groups of 128" in r.stderr
 

@@ -15,11 +15,22 @@ import torch
 from dschat.engine import Engine, SamplingParams
 
 
-@pytest.mark.parametrize("kind, fp8", [("v2_lite", "dequant"), ("v2", "dequant"), ("v3", "dequant"),
-                                       ("v3_fp8", "dequant"), ("v3_fp8", "keep")])
-def test_two_ranks_compute_what_one_does(checkpoints, tmp_path, kind, fp8):
-    ids = torch.randint(2, 500, (24,), generator=torch.Generator().manual_seed(3)).tolist()
-    got = run_ranks(checkpoints[kind], tmp_path / "out.pt", ids, fp8=fp8)
+CASES = [("v2_lite", "dequant"), ("v2", "dequant"), ("v3", "dequant"), ("v3_fp8", "dequant"), ("v3_fp8", "keep")]
+IDS = torch.randint(2, 500, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(checkpoints, tmp_path_factory) -> dict:
+    """What rank 0 computed for every case, from one torchrun (its start costs more than a case)."""
+    out = tmp_path_factory.mktemp("ranks")
+    cases = [{"path": checkpoints[kind], "out": out / f"{kind}-{fp8}.pt", "fp8": fp8} for kind, fp8 in CASES]
+    return dict(zip(CASES, run_ranks(cases, IDS)))
+
+
+@pytest.mark.parametrize("kind, fp8", CASES)
+def test_two_ranks_compute_what_one_does(checkpoints, two_ranks, kind, fp8):
+    ids = IDS
+    got = two_ranks[kind, fp8]
     eng = Engine.from_pretrained(checkpoints[kind], device="cpu", dtype=torch.float32,
                                  speculative=tc.drafter(checkpoints[kind]))
     want = eng.logits(ids)

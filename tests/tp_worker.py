@@ -1,10 +1,14 @@
-"""One rank of a tensor-parallel run (started by torchrun from test_tensor_parallel.py).
+"""The ranks of a tensor-parallel run (started by torchrun from test_tensor_parallel.py and test_quant.py).
 
-Every rank loads the same checkpoint and makes the same calls; rank 0 writes what the test compares with a
-single-process engine: the plain-path logits, greedy tokens through the latent cache (drafting with MTP
-or n-gram lookup), a second turn that reuses the cache, and each rank's tokens of an unseeded sampled
-generation (which must agree across ranks)."""
+    tp_worker.py IDS CASES_JSON      IDS "1,2,3"; CASES_JSON [{"path", "out", "fp8", "quant"}, ...]
 
+Every rank loads each case's checkpoint in turn and makes the same calls; rank 0 writes to the case's `out`
+what the test compares with a single-process engine: the plain-path logits, greedy tokens through the
+latent cache (drafting with MTP or n-gram lookup), a second turn that reuses the cache, and each rank's
+tokens of an unseeded sampled generation (which must agree across ranks). Several cases share one
+launch: starting torchrun and its ranks costs more than a case."""
+
+import json
 import os
 import sys
 
@@ -17,10 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_checkpoints as tc  # noqa: E402
 
 
-def main(path: str, out: str, ids: list[int]):
-    dist.init_process_group("gloo")
-    eng = Engine.from_pretrained(path, device="cpu", dtype=torch.float32, fp8=os.environ.get("TP_TEST_FP8", "dequant"),
-                                 quant=os.environ.get("TP_TEST_QUANT") or None, speculative=tc.drafter(path))
+def run_case(case: dict, ids: list[int]):
+    path = case["path"]
+    eng = Engine.from_pretrained(path, device="cpu", dtype=torch.float32, fp8=case.get("fp8", "dequant"),
+                                 quant=case.get("quant") or None, speculative=tc.drafter(path))
     logits = eng.logits(ids)
     greedy = list(eng.generate(ids, SamplingParams(max_tokens=10)))
     follow = ids + greedy + [7, 8, 9]
@@ -31,9 +35,15 @@ def main(path: str, out: str, ids: list[int]):
     dist.all_gather_object(everyone, sampled)
     if dist.get_rank() == 0:
         torch.save({"logits": logits, "greedy": greedy, "second": second, "cached": cached,
-                    "sampled": everyone, "ranks": dist.get_world_size()}, out)
+                    "sampled": everyone, "ranks": dist.get_world_size()}, case["out"])
+
+
+def main(ids: list[int], cases: list[dict]):
+    dist.init_process_group("gloo")
+    for case in cases:
+        run_case(case, ids)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], [int(t) for t in sys.argv[3].split(",")])
+    main([int(t) for t in sys.argv[1].split(",")], json.loads(sys.argv[2]))
