@@ -129,12 +129,13 @@ def to_fp8(model: Transformer):
             m.w2 = torch.nn.Parameter(q, requires_grad=False)
 
 
-def transformers_twin(eng: Engine):
-    """transformers' DeepseekV2ForCausalLM over the engine's own tensors (assigned, not copied)."""
+def transformers_twin(eng: Engine, config: dict):
+    """transformers' DeepseekV2ForCausalLM of this hub config over the engine's own tensors (assigned, not
+    copied)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
-    config = transformers.AutoConfig.for_model(**json.loads(json.dumps(eng.config.raw)))
+    config = transformers.AutoConfig.for_model(**json.loads(json.dumps(config)))
     with torch.device("meta"):
         ref = transformers.AutoModelForCausalLM.from_config(config, dtype=eng.dtype)
     state = {k.replace("experts.w13", "experts.gate_up_proj").replace("experts.w2", "experts.down_proj"): v
@@ -268,11 +269,12 @@ def run(device: torch.device, dtype: torch.dtype, sizes: dict, smoke: bool, with
     except ImportError:
         r["triton"] = None
     r["copy_bytes_per_s"] = bw = bandwidth(device, sizes["copy_gb"])
-    eng = random_engine(v2_lite_shapes(smoke), device, dtype, sizes["cache_gb"])
+    shapes = v2_lite_shapes(smoke)
+    eng = random_engine(shapes, device, dtype, sizes["cache_gb"])
     ref = None
     if with_transformers:
         try:  # one GPU run measures everything: a transformers failure is recorded, not fatal
-            ref = transformers_twin(eng)
+            ref = transformers_twin(eng, shapes)
         except Exception as e:  # noqa: BLE001
             r["transformers_error"] = f"{type(e).__name__}: {e}"
     for ctx in sizes["contexts"]:
