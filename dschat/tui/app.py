@@ -324,8 +324,9 @@ class ChatApp(App):
         self.exit()
 
     def stop_on_signal(self, signum: int):
-        """SIGTERM, SIGHUP or SIGINT (`kill -INT`: Ctrl+C is a key here), on the app's loop: as Ctrl+Q (a streaming reply stops and is saved, marked
-        interrupted), then dschat ends with the signal's exit code (run_tui)."""
+        """SIGTERM, SIGHUP or SIGINT (`kill -INT`: Ctrl+C is a key here), on the app's loop: as Ctrl+Q (a
+        streaming reply stops and is saved, marked interrupted), then dschat ends with the signal's exit code
+        (run_tui)."""
         self.stopped_by = self.stopped_by or signum
         self.call_later(self.action_quit)
 
