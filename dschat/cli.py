@@ -133,7 +133,10 @@ def show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def interrupted(e: KeyboardInterrupt) -> int:
-    sys.stderr.write(f"\ndschat: interrupted{f' ({e})' if str(e) else ''}\n")
+    try:
+        sys.stderr.write(f"\ndschat: interrupted{f' ({e})' if str(e) else ''}\n")
+    except OSError:  # the terminal was closed (SIGHUP): nobody to tell, and the exit code still says it
+        pass
     return exit_code(e)
 
 

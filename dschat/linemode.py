@@ -8,6 +8,7 @@ Ctrl+D exits. Slash commands: /system, /clear, /save, /load, /regen, /stats, /he
 from __future__ import annotations
 
 import sys
+from contextlib import suppress
 
 from .chat import Turn
 from .errors import error_text
@@ -181,9 +182,10 @@ def reply(session: ChatSession, turn: Turn, formatter):
     except Exception as e:  # context full, out of memory, ...: say so and go on
         error, turn.interrupted = error_text(e), True
     with signals_held():  # a signal now waits until the turn is saved
-        printer.close()
-        if error:
-            print(f"(error: {error})")
+        with suppress(OSError):  # the terminal was closed (the SIGHUP is on its way): the turn is still saved
+            printer.close()
+            if error:
+                print(f"(error: {error})")
         kept = session.finish(turn, failed=error is not None)
     if stopped:
         raise stopped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import suppress
 from dataclasses import replace
 
 from dschat.engine import Tokenizer, resolve
@@ -36,20 +37,31 @@ def stream_answer(session: ChatSession, turn):
         for piece in session.stream(turn):
             piece = safe.feed(piece) if safe else piece
             wrote_newline = piece.endswith("\n") if piece else wrote_newline  # before the write (a signal)
-            out.write(piece)
-            out.flush()
+            write(out, piece, turn)
         failed = False
     except KeyboardInterrupt:  # Ctrl+C, SIGTERM, SIGHUP: the partial answer is kept, marked
         turn.interrupted, failed = True, False
         raise
     finally:
         with signals_held():  # a signal now waits until the turn is saved
-            rest = safe.flush() if safe else ""
-            out.write(rest)
-            if not (rest.endswith("\n") if rest else wrote_newline):
-                out.write("\n")
-                out.flush()
+            with suppress(OSError):  # stdout is gone (see `write`): the turn is saved all the same
+                rest = safe.flush() if safe else ""
+                out.write(rest)
+                if not (rest.endswith("\n") if rest else wrote_newline):
+                    out.write("\n")
+                    out.flush()
             session.finish(turn, failed)
+
+
+def write(out, piece: str, turn):
+    """A piece of the answer on stdout. When stdout is gone (its terminal closed: EIO, the SIGHUP on its way;
+    the reader went away: EPIPE), the reply so far is kept, marked interrupted, and the error ends dschat."""
+    try:
+        out.write(piece)
+        out.flush()
+    except OSError:
+        turn.interrupted = True
+        raise
 
 
 def show_prompt(opts: Options, message: str) -> int:

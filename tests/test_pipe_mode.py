@@ -176,6 +176,24 @@ def test_ctrl_c_while_streaming_exits_130_without_traceback(chat_models):
     assert code == 130 and "Traceback" not in err, err
 
 
+def test_a_reader_that_goes_away_keeps_the_reply_so_far(chat_models):
+    """`dschat ... | head`: the reader closes the pipe mid-answer. dschat ends quietly (141, as for SIGPIPE) and
+    the reply generated so far is saved, marked interrupted."""
+    p = subprocess.Popen(dschat_cmd() + ["--model", str(chat_models["v3"]), "-t", "1.0", "-n", "100000",
+                                         "--seed", "1"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdin.write(b"tell me a long story")
+    p.stdin.close()
+    assert p.stdout.read(40)  # the answer streams; then the reader goes
+    p.stdout.close()
+    code = p.wait(timeout=60)
+    err = p.stderr.read().decode()
+    assert code == 128 + signal.SIGPIPE and "Traceback" not in err, err
+    conv = Store().latest()
+    assert conv is not None and [m.role for m in conv.messages] == ["user", "assistant"]
+    assert conv.messages[1].interrupted and len(conv.messages[1].content) >= 10
+
+
 def test_the_chat_without_a_terminal_on_stdout_is_a_clear_error(tmp_path):
     import pty
 

@@ -67,6 +67,14 @@ def exit_status(status: Path, timeout=30) -> str | None:
     return None
 
 
+def running(pid: int) -> bool:
+    """Whether the process runs (not ended, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_tui_in_tmux(chat_models, tmp_path):
     sock, status = f"dschat-test-{os.getpid()}", tmp_path / "status"
     start(sock, status, "--model", str(chat_models["v3"]), "-t", "0", "-n", "8")
@@ -105,6 +113,42 @@ def test_a_signal_during_a_tui_reply_keeps_it_and_restores_the_terminal(chat_mod
         assert f"dschat: interrupted ({sig.name})" in text and "Traceback" not in text, text
     finally:
         tmux(sock, "kill-server", check=False)
+    conv = Store().latest()
+    assert conv is not None and [m.role for m in conv.messages] == ["user", "assistant"]
+    assert conv.messages[1].interrupted and conv.messages[1].content.strip()
+
+
+@pytest.mark.parametrize("mode", ["tui", "plain", "one-shot"])
+def test_closing_the_terminal_during_a_reply_keeps_it_and_ends_dschat(chat_models, tmp_path, mode):
+    """The terminal itself goes away (tmux's server killed: the pane's terminal hangs up, as when a terminal
+    window is closed) while a reply streams, in the TUI, in line mode and for a one-shot answer. dschat gets
+    SIGHUP (and SIGCONT), and its writes to the terminal fail: it saves the partial reply, marked interrupted,
+    and ends, rather than hang on output nobody can read (the TUI did) or drop the turn (the others did)."""
+    sock, status = f"dschat-test-{os.getpid()}-closed-{mode}", tmp_path / "status"
+    model = ["--model", str(chat_models["v3"]), "-t", "1.0", "-n", "100000", "--seed", "2"]
+    start(sock, status, *model, *{"tui": [], "plain": ["--plain"], "one-shot": ["'tell me everything'"]}[mode])
+    try:
+        if mode != "one-shot":
+            wait_for(sock, lambda s: ("ready" if mode == "tui" else "for commands") in s)
+            tmux(sock, "send-keys", "-t", "dschat", "-l", "tell me everything")
+            tmux(sock, "send-keys", "-t", "dschat", "Enter")
+        if mode == "tui":
+            first = used(wait_for(sock, lambda s: "streaming" in s and used(s)))
+            wait_for(sock, lambda s: used(s) > first)  # the reply has started
+        else:
+            first = len(wait_for(sock, lambda s: len(s.strip()) > 60).strip())
+            wait_for(sock, lambda s: len(s.strip()) > first + 40)  # the reply streams
+        shell = pane(sock, "#{pane_pid}")
+        pid = int(subprocess.run(["pgrep", "-P", shell], capture_output=True, text=True).stdout)
+    finally:
+        tmux(sock, "kill-server", check=False)
+    t0 = time.monotonic()
+    while running(pid) and time.monotonic() - t0 < 30:
+        time.sleep(0.2)
+    ended = not running(pid)
+    if not ended:
+        os.kill(pid, signal.SIGKILL)
+    assert ended, "dschat hung after its terminal was closed"
     conv = Store().latest()
     assert conv is not None and [m.role for m in conv.messages] == ["user", "assistant"]
     assert conv.messages[1].interrupted and conv.messages[1].content.strip()

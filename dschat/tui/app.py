@@ -39,6 +39,7 @@ from .help_screen import HelpScreen
 from .message_view import MessageView
 from .prompt_area import PromptArea
 from .reply_markdown import code_theme
+from .terminal_driver import ClosableTerminalDriver
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
@@ -57,7 +58,7 @@ class ChatApp(App):
     ]
 
     def __init__(self, opts: Options):
-        super().__init__()
+        super().__init__(driver_class=ClosableTerminalDriver)
         self.opts = opts
         self.conf = opts.config
         self.engine = None
