@@ -137,14 +137,15 @@ def cut_repeat(completion: str, suffix: str, at_line_start: bool) -> tuple[str, 
 # -- the command ------------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     p = command_parser(
-        "fim", "Fill a hole in a source file with the model's fill-in-the-middle tokens "
+        "fim",
+        description="Fill a hole in a source file with the model's fill-in-the-middle tokens "
                     "(DeepSeek-Coder-V2, V2.5, V3).\n\n"
                     "  dschat fim app.py              the filled file on stdout\n"
                     "  dschat fim -i app.py           rewrite app.py in place (atomically)\n"
                     "  dschat fim --diff app.py       a unified diff of the change\n"
                     "  dschat fim --at 12:5 app.py    a hole at line 12, column 5 (no marker needed)\n"
                     "  cat app.py | dschat fim -      read the file from stdin",
-        f"The hole is the marker {MARKER} (exactly one, or --all to fill each in turn, top to bottom).")
+        epilog=f"The hole is the marker {MARKER} (exactly one, or --all to fill each in turn, top to bottom).")
     p.add_argument("file", help="the source file, or - for stdin")
     p.add_argument("--at", metavar="LINE[:COL]", help="the hole's position (1-based) in a file without a marker")
     p.add_argument("--all", action="store_true", help=f"fill every {MARKER} marker, top to bottom")

@@ -20,12 +20,13 @@ SAMPLING = ("temperature", "top_p", "top_k", "seed", "max_tokens")
 
 def parser() -> argparse.ArgumentParser:
     p = command_parser(
-        "replay", "Re-run the user turns of a saved conversation through a model, printing the transcript.\n\n"
+        "replay",
+        description="Re-run the user turns of a saved conversation through a model, printing the transcript.\n\n"
                     "  dschat replay a1b2c3d4                     the saved model, the saved settings\n"
                     "  dschat replay chat.json --model NEW        another model\n"
                     "  dschat replay a1b2c3d4 --compare           a regression check: does each answer still\n"
                     "                                             equal the saved one? (exit 1 if not)",
-        "With --compare, sampling defaults to greedy (temperature 0) and every turn runs on the saved\n"
+        epilog="With --compare, sampling defaults to greedy (temperature 0) and every turn runs on the saved\n"
                "history, so a difference in one turn does not spill into the next; when the weights are the\n"
                "saved ones, each turn runs on exactly the saved prompt token ids.")
     p.add_argument("source", help="a conversation id, or a JSON file from `dschat export`")
