@@ -1,6 +1,6 @@
-"""dschat's local inference engine for DeepSeek-V2 / V2.5 / Coder-V2 / V3 / R1 checkpoints.
+"""dschat's local inference engine for DeepSeek-V2 / V2.5 / Coder-V2 / V3 / R1 checkpoints. It is installed as
+the package `dschat.engine` and imports nothing of the app, only the kernels beside it (`..kernels`):
 
-    from dschat.engine import Engine, SamplingParams
     eng = Engine.from_pretrained("deepseek-ai/DeepSeek-V2-Lite-Chat", device="cuda")
     for token_id in eng.generate(ids, SamplingParams(temperature=0.0, max_tokens=256)):
         ...

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dschat.kernels.fp8_matmul import dequantize_fp8, fp8_linear
-from dschat.kernels.fused_moe import moe_experts
-from dschat.kernels.mla_decode import mla_decode
+from ..kernels.fp8_matmul import dequantize_fp8, fp8_linear
+from ..kernels.fused_moe import moe_experts
+from ..kernels.mla_decode import mla_decode
 
 from . import dist
 from .config import ModelConfig, yarn_mscale

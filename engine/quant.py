@@ -9,7 +9,7 @@
   norms, the router, lm_head and the MTP module's own projections stay in the model's dtype.
 * Weights are quantized one tensor at a time as the loader reads them (engine/loader.py), or once by
   `dschat quantize` into a directory that says how (`quantization_config` with quant_method "dschat").
-The packed format and the kernels live in dschat.kernels (quant_format, quant_matmul).
+The packed format and the kernels live in kernels/ (quant_format.py, quant_matmul.py).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dschat.kernels.quant_format import Packed, pack_int4
-from dschat.kernels.quant_matmul import quant_matmul
-from dschat.kernels.quant_moe import moe_experts_quant
+from ..kernels.quant_format import Packed, pack_int4
+from ..kernels.quant_matmul import quant_matmul
+from ..kernels.quant_moe import moe_experts_quant
 
 from . import dist
 from .errors import ModelError
@@ -78,7 +78,7 @@ def is_quantized(module_path: str) -> bool:
 
 # -- quantizing --------------------------------------------------------------------------------------------
 def quantize(w: torch.Tensor, s: QuantSpec) -> Packed:
-    """A float weight [N, K] -> its packed form (see dschat/kernels/quant_format.py)."""
+    """A float weight [N, K] -> its packed form (see kernels/quant_format.py)."""
     w = w.float()
     if s.bits == 8:
         scale = (w.abs().amax(dim=-1) / 127).clamp(min=1e-12)
@@ -162,7 +162,7 @@ def _check(p: Packed, s: QuantSpec, n: int, k: int, where: str):
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T with W packed (int8 or int4), dequantised inside the matmul (dschat.kernels.quant_matmul).
+    """y = x W^T with W packed (int8 or int4), dequantised inside the matmul (kernels/quant_matmul.py).
     Buffers `weight`, `weight_scale` and (asymmetric int4) `weight_zero` hold it, under the hub's names."""
 
     def __init__(self, linear: Linear, s: QuantSpec):
@@ -185,7 +185,7 @@ class QuantLinear(nn.Module):
 
 class QuantExperts(nn.Module):
     """A rank's routed experts, stacked as model.Experts stacks them (w13: gate rows then up rows, w2: down),
-    each stack packed; the chosen experts run through dschat.kernels.quant_moe."""
+    each stack packed; the chosen experts run through kernels/quant_moe.py."""
 
     def __init__(self, n: int, dim: int, inter: int, s: QuantSpec):
         super().__init__()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dschat.kernels.fp8_matmul import dequantize_fp8
+from ..kernels.fp8_matmul import dequantize_fp8
 
 from .config import ModelConfig
 from .errors import ModelError
