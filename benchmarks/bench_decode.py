@@ -14,19 +14,15 @@ plain ones. The engine's default speculation per device follows this table.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import tiny_checkpoints as tc  # noqa: E402
-from dschat.runtime import DEMO_DIR  # noqa: E402
-from dschat.engine import Engine, SamplingParams  # noqa: E402
+from dschat.dev import tiny_checkpoints as tc
+from dschat.runtime import DEMO_DIR
+from dschat.engine import Engine, SamplingParams
 
 DEMO_PROMPT = "import os\nimport sys\n\n\ndef main(argv=None):\n    "
 

@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import tiny_checkpoints as tc  # noqa: E402
-from dschat.runtime import DEMO_DIR  # noqa: E402
-from dschat.engine import Engine, ModelConfig, SamplingParams  # noqa: E402
-from dschat.engine.cache import LatentCache  # noqa: E402
-from dschat.engine.model import Experts, Linear, Transformer  # noqa: E402
+from dschat.dev import reference
+from dschat.dev import tiny_checkpoints as tc
+from dschat.runtime import DEMO_DIR
+from dschat.engine import Engine, ModelConfig, SamplingParams
+from dschat.engine.cache import LatentCache
+from dschat.engine.model import Experts, Linear, Transformer
 
 FULL = dict(contexts=[1024, 8192], prefill=[8192, 32768], tokens=64, demo_tokens=128, v3_layers=3, copy_gb=4.0,
             cache_gb=4.0)
@@ -132,20 +132,7 @@ def to_fp8(model: Transformer):
 def transformers_twin(eng: Engine, config: dict):
     """transformers' DeepseekV2ForCausalLM of this hub config over the engine's own tensors (assigned, not
     copied)."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    config = transformers.AutoConfig.for_model(**json.loads(json.dumps(config)))
-    with torch.device("meta"):
-        ref = transformers.AutoModelForCausalLM.from_config(config, dtype=eng.dtype)
-    state = {k.replace("experts.w13", "experts.gate_up_proj").replace("experts.w2", "experts.down_proj"): v
-             for k, v in eng.model.state_dict().items()}
-    missing = ref.load_state_dict(state, strict=False, assign=True).missing_keys
-    if missing:
-        raise RuntimeError(f"transformers wants tensors the engine does not have: {missing[:3]}")
-    with torch.device(eng.device):  # its rotary tables are buffers made at construction
-        ref.model.rotary_emb = type(ref.model.rotary_emb)(config=ref.config)
-    return ref.eval()
+    return reference.twin(eng.model.state_dict(), config, eng.dtype, eng.device)
 
 
 # -- measuring -----------------------------------------------------------------------------------------------
@@ -314,6 +301,8 @@ def show(r: dict):
                      f"{row['same_tokens']})" if "transformers_tok_s" in row else ""
             print(f"V2-Lite decode at {key.rsplit('_', 1)[1]:>5}: {row['dschat_tok_s']:8.1f} tok/s = "
                   f"{row['roofline_fraction']:.0%} of the roofline ({row['roofline_tok_s']:.0f}){theirs}")
+    if "transformers_error" in r:
+        print(f"transformers: not compared ({r['transformers_error']})")
     print("verify 1+K / 1: " + "  ".join(f"{k} {v:.2f}x" for k, v in r["verify_cost"].items()))
     print("prefill: " + "  ".join(f"{n} {v:.0f} tok/s" for n, v in r["prefill_tok_s"].items()))
     print(f"demo MTP {r['demo_mtp_tok_s']:.1f} vs plain {r['demo_plain_tok_s']:.1f} tok/s "

@@ -9,14 +9,11 @@ per second, and the largest difference from the reference.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dschat.kernels.mla_decode import mla_decode_reference, mla_decode_triton  # noqa: E402
+from dschat.kernels.mla_decode import mla_decode_reference, mla_decode_triton
 
 
 def timed(fn, iters=50):

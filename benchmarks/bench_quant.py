@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,19 +27,19 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import tiny_checkpoints as tc  # noqa: E402
-from dschat.engine import Engine, SamplingParams  # noqa: E402
-from dschat.engine.config import ModelConfig  # noqa: E402
-from dschat.engine.loader import Placer, load_model, resolve  # noqa: E402
-from dschat.engine.model import Transformer  # noqa: E402
-from dschat.engine.quant import QuantSpec, convert, is_quantized, packed_layout, quantize  # noqa: E402
-from dschat.kernels.quant_matmul import quant_matmul, quant_matmul_reference  # noqa: E402
-from training.corpus import split, stdlib_files  # noqa: E402
+from dschat.dev import tiny_checkpoints as tc
+from dschat.engine import Engine, SamplingParams
+from dschat.runtime import DEMO_DIR
+from dschat.engine.config import ModelConfig
+from dschat.engine.loader import Placer, load_model, resolve
+from dschat.engine.model import Transformer
+from dschat.engine.quant import QuantSpec, convert, is_quantized, packed_layout, quantize
+from dschat.kernels.quant_matmul import quant_matmul, quant_matmul_reference
+from dschat.training.corpus import split, stdlib_files
 
 PRECISIONS = {"bf16": None, "int8": QuantSpec(8), "int4": QuantSpec(4), "int4-sym": QuantSpec(4, symmetric=True)}
-DEMO = ROOT / "dschat" / "demo_model"
+DEMO = DEMO_DIR
 
 
 def engine(path: Path, name: str, device="cpu", dtype=torch.float32) -> Engine:

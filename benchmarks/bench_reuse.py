@@ -12,18 +12,15 @@
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
-
-import tiny_checkpoints as tc  # noqa: E402
-from bench_decode import bench_config  # noqa: E402
-from dschat.engine import Engine, SamplingParams  # noqa: E402
+from dschat.dev import tiny_checkpoints as tc
+from bench_decode import bench_config
+from dschat.engine import Engine, SamplingParams
+from dschat.runtime import DEMO_DIR
 
 V2_LITE = dict(layers=27, heads=16, kv_lora=512, rope=64, nope=128, v=128)
 V3 = dict(layers=61, heads=128, kv_lora=512, rope=64, nope=128, v=128, mtp=1)
@@ -64,7 +61,7 @@ def bytes_per_token():
 
 def mtp():
     print("\n3. MTP on the bundled demo model (CPU, float32, greedy, 20 code prompts x 64 tokens)")
-    demo = ROOT / "dschat" / "demo_model"
+    demo = DEMO_DIR
     import sysconfig
 
     prompts = []

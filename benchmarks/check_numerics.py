@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-import tiny_checkpoints as tc  # noqa: E402
-from dschat.engine import Engine, SamplingParams  # noqa: E402
+from dschat.dev import tiny_checkpoints as tc
+from dschat.engine import Engine, SamplingParams
 
 
 def main():

@@ -11,11 +11,18 @@ from pathlib import Path
 # Triton kernels run in Triton's interpreter on the CPU; this must be set before triton.jit runs.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
-import torch
+# The tests import the installed dschat, never the repository root: there, kernels/ would shadow the `kernels`
+# package that transformers imports. `python -m pytest` puts the working directory first on sys.path; take the
+# root off again (tests/test_layering.py checks nothing put it back).
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
-sys.path.insert(0, str(Path(__file__).parent))
-import tiny_checkpoints as tc  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dschat.dev import tiny_checkpoints as tc  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 from helpers import CHECKPOINTS  # noqa: E402
 
 # Keep runs hermetic: never touch the user's config, history or caches, never reach the network.

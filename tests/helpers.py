@@ -18,7 +18,8 @@ import warnings
 from pathlib import Path
 
 import pexpect
-import tiny_checkpoints as tc
+from dschat.dev import reference
+from dschat.dev import tiny_checkpoints as tc
 import torch
 
 from dschat.cli import chat_parser, main
@@ -115,11 +116,7 @@ def assert_clean_error(r, *needles, code=None):
 
 
 def load_reference(path: Path):
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval()
+    return reference.load(path, torch.float32)
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
@@ -203,9 +200,6 @@ def engine_fill(engine, text, offset, n=24):
 WORKER = Path(__file__).with_name("tp_worker.py")
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -218,7 +212,7 @@ def run_ranks(cases: list[dict], ids: list[int], ranks: int = 2, ok: bool = True
     cases = [{k: str(v) for k, v in case.items()} for case in cases]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
            f"--master-port={free_port()}", str(WORKER), ",".join(map(str, ids)), json.dumps(cases)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if not ok:
         return r

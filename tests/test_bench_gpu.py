@@ -18,6 +18,7 @@ def test_smoke_run_writes_every_figure(tmp_path, capsys):
     assert bench_gpu.main(["--smoke", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["smoke"] and r["torch"]
+    assert "transformers_error" not in r, r["transformers_error"]  # the reference must build: say why not
     assert 0 < r["roofline_fraction"] and r["vs_transformers"] > 0
     for ctx in bench_gpu.SMOKE["contexts"]:
         row = r[f"v2_lite_decode_{ctx}"]

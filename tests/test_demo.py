@@ -10,7 +10,7 @@ from helpers import run
 
 from dschat.runtime import DEMO_DIR
 from dschat.engine import Engine, SamplingParams
-from training.model import MAX_SHIPPED_MB
+from dschat.training.model import MAX_SHIPPED_MB
 
 
 def test_shipped_weights_match_their_recorded_checksums():

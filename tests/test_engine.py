@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import CHECKPOINTS, load_reference
 
-import tiny_checkpoints as tc
+from dschat.dev import tiny_checkpoints as tc
 from dschat.engine import ContextLengthError, Engine, ModelConfig, ModelError, SamplingParams
 from dschat.engine.loader import dequantize_fp8
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import tiny_checkpoints as tc
+from dschat.dev import tiny_checkpoints as tc
 from dschat.kernels.fp8_matmul import dequantize_fp8, fp8_linear, fp8_linear_reference, fp8_linear_triton
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 from helpers import assert_clean_error, call
 
-import tiny_checkpoints as tc
+from dschat.dev import tiny_checkpoints as tc
 from dschat.engine import Engine, ModelConfig, ModelError
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tiny_checkpoints as tc
+from dschat.dev import tiny_checkpoints as tc
 from helpers import run_ranks
 from dschat.engine import Engine, ModelError, SamplingParams, quantize_checkpoint
 from dschat.engine.quant import QuantLinear, QuantSpec, is_quantized, quantize

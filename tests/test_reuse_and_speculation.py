@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_checkpoints as tc
+from dschat.dev import tiny_checkpoints as tc
 from dschat.engine import ContextLengthError, Engine, SamplingParams
 from dschat.engine.cache import LatentCache
 from dschat.engine.sampling import Sampler, probabilities

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, free_port, run, run_ranks
-import tiny_checkpoints as tc
+from helpers import free_port, run, run_ranks
+from dschat.dev import tiny_checkpoints as tc
 import torch
 
 from dschat.engine import Engine, SamplingParams
@@ -47,7 +47,7 @@ def test_two_ranks_compute_what_one_does(checkpoints, two_ranks, kind, fp8):
 def torchrun_dschat(args, stdin: str, ranks: int = 2):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",
            "-m", "dschat", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300, env=env)
 
 

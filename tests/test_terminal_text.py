@@ -11,7 +11,7 @@ import subprocess
 
 import pexpect
 import pytest
-import tiny_checkpoints as tc
+from dschat.dev import tiny_checkpoints as tc
 import torch
 from helpers import PROMPT, ask, call, dschat_cmd, spawn
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tiny_checkpoints as tc
+from dschat.dev import tiny_checkpoints as tc
 from dschat.template import TemplateError, chat_prompt, completion_prompt, render
 from dschat.engine import ModelError
 from dschat.engine.tokenizer import FIM_TOKENS, Tokenizer

@@ -21,14 +21,14 @@ from dschat.engine import Engine, SamplingParams
 from dschat.engine.config import ModelConfig
 from dschat.engine.model import Transformer
 from dschat.fim import fill
-from training import train_demo
-from training.batches import Batches
-from training.chat_data import CHAT_MODULES, chat_example, chat_pairs, eval_questions
-from training.corpus import split, stdlib_files, stdlib_root
-from training.export import shipped_bytes
-from training.fim_data import fim_example, line_table, pick_hole, token_counter
-from training.loop import MEASURE_AFTER, MEASURE_STEPS, Trainer
-from training.model import MAX_SHIPPED_MB, SIZES, build_model, model_config
+from dschat.training import train_demo
+from dschat.training.batches import Batches
+from dschat.training.chat_data import CHAT_MODULES, chat_example, chat_pairs, eval_questions
+from dschat.training.corpus import split, stdlib_files, stdlib_root
+from dschat.training.export import shipped_bytes
+from dschat.training.fim_data import fim_example, line_table, pick_hole, token_counter
+from dschat.training.loop import MEASURE_AFTER, MEASURE_STEPS, Trainer
+from dschat.training.model import MAX_SHIPPED_MB, SIZES, build_model, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_demo.py"

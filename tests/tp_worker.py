@@ -9,16 +9,13 @@ tokens of an unseeded sampled generation (which must agree across ranks). Severa
 launch: starting torchrun and its ranks costs more than a case."""
 
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
+from dschat.dev import tiny_checkpoints as tc
 from dschat.engine import Engine, SamplingParams
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tiny_checkpoints as tc  # noqa: E402
 
 
 def run_case(case: dict, ids: list[int]):

@@ -24,22 +24,20 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
 from dschat.engine.config import ModelConfig  # noqa: E402
 from dschat.engine.errors import ModelError  # noqa: E402
 from dschat.fim import parser as fim_parser  # noqa: E402
-from training.batches import Data  # noqa: E402
-from training.chat_data import CHAT_MODULES, TINY_MODULES, chat_pairs  # noqa: E402
-from training.corpus import TINY_FILES, split, stdlib_files  # noqa: E402
-from training.evaluate import evaluate  # noqa: E402
-from training.export import export, shipped_bytes, write_json  # noqa: E402
-from training.loop import Trainer, save_state  # noqa: E402
-from training.model import MAX_POSITIONS, MAX_SHIPPED_MB, SIZES, build_model, model_config, n_params  # noqa: E402
-from training.tokens import app_tokenizer, from_json, train_tokenizer  # noqa: E402
+from dschat.training.batches import Data  # noqa: E402
+from dschat.training.chat_data import CHAT_MODULES, TINY_MODULES, chat_pairs  # noqa: E402
+from dschat.training.corpus import TINY_FILES, split, stdlib_files  # noqa: E402
+from dschat.training.evaluate import evaluate  # noqa: E402
+from dschat.training.export import export, shipped_bytes, write_json  # noqa: E402
+from dschat.training.loop import Trainer, save_state  # noqa: E402
+from dschat.training.model import MAX_POSITIONS, MAX_SHIPPED_MB, SIZES, build_model, model_config, n_params  # noqa: E402
+from dschat.training.tokens import app_tokenizer, from_json, train_tokenizer  # noqa: E402
 
 FIM_CONTEXT = fim_parser().get_default("context")  # what `dschat fim` sends by default
 FIM_MIDDLE = fim_parser().get_default("max_tokens")
