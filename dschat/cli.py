@@ -15,6 +15,7 @@ from .errors import UsageError, error_text
 from .options import add_model_options, add_output_options, add_sampling_options
 from .runtime import Options
 from .signals import exit_code, stop_on_signals, stop_received
+from .terminal_text import say
 
 DESCRIPTION = """\
 dschat: chat with DeepSeek models (V2, V2-Lite, V2.5, Coder-V2, V3, R1) on a local engine.
@@ -129,12 +130,13 @@ def run_subcommand(name: str, argv: list[str]) -> int:
 # -- entry point ----------------------------------------------------------------------------------------------
 def show_warning(message, category, filename, lineno, file=None, line=None):
     """Warnings (a stale cache file, say) as one line on stderr."""
-    sys.stderr.write(f"dschat: warning: {message}\n")
+    say(f"dschat: warning: {message}")
 
 
 def interrupted(e: KeyboardInterrupt) -> int:
     try:
-        sys.stderr.write(f"\ndschat: interrupted{f' ({e})' if str(e) else ''}\n")
+        sys.stderr.write("\n")
+        say(f"dschat: interrupted{f' ({e})' if str(e) else ''}")
     except OSError:  # the terminal was closed (SIGHUP): nobody to tell, and the exit code still says it
         pass
     return exit_code(e)
@@ -144,7 +146,7 @@ def failed(e: Exception, debug: bool) -> int:
     """One readable line, no traceback (unless --debug)."""
     if debug:
         traceback.print_exc()
-    sys.stderr.write(f"dschat: error: {error_text(e)}\n")
+    say(f"dschat: error: {error_text(e)}")
     return 2 if isinstance(e, UsageError) else 1
 
 

@@ -13,6 +13,8 @@ from pygments.lexers import TextLexer, get_lexer_by_name, get_lexer_for_filename
 from pygments.styles import get_style_by_name
 from pygments.util import ClassNotFound
 
+from .terminal_text import say
+
 
 def colour_terminal(out=None) -> bool:
     """Whether `out` (stdout) takes colours: a terminal, and NO_COLOR not set."""
@@ -26,7 +28,7 @@ def terminal_formatter(style: str | None = None):
         try:
             return Terminal256Formatter(style=style)
         except ClassNotFound:
-            print(f"dschat: no Pygments style called {style!r}; using the terminal's colours", file=sys.stderr)
+            say(f"dschat: no Pygments style called {style!r}; using the terminal's colours")
     return TerminalFormatter()
 
 

@@ -19,7 +19,7 @@ from .runtime import Options, load_engine, print_stats, stats_json
 from .session import ChatSession
 from .signals import Stopped, signals_held
 from .store import Store, StoreError, names_a_file, read_json_file
-from .terminal_text import SafeStream, terminal_safe
+from .terminal_text import SafeStream, say, terminal_safe
 from .turn_lock import ConversationBusy
 
 HELP = """\
@@ -104,7 +104,7 @@ def run_line_mode(opts: Options) -> int:
     session = ChatSession(engine, opts)
     formatter = terminal_formatter(opts.config.code_style)
     prompts = prompt_session()
-    print(f"dschat: {engine.path.name} on {engine.device}. /help for commands, Ctrl+D to leave.", flush=True)
+    say(f"dschat: {engine.path.name} on {engine.device}. /help for commands, Ctrl+D to leave.", sys.stdout)
     show_messages(session.chat.messages)
     while True:
         text = read_message(prompts)
@@ -139,7 +139,7 @@ def start_turn(session: ChatSession, make) -> Turn | None:
         print("(not sent)")
         return None
     except Exception as e:  # a template that refuses the conversation, say
-        print(f"(error: {error_text(e)})")
+        say(f"(error: {error_text(e)})", sys.stdout)
         return None
     if session.caught_up:
         print("(saved meanwhile by another dschat:)")
@@ -185,14 +185,14 @@ def reply(session: ChatSession, turn: Turn, formatter):
         with suppress(OSError):  # the terminal was closed (the SIGHUP is on its way): the turn is still saved
             printer.close()
             if error:
-                print(f"(error: {error})")
+                say(f"(error: {error})", sys.stdout)
         kept = session.finish(turn, failed=error is not None)
     if stopped:
         raise stopped
     if kept and turn.interrupted and not error:
         print("(stopped)")
     if kept and session.cut_notice(turn):
-        print(f"({session.cut_notice(turn)})")
+        say(f"({session.cut_notice(turn)})", sys.stdout)
     if kept and session.opts.stats:
         print_stats(session.engine.stats)
 
@@ -216,7 +216,7 @@ def command(session: ChatSession, cmd: str, arg: str) -> Turn | None:
     elif cmd == "load":
         load_from(arg, session)
     else:
-        print(f"(unknown command /{cmd}: /help lists them)")
+        say(f"(unknown command /{cmd}: /help lists them)", sys.stdout)
     return None
 
 
@@ -229,9 +229,9 @@ def save_to(path: str, conv_id: str | None):
             text = store.export_text(conv_id)
         atomic_write_text(path, text)
     except (OSError, StoreError) as e:  # a bad path is reported; the chat goes on
-        print(f"(not saved: {error_text(e)})")
+        say(f"(not saved: {error_text(e)})", sys.stdout)
         return
-    print(f"(saved to {path})")
+    say(f"(saved to {path})", sys.stdout)
 
 
 def load_from(source: str, session: ChatSession):
@@ -244,7 +244,7 @@ def load_from(source: str, session: ChatSession):
             imported = store.import_json(read_json_file(source)) if names_a_file(source) else None
             conv = store.get(imported or store.resolve_id(source))
     except StoreError as e:
-        print(f"(cannot load {source}: {e})")
+        say(f"(cannot load {source}: {e})", sys.stdout)
         return
     session.open(conv)
     show_messages(session.chat.messages)

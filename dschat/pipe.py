@@ -12,7 +12,7 @@ from dschat.engine import Tokenizer, resolve
 from .runtime import Options, load_engine, model_name, print_stats
 from .session import ChatSession, open_chat
 from .signals import signals_held
-from .terminal_text import SafeStream, json_for_output
+from .terminal_text import SafeStream, json_for_output, say
 
 
 def answer(opts: Options, message: str) -> int:
@@ -22,7 +22,7 @@ def answer(opts: Options, message: str) -> int:
     stream_answer(session, turn)
     notice = session.cut_notice(turn)
     if notice:
-        sys.stderr.write(f"dschat: warning: {notice}\n")
+        say(f"dschat: warning: {notice}")
     if opts.stats:
         print_stats(engine.stats)
     return 0

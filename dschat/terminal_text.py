@@ -8,6 +8,7 @@ of an unfinished sequence until the rest of it has come, so it is removed whole,
 from __future__ import annotations
 
 import re
+import sys
 from typing import TextIO
 
 _SEQUENCE = re.compile(
@@ -53,6 +54,15 @@ class SafeStream:
         """What is held back, at the end of the text (an unfinished sequence: nothing)."""
         text, self.held = self.held, ""
         return terminal_safe(text, body=True)
+
+
+def say(text: str, out: TextIO | None = None):
+    """A message line (an error, a warning, a notice; stderr unless `out`) as a terminal may show it: one
+    line, without escape sequences or control characters, whatever model file, path or stored text it
+    carries. Every message dschat prints goes through here (the TUI's notices through `ChatApp.notify`)."""
+    out = out if out is not None else sys.stderr
+    out.write(terminal_safe(text) + "\n")
+    out.flush()
 
 
 def for_output(text: str, out: TextIO) -> str:

@@ -411,6 +411,7 @@ def terminal_progress(label: str) -> Progress:
         return lambda done, total: None
     start = time.monotonic()
     last = [0.0]
+    label = "".join(c if c.isprintable() else "?" for c in label)  # a directory's name: no escape sequences
 
     def show(done: int, total: int):
         now = time.monotonic()

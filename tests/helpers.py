@@ -24,9 +24,10 @@ import torch
 
 from dschat.cli import chat_parser, main
 from dschat.config import Settings
-from dschat.engine import SamplingParams
+from dschat.engine import SamplingParams, Tokenizer
 from dschat.fim import FIM_TOKENS, cut_repeat, fim_prompt
 from dschat.runtime import Options
+from dschat.template import chat_prompt
 from dschat.tui.app import ChatApp
 from dschat.tui.message_view import MessageView
 from dschat.tui.prompt_area import PromptArea
@@ -183,6 +184,37 @@ async def send(pilot, app, text):
 
 def replies(app):
     return [v for v in app.query(MessageView) if v.role == "assistant"]
+
+
+def parrot(src, dst, answer: str):
+    """A copy of the tiny chat model `src` that answers `answer` to any message, greedily: its layers add
+    nothing to the residual (o_proj and down_proj are zero), so the next token is a function of the last one,
+    which the embeddings and lm_head make a chain from the prompt's last token through the answer's to EOS."""
+    cfg = json.loads((src / "config.json").read_text())
+    tok = Tokenizer.from_dir(src)
+    chain = [chat_prompt(tok, [{"role": "user", "content": "?"}])[1][-1]] + tok.encode(answer) + [cfg["eos_token_id"]]
+    assert len(set(chain[:-1])) == len(chain) - 1 <= cfg["hidden_size"]  # each token says what comes next
+    w = tc.random_weights(cfg, seed=1)
+    for name in w:
+        if name.endswith(("o_proj.weight", "down_proj.weight", "lm_head.weight", "embed_tokens.weight")):
+            w[name].zero_()
+    w["model.norm.weight"] = torch.ones(cfg["hidden_size"])
+    for k, (token, following) in enumerate(zip(chain, chain[1:])):
+        w["model.embed_tokens.weight"][token, k] = 1.0
+        w["lm_head.weight"][following, k] = 1.0
+    return tc.write_checkpoint(dst, cfg, weights=w, tokenizer="deepseek-v3")
+
+
+def model_copy(src: Path, dst: Path, **tokenizer_config) -> Path:
+    """The model `src` at `dst` (its files linked), its tokenizer_config.json changed by `tokenizer_config`."""
+    dst.mkdir(parents=True)
+    for f in Path(src).iterdir():
+        (dst / f.name).symlink_to(f)
+    if tokenizer_config:
+        conf = json.loads((dst / "tokenizer_config.json").read_text())
+        (dst / "tokenizer_config.json").unlink()
+        (dst / "tokenizer_config.json").write_text(json.dumps({**conf, **tokenizer_config}))
+    return dst
 
 
 def engine_fill(engine, text, offset, n=24):

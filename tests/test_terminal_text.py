@@ -11,13 +11,9 @@ import subprocess
 
 import pexpect
 import pytest
-from dschat.dev import tiny_checkpoints as tc
-import torch
-from helpers import PROMPT, ask, call, dschat_cmd, spawn
+from helpers import PROMPT, ask, call, dschat_cmd, parrot, spawn
 
-from dschat.engine import Tokenizer
 from dschat.store import Store
-from dschat.template import chat_prompt
 from dschat.terminal_text import SafeStream, terminal_safe
 
 EVIL = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x1b[0m \x9b1;1H\x9d8;;http://x\x9cok\x1bP1$q\x1b\\ \x08\x00\u202edone"
@@ -88,25 +84,6 @@ def test_line_mode_shows_a_loaded_conversation_clean(chat_models):
     p.close()
     assert "you> red ok done" in out and "assistant> answer  here" in out
     assert "pwned" not in p.before and "pwned" not in out
-
-
-def parrot(src, dst, answer: str):
-    """A copy of the tiny chat model `src` that answers `answer` to any message, greedily: its layers add
-    nothing to the residual (o_proj and down_proj are zero), so the next token is a function of the last one,
-    which the embeddings and lm_head make a chain from the prompt's last token through the answer's to EOS."""
-    cfg = json.loads((src / "config.json").read_text())
-    tok = Tokenizer.from_dir(src)
-    chain = [chat_prompt(tok, [{"role": "user", "content": "?"}])[1][-1]] + tok.encode(answer) + [cfg["eos_token_id"]]
-    assert len(set(chain[:-1])) == len(chain) - 1 <= cfg["hidden_size"]  # each token says what comes next
-    w = tc.random_weights(cfg, seed=1)
-    for name in w:
-        if name.endswith(("o_proj.weight", "down_proj.weight", "lm_head.weight", "embed_tokens.weight")):
-            w[name].zero_()
-    w["model.norm.weight"] = torch.ones(cfg["hidden_size"])
-    for k, (token, following) in enumerate(zip(chain, chain[1:])):
-        w["model.embed_tokens.weight"][token, k] = 1.0
-        w["lm_head.weight"][following, k] = 1.0
-    return tc.write_checkpoint(dst, cfg, weights=w, tokenizer="deepseek-v3")
 
 
 def on_a_terminal(args, stdin: bytes) -> bytes:

@@ -235,9 +235,9 @@ async def test_code_blocks_use_the_configured_pygments_style(chat_models):
     app = make_app(chat_models["v3"])
     app.conf.code_style = "no-such-style"
     async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: any("no-such-style" in n.message for n in app._notifications))
         await ready(pilot, app)
         assert app.code_theme is None
-        assert any("no-such-style" in n.message for n in app._notifications)
 
 
 async def answer(pilot, app, text):

@@ -152,3 +152,30 @@ def test_closing_the_terminal_during_a_reply_keeps_it_and_ends_dschat(chat_model
     conv = Store().latest()
     assert conv is not None and [m.role for m in conv.messages] == ["user", "assistant"]
     assert conv.messages[1].interrupted and conv.messages[1].content.strip()
+
+
+def test_the_tui_shows_model_output_and_stored_text_without_escape_sequences(chat_models, tmp_path):
+    """A model that answers with an OSC title sequence, a screen clear (in its C1 form) and a right-to-left
+    override: the TUI shows the text without them (the pane's title stays), as it streams and when the
+    conversation is reopened with -c."""
+    from helpers import parrot
+
+    answer = "\x1b]0;PWNED-TITLE\x07hello\x9b2J there\u202eend"  # each token once (parrot)
+    model = parrot(chat_models["v3"], tmp_path / "parrot", answer)
+    for round_, args in enumerate([[], ["-c"]]):
+        sock, status = f"dschat-test-{os.getpid()}-osc-{round_}", tmp_path / f"status{round_}"
+        start(sock, status, "--model", str(model), "-t", "0", "-n", "30", *args)
+        try:
+            wait_for(sock, lambda s: "ready" in s)
+            if not args:
+                tmux(sock, "send-keys", "-t", "dschat", "-l", "question")
+                tmux(sock, "send-keys", "-t", "dschat", "Enter")
+            text = wait_for(sock, lambda s: "hello there" in s and "ready" in s)
+            assert "PWNED" not in pane(sock, "#{pane_title}")
+            assert "hello thereend" in text
+            tmux(sock, "send-keys", "-t", "dschat", "C-q")
+            assert exit_status(status) == "0"
+            assert "PWNED" not in pane(sock, "#{pane_title}")
+        finally:
+            tmux(sock, "kill-server", check=False)
+    assert Store().latest().messages[-1].content == answer  # saved as generated

@@ -83,7 +83,7 @@ class ChatApp(App):
             with Vertical(id="main"):
                 yield VerticalScroll(id="conversation")
                 yield PromptArea(id="prompt")
-                yield Static("", id="status")
+                yield Static("", id="status", markup=False)
         yield Footer()
 
     def on_mount(self):
@@ -111,6 +111,12 @@ class ChatApp(App):
         self.query_one(PromptArea).focus()
         self.refresh_conversations()
         self.load_model()
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout=None, markup: bool = False):
+        """A notice, as text (no markup: a "[/]" in a path or a model's message would end the app) without
+        escape sequences or control characters (it may carry a model file's text, a path, the history)."""
+        super().notify(terminal_safe(str(message)), title=terminal_safe(title), severity=severity,
+                       timeout=timeout, markup=False)
 
     def _remember_theme(self, theme):
         if theme.name != self.conf.theme:
@@ -167,7 +173,7 @@ class ChatApp(App):
 
     def _model_ready(self, engine, opts: Options, label: str):
         self.engine, self.opts, self.model_label, self.loading = engine, opts, label, False
-        self.sub_title = f"{self.model_label} on {engine.device}"
+        self.sub_title = terminal_safe(f"{self.model_label} on {engine.device}")
         self.query_one("#conversation").remove_children()
         try:
             self.session = ChatSession(engine, self.opts)
@@ -188,7 +194,7 @@ class ChatApp(App):
         view.remove_children()
         view.mount_all([MessageView(m.role, m.content, m.interrupted) for m in msgs])
         view.scroll_end(animate=False)
-        self.query_one(PromptArea).prompts = [m.content for m in msgs if m.role == "user"]
+        self.query_one(PromptArea).prompts = [terminal_safe(m.content, body=True) for m in msgs if m.role == "user"]
 
     # -- sending ---------------------------------------------------------------------------------------------------
     @on(PromptArea.Submitted)
@@ -294,7 +300,7 @@ class ChatApp(App):
 
     # -- status -----------------------------------------------------------------------------------------------------
     def set_status(self, text: str):
-        self.query_one("#status", Static).update(text)
+        self.query_one("#status", Static).update(terminal_safe(text))  # the widget takes no markup
 
     def update_status(self, stats: dict | None = None):
         if self.engine is None:
@@ -373,7 +379,7 @@ class ChatApp(App):
         for v in list(self.query(MessageView))[-2:]:
             v.remove()
         prompt = self.query_one(PromptArea)
-        prompt.text = text
+        prompt.text = terminal_safe(text, body=True)
         prompt.focus()
 
     def last_reply(self) -> str | None:
@@ -416,7 +422,8 @@ class ChatApp(App):
                 return
             self.notify("system prompt set")
 
-        self.push_screen(AskScreen("System prompt:", (self.chat.system or "") if self.chat else ""), done)
+        self.push_screen(AskScreen("System prompt:", terminal_safe((self.chat.system or "") if self.chat else "")),
+                         done)
 
     def _with_store(self, fn):
         try:
@@ -469,7 +476,7 @@ class ChatApp(App):
             if name and not self.busy and not self.loading:
                 self.load_model(name.strip())  # the current model stays until this one has loaded
 
-        self.push_screen(AskScreen("Model (directory, hub id or demo):", self.opts.model or ""), done)
+        self.push_screen(AskScreen("Model (directory, hub id or demo):", terminal_safe(self.opts.model or "")), done)
 
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)

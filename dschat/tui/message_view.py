@@ -6,20 +6,24 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, Markdown
 
+from ..terminal_text import SafeStream, terminal_safe
 from .reply_markdown import ReplyMarkdown
 
 
 class MessageView(Vertical):
-    """One message: who wrote it, then its Markdown."""
+    """One message: who wrote it, then its Markdown. `text` is the message as written (copied as it is);
+    what is shown has no escape sequences or control characters (terminal_text.py): a reply or a stored
+    message cannot set the terminal's title, clear the screen or reorder what is shown."""
 
     def __init__(self, role: str, text: str = "", interrupted: bool = False):
         super().__init__(classes=f"message {role}")
         self.role, self.text, self.interrupted = role, text, interrupted
         self.stream = None
+        self.safe = SafeStream()  # a sequence split over pieces is removed whole
 
     def compose(self) -> ComposeResult:
         yield Label(self.title(), classes="role")
-        yield ReplyMarkdown(self.text, code_theme=getattr(self.app, "code_theme", None))
+        yield ReplyMarkdown(terminal_safe(self.text, body=True), code_theme=getattr(self.app, "code_theme", None))
 
     def title(self) -> str:
         name = {"user": "You", "assistant": "Assistant", "system": "System"}[self.role]
@@ -29,10 +33,15 @@ class MessageView(Vertical):
         if self.stream is None:
             self.stream = Markdown.get_stream(self.query_one(Markdown))
         self.text += piece
-        await self.stream.write(piece)
+        shown = self.safe.feed(piece)
+        if shown:
+            await self.stream.write(shown)
 
     async def finish(self, interrupted: bool):
         if self.stream is not None:
+            rest = self.safe.flush()
+            if rest:
+                await self.stream.write(rest)
             await self.stream.stop()
             self.stream = None
         self.interrupted = interrupted
