@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import UsageError
-from .files import atomic_write_text
+from .files import write_output
 from .options import command_parser
 from .store import Store, read_json_file
 from .terminal_text import for_output, json_for_output, terminal_safe
@@ -54,12 +54,14 @@ def cmd_export(argv) -> int:
                           "Markdown (for reading).")
     p.add_argument("id", help="conversation id (a unique prefix will do)")
     p.add_argument("--format", choices=["json", "md"], default="json")
-    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write to FILE instead of stdout (a file is replaced atomically, through a symlink its "
+                        "target; a FIFO or a terminal gets it streamed)")
     args = p.parse_args(argv)
     with Store() as store:
         text = store.export_text(store.resolve_id(args.id), args.format)
     if args.output:
-        atomic_write_text(args.output, text)
+        write_output(args.output, text)
     else:  # on a terminal, without its escape sequences
         sys.stdout.write(for_output(text, sys.stdout))
     return 0

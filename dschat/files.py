@@ -1,5 +1,9 @@
 """Writing user data safely: a temporary file beside the target, fsync, then an atomic rename.
 
+A file the user names for output (`export -o`, `/save`, the TUI's export) goes through `write_output`: the
+path's target is written, never the link or the special file in its place (a symlink stays a link to the new
+file; a FIFO or a terminal gets the text streamed; anything else is refused).
+
 Rewriting a file the user has (`fim -i`) goes further: a symlink is written through to its target, a file
 without write permission is refused before any work is done, and the rename happens only if the file is
 still exactly what was read (modification time, size and SHA-256), so edits made meanwhile are never lost.
@@ -74,6 +78,34 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None,
                       unchanged: Snapshot | None = None):
     atomic_write_bytes(path, text.encode("utf-8"), mode, unchanged)
+
+
+def write_output(path: str | os.PathLike, text: str):
+    """`text` into the file the user named: a regular file (or a new one) is replaced atomically, through a
+    symlink its target (the link stays); a FIFO or a character device (a terminal, /dev/stdout, /dev/null)
+    gets the text written to it as a stream; a directory, socket or block device is refused. WriteError
+    names the path."""
+    path = Path(path)
+    try:
+        st = os.stat(path)  # through symlinks
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write ({e.strerror})") from None
+    if st is None or stat.S_ISREG(st.st_mode):  # new (through a dangling link: its target), or a regular file
+        atomic_write_text(os.path.realpath(path), text)
+        return
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
+        try:  # no O_CREAT: the special file that was checked is what is opened, or nothing
+            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY)
+            with os.fdopen(fd, "wb") as f:
+                f.write(text.encode("utf-8"))
+        except OSError as e:
+            raise WriteError(f"{path}: cannot write ({e.strerror})") from None
+        return
+    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else \
+        "a block device" if stat.S_ISBLK(st.st_mode) else "not a regular file"
+    raise WriteError(f"{path}: {kind}; not written (name a file, a FIFO or a terminal)")
 
 
 def rewritable(path: Path) -> Path:

@@ -12,7 +12,7 @@ from contextlib import suppress
 
 from .chat import Turn
 from .errors import error_text
-from .files import atomic_write_text
+from .files import write_output
 from .highlight import ansi, colour_terminal, lexer_for, terminal_formatter
 from .paths import private_dir, private_file
 from .runtime import Options, load_engine, print_stats, stats_json
@@ -227,7 +227,7 @@ def save_to(path: str, conv_id: str | None):
     try:
         with Store() as store:
             text = store.export_text(conv_id)
-        atomic_write_text(path, text)
+        write_output(path, text)
     except (OSError, StoreError) as e:  # a bad path is reported; the chat goes on
         say(f"(not saved: {error_text(e)})", sys.stdout)
         return

@@ -26,7 +26,7 @@ from dschat.themes import load_themes
 
 from ..chat import Chat, Turn
 from ..errors import error_text
-from ..files import atomic_write_text
+from ..files import write_output
 from ..keymap import check_keymap
 from ..paths import xdg
 from ..runtime import DEMO_DIR, Options, load_engine, model_name
@@ -462,7 +462,7 @@ class ChatApp(App):
         if text:
             path = Path.cwd() / f"dschat-{self.conv_id}.md"
             try:
-                atomic_write_text(path, text)
+                write_output(path, text)
             except OSError as e:  # a notice; the app goes on
                 self.notify(f"not exported: {error_text(e)}", severity="error")
                 return

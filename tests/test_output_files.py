@@ -1,0 +1,104 @@
+"""A file the user names for output (`export -o`, line mode's /save, the TUI's export) is written through:
+a symlink stays a link and its target gets the text, a FIFO and a terminal get it streamed (a FIFO was
+replaced by a regular file and its reader waited forever), and anything else is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import socket
+import stat
+import threading
+
+import pexpect
+from helpers import PROMPT, assert_clean_error, ask, call, make_app, ready, send, spawn
+
+from dschat.store import Store
+
+
+def saved_conversation() -> str:
+    with Store() as store:
+        cid = store.create(model="m")
+        store.add_message(cid, "user", "hello")
+        store.add_message(cid, "assistant", "hi there")
+    return cid
+
+
+def test_export_writes_through_a_symlink(tmp_path):
+    cid = saved_conversation()
+    (tmp_path / "real.json").write_text("old")
+    os.chmod(tmp_path / "real.json", 0o640)
+    (tmp_path / "link.json").symlink_to("real.json")
+    r = call(["export", cid, "-o", str(tmp_path / "link.json")])
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "link.json").is_symlink() and os.readlink(tmp_path / "link.json") == "real.json"
+    assert json.loads((tmp_path / "real.json").read_text())["messages"][1]["content"] == "hi there"
+    assert stat.S_IMODE((tmp_path / "real.json").stat().st_mode) == 0o640  # the target's mode kept
+    (tmp_path / "dangling.json").symlink_to("new.json")  # a link to a file not there yet: the file is made
+    assert call(["export", cid, "-o", str(tmp_path / "dangling.json")]).returncode == 0
+    assert (tmp_path / "dangling.json").is_symlink() and "hi there" in (tmp_path / "new.json").read_text()
+
+
+def test_export_streams_to_a_fifo(tmp_path):
+    cid = saved_conversation()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    r = call(["export", cid, "-o", str(fifo)])
+    reader.join(10)
+    assert r.returncode == 0, r.stderr
+    assert not reader.is_alive() and json.loads(got[0])["messages"][0]["content"] == "hello"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still a FIFO
+
+
+def test_export_streams_to_a_terminal(tmp_path):
+    cid = saved_conversation()
+    master, slave = pty.openpty()
+    name = os.ttyname(slave)
+    r = call(["export", cid, "--format", "md", "-o", name])
+    assert r.returncode == 0, r.stderr
+    assert "hi there" in os.read(master, 65536).decode()
+    assert stat.S_ISCHR(os.stat(name).st_mode)
+    os.close(master)
+    os.close(slave)
+
+
+def test_export_refuses_a_directory_and_a_socket(tmp_path):
+    cid = saved_conversation()
+    (tmp_path / "dir").mkdir()
+    assert_clean_error(call(["export", cid, "-o", str(tmp_path / "dir")]), "a directory; not written")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "sock"))
+        assert_clean_error(call(["export", cid, "-o", str(tmp_path / "sock")]), "a socket; not written")
+        assert stat.S_ISSOCK(os.lstat(tmp_path / "sock").st_mode)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_line_mode_save_writes_through_a_symlink(chat_models, tmp_path):
+    cid = saved_conversation()
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    p = spawn("--plain", "--model", str(chat_models["v3"]), "--conversation", cid, "-t", "0", "-n", "2")
+    p.expect_exact(PROMPT)
+    out = ask(p, f"/save {tmp_path / 'link.json'}")
+    p.sendline("/exit")
+    p.expect(pexpect.EOF)
+    assert "saved to" in out, out
+    assert (tmp_path / "link.json").is_symlink()
+    assert "hi there" in (tmp_path / "real.json").read_text()
+
+
+async def test_tui_export_writes_through_a_symlink(chat_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = make_app(chat_models["v3"], "-n", "2")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "hello")
+        link = tmp_path / f"dschat-{app.conv_id}.md"
+        link.symlink_to(tmp_path / "real.md")
+        app.action_export()
+        await pilot.pause(0.1)
+    assert link.is_symlink() and "hello" in (tmp_path / "real.md").read_text()
