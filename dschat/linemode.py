@@ -186,7 +186,12 @@ def reply(session: ChatSession, turn: Turn, formatter):
             printer.close()
             if error:
                 say(f"(error: {error})", sys.stdout)
-        kept = session.finish(turn, failed=error is not None)
+        try:
+            kept = session.finish(turn, failed=error is not None)
+        except StoreError as e:  # not saved now (kept pending, where the message says): the chat goes on
+            kept = True
+            with suppress(OSError):
+                say(f"(not saved: {error_text(e)})", sys.stdout)
     if stopped:
         raise stopped
     if kept and turn.interrupted and not error:

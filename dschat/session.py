@@ -15,12 +15,14 @@ is what each turn saw. A prompt being edited (`edit_last`) then becomes a new tu
 
 from __future__ import annotations
 
+import secrets
 from typing import Iterator
 
 from .chat import Chat, Turn
 from .paths import kv_dir
 from .runtime import Options, sampling_params
-from .store import Conversation, Message, Store, StoreError
+from .errors import error_text
+from .store import Conversation, Message, Store, StoreError, keep_pending
 from .turn_lock import TurnLock
 
 
@@ -130,7 +132,10 @@ class ChatSession:
         if self.conversation_id is None:
             return
         with Store() as store:
-            conv = store.get(self.conversation_id)
+            try:
+                conv = store.get(self.conversation_id)
+            except StoreError:  # its first turn is still pending (the history was busy): nothing to catch up on
+                return
         if conv.head != self.head:
             known = [m.id for m in conv.messages]
             start = known.index(self.head) + 1 if self.head in known else 0
@@ -190,24 +195,50 @@ class ChatSession:
     def save(self, turn: Turn, answer_of: str | None = None):
         """Save one exchange at once: the user message with the prompt ids it ran as, the reply with the ids
         generated. `answer_of`: a regenerated answer, a sibling of that assistant message; an edited prompt is
-        a sibling of the user message it replaces."""
+        a sibling of the user message it replaces. When the history cannot be written (busy beyond its wait,
+        read-only), the exchange is kept in a pending file that the next dschat to open the history adds to it:
+        TurnKept says where."""
         if self.opts.no_save:
             return
-        reply = dict(token_ids=turn.output_ids, generated_tokens=len(turn.output_ids), interrupted=turn.interrupted,
-                     timings=turn.stats or {})
-        with Store() as store:
-            if self.conversation_id is None:
-                self.conversation_id = store.create(model=str(self.opts.model or self.engine.path),
-                                                    fingerprint=self.engine.fingerprint, system=self.chat.system,
-                                                    params=self.opts.sampling_flags())
-            cid, user_id = self.conversation_id, self.saved_ids[0]
-            if answer_of:
-                reply_id = store.add_sibling(cid, answer_of, "assistant", turn.content, **reply)
-            else:
-                user = dict(token_ids=turn.prompt_ids, prompt_tokens=len(turn.prompt_ids))
-                user_id = (store.add_sibling(cid, self.pending_edit, "user", turn.user, **user) if self.pending_edit
-                           else store.add_message(cid, "user", turn.user, **user))
-                reply_id = store.add_message(cid, "assistant", turn.content, **reply)
-        self.saved_ids, self.pending_edit, self.head = (user_id, reply_id), None, reply_id
+        x = self.exchange(turn, answer_of)
+        self.conversation_id = x["conversation_id"]
+        self.saved_ids, self.pending_edit, self.head = (x["ids"]["user"], x["ids"]["reply"]), None, x["ids"]["reply"]
+        store = None
+        try:
+            store = Store()
+            store.save_exchange(x)
+        except (StoreError, OSError) as e:
+            try:
+                path = keep_pending(x, store.path if store else None)
+            except (StoreError, OSError) as e2:
+                raise StoreError(f"{error_text(e)}; the turn could not be kept either ({error_text(e2)})") from None
+            raise TurnKept(f"{error_text(e)}; this turn is kept in {path} and is added to the history the next "
+                           "time dschat opens it") from None
+        finally:
+            if store is not None:
+                store.close()
         if self.chat.ids:
             self.engine.save_prefix(self.chat.ids, directory=kv_dir())  # so that `dschat -c` starts warm
+
+    def exchange(self, turn: Turn, answer_of: str | None) -> dict:
+        """What `save` writes, with its ids chosen here (see Store.save_exchange)."""
+        cid = self.conversation_id or new_id()
+        return {
+            "conversation_id": cid,
+            "create": None if self.conversation_id else dict(
+                model=str(self.opts.model or self.engine.path), fingerprint=self.engine.fingerprint,
+                system=self.chat.system, params=self.opts.sampling_flags()),
+            "answer_of": answer_of, "pending_edit": self.pending_edit,
+            "ids": {"user": self.saved_ids[0] if answer_of else new_id(), "reply": new_id()},
+            "user": dict(content=turn.user, token_ids=turn.prompt_ids, prompt_tokens=len(turn.prompt_ids)),
+            "reply": dict(content=turn.content, token_ids=turn.output_ids, generated_tokens=len(turn.output_ids),
+                          interrupted=turn.interrupted, timings=turn.stats or {}),
+        }
+
+
+class TurnKept(StoreError):
+    """The history could not be written; the turn is kept in a pending file (the message says where)."""
+
+
+def new_id() -> str:
+    return secrets.token_hex(4)

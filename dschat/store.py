@@ -15,7 +15,9 @@ import datetime as dt
 import json
 import secrets
 import sqlite3
+import os
 import time
+import warnings
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,22 @@ MIGRATIONS = {
 
 class StoreError(Exception):
     pass
+
+
+class StoreBusy(StoreError):
+    """Another process held the history longer than BUSY_WAIT_S."""
+
+
+class StoreWarning(UserWarning):
+    """Something about the history the user should know (a wait, a pending turn added)."""
+
+
+# A writer waits BUSY_NOTICE_S for the history quietly, then says so and waits until BUSY_WAIT_S in all; a turn
+# that still cannot be saved is kept as a pending file (PENDING_DIR beside the history) and added to the history
+# the next time dschat opens it.
+BUSY_NOTICE_S = 5.0
+BUSY_WAIT_S = 300.0
+PENDING_DIR = "pending"
 
 
 @dataclass
@@ -144,7 +162,7 @@ class Store:
             self.path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
             private_file(self.path)
         try:
-            db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+            db = sqlite3.connect(str(self.path), timeout=BUSY_NOTICE_S, isolation_level=None)
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: cannot open the history ({e})") from None
         try:
@@ -169,13 +187,41 @@ class Store:
         for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
             if f.exists():
                 tighten(f, PRIVATE_FILE)
-        db.execute("PRAGMA busy_timeout = 30000")
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_NOTICE_S * 1000)}")
         db.execute("PRAGMA foreign_keys = ON")
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             db.execute("PRAGMA journal_mode = WAL")
         if version < SCHEMA:
             self._migrate(db)
+        self.db = db
+        self.replay_pending()
         return db
+
+    # -- turns kept while the history could not be written ---------------------------------------------------------
+    def pending_dir(self) -> Path:
+        return self.path.parent / PENDING_DIR
+
+    def replay_pending(self):
+        """Add the turns kept pending (oldest first) and remove their files; one that cannot be added yet stays
+        (a warning says why)."""
+        d = self.pending_dir()
+        try:
+            files = sorted(d.glob("*.json")) if d.is_dir() else []
+        except OSError:
+            return
+        for f in files:
+            try:
+                self.save_exchange(json.loads(f.read_text(encoding="utf-8")), wait=False)
+                f.unlink()
+            except FileNotFoundError:
+                continue  # another dschat added it meanwhile
+            except StoreError:
+                return  # busy or read-only now: kept for next time
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                warnings.warn(f"a turn kept in {f} cannot be added to the history: {e}", StoreWarning, stacklevel=2)
+                continue
+            warnings.warn(f"a turn kept in {f} while the history could not be written is added to it now",
+                          StoreWarning, stacklevel=2)
 
     def _migrate(self, db: sqlite3.Connection):
         db.execute("BEGIN IMMEDIATE")
@@ -199,8 +245,8 @@ class Store:
     def __exit__(self, *exc):
         self.close()
 
-    def _tx(self):
-        return _Transaction(self.db, self.path)
+    def _tx(self, wait: bool = True):
+        return _Transaction(self.db, self.path, wait)
 
     # -- ids ---------------------------------------------------------------------------------------------------------
     def _new_id(self, table: str) -> str:
@@ -235,30 +281,72 @@ class Store:
     def add_message(self, conv_id: str, role: str, content: str, *, parent_id: str | None = None,
                     token_ids=None, prompt_tokens=None, generated_tokens=None, timings=None,
                     interrupted: bool = False, _use_head: bool = True) -> str:
+        with self._tx():
+            return self._add(conv_id, role, content, parent_id=parent_id, token_ids=token_ids,
+                             prompt_tokens=prompt_tokens, generated_tokens=generated_tokens, timings=timings,
+                             interrupted=interrupted, _use_head=_use_head)
+
+    def _add(self, conv_id: str, role: str, content: str, *, parent_id: str | None = None, token_ids=None,
+             prompt_tokens=None, generated_tokens=None, timings=None, interrupted: bool = False,
+             _use_head: bool = True, mid: str | None = None) -> str:
+        """add_message inside a transaction; `mid` a message id chosen before (a pending turn's)."""
         if role not in ("system", "user", "assistant"):
             raise StoreError(f"unknown message role {role!r}")
         now = time.time()
-        with self._tx():
-            row = self.db.execute("SELECT head, title_auto FROM conversations WHERE id = ?", (conv_id,)).fetchone()
-            if row is None:
-                raise StoreError(f"no saved conversation with id {conv_id!r}")
-            head, title_auto = row
-            if parent_id is None and _use_head:
-                parent_id = head
-            mid = self._new_id("messages")
-            self.db.execute(
-                "INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
-                "generated_tokens, timings, created, interrupted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mid, conv_id, parent_id, role, content, _pack(token_ids), prompt_tokens, generated_tokens,
-                 json.dumps(timings or {}), now, int(bool(interrupted))))
-            self.db.execute("UPDATE conversations SET head = ?, updated = ? WHERE id = ?", (mid, now, conv_id))
-            if title_auto and role == "user" and content.strip():
-                first_user = self.db.execute(
-                    "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND role = 'user'",
-                    (conv_id,)).fetchone()[0] == 1
-                if first_user:
-                    self.db.execute("UPDATE conversations SET title = ? WHERE id = ?", (auto_title(content), conv_id))
+        row = self.db.execute("SELECT head, title_auto FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no saved conversation with id {conv_id!r}")
+        head, title_auto = row
+        if parent_id is None and _use_head:
+            parent_id = head
+        mid = mid or self._new_id("messages")
+        self.db.execute(
+            "INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
+            "generated_tokens, timings, created, interrupted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (mid, conv_id, parent_id, role, content, _pack(token_ids), prompt_tokens, generated_tokens,
+             json.dumps(timings or {}), now, int(bool(interrupted))))
+        self.db.execute("UPDATE conversations SET head = ?, updated = ? WHERE id = ?", (mid, now, conv_id))
+        if title_auto and role == "user" and content.strip():
+            first_user = self.db.execute(
+                "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND role = 'user'",
+                (conv_id,)).fetchone()[0] == 1
+            if first_user:
+                self.db.execute("UPDATE conversations SET title = ? WHERE id = ?", (auto_title(content), conv_id))
         return mid
+
+    def save_exchange(self, x: dict, wait: bool = True):
+        """One turn, in one transaction: x is a `session.exchange` (the ids in it chosen before, so that saving
+        it twice, a pending turn replayed by two processes at once, saves it once). With `wait` False, a busy
+        history is StoreBusy at once."""
+        with self._tx(wait):
+            cid, ids = x["conversation_id"], x["ids"]
+            if self.db.execute("SELECT 1 FROM messages WHERE id = ?", (ids["reply"],)).fetchone():
+                return  # saved already
+            if not self.db.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone():
+                now = time.time()
+                c = x["create"] or {}
+                self.db.execute(
+                    "INSERT INTO conversations (id, title, title_auto, model, fingerprint, system, params, created, "
+                    "updated) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)",
+                    (cid, "New chat", c.get("model") or "", c.get("fingerprint") or "", c.get("system"),
+                     json.dumps(c.get("params") or {}), now, now))
+
+            def sibling_parent(of):
+                row = self.db.execute("SELECT parent_id FROM messages WHERE id = ? AND conversation_id = ?",
+                                      (of, cid)).fetchone()
+                return (row[0], row[0] is not None) if row else (None, True)
+
+            user_id = ids["user"]
+            if x.get("answer_of"):
+                parent, use_head = sibling_parent(x["answer_of"])
+            else:
+                if self.db.execute("SELECT 1 FROM messages WHERE id = ?", (user_id,)).fetchone() is None:
+                    up, uh = sibling_parent(x["pending_edit"]) if x.get("pending_edit") else (None, True)
+                    self._add(cid, "user", x["user"]["content"], parent_id=up, _use_head=uh, mid=user_id,
+                              **{k: v for k, v in x["user"].items() if k != "content"})
+                parent, use_head = user_id, True
+            self._add(cid, "assistant", x["reply"]["content"], parent_id=parent, _use_head=use_head,
+                      mid=ids["reply"], **{k: v for k, v in x["reply"].items() if k != "content"})
 
     def add_sibling(self, conv_id: str, of_message_id: str, role: str, content: str, **kwargs) -> str:
         """A new version of a message (regenerate): same parent, and it becomes the head."""
@@ -412,20 +500,48 @@ class Store:
         return "\n".join(lines)
 
 
+def keep_pending(exchange: dict, history: Path | None = None) -> Path:
+    """Write a turn that could not be saved into the pending folder beside the history (private); its path."""
+    d = (history or Store.default_path()).parent / PENDING_DIR
+    d.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+    path = d / f"{time.time_ns()}-{exchange['ids']['reply']}.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(exchange, f)
+    return path
+
+
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, so that concurrent writers queue (busy timeout) instead of failing."""
 
-    def __init__(self, db: sqlite3.Connection, path: Path):
-        self.db, self.path = db, path
+    def __init__(self, db: sqlite3.Connection, path: Path, wait: bool = True):
+        self.db, self.path, self.wait = db, path, wait
 
     def __enter__(self):
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            raise StoreError(f"{self.path}: the history is busy or read-only ({e})") from None
-        return self
+        start, told = time.monotonic(), False
+        while True:
+            try:
+                if not self.wait:
+                    self.db.execute("PRAGMA busy_timeout = 0")
+                self.db.execute("BEGIN IMMEDIATE")  # waits BUSY_NOTICE_S for another writer (busy_timeout)
+                return self
+            except sqlite3.OperationalError as e:
+                if not self.wait:
+                    self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_NOTICE_S * 1000)}")
+                busy = "locked" in str(e) or "busy" in str(e)
+                if not busy:
+                    raise StoreError(f"{self.path}: the history cannot be written ({e})") from None
+                if not self.wait or time.monotonic() - start >= BUSY_WAIT_S:
+                    raise StoreBusy(f"{self.path}: the history is busy: another process has held it for "
+                                    f"{BUSY_WAIT_S:g} s") from None
+                if not told:
+                    told = True
+                    warnings.warn(f"the history ({self.path}) is busy: another process is writing it; "
+                                  f"waiting up to {BUSY_WAIT_S:g} s", StoreWarning, stacklevel=2)
 
     def __exit__(self, kind, value, tb):
+        if not self.wait:
+            self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_NOTICE_S * 1000)}")
         if kind is None:
             self.db.execute("COMMIT")
         else:
