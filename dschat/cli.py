@@ -30,6 +30,7 @@ dschat: chat with DeepSeek models (V2, V2-Lite, V2.5, Coder-V2, V3, R1) on a loc
 EPILOG = """\
 subcommands:
   dschat fim FILE                     fill the <FILL> hole in a file (fill-in-the-middle)
+  dschat serve                        an HTTP server (OpenAI, llama.cpp and ollama APIs) for editors
   dschat conversations | export | import | rm | rename | replay
                                       saved conversations (`dschat COMMAND --help` for each)
   dschat quantize MODEL --quant int4 -o DIR
@@ -46,7 +47,7 @@ several GPUs: `echo question | torchrun --nproc-per-node N -m dschat --model ...
 N GPUs (tensor parallelism); rank 0 reads and answers (pipe mode and one-shot answers).
 """
 
-SUBCOMMANDS = ("fim", "conversations", "sessions", "export", "import", "rm", "rename", "replay",  # sessions:
+SUBCOMMANDS = ("fim", "serve", "conversations", "sessions", "export", "import", "rm", "rename", "replay",  # sessions:
                "quantize")  # the old name of conversations
 
 
@@ -118,6 +119,10 @@ def run_subcommand(name: str, argv: list[str]) -> int:
         from .fim import run_fim  # deferred: torch
 
         return run_fim(argv)
+    if name == "serve":
+        from .serve.command import run_serve  # deferred: torch and the server's libraries
+
+        return run_serve(argv)
     if name == "replay":
         from .replay import run_replay  # deferred: torch
 

@@ -255,10 +255,11 @@ class Engine:
         return h_out[0], logits[0]
 
     @torch.inference_mode()
-    def generate(self, ids: list[int], params: SamplingParams | None = None) -> Iterator[int]:
-        """Stream generated token ids. The prompt's longest cached prefix is reused; prompt and reply are
-        cached for the next call. Stops at the model's end-of-sentence token (which is yielded), at any of
-        params.stop_token_ids (yielded too), or after params.max_tokens."""
+    def generate(self, ids: list[int], params: SamplingParams | None = None, reuse_cache: bool = True) -> Iterator[int]:
+        """Stream generated token ids. The prompt's longest cached prefix is reused (unless reuse_cache is
+        False: then the whole prompt is prefilled); prompt and reply are cached for the next call. Stops at the
+        model's end-of-sentence token (which is yielded), at any of params.stop_token_ids (yielded too), or
+        after params.max_tokens. Closing the iterator early stops the generation and keeps what it cached."""
         params = params or SamplingParams()
         ids = [int(i) for i in ids]
         self._ids_tensor(ids)
@@ -266,18 +267,18 @@ class Engine:
             raise ContextLengthError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
                 f"of {self.context_length} tokens")
-        return self._generate(ids, params)
+        return self._generate(ids, params, reuse_cache)
 
     def _drafter(self, seq: Sequence, sampler: Sampler):
         if self.speculative == "mtp":
             return MTPDrafter(self, seq, sampler, self.draft_tokens)
         return NgramDrafter(self.draft_tokens) if self.speculative == "ngram" else NoDrafter()
 
-    def _generate(self, ids: list[int], params: SamplingParams) -> Iterator[int]:
+    def _generate(self, ids: list[int], params: SamplingParams, reuse_cache: bool = True) -> Iterator[int]:
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         sampler = Sampler(params)
         t0 = time.perf_counter()
-        seq = self.cache.open(ids, limit=len(ids) - 1)
+        seq = self.cache.open(ids, limit=len(ids) - 1 if reuse_cache else 0)
         drafter = self._drafter(seq, sampler)
         stats = self.stats = GenerationStats(prompt_tokens=len(ids), cached_tokens=seq.cached, drafter=drafter.name,
                                              load=dict(self.load_stats))

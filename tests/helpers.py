@@ -5,6 +5,7 @@ FIM fill, and the transformers reference model."""
 from __future__ import annotations
 
 import contextlib
+import http.client as http_client
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -250,3 +252,79 @@ def run_ranks(cases: list[dict], ids: list[int], ranks: int = 2, ok: bool = True
         return r
     assert r.returncode == 0, r.stderr[-3000:]
     return [torch.load(case["out"]) for case in cases]
+
+
+# -- dschat serve ----------------------------------------------------------------------------------------------------
+class ServerThread:
+    """`dschat serve`'s app on a real uvicorn server in a thread, on a free loopback port, over `engine`
+    (which it owns while it runs: nothing else may generate with it meanwhile)."""
+
+    def __init__(self, engine, names=("demo",), api_key=None, **limits):
+        import uvicorn
+
+        from dschat.serve.app import build_app
+        from dschat.serve.common import Limits, State
+
+        self.state = State(engine, list(names), Limits(**limits), api_key)
+        self.port = free_port()
+        config = uvicorn.Config(build_app(self.state), host="127.0.0.1", port=self.port, log_level="warning",
+                                access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() - t0 < 30, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.state.scheduler.close()  # what still streams ends, so the server stops at once
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def http(port: int, method: str, path: str, body=None, headers=None, timeout=60):
+    """One request with the standard library's client, as curl sends it: (status, headers, parsed JSON or text)."""
+    conn = http_client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    raw = r.read()
+    conn.close()
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = raw.decode("utf-8", "replace")
+    return r.status, r.headers, parsed
+
+
+def stream_lines(port: int, path: str, body: dict, headers=None, timeout=60):
+    """(connection, response) of a streaming request; read it with response.readline()."""
+    conn = http_client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json",
+                                                                          **(headers or {})})
+    return conn, conn.getresponse()
+
+
+def sse_events(response) -> list[dict | str]:
+    """The `data:` payloads of a whole SSE response (JSON parsed, [DONE] as the string)."""
+    out = []
+    for line in response.read().decode().splitlines():
+        if line.startswith("data: "):
+            payload = line[6:]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def greedy(engine, ids, n, stops=()):
+    """The engine's greedy tokens for a prompt, and their text without the stop token."""
+    out = list(engine.generate(ids, SamplingParams(max_tokens=n, stop_token_ids=tuple(stops))))
+    body = out[:-1] if out and (out[-1] in engine.eos_token_ids or out[-1] in stops) else out
+    return out, engine.tokenizer.decode(body, skip_special_tokens=True)

@@ -1,0 +1,112 @@
+"""`dschat serve`: load the model once and serve it over HTTP until stopped (Ctrl+C, SIGTERM)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from ..config import Settings
+from ..errors import UsageError
+from ..options import add_model_options, command_parser
+from ..runtime import DEMO_DIR, Options, load_engine, model_name
+
+DESCRIPTION = """\
+Serve the model over HTTP on one local engine, for editors and scripts:
+
+  OpenAI:     POST /v1/chat/completions, /v1/completions (with suffix: fill-in-the-middle), GET /v1/models
+  llama.cpp:  POST /infill (llama.vim, llama.vscode), /completion, /tokenize, /apply-template, GET /health
+  ollama:     POST /api/generate (with suffix: FIM; Continue, Twinny), /api/chat, /api/show, GET /api/tags
+
+  dschat serve --model deepseek-ai/DeepSeek-Coder-V2-Lite-Base       http://127.0.0.1:8012
+  dschat serve --host 0.0.0.0 --api-key "$KEY"                        other machines: a key is required
+
+One request runs at a time; the others wait in a queue (--queue; a full queue answers 503 with Retry-After).
+Requests share the latent prefix cache: an editor's next keystroke prefills only what changed."""
+
+EPILOG = "The API key can also come from $DSCHAT_API_KEY (kept out of the process list)."
+
+
+def parser():
+    p = command_parser("serve", description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8012, help="port (default 8012, llama.vim's and llama.vscode's)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require Authorization: Bearer KEY (needed to listen beyond this machine)")
+    p.add_argument("--name", default=None, help="the model's name in the API (default: its directory's or repo's name)")
+    p.add_argument("--queue", type=int, default=8, metavar="N", help="requests that may wait (default 8)")
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N",
+                   help="the longest reply any request may ask for (default 4096)")
+    p.add_argument("--max-body", type=int, default=8 * 2**20, metavar="BYTES",
+                   help="the largest request body (default 8 MiB)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (repeatable; CORS is off by default)")
+    add_model_options(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def served_names(given: str | None, model: str) -> list[str]:
+    """The name clients use for the model (first), and the other names it answers to."""
+    path = Path(model)
+    if path.resolve() == DEMO_DIR:
+        base = "demo"
+    elif path.is_dir():
+        base = path.resolve().name
+    else:
+        base = model  # a hub repo id
+    names = [given or base, base, model, model.rsplit("/", 1)[-1]]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def check(args):
+    for flag, value, low in (("--port", args.port, 0), ("--queue", args.queue, 1), ("--max-tokens", args.max_tokens, 1),
+                             ("--max-body", args.max_body, 1024)):
+        if value < low or (flag == "--port" and value > 65535):
+            raise UsageError(f"{flag} {value}: out of range")
+    args.api_key = args.api_key or os.environ.get("DSCHAT_API_KEY") or None
+    if not is_loopback(args.host) and not args.api_key:
+        raise UsageError(f"refusing to listen on {args.host} without an API key: anyone who can reach it could use "
+                         "the model (give --api-key KEY or $DSCHAT_API_KEY, or keep --host 127.0.0.1)")
+
+
+def run_serve(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    check(args)
+    import uvicorn  # deferred: only the server needs it
+
+    from .app import build_app
+    from .common import Limits, State
+
+    opts = Options.from_args(args, Settings.load())
+    opts.model = model_name(opts)
+    engine = load_engine(opts)
+    state = State(engine, served_names(args.name, opts.model),
+                  Limits(max_tokens=args.max_tokens, max_body=args.max_body, queue=args.queue), args.api_key)
+    if engine.tokenizer.fim is not None and any(w in state.name.lower() for w in ("instruct", "chat")):
+        sys.stderr.write(f"dschat serve: warning: {state.name} looks like an instruct model; DeepSeek's instruct "
+                         "models were not trained on fill-in-the-middle (use a -Base checkpoint for editors' FIM)\n")
+    app = build_app(state, args.cors_origin)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=3, lifespan="off")
+    server = uvicorn.Server(config)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    sys.stderr.write(f"dschat serve: {state.name} on http://{host}:{args.port} (Ctrl+C stops)\n")
+    sys.stderr.flush()
+    try:
+        server.run()
+    finally:
+        state.scheduler.close()
+    if not server.started:
+        raise UsageError(f"could not listen on {args.host}:{args.port} (is the port in use?)")
+    return 0

@@ -1,0 +1,145 @@
+"""OpenAI's shape: /v1/chat/completions, /v1/completions (with `suffix`: fill-in-the-middle) and /v1/models.
+
+Prompt text: the chat endpoint renders the model's template, and FIM or role token text inside a message stays
+text. /v1/completions without a suffix reads special token text in the prompt as those tokens (a client may send
+a whole prompt it built, FIM tokens included, as llama-server and vLLM read it); with a suffix the prompt and
+the suffix are the file's text, encoded as text, as `dschat fim` does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.responses import JSONResponse, StreamingResponse
+
+from . import generation
+from .common import State, collect, events, parse, prepare, seed, sse, submit
+from .errors import ApiError, body
+from .schemas import OpenAIChat, OpenAICompletion, stop_list
+
+
+def usage(o: generation.Outcome) -> dict:
+    return {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
+            "total_tokens": o.prompt_tokens + o.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": o.cached_tokens}}
+
+
+def finish_reason(o: generation.Outcome) -> str:
+    return "length" if o.finish == "length" else "stop"
+
+
+def _stops(req) -> tuple[str, ...]:
+    try:
+        return stop_list(req.stop)
+    except ValueError as e:
+        raise ApiError(422, f"stop: {e}", param="stop", code="invalid_value") from None
+
+
+async def chat_completions(request):
+    state: State = request.app.state.dschat
+    req = await parse(request, OpenAIChat)
+    state.check_model(req.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": generation.message_text(m.content)} for m in req.messages]
+    ids = await prepare(generation.chat_ids, state.tok, messages)
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    spec = generation.GenSpec(
+        ids=ids, max_tokens=state.max_tokens(asked, len(ids), clip=False),
+        temperature=state.temperature if req.temperature is None else req.temperature,
+        top_p=state.top_p if req.top_p is None else req.top_p, seed=seed(req.seed), stop=_stops(req), chat=True)
+    job = submit(state, spec)
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.name,
+            "system_fingerprint": state.engine.fingerprint}
+    if not req.stream:
+        o = await collect(request, state, job)
+        return JSONResponse({**head, "object": "chat.completion", "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": o.text},
+            "finish_reason": finish_reason(o), "logprobs": None}], "usage": usage(o)})
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    async def stream():
+        yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None, "logprobs": None}]})
+        try:
+            async for kind, value in events(request, state, job):
+                if kind == "piece":
+                    yield sse({**head, "choices": [{"index": 0, "delta": {"content": value[1]},
+                                                     "finish_reason": None, "logprobs": None}]})
+                else:
+                    yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason(value),
+                                                     "logprobs": None}]})
+                    if include_usage:
+                        yield sse({**head, "choices": [], "usage": usage(value)})
+        except ApiError as e:
+            yield sse(body("openai", e))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def completions(request):
+    state: State = request.app.state.dschat
+    req = await parse(request, OpenAICompletion)
+    state.check_model(req.model)
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise ApiError(422, "prompt: one prompt per request", param="prompt", code="invalid_value")
+        prompt = prompt[0]
+    temperature = state.temperature if req.temperature is None else req.temperature
+    if req.suffix is not None:
+        if not isinstance(prompt, str):
+            raise ApiError(422, "prompt: text, with a suffix", param="prompt", code="invalid_value")
+        n, budget = state.fim_length(req.max_tokens, "max_tokens")
+        ids, suffix = await prepare(generation.fim_spec_ids, state.tok, prompt, req.suffix, budget)
+        spec = generation.GenSpec(ids=ids, max_tokens=n, fim_suffix=suffix,
+                                  at_line_start=not prompt or prompt.endswith("\n"),
+                                  stop_token_ids=generation.fim_stops(state.tok),
+                                  temperature=0.0 if req.temperature is None else req.temperature)
+    else:
+        ids = await prepare(generation.text_ids, state.tok, prompt)
+        spec = generation.GenSpec(ids=ids, max_tokens=state.max_tokens(req.max_tokens, len(ids), clip=False),
+                                  temperature=temperature)
+    spec.top_p = state.top_p if req.top_p is None else req.top_p
+    spec.seed, spec.stop = seed(req.seed), _stops(req)
+    echo = prompt if req.echo and isinstance(prompt, str) and req.suffix is None else ""
+    job = submit(state, spec)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.name, "system_fingerprint": state.engine.fingerprint}
+    if not req.stream:
+        o = await collect(request, state, job)
+        return JSONResponse({**head, "choices": [{"index": 0, "text": echo + o.text, "finish_reason": finish_reason(o),
+                                                  "logprobs": None}], "usage": usage(o)})
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    async def stream():
+        if echo:
+            yield sse({**head, "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]})
+        try:
+            async for kind, value in events(request, state, job):
+                if kind == "piece":
+                    yield sse({**head, "choices": [{"index": 0, "text": value[1], "finish_reason": None,
+                                                     "logprobs": None}]})
+                else:
+                    yield sse({**head, "choices": [{"index": 0, "text": "", "finish_reason": finish_reason(value),
+                                                     "logprobs": None}]})
+                    if include_usage:
+                        yield sse({**head, "choices": [], "usage": usage(value)})
+        except ApiError as e:
+            yield sse(body("openai", e))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def models(request):
+    state: State = request.app.state.dschat
+    return JSONResponse({"object": "list", "data": [{
+        "id": state.name, "object": "model", "created": state.created, "owned_by": "dschat",
+        "meta": {"n_ctx_train": state.context, "fim": state.tok.fim is not None}}]})
+
+
+ROUTES = [("/v1/chat/completions", chat_completions, ["POST"]), ("/v1/completions", completions, ["POST"]),
+          ("/v1/models", models, ["GET"])]
