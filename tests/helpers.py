@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import pexpect
 from dschat.dev import reference
 from dschat.dev import tiny_checkpoints as tc
+from dschat.dev.serving import ServerThread  # noqa: F401 - the tests' server
 import torch
 
 from dschat.cli import chat_parser, main
@@ -255,41 +255,6 @@ def run_ranks(cases: list[dict], ids: list[int], ranks: int = 2, ok: bool = True
 
 
 # -- dschat serve ----------------------------------------------------------------------------------------------------
-class ServerThread:
-    """`dschat serve`'s app on a real uvicorn server in a thread, on a free loopback port, over `engine`
-    (which it owns while it runs: nothing else may generate with it meanwhile)."""
-
-    def __init__(self, engine, names=("demo",), api_key=None, **limits):
-        import uvicorn
-
-        from dschat.serve.app import build_app
-        from dschat.serve.common import Limits, State
-
-        self.state = State(engine, list(names), Limits(**limits), api_key)
-        self.port = free_port()
-        config = uvicorn.Config(build_app(self.state), host="127.0.0.1", port=self.port, log_level="warning",
-                                access_log=False, lifespan="off", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() - t0 < 30, "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.state.scheduler.close()  # what still streams ends, so the server stops at once
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def http(port: int, method: str, path: str, body=None, headers=None, timeout=60):
     """One request with the standard library's client, as curl sends it: (status, headers, parsed JSON or text)."""
     conn = http_client.HTTPConnection("127.0.0.1", port, timeout=timeout)
