@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import atomic_write_text
+from .files import UnreadableFile, atomic_write_text, read_regular
 from .paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, xdg
 from .settings_check import problem
 
@@ -30,6 +30,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 QUANTS = ("int8", "int4", "none")  # the `quant` setting (dschat.engine.quant checks the flag)
+MAX_CONFIG_BYTES = 2**20  # a config file larger than this is a mistake (it is read at every start)
 
 
 class ConfigError(Exception):
@@ -63,8 +64,10 @@ class Settings:
             return cls(path=path)
         text = ""
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_regular(path, MAX_CONFIG_BYTES).decode("utf-8")
             data = tomllib.loads(text)
+        except UnreadableFile as e:  # a FIFO, a directory, a huge file
+            raise ConfigError(f"{e} (the config file)") from None
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"{path}: cannot read the config file ({e}){_bad_line(text, e)}") from None
         problem_text = _problem(data, {f for f in cls.__dataclass_fields__ if f != "path"})

@@ -30,8 +30,17 @@ def private_dir(kind: str, *parts: str) -> Path:
 
 
 def private_file(path: Path) -> Path:
-    """`path`, created empty if missing, readable and writable by the user alone."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE))
+    """`path`, created empty if missing, readable and writable by the user alone; a regular file (a FIFO in
+    its place would make every open of it wait: OSError naming it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, PRIVATE_FILE)
+    except OSError as e:  # a FIFO without a reader (ENXIO), a directory (EISDIR)
+        raise OSError(e.errno, f"{path}: cannot open ({e.strerror}); it should be a regular file") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file; dschat keeps its own file there")
+    finally:
+        os.close(fd)
     tighten(path, PRIVATE_FILE)
     return path
 

@@ -12,9 +12,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import Snapshot
+from .files import Snapshot, UnreadableFile, read_regular
 
 BOM = "\ufeff"
+MAX_SOURCE_BYTES = 2 * 2**20  # 2 MiB: more code than any model's context window holds (V3's 128 Ki tokens)
 
 
 class SourceError(Exception):
@@ -42,9 +43,10 @@ class Source:
 
 
 def read_source(path: str, name: str | None = None) -> Source:
-    """The file at `path` ("-" for stdin), as text; one clear error for what is not UTF-8 text."""
+    """The file at `path` ("-" for stdin), as text; one clear error for what is not UTF-8 text, not a regular
+    file (a FIFO, /dev/zero) or larger than MAX_SOURCE_BYTES."""
     where = None if path == "-" else Path(path)
-    data = sys.stdin.buffer.read() if where is None else _read_bytes(where, path)
+    data = _read_stdin() if where is None else _read_bytes(where, path)
     name = name or (path if where is not None else "stdin")
     if b"\x00" in data[:8192]:
         raise SourceError(f"{name}: a binary file, not text")
@@ -59,9 +61,18 @@ def read_source(path: str, name: str | None = None) -> Source:
     return Source(text.replace("\r\n", "\n") if crlf else text, name, where, snapshot, bom, crlf)
 
 
+def _read_stdin() -> bytes:
+    data = sys.stdin.buffer.read(MAX_SOURCE_BYTES + 1)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise SourceError(f"stdin: more than {MAX_SOURCE_BYTES:,} bytes, the most a source file may have")
+    return data
+
+
 def _read_bytes(where: Path, path: str) -> bytes:
     try:
-        return where.read_bytes()
+        return read_regular(where, MAX_SOURCE_BYTES)
+    except UnreadableFile as e:
+        raise SourceError(str(e).replace("it may have", "a source file may have")) from None
     except FileNotFoundError:
         raise SourceError(f"{path}: no such file") from None
     except IsADirectoryError:

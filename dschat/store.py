@@ -22,6 +22,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import UnreadableFile, read_regular
 from .paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, private_file, tighten
 from .terminal_text import terminal_safe
 
@@ -569,9 +570,11 @@ def read_json_file(path: str) -> dict:
         if size > MAX_IMPORT_BYTES:
             raise StoreError(f"{path}: {size:,} bytes is more than a conversation file may hold "
                              f"({MAX_IMPORT_BYTES:,})")
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(read_regular(path, MAX_IMPORT_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise StoreError(f"{path}: no such file") from None
+    except UnreadableFile as e:  # a FIFO, a directory
+        raise StoreError(str(e)) from None
     except RecursionError:
         raise StoreError(f"{path}: not a conversation file (JSON nested too deeply)") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:

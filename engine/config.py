@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
+from . import files
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -102,9 +103,11 @@ class ModelConfig:
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = files.read_text(path)
         except FileNotFoundError:
             raise ModelError(f"{path}: no config.json here") from None
+        except files.UnreadableFile as e:  # a FIFO, say
+            raise ModelError(str(e)) from None
         except (OSError, UnicodeDecodeError) as e:
             raise ModelError(f"{path}: cannot read config.json ({e})") from None
         try:

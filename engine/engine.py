@@ -22,6 +22,7 @@ from .quant import spec as quant_spec
 from .sampling import Sampler, SamplingParams
 from .speculative import MTPDrafter, NgramDrafter, NoDrafter, verify
 from .stats import GenerationStats
+from . import files
 
 PREFILL_CHUNK = 1024
 PAGE_SIZE = 64
@@ -331,7 +332,7 @@ class Engine:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(files.read_text(path))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}

@@ -29,6 +29,7 @@ from . import dist, quant
 from .config_check import check_config
 from .errors import ModelError
 from .model import Experts, Linear, MoE, Transformer, dequantize_fp8
+from . import files
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -118,7 +119,9 @@ class Checkpoint:
         index = root / "model.safetensors.index.json"
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                weight_map = json.loads(files.read_text(index))["weight_map"]
+            except files.UnreadableFile as e:
+                raise ModelError(str(e)) from None
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ModelError(f"{index}: unreadable safetensors index ({e})") from None
             self.files = {name: root / f for name, f in weight_map.items()}
@@ -154,6 +157,7 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         f = self.files[name]
         if f not in self._open:
+            files.regular(f)  # safetensors opens it: never a FIFO
             self._open[f] = safe_open(str(f), framework="pt", device="cpu")
         try:
             return self._open[f].get_tensor(name)
@@ -170,7 +174,7 @@ class Checkpoint:
 def _read_header(path: Path) -> dict:
     """The tensor table of a safetensors file, after checking that the file holds all its bytes."""
     try:
-        size = path.stat().st_size
+        size = files.regular(path).st_size
         with open(path, "rb") as fh:
             raw = fh.read(8)
             if len(raw) < 8:
@@ -181,6 +185,8 @@ def _read_header(path: Path) -> dict:
             header = json.loads(fh.read(n))
     except FileNotFoundError:
         raise ModelError(f"{path}: shard is missing") from None
+    except files.UnreadableFile as e:
+        raise ModelError(str(e)) from None
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
     header.pop("__metadata__", None)

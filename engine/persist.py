@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .files import regular
+
 VERSION = "2"  # 2: the checksum
 
 
@@ -74,6 +76,7 @@ def read(directory: Path, fingerprint: str, key_ids: list[int], n_layers: int, l
     try:
         from safetensors import safe_open
 
+        regular(path)  # a FIFO named like a cache file: never opened (it would wait for a writer)
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if meta.get("version") != VERSION or meta.get("fingerprint") != fingerprint:

@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .errors import ModelError
 from .loader import Checkpoint, Progress, peak_host_bytes, resolve, terminal_progress
 from .quant import QuantSpec, is_quantized, quantize, spec
+from . import files
 
 SHARD_BYTES = 2 * 2**30
 # The source's files that still hold for the quantized weights (not its checksums, say).
@@ -118,7 +119,7 @@ def _write_index(out: Path, shards: list[dict], total: int):
 
 
 def _copy_the_rest(root: Path, out: Path, s: QuantSpec):
-    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    config = json.loads(files.read_text(root / "config.json"))
     config["quantization_config"] = s.config()
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in sorted(root.iterdir()):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .errors import ModelError
+from . import files
 
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
 
@@ -44,7 +45,9 @@ class Tokenizer:
         if not file.exists():
             raise ModelError(f"{path}: no tokenizer here (tokenizer.json is missing)")
         try:
-            tk = HFTokenizer.from_file(str(file))
+            tk = HFTokenizer.from_str(files.read_text(file))
+        except files.UnreadableFile as e:  # a FIFO, say
+            raise ModelError(str(e)) from None
         except Exception as e:  # the tokenizers library raises its own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"{file}: not a readable tokenizer ({first})") from None
@@ -52,8 +55,12 @@ class Tokenizer:
         cfg_file = path / "tokenizer_config.json"
         if cfg_file.exists():
             try:
-                config = json.loads(cfg_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
+                config = json.loads(files.read_text(cfg_file))
+            except files.UnreadableFile as e:
+                raise ModelError(str(e)) from None
+            except OSError as e:
+                raise ModelError(f"{cfg_file}: cannot read ({e})") from None
+            except ValueError as e:
                 raise ModelError(f"{cfg_file}: not valid JSON ({e})") from None
             template = config.get("chat_template")
             if isinstance(template, list):  # named templates: take the default one
@@ -61,7 +68,12 @@ class Tokenizer:
                 template = named.get("default") or next(iter(named.values()), None)
         jinja = path / "chat_template.jinja"
         if template is None and jinja.exists():
-            template = jinja.read_text(encoding="utf-8")
+            try:
+                template = files.read_text(jinja)
+            except files.UnreadableFile as e:
+                raise ModelError(str(e)) from None
+            except (OSError, ValueError) as e:
+                raise ModelError(f"{jinja}: cannot read ({e})") from None
         return cls(tk, config, template)
 
     def __len__(self) -> int:
