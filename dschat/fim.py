@@ -22,7 +22,7 @@ from .files import atomic_write_text, rewritable
 from .highlight import ansi, colour_terminal, lexer_for
 from .options import add_model_options, add_output_options, command_parser
 from .runtime import Options, load_engine, model_name, print_stats
-from .source_file import read_source
+from .source_file import MAX_SOURCE_BYTES, read_source
 from .template import bos
 from .terminal_text import for_output, json_for_output
 
@@ -146,7 +146,8 @@ def parser() -> argparse.ArgumentParser:
                     "  dschat fim --at 12:5 app.py    a hole at line 12, column 5 (no marker needed)\n"
                     "  cat app.py | dschat fim -      read the file from stdin",
         epilog=f"The hole is the marker {MARKER} (exactly one, or --all to fill each in turn, top to bottom).")
-    p.add_argument("file", help="the source file, or - for stdin")
+    p.add_argument("file", help=f"the source file (a regular file of at most {MAX_SOURCE_BYTES // 2**20} MiB), "
+                                "or - for stdin")
     p.add_argument("--at", metavar="LINE[:COL]", help="the hole's position (1-based) in a file without a marker")
     p.add_argument("--all", action="store_true", help=f"fill every {MARKER} marker, top to bottom")
     out = p.add_mutually_exclusive_group()
