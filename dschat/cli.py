@@ -90,10 +90,17 @@ def run_chat(argv: list[str]) -> int:
         message = text.rstrip("\n") + ("\n\n" + prompt if prompt else "") if text.strip() else prompt
     else:
         message = prompt
+    if not args.show_prompt and (piped or message):
+        from .session import check_history
+
+        check_history(opts)  # before the model loads: a turn that could not be saved is never generated
     if not piped and not message and not args.show_prompt:
         if not sys.stdout.isatty():
             raise UsageError("the chat needs a terminal on stdout; to write an answer elsewhere, give the "
                              "message on stdin or as an argument")
+        from .session import check_history
+
+        check_history(opts)
         return run_interactive(opts, args.plain)
     if not message.strip():
         raise UsageError("under torchrun dschat answers a message on stdin or as an argument (the TUI and "

@@ -64,6 +64,27 @@ def open_chat(tokenizer, opts: Options) -> tuple[Chat, Conversation | None]:
     return continued_chat(tokenizer, conv, opts.system, opts.raw), conv
 
 
+def check_history(opts: Options):
+    """Before the model loads: a run that will save its turns can (the history and its folder are writable,
+    turns.lock is a file), or one line says why and that --no-save chats without saving."""
+    if opts.no_save:
+        return
+    try:
+        path = Store.default_path()
+        problem = None if Store.writable(path) else "it is read-only"
+        lock = path.parent / "turns.lock"
+        if problem is None and (lock.exists() or lock.is_symlink()) and not lock.is_file():
+            problem = f"{lock} is not a regular file (dschat keeps its turn lock there)"
+        if problem is None:
+            Store(path).close()  # a corrupt history, one from a newer dschat: said now
+    except StoreError as e:
+        raise StoreError(f"the history cannot be written: {error_text(e)}; fix that, or pass --no-save to chat "
+                         "without saving") from None
+    if problem:
+        raise StoreError(f"the history cannot be written ({path}): {problem}; fix that, or pass --no-save to chat "
+                         "without saving")
+
+
 class ChatSession:
     def __init__(self, engine, opts: Options):
         self.engine, self.opts = engine, opts

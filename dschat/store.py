@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import UnreadableFile, read_regular
-from .paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, private_file, tighten
+from .paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, private_file, tighten, xdg
 from .terminal_text import terminal_safe
 
 SCHEMA = 1
@@ -153,17 +153,35 @@ class Store:
 
     @staticmethod
     def default_path() -> Path:
-        """The history in the user's data directory (made, or tightened, private)."""
-        return private_dir("DATA") / "history.db"
+        """The history in the user's data directory (made, or tightened, private; one that cannot be changed,
+        on a read-only file system say, is read as it is)."""
+        try:
+            return private_dir("DATA") / "history.db"
+        except OSError as e:
+            d = xdg("DATA")
+            if d.is_dir():
+                return d / "history.db"
+            raise StoreError(f"{d}: cannot make the history's folder ({e.strerror or e})") from None
 
     # -- opening: check first, write after ---------------------------------------------------------------------
+    @staticmethod
+    def writable(path: Path) -> bool:
+        """Whether the history at `path` (and its folder, for its -wal, -shm and pending files) can be written."""
+        if path.exists() and not os.access(path, os.W_OK):
+            return False
+        return os.access(path.parent, os.W_OK | os.X_OK)
+
     def _open(self) -> sqlite3.Connection:
         fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self.read_only = not fresh and not self.writable(self.path)
         if fresh:
             self.path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
             private_file(self.path)
         try:
-            db = sqlite3.connect(str(self.path), timeout=BUSY_NOTICE_S, isolation_level=None)
+            if self.read_only:  # reading works on a read-only history (writing says why not)
+                db = self._open_read_only()
+            else:
+                db = sqlite3.connect(str(self.path), timeout=BUSY_NOTICE_S, isolation_level=None)
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: cannot open the history ({e})") from None
         try:
@@ -184,6 +202,9 @@ class Store:
         except sqlite3.DatabaseError as e:
             db.close()
             raise StoreError(f"{self.path}: the history is not a readable database ({e})") from None
+        if self.read_only:
+            self.db = db
+            return db
         # Checked: from here on we may write.
         for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
             if f.exists():
@@ -223,6 +244,14 @@ class Store:
                 continue
             warnings.warn(f"a turn kept in {f} while the history could not be written is added to it now",
                           StoreWarning, stacklevel=2)
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """The history opened for reading only. Where its folder cannot be written and no -shm file is there,
+        SQLite cannot share the WAL index: the file is read as it stands (immutable; nobody can write it)."""
+        uri = self.path.resolve().as_uri()
+        shm = Path(f"{self.path}-shm")
+        mode = "ro" if shm.exists() and os.access(shm, os.W_OK) else "ro&immutable=1"
+        return sqlite3.connect(f"{uri}?mode={mode}", uri=True, timeout=BUSY_NOTICE_S, isolation_level=None)
 
     def _migrate(self, db: sqlite3.Connection):
         db.execute("BEGIN IMMEDIATE")
