@@ -15,7 +15,7 @@ import torch
 from helpers import ServerThread, assert_clean_error, call, greedy, http, run, sse_events, stream_lines, free_port
 
 from dschat.engine import Engine
-from dschat.fim import FIM_TOKENS
+from dschat.fim import FIM_TOKENS, cut_repeat, fim_prompt
 from dschat.runtime import DEMO_DIR
 from dschat.template import chat_prompt, completion_prompt
 
@@ -150,6 +150,24 @@ def test_fim_endpoints_give_what_dschat_fim_gives(demo_server, tmp_path):
     # the OpenAI completions endpoint with a suffix
     r = client(demo_server).completions.create(model="demo", prompt=before, suffix=after, max_tokens=24, temperature=0)
     assert r.choices[0].text == want
+
+
+def test_keystrokes_on_one_line_prefill_only_what_changed(demo_server, demo_engine):
+    """llama.vim sends the cursor line's start as `prompt`: it follows <｜fim▁end｜> (llama.cpp's layout), so the
+    next keystroke on the line prefills only its last tokens; the insertion is the engine's greedy continuation."""
+    tok = demo_engine.tokenizer
+    before, after = SOURCE.split("<FILL>")
+    lines = before.split("\n")
+    prefix, line = "\n".join(lines[:-2]) + "\n", lines[-2] + "\n"  # the cursor inside the for line
+    ask = {"input_prefix": prefix, "input_suffix": line[9:] + after, "input_extra": [], "n_predict": 8,
+           "top_k": 40, "top_p": 0.99, "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True}
+    http(demo_server.port, "POST", "/infill", {**ask, "prompt": line[:8]})
+    status, _, res = http(demo_server.port, "POST", "/infill", {**ask, "prompt": line[:9]})
+    assert status == 200 and res["timings"]["prompt_n"] <= 3 < res["tokens_cached"], res
+    ids = fim_prompt(tok, prefix, line[9:] + after) + tok.encode_plain(line[:9])
+    out, text = greedy(demo_engine, ids, 8, stops=tok.fim)
+    assert res["content"] == cut_repeat(text, line[9:] + after, False)[0]
+    assert res["tokens_evaluated"] == len(ids) and res["tokens_predicted"] == len(out)
 
 
 def test_fim_prompt_is_text_and_extra_context_is_shared(demo_server, demo_engine):

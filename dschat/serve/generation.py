@@ -175,15 +175,19 @@ def text_ids(tok, prompt, parse_special: bool = True) -> list[int]:
     return ids if first and ids[:1] == first else first + ids
 
 
-def fim_spec_ids(tok, prefix: str, suffix: str, budget: int, extra: list[tuple[str, str]] = ()) -> tuple[list[int], str]:
+def fim_spec_ids(tok, prefix: str, suffix: str, budget: int, extra: list[tuple[str, str]] = (),
+                 middle: str = "") -> tuple[list[int], str]:
     """The FIM prompt `dschat fim` builds for a hole between prefix and suffix (trimmed to `budget` tokens at
-    the lines nearest the hole), input_extra chunks (filename, text) before the prefix; and the suffix kept."""
+    the lines nearest the hole), input_extra chunks (filename, text) before the prefix; and the suffix kept.
+    `middle` (llama.cpp's /infill `prompt`: the cursor line's start) goes after <｜fim▁end｜>, where the model's
+    middle begins, as llama.cpp lays it out: typing on one line then changes only the prompt's last tokens."""
     if tok.fim is None:
         raise PromptError(f"this model's tokenizer has no FIM tokens ({FIM_TOKENS[0]}): use DeepSeek-Coder-V2, "
                           "V2.5 or V3 (DeepSeek-V2 was not trained for fill-in-the-middle)")
     context = "".join(CHUNK_SEPARATOR + text for _, text in extra)
-    prefix, suffix = trim(context + prefix, suffix, lambda s: len(tok.encode_plain(s)), max(1, budget))
-    return fim_prompt(tok, prefix, suffix), suffix
+    tail = tok.encode_plain(middle) if middle else []
+    prefix, suffix = trim(context + prefix, suffix, lambda s: len(tok.encode_plain(s)), max(1, budget - len(tail)))
+    return fim_prompt(tok, prefix, suffix) + tail, suffix
 
 
 def fim_stops(tok) -> tuple[int, ...]:

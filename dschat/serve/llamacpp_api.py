@@ -1,11 +1,13 @@
 """llama.cpp server's shape, which llama.vim and llama.vscode call: /infill, /completion, /tokenize, /detokenize,
 /apply-template, /health and /props.
 
-/infill: the hole is between input_prefix + prompt (llama.vim sends the cursor line's start as `prompt`) and
-input_suffix, all of it the file's text (never read as special tokens); input_extra chunks ({filename, text},
-text only: nothing is read from the server's disk) go before it in the FIM prefix, each after llama.cpp's
-"--- snippet ---" separator. The prompt is `dschat fim`'s, and so is the cut where the insertion starts repeating
-the suffix. n_predict 0 is the editors' warm-up: the prompt is prefilled into the shared cache and nothing is
+/infill: the hole is after input_prefix + prompt and before input_suffix, all of it the file's text (never read
+as special tokens). The prompt is `dschat fim`'s for input_prefix and input_suffix, and `prompt` (llama.vim and
+llama.vscode send the cursor line's start there) follows <｜fim▁end｜> as the beginning of the middle, where
+llama.cpp puts it: typing on one line changes only the last tokens, so the shared cache serves the rest. With an
+empty `prompt` the prompt is exactly `dschat fim`'s; the insertion is cut as `dschat fim` cuts it (where it starts
+repeating the suffix). input_extra chunks ({filename, text}, text only: nothing is read from the server's disk)
+go before the file's text in the FIM prefix, each after llama.cpp's "--- snippet ---" separator. n_predict 0 is the editors' warm-up: the prompt is prefilled into the shared cache and nothing is
 generated. cache_prompt false prefills the whole prompt. tokens_cached is the number of prompt tokens that came
 from the cache (timings.prompt_n the ones prefilled). t_max_predict_ms stops decoding after that long once a
 line is complete. /completion reads special token text in a text prompt as those tokens; a list is token ids.
@@ -101,8 +103,8 @@ async def infill(request):
     req = await parse(request, Infill)
     n, budget = state.fim_length(None if req.n_predict <= 0 else req.n_predict, "n_predict")
     prefix = req.input_prefix + req.prompt
-    ids, suffix = await prepare(generation.fim_spec_ids, state.tok, prefix, req.input_suffix, budget,
-                                [(c.filename, c.text) for c in req.input_extra])
+    ids, suffix = await prepare(generation.fim_spec_ids, state.tok, req.input_prefix, req.input_suffix, budget,
+                                [(c.filename, c.text) for c in req.input_extra], req.prompt)
     specs = []
     for i in range(1 if req.n_predict == 0 else req.n_cmpl):
         spec = generation.GenSpec(ids=ids, max_tokens=n, fim_suffix=suffix,
