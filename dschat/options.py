@@ -38,8 +38,8 @@ def add_model_options(p: argparse.ArgumentParser):
 
 def add_sampling_options(p: argparse.ArgumentParser):
     g = p.add_argument_group("sampling (defaults: the model's generation_config.json, then the config file)")
-    g.add_argument("-t", "--temperature", type=float, default=None, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("-t", "--temperature", type=float, default=None, help="0 = greedy (so is anything below 1e-4)")
+    g.add_argument("--top-p", type=float, default=None, help="in (0, 1]; below 1e-6 is greedy")
     g.add_argument("--top-k", type=int, default=None, help="0 = no limit")
     g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     g.add_argument("-n", "--max-tokens", type=int, default=None, help="longest reply, in tokens")

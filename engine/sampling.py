@@ -9,6 +9,12 @@ import torch
 from .dist import same_everywhere
 
 
+# Below these, sampling is greedy: a temperature of 1e-40 divides logits into infinities, and a top_p under
+# float32's smallest number keeps no token at all; both mean "the most likely token" anyway.
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
@@ -31,7 +37,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Whether the most likely token is chosen: temperature 0, or a temperature or top_p below its floor."""
+        return self.temperature < MIN_TEMPERATURE or self.top_p < MIN_TOP_P
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -110,3 +110,21 @@ def test_good_settings_still_load():
     write_config('temperature = 0\ntop_p = 1\nmax_tokens = 1\ndevice = "cuda:1"\n[keys]\nstop = "ctrl+s"\n')
     s = Settings.load()
     assert (s.temperature, s.top_p, s.device, s.keys) == (0, 1, "cuda:1", {"stop": "ctrl+s"})
+
+
+@pytest.mark.parametrize("flags, config", [
+    (["-t", "1e-40"], ""),
+    (["-t", "1", "--top-p", "1e-300"], ""),
+    ([], "temperature = 1e-300\n"),
+    ([], "temperature = 1.0\ntop_p = 1e-300\n"),
+])
+def test_tiny_temperatures_and_top_p_are_greedy(chat_models, flags, config):
+    """Issue 27 item 18: below the documented floors (engine.sampling.MIN_TEMPERATURE, MIN_TOP_P) sampling is
+    greedy; before, these passed the checks and failed in torch (inf or nan probabilities)."""
+    args = ["--model", str(chat_models["v3"]), "-n", "6", "--no-save", "--seed", "1"]
+    greedy = call([*args, "-t", "0"], stdin="Hello.")
+    assert greedy.returncode == 0, greedy.stderr
+    write_config(config)
+    r = call([*args, *flags], stdin="Hello.")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == greedy.stdout
