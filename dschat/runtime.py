@@ -85,6 +85,11 @@ class Options:
 def model_name(opts: Options) -> str:
     """--model, then $DSCHAT_MODEL, then the config file, then the bundled demo ("demo" names it)."""
     name = opts.model or os.environ.get("DSCHAT_MODEL") or opts.config.model
+    source = "--model" if opts.model else "DSCHAT_MODEL" if os.environ.get("DSCHAT_MODEL") else "model (config file)"
+    if name and not name.strip():
+        raise UsageError(f"{source} is blank: give a model directory, a hub repo id or `demo`")
+    if name and not name.isprintable():
+        raise UsageError(f"{source} {name!r}: a model name holds no control characters (a line break?)")
     if name == "demo":
         return str(DEMO_DIR)
     if name:

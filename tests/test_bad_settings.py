@@ -128,3 +128,15 @@ def test_tiny_temperatures_and_top_p_are_greedy(chat_models, flags, config):
     r = call([*args, *flags], stdin="Hello.")
     assert r.returncode == 0, r.stderr
     assert r.stdout == greedy.stdout
+
+
+@pytest.mark.parametrize("env, flags, named", [
+    ({"DSCHAT_MODEL": "   "}, [], "DSCHAT_MODEL is blank"),
+    ({"DSCHAT_MODEL": "foo\nbar"}, [], "DSCHAT_MODEL 'foo\\nbar'"),
+    ({}, ["--model", "foo\nbar"], "--model 'foo\\nbar'"),
+])
+def test_a_blank_or_multi_line_model_name_is_named_whole(env, flags, named):
+    """Issue 27 item 26: before, a blank DSCHAT_MODEL said ': no such model directory' and one with a line
+    break was reported by its first line only."""
+    r = call([*flags, "-n", "2", "--no-save"], stdin="Hello.", env=env)
+    assert_one_line_error(r, named)
