@@ -59,3 +59,12 @@ def kv_dir() -> Path:
         return private_dir("CACHE", "kv")
     except OSError:
         return xdg("CACHE") / "kv"
+
+
+def cache_key_file() -> Path:
+    """The secret that keys the latent cache's checksums (engine/persist.py makes it, 0600, on first use): in
+    the data directory, beside the history, not in the cache it protects."""
+    try:
+        return private_dir("DATA") / "cache.key"
+    except OSError:
+        return xdg("DATA") / "cache.key"

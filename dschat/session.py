@@ -19,7 +19,7 @@ import secrets
 from typing import Iterator
 
 from .chat import Chat, Turn
-from .paths import kv_dir
+from .paths import cache_key_file, kv_dir
 from .runtime import Options, sampling_params
 from .errors import error_text
 from .store import Conversation, Message, Store, StoreError, keep_pending
@@ -115,7 +115,7 @@ class ChatSession:
     def _continue(self, conv: Conversation):
         self.opened, self.head = conv, conv.head
         if self.chat.ids:  # its latent cache, when an earlier process saved it
-            self.engine.load_prefix(self.chat.ids, directory=kv_dir())
+            self.engine.load_prefix(self.chat.ids, directory=kv_dir(), secret_file=cache_key_file())
         self.conversation_id = None if self.opts.no_save else conv.id
         msgs = [m for m in conv.messages if m.role != "system"]
         user = next((m.id for m in reversed(msgs) if m.role == "user"), None)
@@ -239,7 +239,7 @@ class ChatSession:
             if store is not None:
                 store.close()
         if self.chat.ids:
-            self.engine.save_prefix(self.chat.ids, directory=kv_dir())  # so that `dschat -c` starts warm
+            self.engine.save_prefix(self.chat.ids, directory=kv_dir(), secret_file=cache_key_file())  # so that `dschat -c` starts warm
 
     def exchange(self, turn: Turn, answer_of: str | None) -> dict:
         """What `save` writes, with its ids chosen here (see Store.save_exchange)."""

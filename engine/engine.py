@@ -145,13 +145,18 @@ class Engine:
 
     @property
     def fingerprint(self) -> str:
-        """Identifies these weights: a hash of config.json, the tensor index and the shard sizes."""
+        """Identifies these weights: a hash of config.json, the tensor index and each shard's whole content
+        (its safetensors header and every tensor), so that another model of the same shapes never shares a
+        saved prefix or a replay's token ids. A shard is read once; its SHA-256 is remembered in the cache
+        directory by device, inode, size and times (engine/files.py), so later runs only stat it."""
         if not hasattr(self, "_fingerprint"):
             h = hashlib.sha256()
-            files = [self.path / "config.json", *sorted(self.path.glob("*.safetensors.index.json"))]
-            for f in files + sorted(self.path.glob("*.safetensors")):
+            jsons = [self.path / "config.json", *sorted(self.path.glob("*.safetensors.index.json"))]
+            shards = sorted(self.path.glob("*.safetensors"))
+            hashes = files.sha256_of(shards, persist.default_dir().parent / files.HASHES_FILE)
+            for f in jsons + shards:
                 h.update(f.name.encode())
-                h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+                h.update(files.read_bytes(f) if f.suffix == ".json" else hashes[f].encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -160,9 +165,12 @@ class Engine:
         weights = self.fingerprint + (f"-{self.quant}" if self.quant else "")
         return f"{weights}-{self.model.n_cached_layers}x{self.config.latent_dim}-{self.dtype}"
 
-    def save_prefix(self, ids: list[int], directory: str | os.PathLike | None = None, cap_gb: float = 4.0) -> int:
-        """Write the latent rows of the cached part of `ids` to disk, keyed by `ids` (see engine/persist.py).
-        Returns the number of tokens written (0, with a CacheWarning, where the directory cannot be written)."""
+    def save_prefix(self, ids: list[int], directory: str | os.PathLike | None = None, cap_gb: float = 4.0,
+                    secret_file: str | os.PathLike | None = None) -> int:
+        """Write the latent rows of the cached part of `ids` to disk, keyed by `ids` (see engine/persist.py),
+        with a checksum keyed by the secret in `secret_file` (made on first use; by default
+        $XDG_DATA_HOME/dschat/cache.key). Returns the number of tokens written (0, with a CacheWarning,
+        where the directory cannot be written)."""
         seq = self.cache.open(list(ids))
         try:
             n = seq.cached
@@ -170,17 +178,20 @@ class Engine:
                 slots = self.cache.slots(seq, n)
                 rows = torch.stack([buf[slots] for buf in self.cache.layers])
                 written = persist.write(Path(directory) if directory else persist.default_dir(), self._layout(),
-                                        list(ids), seq.ids[:n], rows, int(cap_gb * 2**30))
+                                        list(ids), seq.ids[:n], rows, int(cap_gb * 2**30),
+                                        Path(secret_file) if secret_file else None)
                 return n if written else 0
             return n
         finally:
             self.cache.close(seq, insert=False)
 
-    def load_prefix(self, ids: list[int], directory: str | os.PathLike | None = None) -> int:
+    def load_prefix(self, ids: list[int], directory: str | os.PathLike | None = None,
+                    secret_file: str | os.PathLike | None = None) -> int:
         """Put the rows saved under exactly `ids` back into the cache. Returns the number of tokens restored
-        (0 when there is no usable file; a stale or corrupt one gives a CacheWarning)."""
+        (0 when there is no usable file; a stale, corrupt or altered one gives a CacheWarning)."""
         got = persist.read(Path(directory) if directory else persist.default_dir(), self._layout(), list(ids),
-                           self.model.n_cached_layers, self.config.latent_dim)
+                           self.model.n_cached_layers, self.config.latent_dim,
+                           Path(secret_file) if secret_file else None)
         if got is None:
             return 0
         saved, rows = got

@@ -63,3 +63,48 @@ def read_bytes(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> bytes:
 def read_text(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> str:
     """The UTF-8 text of the regular file `path` (UnicodeDecodeError for other bytes)."""
     return read_bytes(Path(path), limit).decode("utf-8")
+
+
+# -- content hashes, remembered ----------------------------------------------------------------------------------
+HASHES_FILE = "file-sha256.json"  # in the cache directory: {"dev:inode": [[size, mtime_ns, ctime_ns], sha256]}
+
+
+def sha256_of(paths: list[Path], memo_file: Path | None) -> dict[Path, str]:
+    """The SHA-256 of each regular file's bytes. A file is read once: its hash is remembered in `memo_file`
+    under its device and inode with its size, modification and change times (any write changes the change
+    time, and nothing sets it back), and read again only when one of them changed."""
+    import hashlib
+    import json
+    import tempfile
+
+    memo: dict = {}
+    if memo_file is not None:
+        try:
+            memo = json.loads(read_text(memo_file, 64 * 2**20))
+            memo = memo if isinstance(memo, dict) else {}
+        except (OSError, ValueError):
+            memo = {}
+    out, changed = {}, False
+    for path in paths:
+        st = regular(path)
+        key, stamp = f"{st.st_dev}:{st.st_ino}", [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        entry = memo.get(key)
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == stamp and isinstance(entry[1], str):
+            out[path] = entry[1]
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(8 * 2**20):
+                h.update(chunk)
+        out[path] = memo[key] = h.hexdigest()
+        changed = True
+    if changed and memo_file is not None:
+        try:  # atomically; a cache that cannot be written only means hashing again next time
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=memo_file.parent, prefix=f".{memo_file.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(memo, f)
+            os.replace(tmp, memo_file)
+        except OSError:
+            pass
+    return out

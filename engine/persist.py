@@ -2,15 +2,20 @@
 
 One safetensors file per saved prefix in `$XDG_CACHE_HOME/dschat/kv/` (or the directory given), named by a
 hash of the model fingerprint and the token ids it was saved under. It holds the token ids and their latent
-rows for every cached layer, and a SHA-256 of both in its metadata. The directory is capped in size; the
-least recently used files go first. A missing file is a miss; a stale or corrupt one, or one whose rows no
-longer match their checksum (altered on disk), is ignored with a warning and the prefix is recomputed.
+rows for every cached layer, and an HMAC-SHA256 of both in its metadata, keyed with a secret of the user's
+(32 random bytes in `$XDG_DATA_HOME/dschat/cache.key`, 0600, made on first use): whoever can write the
+cache directory but cannot read that file cannot make altered rows pass, and a file copied from another
+user's cache does not pass either. The directory is capped in size; the least recently used files go
+first. A missing file is a miss; a stale or corrupt one, or one whose rows do not match their checksum
+(altered on disk), is ignored with a warning and the prefix is recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
+import secrets
 import tempfile
 import warnings
 from pathlib import Path
@@ -19,9 +24,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .files import regular
+from .files import read_bytes, regular
 
-VERSION = "2"  # 2: the checksum
+VERSION = "3"  # 2: the checksum; 3: keyed (HMAC)
+KEY_BYTES = 32
 
 
 class CacheWarning(UserWarning):
@@ -33,6 +39,32 @@ def default_dir() -> Path:
     return Path(base) / "dschat" / "kv"
 
 
+def default_secret_file() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "dschat" / "cache.key"
+
+
+def secret(path: Path | None) -> bytes:
+    """The user's cache key in `path` (the default one for None), made on first use: 32 random bytes, 0600."""
+    path = path or default_secret_file()
+    try:
+        data = read_bytes(path, 4096)
+    except FileNotFoundError:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another dschat made it meanwhile
+            return secret(path)
+        data = secrets.token_bytes(KEY_BYTES)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    if len(data) != KEY_BYTES:
+        raise ValueError(f"{path}: not a cache key ({len(data)} bytes, not {KEY_BYTES}); delete it to make a new one")
+    return data
+
+
 def key(fingerprint: str, ids: list[int]) -> str:
     h = hashlib.sha256(fingerprint.encode())
     h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
@@ -40,18 +72,18 @@ def key(fingerprint: str, ids: list[int]) -> str:
 
 
 def write(directory: Path, fingerprint: str, key_ids: list[int], ids: list[int], rows: torch.Tensor,
-          cap_bytes: int) -> Path | None:
+          cap_bytes: int, secret_file: Path | None = None) -> Path | None:
     """rows [n_layers, len(ids), latent_dim]. Atomic: a crash leaves the old file or the new one. Problems
     (the directory is a file, the disk is full) are warnings, never errors: None, and nothing is saved."""
     try:
-        return _write(directory, fingerprint, key_ids, ids, rows, cap_bytes)
-    except (OSError, SafetensorError) as e:
+        return _write(directory, fingerprint, key_ids, ids, rows, cap_bytes, secret(secret_file))
+    except (OSError, SafetensorError, ValueError) as e:
         warnings.warn(f"the latent cache was not saved in {directory}: {e}", CacheWarning, stacklevel=3)
         return None
 
 
 def _write(directory: Path, fingerprint: str, key_ids: list[int], ids: list[int], rows: torch.Tensor,
-           cap_bytes: int) -> Path:
+           cap_bytes: int, secret_key: bytes) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{key(fingerprint, key_ids)}.safetensors"
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
@@ -59,7 +91,7 @@ def _write(directory: Path, fingerprint: str, key_ids: list[int], ids: list[int]
     try:
         tensors = {"ids": torch.tensor(ids, dtype=torch.int64), "rows": rows.contiguous().cpu()}
         save_file(tensors, tmp, metadata={"version": VERSION, "fingerprint": fingerprint,
-                                          "sha256": checksum(tensors["ids"], tensors["rows"])})
+                                          "hmac": checksum(tensors["ids"], tensors["rows"], secret_key)})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -68,7 +100,8 @@ def _write(directory: Path, fingerprint: str, key_ids: list[int], ids: list[int]
     return path
 
 
-def read(directory: Path, fingerprint: str, key_ids: list[int], n_layers: int, latent_dim: int):
+def read(directory: Path, fingerprint: str, key_ids: list[int], n_layers: int, latent_dim: int,
+         secret_file: Path | None = None):
     """(ids, rows) saved under key_ids, or None. Problems are warnings, never errors."""
     path = directory / f"{key(fingerprint, key_ids)}.safetensors"
     if not path.exists():
@@ -82,8 +115,9 @@ def read(directory: Path, fingerprint: str, key_ids: list[int], n_layers: int, l
         if meta.get("version") != VERSION or meta.get("fingerprint") != fingerprint:
             raise ValueError("it was written for other weights or by another version")
         data = load_file(str(path))
-        if checksum(data["ids"], data["rows"]) != meta.get("sha256"):
-            raise ValueError("its contents do not match their checksum (the file was altered)")
+        if not hmac.compare_digest(checksum(data["ids"], data["rows"], secret(secret_file)), meta.get("hmac", "")):
+            raise ValueError("its contents do not match their checksum (the file was altered, or written with "
+                             "another cache key)")
         ids, rows = data["ids"].tolist(), data["rows"]
         if rows.shape != (n_layers, len(ids), latent_dim):
             raise ValueError(f"its rows have shape {list(rows.shape)}, this engine caches "
@@ -99,9 +133,9 @@ def read(directory: Path, fingerprint: str, key_ids: list[int], n_layers: int, l
     return ids, rows
 
 
-def checksum(ids: torch.Tensor, rows: torch.Tensor) -> str:
-    """SHA-256 of the token ids and the rows' bytes, whatever their dtype."""
-    h = hashlib.sha256(ids.numpy().tobytes())
+def checksum(ids: torch.Tensor, rows: torch.Tensor, secret_key: bytes) -> str:
+    """HMAC-SHA256 under the user's key of the token ids and the rows' bytes, whatever their dtype."""
+    h = hmac.new(secret_key, ids.numpy().tobytes(), hashlib.sha256)
     h.update(rows.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
