@@ -346,7 +346,8 @@ def load_model(root: Path, cfg, device: torch.device, dtype: torch.dtype, with_m
     with torch.device("meta"):
         model = Transformer(cfg, with_mtp=with_mtp)
     if quantize is not None:
-        quant.convert(model, quantize)
+        head = quant.HEAD if device.type == "cpu" and not cfg.tie_word_embeddings else None
+        quant.convert(model, quantize, head)
     placer = Placer(model, device, dtype, tuple(cfg.fp8_block_size or (128, 128)), fp8 == "keep")
     total, done = ckpt.total_bytes(), 0
     if progress is None:
@@ -377,11 +378,15 @@ def load_model(root: Path, cfg, device: torch.device, dtype: torch.dtype, with_m
         for i, m in enumerate(model.mtp):
             if m.embed_tokens.weight.is_meta:
                 _set(model, f"mtp.{i}.embed_tokens.weight", model.model.embed_tokens.weight)
-            if m.shared_head.head.weight.is_meta:
+            if isinstance(model.lm_head, quant.QuantLinear) and not isinstance(m.shared_head.head, quant.QuantLinear) \
+                    and m.shared_head.head.weight.is_meta:
+                m.shared_head.head = model.lm_head
+            elif m.shared_head.head.weight.is_meta:
                 _set(model, f"mtp.{i}.shared_head.head.weight", model.lm_head.weight)
         missing = placer.missing()
         if missing:
             raise ModelError(f"{root}: tensor {model.hub_name(missing)!r} is missing from the checkpoint")
+        quant.repack_for_cpu(model)
         progress(total, total)
     finally:
         ckpt.close()
@@ -392,7 +397,7 @@ def _packed(ckpt: Checkpoint, model: Transformer, name: str, t: torch.Tensor, ta
     """In a directory `dschat quantize` wrote, the packed form of a weight that runs packed (checked against
     its config); integers anywhere else are an error."""
     packs = quant.owner(model, model.local_name(name), target) if cfg.weight_quant is not None else None
-    if packs is not None:
+    if packs is not None and not (t.is_floating_point() and getattr(packs, "quantize_on_load", False)):
         return quant.read_packed(name, t, lambda n: ckpt.get(n) if n in ckpt else None, packs, target, where)
     if not t.is_floating_point():
         raise ModelError(f"{where} holds {t.dtype} values, but config.json says nothing of a quantization")

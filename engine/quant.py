@@ -6,7 +6,11 @@
   that are not a multiple of the group size are padded with zeros.
 * Quantized: the attention projections (kv_b_proj excepted: the absorbed attention reads it whole, and it is
   small), the dense MLPs and the routed and shared experts, in the main layers and the MTP layer. Embeddings,
-  norms, the router, lm_head and the MTP module's own projections stay in the model's dtype.
+  norms, the router and the MTP module's own projections stay in the model's dtype; so does lm_head, except
+  on the CPU, where it is quantized to int8 as it loads (HEAD: it is the largest single weight a decode step
+  reads, 0.84 GB of V2-Lite's in float32; llama.cpp keeps it at 6 bits). `dschat quantize` stores it as is.
+* On the CPU the weights run through PyTorch's packed kernels (kernels/quant_cpu.py); int4 is repacked into
+  their layout once, after loading (`repack_for_cpu`).
 * Weights are quantized one tensor at a time as the loader reads them (engine/loader.py), or once by
   `dschat quantize` into a directory that says how (`quantization_config` with quant_method "dschat").
 The packed format and the kernels live in kernels/ (quant_format.py, quant_matmul.py).
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..kernels.quant_cpu import Int4Cpu, int4_fits, matmul_cpu, moe_experts_cpu, repack_int4
 from ..kernels.quant_format import Packed, pack_int4
 from ..kernels.quant_matmul import quant_matmul
 from ..kernels.quant_moe import moe_experts_quant
@@ -51,6 +56,9 @@ class QuantSpec:
         """The `quantization_config` of a directory quantized this way."""
         return {"quant_method": METHOD, "bits": self.bits, "group_size": self.group if self.bits == 4 else 0,
                 "symmetric": self.symmetric or self.bits == 8}
+
+
+HEAD = QuantSpec(bits=8)  # lm_head on the CPU under --quant (int8 or int4)
 
 
 def spec(name: str | None) -> QuantSpec | None:
@@ -173,14 +181,30 @@ class QuantLinear(nn.Module):
         self.full_shape = (self.out_features * (ws if self.split == "col" else 1),
                            self.in_features * (ws if self.split == "row" else 1))  # before the rank's cut
         _register(self, "weight", s, (), self.out_features, self.in_features)
+        self.register_buffer("cpu_weight", None)  # int4 on the CPU: the kernel's layout (repack_for_cpu)
+        self.register_buffer("cpu_scale_offset", None)
+        self.quantize_on_load = False  # lm_head: float in a quantized directory too, quantized here
 
     def set(self, p: Packed, device, where: str):
         _check(p, self.spec, self.out_features, self.in_features, where)
         self.weight, self.weight_scale, self.weight_zero = (
             None if t is None else t.to(device) for t in (p.data, p.scale, p.zero))
 
+    def repack_for_cpu(self):
+        p = None if self.weight is None else _packed(self, "weight", self.spec, self.in_features)
+        if p is not None and int4_fits(p) and p.data.device.type == "cpu":
+            r = repack_int4(p)
+            self.cpu_weight, self.cpu_scale_offset = r.data, r.scale_offset
+            self.weight = self.weight_scale = self.weight_zero = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_matmul(x, _packed(self, "weight", self.spec, self.in_features))
+        if self.cpu_weight is not None:
+            return matmul_cpu(x, Int4Cpu(self.cpu_weight, self.cpu_scale_offset, self.out_features,
+                                         self.in_features, self.spec.group))
+        w = _packed(self, "weight", self.spec, self.in_features)
+        if x.device.type == "cpu" and w.bits == 8:
+            return matmul_cpu(x, w)
+        return quant_matmul(x, w)
 
 
 class QuantExperts(nn.Module):
@@ -192,6 +216,8 @@ class QuantExperts(nn.Module):
         self.spec, self.dim, self.inter = s, dim, inter
         _register(self, "w13", s, (n,), 2 * inter, dim)
         _register(self, "w2", s, (n,), dim, inter)
+        for name in ("cpu_w13", "cpu_w13_so", "cpu_w2", "cpu_w2_so"):  # int4 on the CPU (repack_for_cpu)
+            self.register_buffer(name, None)
         self.loaded: set[tuple[int, str]] = set()
 
     def put(self, e: int, proj: str, p: Packed, device, where: str):
@@ -208,21 +234,49 @@ class QuantExperts(nn.Module):
             stack[e, rows] = t.to(device)
         self.loaded.add((e, proj))
 
+    def repack_for_cpu(self):
+        if self.w13 is not None and int4_fits(_packed(self, "w13", self.spec, self.dim)) \
+                and self.w13.device.type == "cpu":
+            for prefix, k in (("w13", self.dim), ("w2", self.inter)):
+                r = repack_int4(_packed(self, prefix, self.spec, k))
+                setattr(self, "cpu_" + prefix, r.data)
+                setattr(self, f"cpu_{prefix}_so", r.scale_offset)
+                for suffix in ("", "_scale", "_zero"):
+                    setattr(self, prefix + suffix, None)
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return moe_experts_quant(x, _packed(self, "w13", self.spec, self.dim),
-                                 _packed(self, "w2", self.spec, self.inter), ids, weights)
+        if self.cpu_w13 is not None:
+            w13 = Int4Cpu(self.cpu_w13, self.cpu_w13_so, 2 * self.inter, self.dim, self.spec.group)
+            w2 = Int4Cpu(self.cpu_w2, self.cpu_w2_so, self.dim, self.inter, self.spec.group)
+            return moe_experts_cpu(x, w13, w2, ids, weights)
+        w13, w2 = _packed(self, "w13", self.spec, self.dim), _packed(self, "w2", self.spec, self.inter)
+        if x.device.type == "cpu" and self.spec.bits == 8:
+            return moe_experts_cpu(x, w13, w2, ids, weights)
+        return moe_experts_quant(x, w13, w2, ids, weights)
 
 
-def convert(model: nn.Module, s: QuantSpec):
+def convert(model: nn.Module, s: QuantSpec, head: QuantSpec | None = None):
     """Replace the model's quantized Linear layers and routed expert stacks by empty packed ones (before
-    loading)."""
+    loading); `head`: lm_head too, quantized this way as it loads."""
     for n, m in list(model.named_modules()):
         parent, _, attr = n.rpartition(".")
         if isinstance(m, Linear) and is_quantized(n):
             setattr(model.get_submodule(parent), attr, QuantLinear(m, s))
+        elif isinstance(m, Linear) and n == "lm_head" and head is not None:
+            q = QuantLinear(m, head)
+            q.quantize_on_load = True
+            model.lm_head = q
         elif isinstance(m, Experts):
             E, I2, H = m.w13.shape
             setattr(model.get_submodule(parent), attr, QuantExperts(E, H, I2 // 2, s))
+
+
+def repack_for_cpu(model: nn.Module):
+    """After loading: int4 weights held on the CPU into the CPU kernel's layout (kernels/quant_cpu.py), one
+    module at a time (host memory holds one module's weights twice at most)."""
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantExperts)):
+            m.repack_for_cpu()
 
 
 def owner(model: nn.Module, local: str, target) -> QuantLinear | QuantExperts | None:

@@ -1,6 +1,9 @@
 """The ranks of a tensor-parallel run (started by torchrun from test_tensor_parallel.py and test_quant.py).
 
-    tp_worker.py IDS CASES_JSON      IDS "1,2,3"; CASES_JSON [{"path", "out", "fp8", "quant"}, ...]
+    tp_worker.py IDS CASES_JSON      IDS "1,2,3"; CASES_JSON [{"path", "out", "fp8", "quant", "kernel_rows"}, ...]
+
+("kernel_rows": kernels/quant_cpu.py's CPU_KERNEL_MAX_ROWS for the case; "0" runs the quantized weights
+dequantised, float32-exact, so that sharding is compared without bfloat16 activations.)
 
 Every rank loads each case's checkpoint in turn and makes the same calls; rank 0 writes to the case's `out`
 what the test compares with a single-process engine: the plain-path logits, greedy tokens through the
@@ -20,6 +23,9 @@ from dschat.engine import Engine, SamplingParams
 
 def run_case(case: dict, ids: list[int]):
     path = case["path"]
+    if "kernel_rows" in case:
+        from dschat.kernels import quant_cpu
+        quant_cpu.CPU_KERNEL_MAX_ROWS = int(case["kernel_rows"])
     eng = Engine.from_pretrained(path, device="cpu", dtype=torch.float32, fp8=case.get("fp8", "dequant"),
                                  quant=case.get("quant") or None, speculative=tc.drafter(path))
     logits = eng.logits(ids)

@@ -1,0 +1,141 @@
+"""Packed int8 / int4 weights on the CPU: PyTorch's own packed-weight kernels for the few rows of a decode
+step, dequantise-then-matmul for many rows (prefill), and the routed experts over either, touching only the
+chosen experts' packed rows.
+
+* int8 runs `aten._weight_int8pack_mm` on the stored layout (quant_format.py: int8 [N, K] + a float32 scale
+  per row); the scale is applied in float32 after the kernel, so the weight is exactly the stored one.
+* int4 is repacked once, on load, into `aten._convert_weight_to_int4pack_for_cpu`'s layout (`Int4Cpu`):
+  bytes [Np/32, Kp, 16], the low nibble of byte (b, k, j) is W[32b + j, k] and the high one W[32b + 16 + j, k]
+  (Np: N padded to a multiple of 32 with zero rows), and per group a bfloat16 (scale, offset) pair with
+  W = (q - 8) * scale + offset; offset = (8 - zero) * scale. So the weight the kernel reads is the stored one
+  with its scales rounded to bfloat16.
+* Both kernels are fast on this path only with bfloat16 activations (measured on an AVX2 CPU with
+  benchmarks/bench_cpu.py's micro rows: float32 activations take a generic path 8-40x slower than a float32
+  matmul). So up to CPU_KERNEL_MAX_ROWS rows, x is rounded to bfloat16, the kernel accumulates in float32 and
+  rounds its output to bfloat16, and the result comes back in x's dtype: about 3 significant digits, the
+  tolerance the tests allow (a float model of the dequantised weights, logits within 2% of their range).
+  Above that the kernels cost about one weight read per row, so the weight is dequantised to x's dtype once
+  and multiplied exactly (`dequantize_cpu`): prefill's numerics are those of the float model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .quant_format import SYMMETRIC_ZERO, Packed, unpack_int4
+
+CPU_KERNEL_MAX_ROWS = 4  # up to this many rows the packed kernels beat dequantise + matmul (bench_cpu.py)
+N_BLOCK = 32  # the int4 kernel's layout packs output rows in blocks of 32
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes (others run quant_matmul's reference)
+INT8_K_MULTIPLE = 16  # the int8 kernel misreads other input widths (crashes, or infinities): dequantise those
+
+
+@dataclass
+class Int4Cpu:
+    """An int4 weight [N, K] (or a stack [..., N, K]) in the CPU kernel's layout (see the module's text)."""
+    data: torch.Tensor  # uint8 [..., Np, Kp/2]
+    scale_offset: torch.Tensor  # bfloat16 [..., Kp/group, Np, 2]
+    out_features: int
+    in_features: int
+    group: int
+
+    def __getitem__(self, e) -> "Int4Cpu":
+        """Expert e of a stack (views: nothing copied)."""
+        return Int4Cpu(self.data[e], self.scale_offset[e], self.out_features, self.in_features, self.group)
+
+    def nbytes(self) -> int:
+        return self.data.numel() + self.scale_offset.numel() * 2
+
+
+def int4_fits(w: Packed) -> bool:
+    return w.bits == 4 and w.group in INT4_GROUPS
+
+
+def repack_int4(w: Packed) -> Int4Cpu:
+    """A packed int4 weight (or stack of them) -> the CPU kernel's layout (int4_fits(w) must hold)."""
+    lead, (n, half) = w.data.shape[:-2], w.data.shape[-2:]
+    kp, groups = 2 * half, w.scale.shape[-1]
+    np_ = -(-n // N_BLOCK) * N_BLOCK
+    data = torch.empty(*lead, np_, half, dtype=torch.uint8)
+    so = torch.empty(*lead, groups, np_, 2, dtype=torch.bfloat16)
+    flat_d, flat_so = data.view(-1, np_, half), so.view(-1, groups, np_, 2)
+    src_d, src_s = w.data.reshape(-1, n, half), w.scale.reshape(-1, n, groups)
+    src_z = None if w.zero is None else w.zero.reshape(-1, n, groups)
+    for i in range(flat_d.shape[0]):
+        q = F.pad(unpack_int4(src_d[i]).to(torch.int32), (0, 0, 0, np_ - n))
+        flat_d[i] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).view(np_, half)
+        scale = F.pad(src_s[i].float(), (0, 0, 0, np_ - n))
+        zero = SYMMETRIC_ZERO if src_z is None else F.pad(src_z[i].float(), (0, 0, 0, np_ - n))
+        flat_so[i] = torch.stack((scale, (SYMMETRIC_ZERO - zero) * scale), dim=-1).transpose(0, 1)
+    return Int4Cpu(data, so, n, w.in_features, w.group)
+
+
+def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
+    """The weight [N, in_features] the kernel computes with, in `dtype`."""
+    if isinstance(w, Packed):
+        return (w.data.to(dtype) * w.scale.to(dtype)[:, None])
+    np_, half = w.data.shape
+    kp = 2 * half
+    v = w.data.view(np_ // N_BLOCK, kp, N_BLOCK // 2)
+    q = torch.stack((v & 0xF, v >> 4), dim=1).transpose(2, 3).reshape(np_, kp // w.group, w.group)
+    so = w.scale_offset.float().transpose(0, 1)  # [Np, G, 2]
+    out = (q.to(torch.float32) - SYMMETRIC_ZERO) * so[..., 0:1] + so[..., 1:2]
+    return out.view(np_, kp)[: w.out_features, : w.in_features].to(dtype)
+
+
+def matmul_cpu(x: torch.Tensor, w: Packed | Int4Cpu) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype: the packed kernel for a few rows, dequantise + matmul for more."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > CPU_KERNEL_MAX_ROWS or (isinstance(w, Packed) and w.in_features % INT8_K_MULTIPLE):
+        return F.linear(x, dequantize_cpu(w, x.dtype))
+    xb = rows.to(torch.bfloat16)
+    if isinstance(w, Packed):
+        ones = torch.ones(w.data.shape[0], dtype=torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(xb.contiguous(), w.data, ones).to(x.dtype) * w.scale.to(x.dtype)
+    else:
+        kp = 2 * w.data.shape[-1]
+        if kp != w.in_features:
+            xb = F.pad(xb, (0, kp - w.in_features))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), w.data, w.group, w.scale_offset)
+        y = y[:, : w.out_features].to(x.dtype)
+    return y.view(*x.shape[:-1], -1)
+
+
+def _stack_item(w: Packed | Int4Cpu, e: int) -> Packed | Int4Cpu:
+    if isinstance(w, Int4Cpu):
+        return w[e]
+    return Packed(w.data[e], w.scale[e], None, 8, 0, w.in_features)
+
+
+def _expert(x, w13, w2, e):
+    gate, up = matmul_cpu(x, _stack_item(w13, e)).chunk(2, dim=-1)
+    return matmul_cpu(F.silu(gate) * up, _stack_item(w2, e))
+
+
+def moe_experts_cpu(x: torch.Tensor, w13: Packed | Int4Cpu, w2: Packed | Int4Cpu, ids: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+    """fused_moe.moe_experts's function over packed stacks w13 [E, 2I, H], w2 [E, H, I]: the experts are
+    chosen on the host and each runs on its own tokens, reading only its own packed rows."""
+    E = w13.data.shape[0]
+    y = torch.zeros(x.shape, dtype=torch.float32)
+    if ids.shape[0] == 1:
+        for e, w in zip(ids[0].tolist(), weights[0]):
+            if 0 <= e < E:
+                y += _expert(x, w13, w2, e).float() * w
+        return y.to(x.dtype)
+    k = ids.shape[1]
+    flat = torch.where((ids >= 0) & (ids < E), ids, E).flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
+    w = weights.flatten()
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = order[start:start + n]
+            tok = rows // k
+            y.index_add_(0, tok, _expert(x[tok], w13, w2, e).float() * w[rows, None])
+            start += n
+    return y.to(x.dtype)
