@@ -8,6 +8,7 @@
     top_p = 0.95
     max_tokens = 2048
     quant = "int4"                                # int8 / int4 weights (--quant wins)
+    threads = 2                                   # CPU threads (--threads wins; default: chosen per model)
 
     [keys]                                        # TUI key bindings, action = "key"
     stop = "escape"
@@ -50,6 +51,7 @@ class Settings:
     device: str | None = None
     dtype: str | None = None
     quant: str | None = None
+    threads: int | None = None
     keys: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
 
@@ -101,7 +103,7 @@ def _problem(data: dict, known: set[str]) -> str | None:
     unknown = sorted(set(data) - known)
     if unknown:
         return f"unknown setting {unknown[0]!r}"
-    types = {"temperature": (int, float), "top_p": (int, float), "top_k": int, "max_tokens": int, "keys": dict}
+    types = {"temperature": (int, float), "top_p": (int, float), "top_k": int, "max_tokens": int, "threads": int, "keys": dict}
     for k, v in data.items():
         if not isinstance(v, types.get(k, str)) or isinstance(v, bool):
             return f"setting {k!r} has the wrong type ({type(v).__name__})"

@@ -28,6 +28,9 @@ def add_model_options(p: argparse.ArgumentParser):
     g.add_argument("--quant", metavar="int8|int4", default=None,
                    help="run the weights as int8 (about half of bf16) or int4 (about a quarter), quantized as "
                         "they load; `none` overrides the config file")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: one for a small model such as the demo, else the cores not busy "
+                        "with other processes; --stats says how many ran)")
     g.add_argument("--cache-gb", type=float, default=None, metavar="GB",
                    help="size of the latent KV cache pool (default: a share of free memory)")
     g.add_argument("--speculative", choices=["mtp", "ngram", "none"], default=None,

@@ -37,6 +37,7 @@ class Options:
     fp8: str = "dequant"
     quant: str | None = None
     cache_gb: float | None = None
+    threads: int | None = None
     speculative: str | None = None
     draft_tokens: int | None = None
     temperature: float | None = None
@@ -115,7 +116,8 @@ def load_engine(opts: Options, progress=None):
     engine = Engine.from_pretrained(model_name(opts), device=default_device(opts),
                                     dtype=opts.dtype or opts.config.dtype, cache_gb=opts.cache_gb,
                                     speculative=opts.speculative, draft_tokens=opts.draft_tokens,
-                                    progress=progress, fp8=opts.fp8, quant=quant_name(opts))
+                                    progress=progress, fp8=opts.fp8, quant=quant_name(opts),
+                                    threads=opts.threads or opts.config.threads)
     start_up_done()  # a Ctrl+C during start-up stops here, even one that torch's import swallowed
     return engine
 

@@ -37,6 +37,7 @@ CHECKS = {
     "seed": lambda v: _number(v, *SEED_RANGE, integer=True),
     "cache_gb": lambda v: _number(v, 0, 1e6, above_low=True),
     "draft_tokens": lambda v: _number(v, 1, 64, integer=True),
+    "threads": lambda v: _number(v, 1, 4096, integer=True),
     "device": lambda v: _choice(v, DEVICE, (), "a device (cpu, cuda, cuda:N, mps or auto)"),
     "dtype": lambda v: _choice(v, None, DTYPES, f"a dtype ({', '.join(DTYPES)})"),
 }

@@ -17,7 +17,9 @@ from .errors import ContextLengthError, ModelError
 from . import dist, persist
 from .loader import Progress, load_model, memory_report, resolve
 from .model import ABSORB_MAX_TOKENS, Step, Transformer
+from .quant import bytes_per_token
 from .quant import saved_spec as saved_quant_spec
+from .threads import choose_threads
 from .quant import spec as quant_spec
 from .sampling import Sampler, SamplingParams
 from .speculative import MTPDrafter, NgramDrafter, NoDrafter, verify
@@ -72,13 +74,16 @@ class Engine:
                         dtype: torch.dtype | str | None = None, cache_gb: float | None = None,
                         speculative: str | None = None, draft_tokens: int | None = None,
                         progress: Progress | None = None, fp8: str = "dequant",
-                        quant: str | None = None) -> "Engine":
+                        quant: str | None = None, threads: int | None = None) -> "Engine":
         """Load a checkpoint. speculative: "mtp" (V3's draft module), "ngram" (prompt lookup) or "none";
         by default MTP where the checkpoint has it and n-gram otherwise on a GPU, none on the CPU. draft_tokens: tokens proposed per
         step (default 1 for MTP, 4 for n-gram). fp8: "dequant" (FP8 block weights become `dtype` on load)
         or "keep" (they stay FP8 in memory, half of bf16, and are dequantised as each layer runs).
         quant: "int8" or "int4" weights (see engine/quant.py), quantized as they load; a directory written
-        by `dschat quantize` loads packed without asking."""
+        by `dschat quantize` loads packed without asking. threads: CPU threads (default: engine/threads.py
+        chooses from the bytes read per token and the cores free; reported in load_stats["threads"])."""
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError("threads must be a whole number >= 1")
         if fp8 not in ("dequant", "keep"):
             raise ValueError('fp8 must be "dequant" or "keep"')
         qspec = quant_spec(quant)
@@ -115,6 +120,10 @@ class Engine:
         eng = cls(model, cfg, root, device, dtype, cache_gb, speculative, draft_tokens,
                   qspec.name if qspec else None)
         eng.load_stats = memory_report(model, device)
+        eng.load_stats["bytes_per_token"] = bytes_per_token(model)
+        if device.type == "cpu":
+            torch.set_num_threads(choose_threads(eng.load_stats["bytes_per_token"], threads))
+        eng.load_stats["threads"] = torch.get_num_threads()
         return eng
 
     def _make_cache(self, cache_gb: float | None) -> LatentCache:

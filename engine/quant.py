@@ -340,3 +340,21 @@ def missing(model: nn.Module) -> str | None:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer (packed weights at their packed size)."""
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decoded token reads: every weight of the main model, the routed experts at
+    k/E of their stacks, one row of the embeddings (MTP layers left out; the latent cache too)."""
+    cfg = model.cfg
+    total = 0
+    for name, m in model.named_modules():
+        if name.startswith("mtp"):
+            continue
+        own = [t for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)) if t is not None]
+        b = sum(t.numel() * t.element_size() for t in own)
+        if isinstance(m, (Experts, QuantExperts)) and cfg.n_routed_experts:
+            b = b * cfg.num_experts_per_tok // cfg.n_routed_experts
+        elif name.endswith("embed_tokens") and own:
+            b = b // own[0].shape[0]
+        total += b
+    return total
