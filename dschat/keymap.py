@@ -23,8 +23,14 @@ def known_key(key: str) -> bool:
     return (len(name) == 1 and name.isprintable()) or name in NAMED_KEYS or key_to_character(name) is not None
 
 
-def check_keymap(keymap: dict, actions: set[str], path: Path | None):
-    """Raise a ConfigError naming the first unknown action or key of `keymap` (action -> "key,key")."""
+def _keys(keys: str) -> list[str]:
+    return [k.strip() for k in keys.split(",") if k.strip()]
+
+
+def check_keymap(keymap: dict, actions: dict[str, str], path: Path | None):
+    """Raise a ConfigError naming the first unknown action or key of `keymap` (action -> "key,key"), or a key
+    it gives one action while another action (rebound or not; `actions` maps each to its default keys) keeps
+    it: `help = "ctrl+q"` would take Quit away unless quit is rebound too."""
     where = f"{path}: [keys]" if path else "[keys]"
     for action, keys in keymap.items():
         if action not in actions:
@@ -33,3 +39,11 @@ def check_keymap(keymap: dict, actions: set[str], path: Path | None):
         if bad is not None:
             raise ConfigError(f"{where} {action} = {keys!r}: {bad.strip()!r} is not a key name "
                               "(e.g. \"ctrl+s\", \"f2\", \"escape\")")
+    effective = {a: _keys(keymap.get(a, default)) for a, default in actions.items()}
+    for action, keys in keymap.items():
+        for key in _keys(keys):
+            other = next((a for a, ks in effective.items() if a != action and key in ks), None)
+            if other is not None:
+                how = "rebind it too" if other in keymap else f"rebind {other} too (e.g. {other} = \"f10\")"
+                raise ConfigError(f"{where} {action} = {keys!r}: {key} is {other}'s key; choose another key, or "
+                                  f"{how}")

@@ -84,7 +84,7 @@ def test_key_names(key, ok):
 
 
 def test_keymap_check_names_the_action_or_key(tmp_path):
-    actions = {"stop", "quit"}
+    actions = {"stop": "escape", "quit": "ctrl+q"}
     check_keymap({"stop": "ctrl+s,f2"}, actions, None)
     with pytest.raises(ConfigError, match=re.escape("[keys] stopp: no such action")):
         check_keymap({"stopp": "ctrl+s"}, actions, None)
@@ -95,6 +95,7 @@ def test_keymap_check_names_the_action_or_key(tmp_path):
 @pytest.mark.parametrize("body, named", [
     ('[keys]\nquit = "nonsense"\n', "'nonsense' is not a key name"),
     ('[keys]\nstopp = "escape"\n', "stopp: no such action"),
+    ('[keys]\nhelp = "ctrl+q"\n', "ctrl+q is quit's key"),  # issue 27 item 22: it took Quit away
 ])
 def test_a_bad_key_binding_stops_the_tui_before_it_starts(chat_models, body, named):
     write_config(body)
@@ -104,6 +105,16 @@ def test_a_bad_key_binding_stops_the_tui_before_it_starts(chat_models, body, nam
     out = p.before
     assert p.exitstatus not in (0, None) and "Traceback" not in out, out
     assert named in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_a_key_is_taken_from_another_action_only_when_that_one_is_rebound_too():
+    actions = {"help": "f1", "quit": "ctrl+q", "stop": "escape"}
+    with pytest.raises(ConfigError, match=re.escape("help = 'ctrl+q': ctrl+q is quit's key")):
+        check_keymap({"help": "ctrl+q"}, actions, None)
+    with pytest.raises(ConfigError, match=re.escape("f5 is stop's key")):
+        check_keymap({"help": "f5", "stop": "f5"}, actions, None)
+    check_keymap({"help": "ctrl+q", "quit": "f10"}, actions, None)  # quit keeps a key of its own
+    check_keymap({"help": "f1,f2"}, actions, None)  # its own default again
 
 
 def test_good_settings_still_load():

@@ -519,7 +519,7 @@ class ChatApp(App):
 def run_tui(opts: Options) -> int:
     """Run the app. SIGTERM, SIGHUP and SIGINT are handled on its loop, as Textual's own events are: a handler
     that raised in the main thread, as pipe and line mode's do, would interrupt Textual wherever it was."""
-    check_keymap(opts.config.keys, {b.id for b in ChatApp.BINDINGS if b.id}, opts.config.path)
+    check_keymap(opts.config.keys, {b.id: b.key for b in ChatApp.BINDINGS if b.id}, opts.config.path)
     app, loop = ChatApp(opts), asyncio.new_event_loop()
     for sig in STOPPING:
         loop.add_signal_handler(sig, app.stop_on_signal, sig)
