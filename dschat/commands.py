@@ -14,6 +14,8 @@ from .options import command_parser
 from .store import Store, read_json_file
 from .terminal_text import for_output, json_for_output, terminal_safe
 
+TITLE_SHOWN = 80  # characters of a title `conversations` shows
+
 
 def run(name: str, argv: list[str]) -> int:
     return {"conversations": cmd_conversations, "sessions": cmd_conversations,  # sessions: the old name
@@ -45,7 +47,9 @@ def cmd_conversations(argv) -> int:
     for r in rows:
         when = dt.datetime.fromtimestamp(r["updated"]).strftime("%Y-%m-%d %H:%M")
         model = terminal_safe(Path(str(r.get("model") or "")).name) or "?"
-        print(f"{r['id']}  {when}  {r['messages']:>3} msgs  {model:<24.24}  {terminal_safe(r['title'])}")
+        title = terminal_safe(r["title"][:TITLE_SHOWN + 1])  # a title of megabytes (an older import) is cut
+        title = title if len(title) <= TITLE_SHOWN else title[:TITLE_SHOWN - 1] + "…"
+        print(f"{r['id']}  {when}  {r['messages']:>3} msgs  {model:<24.24}  {title}")
     return 0
 
 

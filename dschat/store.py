@@ -387,6 +387,8 @@ class Store:
         return self.add_message(conv_id, role, content, parent_id=row[0], _use_head=row[0] is not None, **kwargs)
 
     def rename(self, conv_id: str, title: str):
+        if len(title) > MAX_NAME_CHARS:
+            raise StoreError(f"a title of {len(title):,} characters is too long (at most {MAX_NAME_CHARS:,})")
         with self._tx():
             n = self.db.execute("UPDATE conversations SET title = ?, title_auto = 0 WHERE id = ?",
                                 (title, conv_id)).rowcount
@@ -584,6 +586,8 @@ class _Transaction:
 MAX_IMPORT_BYTES = 64 * 2**20  # an export file (its token ids included)
 MAX_IMPORT_CHARS = 4 * 2**20  # the text of its messages: more than any model's context window holds
 LATEST_TIME = 32503680000.0  # 3000-01-01: later `created` times are mistakes
+MAX_NAME_CHARS = 1000  # a title, a model name, a fingerprint
+MAX_COUNT = 2**31 - 1  # token counts
 
 
 def names_a_file(source: str) -> bool:
@@ -599,7 +603,7 @@ def read_json_file(path: str) -> dict:
         if size > MAX_IMPORT_BYTES:
             raise StoreError(f"{path}: {size:,} bytes is more than a conversation file may hold "
                              f"({MAX_IMPORT_BYTES:,})")
-        data = json.loads(read_regular(path, MAX_IMPORT_BYTES).decode("utf-8"))
+        data = json.loads(read_regular(path, MAX_IMPORT_BYTES).decode("utf-8-sig"))  # a BOM is allowed
     except FileNotFoundError:
         raise StoreError(f"{path}: no such file") from None
     except UnreadableFile as e:  # a FIFO, a directory
@@ -613,11 +617,17 @@ def read_json_file(path: str) -> dict:
     return data
 
 
+def _shown(value) -> str:
+    """A JSON value in a message, shortened."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
 def _check_time(value, field: str):
     """A time in seconds since 1970, or null."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not 0 <= value <= LATEST_TIME):
-        raise StoreError(f'{field} must be a time in seconds since 1970 (or null), not {json.dumps(value)}')
+        raise StoreError(f'{field} must be a time in seconds since 1970 (or null), not {_shown(value)}')
 
 
 def _check_order(msgs: list[dict]):
@@ -650,6 +660,15 @@ def _validate_export(data) -> list[dict]:
                                                                       for t in ids)):
             raise StoreError(f'message {i + 1}: "token_ids" must be a list of non-negative integers')
         _check_time(m.get("created"), f'message {i + 1}: "created"')
+        for key in ("prompt_tokens", "generated_tokens"):
+            n = m.get(key)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_COUNT):
+                raise StoreError(f'message {i + 1}: "{key}" must be a whole number from 0 to {MAX_COUNT} (or null), '
+                                 f"not {_shown(n)}")
+        if m.get("interrupted") is not None and not isinstance(m["interrupted"], bool):
+            raise StoreError(f'message {i + 1}: "interrupted" must be true or false, not {_shown(m["interrupted"])}')
+        if m.get("timings") is not None and not isinstance(m["timings"], dict):
+            raise StoreError(f'message {i + 1}: "timings" must be an object, not {_shown(m["timings"])}')
     _check_order(msgs)
     chars = sum(len(m["content"]) for m in msgs)
     if chars > MAX_IMPORT_CHARS:
@@ -660,6 +679,11 @@ def _validate_export(data) -> list[dict]:
     for key in ("title", "model", "system", "fingerprint"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise StoreError(f'"{key}" must be a string')
+        if key != "system" and len(data.get(key) or "") > MAX_NAME_CHARS:
+            raise StoreError(f'"{key}" is {len(data[key]):,} characters long; at most {MAX_NAME_CHARS:,}')
+    if chars + len(data.get("system") or "") > MAX_IMPORT_CHARS:
+        raise StoreError(f'the messages and "system" hold {chars + len(data["system"]):,} characters, more than any '
+                         f"model's context (the limit is {MAX_IMPORT_CHARS:,})")
     if data.get("params") is not None and not isinstance(data["params"], dict):
         raise StoreError('"params" must be an object')
     return msgs

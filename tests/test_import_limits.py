@@ -26,6 +26,18 @@ def chat(*roles, **extra):
     (chat("user", "user"), 'message 2: "role" is user where assistant comes'),
     (chat("system", "user", "assistant", "system"), 'message 4: "role" is system where user comes'),
     ({"messages": [{"role": "user", "content": "x" * (MAX_IMPORT_CHARS + 1)}]}, "characters, more than any model"),
+    # issue 27 item 21: wrong-typed numbers were SQLite's errors ("Python int too large to convert to SQLite
+    # INTEGER", "Error binding parameter 7"), and a title of any size was stored
+    ({"messages": [{"role": "user", "content": "x", "prompt_tokens": 2**70}]},
+     'message 1: "prompt_tokens" must be a whole number from 0 to'),
+    ({"messages": [{"role": "user", "content": "x", "generated_tokens": [1]}]},
+     'message 1: "generated_tokens" must be a whole number'),
+    ({"messages": [{"role": "user", "content": "x", "prompt_tokens": {"a": 1}}]}, 'message 1: "prompt_tokens"'),
+    ({"messages": [{"role": "user", "content": "x", "interrupted": "yes"}]},
+     'message 1: "interrupted" must be true or false, not "yes"'),
+    ({"messages": [{"role": "user", "content": "x", "timings": [1, 2]}]}, 'message 1: "timings" must be an object'),
+    (chat("user", title="t" * 50_000_000), '"title" is 50,000,000 characters long; at most 1,000'),
+    (chat("user", model="m" * 5000), '"model" is 5,000 characters long'),
 ])
 def test_bad_exports_are_refused(tmp_path, data, message):
     with Store(tmp_path / "h.db") as store:
@@ -89,3 +101,24 @@ def test_the_tail_is_tokenized_as_the_whole_text_has_it(small_context):
     assert len(cuts) == 5
     for cut in cuts:
         assert tok.encode(text[:cut]) + tok.encode(text[cut:]) == tok.encode(text), repr(text[cut:cut + 8])
+
+
+def test_a_file_with_a_byte_order_mark_imports(tmp_path):
+    """Issue 27 item 21: a UTF-8 BOM (as Windows editors write) was refused."""
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(chat("user", "assistant", title="With a BOM")).encode())
+    r = call(["import", str(path)], stdin=None)
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(call(["conversations", "--json"], stdin=None).stdout)
+    assert [c["title"] for c in listed] == ["With a BOM"]
+
+
+def test_conversations_shows_a_long_title_shortened(tmp_path):
+    """A title stored before titles had a limit (or renamed long) is shown cut, not whole."""
+    from dschat.store import Store as S
+
+    with S() as store:
+        cid = store.import_json(chat("user", "assistant"))
+        store.db.execute("UPDATE conversations SET title = ? WHERE id = ?", ("T" * 100_000, cid))
+    out = call(["conversations"], stdin=None).stdout.decode()
+    assert "T" * 79 + "…" in out and "T" * 81 not in out
