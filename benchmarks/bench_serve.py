@@ -4,8 +4,8 @@
 
 1. Decode tokens/s streamed over HTTP (/completion, SSE, on loopback) against the in-process engine, same
    model, same prompt, same number of tokens; the ratio is HTTP / in-process (the issue asks >= 0.95).
-2. An editor's keystroke pattern: a file of about 2,000 tokens, 20 successive /infill requests each a few
-   characters further into the same line, as llama.vim sends them: median time to the response and median
+2. An editor's keystroke pattern: a file of about 2,000 tokens, a line in its middle being typed, 20 successive
+   /infill requests each a few characters further into it, as llama.vim sends them: median time to the response and median
    prefilled tokens per request with the shared prefix cache (cache_prompt true) against cache_prompt false.
 
 --smoke: a few tokens and requests, to check that every step runs (the tests run it).
@@ -88,8 +88,8 @@ def source_file(tok, n_tokens: int) -> str:
 
 
 def keystrokes(port: int, text: str, steps: int, cache: bool) -> tuple[float, float]:
-    """(median seconds to the response, median prefilled tokens) of llama.vim-shaped /infill requests, the
-    cursor moving a few characters further through one line in the middle of the file each time."""
+    """(median seconds to the response, median prefilled tokens) of llama.vim-shaped /infill requests while
+    a line in the middle of the file is typed: each request a few characters further into it."""
     lines = text.split("\n")
     row = len(lines) // 2
     while len(lines[row]) < 3 * steps + 4:
@@ -98,7 +98,7 @@ def keystrokes(port: int, text: str, steps: int, cache: bool) -> tuple[float, fl
     times, prefilled = [], []
     for k in range(steps):
         col = 4 + 3 * k
-        body = {"input_prefix": before, "prompt": line[:col], "input_suffix": line[col:] + "\n" + after,
+        body = {"input_prefix": before, "prompt": line[:col], "input_suffix": "\n" + after,
                 "input_extra": [], "n_predict": 16, "top_k": 40, "top_p": 0.99, "stream": False,
                 "samplers": ["top_k", "top_p", "infill"], "cache_prompt": cache, "t_max_prompt_ms": 500,
                 "t_max_predict_ms": 1000}
