@@ -109,6 +109,53 @@ def test_stop_strings_cut_before_them(demo_server, demo_engine):
     assert r.choices[0].text == text[: text.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("opened,reply,want", [
+    (False, "<think>\nlet me see</think>\n\nThe answer.", ("let me see", "The answer.")),
+    (True, "\nwhy not</think>answer", ("why not", "answer")),
+    (False, "plain answer </think>", ("", "plain answer </think>")),
+    (False, "<thinking> is a tag", ("", "<thinking> is a tag")),
+    (True, "still thinking </thi", ("still thinking </thi", "")),
+])
+def test_reasoning_is_split_from_the_answer_however_the_reply_is_cut(opened, reply, want):
+    from dschat.serve.generation import Reasoning
+
+    for i in range(len(reply) + 1):
+        for j in range(i, len(reply) + 1):
+            split, parts = Reasoning(opened), [reply[:i], reply[i:j], reply[j:]]
+            got = [split.feed(p) for p in parts] + [split.flush()]
+            assert ("".join(r for r, _ in got), "".join(a for _, a in got)) == want, (i, j)
+
+
+def test_r1_style_reasoning_comes_in_reasoning_content(chat_models, chat_engines, tmp_path):
+    """A template that opens <think> (as R1's does): the reply until </think> is reasoning_content."""
+    import os
+    import shutil
+
+    r1 = tmp_path / "r1"
+    shutil.copytree(chat_models["v3"], r1, copy_function=os.symlink)
+    config = json.loads((r1 / "tokenizer_config.json").read_text())
+    config["chat_template"] = config["chat_template"].replace("{{'<｜Assistant｜>'}}{% endif %}",
+                                                              "{{'<｜Assistant｜><think>\\n'}}{% endif %}")
+    (r1 / "tokenizer_config.json").unlink()
+    (r1 / "tokenizer_config.json").write_text(json.dumps(config))
+    engine = load(r1)
+    messages = [{"role": "user", "content": "why?"}]
+    text, ids = chat_prompt(engine.tokenizer, messages)
+    assert text.endswith("<think>\n")
+    _, want = greedy(engine, ids, 6)
+    want = want.lstrip()
+    assert want
+    with ServerThread(engine, names=("r1",)) as server:
+        c = client(server)
+        r = c.chat.completions.create(model="r1", messages=messages, max_tokens=6, temperature=0)
+        assert r.choices[0].message.content == "" and r.choices[0].message.reasoning_content == want
+        chunks = list(c.chat.completions.create(model="r1", messages=messages, max_tokens=6, temperature=0,
+                                                stream=True))
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == want
+        assert not "".join(d.content or "" for d in deltas)
+
+
 # -- fill-in-the-middle: the three FIM endpoints give what `dschat fim` gives ------------------------------------------
 def test_fim_endpoints_give_what_dschat_fim_gives(demo_server, tmp_path):
     f = tmp_path / "files.py"

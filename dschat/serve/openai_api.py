@@ -1,5 +1,8 @@
 """OpenAI's shape: /v1/chat/completions, /v1/completions (with `suffix`: fill-in-the-middle) and /v1/models.
 
+An R1-style model's reasoning (inside <think> ... </think>, opened by its template or its reply) comes in
+`reasoning_content` (stream: delta.reasoning_content), the answer in `content`, as DeepSeek's API has it.
+
 Prompt text: the chat endpoint renders the model's template, and FIM or role token text inside a message stays
 text. /v1/completions without a suffix reads special token text in the prompt as those tokens (a client may send
 a whole prompt it built, FIM tokens included, as llama-server and vLLM read it); with a suffix the prompt and
@@ -42,7 +45,8 @@ async def chat_completions(request):
     state.check_model(req.model)
     messages = [{"role": "system" if m.role == "developer" else m.role,
                  "content": generation.message_text(m.content)} for m in req.messages]
-    ids = await prepare(generation.chat_ids, state.tok, messages)
+    text, ids = await prepare(generation.chat_text_ids, state.tok, messages)
+    reasoning = generation.thinks(state.tok)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     spec = generation.GenSpec(
         ids=ids, max_tokens=state.max_tokens(asked, len(ids), clip=False),
@@ -52,12 +56,24 @@ async def chat_completions(request):
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.name,
             "system_fingerprint": state.engine.fingerprint}
+    split = generation.Reasoning(text.rstrip().endswith(generation.THINK)) if reasoning else None
     if not req.stream:
         o = await collect(request, state, job)
+        message = {"role": "assistant", "content": o.text}
+        if split:
+            (r1, a1), (r2, a2) = split.feed(o.text), split.flush()
+            message = {"role": "assistant", "content": a1 + a2, "reasoning_content": r1 + r2}
         return JSONResponse({**head, "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": o.text},
-            "finish_reason": finish_reason(o), "logprobs": None}], "usage": usage(o)})
+            "index": 0, "message": message, "finish_reason": finish_reason(o), "logprobs": None}], "usage": usage(o)})
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def deltas(reasoning_text, answer):
+        if reasoning_text:
+            yield sse({**head, "choices": [{"index": 0, "delta": {"reasoning_content": reasoning_text},
+                                             "finish_reason": None, "logprobs": None}]})
+        if answer:
+            yield sse({**head, "choices": [{"index": 0, "delta": {"content": answer},
+                                             "finish_reason": None, "logprobs": None}]})
 
     async def stream():
         yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -65,9 +81,12 @@ async def chat_completions(request):
         try:
             async for kind, value in events(request, state, job):
                 if kind == "piece":
-                    yield sse({**head, "choices": [{"index": 0, "delta": {"content": value[1]},
-                                                     "finish_reason": None, "logprobs": None}]})
+                    for line in deltas(*(split.feed(value[1]) if split else ("", value[1]))):
+                        yield line
                 else:
+                    if split:
+                        for line in deltas(*split.flush()):
+                            yield line
                     yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason(value),
                                                      "logprobs": None}]})
                     if include_usage:
