@@ -12,7 +12,9 @@ from .chat import Chat, Turn
 from .config import Settings
 from .options import add_model_options, add_output_options, add_sampling_options, command_parser
 from .runtime import Options, load_engine, print_stats, sampling_params
-from .store import Store, names_a_file, read_json_file
+from .errors import UsageError
+from .settings_check import problem
+from .store import Store, StoreError, names_a_file, read_json_file, validate_export
 from .terminal_text import SafeStream, terminal_safe
 
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "max_tokens")
@@ -45,11 +47,26 @@ def run_replay(argv: list[str]) -> int:
 
 
 def replay_options(opts: Options, data: dict, compare: bool) -> Options:
-    """The saved model and sampling settings where no flag overrides them (greedy by default to compare)."""
+    """The saved model and sampling settings where no flag overrides them (greedy by default to compare).
+    A model the conversation names is used only when it is here (a directory, or in the Hugging Face cache):
+    a file never starts a download; --model does."""
     model = opts.model or data.get("model")
     if not model:
-        raise ValueError("the conversation names no model; pass --model")
+        raise UsageError("the conversation names no model; pass --model")
+    if not opts.model and model != "demo":
+        from dschat.engine import ModelError, resolve  # deferred: torch
+
+        try:
+            model = str(resolve(model, download=False))
+        except ModelError:
+            raise UsageError(f"the conversation names the model {model!r}, which is not here (no such directory, "
+                             f"not in the Hugging Face cache); replay downloads nothing a file names: pass "
+                             f"--model {model!r} to fetch it, or --model another") from None
     saved = dict(data.get("params") or {})
+    for key in SAMPLING:
+        why = problem(key, saved.get(key))
+        if why:
+            raise UsageError(f'the conversation\'s "params": "{key}" {why}, not {saved[key]!r}')
     if compare:
         saved["temperature"] = 0.0
     unset = {k: saved[k] for k in SAMPLING if getattr(opts, k) is None and k in saved}
@@ -57,8 +74,14 @@ def replay_options(opts: Options, data: dict, compare: bool) -> Options:
 
 
 def load_source(source: str) -> dict:
+    """The conversation to replay, checked as `import` checks a file."""
     if names_a_file(source):
-        return read_json_file(source)
+        data = read_json_file(source)
+        try:
+            validate_export(data)
+        except StoreError as e:
+            raise StoreError(f"{source}: {e}") from None
+        return data
     with Store() as store:
         return store.export_json(store.resolve_id(source))
 

@@ -491,7 +491,7 @@ class Store:
         }
 
     def import_json(self, data: dict) -> str:
-        msgs = _validate_export(data)
+        msgs = validate_export(data)
         now = time.time()
         with self._tx():
             cid = self._new_id("conversations")
@@ -643,7 +643,8 @@ def _check_order(msgs: list[dict]):
         expected = "assistant" if role == "user" else "user"
 
 
-def _validate_export(data) -> list[dict]:
+def validate_export(data) -> list[dict]:
+    """An exported conversation's messages, checked (import, replay): StoreError naming the first bad field."""
     if not isinstance(data, dict):
         raise StoreError("not a conversation export: expected a JSON object")
     if data.get("version") not in (None, EXPORT_VERSION):

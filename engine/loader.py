@@ -41,10 +41,10 @@ TOKENIZER_FILES = ["tokenizer*", "*.jinja"]
 MODEL_FILES = ["*.json", "*.safetensors", *TOKENIZER_FILES]
 
 
-def resolve(path_or_id: str | os.PathLike, tokenizer_only: bool = False) -> Path:
-    """A local model directory, or a hub repo id: from the local HF cache, else downloaded (unless offline),
-    saying first what will be fetched. tokenizer_only: the tokenizer's files are all that is wanted (a hub
-    id then never starts a download of the weights)."""
+def resolve(path_or_id: str | os.PathLike, tokenizer_only: bool = False, download: bool = True) -> Path:
+    """A local model directory, or a hub repo id: from the local HF cache, else downloaded (unless offline,
+    or `download` is False), saying first what will be fetched. tokenizer_only: the tokenizer's files are all
+    that is wanted (a hub id then never starts a download of the weights)."""
     p = Path(path_or_id).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -77,9 +77,13 @@ def resolve(path_or_id: str | os.PathLike, tokenizer_only: bool = False) -> Path
             pass  # not cached (in full)
         if offline:
             raise OSError(f"not in the local cache, and HF_HUB_OFFLINE is set (looked for {', '.join(patterns)})")
+        if not download:
+            raise ModelError(f"{name}: not a local directory, and not in the Hugging Face cache")
         if dist.rank() == 0:
             sys.stderr.write(_download_note(name, fetch, tokenizer_only))
         return Path(fetch())
+    except ModelError:
+        raise
     except (HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{name}: not a local directory, and not found on the Hugging Face hub or in its "

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import call, dschat_cmd
+from helpers import assert_clean_error, call, dschat_cmd
 
 from dschat.engine import Tokenizer
 from dschat.store import Store
@@ -214,3 +214,34 @@ def test_history_and_cache_are_private_to_the_user(chat_models):
     assert mode(data) == mode(cache) == mode(cache / "kv") == 0o700
     assert mode(data / "history.db") == 0o600
     assert [mode(f) for f in (cache / "kv").iterdir()] == [0o600]
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"model": "x", "messages": [{"role": "user"}]}, 'message 1: needs "role"'),  # was KeyError 'content'
+    ({"model": "x", "messages": ["hello"]}, 'message 1: needs "role"'),  # was "'str' object has no attribute 'get'"
+    ({"model": "x", "messages": {"a": 1}}, '"messages" must be a list'),
+])
+def test_replay_checks_its_file_as_import_does(tmp_path, data, needle):
+    """Issue 27 item 20."""
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    assert_clean_error(call(["replay", str(path)], stdin=None), needle, str(path))
+
+
+def test_replay_checks_the_saved_settings(chat_models, tmp_path):
+    path = tmp_path / "hot.json"
+    path.write_text(json.dumps({"model": str(chat_models["v3"]), "params": {"temperature": "hot"},
+                                "messages": [{"role": "user", "content": "Hi."}]}))
+    assert_clean_error(call(["replay", str(path)], stdin=None), '"temperature" must be a number', "'hot'")
+
+
+def test_replay_never_downloads_the_model_a_file_names(tmp_path):
+    """A file naming a hub model that is not cached is one line saying how to fetch it (before, replay set
+    off a download of whatever the file named). HF_HUB_OFFLINE is taken away so that only dschat's own rule
+    can stop the download (the test's hub cache is empty)."""
+    path = tmp_path / "hub.json"
+    path.write_text(json.dumps({"model": "someone/some-model", "messages": [{"role": "user", "content": "Hi."}]}))
+    r = call(["replay", str(path)], stdin=None,
+             env={"HF_HUB_OFFLINE": None, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert_clean_error(r, "names the model 'someone/some-model', which is not here", "--model")
+    assert b"Downloading" not in r.stderr
