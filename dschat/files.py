@@ -117,6 +117,39 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = Non
     atomic_write_bytes(path, text.encode("utf-8"), mode, unchanged)
 
 
+def rewrite(path: str | os.PathLike, text: str, unchanged: Snapshot | None = None):
+    """A file rewritten with `text` (`fim -i`): atomically (a new file renamed over it, so a crash leaves the
+    old text or the new) when it has one name; in place when it has other hard links, which a rename would
+    leave holding the old text (a crash while writing can then leave it half written). With `unchanged`,
+    the file must still match that snapshot when it is written."""
+    path = Path(path)
+    try:
+        links = path.stat().st_nlink
+    except FileNotFoundError:
+        links = 1
+    if links <= 1:
+        atomic_write_text(path, text, unchanged=unchanged)
+        return
+    data = text.encode("utf-8")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY)  # no O_CREAT, no O_TRUNC: nothing lost before the check
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write ({e.strerror})") from None
+    with os.fdopen(fd, "r+b") as f:
+        try:
+            if unchanged is not None and Snapshot.of(path, f.read()) != unchanged:
+                raise WriteError(f"{path}: changed on disk while dschat worked; not overwritten")
+            f.seek(0)
+            f.write(data)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:
+            if isinstance(e, WriteError):
+                raise
+            raise WriteError(f"{path}: cannot write ({e.strerror})") from None
+
+
 def write_output(path: str | os.PathLike, text: str):
     """`text` into the file the user named: a regular file (or a new one) is replaced atomically, through a
     symlink its target (the link stays); a FIFO or a character device (a terminal, /dev/stdout, /dev/null)

@@ -18,7 +18,7 @@ import sys
 from dschat.engine import SamplingParams, Tokenizer, resolve
 
 from .config import Settings
-from .files import atomic_write_text, rewritable
+from .files import rewritable, rewrite
 from .highlight import ansi, colour_terminal, lexer_for
 from .options import add_model_options, add_output_options, command_parser
 from .runtime import Options, load_engine, model_name, print_stats
@@ -212,7 +212,7 @@ def run_fim(argv: list[str]) -> int:
     elif args.diff:
         write_diff(src.restore(src.text), src.restore(filled), src.name)
     elif target is not None:
-        atomic_write_text(target, src.restore(filled), unchanged=src.snapshot)
+        rewrite(target, src.restore(filled), unchanged=src.snapshot)
     else:
         out = for_output(src.restore(filled), sys.stdout)  # model text: on a terminal without escape sequences
         sys.stdout.write(colour(out, args.lang, src.name) if colour_terminal() else out)
@@ -253,9 +253,24 @@ def colour(text: str, lang: str | None, name: str) -> str:
     return ansi(text, lexer) if lexer else text
 
 
+def diff_lines(text: str) -> list[str]:
+    """Lines as `patch` sees them: ended by \n alone (str.splitlines also ends them at form feeds, lone CRs
+    and other separators, which made a diff that patch rejects); each with its end."""
+    parts = text.split("\n")
+    return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def unified_diff(before: str, after: str, name: str) -> str:
+    """A unified diff `patch` applies; a last line without a line break is marked as diff marks it."""
+    out = []
+    for line in difflib.unified_diff(diff_lines(before), diff_lines(after), fromfile=f"a/{name}",
+                                     tofile=f"b/{name}"):
+        out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    return "".join(out)
+
+
 def write_diff(before: str, after: str, name: str):
-    diff = "".join(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
-                                        fromfile=f"a/{name}", tofile=f"b/{name}"))
+    diff = unified_diff(before, after, name)
     diff = for_output(diff, sys.stdout)
     sys.stdout.write(ansi(diff, lexer_for("diff")) if colour_terminal() else diff)
     sys.stdout.flush()

@@ -125,3 +125,40 @@ def test_the_demo_models_notice_shows_once(tmp_path):
     r = call(["fim", str(p), "-n", "4"], stdin=None)
     assert r.returncode == 0, r.stderr
     assert r.stderr.decode().count("using the bundled demo model") == 1, r.stderr
+
+
+@pytest.mark.parametrize("text", [
+    "a = 1\n\x0c\ndef f():\n    return <FILL>\n",  # a form feed (Python's own sources have them)
+    "x = 'a\rb'\ny = <FILL>\nz = 3",  # a lone CR inside a line; no line break at the end
+])
+def test_diff_applies_with_patch(chat_models, tmp_path, text):
+    """Issue 27 item 11: the diff split lines at form feeds and lone CRs (str.splitlines), which patch rejects."""
+    work = tmp_path / "work"
+    work.mkdir()
+    p = work / "a.py"
+    p.write_bytes(text.encode())
+    whole = fim(chat_models["v3"], p).stdout
+    diff = fim(chat_models["v3"], p, "--diff").stdout
+    assert diff.startswith(b"--- a/"), diff
+    r = subprocess.run(["patch", "--quiet", "--batch", "--fuzz=0", "--no-backup-if-mismatch", str(p)], input=diff, capture_output=True)
+    assert r.returncode == 0, (r.stdout, r.stderr, diff)
+    assert p.read_bytes() == whole
+
+
+def test_in_place_keeps_hard_links(chat_models, tmp_path):
+    """Issue 27 item 12: -i renamed a new file over the name given, so another hard link kept the old text.
+    A file with other links is written in place; a file with one name is still replaced atomically."""
+    p, other = tmp_path / "a.py", tmp_path / "b.py"
+    p.write_text("def f():\n    return <FILL>\n")
+    os.link(p, other)
+    inode = p.stat().st_ino
+    shown = fim(chat_models["v3"], p).stdout
+    r = fim(chat_models["v3"], "-i", p)
+    assert r.returncode == 0, r.stderr
+    assert p.read_bytes() == shown == other.read_bytes()
+    assert p.stat().st_ino == inode == other.stat().st_ino and p.stat().st_nlink == 2
+    single = tmp_path / "c.py"
+    single.write_text("def f():\n    return <FILL>\n")
+    before = single.stat().st_ino
+    assert fim(chat_models["v3"], "-i", single).returncode == 0
+    assert single.read_bytes() == shown and single.stat().st_ino != before  # renamed over: atomic
