@@ -19,7 +19,7 @@ import struct
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import torch
@@ -128,6 +128,12 @@ class Checkpoint:
                 raise ModelError(str(e)) from None
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ModelError(f"{index}: unreadable safetensors index ({e})") from None
+            if not isinstance(weight_map, dict):
+                raise ModelError(f"{index}: unreadable safetensors index (its weight_map is not an object)")
+            for f in weight_map.values():  # a file of this directory: never ../elsewhere or /etc/...
+                if not isinstance(f, str) or not f or PurePosixPath(f).is_absolute() or ".." in PurePosixPath(f).parts \
+                        or "\\" in f:
+                    raise ModelError(f"{index}: shard name {f!r} is not a file of this directory")
             self.files = {name: root / f for name, f in weight_map.items()}
         else:
             shards = sorted(root.glob("*.safetensors"))

@@ -40,6 +40,7 @@ METHOD = "dschat"
 _QUANTIZED = re.compile(r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|o_proj)"
                         r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))$")
 COMPANIONS = ("weight_scale", "weight_zero")  # tensors stored beside a packed "weight"
+MAX_SCALE = 1e4  # a stored scale above this (weights past 1e5 or 1e6 in size) is damage, not a model
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,13 @@ def read_packed(name: str, data: torch.Tensor, get, into: QuantLinear | QuantExp
         expect = "absent" if want is None else f"{want[0]} {list(want[1])}"
         raise ModelError(f"{where}: tensor {name + suffix!r} is {what}, but config.json's quantization "
                          f"(int{s.bits}{'' if s.bits == 8 else f', group {s.group}'}) needs {expect}")
+    scale, zero = tensors["_scale"], tensors["_zero"]
+    if not (torch.isfinite(scale).all() and (scale > 0).all() and (scale <= MAX_SCALE).all()):
+        bad = scale[~(torch.isfinite(scale) & (scale > 0) & (scale <= MAX_SCALE))].flatten()[0].item()
+        raise ModelError(f"{where}: tensor {name + '_scale'!r} holds {bad}; scales must be finite, above 0 and at "
+                         f"most {MAX_SCALE:g}")
+    if zero is not None and (zero > 15).any():
+        raise ModelError(f"{where}: tensor {name + '_zero'!r} holds {int(zero.max())}; int4 zero points are 0 to 15")
     return Packed(data, tensors["_scale"], tensors["_zero"], s.bits, s.group if s.bits == 4 else 0, k)
 
 

@@ -87,3 +87,37 @@ def test_quant_in_the_config_file(chat_models, tmp_path):
     assert quant_name(Options(config=settings)) == "int4"
     assert quant_name(Options(config=settings, quant="int8")) == "int8"  # the flag wins
     assert quant_name(Options(config=settings, quant="none")) is None
+
+
+def test_index_shard_names_stay_inside_the_directory(int4_dir, tmp_path):
+    """An index that names ../outside.safetensors loaded it."""
+
+    bad = tmp_path / "bad"
+    shutil.copytree(int4_dir, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (bad / first).rename(tmp_path / "outside.safetensors")
+    for escape in ("../outside.safetensors", str(tmp_path / "outside.safetensors")):
+        weight_map = {k: escape if v == first else v for k, v in index["weight_map"].items()}
+        (bad / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+        assert_clean_error(call(["--model", str(bad), "-n", "2"], stdin="hi"), repr(escape), "is not a file of this directory")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30, 0.0, -1.0])
+def test_scales_out_of_range_are_refused(int4_dir, tmp_path, value):
+    """NaN or enormous int4 scales loaded silently and gave empty answers."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(int4_dir, bad)
+    for shard in sorted(bad.glob("*.safetensors")):
+        tensors = load_file(shard)
+        scales = [k for k in tensors if k.endswith("_scale")]
+        if scales:
+            with safe_open(str(shard), "pt") as f:
+                meta = f.metadata()
+            tensors[scales[0]].view(-1)[3] = value
+            save_file(tensors, str(shard), metadata=meta)
+            break
+    assert_clean_error(call(["--model", str(bad), "-n", "2"], stdin="hi"), scales[0], "scales must be finite, above 0")
