@@ -84,7 +84,7 @@ def quality(ref: Engine, eng: Engine, windows, prompts, reference: list[list[int
         b = list(eng.generate(p, params))
         same += sum(x == y for x, y in zip(a, b)) / tokens
         first += next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), tokens)
-    rate = eng.stats["decode_tokens_per_s"]
+    rate = eng.stats.decode_tokens_per_s
     return {"ppl": float(torch.exp(torch.tensor(nll / (count - len(windows))))), "top1": agree / count,
             "kl": kl / count, "greedy": same / len(prompts), "first_diff": first / len(prompts),
             "weights_mb": stored_bytes(eng) / 1e6, "cpu_tok_s": rate}
@@ -234,7 +234,7 @@ def gpu_table(device: torch.device, layers: int, tokens: int, smoke: bool):
         params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
         list(eng.generate(prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)))  # warm up
         list(eng.generate([p + 1 for p in prompt], params))
-        rate = eng.stats["decode_tokens_per_s"]
+        rate = eng.stats.decode_tokens_per_s
         peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
         base = base or rate
         print(f"| {name} | {weights / 1e9:.2f} | {peak:.2f} | {rate:.1f} | {rate / base:.2f}x |", flush=True)

@@ -46,7 +46,7 @@ def reuse():
             eng.cache.clear()
             list(eng.generate(history, SamplingParams(max_tokens=1)))  # turn k-1 leaves the history cached
             warm = ttft(eng, turn)
-            print(f"{n:>8} {cold:>8.3f} {warm:>9.3f} {warm / cold:>7.3f} {eng.stats['cached_tokens']:>14}")
+            print(f"{n:>8} {cold:>8.3f} {warm:>9.3f} {warm / cold:>7.3f} {eng.stats.cached_tokens:>14}")
 
 
 def bytes_per_token():
