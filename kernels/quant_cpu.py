@@ -9,9 +9,8 @@ chosen experts' packed rows.
   (Np: N padded to a multiple of 32 with zero rows), and per group a bfloat16 (scale, offset) pair with
   W = (q - 8) * scale + offset; offset = (8 - zero) * scale. So the weight the kernel reads is the stored one
   with its scales rounded to bfloat16.
-* Both kernels are fast on this path only with bfloat16 activations (measured on an AVX2 CPU with
-  benchmarks/bench_cpu.py's micro rows: float32 activations take a generic path 8-40x slower than a float32
-  matmul). So up to CPU_KERNEL_MAX_ROWS rows, x is rounded to bfloat16, the kernel accumulates in float32 and
+* Both kernels are fast only with bfloat16 activations (measured on an AVX2 CPU: float32 activations take a
+  generic path 8-40x slower than a float32 matmul). So up to `kernel_rows(w)` rows, x is rounded to bfloat16, the kernel accumulates in float32 and
   rounds its output to bfloat16, and the result comes back in x's dtype: about 3 significant digits, the
   tolerance the tests allow (a float model of the dequantised weights, logits within 2% of their range).
   Above that the kernels cost about one weight read per row, so the weight is dequantised to x's dtype once
@@ -27,7 +26,9 @@ import torch.nn.functional as F
 
 from .quant_format import SYMMETRIC_ZERO, Packed, unpack_int4
 
-CPU_KERNEL_MAX_ROWS = 4  # up to this many rows the packed kernels beat dequantise + matmul (bench_cpu.py)
+# Up to this many rows (int4: three times as many) the packed kernels beat dequantise + matmul: each row costs
+# them about one read of the weight, while dequantising costs several (measured at V2-Lite's shapes, 1 thread).
+CPU_KERNEL_MAX_ROWS = 16
 N_BLOCK = 32  # the int4 kernel's layout packs output rows in blocks of 32
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes (others run quant_matmul's reference)
 INT8_K_MULTIPLE = 16  # the int8 kernel misreads other input widths (crashes, or infinities): dequantise those
@@ -86,10 +87,15 @@ def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
     return out.view(np_, kp)[: w.out_features, : w.in_features].to(dtype)
 
 
+def kernel_rows(w: Packed | Int4Cpu) -> int:
+    """Up to how many rows x goes through the packed kernel (bfloat16 activations) rather than dequantise."""
+    return CPU_KERNEL_MAX_ROWS * (3 if isinstance(w, Int4Cpu) else 1)
+
+
 def matmul_cpu(x: torch.Tensor, w: Packed | Int4Cpu) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype: the packed kernel for a few rows, dequantise + matmul for more."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > CPU_KERNEL_MAX_ROWS or (isinstance(w, Packed) and w.in_features % INT8_K_MULTIPLE):
+    if rows.shape[0] > kernel_rows(w) or (isinstance(w, Packed) and w.in_features % INT8_K_MULTIPLE):
         return F.linear(x, dequantize_cpu(w, x.dtype))
     xb = rows.to(torch.bfloat16)
     if isinstance(w, Packed):
