@@ -99,6 +99,16 @@ def test_cpu_kernels_compute_the_cpu_weight(name, rows, k):
         assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 
 
+def test_int8_rows_run_in_slices(monkeypatch):
+    """A weight of more rows than INT8_N_CHUNK (lm_head) runs slice by slice, the last one shorter."""
+    monkeypatch.setattr(quant_cpu, "INT8_N_CHUNK", 32)
+    p = quantize(torch.randn(80, 64), SPECS["int8"])
+    x = torch.randn(2, 64)
+    want = x.bfloat16().double() @ cpu_weight(p).double().T
+    got = matmul_cpu(x, p)
+    assert float(((got - want).abs() / (want.abs() + want.abs().max() * 1e-3)).max()) < 2 ** -7
+
+
 @pytest.mark.parametrize("name", ["int8", "int4"])
 @pytest.mark.parametrize("tokens", [1, 3, 160])
 def test_cpu_experts_read_only_the_chosen_experts(name, tokens):
