@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
@@ -119,15 +120,47 @@ def _write_index(out: Path, shards: list[dict], total: int):
 
 
 def _copy_the_rest(root: Path, out: Path, s: QuantSpec):
+    """config.json (with its quantization) and the carried files: only regular files of the model directory,
+    never what a symlink leads to outside it (`LICENSE -> /etc/shadow`); the hub's layout, where every file
+    is a link into the repository's blobs/, is the model directory's own. Modes are the source's, under the
+    umask: the directory and every file at most as open as the source's (shards as the strictest shard)."""
+    mask = _umask()
     config = json.loads(files.read_text(root / "config.json"))
     config["quantization_config"] = s.config()
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    modes = {"config.json": _mode(root / "config.json")}
+    own = _own_places(root)
     for f in sorted(root.iterdir()):
-        if f.is_file() and any(fnmatch(f.name, pattern) for pattern in CARRIED):
-            shutil.copy2(f, out / f.name)
-    os.chmod(out, 0o777 & ~_umask())  # mkdtemp made it private
+        if not any(fnmatch(f.name, pattern) for pattern in CARRIED):
+            continue
+        target = Path(os.path.realpath(f))
+        if not any(target == place or place in target.parents for place in own):
+            continue  # a link out of the model directory: not ours to copy
+        try:
+            st = files.regular(target)
+        except OSError:  # a directory, FIFO or device: not a file to carry
+            continue
+        shutil.copyfile(target, out / f.name)
+        modes[f.name] = stat.S_IMODE(st.st_mode)
+    shard_mode = 0o666
+    for shard in root.glob("*.safetensors"):
+        shard_mode &= _mode(shard)
     for f in out.iterdir():
-        os.chmod(f, 0o666 & ~_umask())
+        os.chmod(f, modes.get(f.name, shard_mode) & 0o666 & ~mask)
+    os.chmod(out, _mode(root) & 0o777 & ~mask)  # mkdtemp made it private
+
+
+def _own_places(root: Path) -> list[Path]:
+    """Where a model directory's files may be: the directory itself, and for a hub snapshot its blobs/."""
+    real = Path(os.path.realpath(root))
+    places = [real]
+    if real.parent.name == "snapshots":
+        places.append(real.parent.parent / "blobs")
+    return places
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def _umask() -> int:

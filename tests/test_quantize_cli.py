@@ -121,3 +121,34 @@ def test_scales_out_of_range_are_refused(int4_dir, tmp_path, value):
             save_file(tensors, str(shard), metadata=meta)
             break
     assert_clean_error(call(["--model", str(bad), "-n", "2"], stdin="hi"), scales[0], "scales must be finite, above 0")
+
+
+def test_quantize_copies_only_the_model_directorys_own_files_and_never_widens_modes(chat_models, tmp_path):
+    """With SRC/LICENSE -> a private file elsewhere, the output held its contents at 0644; shards at 0600
+    came out 0644."""
+    import os
+    import stat
+
+    src = tmp_path / "src"
+    shutil.copytree(chat_models["v2"], src)
+    secret = tmp_path / "secret"
+    secret.write_text("root:s3cr3t-shadow-7f3a")
+    secret.chmod(0o600)
+    (src / "LICENSE").symlink_to(secret)
+    (src / "README.md").write_text("a model")
+    (src / "README.md").chmod(0o640)
+    for shard in src.glob("*.safetensors"):
+        shard.chmod(0o600)
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        r = call(["quantize", str(src), "--quant", "int8", "-o", str(out)])
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "LICENSE").exists()
+    assert all(b"s3cr3t-shadow-7f3a" not in f.read_bytes() for f in out.iterdir())
+    mode = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert all(mode[f.name] == 0o600 for f in out.glob("*.safetensors")), mode
+    assert mode["README.md"] == 0o640 and mode["tokenizer.json"] == 0o644, mode
+    assert stat.S_IMODE(out.stat().st_mode) & 0o077 == stat.S_IMODE(src.stat().st_mode) & 0o055
