@@ -2,18 +2,21 @@
 the package `dschat.engine` and imports nothing of the app, only the kernels beside it (`..kernels`):
 
     eng = Engine.from_pretrained("deepseek-ai/DeepSeek-V2-Lite-Chat", device="cuda")
-    for token_id in eng.generate(ids, SamplingParams(temperature=0.0, max_tokens=256)):
+    gen = eng.generate(ids, SamplingParams(temperature=0.0, max_tokens=256))
+    for token_id in gen:   # a Generation streams token ids
         ...
+    gen.stats              # its GenerationStats: tokens, timings, stop reason
 """
 
 from .config import ModelConfig
 from .engine import Engine
 from .errors import ContextLengthError, ModelError
+from .generation import Generation
 from .loader import resolve
 from .quantized_dir import quantize_checkpoint
 from .sampling import SamplingParams
 from .stats import GenerationStats
 from .tokenizer import Tokenizer
 
-__all__ = ["Engine", "SamplingParams", "ModelConfig", "ModelError", "ContextLengthError", "GenerationStats",
-           "quantize_checkpoint", "Tokenizer", "resolve"]
+__all__ = ["Engine", "Generation", "SamplingParams", "ModelConfig", "ModelError", "ContextLengthError",
+           "GenerationStats", "quantize_checkpoint", "Tokenizer", "resolve"]

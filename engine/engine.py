@@ -22,6 +22,7 @@ from .quant import saved_spec as saved_quant_spec
 from .threads import choose_threads
 from .quant import spec as quant_spec
 from .sampling import Sampler, SamplingParams
+from .generation import Generation
 from .speculative import MTPDrafter, NgramDrafter, NoDrafter, verify
 from .stats import GenerationStats
 from . import files
@@ -61,7 +62,7 @@ class Engine:
         self.load_stats: dict = {}  # weight_bytes, peak_host_bytes (and peak_gpu_bytes on CUDA), set on load
         self.device, self.dtype = device, dtype
         self.speculative, self.draft_tokens = speculative, draft_tokens
-        self.stats: GenerationStats | None = None  # the last (or current) generation's
+        self.stats: GenerationStats | None = None  # the last generation's (each Generation carries its own)
         self.generation_config = _read_json(path / "generation_config.json")
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else self.generation_config.get("eos_token_id")
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -276,11 +277,13 @@ class Engine:
         return h_out[0], logits[0]
 
     @torch.inference_mode()
-    def generate(self, ids: list[int], params: SamplingParams | None = None, reuse_cache: bool = True) -> Iterator[int]:
-        """Stream generated token ids. The prompt's longest cached prefix is reused (unless reuse_cache is
-        False: then the whole prompt is prefilled); prompt and reply are cached for the next call. Stops at the
-        model's end-of-sentence token (which is yielded), at any of params.stop_token_ids (yielded too), or
-        after params.max_tokens. Closing the iterator early stops the generation and keeps what it cached."""
+    def generate(self, ids: list[int], params: SamplingParams | None = None, reuse_cache: bool = True) -> Generation:
+        """A Generation: iterating it streams the generated token ids, and its `stats` are its own. The prompt's
+        longest cached prefix is reused (unless reuse_cache is False: then the whole prompt is prefilled); prompt
+        and reply are cached for the next call. Stops at the model's end-of-sentence token (which is yielded), at
+        any of params.stop_token_ids (yielded too), or after params.max_tokens. Closing it early stops the
+        generation and keeps what it cached. A prompt and max_tokens that do not fit the context window are a
+        ContextLengthError here, before anything runs."""
         params = params or SamplingParams()
         ids = [int(i) for i in ids]
         self._ids_tensor(ids)
@@ -288,21 +291,23 @@ class Engine:
             raise ContextLengthError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
                 f"of {self.context_length} tokens")
-        return self._generate(ids, params, reuse_cache)
+        stats = GenerationStats(prompt_tokens=len(ids), load=dict(self.load_stats))
+        return Generation(self._generate(ids, params, stats, reuse_cache), stats)
 
     def _drafter(self, seq: Sequence, sampler: Sampler):
         if self.speculative == "mtp":
             return MTPDrafter(self, seq, sampler, self.draft_tokens)
         return NgramDrafter(self.draft_tokens) if self.speculative == "ngram" else NoDrafter()
 
-    def _generate(self, ids: list[int], params: SamplingParams, reuse_cache: bool = True) -> Iterator[int]:
+    def _generate(self, ids: list[int], params: SamplingParams, stats: GenerationStats,
+                  reuse_cache: bool = True) -> Iterator[int]:
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         sampler = Sampler(params)
         t0 = time.perf_counter()
         seq = self.cache.open(ids, limit=len(ids) - 1 if reuse_cache else 0)
         drafter = self._drafter(seq, sampler)
-        stats = self.stats = GenerationStats(prompt_tokens=len(ids), cached_tokens=seq.cached, drafter=drafter.name,
-                                             load=dict(self.load_stats))
+        stats.cached_tokens, stats.drafter = seq.cached, drafter.name
+        self.stats = stats
         out: list[int] = []
         try:
             with torch.inference_mode():

@@ -137,7 +137,7 @@ def run(engine, spec: GenSpec, emit, cancelled) -> Outcome:
     finish = finish or "length"
     if len(final) > emitted:
         emit("piece", final[emitted:])
-    stats = engine.stats
+    stats = gen.stats  # this generation's own
     return Outcome(final, out, finish, word, stats.prompt_tokens, stats.cached_tokens, stats.as_dict())
 
 
