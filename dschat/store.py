@@ -455,10 +455,20 @@ class Store:
             rows = rows[:max(0, limit)]
         out = []
         for cid, title, model, created, updated, head in rows:
-            n = len(self.branch(cid, head))
+            n = self._branch_length(cid, head)
             out.append({"id": cid, "title": title, "model": model, "updated": updated, "updated_iso": iso(updated),
                         "created": created, "messages": n})
         return out
+
+    def _branch_length(self, conv_id: str, head: str | None) -> int:
+        """len(self.branch(conv_id, head)), counted in SQL (UNION stops at a parent loop, as branch does)."""
+        if head is None:
+            return 0
+        return self.db.execute(
+            "WITH RECURSIVE up(id, parent_id) AS ("
+            " SELECT id, parent_id FROM messages WHERE id = ?1 AND conversation_id = ?2"
+            " UNION SELECT m.id, m.parent_id FROM messages m JOIN up ON m.id = up.parent_id"
+            " WHERE m.conversation_id = ?2) SELECT count(*) FROM up", (head, conv_id)).fetchone()[0]
 
     def _all_rows(self):
         return self.db.execute("SELECT id, title, model, created, updated, head FROM conversations "
