@@ -14,6 +14,7 @@ import argparse
 import difflib
 import json
 import sys
+from dataclasses import dataclass
 
 from dschat.engine import SamplingParams, Tokenizer, resolve
 
@@ -33,6 +34,24 @@ PREFIX_SHARE = 0.75  # of the context budget, when both sides need more than the
 
 class FimError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class FimParams:
+    """How a hole is filled: the prompt's token budget, split between prefix and suffix (`context`), the longest
+    insertion, and sampling (greedy by default). `dschat fim` makes one from its flags (`from_args`); training's
+    evaluation makes its own."""
+
+    context: int = 4096
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "FimParams":
+        return cls(context=args.context, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed)
 
 
 # -- finding the hole --------------------------------------------------------------------------------------------
@@ -155,11 +174,12 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--diff", action="store_true", help="print a unified diff instead of the file")
     out.add_argument("--json", action="store_true",
                      help='print {"insertion", "line", "column", "stop_reason"} (a list with --all)')
-    p.add_argument("--context", type=int, default=4096, metavar="TOKENS",
-                   help="prompt budget split between prefix and suffix (default 4096)")
-    p.add_argument("-n", "--max-tokens", type=int, default=256, help="longest insertion (default 256)")
-    p.add_argument("-t", "--temperature", type=float, default=0.0, help="default 0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--context", type=int, default=FimParams.context, metavar="TOKENS",
+                   help=f"prompt budget split between prefix and suffix (default {FimParams.context})")
+    p.add_argument("-n", "--max-tokens", type=int, default=FimParams.max_tokens,
+                   help=f"longest insertion (default {FimParams.max_tokens})")
+    p.add_argument("-t", "--temperature", type=float, default=FimParams.temperature, help="default 0: greedy")
+    p.add_argument("--top-p", type=float, default=FimParams.top_p)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lang", help="language for highlighting on a terminal (default: from the file name)")
     p.add_argument("--filename", help="file name to show and to guess the language from, for stdin")
@@ -168,28 +188,39 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def fill(engine, tok, text: str, offset: int, args) -> tuple[str, str]:
-    """The insertion for a hole at `offset` of `text` (no marker inside), and why it stopped."""
-    prefix, suffix = trim(text[:offset], text[offset:], lambda s: len(tok.encode_plain(s)), args.context)
+def fill(engine, tok, text: str, offset: int, params: FimParams) -> tuple[str, str]:
+    """The insertion for a hole at `offset` of `text` (no marker inside), and why it stopped: "stop" (end of
+    sentence or a FIM token), "length" (params.max_tokens) or "suffix" (it began repeating the suffix)."""
+    insertion, reason, _ = fill_with_stats(engine, tok, text, offset, params)
+    return insertion, reason
+
+
+def fill_with_stats(engine, tok, text: str, offset: int, params: FimParams):
+    """`fill`, and the generation's GenerationStats."""
+    prefix, suffix = trim(text[:offset], text[offset:], lambda s: len(tok.encode_plain(s)), params.context)
     ids = fim_prompt(tok, prefix, suffix)
     stops = tuple(i for i in (tok.token_id(t) for t in FIM_TOKENS) if i is not None)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                            max_tokens=args.max_tokens, stop_token_ids=stops)
+    generation = engine.generate(ids, SamplingParams(temperature=params.temperature, top_p=params.top_p,
+                                                     seed=params.seed, max_tokens=params.max_tokens,
+                                                     stop_token_ids=stops))
     decoder = tok.stream(skip_special_tokens=True)
     completion, reason = "", "length"
     at_line_start = offset == 0 or text[offset - 1] == "\n"
-    for token in engine.generate(ids, params):
-        if token in stops or token in engine.eos_token_ids:
-            reason = "stop"
-            break
-        completion += decoder.push(token)
-        if "\n" in completion:
-            cut, repeated = cut_repeat(completion, suffix, at_line_start)
-            if repeated:
-                return cut, "suffix"
+    try:
+        for token in generation:
+            if token in stops or token in engine.eos_token_ids:
+                reason = "stop"
+                break
+            completion += decoder.push(token)
+            if "\n" in completion:
+                cut, repeated = cut_repeat(completion, suffix, at_line_start)
+                if repeated:
+                    return cut, "suffix", generation.stats
+    finally:
+        generation.close()  # an insertion cut short ends the generation now
     completion += decoder.flush()
     cut, repeated = cut_repeat(completion, suffix, at_line_start)
-    return cut, "suffix" if repeated else reason
+    return cut, "suffix" if repeated else reason, generation.stats
 
 
 def run_fim(argv: list[str]) -> int:
@@ -205,7 +236,7 @@ def run_fim(argv: list[str]) -> int:
     if missing:
         raise FimError(f"this model's tokenizer has no FIM tokens ({missing[0]}); use DeepSeek-Coder-V2, "
                        "V2.5 or V3 (DeepSeek-V2 was not trained for fill-in-the-middle)")
-    results, filled = fill_holes(load_engine(opts), tok, src.text, holes, args)
+    results, filled = fill_holes(load_engine(opts), tok, src.text, holes, FimParams.from_args(args), args)
     if args.json:
         results = [{**r, "insertion": src.piece(r["insertion"])} for r in results]
         print(json_for_output(json.dumps(results if args.all else results[0], ensure_ascii=False), sys.stdout))
@@ -229,8 +260,9 @@ def check_args(args):
         raise FimError(f"--max-tokens {args.max_tokens}: must be at least 1")
 
 
-def fill_holes(engine, tok, text: str, holes: list[int], args) -> tuple[list[dict], str]:
-    """Each hole filled in turn, top to bottom: what was inserted where, and the filled text."""
+def fill_holes(engine, tok, text: str, holes: list[int], params: FimParams, args) -> tuple[list[dict], str]:
+    """Each hole filled in turn, top to bottom: what was inserted where, and the filled text (`args`: --at,
+    --stats)."""
     results = []
     for _ in holes:
         if args.at is not None:
@@ -238,12 +270,12 @@ def fill_holes(engine, tok, text: str, holes: list[int], args) -> tuple[list[dic
         else:
             offset = text.find(MARKER)
             text = text[:offset] + text[offset + len(MARKER):]
-        insertion, reason = fill(engine, tok, text, offset, args)
+        insertion, reason, stats = fill_with_stats(engine, tok, text, offset, params)
         line, column = position(text, offset)
         results.append({"insertion": insertion, "line": line, "column": column, "stop_reason": reason})
         text = text[:offset] + insertion + text[offset:]
         if args.stats:
-            print_stats(engine.stats)
+            print_stats(stats)
     return results, text
 
 

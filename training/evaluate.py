@@ -22,14 +22,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from dschat.chat import Chat
 from dschat.engine import Engine, SamplingParams
-from dschat.fim import fill
+from dschat.fim import FimParams, fill
 
 from .chat_data import eval_questions
 from .fim_data import line_table, pick_hole
@@ -75,9 +74,8 @@ def fim_scores(eng, cases, context: int) -> dict:
     for text, a, b in cases:
         truth = text[a:b]
         cap = 2 * len(tok.encode(truth)) + 16
-        args = SimpleNamespace(context=min(context, eng.context_length - cap - 8), temperature=0.0, top_p=1.0,
-                               seed=None, max_tokens=cap)
-        insertion, _ = fill(eng, tok, text[:a] + text[b:], a, args)
+        params = FimParams(context=min(context, eng.context_length - cap - 8), max_tokens=cap)
+        insertion, _ = fill(eng, tok, text[:a] + text[b:], a, params)
         exact += insertion == truth
         first_line += insertion.split("\n")[0].strip() == truth.split("\n")[0].strip()
         similarity.append(difflib.SequenceMatcher(None, insertion, truth).ratio())

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from dschat.engine.config import ModelConfig  # noqa: E402
 from dschat.engine.errors import ModelError  # noqa: E402
-from dschat.fim import parser as fim_parser  # noqa: E402
+from dschat.fim import FimParams  # noqa: E402
 from dschat.training.batches import Data  # noqa: E402
 from dschat.training.chat_data import CHAT_MODULES, TINY_MODULES, chat_pairs  # noqa: E402
 from dschat.training.corpus import TINY_FILES, split, stdlib_files  # noqa: E402
@@ -39,8 +39,8 @@ from dschat.training.loop import Trainer, save_state  # noqa: E402
 from dschat.training.model import MAX_POSITIONS, MAX_SHIPPED_MB, SIZES, build_model, model_config, n_params  # noqa: E402
 from dschat.training.tokens import app_tokenizer, from_json, train_tokenizer  # noqa: E402
 
-FIM_CONTEXT = fim_parser().get_default("context")  # what `dschat fim` sends by default
-FIM_MIDDLE = fim_parser().get_default("max_tokens")
+FIM_CONTEXT = FimParams.context  # what `dschat fim` sends by default
+FIM_MIDDLE = FimParams.max_tokens
 TINY = {"context": 96, "max_middle": 32}
 EXPORT_SECONDS = 30  # kept back from --minutes for the export
 
