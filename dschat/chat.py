@@ -16,7 +16,6 @@ from functools import partial
 from itertools import chain
 from typing import Iterable, Iterator
 
-from .prompt_fit import check_fits
 from .template import completion_prompt, encode_marked, render_marked, unmark
 
 
@@ -54,7 +53,7 @@ class Chat:
         self.text: str | None = None
         self._before_last: tuple[list[int], str | None] | None = None
         self._rewound = None  # the state before the last rewind, for restore()
-        self.context: int | None = None  # the model's context window, when known: a prompt must fit it
+        self.window = None  # the model's ContextWindow, when known: a prompt must fit it
 
     @property
     def completing(self) -> bool:
@@ -70,7 +69,7 @@ class Chat:
         if self.completing:  # --raw, or a base model: text completion
             text = "".join(m["content"] for m in messages if m["role"] != "system") if self.raw \
                 else messages[-1]["content"]
-            check_fits(text, self._room(0), self.tok.encode_plain)
+            self._check_fits(text, 0, self.tok.encode_plain)
             return completion_prompt(self.tok, text)
         text = render_marked(self.tok, messages)
         if self.ids and self.text is None:
@@ -82,14 +81,15 @@ class Chat:
                 self.ids = []
         encode = partial(encode_marked, self.tok)
         if self.ids and text.startswith(self.text):
-            check_fits(text[len(self.text):], self._room(len(self.ids)), encode)
+            self._check_fits(text[len(self.text):], len(self.ids), encode)
             return text, self.ids + encode(text[len(self.text):])
-        check_fits(text, self._room(0), encode)
+        self._check_fits(text, 0, encode)
         return text, encode(text)
 
-    def _room(self, used: int) -> int | None:
-        """How many prompt tokens may follow `used` ones (one position is kept for the reply)."""
-        return None if self.context is None else self.context - 1 - used
+    def _check_fits(self, text: str, used: int, encode):
+        """A prompt that cannot fit the window fails before it is tokenized whole (context_window.py)."""
+        if self.window is not None:
+            self.window.check_prompt(text, used, encode)
 
     def turn(self, user: str) -> Turn:
         """The prompt for the next user message (nothing is changed until `commit`)."""

@@ -15,9 +15,9 @@ from .errors import error_text
 from .files import write_output
 from .highlight import ansi, colour_terminal, lexer_for, terminal_formatter
 from .paths import private_dir, private_file
-from .runtime import Options, load_engine, print_stats, stats_json
+from .runtime import Options, load_engine, print_stats, session_settings, stats_json
 from .session import ChatSession
-from .signals import Stopped, signals_held
+from .signals import Stopped
 from .store import Store, StoreError, names_a_file, read_json_file
 from .terminal_text import SafeStream, say, terminal_safe
 from .turn_lock import ConversationBusy
@@ -101,7 +101,7 @@ def read_message(session) -> str | None:
 
 def run_line_mode(opts: Options) -> int:
     engine = load_engine(opts)
-    session = ChatSession(engine, opts)
+    session = ChatSession(engine, session_settings(opts))
     formatter = terminal_formatter(opts.config.code_style)
     prompts = prompt_session()
     say(f"dschat: {engine.path.name} on {engine.device}. /help for commands, Ctrl+D to leave.", sys.stdout)
@@ -121,7 +121,7 @@ def run_line_mode(opts: Options) -> int:
         else:
             turn = start_turn(session, lambda wait: session.turn(text, wait))
         if turn is not None:
-            reply(session, turn, formatter)
+            reply(session, turn, formatter, opts.stats)
 
 
 def start_turn(session: ChatSession, make) -> Turn | None:
@@ -170,36 +170,32 @@ def show_messages(messages: list[dict]):
             print(f"{'you' if m['role'] == 'user' else 'assistant'}> {terminal_safe(m['content'], body=True)}")
 
 
-def reply(session: ChatSession, turn: Turn, formatter):
+def reply(session: ChatSession, turn: Turn, formatter, stats: bool = False):
     """Stream a reply and save it. Ctrl+C stops it (kept, marked) and the chat goes on; SIGTERM and SIGHUP
-    stop it the same way, then end dschat."""
-    printer, error, stopped = Printer(formatter=formatter), None, None
+    stop it the same way, then end dschat. An error (context full, out of memory, ...) is said, and the chat
+    goes on; so does a turn the history could not take (kept pending, where the message says)."""
+    printer = Printer(formatter=formatter)
+    answer = session.reply(turn)
+
+    def flush():
+        printer.close()
+        if answer.error is not None:
+            say(f"(error: {error_text(answer.error)})", sys.stdout)
+
     try:
-        for piece in session.stream(turn):
-            printer.write(piece)
-    except KeyboardInterrupt as e:
-        turn.interrupted, stopped = True, e if isinstance(e, Stopped) else None
-    except Exception as e:  # context full, out of memory, ...: say so and go on
-        error, turn.interrupted = error_text(e), True
-    with signals_held():  # a signal now waits until the turn is saved
-        with suppress(OSError):  # the terminal was closed (the SIGHUP is on its way): the turn is still saved
-            printer.close()
-            if error:
-                say(f"(error: {error})", sys.stdout)
-        try:
-            kept = session.finish(turn, failed=error is not None)
-        except StoreError as e:  # not saved now (kept pending, where the message says): the chat goes on
-            kept = True
-            with suppress(OSError):
-                say(f"(not saved: {error_text(e)})", sys.stdout)
-    if stopped:
-        raise stopped
-    if kept and turn.interrupted and not error:
+        answer.run(printer.write, flush)
+    except StoreError as e:  # not saved now (kept pending, where the message says): the chat goes on
+        answer.kept, answer.notice = True, session.cut_notice(turn)
+        with suppress(OSError):
+            say(f"(not saved: {error_text(e)})", sys.stdout)
+    if isinstance(answer.interrupt, Stopped):
+        raise answer.interrupt
+    if answer.kept and turn.interrupted and answer.error is None:
         print("(stopped)")
-    if kept and session.cut_notice(turn):
-        say(f"({session.cut_notice(turn)})", sys.stdout)
-    if kept and session.opts.stats:
-        print_stats(session.engine.stats)
+    if answer.kept and answer.notice:
+        say(f"({answer.notice})", sys.stdout)
+    if answer.kept and stats:
+        print_stats(answer.stats)
 
 
 def command(session: ChatSession, cmd: str, arg: str) -> Turn | None:
@@ -213,7 +209,7 @@ def command(session: ChatSession, cmd: str, arg: str) -> Turn | None:
         session.set_system(arg)
         print("(system prompt set)" if arg else "(system prompt cleared)")
     elif cmd == "stats":
-        print(stats_json(session.engine.stats) if session.engine.stats else "(no reply yet)")
+        print(stats_json(session.last_stats) if session.last_stats else "(no reply yet)")
     elif cmd == "regen":
         return start_turn(session, session.regenerate)
     elif cmd == "save":

@@ -4,53 +4,50 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import suppress
 from dataclasses import replace
 
 from dschat.engine import Tokenizer, resolve
 
-from .runtime import Options, load_engine, model_name, print_stats
+from .runtime import Options, load_engine, model_name, print_stats, session_settings
 from .session import ChatSession, open_chat
-from .signals import signals_held
 from .terminal_text import SafeStream, json_for_output, say
 
 
 def answer(opts: Options, message: str) -> int:
     engine = load_engine(opts)
-    session = ChatSession(engine, opts)
+    session = ChatSession(engine, session_settings(opts))
     turn = session.turn(message)  # a continued conversation: no other turn until this one is saved
-    stream_answer(session, turn)
-    notice = session.cut_notice(turn)
-    if notice:
-        say(f"dschat: warning: {notice}")
+    reply = stream_answer(session, turn)
+    if reply.notice:
+        say(f"dschat: warning: {reply.notice}")
     if opts.stats:
-        print_stats(engine.stats)
+        print_stats(reply.stats)
     return 0
 
 
 def stream_answer(session: ChatSession, turn):
-    """The reply on stdout as it is generated, then saved (an interrupted one too, marked)."""
+    """The reply on stdout as it is generated, then saved (an interrupted one too, marked); a signal or an
+    error that ended it is raised once it is saved."""
     out = sys.stdout
     safe = SafeStream() if out.isatty() else None  # on a terminal without escape sequences; exact elsewhere
-    wrote_newline, failed = True, True
-    try:
-        for piece in session.stream(turn):
-            piece = safe.feed(piece) if safe else piece
-            wrote_newline = piece.endswith("\n") if piece else wrote_newline  # before the write (a signal)
-            write(out, piece, turn)
-        failed = False
-    except KeyboardInterrupt:  # Ctrl+C, SIGTERM, SIGHUP: the partial answer is kept, marked
-        turn.interrupted, failed = True, False
-        raise
-    finally:
-        with signals_held():  # a signal now waits until the turn is saved
-            with suppress(OSError):  # stdout is gone (see `write`): the turn is saved all the same
-                rest = safe.flush() if safe else ""
-                out.write(rest)
-                if not (rest.endswith("\n") if rest else wrote_newline):
-                    out.write("\n")
-                    out.flush()
-            session.finish(turn, failed)
+    wrote_newline = True
+
+    def show(piece: str):
+        nonlocal wrote_newline
+        piece = safe.feed(piece) if safe else piece
+        wrote_newline = piece.endswith("\n") if piece else wrote_newline  # before the write (a signal)
+        write(out, piece, turn)
+
+    def flush():
+        rest = safe.flush() if safe else ""
+        out.write(rest)
+        if not (rest.endswith("\n") if rest else wrote_newline):
+            out.write("\n")
+            out.flush()
+
+    reply = session.reply(turn).run(show, flush)
+    reply.reraise()
+    return reply
 
 
 def write(out, piece: str, turn):
@@ -68,7 +65,7 @@ def show_prompt(opts: Options, message: str) -> int:
     """Exactly the prompt the next turn would feed the model (a continued conversation's too), without
     loading the weights or changing the history."""
     tok = Tokenizer.from_dir(resolve(model_name(opts), tokenizer_only=True))  # no weights fetched
-    chat, _ = open_chat(tok, replace(opts, no_save=True))
+    chat, _ = open_chat(tok, replace(session_settings(opts), no_save=True))
     turn = chat.turn(message)
     print(json_for_output(json.dumps({"text": turn.prompt_text, "ids": turn.prompt_ids}, ensure_ascii=False),
                           sys.stdout))

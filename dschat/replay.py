@@ -11,8 +11,9 @@ from dataclasses import replace
 from .chat import Chat, Turn
 from .config import Settings
 from .options import add_model_options, add_output_options, add_sampling_options, command_parser
-from .runtime import Options, load_engine, print_stats, sampling_params
+from .runtime import Options, load_engine, print_stats, session_settings
 from .errors import UsageError
+from .session import ChatSession
 from .settings_check import problem
 from .store import Store, StoreError, names_a_file, read_json_file, validate_export
 from .terminal_text import SafeStream, terminal_safe
@@ -88,7 +89,8 @@ def load_source(source: str) -> dict:
 
 def replay(engine, data: dict, opts: Options, compare_answers: bool) -> int:
     same_weights = data.get("fingerprint") == engine.fingerprint
-    chat = Chat(engine.tokenizer, system=data.get("system"))
+    session = ChatSession(engine, replace(session_settings(opts), no_save=True, cont=False, conversation=None))
+    chat = session.chat = Chat(engine.tokenizer, system=data.get("system"))
     out = sys.stdout
     differ = 0
     exchanges = pairs(data.get("messages", []))
@@ -98,17 +100,20 @@ def replay(engine, data: dict, opts: Options, compare_answers: bool) -> int:
         turn = Turn(user["content"], "", list(user["token_ids"]), True) if exact else chat.turn(user["content"])
         out.write(f"── user ({n}) ──\n{terminal_safe(user['content'].rstrip(), body=True)}\n── assistant ──\n")
         out.flush()
-        params = sampling_params(opts, engine, len(turn.prompt_ids))
         safe = SafeStream()
-        for piece in chat.stream(turn, engine.generate(turn.prompt_ids, params)):
+
+        def show(piece: str):
             out.write(safe.feed(piece))
             out.flush()
+
+        reply = session.reply(turn).run(show)  # nothing saved: the exchange joins the chat (or not, below)
+        reply.reraise()
         out.write(safe.flush() + "\n")
         if opts.stats:
-            print_stats(engine.stats)
+            print_stats(reply.stats)
         if not compare_answers:
-            chat.commit(turn)
             continue
+        chat.rewind()  # the next turn runs on the saved history, not on this answer (but see below)
         by_ids = same_weights and saved is not None and ids_spell(engine.tokenizer, saved, n)
         verdict, ok = compare(saved, turn, by_ids)
         differ += not ok

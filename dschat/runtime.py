@@ -1,6 +1,6 @@
 """Running a model for the app: the typed options of one run (flags over the config file), which model
-(the bundled demo when none is named), which device, loading the engine, the sampling parameters of a
-reply, and the statistics line of `--stats`."""
+(the bundled demo when none is named), which device, loading the engine, the settings a ChatSession gets
+(session_settings), and the statistics line of `--stats`."""
 
 from __future__ import annotations
 
@@ -128,43 +128,36 @@ def quant_name(opts: Options) -> str | None:
     return None if name == "none" else name
 
 
+def session_settings(opts: Options) -> "SessionSettings":
+    """What a ChatSession needs of this run, resolved once: the flags over the config file."""
+    from .session import Sampling, SessionSettings
+
+    conf = opts.config
+    flags = Sampling(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed,
+                     max_tokens=opts.max_tokens)
+    file = Sampling(temperature=conf.temperature, top_p=conf.top_p, top_k=conf.top_k, max_tokens=conf.max_tokens)
+    return SessionSettings(system=opts.system, default_system=conf.system, raw=opts.raw, no_save=opts.no_save,
+                           cont=opts.cont, conversation=opts.conversation, model=opts.model,
+                           sampling=flags.over(file), saved_params=opts.sampling_flags())
+
+
 def sampling_params(opts: Options, engine, prompt_len: int):
-    """Flags, then the config file, then the model's generation_config.json, then built-in defaults."""
-    from dschat.engine import ContextLengthError, SamplingParams  # deferred: torch
+    """The SamplingParams of a reply to a prompt of `prompt_len` tokens: flags, then the config file, then the
+    model's generation_config.json, then built-in defaults (as a ChatSession resolves them)."""
+    from .context_window import ContextWindow
 
-    gen, conf = engine.generation_config, opts.config
-
-    def pick(flag, conf_value, gen_key, default):
-        for v in (flag, conf_value):
-            if v is not None:
-                return v
-        return model_default(engine, gen_key, default)
-
-    temperature = pick(opts.temperature, conf.temperature, "temperature", 0.6)
-    if opts.temperature is None and conf.temperature is None and gen.get("do_sample") is False:
-        temperature = 0.0
-    room = engine.context_length - prompt_len
-    if room < 1:
-        raise ContextLengthError(f"the prompt ({prompt_len} tokens) fills the context window "
-                                 f"({engine.context_length} tokens)")
-    max_tokens = pick(opts.max_tokens, conf.max_tokens, "max_new_tokens", min(2048, room))
-    return SamplingParams(temperature=float(temperature), top_p=float(pick(opts.top_p, conf.top_p, "top_p", 1.0)),
-                          top_k=int(pick(opts.top_k, conf.top_k, "top_k", 0)), seed=opts.seed,
-                          max_tokens=int(min(max_tokens, room)))
+    sampling = session_settings(opts).sampling.resolved(engine.generation_config,
+                                                        Path(engine.path) / "generation_config.json")
+    window = ContextWindow(engine.context_length, engine.eos_token_ids)
+    return sampling.params(window.max_tokens(prompt_len, sampling.max_tokens))
 
 
 def model_default(engine, key: str, default):
-    """A sampling default from the model's generation_config.json (`default` when it has none), checked as the
-    flag is: a bad one is an error naming the file and the field."""
-    from dschat.engine import ModelError  # deferred: torch
+    """A sampling default from the engine's generation_config.json (`default` when it has none), checked as the
+    flag is (session.model_default)."""
+    from .session import model_default as checked_default
 
-    value = engine.generation_config.get(key)
-    if value is None:
-        return default
-    why = problem("max_tokens" if key == "max_new_tokens" else key, value)
-    if why:
-        raise ModelError(f"{Path(engine.path) / 'generation_config.json'}: {key!r} {why} (it is {json.dumps(value)})")
-    return value
+    return checked_default(engine.generation_config, key, default, Path(engine.path) / "generation_config.json")
 
 
 def stats_json(stats) -> str:

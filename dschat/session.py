@@ -1,11 +1,13 @@
-"""One conversation as the app runs it, turn by turn, the same in pipe mode, line mode and the TUI.
+"""One conversation as the app runs it, turn by turn, the same in pipe mode, line mode, the TUI and replay.
 
 A ChatSession owns the Chat (the messages and their exact token ids), the conversation's id in the
-history, the saved ids of its last exchange, a pending edit, and --no-save. A turn goes: `turn` (or
-`regenerate`, or an edited prompt after `edit_last`), `stream` the reply, then `finish` it: the exchange
-is committed and saved at once (an interrupted reply too, marked), or, when the reply failed before its
-first token, taken back as if it had never been asked. The history's latent cache is saved beside it, so
-that `dschat -c` in a new process starts without a prefill.
+history, the saved ids of its last exchange, a pending edit, and whether it saves. It knows nothing of the
+command line: what the run asked for comes as a SessionSettings (runtime.session_settings builds one from the
+flags and the config file). A turn goes: `turn` (or `regenerate`, or an edited prompt after `edit_last`),
+then its reply, driven by `reply(turn)` (reply.py: stream, stop, save, the same for every front end), which
+ends in `finish`: the exchange is committed and saved at once (an interrupted reply too, marked), or, when
+the reply failed before its first token, taken back as if it had never been asked. The history's latent
+cache is saved beside it, so that `dschat -c` in a new process starts without a prefill.
 
 A turn in a saved conversation holds it from `turn` (or `regenerate`) to `finish` (turn_lock.py), and first
 catches up with the turns another dschat saved in it meanwhile: the session re-reads the conversation and
@@ -15,15 +17,103 @@ is what each turn saw. A prompt being edited (`edit_last`) then becomes a new tu
 
 from __future__ import annotations
 
+import json
 import secrets
-from typing import Iterator
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 from .chat import Chat, Turn
+from .context_window import ContextWindow
 from .paths import cache_key_file, kv_dir
-from .runtime import Options, sampling_params
 from .errors import error_text
+from .settings_check import problem
 from .store import Conversation, Message, Store, StoreError, keep_pending
 from .turn_lock import TurnLock
+
+BUILT_IN = {"temperature": 0.6, "top_p": 1.0, "top_k": 0}  # where neither the run nor the model sets one
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How replies are sampled. From the run (flags over the config file) every field may be None: not chosen;
+    `resolved` fills them from the model's generation_config.json, then the built-in defaults. max_tokens
+    stays None when nothing sets it: as many as the context window leaves, at most 2048."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+
+    def over(self, other: "Sampling") -> "Sampling":
+        """These choices, and `other`'s where these have none."""
+        return Sampling(**{f.name: getattr(self, f.name) if getattr(self, f.name) is not None
+                           else getattr(other, f.name) for f in fields(self)})
+
+    def resolved(self, generation_config: dict, source: Path | str = "generation_config.json") -> "Sampling":
+        """Every field chosen (but max_tokens, see above): a field the run left unset comes from the model's
+        generation_config.json (`source` names it in errors), checked as the flag is, else the built-in
+        default; `do_sample: false` there means greedy unless the run chose a temperature."""
+        def model(key: str, default):
+            return model_default(generation_config, key, default, source)
+
+        pick = {name: getattr(self, name) if getattr(self, name) is not None else model(name, default)
+                for name, default in BUILT_IN.items()}
+        if self.temperature is None and generation_config.get("do_sample") is False:
+            pick["temperature"] = 0.0
+        max_tokens = self.max_tokens if self.max_tokens is not None else model("max_new_tokens", None)
+        return Sampling(temperature=float(pick["temperature"]), top_p=float(pick["top_p"]), top_k=int(pick["top_k"]),
+                        seed=self.seed, max_tokens=None if max_tokens is None else int(max_tokens))
+
+    def params(self, max_tokens: int):
+        """The engine's SamplingParams for a reply of at most `max_tokens` (a resolved Sampling)."""
+        from dschat.engine import SamplingParams  # deferred: torch
+
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                              max_tokens=max_tokens)
+
+
+def model_default(generation_config: dict, key: str, default, source: Path | str = "generation_config.json"):
+    """A sampling default from a model's generation_config.json (`default` when it has none), checked as the
+    flag is: a bad one is a ModelError naming the file (`source`) and the field."""
+    value = generation_config.get(key)
+    if value is None:
+        return default
+    why = problem("max_tokens" if key == "max_new_tokens" else key, value)
+    if why:
+        from dschat.engine import ModelError  # deferred: torch
+
+        raise ModelError(f"{source}: {key!r} {why} (it is {json.dumps(value)})")
+    return value
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a ChatSession needs of the run, resolved once (runtime.session_settings: flags over the config file).
+    The model's own sampling defaults join them at the first reply (`ChatSession.sampling`)."""
+
+    system: str | None = None  # --system: the system prompt, replacing a continued conversation's
+    default_system: str | None = None  # a new conversation's when `system` is None (the config file's)
+    raw: bool = False  # plain text completion, no chat template
+    no_save: bool = False  # nothing goes into the history
+    cont: bool = False  # continue the latest saved conversation
+    conversation: str | None = None  # continue this one (an id or a prefix of one)
+    model: str | None = None  # the model's name as saved with a new conversation (None: the engine's path)
+    sampling: Sampling = field(default_factory=Sampling)  # the run's choices, unresolved
+    saved_params: dict = field(default_factory=dict)  # the sampling flags given, saved with a new conversation
+
+    @property
+    def system_prompt(self) -> str | None:
+        """A new conversation's system prompt."""
+        return self.system if self.system is not None else self.default_system
+
+    @property
+    def continuing(self) -> bool:
+        return self.cont or self.conversation is not None
+
+    def new_conversation(self) -> "SessionSettings":
+        """The same, starting a new conversation (nothing to continue)."""
+        return replace(self, cont=False, conversation=None)
 
 
 def history_ids(messages) -> list[int] | None:
@@ -50,24 +140,25 @@ def continued_chat(tokenizer, conv: Conversation, system: str | None = None, raw
                 history_ids=history_ids(conv.messages) if same_system else None)
 
 
-def open_chat(tokenizer, opts: Options) -> tuple[Chat, Conversation | None]:
+def open_chat(tokenizer, settings: SessionSettings) -> tuple[Chat, Conversation | None]:
     """The chat a run starts with: a new one, or with -c / --conversation the saved conversation (--system
     replaces its system prompt, in the history too)."""
-    if not opts.continuing:
-        return Chat(tokenizer, system=opts.system_prompt, raw=opts.raw), None
+    if not settings.continuing:
+        return Chat(tokenizer, system=settings.system_prompt, raw=settings.raw), None
     with Store() as store:
-        conv = saved_conversation(store, opts.conversation)
+        conv = saved_conversation(store, settings.conversation)
         if conv is None:
             raise StoreError("there is no saved conversation to continue yet")
-        if opts.system is not None and opts.system != conv.system and not opts.no_save:
-            store.set_system(conv.id, opts.system)
-    return continued_chat(tokenizer, conv, opts.system, opts.raw), conv
+        if settings.system is not None and settings.system != conv.system and not settings.no_save:
+            store.set_system(conv.id, settings.system)
+    return continued_chat(tokenizer, conv, settings.system, settings.raw), conv
 
 
-def check_history(opts: Options):
+def check_history(settings):
     """Before the model loads: a run that will save its turns can (the history and its folder are writable,
-    turns.lock is a file), or one line says why and that --no-save chats without saving."""
-    if opts.no_save:
+    turns.lock is a file), or one line says why and that --no-save chats without saving. `settings`: a run's
+    Options or a SessionSettings (its no_save)."""
+    if settings.no_save:
         return
     try:
         path = Store.default_path()
@@ -86,9 +177,15 @@ def check_history(opts: Options):
 
 
 class ChatSession:
-    def __init__(self, engine, opts: Options):
-        self.engine, self.opts = engine, opts
-        self.chat, conv = open_chat(engine.tokenizer, opts)
+    """One conversation with one engine (see the module's docstring). The engine is anything with the Engine's
+    chat face: tokenizer, context_length, eos_token_ids, generation_config, path, fingerprint, generate() returning
+    a Generation, load_prefix() and save_prefix() (tests use dschat.dev.fake_engine.FakeEngine)."""
+
+    def __init__(self, engine, settings: SessionSettings):
+        self.engine, self.settings = engine, settings
+        self._sampling: Sampling | None = None  # resolved at the first reply
+        self.last_stats = None  # the GenerationStats of the last reply
+        self.chat, conv = open_chat(engine.tokenizer, settings)
         self.conversation_id: str | None = None  # in the history; None until the first reply is saved
         self.saved_ids: tuple[str | None, str | None] = (None, None)  # the last user and assistant messages
         self.pending_edit: str | None = None  # the saved user message an edited prompt replaces
@@ -103,20 +200,20 @@ class ChatSession:
     # -- which conversation ------------------------------------------------------------------------------------
     def new(self):
         """A new conversation with the same system prompt (saved with its first reply)."""
-        self.chat = Chat(self.engine.tokenizer, system=self.chat.system, raw=self.opts.raw)
+        self.chat = Chat(self.engine.tokenizer, system=self.chat.system, raw=self.settings.raw)
         self.conversation_id, self.saved_ids, self.pending_edit, self.opened = None, (None, None), None, None
         self.head = None
 
     def open(self, conv: Conversation):
         """Continue a saved conversation (the sidebar, /load)."""
-        self.chat = continued_chat(self.engine.tokenizer, conv, raw=self.opts.raw)
+        self.chat = continued_chat(self.engine.tokenizer, conv, raw=self.settings.raw)
         self._continue(conv)
 
     def _continue(self, conv: Conversation):
         self.opened, self.head = conv, conv.head
         if self.chat.ids:  # its latent cache, when an earlier process saved it
             self.engine.load_prefix(self.chat.ids, directory=kv_dir(), secret_file=cache_key_file())
-        self.conversation_id = None if self.opts.no_save else conv.id
+        self.conversation_id = None if self.settings.no_save else conv.id
         msgs = [m for m in conv.messages if m.role != "system"]
         user = next((m.id for m in reversed(msgs) if m.role == "user"), None)
         reply = next((m.id for m in reversed(msgs) if m.role == "assistant"), None)
@@ -142,7 +239,7 @@ class ChatSession:
             self.lock.acquire(self.conversation_id, wait)
         try:
             self._catch_up()
-            self.chat.context = self.engine.context_length  # a prompt that cannot fit fails before it is tokenized
+            self.chat.window = self.window  # a prompt that cannot fit fails before it is tokenized
             return make()
         except BaseException:  # no turn (a template that refuses it, nothing to regenerate): let it go
             self.lock.release()
@@ -175,26 +272,41 @@ class ChatSession:
             with Store() as store:
                 store.set_system(self.conversation_id, text or None)
 
-    def stream(self, turn: Turn) -> Iterator[str]:
-        """The reply's text as it is generated; turn.stats follows the engine's live figures."""
-        tokens = self.engine.generate(turn.prompt_ids, sampling_params(self.opts, self.engine, len(turn.prompt_ids)))
-        try:
-            for piece in self.chat.stream(turn, tokens):
-                turn.stats = self.engine.stats.as_dict()
-                yield piece
-        finally:
-            tokens.close()  # a stopped reply ends the engine's generation now, in this thread
-            turn.stats = self.engine.stats.as_dict()
+    # -- a reply ----------------------------------------------------------------------------------------------------
+    @property
+    def window(self) -> ContextWindow:
+        """The engine's context window: whether a prompt fits, how long a reply may be, whether it was cut."""
+        return ContextWindow(self.engine.context_length, self.engine.eos_token_ids)
+
+    @property
+    def sampling(self) -> Sampling:
+        """The run's sampling choices over the model's defaults, resolved once (at the first reply: a bad
+        default in the model's generation_config.json is that reply's error)."""
+        if self._sampling is None:
+            self._sampling = self.settings.sampling.resolved(
+                self.engine.generation_config, Path(self.engine.path) / "generation_config.json")
+        return self._sampling
+
+    @sampling.setter
+    def sampling(self, sampling: Sampling):
+        """Sample the next replies so (a resolved Sampling)."""
+        self._sampling = sampling
+
+    def generate(self, turn: Turn):
+        """The engine's Generation of the turn's reply (token ids; its own stats)."""
+        n = len(turn.prompt_ids)
+        return self.engine.generate(turn.prompt_ids,
+                                    self.sampling.params(self.window.max_tokens(n, self.sampling.max_tokens)))
+
+    def reply(self, turn: Turn, stop=None):
+        """The driver of the turn's reply (reply.py): every front end streams and saves it through this."""
+        from .reply import Reply
+
+        return Reply(self, turn, stop)
 
     def cut_notice(self, turn: Turn) -> str | None:
-        """What to tell the user when the reply stopped because the context window was full (it used every
-        position left and did not end with an end-of-turn token); None otherwise."""
-        ids, size = turn.output_ids, self.engine.context_length
-        if not ids or turn.interrupted or len(turn.prompt_ids) + len(ids) < size:
-            return None
-        if ids[-1] in self.engine.eos_token_ids:  # it ended on the last position
-            return None
-        return f"the reply was cut short: the context window ({size} tokens) is full; start a new conversation"
+        """What to tell the user when the reply stopped because the context window was full; None otherwise."""
+        return self.window.cut_notice(len(turn.prompt_ids), turn.output_ids, turn.interrupted)
 
     def finish(self, turn: Turn, failed: bool = False) -> bool:
         """After the reply ended, was stopped (turn.interrupted) or failed: keep the exchange (committed and
@@ -219,7 +331,7 @@ class ChatSession:
         a sibling of the user message it replaces. When the history cannot be written (busy beyond its wait,
         read-only), the exchange is kept in a pending file that the next dschat to open the history adds to it:
         TurnKept says where."""
-        if self.opts.no_save:
+        if self.settings.no_save:
             return
         x = self.exchange(turn, answer_of)
         self.conversation_id = x["conversation_id"]
@@ -247,8 +359,8 @@ class ChatSession:
         return {
             "conversation_id": cid,
             "create": None if self.conversation_id else dict(
-                model=str(self.opts.model or self.engine.path), fingerprint=self.engine.fingerprint,
-                system=self.chat.system, params=self.opts.sampling_flags()),
+                model=str(self.settings.model or self.engine.path), fingerprint=self.engine.fingerprint,
+                system=self.chat.system, params=dict(self.settings.saved_params)),
             "answer_of": answer_of, "pending_edit": self.pending_edit,
             "ids": {"user": self.saved_ids[0] if answer_of else new_id(), "reply": new_id()},
             "user": dict(content=turn.user, token_ids=turn.prompt_ids, prompt_tokens=len(turn.prompt_ids)),

@@ -58,7 +58,7 @@ async def test_esc_stops_the_reply_and_keeps_it(chat_models):
         saved = Store().latest().messages[-1]
         assert saved.interrupted and saved.content == view.text.strip()
         # still usable afterwards
-        app.opts.max_tokens = 4
+        app.session.sampling = replace(app.session.sampling, max_tokens=4)
         await send(pilot, app, "short one")
         assert len(replies(app)) == 2
 

@@ -29,7 +29,7 @@ from ..errors import error_text
 from ..files import write_output
 from ..keymap import check_keymap
 from ..paths import xdg
-from ..runtime import DEMO_DIR, Options, load_engine, model_name
+from ..runtime import DEMO_DIR, Options, load_engine, model_name, session_settings
 from ..session import ChatSession
 from ..signals import STOPPING, Stopped
 from ..store import Store, StoreError
@@ -42,6 +42,7 @@ from .reply_markdown import code_theme
 from .terminal_driver import ClosableTerminalDriver
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+LAST = object()  # update_status: the last reply's figures
 
 
 class ChatApp(App):
@@ -66,7 +67,7 @@ class ChatApp(App):
         self.busy = False
         self.loading = False  # a model is loading (a reply cannot start meanwhile)
         self.stop_event = threading.Event()
-        self.last_stats: dict = {}
+        self.last_stats = None  # the GenerationStats of the last reply
         self.model_label = ""
         self.turns_done = 0  # completed or stopped replies (tests wait on it)
         self.code_theme = None  # a Pygments style for code blocks, when the config names one
@@ -175,11 +176,12 @@ class ChatApp(App):
         self.engine, self.opts, self.model_label, self.loading = engine, opts, label, False
         self.sub_title = terminal_safe(f"{self.model_label} on {engine.device}")
         self.query_one("#conversation").remove_children()
+        settings = session_settings(self.opts)
         try:
-            self.session = ChatSession(engine, self.opts)
+            self.session = ChatSession(engine, settings)
         except StoreError as e:  # nothing to continue (-c), say: a new conversation
             self.notify(str(e), severity="warning")
-            self.session = ChatSession(engine, replace(self.opts, cont=False, conversation=None))
+            self.session = ChatSession(engine, settings.new_conversation())
         opened = self.session.opened
         self.show_conversation([m for m in opened.messages if m.role != "system"] if opened else [])
         self.update_status()
@@ -238,51 +240,40 @@ class ChatApp(App):
         self.generate(turn, reply)
 
     @work(thread=True, exclusive=True, group="engine")
-    def generate(self, turn: Turn, reply: MessageView):
-        error = None
-        pieces = None
-        try:
-            pieces = self.session.stream(turn)
-            for piece in pieces:
-                self._ui(self._show_piece, reply, piece, turn.stats)
-                if self.stop_event.is_set():
-                    turn.interrupted = True
-                    break
-        except Exception as e:  # context full, out of memory, ...: a notice, and the app goes on
-            error = error_text(e)
-            turn.interrupted = True
-        finally:
-            if pieces is not None:
-                pieces.close()  # ends the engine's generation now, in this thread
-        self._ui(self._turn_done, turn, reply, error)
+    def generate(self, turn: Turn, view: MessageView):
+        """Stream the reply (reply.py) in this worker thread; Esc sets stop_event. It is saved on the UI thread."""
+        reply = self.session.reply(turn, self.stop_event)
+        reply.stream(lambda piece: self._ui(self._show_piece, view, piece, reply.stats))
+        self._ui(self._turn_done, reply, view)
 
-    async def _show_piece(self, reply: MessageView, piece: str, stats: dict):
+    async def _show_piece(self, view: MessageView, piece: str, stats):
         """One round trip to the UI thread per piece: the text, then the live figures."""
-        await reply.append(piece)
+        await view.append(piece)
         self.update_status(stats)
 
-    async def _turn_done(self, turn: Turn, reply: MessageView, error: str | None):
-        await reply.finish(turn.interrupted)
-        if error:
-            self.notify(error, severity="error", timeout=10)
+    async def _turn_done(self, reply, view: MessageView):
+        turn = reply.turn
+        await view.finish(turn.interrupted)
+        if reply.error is not None:  # context full, out of memory, ...: a notice, and the app goes on
+            self.notify(error_text(reply.error), severity="error", timeout=10)
         regenerating = self.session.regenerating
         try:
-            kept = self.session.finish(turn, failed=error is not None)
+            kept = reply.finish()
         except Exception as e:
             kept = True
             self.notify(f"could not save the conversation: {error_text(e)}", severity="error")
         if not kept:
-            await self._take_back(turn, reply, regenerating)
+            await self._take_back(turn, view, regenerating)
         elif self.session.cut_notice(turn):
             self.notify(self.session.cut_notice(turn), severity="warning", timeout=10)
         self.refresh_conversations()
-        self.last_stats = dict(turn.stats)
+        self.last_stats = reply.stats
         self.busy = False
         self.turns_done += 1
         if self.closing:
             self.exit()
             return
-        self.update_status(turn.stats)
+        self.update_status(reply.stats)
 
     async def _take_back(self, turn: Turn, reply: MessageView, regenerating: bool):
         """A turn that failed before its first token (context full, say) leaves no trace: its message goes
@@ -302,23 +293,25 @@ class ChatApp(App):
     def set_status(self, text: str):
         self.query_one("#status", Static).update(terminal_safe(text))  # the widget takes no markup
 
-    def update_status(self, stats: dict | None = None):
+    def update_status(self, stats=LAST):
+        """The status line: ready or streaming, the context used, and the figures of `stats` (a GenerationStats;
+        None: none; by default the last reply's)."""
         if self.engine is None:
             return
-        s = stats if stats is not None else self.last_stats
+        s = self.last_stats if stats is LAST else stats
         used = len(self.chat.ids) if self.chat else 0
-        if self.busy and s.get("prompt_tokens"):  # the reply so far counts too
-            used = s["prompt_tokens"] + s.get("generated_tokens", 0)
+        if self.busy and s is not None and s.prompt_tokens:  # the reply so far counts too
+            used = s.prompt_tokens + s.generated_tokens
         parts = ["streaming · Esc stops" if self.busy else "ready", f"context {used}/{self.engine.context_length}"]
-        if s:
-            if s.get("decode_tokens_per_s"):
-                parts.append(f"{s['decode_tokens_per_s']:.1f} tok/s")
-            parts.append(f"reused {s.get('cached_tokens', 0)}")
-            if s.get("draft_tokens"):
+        if s is not None:
+            if s.decode_tokens_per_s:
+                parts.append(f"{s.decode_tokens_per_s:.1f} tok/s")
+            parts.append(f"reused {s.cached_tokens}")
+            if s.draft_tokens:
                 kind = "MTP" if self.engine.speculative == "mtp" else "n-gram"
-                parts.append(f"{kind} {s['accepted_tokens']}/{s['draft_tokens']} accepted")
-            if s.get("tokens_per_forward"):  # what drafting really gained (1.00: nothing)
-                parts.append(f"{s['tokens_per_forward']:.2f} tok/forward")
+                parts.append(f"{kind} {s.accepted_tokens}/{s.draft_tokens} accepted")
+            if s.tokens_per_forward:  # what drafting really gained (1.00: nothing)
+                parts.append(f"{s.tokens_per_forward:.2f} tok/forward")
         self.set_status("  ·  ".join(parts))
 
     # -- actions ----------------------------------------------------------------------------------------------------
@@ -352,7 +345,7 @@ class ChatApp(App):
         if self.session is not None:
             self.session.new()
             self.query_one("#conversation").remove_children()
-            self.update_status({})
+            self.update_status(None)
 
     def action_regenerate(self):
         if self.busy or self.chat is None:

@@ -1,0 +1,103 @@
+"""One reply, driven the same way by every front end: pipe mode, line mode, the TUI, replay (and a server).
+
+    turn = session.turn(text)                # or session.regenerate()
+    reply = session.reply(turn)              # a Reply
+    reply.run(show, flush)                   # stream it into show(piece), then save it
+    reply.kept, reply.notice, reply.stats    # what became of it
+    reply.reraise()                          # a Ctrl+C / SIGTERM / SIGHUP or an error that ended it, if any
+
+or, where streaming and saving run on different threads (the TUI's worker and UI threads):
+
+    reply.stream(show)                       # reply.stop(), from any thread, ends it after the current piece
+    reply.finish(flush)                      # saves it
+
+`show(piece)` gets the reply's text as it is generated; meanwhile `reply.stats` is the generation's own
+GenerationStats, kept current by the engine. The stream ends at the reply's end, at `stop()`, at a
+KeyboardInterrupt (Ctrl+C, or SIGTERM / SIGHUP as signals.Stopped: kept in `reply.interrupt`) or at an
+exception (`reply.error`: the engine's, the context window's, or show's own, say a closed terminal); a
+reply stopped or failed is marked interrupted. `finish` holds the stopping signals while `flush()` ends the
+output (an OSError there, the terminal gone, is ignored) and the session keeps the exchange: committed and
+saved, or, when it failed before its first token, taken back (`kept` False). `notice` is the cut-short
+notice when the reply filled the context window. What to do with an interrupt or error is the front end's:
+pipe mode re-raises both, line mode says the error and goes on, the TUI shows it.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import suppress
+from typing import Callable
+
+from .chat import Turn
+from .signals import signals_held
+
+
+class Reply:
+    def __init__(self, session, turn: Turn, stop: threading.Event | None = None):
+        self.session, self.turn = session, turn
+        self.stop_event = stop if stop is not None else threading.Event()
+        self.generation = None  # the engine's Generation, once it has started
+        self.interrupt: KeyboardInterrupt | None = None
+        self.error: Exception | None = None
+        self.kept: bool | None = None  # after finish: whether the exchange was kept
+        self.notice: str | None = None  # after finish: the reply was cut short by a full context window
+
+    @property
+    def stats(self):
+        """The generation's GenerationStats (live while it streams); None before it started."""
+        return self.generation.stats if self.generation is not None else None
+
+    def stop(self):
+        """End the stream after the piece being shown (thread-safe); the reply is kept, marked interrupted."""
+        self.stop_event.set()
+
+    def stream(self, show: Callable[[str], None]) -> "Reply":
+        """Generate the reply, each piece of its text to `show`, until it ends (see the module's docstring)."""
+        turn, pieces = self.turn, None
+        try:
+            self.generation = self.session.generate(turn)
+            pieces = self.session.chat.stream(turn, self.generation)
+            for piece in pieces:
+                show(piece)
+                if self.stop_event.is_set():
+                    turn.interrupted = True
+                    break
+        except KeyboardInterrupt as e:  # Ctrl+C, SIGTERM, SIGHUP: the reply so far is kept, marked
+            turn.interrupted, self.interrupt = True, e
+        except Exception as e:  # context full, out of memory, the output gone, ...
+            turn.interrupted, self.error = True, e
+        finally:
+            if pieces is not None:
+                pieces.close()
+            if self.generation is not None:
+                self.generation.close()  # a stopped reply ends the engine's generation now, in this thread
+                turn.stats = self.generation.stats.as_dict()  # saved with the reply
+                self.session.last_stats = self.generation.stats
+        return self
+
+    def finish(self, flush: Callable[[], None] | None = None) -> bool:
+        """With the stopping signals held: `flush()` (the output's end), then the session keeps the exchange or
+        takes it back. Whether it was kept."""
+        with signals_held():  # a signal now waits until the turn is saved
+            if flush is not None:
+                with suppress(OSError):  # the output is gone (its terminal closed): the turn is saved all the same
+                    flush()
+            self.kept = self.session.finish(self.turn, failed=self.error is not None)
+        if self.kept:
+            self.notice = self.session.cut_notice(self.turn)
+        return self.kept
+
+    def run(self, show: Callable[[str], None], flush: Callable[[], None] | None = None) -> "Reply":
+        """`stream`, then `finish`, whatever happens between them."""
+        try:
+            self.stream(show)
+        finally:
+            self.finish(flush)
+        return self
+
+    def reraise(self):
+        """Raise what ended the reply, if anything did: the interrupt, else the error."""
+        if self.interrupt is not None:
+            raise self.interrupt
+        if self.error is not None:
+            raise self.error
