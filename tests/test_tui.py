@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import stat
 import time
+from dataclasses import replace
 
 import pytest
 from helpers import call, make_app, ready, replies, send, until
