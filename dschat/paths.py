@@ -2,7 +2,8 @@
 
 Conversations hold pasted code, diffs and secrets, so, as shells do for their history, dschat's
 directories are private to the user (0700) and so are its files (0600); ones an older dschat made
-world-readable are tightened when they are opened."""
+world-readable are tightened when they are opened. A directory or file that is a symlink is the user's
+choice and is left as it is (a shared 2775 directory stays 2775)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,13 @@ def private_file(path: Path) -> Path:
 
 
 def tighten(path: Path, mode: int):
-    """Take away any permission beyond `mode` (the group's and others')."""
-    now = stat.S_IMODE(path.stat().st_mode)
+    """Take away any permission beyond `mode` (the group's and others') from a file or directory of
+    dschat's own: never through a symlink (the user pointed dschat's directory or file at a place of theirs,
+    perhaps shared, with its own modes and setgid bit), never one another user owns."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+        return
+    now = stat.S_IMODE(st.st_mode)
     if now & ~mode:
         os.chmod(path, now & mode)
 

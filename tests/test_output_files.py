@@ -102,3 +102,22 @@ async def test_tui_export_writes_through_a_symlink(chat_models, tmp_path, monkey
         app.action_export()
         await pilot.pause(0.1)
     assert link.is_symlink() and "hello" in (tmp_path / "real.md").read_text()
+
+
+def test_symlinked_data_and_cache_directories_keep_their_modes(chat_models, tmp_path):
+    """The data or cache directory a symlink to a shared 2775 directory: it became 0700, its setgid bit gone.
+    dschat changes only what it made: its files in there are private, the directory stays as it is."""
+    env = {}
+    for kind in ("DATA", "CACHE"):
+        shared = tmp_path / f"shared-{kind.lower()}"
+        shared.mkdir()
+        os.chmod(shared, 0o2775)
+        home = tmp_path / f"xdg-{kind.lower()}"
+        home.mkdir()
+        (home / "dschat").symlink_to(shared)
+        env[f"XDG_{kind}_HOME"] = str(home)
+    r = call(["--model", str(chat_models["v3"]), "-t", "0", "-n", "2"], stdin="question", env=env)
+    assert r.returncode == 0, r.stderr
+    for kind in ("data", "cache"):
+        assert stat.S_IMODE(os.stat(tmp_path / f"shared-{kind}").st_mode) == 0o2775
+    assert stat.S_IMODE(os.stat(tmp_path / "shared-data" / "history.db").st_mode) == 0o600
