@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -79,7 +80,7 @@ async def test_a_tui_turn_does_not_wait_and_follows_what_was_saved_meanwhile(cha
         await pilot.press("enter")
         await pilot.pause(0.3)
         assert not app.busy and app.turns_done == 1 and prompt.text == "tui two"  # not sent, not lost
-        assert any("another dschat is answering" in str(n.message) for n in app._notifications)
+        assert any(f"another dschat (pid {holder.pid}) is answering" in str(n.message) for n in app._notifications)
         holder.communicate(b"\n", timeout=30)
         pipe = ["--model", str(chat_models["v3"]), "-t", "0", "-n", "6", "-c"]
         assert run(pipe + ["piped between"], stdin=None).returncode == 0
@@ -97,3 +98,26 @@ async def test_a_tui_turn_does_not_wait_and_follows_what_was_saved_meanwhile(cha
     msgs = assert_each_turn_saw_the_turns_before(chat_models["v3"], 8, regenerated=1)
     assert [m.content for m in msgs[::2]] == ["tui one", "piped between", "tui two", "piped again"]
     assert len(Store().siblings(msgs[-1].id)) == 2  # the regenerated answer beside the piped one
+
+
+def test_a_pipe_mode_run_says_whom_it_waits_for_and_gives_up(chat_models, monkeypatch):
+    """Behind a stopped process holding the conversation, `dschat -c` waited silently, for ever."""
+    from dschat import turn_lock
+
+    model = ["--model", str(chat_models["v3"]), "-t", "0", "-n", "2"]
+    assert call(model, stdin="question").returncode == 0
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, Store().latest().id], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=dict(os.environ))
+    try:
+        assert holder.stdout.readline()  # it holds the conversation
+        os.kill(holder.pid, signal.SIGSTOP)
+        monkeypatch.setattr(turn_lock, "TURN_WAIT_S", 1)
+        r = call([*model, "-c"], stdin="again")
+        err = r.stderr.decode()
+        assert f"dschat: waiting: another dschat (pid {holder.pid}) is answering" in err, err
+        assert r.returncode == 1 and err.splitlines()[-1].startswith("dschat: error: gave up after 1 s"), err
+        assert str(holder.pid) in err.splitlines()[-1] and "Traceback" not in err
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.communicate(b"\n", timeout=30)
+    assert len(Store().latest().messages) == 2  # nothing saved by the run that gave up
