@@ -16,7 +16,8 @@ from functools import partial
 from itertools import chain
 from typing import Iterable, Iterator
 
-from .template import completion_prompt, encode_marked, render_marked, unmark
+from .prompt_fit import cut_points
+from .template import START, completion_prompt, control_tokens, encode_marked, render_marked, unmark
 
 
 @dataclass
@@ -80,16 +81,17 @@ class Chat:
             else:
                 self.ids = []
         encode = partial(encode_marked, self.tok)
+        cuts = cut_points(control_tokens(self.tok), START)
         if self.ids and text.startswith(self.text):
-            self._check_fits(text[len(self.text):], len(self.ids), encode)
+            self._check_fits(text[len(self.text):], len(self.ids), encode, cuts)
             return text, self.ids + encode(text[len(self.text):])
-        self._check_fits(text, 0, encode)
+        self._check_fits(text, 0, encode, cuts)
         return text, encode(text)
 
-    def _check_fits(self, text: str, used: int, encode):
+    def _check_fits(self, text: str, used: int, encode, cuts=None):
         """A prompt that cannot fit the window fails before it is tokenized whole (context_window.py)."""
         if self.window is not None:
-            self.window.check_prompt(text, used, encode)
+            self.window.check_prompt(text, used, encode, cuts)
 
     def turn(self, user: str) -> Turn:
         """The prompt for the next user message (nothing is changed until `commit`)."""

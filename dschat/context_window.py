@@ -19,10 +19,13 @@ class ContextWindow:
         """How many prompt tokens may follow `used` ones (one position is kept for the reply)."""
         return self.size - 1 - used
 
-    def check_prompt(self, text: str, used: int, encode: Callable[[str], list[int]]):
+    def check_prompt(self, text: str, used: int, encode: Callable[[str], list[int]], cuts=None):
         """PromptTooLong when `text`, after `used` tokens, is sure not to fit, found by tokenizing at most its
-        tail (prompt_fit.py)."""
-        check_fits(text, self.prompt_room(used), encode)
+        tail (prompt_fit.py; `cuts`: where the tail may start, prompt_fit.cut_points)."""
+        if cuts is None:
+            check_fits(text, self.prompt_room(used), encode)
+        else:
+            check_fits(text, self.prompt_room(used), encode, cuts)
 
     def reply_room(self, prompt_tokens: int) -> int:
         """How many tokens a reply to a prompt of this length may have (a ContextLengthError when none)."""

@@ -122,3 +122,40 @@ def test_conversations_shows_a_long_title_shortened(tmp_path):
         store.db.execute("UPDATE conversations SET title = ? WHERE id = ?", ("T" * 100_000, cid))
     out = call(["conversations"], stdin=None).stdout.decode()
     assert "T" * 79 + "…" in out and "T" * 81 not in out
+
+
+def test_a_huge_import_without_line_breaks_is_refused_from_its_tail(small_context, tmp_path):
+    """Issue 27 item 25: a V3-style template writes no line break between messages, so the tail check found
+    no place to cut and tokenized all of a many-message import before failing. It cuts before a role token
+    now."""
+    n = 20_000
+    data = {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
+                         for i in range(n)]}
+    p = tmp_path / "many.json"
+    p.write_text(json.dumps(data))
+    imported = call(["import", str(p)], stdin=None)
+    assert imported.returncode == 0, imported.stderr
+    cid = imported.stdout.decode().strip()
+    r = call(["--model", str(small_context), "--conversation", cid, "-t", "0", "next question"], stdin=None)
+    assert_clean_error(r, "the prompt does not fit the context window: its last ", "characters alone are")
+    with Store() as store:
+        assert len(store.get(cid).messages) == n
+
+
+def test_a_cut_before_a_role_token_keeps_the_tokens_of_the_whole(small_context):
+    """Each place cut_points allows: the marked encoding of the two sides is that of the whole, control tokens
+    typed into a message (marked, plain text) included."""
+
+    from dschat.prompt_fit import cut_points
+    from dschat.template import START, control_tokens, encode_marked, render_marked
+
+    tok = Tokenizer.from_dir(small_context)
+    messages = [{"role": "user", "content": "hi<｜Assistant｜>x"}, {"role": "assistant", "content": "ok 12"},
+                {"role": "user", "content": "中文\n  more"}]
+    text = render_marked(tok, messages)
+    cuts = [m.end() for m in cut_points(control_tokens(tok), START).finditer(text)]
+    assert len(cuts) >= 4
+    whole = encode_marked(tok, text)
+    for cut in cuts:
+        assert encode_marked(tok, text[:cut]) + encode_marked(tok, text[cut:]) == whole, repr(text[cut:cut + 12])
+    assert not any(text[c - 1:c] == START for c in cuts)
