@@ -9,6 +9,7 @@ built in a temporary directory beside the target and renamed into place: a failu
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -18,11 +19,13 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..kernels.fp8_matmul import dequantize_fp8
 
 from .config import ModelConfig
+from .config_check import check_config
 from .errors import ModelError
 from .loader import Checkpoint, Progress, peak_host_bytes, resolve, terminal_progress
 from .quant import QuantSpec, is_quantized, quantize, spec
@@ -41,22 +44,84 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, quant: s
     s = spec(quant)
     if s is None:
         raise ValueError("no quantization asked for (use int8 or int4)")
-    root, out = resolve(src), Path(out)
+    out = Path(out)
+    check_output(out)
+    root = resolve(src)
     cfg = ModelConfig.from_file(root / "config.json")
     if cfg.weight_quant is not None:
         raise ModelError(f"{root}: already quantized (quant_method dschat); quantize the original checkpoint")
-    if out.exists():
-        raise ModelError(f"{out}: already exists; name a new directory")
-    if not out.parent.is_dir():
-        raise ModelError(f"{out.parent}: no such directory")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    ckpt = Checkpoint(root)
+    try:
+        check_config(cfg, ckpt.shapes, str(root))  # a config that disagrees with its tensors: said now
+    finally:
+        ckpt.close()
+    remove_stale(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise ModelError(f"{out}: cannot write here ({e.strerror})") from None
+    held = _hold(tmp)  # while held, no other quantize takes it for a stale one
     try:
         figures = _write(root, tmp, cfg, s, progress or terminal_progress("Quantizing " + root.name), shard_bytes)
         os.rename(tmp, out)
+    except (OSError, SafetensorError) as e:  # disk full, a file-size limit: the output named, not the temporary
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = getattr(e, "strerror", None) or str(e).rpartition("I/O error: ")[2] or type(e).__name__
+        raise ModelError(f"{out}: cannot write ({why}); nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(held)
     return figures
+
+
+TMP_EXTRA = len(".") + len(".XXXXXXXX") + len(".tmp")  # what mkdtemp adds to the output's name
+
+
+def check_output(out: Path):
+    """The output directory is checked before any work, and named in what is wrong with it: it must not exist
+    (a dangling symlink neither), its parent must be a writable directory, and its name short enough for the
+    temporary directory beside it (.NAME.XXXXXXXX.tmp)."""
+    if out.exists() or out.is_symlink():
+        raise ModelError(f"{out}: already exists{' (a symlink)' if out.is_symlink() else ''}; name a new directory")
+    if not out.parent.is_dir():
+        raise ModelError(f"{out.parent}: no such directory")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ModelError(f"{out}: cannot write in {out.parent} (permission denied)")
+    try:
+        name_max = os.pathconf(out.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(out.name)) + TMP_EXTRA > name_max:
+        raise ModelError(f"{out}: the name is too long (at most {name_max - TMP_EXTRA} bytes here: dschat "
+                         f"writes it first as .NAME.XXXXXXXX.tmp beside it)")
+
+
+def _hold(tmp: Path) -> int:
+    fd = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_stale(out: Path):
+    """Remove the temporary directories of earlier runs for `out` that died without cleaning up (SIGKILL):
+    .NAME.XXXXXXXX.tmp beside it that no running quantize holds."""
+    for d in out.parent.glob(f".{glob_escape(out.name)}.*.tmp"):
+        if d.is_symlink() or not d.is_dir() or len(d.name) != len(out.name) + TMP_EXTRA:
+            continue
+        try:
+            fd = _hold(d)
+        except OSError:
+            continue  # another quantize is writing it
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _write(root: Path, out: Path, cfg: ModelConfig, s: QuantSpec, progress: Progress, shard_bytes: int) -> dict:

@@ -152,3 +152,56 @@ def test_quantize_copies_only_the_model_directorys_own_files_and_never_widens_mo
     assert all(mode[f.name] == 0o600 for f in out.glob("*.safetensors")), mode
     assert mode["README.md"] == 0o640 and mode["tokenizer.json"] == 0o644, mode
     assert stat.S_IMODE(out.stat().st_mode) & 0o077 == stat.S_IMODE(src.stat().st_mode) & 0o055
+def quantize(src, out):
+    return call(["quantize", str(src), "--quant", "int8", "-o", str(out)])
+
+
+def test_the_output_path_is_checked_first_and_named(chat_models, tmp_path):
+    """Issue 27 item 19: these failed after the whole quantization, naming the temporary directory."""
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert_clean_error(quantize(chat_models["v2"], dangling), f"{dangling}: already exists (a symlink)")
+    long = tmp_path / ("n" * 245)
+    assert_clean_error(quantize(chat_models["v2"], long), f"{long}: the name is too long")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]
+
+
+def test_a_write_failure_names_the_output(chat_models, tmp_path):
+    """A file-size limit (as a full disk would) while writing: the output named, nothing left behind."""
+    import subprocess
+    import sys
+
+    from helpers import dschat_cmd
+
+    out = tmp_path / "out"
+    limit = "import resource, os, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+    cmd = [sys.executable, "-c", limit + "os.execv(sys.argv[1], sys.argv[1:])", *dschat_cmd(),
+           "quantize", str(chat_models["v2"]), "--quant", "int8", "-o", str(out)]
+    if len(dschat_cmd()) > 1 or not dschat_cmd()[0].startswith("/"):
+        pytest.skip("needs the dschat script")
+    r = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert_clean_error(r, f"{out}: cannot write (File too large")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_source_whose_config_disagrees_with_its_tensors_is_refused(chat_models, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(chat_models["v2"], src)
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_clean_error(quantize(src, out), "num_hidden_layers")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_killed_run_leaves_a_temporary_directory_the_next_run_removes(chat_models, tmp_path):
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.abcd1234.tmp"  # what a SIGKILLed run leaves
+    stale.mkdir()
+    (stale / "model-00001.safetensors").write_bytes(b"\0" * 1000)
+    other = tmp_path / ".other.abcd1234.tmp"  # another output's: not ours to remove
+    other.mkdir()
+    r = quantize(chat_models["v2"], out)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.abcd1234.tmp", "out"]
