@@ -86,6 +86,7 @@ class StoreWarning(UserWarning):
 # that still cannot be saved is kept as a pending file (PENDING_DIR beside the history) and added to the history
 # the next time dschat opens it.
 BUSY_NOTICE_S = 5.0
+OPEN_WAIT_S = 30.0  # opening (a new history's set-up by two runs at once)
 BUSY_WAIT_S = 300.0
 PENDING_DIR = "pending"
 
@@ -181,7 +182,7 @@ class Store:
             if self.read_only:  # reading works on a read-only history (writing says why not)
                 db = self._open_read_only()
             else:
-                db = sqlite3.connect(str(self.path), timeout=BUSY_NOTICE_S, isolation_level=None)
+                db = sqlite3.connect(str(self.path), timeout=OPEN_WAIT_S, isolation_level=None)
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: cannot open the history ({e})") from None
         try:
@@ -209,12 +210,12 @@ class Store:
         for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
             if f.exists():
                 tighten(f, PRIVATE_FILE)
-        db.execute(f"PRAGMA busy_timeout = {int(BUSY_NOTICE_S * 1000)}")
         db.execute("PRAGMA foreign_keys = ON")
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA journal_mode = WAL")  # a new history made by two runs at once: waits OPEN_WAIT_S
         if version < SCHEMA:
             self._migrate(db)
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_NOTICE_S * 1000)}")  # writes: see _Transaction
         self.db = db
         self.replay_pending()
         return db
