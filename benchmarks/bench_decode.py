@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dschat.dev import reference
 from dschat.dev import tiny_checkpoints as tc
 from dschat.runtime import DEMO_DIR
 from dschat.engine import Engine, SamplingParams
@@ -36,7 +37,7 @@ def bench_config(vocab: int) -> dict:
     return c
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
@@ -46,22 +47,25 @@ def main():
     ap.add_argument("--vocab", type=int, default=16000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--demo-only", action="store_true", help="only the demo model's drafters")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="toy sizes: checks that every step runs (no figures)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.tokens, args.prompt, args.vocab, args.repeats = 6, [16], 512, 1
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
     if dtype is None:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
 
     if args.demo_only:
         return demo_speculation(args, dtype)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
         path = tc.write_checkpoint(Path(tmp) / "bench", bench_config(args.vocab), seed=0)
         eng = Engine.from_pretrained(path, device=args.device, dtype=dtype, speculative="none")
-        ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+        try:
+            ref = reference.load(path, dtype, args.device)
+        except reference.ReferenceUnavailable as e:
+            raise SystemExit(f"bench_decode: no comparison with transformers: {e}") from None
         print(f"device {args.device}  dtype {str(dtype).replace('torch.', '')}  threads {torch.get_num_threads()}  "
-              f"decode {args.tokens} tokens  transformers {transformers.__version__}")
+              f"decode {args.tokens} tokens  transformers {reference.transformers().__version__}")
         print(f"{'prompt':>7} {'dschat tok/s':>13} {'transformers tok/s':>19} {'ratio':>7}  same tokens")
         for n_prompt in args.prompt:
             e, r, same = measure(eng, ref, n_prompt, args)

@@ -1,6 +1,7 @@
 """Latent KV reuse and MTP, in figures.
 
     python benchmarks/bench_reuse.py
+    python benchmarks/bench_reuse.py --smoke    # every step at toy sizes, in seconds (a check, no figures)
 
 1. Time to first token of a new turn after a history of 1K / 4K / 8K tokens: with the history in the
    latent cache (turn k of a chat) against a cold prefill of the same prompt, small model, CPU.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -31,16 +33,17 @@ def ttft(eng, ids) -> float:
     return eng.stats.ttft_s
 
 
-def reuse():
+def reuse(smoke: bool):
     print("1. time to first token of a new 32-token turn (small model, CPU, float32)")
     print(f"{'history':>8} {'cold s':>8} {'reused s':>9} {'ratio':>7} {'cached tokens':>14}")
+    vocab = 512 if smoke else 16000
     with tempfile.TemporaryDirectory() as tmp:
-        path = tc.write_checkpoint(Path(tmp) / "m", bench_config(16000), seed=0)
+        path = tc.write_checkpoint(Path(tmp) / "m", bench_config(vocab), seed=0)
         eng = Engine.from_pretrained(path, dtype=torch.float32, speculative="none", cache_gb=1.0)
         g = torch.Generator().manual_seed(0)
-        for n in (1024, 4096, 8192):
-            history = torch.randint(0, 16000, (n,), generator=g).tolist()
-            turn = history + torch.randint(0, 16000, (32,), generator=g).tolist()
+        for n in (64, 128) if smoke else (1024, 4096, 8192):
+            history = torch.randint(0, vocab, (n,), generator=g).tolist()
+            turn = history + torch.randint(0, vocab, (32,), generator=g).tolist()
             eng.cache.clear()
             cold = ttft(eng, turn)
             eng.cache.clear()
@@ -59,8 +62,10 @@ def bytes_per_token():
         print(f"{name:<10} {latent / 1024:>10.1f} KiB {kv / 1024:>13.1f} KiB {kv / latent:>5.1f}x")
 
 
-def mtp():
-    print("\n3. MTP on the bundled demo model (CPU, float32, greedy, 20 code prompts x 64 tokens)")
+def mtp(smoke: bool):
+    n_tokens = 8 if smoke else 64
+    print(f"\n3. MTP on the bundled demo model (CPU, float32, greedy, {'2' if smoke else '20'} code prompts x "
+          f"{n_tokens} tokens)")
     demo = DEMO_DIR
     import sysconfig
 
@@ -70,6 +75,7 @@ def mtp():
         text = (stdlib / f).read_text()
         for k in range(4):
             prompts.append(text[k * 1500: k * 1500 + 1200])
+    prompts = prompts[:2] if smoke else prompts
     print(f"{'drafting':<10} {'tokens/forward':>15} {'acceptance':>11} {'decode tok/s':>13}")
     for spec, k in (("none", 1), ("mtp", 1), ("mtp", 2), ("mtp", 3)):
         eng = Engine.from_pretrained(demo, dtype=torch.float32, speculative=spec, draft_tokens=k)
@@ -78,7 +84,7 @@ def mtp():
         secs = 0.0
         for p in prompts:
             ids = [tok.bos_token_id] + tok.encode(p)
-            list(eng.generate(ids, SamplingParams(max_tokens=64, ignore_eos=True)))
+            list(eng.generate(ids, SamplingParams(max_tokens=n_tokens, ignore_eos=True)))
             s = eng.stats
             gen += s.generated_tokens - 1
             steps += s.forwards
@@ -90,8 +96,15 @@ def mtp():
         print(f"{label:<10} {gen / steps:>15.2f} {rate:>11} {gen / secs:>13.1f}")
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="toy sizes: checks that every step runs (no figures)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    reuse()
+    reuse(args.smoke)
     bytes_per_token()
-    mtp()
+    mtp(args.smoke)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,7 +37,7 @@ subcommands:
                                       write MODEL with int8 / int4 weights; --model DIR loads it
 
 models: --model takes a local directory in the Hugging Face layout or a hub repo id from the local
-cache, e.g. `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat` then
+cache, e.g. `hf download deepseek-ai/DeepSeek-V2-Lite-Chat` then
 `dschat --model deepseek-ai/DeepSeek-V2-Lite-Chat`. DSCHAT_MODEL or `model = ...` in
 ~/.config/dschat/config.toml set a default. With none of these, dschat runs its bundled demo model
 (`--model demo`): a 14M-parameter model of the DeepSeek-V3 architecture that we trained on Python's

@@ -17,13 +17,13 @@ from .settings_check import CHECKS, problem
 from .signals import start_up_done
 
 NO_MODEL = (
-    "no model given. Get one with `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then run "
+    "no model given. Get one with `hf download deepseek-ai/DeepSeek-V2-Lite-Chat`, then run "
     "`dschat --model deepseek-ai/DeepSeek-V2-Lite-Chat` (or a local directory), or set DSCHAT_MODEL"
 )
 DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
 DEMO_NOTE = (
     "using the bundled demo model (tiny, trained on Python's standard library; not a DeepSeek release). "
-    "For a real one: `huggingface-cli download deepseek-ai/DeepSeek-V2-Lite-Chat`, then --model"
+    "For a real one: `hf download deepseek-ai/DeepSeek-V2-Lite-Chat`, then --model"
 )
 @dataclass
 class Options:

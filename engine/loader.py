@@ -55,7 +55,7 @@ def resolve(path_or_id: str | os.PathLike, tokenizer_only: bool = False, downloa
         raise ModelError(f"{p}: no such model directory")
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.utils import HfHubHTTPError
+        from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise ModelError(f"{name}: no such directory, and huggingface_hub is not installed") from None
     # Read the cache location and offline switch now, not when huggingface_hub was first imported.
@@ -69,25 +69,51 @@ def resolve(path_or_id: str | os.PathLike, tokenizer_only: bool = False, downloa
         return snapshot_download(name, cache_dir=cache_dir, allow_patterns=patterns, **kw)
 
     try:
-        try:
-            cached = Path(fetch(local_files_only=True))
-            if (cached / wanted).exists() and (tokenizer_only or any(cached.glob("*.safetensors"))):
-                return cached
-        except (HfHubHTTPError, OSError, ValueError):
-            pass  # not cached (in full)
-        if offline:
-            raise OSError(f"not in the local cache, and HF_HUB_OFFLINE is set (looked for {', '.join(patterns)})")
-        if not download:
-            raise ModelError(f"{name}: not a local directory, and not in the Hugging Face cache")
+        cached = Path(fetch(local_files_only=True))
+        if (cached / wanted).exists() and (tokenizer_only or any(cached.glob("*.safetensors"))):
+            return cached
+    except (HfHubHTTPError, OSError, ValueError):
+        pass  # not cached (in full)
+    if offline:
+        raise ModelError(f"{name}: not a local directory, and not in the local Hugging Face cache (HF_HUB_OFFLINE "
+                         f"is set; looked for {', '.join(patterns)})")
+    if not download:
+        raise ModelError(f"{name}: not a local directory, and not in the Hugging Face cache")
+    try:
         if dist.rank() == 0:
             sys.stderr.write(_download_note(name, fetch, tokenizer_only))
         return Path(fetch())
-    except ModelError:
-        raise
     except (HfHubHTTPError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{name}: not a local directory, and not found on the Hugging Face hub or in its "
-                         f"cache ({first})") from None
+        if _cause(e, lambda c: isinstance(c, RepositoryNotFoundError)) is not None:
+            raise ModelError(f"{name}: not a local directory, and no such model on the Hugging Face hub (or it is "
+                             f"private: log in with `hf auth login`)") from None
+        cause = _cause(e, lambda c: any(k.__name__ in _NETWORK_ERRORS for k in type(c).__mro__))
+        if cause is not None:
+            raise ModelError(f"{name}: not a local directory or in the local Hugging Face cache, and the hub could "
+                             f"not be reached ({type(cause).__name__}: {_first_line(cause)})") from None
+        raise ModelError(f"{name}: not a local directory, and the Hugging Face hub could not provide it "
+                         f"({_first_line(e)})") from None
+
+
+_NETWORK_ERRORS = {"TransportError", "ConnectionError", "Timeout", "TimeoutException", "timeout", "gaierror"}
+
+
+def _cause(e: BaseException | None, matches) -> BaseException | None:
+    """`e` or the first error under it (huggingface_hub raises its own errors from the real ones) that matches:
+    a missing repository, or a network error (httpx's or requests' connection errors, a timeout, a name that
+    did not resolve: _NETWORK_ERRORS)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if matches(e):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _download_note(name: str, fetch, tokenizer_only: bool) -> str:

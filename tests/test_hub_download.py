@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 import pytest
-from helpers import run
+from helpers import assert_clean_error, run
 
 REPO = "tiny-org/tiny-chat"
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -40,6 +41,12 @@ class _Hub(BaseHTTPRequestHandler):
             self.server.fetched.append(name) if body else None
             data = files[name]
             headers = {"X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
+        elif path.startswith("/api/models/"):  # as the hub answers for a repository it does not have
+            self.send_response(401)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         else:
             self.send_error(404)
             return
@@ -91,3 +98,25 @@ def test_a_download_says_what_it_fetches(hub, chat_models):
     assert notes(r) == [f"Downloading {REPO} (its config, tokenizer and weights) from the Hugging Face hub: "
                         f"{len(rest)} files, {sum(p.stat().st_size for p in rest) / 1e6:.1f} MB"]
     assert sorted(server.fetched) == sorted([*cached, *(p.name for p in rest)])
+
+
+def test_a_hub_that_cannot_be_reached_is_not_called_a_missing_model(tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "c")}
+    r = run(["--model", REPO, "-n", "1", "hi"], stdin=None, env=env)
+    assert_clean_error(r, REPO, "the hub could not be reached", "Connection refused")
+
+
+def test_a_model_the_hub_does_not_have_is_named(hub, tmp_path):
+    server, env = hub
+    r = run(["--model", "tiny-org/no-such-model", "-n", "1", "hi"], stdin=None, env=env)
+    assert_clean_error(r, "tiny-org/no-such-model", "no such model on the Hugging Face hub")
+    assert "could not be reached" not in r.stderr.decode()
+    assert server.fetched == []
+
+
+def test_offline_and_not_cached_says_so(tmp_path):
+    r = run(["--model", REPO, "-n", "1", "hi"], stdin=None, env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
+    assert_clean_error(r, REPO, "not in the local Hugging Face cache", "HF_HUB_OFFLINE")

@@ -4,6 +4,10 @@ module imports itself back through another. Read from the source with ast, so it
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,3 +104,28 @@ def test_the_readme_names_every_module_of_the_app():
     missing = [p.name for p in sorted((ROOT / "dschat").glob("*.py"))
                if p.stem not in ("__init__", "__main__") and p.name not in block]
     assert not missing, f"not in README's layout: {missing}"
+
+
+def test_the_repository_root_is_not_on_sys_path():
+    """There, kernels/ would shadow the `kernels` package that transformers imports (and dschat/ the installed
+    one): the tests import what is installed."""
+    assert all(Path(p or ".").resolve() != ROOT for p in sys.path)
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or Path(spec.origin or "").resolve().parent != ROOT / "kernels"
+    import dschat.kernels
+
+    assert Path(dschat.kernels.__file__).resolve().is_relative_to(ROOT / "kernels")
+
+
+def test_a_shadowed_kernels_package_is_named_when_the_reference_cannot_be_built(tmp_path):
+    """With the root on sys.path (as `python -m pytest` or a script's sys.path line once did), transformers
+    imports this repository's kernels/ and building the reference fails far away: dschat.dev.reference's
+    error then says why."""
+    from dschat.dev import reference
+
+    assert reference._shadowed() == ""
+    code = "from dschat.dev import reference; print(reference._shadowed())"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "dschat's own kernels folder" in r.stdout and str(ROOT / "kernels") in r.stdout, r.stdout

@@ -89,7 +89,7 @@ def test_help_reads_well():
     assert r.returncode == 0
     text = r.stdout.decode()
     for needle in ("echo \"question\" | dschat", "--model", "--temperature", "--show-prompt", "--raw", "fim",
-                   "huggingface-cli download"):
+                   "hf download"):
         assert needle in text
 
 
@@ -152,7 +152,7 @@ def test_missing_model_directory(tmp_path):
 
 def test_no_model_configured_says_how_to_get_one(tmp_path):
     r = call([], stdin="hello", env={"DSCHAT_MODEL": "", "DSCHAT_NO_DEMO": "1"})
-    assert_clean_error(r, "huggingface-cli download", "--model")
+    assert_clean_error(r, "hf download", "--model")
 
 
 def test_stdin_that_is_not_utf8(chat_models):

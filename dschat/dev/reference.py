@@ -24,13 +24,18 @@ def _shadowed() -> str:
     return ""
 
 
+def _unavailable(what: str, e: Exception) -> ReferenceUnavailable:
+    return ReferenceUnavailable(f"{what}: {type(e).__name__}: {e}{_shadowed()}")
+
+
 def transformers():
     """The transformers module, quiet; ReferenceUnavailable with the reason when it cannot be imported."""
     try:
         import transformers as tf
     except Exception as e:  # noqa: BLE001 - any failure to import is the reason to report
-        raise ReferenceUnavailable(f"transformers cannot be imported: {type(e).__name__}: {e}{_shadowed()}") from e
+        raise _unavailable("transformers cannot be imported", e) from e
     tf.logging.set_verbosity_error()
+    tf.logging.disable_progress_bar()
     return tf
 
 
@@ -40,8 +45,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:  # noqa: BLE001
-        raise ReferenceUnavailable(f"transformers {tf.__version__} cannot build the model of {path}: "
-                                   f"{type(e).__name__}: {e}") from e
+        raise _unavailable(f"transformers {tf.__version__} cannot build the model of {path}", e) from e
     return model.to(device).eval()
 
 
@@ -61,6 +65,5 @@ def twin(state: dict[str, torch.Tensor], config: dict, dtype: torch.dtype, devic
         with torch.device(device):  # its rotary tables are buffers made at construction
             ref.model.rotary_emb = type(ref.model.rotary_emb)(config=ref.config)
     except Exception as e:  # noqa: BLE001
-        raise ReferenceUnavailable(f"transformers {tf.__version__} cannot build the reference model: "
-                                   f"{type(e).__name__}: {e}") from e
+        raise _unavailable(f"transformers {tf.__version__} cannot build the reference model", e) from e
     return ref.eval()

@@ -1,0 +1,86 @@
+"""Every benchmark runs, as a user runs it: a script started by path, in its smoke mode (toy sizes, seconds).
+
+An API change in the engine or the app cannot break a benchmark unseen. The scripts the README names run from
+the repository root, where a script that put the root on sys.path would import this repository's kernels/
+in place of the `kernels` package transformers imports; the others run from a directory outside the checkout.
+bench_gpu's smoke run also writes every figure of its JSON, transformers' ratio included (never a silent None).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+SMOKE = {
+    "bench_decode.py": ["--smoke"],
+    "bench_gpu.py": ["--smoke"],  # and --out, below
+    "bench_kernels.py": ["--smoke"],
+    "bench_quant.py": ["--smoke"],
+    "bench_reuse.py": ["--smoke"],
+    "check_numerics.py": ["--smoke", "--device", "cpu"],
+}
+FROM_ROOT = {"bench_decode.py", "bench_gpu.py", "bench_quant.py"}
+
+
+def script(name: str, args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    return subprocess.run([sys.executable, str(BENCH / name), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_every_benchmark_has_a_smoke_run():
+    scripts = {p.name for p in BENCH.glob("*.py")}
+    assert scripts == set(SMOKE) | {"bench_startup.py"}, "a new benchmark needs its smoke run here"
+
+
+@pytest.mark.parametrize("name", sorted(set(SMOKE) - {"bench_gpu.py"}))
+def test_smoke_run(name, tmp_path):
+    r = script(name, SMOKE[name], ROOT if name in FROM_ROOT else tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and r.stdout.strip()
+
+
+def test_bench_decode_demo_only_runs_from_the_root():
+    r = script("bench_decode.py", ["--demo-only", "--tokens", "4", "--repeats", "1"], ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mtp" in r.stdout and "ngram" in r.stdout
+
+
+def test_bench_gpu_smoke_writes_every_figure(tmp_path):
+    out = tmp_path / "r.json"
+    r = script("bench_gpu.py", ["--smoke", "--out", str(out)], ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert "transformers_error" not in res, res["transformers_error"]  # the reference must build: say why not
+    assert res["device"] == "cpu" and res["smoke"] and res["torch"]
+    assert 0 < res["roofline_fraction"] and res["vs_transformers"] > 0
+    decode = [v for k, v in res.items() if k.startswith("v2_lite_decode_")]
+    assert len(decode) == 2 and all(row["same_tokens"] and row["bytes_per_token"] > 0 for row in decode)
+    assert set(res["verify_cost"]) == {"1+1", "1+2", "1+3"}
+    assert res["demo_mtp_same_tokens"] and res["v3_fp8_vs_bf16"] > 0
+    assert len(res["prefill_tok_s"]) == 2
+    assert "roofline" in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU here")
+@pytest.mark.parametrize("name", ["bench_gpu.py", "bench_kernels.py"])
+def test_without_a_gpu_a_gpu_benchmark_says_so_in_one_line(name, tmp_path):
+    r = script(name, [], tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--smoke" in r.stderr, r.stderr
+
+
+def test_bench_startup_compares_an_install_with_itself(tmp_path):
+    exe = shutil.which("dschat") or str(Path(sys.executable).with_name("dschat"))
+    r = script("bench_startup.py", [exe, exe, "--pairs", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "after / before: wall" in r.stdout
