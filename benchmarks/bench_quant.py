@@ -251,19 +251,22 @@ def main():
     ap.add_argument("--layers", type=int, default=27, help="layers of the V2-Lite-shaped model (--gpu)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU, to check the script runs")
     args = ap.parse_args()
+    # The smoke run takes each step once at toy sizes: one window, one quantized precision per model
+    names = ("bf16", "int4") if args.smoke else tuple(PRECISIONS)
     if args.smoke:
-        args.windows, args.seq, args.prompts, args.tokens, args.layers = 2, 32, 1, 8, 2
+        args.windows, args.seq, args.prompts, args.tokens, args.layers = 1, 16, 1, 4, 1
     torch.manual_seed(0)
     demo_tok = Engine.from_pretrained(DEMO, speculative="none").tokenizer
     windows = held_out_windows(demo_tok, args.windows, args.seq)
-    prompts = [w[:32] for w in windows[: args.prompts]]
-    quality_table("demo model (bundled, trained)", DEMO, windows, prompts, args.tokens, PRECISIONS)
+    prompts = [w[:16] for w in windows[: args.prompts]]
+    quality_table("demo model (bundled, trained)", DEMO, windows, prompts, args.tokens, names)
     with tempfile.TemporaryDirectory() as tmp:
         path = v2_lite_like(Path(tmp), args.smoke)
         g = torch.Generator().manual_seed(1)
         rand = [torch.randint(2, 2048, (args.seq,), generator=g).tolist() for _ in range(args.windows)]
         quality_table("tiny V2-Lite-like model (random weights; perplexity is not meaningful)", path, rand,
-                      [w[:32] for w in rand[: args.prompts]], args.tokens, ("bf16", "int8", "int4"))
+                      [w[:16] for w in rand[: args.prompts]], args.tokens,
+                      ("bf16", "int8") if args.smoke else ("bf16", "int8", "int4"))
     weight_table(v2_lite_config(27, smoke=False))
     if args.gpu or args.smoke:
         if args.smoke:
