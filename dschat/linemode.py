@@ -18,7 +18,7 @@ from .paths import private_dir, private_file
 from .runtime import Options, load_engine, print_stats, session_settings, stats_json
 from .session import ChatSession
 from .signals import Stopped
-from .store import Store, StoreError, names_a_file, read_json_file
+from .store import StoreError, names_a_file, read_json_file
 from .terminal_text import SafeStream, say, terminal_safe
 from .turn_lock import ConversationBusy
 
@@ -213,7 +213,7 @@ def command(session: ChatSession, cmd: str, arg: str) -> Turn | None:
     elif cmd == "regen":
         return start_turn(session, session.regenerate)
     elif cmd == "save":
-        save_to(arg, session.conversation_id)
+        save_to(arg, session)
     elif cmd == "load":
         load_from(arg, session)
     else:
@@ -221,13 +221,13 @@ def command(session: ChatSession, cmd: str, arg: str) -> Turn | None:
     return None
 
 
-def save_to(path: str, conv_id: str | None):
+def save_to(path: str, session: ChatSession):
+    conv_id = session.conversation_id
     if not path or conv_id is None:
         print("(usage: /save FILE, once something has been said)" if not path else "(nothing saved yet)")
         return
     try:
-        with Store() as store:
-            text = store.export_text(conv_id)
+        text = session.store.export_text(conv_id)
         write_output(path, text)
     except (OSError, StoreError) as e:  # a bad path is reported; the chat goes on
         say(f"(not saved: {error_text(e)})", sys.stdout)
@@ -241,9 +241,9 @@ def load_from(source: str, session: ChatSession):
         print("(usage: /load ID or /load FILE)")
         return
     try:
-        with Store() as store:
-            imported = store.import_json(read_json_file(source)) if names_a_file(source) else None
-            conv = store.get(imported or store.resolve_id(source))
+        store = session.store
+        imported = store.import_json(read_json_file(source)) if names_a_file(source) else None
+        conv = store.get(imported or store.resolve_id(source))
     except StoreError as e:
         say(f"(cannot load {source}: {e})", sys.stdout)
         return

@@ -16,8 +16,11 @@ from .terminal_text import SafeStream, json_for_output, say
 def answer(opts: Options, message: str) -> int:
     engine = load_engine(opts)
     session = ChatSession(engine, session_settings(opts))
-    turn = session.turn(message)  # a continued conversation: no other turn until this one is saved
-    reply = stream_answer(session, turn)
+    try:
+        turn = session.turn(message)  # a continued conversation: no other turn until this one is saved
+        reply = stream_answer(session, turn)
+    finally:
+        session.close()
     if reply.notice:
         say(f"dschat: warning: {reply.notice}")
     if opts.stats:

@@ -140,17 +140,21 @@ def continued_chat(tokenizer, conv: Conversation, system: str | None = None, raw
                 history_ids=history_ids(conv.messages) if same_system else None)
 
 
-def open_chat(tokenizer, settings: SessionSettings) -> tuple[Chat, Conversation | None]:
+def open_chat(tokenizer, settings: SessionSettings, store: Store | None = None) -> tuple[Chat, Conversation | None]:
     """The chat a run starts with: a new one, or with -c / --conversation the saved conversation (--system
-    replaces its system prompt, in the history too)."""
+    replaces its system prompt, in the history too). `store`: the history (None: opened for this, and closed)."""
     if not settings.continuing:
         return Chat(tokenizer, system=settings.system_prompt, raw=settings.raw), None
-    with Store() as store:
-        conv = saved_conversation(store, settings.conversation)
+    history = store or Store()
+    try:
+        conv = saved_conversation(history, settings.conversation)
         if conv is None:
             raise StoreError("there is no saved conversation to continue yet")
         if settings.system is not None and settings.system != conv.system and not settings.no_save:
-            store.set_system(conv.id, settings.system)
+            history.set_system(conv.id, settings.system)
+    finally:
+        if store is None:
+            history.close()
     return continued_chat(tokenizer, conv, settings.system, settings.raw), conv
 
 
@@ -185,7 +189,8 @@ class ChatSession:
         self.engine, self.settings = engine, settings
         self._sampling: Sampling | None = None  # resolved at the first reply
         self.last_stats = None  # the GenerationStats of the last reply
-        self.chat, conv = open_chat(engine.tokenizer, settings)
+        self._store: Store | None = None  # the history, opened once (see `store`)
+        self.chat, conv = open_chat(engine.tokenizer, settings, self.store if settings.continuing else None)
         self.conversation_id: str | None = None  # in the history; None until the first reply is saved
         self.saved_ids: tuple[str | None, str | None] = (None, None)  # the last user and assistant messages
         self.pending_edit: str | None = None  # the saved user message an edited prompt replaces
@@ -196,6 +201,21 @@ class ChatSession:
         self.lock = TurnLock()
         if conv is not None:
             self._continue(conv)
+
+    @property
+    def store(self) -> Store:
+        """The history, opened (and checked) once for the session rather than for each read and write, in the
+        thread that first asks: SQLite's connections stay in their thread (the TUI uses it from its UI thread).
+        Closed by `close`, and after a write that failed, so that the next opening adds what was kept pending."""
+        if self._store is None:
+            self._store = Store()
+        return self._store
+
+    def close(self):
+        """Close the history (it opens again when next asked for)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     # -- which conversation ------------------------------------------------------------------------------------
     def new(self):
@@ -249,11 +269,10 @@ class ChatSession:
         """Continue the saved conversation from what is saved now: another dschat may have added turns."""
         if self.conversation_id is None:
             return
-        with Store() as store:
-            try:
-                conv = store.get(self.conversation_id)
-            except StoreError:  # its first turn is still pending (the history was busy): nothing to catch up on
-                return
+        try:
+            conv = self.store.get(self.conversation_id)
+        except StoreError:  # its first turn is still pending (the history was busy): nothing to catch up on
+            return
         if conv.head != self.head:
             known = [m.id for m in conv.messages]
             start = known.index(self.head) + 1 if self.head in known else 0
@@ -269,8 +288,7 @@ class ChatSession:
     def set_system(self, text: str | None):
         self.chat.set_system(text)
         if self.conversation_id:
-            with Store() as store:
-                store.set_system(self.conversation_id, text or None)
+            self.store.set_system(self.conversation_id, text or None)
 
     # -- a reply ----------------------------------------------------------------------------------------------------
     @property
@@ -336,20 +354,17 @@ class ChatSession:
         x = self.exchange(turn, answer_of)
         self.conversation_id = x["conversation_id"]
         self.saved_ids, self.pending_edit, self.head = (x["ids"]["user"], x["ids"]["reply"]), None, x["ids"]["reply"]
-        store = None
         try:
-            store = Store()
-            store.save_exchange(x)
+            self.store.save_exchange(x)
         except (StoreError, OSError) as e:
+            path = self._store.path if self._store else None
+            self.close()  # opened again for the next turn, which first adds what is kept pending
             try:
-                path = keep_pending(x, store.path if store else None)
+                path = keep_pending(x, path)
             except (StoreError, OSError) as e2:
                 raise StoreError(f"{error_text(e)}; the turn could not be kept either ({error_text(e2)})") from None
             raise TurnKept(f"{error_text(e)}; this turn is kept in {path} and is added to the history the next "
                            "time dschat opens it") from None
-        finally:
-            if store is not None:
-                store.close()
         if self.chat.ids:
             self.engine.save_prefix(self.chat.ids, directory=kv_dir(), secret_file=cache_key_file())  # so that `dschat -c` starts warm
 

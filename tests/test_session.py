@@ -40,7 +40,8 @@ def test_a_turn_streams_the_reply_and_saves_it_with_its_ids(engine):
     # the next turn extends the exact ids of this one
     engine.enqueue("Again")
     nxt = session.turn("more")
-    assert nxt.continued and nxt.prompt_ids[: len(turn.prompt_ids + turn.output_ids)] == turn.prompt_ids + turn.output_ids
+    history = turn.prompt_ids + turn.output_ids
+    assert nxt.continued and nxt.prompt_ids[: len(history)] == history
 
 
 def test_sampling_is_flags_then_config_then_the_model_resolved_once(engine):
@@ -214,3 +215,23 @@ async def test_the_tui_on_the_fake_engine(fake):
         assert status.startswith("ready") and f"context {len(app.chat.ids)}/4096" in status and "reused 0" in status
         assert app.last_stats.generated_tokens == len(fake.tokenizer.encode_plain("Hello from the fake.")) + 1
         assert [m.content for m in Store().latest().messages] == ["hi", "Hello from the fake."]
+
+
+def test_one_store_per_session_and_counts_in_sql(engine, monkeypatch):
+    opened, real = [], Store._open
+    monkeypatch.setattr(Store, "_open", lambda self: opened.append(1) or real(self))
+    session = ChatSession(engine, SessionSettings())
+    for text in ("one", "two", "three"):
+        engine.enqueue(f"answer {text}")
+        reply_text(session, session.turn(text))
+    engine.enqueue("again")
+    reply_text(session, session.regenerate())  # a sibling: the branch stays 6 messages long
+    assert len(opened) == 1  # not one (each with its integrity check) for every read and write
+    again = ChatSession(engine, SessionSettings(cont=True))
+    engine.enqueue("four")
+    reply_text(again, again.turn("four"))
+    assert len(opened) == 2
+    session.close(), again.close()
+    store = Store()
+    conv = store.latest()
+    assert store.list()[0]["messages"] == len(store.branch(conv.id, conv.head)) == 8

@@ -177,6 +177,8 @@ class ChatApp(App):
         self.sub_title = terminal_safe(f"{self.model_label} on {engine.device}")
         self.query_one("#conversation").remove_children()
         settings = session_settings(self.opts)
+        if self.session is not None:
+            self.session.close()
         try:
             self.session = ChatSession(engine, settings)
         except StoreError as e:  # nothing to continue (-c), say: a new conversation
@@ -333,6 +335,8 @@ class ChatApp(App):
     def on_unmount(self):
         self.closing = True
         self.stop_event.set()
+        if self.session is not None:
+            self.session.close()
 
     def action_stop(self):
         if self.busy:
@@ -419,7 +423,10 @@ class ChatApp(App):
                          done)
 
     def _with_store(self, fn):
+        """fn(the history): the session's, once there is one (opened once, not for each call)."""
         try:
+            if self.session is not None:
+                return fn(self.session.store)
             with Store() as store:
                 return fn(store)
         except StoreError as e:
