@@ -42,6 +42,10 @@ class Turn:
 
 
 class Chat:
+    """A conversation with a model: its messages, the exact token ids of its history (`ids`, with the rendered
+    text they stand for, `history_text`), and each turn's prompt (see the module's docstring). A Turn's `text`
+    is its reply as shown; `marked_text` its rendered prompt."""
+
     def __init__(self, tokenizer, system: str | None = None, raw: bool = False,
                  messages: list[dict] | None = None, history_ids: list[int] | None = None):
         self.tok, self.raw = tokenizer, raw
@@ -50,8 +54,8 @@ class Chat:
             self.messages.append({"role": "system", "content": system})
         self.messages += [dict(m) for m in messages or []]
         self.ids: list[int] = list(history_ids or [])
-        # the (marked) text that self.ids stand for; unknown for history loaded from elsewhere
-        self.text: str | None = None
+        # the (marked) rendered text that self.ids stand for; None where unknown (history loaded from elsewhere)
+        self.history_text: str | None = None
         self._before_last: tuple[list[int], str | None] | None = None
         self._rewound = None  # the state before the last rewind, for restore()
         self.window = None  # the model's ContextWindow, when known: a prompt must fit it
@@ -73,18 +77,18 @@ class Chat:
             self._check_fits(text, 0, self.tok.encode_plain)
             return completion_prompt(self.tok, text)
         text = render_marked(self.tok, messages)
-        if self.ids and self.text is None:
+        if self.ids and self.history_text is None:
             # history ids from a saved conversation: use them if they spell the re-rendered history
             history = render_marked(self.tok, self.messages, add_generation_prompt=False)
             if self.tok.decode(self.ids) == unmark(history):
-                self.text = history
+                self.history_text = history
             else:
                 self.ids = []
         encode = partial(encode_marked, self.tok)
         cuts = cut_points(control_tokens(self.tok), START)
-        if self.ids and text.startswith(self.text):
-            self._check_fits(text[len(self.text):], len(self.ids), encode, cuts)
-            return text, self.ids + encode(text[len(self.text):])
+        if self.ids and text.startswith(self.history_text):
+            self._check_fits(text[len(self.history_text):], len(self.ids), encode, cuts)
+            return text, self.ids + encode(text[len(self.history_text):])
         self._check_fits(text, 0, encode, cuts)
         return text, encode(text)
 
@@ -105,7 +109,7 @@ class Chat:
         self.messages = [m for m in self.messages if m["role"] != "system"]
         if text and text.strip():
             self.messages.insert(0, {"role": "system", "content": text})
-        self.ids, self.text = [], None
+        self.ids, self.history_text = [], None
 
     def rewind(self) -> str:
         """Drop the last exchange (to regenerate it, or to edit and resend its prompt); returns its user
@@ -113,9 +117,9 @@ class Chat:
         if len(self.messages) < 2 or self.messages[-1]["role"] != "assistant":
             raise ValueError("there is no answer to take back yet")
         user = self.messages[-2]["content"]
-        self._rewound = (self.messages, self.ids, self.text, self._before_last)
+        self._rewound = (self.messages, self.ids, self.history_text, self._before_last)
         self.messages = self.messages[:-2]
-        self.ids, self.text = self._before_last if self._before_last else ([], None)
+        self.ids, self.history_text = self._before_last if self._before_last else ([], None)
         self._before_last = None
         return user
 
@@ -123,7 +127,7 @@ class Chat:
         """Undo the last `rewind` (a regenerated answer that failed before its first token)."""
         if self._rewound is None:
             raise ValueError("nothing to restore")
-        (self.messages, self.ids, self.text, self._before_last), self._rewound = self._rewound, None
+        (self.messages, self.ids, self.history_text, self._before_last), self._rewound = self._rewound, None
 
     def regenerate_turn(self) -> Turn:
         """A new answer to the last user message (the same prompt ids, so the cache serves all of it)."""
@@ -151,19 +155,19 @@ class Chat:
     def add_exchange(self, user: str, reply: str, ids: list[int] | None = None):
         """Append an exchange that ran elsewhere (a saved one); `ids`, when known, are the exact token ids
         of the whole history after it."""
-        self._before_last = (list(self.ids), self.text)
+        self._before_last = (list(self.ids), self.history_text)
         self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        self.ids, self.text = list(ids or []), None
+        self.ids, self.history_text = list(ids or []), None
 
     def commit(self, turn: Turn):
         """Add the exchange to the conversation, even a partial (interrupted) one."""
-        self._before_last = (list(self.ids), self.text)
+        self._before_last = (list(self.ids), self.history_text)
         self.messages += [{"role": "user", "content": turn.user},
                           {"role": "assistant", "content": turn.content}]
         self.ids = turn.prompt_ids + turn.output_ids
-        self.text = turn.marked_text + self.tok.decode(turn.output_ids)
+        self.history_text = turn.marked_text + self.tok.decode(turn.output_ids)
 
     def clear(self):
         system = self.system
         self.messages = [{"role": "system", "content": system}] if system else []
-        self.ids, self.text = [], None
+        self.ids, self.history_text = [], None

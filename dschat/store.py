@@ -148,6 +148,11 @@ def iso(t: float) -> str:
 
 
 class Store:
+    """The history: saved conversations and their messages as a tree (siblings for regenerated answers and
+    edited prompts; a conversation's head names its active branch), in one SQLite file in the user's data
+    directory. Opening checks the file before anything is written, then migrates its schema; a ChatSession
+    keeps one open for its run. Also search, export and import."""
+
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else self.default_path()
         self.db = self._open()

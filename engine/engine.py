@@ -54,6 +54,11 @@ def default_speculative(cfg: ModelConfig, device: torch.device) -> str:
 
 
 class Engine:
+    """One checkpoint loaded for inference (`from_pretrained`): its model, config, tokenizer and latent cache.
+    `generate` streams a reply's token ids as a Generation, reusing the cache's longest prefix of the prompt;
+    `logits` and `decode_logits` are the plain and cached paths for checking one against the other;
+    `save_prefix` / `load_prefix` keep cached prefixes on disk between processes."""
+
     def __init__(self, model: Transformer, cfg: ModelConfig, path: Path, device: torch.device,
                  dtype: torch.dtype, cache_gb: float | None = None, speculative: str = "none",
                  draft_tokens: int = 1, quant: str | None = None):
@@ -172,6 +177,8 @@ class Engine:
 
     # -- persisted prefixes --------------------------------------------------------------------------------
     def _layout(self) -> str:
+        """What a prefix saved on disk is keyed by: these weights (quantized or not), the latent rows' shape and
+        dtype; a file saved under another key is not this cache's."""
         weights = self.fingerprint + (f"-{self.quant}" if self.quant else "")
         return f"{weights}-{self.model.n_cached_layers}x{self.config.latent_dim}-{self.dtype}"
 

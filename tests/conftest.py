@@ -29,7 +29,7 @@ from helpers import CHECKPOINTS  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Under pytest-xdist (the README's `-n 2`) each worker gets a share of the cores: two workers with two threads
 # each on two cores made small matmuls many times slower. The `dschat` processes a test starts run while it
-# waits, on the same share (OMP_NUM_THREADS, which PyTorch reads): test_fim.py took 19% less time so.
+# waits, on the same share (OMP_NUM_THREADS, which PyTorch reads), rather than competing with the test for the cores.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _threads = max(1, min(2, (os.cpu_count() or 1) // _workers))
 torch.set_num_threads(_threads)
