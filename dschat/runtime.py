@@ -89,7 +89,8 @@ def model_name(opts: Options) -> str:
     source = "--model" if opts.model else "DSCHAT_MODEL" if os.environ.get("DSCHAT_MODEL") else "model (config file)"
     if name and not name.strip():
         raise UsageError(f"{source} is blank: give a model directory, a hub repo id or `demo`")
-    if name and not name.isprintable():
+    if name and not name.isprintable() and not Path(name).expanduser().is_dir():
+        # a directory may be named anything (terminal_text shows it clean); any other name is a typo or a paste
         raise UsageError(f"{source} {name!r}: a model name holds no control characters (a line break?)")
     if name == "demo":
         return str(DEMO_DIR)
