@@ -36,7 +36,9 @@ from dschat.dev import tiny_checkpoints as tc
 from dschat.runtime import DEMO_DIR
 from dschat.engine import Engine, ModelConfig, SamplingParams
 from dschat.engine.cache import LatentCache
-from dschat.engine.model import Experts, Linear, Transformer
+from dschat.engine.layers.linear import Linear
+from dschat.engine.model import Transformer
+from dschat.engine.moe import Experts
 
 FULL = dict(contexts=[1024, 8192], prefill=[8192, 32768], tokens=64, demo_tokens=128, v3_layers=3, copy_gb=4.0,
             cache_gb=4.0)

@@ -16,7 +16,9 @@ from .config import ModelConfig
 from .errors import ContextLengthError, ModelError
 from . import dist, persist
 from .loader import Progress, load_model, memory_report, resolve
-from .model import ABSORB_MAX_TOKENS, Step, Transformer
+from .mla import ABSORB_MAX_TOKENS
+from .model import Transformer
+from .step import Step
 from .quant import bytes_per_token
 from .quant import saved_spec as saved_quant_spec
 from .threads import choose_threads

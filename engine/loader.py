@@ -28,7 +28,10 @@ from safetensors import safe_open
 from . import dist, quant
 from .config_check import check_config
 from .errors import ModelError
-from .model import Experts, Linear, MoE, Transformer, dequantize_fp8
+from ..kernels.fp8_matmul import dequantize_fp8
+from .layers.linear import Linear
+from .model import Transformer
+from .moe import Experts, MoE
 from . import files
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -275,7 +278,7 @@ def _fp8_slice(model: Transformer, local: str, w: torch.Tensor, scale: torch.Ten
 class Placer:
     """Puts checkpoint tensors into the model built on the meta device: this rank's slice, on the device,
     in the model's dtype; FP8 block weights dequantised, or kept FP8 with their scales (`keep_fp8`) by the
-    Linear or the expert stack that owns them. Routed experts fill their layer's stacks (model.Experts),
+    Linear or the expert stack that owns them. Routed experts fill their layer's stacks (moe.Experts),
     allocated when the first expert arrives."""
 
     def __init__(self, model: Transformer, device: torch.device, dtype: torch.dtype, block: tuple[int, int],

@@ -19,44 +19,24 @@ The packed format and the kernels live in kernels/ (quant_format.py, quant_matmu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..kernels.quant_cpu import Int4Cpu, int4_fits, matmul_cpu, moe_experts_cpu, repack_int4
 from ..kernels.quant_format import Packed, pack_int4
-from ..kernels.quant_matmul import quant_matmul
-from ..kernels.quant_moe import moe_experts_quant
 
 from . import dist
 from .errors import ModelError
-from .model import Experts, Linear
+from .layers.linear import Linear
+from .layers.quant_linear import GROUP, QuantLinear, QuantSpec, packed_layout
+from .moe import Experts, QuantExperts
 
-GROUP = 128
 QUANTS = ("int8", "int4")
-METHOD = "dschat"
 # Module paths (hub names without ".weight") of the linear layers that are quantized.
 _QUANTIZED = re.compile(r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|o_proj)"
                         r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))$")
 COMPANIONS = ("weight_scale", "weight_zero")  # tensors stored beside a packed "weight"
 MAX_SCALE = 1e4  # a stored scale above this (weights past 1e5 or 1e6 in size) is damage, not a model
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    bits: int
-    group: int = GROUP
-    symmetric: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"int{self.bits}"
-
-    def config(self) -> dict:
-        """The `quantization_config` of a directory quantized this way."""
-        return {"quant_method": METHOD, "bits": self.bits, "group_size": self.group if self.bits == 4 else 0,
-                "symmetric": self.symmetric or self.bits == 8}
 
 
 HEAD = QuantSpec(bits=8)  # lm_head on the CPU under --quant (int8 or int4)
@@ -142,120 +122,6 @@ def quantize_for_rank(w: torch.Tensor, split: str | None, s: QuantSpec, name: st
 
 
 # -- modules that hold packed weights ------------------------------------------------------------------------
-def packed_layout(s: QuantSpec, n: int, k: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]] | None]:
-    """dtype and shape of each stored tensor of a packed [n, k] weight, by suffix (None: not stored)."""
-    if s.bits == 8:
-        return {"": (torch.int8, (n, k)), "_scale": (torch.float32, (n,)), "_zero": None}
-    g = -(-k // s.group)
-    return {"": (torch.uint8, (n, g * s.group // 2)), "_scale": (torch.float32, (n, g)),
-            "_zero": None if s.symmetric else (torch.uint8, (n, g))}
-
-
-def _register(module: nn.Module, prefix: str, s: QuantSpec, lead: tuple[int, ...], n: int, k: int):
-    """Empty (meta) buffers for a packed weight [*lead, n, k]: `prefix`, `prefix_scale`, `prefix_zero`."""
-    for suffix, layout in packed_layout(s, n, k).items():
-        t = None if layout is None else torch.empty(*lead, *layout[1], dtype=layout[0], device="meta")
-        module.register_buffer(prefix + suffix, t)
-
-
-def _packed(module: nn.Module, prefix: str, s: QuantSpec, k: int) -> Packed:
-    return Packed(getattr(module, prefix), getattr(module, prefix + "_scale"), getattr(module, prefix + "_zero"),
-                  s.bits, s.group if s.bits == 4 else 0, k)
-
-
-def _check(p: Packed, s: QuantSpec, n: int, k: int, where: str):
-    if (p.out_features, p.in_features, p.bits) != (n, k, s.bits) or (p.zero is None) != (
-            s.bits == 8 or s.symmetric):
-        raise ModelError(f"{where}: packed int{p.bits} weight of {p.out_features} x {p.in_features}, expected "
-                         f"int{s.bits} of {n} x {k}")
-
-
-class QuantLinear(nn.Module):
-    """y = x W^T with W packed (int8 or int4), dequantised inside the matmul (kernels/quant_matmul.py).
-    Buffers `weight`, `weight_scale` and (asymmetric int4) `weight_zero` hold it, under the hub's names."""
-
-    def __init__(self, linear: Linear, s: QuantSpec):
-        super().__init__()
-        self.split, self.spec = linear.split, s
-        self.out_features, self.in_features = linear.weight.shape
-        ws = dist.world_size()
-        self.full_shape = (self.out_features * (ws if self.split == "col" else 1),
-                           self.in_features * (ws if self.split == "row" else 1))  # before the rank's cut
-        _register(self, "weight", s, (), self.out_features, self.in_features)
-        self.register_buffer("cpu_weight", None)  # int4 on the CPU: the kernel's layout (repack_for_cpu)
-        self.register_buffer("cpu_scale_offset", None)
-        self.quantize_on_load = False  # lm_head: float in a quantized directory too, quantized here
-
-    def set(self, p: Packed, device, where: str):
-        _check(p, self.spec, self.out_features, self.in_features, where)
-        self.weight, self.weight_scale, self.weight_zero = (
-            None if t is None else t.to(device) for t in (p.data, p.scale, p.zero))
-
-    def repack_for_cpu(self):
-        p = None if self.weight is None else _packed(self, "weight", self.spec, self.in_features)
-        if p is not None and int4_fits(p) and p.data.device.type == "cpu":
-            r = repack_int4(p)
-            self.cpu_weight, self.cpu_scale_offset = r.data, r.scale_offset
-            self.weight = self.weight_scale = self.weight_zero = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_weight is not None:
-            return matmul_cpu(x, Int4Cpu(self.cpu_weight, self.cpu_scale_offset, self.out_features,
-                                         self.in_features, self.spec.group))
-        w = _packed(self, "weight", self.spec, self.in_features)
-        if x.device.type == "cpu" and w.bits == 8:
-            return matmul_cpu(x, w)
-        return quant_matmul(x, w)
-
-
-class QuantExperts(nn.Module):
-    """A rank's routed experts, stacked as model.Experts stacks them (w13: gate rows then up rows, w2: down),
-    each stack packed; the chosen experts run through kernels/quant_moe.py."""
-
-    def __init__(self, n: int, dim: int, inter: int, s: QuantSpec):
-        super().__init__()
-        self.spec, self.dim, self.inter = s, dim, inter
-        _register(self, "w13", s, (n,), 2 * inter, dim)
-        _register(self, "w2", s, (n,), dim, inter)
-        for name in ("cpu_w13", "cpu_w13_so", "cpu_w2", "cpu_w2_so"):  # int4 on the CPU (repack_for_cpu)
-            self.register_buffer(name, None)
-        self.loaded: set[tuple[int, str]] = set()
-
-    def put(self, e: int, proj: str, p: Packed, device, where: str):
-        """Expert e's gate_proj, up_proj or down_proj, packed, into its stack."""
-        n, k = (self.dim, self.inter) if proj == "down" else (self.inter, self.dim)
-        _check(p, self.spec, n, k, where)
-        prefix = "w2" if proj == "down" else "w13"
-        rows = slice(n, 2 * n) if proj == "up" else slice(0, n)
-        for suffix, t in p.tensors().items():
-            stack = getattr(self, prefix + suffix)
-            if stack.is_meta:  # the first expert of this stack allocates it
-                stack = torch.empty(stack.shape, dtype=stack.dtype, device=device)
-                setattr(self, prefix + suffix, stack)
-            stack[e, rows] = t.to(device)
-        self.loaded.add((e, proj))
-
-    def repack_for_cpu(self):
-        if self.w13 is not None and int4_fits(_packed(self, "w13", self.spec, self.dim)) \
-                and self.w13.device.type == "cpu":
-            for prefix, k in (("w13", self.dim), ("w2", self.inter)):
-                r = repack_int4(_packed(self, prefix, self.spec, k))
-                setattr(self, "cpu_" + prefix, r.data)
-                setattr(self, f"cpu_{prefix}_so", r.scale_offset)
-                for suffix in ("", "_scale", "_zero"):
-                    setattr(self, prefix + suffix, None)
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.cpu_w13 is not None:
-            w13 = Int4Cpu(self.cpu_w13, self.cpu_w13_so, 2 * self.inter, self.dim, self.spec.group)
-            w2 = Int4Cpu(self.cpu_w2, self.cpu_w2_so, self.dim, self.inter, self.spec.group)
-            return moe_experts_cpu(x, w13, w2, ids, weights)
-        w13, w2 = _packed(self, "w13", self.spec, self.dim), _packed(self, "w2", self.spec, self.inter)
-        if x.device.type == "cpu" and self.spec.bits == 8:
-            return moe_experts_cpu(x, w13, w2, ids, weights)
-        return moe_experts_quant(x, w13, w2, ids, weights)
-
-
 def convert(model: nn.Module, s: QuantSpec, head: QuantSpec | None = None):
     """Replace the model's quantized Linear layers and routed expert stacks by empty packed ones (before
     loading); `head`: lm_head too, quantized this way as it loads."""

@@ -12,7 +12,7 @@ from helpers import CHECKPOINTS, load_reference
 
 from dschat.dev import tiny_checkpoints as tc
 from dschat.engine import ContextLengthError, Engine, ModelConfig, ModelError, SamplingParams
-from dschat.engine.loader import dequantize_fp8
+from dschat.kernels.fp8_matmul import dequantize_fp8
 
 NAMES = list(CHECKPOINTS)
 
@@ -84,7 +84,8 @@ def test_fp8_checkpoint_really_is_fp8_with_partial_blocks(checkpoints):
 def test_fp8_weights_kept_in_fp8_compute_the_same(checkpoints, engines, references):
     """--fp8 keep: the FP8 weights stay FP8 in memory (with their block scales) and give the same logits
     and greedy tokens as dequantising on load, which the reference checks."""
-    from dschat.engine.model import Experts, Linear
+    from dschat.engine.layers.linear import Linear
+    from dschat.engine.moe import Experts
 
     keep = Engine.from_pretrained(checkpoints["v3_fp8"], device="cpu", dtype=torch.float32, fp8="keep")
     kept = [n for n, m in keep.model.named_modules() if isinstance(m, Linear) and m.scale is not None]

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from dschat.engine.config import ModelConfig
-from dschat.engine.model import Gate, Transformer
+from dschat.engine.model import Transformer
+from dschat.engine.moe import Gate
 
 MAX_SHIPPED_MB = 60  # the package ships the weights in bf16
 MAX_POSITIONS = 4608  # covers `dschat fim`'s default prompt (4096 tokens) and insertion (256)

@@ -1,0 +1,105 @@
+"""The linear layer whose weight is packed int8 or int4 (the format: kernels/quant_format.py), and the layout
+of a packed weight's stored tensors. engine/quant.py decides which layers are packed and quantizes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...kernels.quant_cpu import Int4Cpu, int4_fits, matmul_cpu, repack_int4
+from ...kernels.quant_format import Packed
+from ...kernels.quant_matmul import quant_matmul
+
+from .. import dist
+from ..errors import ModelError
+from .linear import Linear
+
+GROUP = 128
+METHOD = "dschat"  # quantization_config.quant_method of a directory `dschat quantize` wrote
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    group: int = GROUP
+    symmetric: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def config(self) -> dict:
+        """The `quantization_config` of a directory quantized this way."""
+        return {"quant_method": METHOD, "bits": self.bits, "group_size": self.group if self.bits == 4 else 0,
+                "symmetric": self.symmetric or self.bits == 8}
+
+
+
+def packed_layout(s: QuantSpec, n: int, k: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]] | None]:
+    """dtype and shape of each stored tensor of a packed [n, k] weight, by suffix (None: not stored)."""
+    if s.bits == 8:
+        return {"": (torch.int8, (n, k)), "_scale": (torch.float32, (n,)), "_zero": None}
+    g = -(-k // s.group)
+    return {"": (torch.uint8, (n, g * s.group // 2)), "_scale": (torch.float32, (n, g)),
+            "_zero": None if s.symmetric else (torch.uint8, (n, g))}
+
+
+def register_packed(module: nn.Module, prefix: str, s: QuantSpec, lead: tuple[int, ...], n: int, k: int):
+    """Empty (meta) buffers for a packed weight [*lead, n, k]: `prefix`, `prefix_scale`, `prefix_zero`."""
+    for suffix, layout in packed_layout(s, n, k).items():
+        t = None if layout is None else torch.empty(*lead, *layout[1], dtype=layout[0], device="meta")
+        module.register_buffer(prefix + suffix, t)
+
+
+def packed_of(module: nn.Module, prefix: str, s: QuantSpec, k: int) -> Packed:
+    return Packed(getattr(module, prefix), getattr(module, prefix + "_scale"), getattr(module, prefix + "_zero"),
+                  s.bits, s.group if s.bits == 4 else 0, k)
+
+
+def check_packed(p: Packed, s: QuantSpec, n: int, k: int, where: str):
+    if (p.out_features, p.in_features, p.bits) != (n, k, s.bits) or (p.zero is None) != (
+            s.bits == 8 or s.symmetric):
+        raise ModelError(f"{where}: packed int{p.bits} weight of {p.out_features} x {p.in_features}, expected "
+                         f"int{s.bits} of {n} x {k}")
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T with W packed (int8 or int4), dequantised inside the matmul (kernels/quant_matmul.py).
+    Buffers `weight`, `weight_scale` and (asymmetric int4) `weight_zero` hold it, under the hub's names."""
+
+    def __init__(self, linear: Linear, s: QuantSpec):
+        super().__init__()
+        self.split, self.spec = linear.split, s
+        self.out_features, self.in_features = linear.weight.shape
+        ws = dist.world_size()
+        self.full_shape = (self.out_features * (ws if self.split == "col" else 1),
+                           self.in_features * (ws if self.split == "row" else 1))  # before the rank's cut
+        register_packed(self, "weight", s, (), self.out_features, self.in_features)
+        self.register_buffer("cpu_weight", None)  # int4 on the CPU: the kernel's layout (repack_for_cpu)
+        self.register_buffer("cpu_scale_offset", None)
+        self.quantize_on_load = False  # lm_head: float in a quantized directory too, quantized here
+
+    def set(self, p: Packed, device, where: str):
+        check_packed(p, self.spec, self.out_features, self.in_features, where)
+        self.weight, self.weight_scale, self.weight_zero = (
+            None if t is None else t.to(device) for t in (p.data, p.scale, p.zero))
+
+    def repack_for_cpu(self):
+        p = None if self.weight is None else packed_of(self, "weight", self.spec, self.in_features)
+        if p is not None and int4_fits(p) and p.data.device.type == "cpu":
+            r = repack_int4(p)
+            self.cpu_weight, self.cpu_scale_offset = r.data, r.scale_offset
+            self.weight = self.weight_scale = self.weight_zero = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_weight is not None:
+            return matmul_cpu(x, Int4Cpu(self.cpu_weight, self.cpu_scale_offset, self.out_features,
+                                         self.in_features, self.spec.group))
+        w = packed_of(self, "weight", self.spec, self.in_features)
+        if x.device.type == "cpu" and w.bits == 8:
+            return matmul_cpu(x, w)
+        return quant_matmul(x, w)
+
+

@@ -1,0 +1,160 @@
+"""DeepSeekMoE: the router (Gate), a rank's routed experts stacked (Experts; FP8-kept or int8/int4-packed:
+QuantExperts), the shared experts, and the layer that sums them (MoE)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.fp8_matmul import dequantize_fp8
+from ..kernels.fused_moe import moe_experts
+from ..kernels.quant_cpu import Int4Cpu, int4_fits, moe_experts_cpu, repack_int4
+from ..kernels.quant_format import Packed
+from ..kernels.quant_moe import moe_experts_quant
+
+from . import dist
+from .config import ModelConfig
+from .layers.mlp import MLP
+from .layers.quant_linear import QuantSpec, check_packed, packed_of, register_packed
+
+
+class Gate(nn.Module):
+    """Router: scores in float32 (softmax or sigmoid); V3's e_score_correction_bias only chooses experts;
+    group-limited choice (V2: max per group, V3: sum of the top two); weights from the unbiased scores."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        choice = scores
+        if self.e_score_correction_bias is not None:
+            choice = scores + self.e_score_correction_bias.float()
+        if cfg.n_group > 1 and cfg.topk_method in ("group_limited_greedy", "noaux_tc"):
+            groups = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            if cfg.topk_method == "noaux_tc":
+                group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = groups.amax(dim=-1)
+            keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = groups.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, idx)
+        normalise = cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob
+        if normalise:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.v3_gate or not normalise:
+            weights = weights * cfg.routed_scaling_factor
+        return weights, idx
+
+
+class Experts(nn.Module):
+    """A rank's routed experts, stacked (kernels/fused_moe.py): w13 [E, 2I, H] = gate_proj rows then up_proj
+    rows, w2 [E, H, I] = down_proj; the loader fills them from the hub's per-expert tensors. Under
+    `--fp8 keep` they stay FP8 with their block scales (w13_scale: gate's blocks, then up's) and only the
+    experts chosen in a forward pass are dequantised."""
+
+    def __init__(self, n: int, dim: int, inter: int):
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(n, 2 * inter, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter))
+        self.register_buffer("w13_scale", None)
+        self.register_buffer("w2_scale", None)
+        self.block: tuple[int, int] = (128, 128)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T,H], ids [T,k] indices into this stack (others contribute zero), weights [T,k] -> [T,H]."""
+        if self.w13_scale is None:
+            return moe_experts(x, self.w13, self.w2, ids, weights)
+        E, I = self.w13.shape[0], self.w2.shape[-1]
+        valid = (ids >= 0) & (ids < E)
+        used, local = torch.unique(torch.where(valid, ids, 0), return_inverse=True)
+        n_gate = self.w13_scale.shape[1] // 2
+        w13, s13 = self.w13[used], self.w13_scale[used]
+        gate = dequantize_fp8(w13[:, :I], s13[:, :n_gate], self.block)
+        up = dequantize_fp8(w13[:, I:], s13[:, n_gate:], self.block)
+        w2 = dequantize_fp8(self.w2[used], self.w2_scale[used], self.block)
+        return moe_experts(x, torch.cat([gate, up], dim=1).to(x.dtype), w2.to(x.dtype),
+                           torch.where(valid, local, -1), weights)
+
+
+class QuantExperts(nn.Module):
+    """A rank's routed experts, stacked as Experts stacks them (w13: gate rows then up rows, w2: down),
+    each stack packed; the chosen experts run through kernels/quant_moe.py."""
+
+    def __init__(self, n: int, dim: int, inter: int, s: QuantSpec):
+        super().__init__()
+        self.spec, self.dim, self.inter = s, dim, inter
+        register_packed(self, "w13", s, (n,), 2 * inter, dim)
+        register_packed(self, "w2", s, (n,), dim, inter)
+        for name in ("cpu_w13", "cpu_w13_so", "cpu_w2", "cpu_w2_so"):  # int4 on the CPU (repack_for_cpu)
+            self.register_buffer(name, None)
+        self.loaded: set[tuple[int, str]] = set()
+
+    def put(self, e: int, proj: str, p: Packed, device, where: str):
+        """Expert e's gate_proj, up_proj or down_proj, packed, into its stack."""
+        n, k = (self.dim, self.inter) if proj == "down" else (self.inter, self.dim)
+        check_packed(p, self.spec, n, k, where)
+        prefix = "w2" if proj == "down" else "w13"
+        rows = slice(n, 2 * n) if proj == "up" else slice(0, n)
+        for suffix, t in p.tensors().items():
+            stack = getattr(self, prefix + suffix)
+            if stack.is_meta:  # the first expert of this stack allocates it
+                stack = torch.empty(stack.shape, dtype=stack.dtype, device=device)
+                setattr(self, prefix + suffix, stack)
+            stack[e, rows] = t.to(device)
+        self.loaded.add((e, proj))
+
+    def repack_for_cpu(self):
+        if self.w13 is not None and int4_fits(packed_of(self, "w13", self.spec, self.dim)) \
+                and self.w13.device.type == "cpu":
+            for prefix, k in (("w13", self.dim), ("w2", self.inter)):
+                r = repack_int4(packed_of(self, prefix, self.spec, k))
+                setattr(self, "cpu_" + prefix, r.data)
+                setattr(self, f"cpu_{prefix}_so", r.scale_offset)
+                for suffix in ("", "_scale", "_zero"):
+                    setattr(self, prefix + suffix, None)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.cpu_w13 is not None:
+            w13 = Int4Cpu(self.cpu_w13, self.cpu_w13_so, 2 * self.inter, self.dim, self.spec.group)
+            w2 = Int4Cpu(self.cpu_w2, self.cpu_w2_so, self.dim, self.inter, self.spec.group)
+            return moe_experts_cpu(x, w13, w2, ids, weights)
+        w13, w2 = packed_of(self, "w13", self.spec, self.dim), packed_of(self, "w2", self.spec, self.inter)
+        if x.device.type == "cpu" and self.spec.bits == 8:
+            return moe_experts_cpu(x, w13, w2, ids, weights)
+        return moe_experts_quant(x, w13, w2, ids, weights)
+
+
+class MoE(nn.Module):
+    """Shared experts (always on) plus the top-k routed experts. With several ranks each holds a contiguous
+    block of the routed experts; partial sums are added across ranks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        per_rank = dist.split(cfg.n_routed_experts, "n_routed_experts")
+        self.first = dist.rank() * per_rank
+        self.gate = Gate(cfg)
+        self.experts = Experts(per_rank, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = None
+        if cfg.n_shared_experts:
+            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(x)
+        y = self.experts(x, idx - self.first, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return dist.all_reduce(y).view(shape)
