@@ -17,6 +17,7 @@ Exit status 1 when a kernel spills or a MoE decode grid is smaller than the SM c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -145,11 +146,13 @@ _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def ptxas_report(ptx: str, cache: dict) -> tuple[int, int]:
-    """(registers, spill bytes: stores + loads) per thread, from `ptxas -v --gpu-name sm_90a`."""
-    if ptx in cache:
-        return cache[ptx]
+    """(registers, spill bytes: stores + loads) per thread, from `ptxas -v --gpu-name sm_90a`; `cache` maps
+    the PTX's hash to earlier answers."""
     from triton.backends.nvidia.compiler import get_ptxas
     ptxas = get_ptxas(90).path  # Triton's own choice for sm_90 (the one that built the cubin)
+    key = hashlib.sha256((ptxas + "\0" + ptx).encode()).hexdigest()
+    if key in cache:
+        return tuple(cache[key])
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
@@ -160,8 +163,8 @@ def ptxas_report(ptx: str, cache: dict) -> tuple[int, int]:
         raise RuntimeError(f"ptxas failed ({r.returncode}): {log.strip()[-2000:]}")
     regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
     spills = [int(a) + int(b) for a, b in _SPILL.findall(log)]
-    cache[ptx] = (max(regs), max(spills, default=0))
-    return cache[ptx]
+    cache[key] = (max(regs), max(spills, default=0))
+    return cache[key]
 
 
 def tensor_cores(ptx: str) -> str | None:
@@ -177,7 +180,11 @@ def check(models) -> list[dict]:
     from triton.runtime import driver
     driver.set_active(StubDriver())
     recorder = Recorder()
-    ptxas_cache: dict = {}
+    cache_file = Path(triton.knobs.cache.dir) / "dschat-check-kernels-ptxas.json"  # beside Triton's own cache
+    try:
+        ptxas_cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        ptxas_cache = {}
     rows = []
     for model in models:
         m = MODELS[model]
@@ -199,7 +206,11 @@ def check(models) -> list[dict]:
                                  num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
                                  registers=regs, spill_bytes=spill, tensor_cores=mma is not None, mma=mma,
                                  shared_bytes=compiled.metadata.shared))
-    del triton
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(ptxas_cache))
+    except OSError:
+        pass
     return rows
 
 

@@ -4,8 +4,8 @@
 
 `dequantize_fp8` turns a weight (or a stack of them, leading dimensions first) into float32. The matmul
 y = x W^T has two implementations: `fp8_linear_reference` (dequantise, then F.linear) and
-`fp8_linear_triton` (reads the FP8 tiles as they are and dequantises them in registers, so a batch-1 decode
-reads half the bytes of bf16). `fp8_linear` picks Triton for CUDA tensors.
+`fp8_linear_triton` (reads the FP8 tiles as they are and dequantises them to x's dtype in registers, so a
+batch-1 decode reads half the bytes of bf16, and multiplies them on the tensor cores). `fp8_linear` picks Triton for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -36,10 +36,13 @@ if triton is not None:
     @triton.jit
     def _fp8_linear_kernel(X, W, S, Y, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                            BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PRECISION: tl.constexpr):
         """A [BLOCK_M, BLOCK_N] tile of y: FP8 weight tiles are read as they are and dequantised in
         registers with the scale of their [BLOCK_SIZE_N, BLOCK_SIZE_K] block (BLOCK_N and BLOCK_K divide
-        the block sizes, so a tile's row never spans two blocks along K)."""
+        the block sizes, so a tile's row never spans two blocks along K), rounded to x's dtype as the
+        reference rounds the whole weight, then multiplied on the tensor cores (bf16 / fp16 x; float32
+        x stays float32, "ieee")."""
         pm = tl.program_id(0)
         pn = tl.program_id(1)
         m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -48,11 +51,11 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K),
-                        other=0.0).to(tl.float32)
+                        other=0.0)
             w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K),
                         other=0.0).to(tl.float32)
             s = tl.load(S + (n // BLOCK_SIZE_N) * stride_sn + k0 // BLOCK_SIZE_K, mask=n < N, other=0.0)
-            acc += tl.dot(x, tl.trans(w * s[:, None]), input_precision="ieee")
+            acc += tl.dot(x, tl.trans((w * s[:, None]).to(x.dtype)), input_precision=PRECISION)
         tl.store(Y + m[:, None] * stride_ym + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
 
 
@@ -69,7 +72,8 @@ def fp8_linear_triton(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor,
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _fp8_linear_kernel[grid](x2, w, scale_inv, y, M, N, K, x2.stride(0), w.stride(0), scale_inv.stride(0),
                              y.stride(0), BLOCK_SIZE_N=block[0], BLOCK_SIZE_K=block[1],
-                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32")
     return y.to(x.dtype).view(*shape[:-1], N)
 
 

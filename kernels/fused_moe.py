@@ -29,6 +29,9 @@ if triton is not None:
     from .expert_rows import expert_rows
 
 GATHER_MAX_TOKENS = 16
+# The decode kernels' tiles and pipelining: vLLM's tuned H100 configuration for E=64, N=1408, M=1
+# (BLOCK_M 16 / N 32 / K 64, 4 warps, 4 stages; these GEMV kernels have no M tile).
+BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 32, 64, 4, 4
 
 
 def _matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -111,12 +114,11 @@ if triton is not None:
         acc_u = tl.zeros([BLOCK_N], tl.float32)
         for h0 in range(0, H, BLOCK_K):
             h = h0 + tl.arange(0, BLOCK_K)
-            hmask = h < H
-            xv = tl.load(X + t * stride_xt + h, mask=hmask, other=0.0).to(tl.float32)
-            m = nmask[:, None] & hmask[None, :]
-            g = expert_rows(W, Scale, Zero, e, n, h, m, 2 * I, row_len, n_groups, PACKED, BITS, GROUP, HAS_ZERO)
-            u = expert_rows(W, Scale, Zero, e, n + I, h, m, 2 * I, row_len, n_groups, PACKED, BITS, GROUP,
-                            HAS_ZERO)
+            xv = tl.load(X + t * stride_xt + h, mask=h < H, other=0.0).to(tl.float32)
+            g = expert_rows(W, Scale, Zero, e, n, nmask, h0, H, 2 * I, row_len, n_groups, PACKED, BITS, GROUP,
+                            HAS_ZERO, BLOCK_K)
+            u = expert_rows(W, Scale, Zero, e, n + I, nmask, h0, H, 2 * I, row_len, n_groups, PACKED, BITS, GROUP,
+                            HAS_ZERO, BLOCK_K)
             acc_g += tl.sum(g * xv[None, :], axis=1)
             acc_u += tl.sum(u * xv[None, :], axis=1)
         act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
@@ -126,27 +128,25 @@ if triton is not None:
     def _down_kernel(Act, W, Scale, Zero, Ids, Wts, Y, H, I, E, k, stride_at, stride_yt, row_len, n_groups,
                      PACKED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[t, n] = sum_j w[t, j] * (down_e[n] . act[t*k + j]) for a block of output features n."""
-        t = tl.program_id(0)
+        """y[t*k + j, n] = w[t, j] * (down_e[n] . act[t*k + j]) for a block of output features n: one program
+        per (chosen expert, block of n), so a decode step runs its experts side by side, not one after
+        another (the sum over j is the caller's)."""
+        row = tl.program_id(0)  # t * k + j
         nb = tl.program_id(1)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for j in range(0, k):
-            e = tl.load(Ids + t * k + j)
-            ok = (e >= 0) & (e < E)
-            w = tl.where(ok, tl.load(Wts + t * k + j), 0.0)
-            e = tl.where(ok, e, 0)
-            nmask = n < tl.where(ok, H, 0)
-            part = tl.zeros([BLOCK_N], tl.float32)
-            for i0 in range(0, I, BLOCK_K):
-                i = i0 + tl.arange(0, BLOCK_K)
-                imask = i < I
-                a = tl.load(Act + (t * k + j) * stride_at + i, mask=imask, other=0.0)
-                wv = expert_rows(W, Scale, Zero, e, n, i, nmask[:, None] & imask[None, :], H, row_len, n_groups,
-                                 PACKED, BITS, GROUP, HAS_ZERO)
-                part += tl.sum(wv * a[None, :], axis=1)
-            acc += w * part
-        tl.store(Y + t * stride_yt + n, acc, mask=n < H)
+        e = tl.load(Ids + row)
+        ok = (e >= 0) & (e < E)
+        w = tl.where(ok, tl.load(Wts + row), 0.0)
+        e = tl.where(ok, e, 0)
+        nmask = n < tl.where(ok, H, 0)
+        part = tl.zeros([BLOCK_N], tl.float32)
+        for i0 in range(0, I, BLOCK_K):
+            i = i0 + tl.arange(0, BLOCK_K)
+            a = tl.load(Act + row * stride_at + i, mask=i < I, other=0.0)
+            wv = expert_rows(W, Scale, Zero, e, n, nmask, i0, I, H, row_len, n_groups, PACKED, BITS, GROUP,
+                             HAS_ZERO, BLOCK_K)
+            part += tl.sum(wv * a[None, :], axis=1)
+        tl.store(Y + row * stride_yt + n, w * part, mask=n < H)
 
 
 def plain_stack(w: torch.Tensor):
@@ -159,7 +159,9 @@ def plain_stack(w: torch.Tensor):
 def run_expert_kernels(x: torch.Tensor, w13, w2, ids: torch.Tensor, weights: torch.Tensor, E: int, I: int,
                        block_n: int, block_k: int) -> torch.Tensor:
     """Both kernels on stacks as `plain_stack` gives them (or quant_moe's packed ones): gate/up + SiLU into a
-    float32 buffer [T*k, I], then down with the routing weights."""
+    float32 buffer [T*k, I], then down with the routing weights into [T*k, H], summed over each token's k
+    experts as the reference sums them. Both grids are (chosen expert, block of features): at V2-Lite's
+    decode shape 6 x 44 and 6 x 64 programs, at V3's 8 x 64 and 8 x 224, for an H100's 132 SMs."""
     T, k = ids.shape
     H = x.shape[1]
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.float().contiguous()
@@ -167,17 +169,17 @@ def run_expert_kernels(x: torch.Tensor, w13, w2, ids: torch.Tensor, weights: tor
     t13, len13, g13, c13 = w13
     _gate_up_kernel[(T * k, triton.cdiv(I, block_n))](
         x, *t13, ids, act, H, I, E, k, x.stride(0), act.stride(0), len13, g13, **c13,
-        BLOCK_N=block_n, BLOCK_K=block_k)
-    y = torch.empty(T, H, device=x.device, dtype=torch.float32)
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    y = torch.empty(T * k, H, device=x.device, dtype=torch.float32)
     t2, len2, g2, c2 = w2
-    _down_kernel[(T, triton.cdiv(H, block_n))](
+    _down_kernel[(T * k, triton.cdiv(H, block_n))](
         act, *t2, ids, weights, y, H, I, E, k, act.stride(0), y.stride(0), len2, g2, **c2,
-        BLOCK_N=block_n, BLOCK_K=block_k)
-    return y.to(x.dtype)
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return y.view(T, k, H).sum(dim=1).to(x.dtype)
 
 
 def moe_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
-                       weights: torch.Tensor, block_n: int = 32, block_k: int = 128) -> torch.Tensor:
+                       weights: torch.Tensor, block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> torch.Tensor:
     """Same contract as moe_experts_reference; the chosen experts' rows are read in place."""
     E, H, I = w2.shape
     return run_expert_kernels(x, plain_stack(w13), plain_stack(w2), ids, weights, E, I, block_n, block_k)

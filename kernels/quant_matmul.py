@@ -38,9 +38,11 @@ if triton is not None:
     @triton.jit
     def _quant_matmul_kernel(X, Data, Scale, Zero, Y, M, N, K, n_groups,
                              stride_xm, stride_dn, stride_ym,
-                             BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-        """One [BLOCK_M, BLOCK_N] tile of y. int4: BLOCK_K is the group size, so one scale per row per step."""
+                             BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        """One [BLOCK_M, BLOCK_N] tile of y. int4: BLOCK_K divides the group size, so one scale per row per
+        step, and each byte is read once (its two nibbles interleaved back into column order)."""
         pm, pn = tl.program_id(0), tl.program_id(1)
         rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,13 +52,15 @@ if triton is not None:
             kk = k0 + rk
             x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
                         other=0.0)
-            wmask = (rn[:, None] < N) & (kk[None, :] < K)
             if BITS == 8:
+                wmask = (rn[:, None] < N) & (kk[None, :] < K)
                 w = tl.load(Data + rn[:, None] * stride_dn + kk[None, :], mask=wmask, other=0).to(tl.float32)
             else:
-                byte = tl.load(Data + rn[:, None] * stride_dn + kk[None, :] // 2, mask=wmask, other=0)
-                nib = ((byte >> ((kk[None, :] % 2) * 4)) & 0xF).to(tl.float32)
-                g = k0 // BLOCK_K
+                half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                byte = tl.load(Data + rn[:, None] * stride_dn + half[None, :],
+                               mask=(rn[:, None] < N) & (half[None, :] * 2 < K), other=0)
+                nib = tl.interleave(byte & 0xF, byte >> 4).to(tl.float32)
+                g = k0 // GROUP
                 s = tl.load(Scale + rn * n_groups + g, mask=rn < N, other=0.0)
                 if HAS_ZERO:
                     z = tl.load(Zero + rn * n_groups + g, mask=rn < N, other=0).to(tl.float32)
@@ -71,7 +75,7 @@ if triton is not None:
 
 
 def triton_fits(w: Packed) -> bool:
-    """The kernel steps through K one group at a time: the group must be a power of two of at least 16."""
+    """The kernel steps through K within one group at a time: the group must be a power of two of at least 16."""
     return w.bits == 8 or (w.group >= 16 and w.group & (w.group - 1) == 0)
 
 
@@ -82,13 +86,13 @@ def quant_matmul_triton(x: torch.Tensor, w: Packed, block_n: int = 64) -> torch.
     N = w.out_features
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     block_m = 16 if M <= 16 else 64
-    block_k = w.group if w.bits == 4 else 64
+    block_k = min(w.group, 64) if w.bits == 4 else 64  # a group in one step or more
     zero = w.zero if w.zero is not None else w.scale  # unused when there is no zero point
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _quant_matmul_kernel[grid](
         rows, w.data, w.scale, zero, y, M, N, K, w.scale.shape[-1] if w.bits == 4 else 1,
         rows.stride(0), w.data.stride(0), y.stride(0),
-        BITS=w.bits, HAS_ZERO=w.zero is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BITS=w.bits, GROUP=max(w.group, 1), HAS_ZERO=w.zero is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         # float32 stays float32 (no TF32 rounding): the exactness tests run the engine in float32
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     return y.view(*x.shape[:-1], N)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_moe import GATHER_MAX_TOKENS, moe_experts, moe_experts_reference, run_expert_kernels
+from .fused_moe import BLOCK_K, BLOCK_N, GATHER_MAX_TOKENS, moe_experts, moe_experts_reference, run_expert_kernels
 from .quant_format import Packed, dequantize
 from .triton_support import triton
 
@@ -50,9 +50,13 @@ def packed_stack(w: Packed):
 
 
 def moe_experts_quant_triton(x: torch.Tensor, w13: Packed, w2: Packed, ids: torch.Tensor, weights: torch.Tensor,
-                             block_n: int = 32, block_k: int = 128) -> torch.Tensor:
-    """Same contract as moe_experts_quant_reference; the chosen experts' packed rows are read in place."""
+                             block_n: int = BLOCK_N, block_k: int | None = None) -> torch.Tensor:
+    """Same contract as moe_experts_quant_reference; the chosen experts' packed rows are read in place.
+    int4 tiles lie in one group where the group allows (a power of two of at least 16)."""
     E, I = w2.data.shape[0], w2.in_features
+    if block_k is None:
+        g = w13.group
+        block_k = min(BLOCK_K, g) if w13.bits == 4 and g >= 16 and g & (g - 1) == 0 else BLOCK_K
     return run_expert_kernels(x, packed_stack(w13), packed_stack(w2), ids, weights, E, I, block_n, block_k)
 
 

@@ -26,3 +26,13 @@ def _load():
 
 
 triton, tl = _load()
+
+
+H100_SMS = 132  # the SM count kernels size their grids for where no GPU says otherwise (check_kernels)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; an H100's count elsewhere (meta tensors, the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS

@@ -28,6 +28,19 @@ def test_triton_matches_reference(M, N, K):
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+def test_triton_in_half_precision_rounds_the_weight_as_the_reference_does():
+    """16-bit x (the tensor-core path): each tile is dequantised to x's dtype, as the reference rounds the
+    whole weight, then multiplied with a float32 accumulator. float16 here: the interpreter's tl.dot cannot
+    take bfloat16 (triton-lang/triton#11584), the GPU's takes both alike."""
+    x, w, scale = case(3, 200, 300, seed=4)
+    x = x.half()
+    want = x.float() @ dequantize_fp8(w, scale, (128, 128)).half().float().T  # float32 accumulation
+    got = fp8_linear_triton(x, w, scale, (128, 128), block_n=64, block_k=64)
+    assert got.dtype == torch.float16
+    assert float((got.float() - want).abs().max() / want.abs().max()) < 2e-3
+
+
 def test_reference_is_the_dequantised_weight():
     x, w, scale = case(3, 140, 260, seed=2)
     assert torch.allclose(fp8_linear_reference(x, w, scale, (128, 128)),
