@@ -32,7 +32,8 @@ from dschat.dev import tiny_checkpoints as tc
 from dschat.engine import Engine, SamplingParams
 from dschat.runtime import DEMO_DIR
 from dschat.engine.config import ModelConfig
-from dschat.engine.loader import Placer, load_model, resolve
+from dschat.engine.hub import resolve
+from dschat.engine.loader import Placer, load_model
 from dschat.engine.model import Transformer
 from dschat.engine.quant import QuantSpec, convert, is_quantized, packed_layout, quantize
 from dschat.kernels.quant_matmul import quant_matmul, quant_matmul_reference
@@ -161,7 +162,7 @@ def random_engine(c: dict, name: str, device: torch.device, dtype) -> Engine:
         local = model.local_name(hub)
         t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
         t = (1 + 0.1 * t) if hub.endswith("norm.weight") else t / shape[-1] ** 0.5
-        placer.put(local, placer.wants(local), t.to(dtype), None, hub)
+        placer.put(placer.target(local), t.to(dtype), None, hub)
         del t
     return Engine(model.eval(), cfg, ROOT, device, dtype, cache_gb=1.0, speculative="none",
                   quant=None if name == "bf16" else name)

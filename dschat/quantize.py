@@ -4,9 +4,10 @@ loads the packed weights directly (no bf16 checkpoint in memory, no quantizing a
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from .options import command_parser
-from .runtime import DEMO_DIR
+from .runtime import DEMO_DIR, terminal_progress
 
 
 def run_quantize(argv: list[str]) -> int:
@@ -22,7 +23,7 @@ def run_quantize(argv: list[str]) -> int:
     from dschat.engine import quantize_checkpoint  # deferred: torch
 
     src = str(DEMO_DIR) if args.model == "demo" else args.model
-    f = quantize_checkpoint(src, args.output, args.quant)
+    f = quantize_checkpoint(src, args.output, args.quant, progress=terminal_progress("Quantizing " + Path(src).name))
     sys.stdout.write(f"wrote {args.output}: {args.quant}, {f['tensors']} tensors, {f['bytes_out'] / 1e9:.2f} GB "
                      f"(from {f['bytes_in'] / 1e9:.2f} GB); peak host memory {f['peak_host_bytes'] / 1e9:.2f} GB\n")
     return 0

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -112,15 +113,43 @@ def default_device(opts: Options) -> str:
 
 
 def load_engine(opts: Options, progress=None):
+    """The engine of this run; `progress` (bytes done, bytes total) as it loads, by default a bar on stderr."""
     from dschat.engine import Engine  # deferred: torch
 
-    engine = Engine.from_pretrained(model_name(opts), device=default_device(opts),
+    name = model_name(opts)
+    progress = progress or terminal_progress("Loading " + Path(name).name)
+    engine = Engine.from_pretrained(name, device=default_device(opts),
                                     dtype=opts.dtype or opts.config.dtype, cache_gb=opts.cache_gb,
                                     speculative=opts.speculative, draft_tokens=opts.draft_tokens,
                                     progress=progress, fp8=opts.fp8, quant=quant_name(opts),
                                     threads=opts.threads or opts.config.threads)
     start_up_done()  # a Ctrl+C during start-up stops here, even one that torch's import swallowed
     return engine
+
+
+def terminal_progress(label: str):
+    """A progress bar on stderr for the engine's (bytes done, bytes total) calls, when stderr is a terminal (rank
+    0's, with several ranks); silent otherwise."""
+    if not sys.stderr.isatty() or int(os.environ.get("RANK", "0")) != 0:
+        return lambda done, total: None
+    start = time.monotonic()
+    last = [0.0]
+    label = "".join(c if c.isprintable() else "?" for c in label)  # a directory's name: no escape sequences
+
+    def show(done: int, total: int):
+        now = time.monotonic()
+        if done < total and now - last[0] < 0.1:
+            return
+        last[0] = now
+        frac = done / total if total else 1.0
+        bar = "█" * int(frac * 30)
+        sys.stderr.write(f"\r{label} {frac:4.0%} |{bar:<30}| {done / 1e9:.2f}/{total / 1e9:.2f} GB "
+                         f"{now - start:4.0f}s")
+        if done >= total:
+            sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+    return show
 
 
 def quant_name(opts: Options) -> str | None:

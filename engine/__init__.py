@@ -12,7 +12,7 @@ from .config import ModelConfig
 from .engine import Engine
 from .errors import ContextLengthError, ModelError
 from .generation import Generation
-from .loader import resolve
+from .hub import resolve
 from .quantized_dir import quantize_checkpoint
 from .sampling import SamplingParams
 from .stats import GenerationStats

@@ -15,7 +15,9 @@ from .cache import LatentCache, Sequence
 from .config import ModelConfig
 from .errors import ContextLengthError, ModelError
 from . import dist, persist
-from .loader import Progress, load_model, memory_report, resolve
+from .hub import resolve
+from .loader import Progress, load_model
+from .memory import memory_report
 from .mla import ABSORB_MAX_TOKENS
 from .model import Transformer
 from .step import Step

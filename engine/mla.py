@@ -56,7 +56,9 @@ class MLA(nn.Module):
             self.q_b_proj = Linear(cfg.q_lora_rank, cfg.num_attention_heads * qk, split="col")
         self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (self.nope + self.v_dim), split="col")
+        # the absorbed path reads kv_b_proj's weight whole (W_UK, W_UV), so it never stays FP8
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (self.nope + self.v_dim), split="col",
+                                may_stay_fp8=False)
         self.o_proj = Linear(cfg.num_attention_heads * self.v_dim, cfg.hidden_size, split="row")
         self.scale = cfg.softmax_scale
 

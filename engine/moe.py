@@ -16,7 +16,9 @@ from ..kernels.quant_moe import moe_experts_quant
 from . import dist
 from .config import ModelConfig
 from .layers.mlp import MLP
-from .layers.quant_linear import QuantSpec, check_packed, packed_of, register_packed
+from .errors import ModelError
+from .layers.quant_linear import QuantSpec, check_packed, packed_of, quantize, register_packed
+from .layers.weights import LoadContext, Target, check_shape, default_weight_loader
 
 
 class Gate(nn.Module):
@@ -31,6 +33,11 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+
+    def weight_loader(self, target: Target, t: torch.Tensor, scale, ctx: LoadContext, where: str):
+        """Whole on every rank; the correction bias stays float32 (it only ranks experts, by small margins)."""
+        fp32 = target.name == "e_score_correction_bias"
+        default_weight_loader(target, t, scale, ctx, where, dtype=torch.float32 if fp32 else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
@@ -71,6 +78,38 @@ class Experts(nn.Module):
         self.register_buffer("w13_scale", None)
         self.register_buffer("w2_scale", None)
         self.block: tuple[int, int] = (128, 128)
+        self.loaded: set[tuple[int, str]] = set()  # (expert, projection) filled so far
+
+    def weight_loader(self, target: Target, t: torch.Tensor, scale: torch.Tensor | None, ctx: LoadContext,
+                      where: str):
+        """Expert target.expert's gate, up or down projection (target.name) into its stack. The first one
+        allocates the stack, FP8 (with block scales) if it arrives FP8; all of a stack's experts must agree."""
+        e, proj = target.expert, target.name
+        attr = "w2" if proj == "down" else "w13"
+        stack = getattr(self, attr)
+        E, rows, cols = stack.shape
+        rows //= 1 if proj == "down" else 2
+        check_shape(t, (rows, cols), where)
+        if stack.is_meta:
+            stack = torch.empty(stack.shape, device=ctx.device, dtype=ctx.dtype if scale is None else t.dtype)
+            self._parameters[attr] = nn.Parameter(stack, requires_grad=False)
+            if scale is not None:
+                blocks = (scale.shape[0] * (1 if proj == "down" else 2), scale.shape[1])
+                setattr(self, attr + "_scale", torch.empty(E, *blocks, device=ctx.device))
+                self.block = ctx.block
+        scales = getattr(self, attr + "_scale")
+        if (scales is None) != (scale is None) or stack.dtype != (ctx.dtype if scale is None else t.dtype):
+            raise ModelError(f"{where}: the routed experts of one layer mix FP8 and unquantised weights")
+        half = 1 if proj == "up" else 0
+        stack[e, half * rows:(half + 1) * rows] = t.to(device=ctx.device, dtype=stack.dtype)
+        if scale is not None:
+            n = scale.shape[0]
+            scales[e, half * n:(half + 1) * n] = scale.to(device=ctx.device, dtype=torch.float32)
+        self.loaded.add((e, proj))
+
+    def missing(self) -> tuple[int, str] | None:
+        """(expert, projection) of a weight of this stack that never arrived, if any."""
+        return _missing(self.loaded, self.w13.shape[0])
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T,H], ids [T,k] indices into this stack (others contribute zero), weights [T,k] -> [T,H]."""
@@ -115,6 +154,18 @@ class QuantExperts(nn.Module):
             stack[e, rows] = t.to(device)
         self.loaded.add((e, proj))
 
+    def weight_loader(self, target: Target, t: torch.Tensor | Packed, scale: torch.Tensor | None,
+                      ctx: LoadContext, where: str):
+        """Expert target.expert's projection: quantized here from a float tensor, or already packed."""
+        if scale is not None:
+            t = dequantize_fp8(t, scale, ctx.block)
+        self.put(target.expert, target.name, t if isinstance(t, Packed) else quantize(t, self.spec), ctx.device,
+                 where)
+
+    def missing(self) -> tuple[int, str] | None:
+        """(expert, projection) of a weight of this stack that never arrived, if any."""
+        return _missing(self.loaded, self.w13.shape[0])
+
     def repack_for_cpu(self):
         if self.w13 is not None and int4_fits(packed_of(self, "w13", self.spec, self.dim)) \
                 and self.w13.device.type == "cpu":
@@ -150,6 +201,12 @@ class MoE(nn.Module):
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
 
+    def expert_target(self, expert: int, proj: str) -> Target | None:
+        """Where the hub's tensor of routed expert `expert` (its number in the whole model), projection
+        "gate", "up" or "down", goes on this rank (None: another rank holds it)."""
+        e = expert - self.first
+        return Target(self.experts, proj, e) if 0 <= e < self.experts.w13.shape[0] else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -158,3 +215,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return dist.all_reduce(y).view(shape)
+
+
+def _missing(loaded: set[tuple[int, str]], n: int) -> tuple[int, str] | None:
+    return next(((e, proj) for e in range(n) for proj in ("gate", "up", "down") if (e, proj) not in loaded), None)

@@ -1,4 +1,6 @@
-"""Weight-only int8 / int4 quantization: which weights, how they are quantized, and the Linear that runs them.
+"""Weight-only int8 / int4 quantization: which weights are packed, the model converted to hold them (before
+loading), a packed directory's tensors checked. How a weight is quantized and the Linear that runs it:
+engine/layers/quant_linear.py; the packed expert stacks: engine/moe.py.
 
 * int8: symmetric, one scale per output channel.
 * int4: groups of 128 input features, each with a scale and a zero point (asymmetric: measured against
@@ -23,12 +25,13 @@ import re
 import torch
 from torch import nn
 
-from ..kernels.quant_format import Packed, pack_int4
+from ..kernels.quant_format import Packed
 
-from . import dist
 from .errors import ModelError
 from .layers.linear import Linear
 from .layers.quant_linear import GROUP, QuantLinear, QuantSpec, packed_layout
+from .layers.quant_linear import quantize  # noqa: F401 (the quantization API: tests, benchmarks, quantize)
+from .layers.weights import Target
 from .moe import Experts, QuantExperts
 
 QUANTS = ("int8", "int4")
@@ -65,63 +68,6 @@ def is_quantized(module_path: str) -> bool:
     return bool(_QUANTIZED.search("." + module_path))
 
 
-# -- quantizing --------------------------------------------------------------------------------------------
-def quantize(w: torch.Tensor, s: QuantSpec) -> Packed:
-    """A float weight [N, K] -> its packed form (see kernels/quant_format.py)."""
-    w = w.float()
-    if s.bits == 8:
-        scale = (w.abs().amax(dim=-1) / 127).clamp(min=1e-12)
-        data = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return Packed(data, scale, None, 8, 0, w.shape[-1])
-    n, k = w.shape
-    padded = -(-k // s.group) * s.group
-    g = torch.nn.functional.pad(w, (0, padded - k)).view(n, padded // s.group, s.group)
-    if s.symmetric:
-        scale = (g.abs().amax(dim=-1) / 7).clamp(min=1e-12)
-        q = torch.round(g / scale[..., None]).clamp(-8, 7) + 8
-        zero = None
-    else:
-        lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        zero = torch.round(-lo / scale).clamp(0, 15)
-        q = (torch.round(g / scale[..., None]) + zero[..., None]).clamp(0, 15)
-        zero = zero.to(torch.uint8)
-    return Packed(pack_int4(q.flatten(1)), scale, zero, 4, s.group, k)
-
-
-def shard(p: Packed, split: str | None, name: str) -> Packed:
-    """This rank's slice of a packed weight [N, K]: output rows ("col"), or input features ("row"), whose
-    cut must fall on a group boundary for int4 (int8 rows keep their one scale)."""
-    ws, r = dist.world_size(), dist.rank()
-    if ws == 1 or not split:
-        return p
-    if split == "col":
-        n = p.out_features // ws
-        rows = [None if t is None else t.narrow(0, r * n, n).clone() for t in (p.data, p.scale, p.zero)]
-        return Packed(*rows, p.bits, p.group, p.in_features)
-    k = p.in_features // ws
-    if p.bits == 8:
-        return Packed(p.data.narrow(1, r * k, k).contiguous(), p.scale, None, 8, 0, k)
-    if p.padded_in != p.in_features or k % p.group:
-        raise ModelError(f"{name}: its {p.in_features} input features do not split into {ws} whole groups "
-                         f"of {p.group}; load the unquantized checkpoint with --quant int4 instead")
-    g = k // p.group
-    data, scale, zero = (None if t is None else t.narrow(1, r * n, n).contiguous()
-                         for t, n in ((p.data, k // 2), (p.scale, g), (p.zero, g)))
-    return Packed(data, scale, zero, 4, p.group, k)
-
-
-def quantize_for_rank(w: torch.Tensor, split: str | None, s: QuantSpec, name: str) -> Packed:
-    """A whole float weight -> this rank's packed slice. int4 slices before quantizing, so that no group
-    straddles two ranks; int8 quantizes whole rows first, so that each row keeps its one scale."""
-    ws, r = dist.world_size(), dist.rank()
-    if ws == 1 or not split or s.bits == 8:
-        return shard(quantize(w, s), split, name)
-    dim = 0 if split == "col" else 1
-    return quantize(w.chunk(ws, dim=dim)[r], s)
-
-
-# -- modules that hold packed weights ------------------------------------------------------------------------
 def convert(model: nn.Module, s: QuantSpec, head: QuantSpec | None = None):
     """Replace the model's quantized Linear layers and routed expert stacks by empty packed ones (before
     loading); `head`: lm_head too, quantized this way as it loads."""
@@ -146,38 +92,19 @@ def repack_for_cpu(model: nn.Module):
             m.repack_for_cpu()
 
 
-def owner(model: nn.Module, local: str, target) -> QuantLinear | QuantExperts | None:
-    """The module that packs the tensor `local` (the loader's `target` for it: True, or (experts, e, proj)
-    for a routed expert), if any."""
-    if isinstance(target, tuple):
-        return target[0] if isinstance(target[0], QuantExperts) else None
-    mod, _, attr = local.rpartition(".")
-    m = model.get_submodule(mod) if attr == "weight" and mod else None
-    return m if isinstance(m, QuantLinear) else None
+def packing(target: Target) -> QuantLinear | QuantExperts | None:
+    """The module that packs the weight the loader's `target` names, if any."""
+    m = target.module
+    return m if isinstance(m, QuantExperts) or (isinstance(m, QuantLinear) and target.name == "weight") else None
 
 
-def place(into: QuantLinear | QuantExperts, target, t: torch.Tensor | Packed, device, where: str):
-    """A weight into the module that packs it: quantized here from a float tensor (this rank's slice), or
-    already packed (read from a directory `dschat quantize` wrote)."""
-    if isinstance(into, QuantExperts):
-        _, e, proj = target
-        into.put(e, proj, t if isinstance(t, Packed) else quantize(t, into.spec), device, where)
-        return
-    if isinstance(t, Packed):
-        into.set(shard(t, into.split, where), device, where)
-        return
-    if tuple(t.shape) != into.full_shape:
-        raise ModelError(f"{where} has shape {list(t.shape)}, expected {list(into.full_shape)}")
-    into.set(quantize_for_rank(t, into.split, into.spec, where), device, where)
-
-
-def read_packed(name: str, data: torch.Tensor, get, into: QuantLinear | QuantExperts, target,
+def read_packed(name: str, data: torch.Tensor, get, into: QuantLinear | QuantExperts, target: Target,
                 where: str) -> Packed:
     """A packed weight as `dschat quantize` stored it (`name` and its companions, read with get(name) ->
     tensor or None), checked against what the config promises: bits, group size, shapes."""
     s = into.spec
     if isinstance(into, QuantExperts):
-        n, k = (into.dim, into.inter) if target[2] == "down" else (into.inter, into.dim)
+        n, k = (into.dim, into.inter) if target.name == "down" else (into.inter, into.dim)
     else:
         n, k = into.full_shape
     tensors = {"": data, "_scale": get(name + "_scale"), "_zero": get(name + "_zero")}
@@ -197,18 +124,6 @@ def read_packed(name: str, data: torch.Tensor, get, into: QuantLinear | QuantExp
     if zero is not None and (zero > 15).any():
         raise ModelError(f"{where}: tensor {name + '_zero'!r} holds {int(zero.max())}; int4 zero points are 0 to 15")
     return Packed(data, tensors["_scale"], tensors["_zero"], s.bits, s.group if s.bits == 4 else 0, k)
-
-
-def missing(model: nn.Module) -> str | None:
-    """The local name of a routed expert weight that never arrived, if any."""
-    for name, m in model.named_modules():
-        if isinstance(m, QuantExperts):
-            first = model.get_submodule(name.rpartition(".")[0]).first
-            for e in range(m.w13.shape[0]):
-                for proj in ("gate", "up", "down"):
-                    if (e, proj) not in m.loaded:
-                        return f"{name}.{first + e}.{proj}_proj.weight"
-    return None
 
 
 def weight_bytes(model: nn.Module) -> int:

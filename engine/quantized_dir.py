@@ -27,7 +27,10 @@ from ..kernels.fp8_matmul import dequantize_fp8
 from .config import ModelConfig
 from .config_check import check_config
 from .errors import ModelError
-from .loader import Checkpoint, Progress, peak_host_bytes, resolve, terminal_progress
+from .checkpoint import Checkpoint
+from .hub import resolve
+from .loader import Progress
+from .memory import peak_host_bytes
 from .quant import QuantSpec, is_quantized, quantize, spec
 from . import files
 
@@ -62,7 +65,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, quant: s
         raise ModelError(f"{out}: cannot write here ({e.strerror})") from None
     held = _hold(tmp)  # while held, no other quantize takes it for a stale one
     try:
-        figures = _write(root, tmp, cfg, s, progress or terminal_progress("Quantizing " + root.name), shard_bytes)
+        figures = _write(root, tmp, cfg, s, progress or (lambda done, total: None), shard_bytes)
         os.rename(tmp, out)
     except (OSError, SafetensorError) as e:  # disk full, a file-size limit: the output named, not the temporary
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""The linear layer whose weight is packed int8 or int4 (the format: kernels/quant_format.py), and the layout
-of a packed weight's stored tensors. engine/quant.py decides which layers are packed and quantizes them."""
+"""The linear layer whose weight is packed int8 or int4 (the format: kernels/quant_format.py): how a float
+weight is quantized and sliced for a rank, the layout of a packed weight's stored tensors, and QuantLinear.
+engine/quant.py decides which layers are packed."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import torch
 from torch import nn
 
 from ...kernels.quant_cpu import Int4Cpu, int4_fits, matmul_cpu, repack_int4
-from ...kernels.quant_format import Packed
+from ...kernels.fp8_matmul import dequantize_fp8
+from ...kernels.quant_format import Packed, pack_int4
 from ...kernels.quant_matmul import quant_matmul
 
 from .. import dist
 from ..errors import ModelError
 from .linear import Linear
+from .weights import LoadContext, Target
 
 GROUP = 128
 METHOD = "dschat"  # quantization_config.quant_method of a directory `dschat quantize` wrote
@@ -35,6 +38,62 @@ class QuantSpec:
         return {"quant_method": METHOD, "bits": self.bits, "group_size": self.group if self.bits == 4 else 0,
                 "symmetric": self.symmetric or self.bits == 8}
 
+
+
+# -- quantizing and slicing -----------------------------------------------------------------------------
+def quantize(w: torch.Tensor, s: QuantSpec) -> Packed:
+    """A float weight [N, K] -> its packed form (see kernels/quant_format.py)."""
+    w = w.float()
+    if s.bits == 8:
+        scale = (w.abs().amax(dim=-1) / 127).clamp(min=1e-12)
+        data = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return Packed(data, scale, None, 8, 0, w.shape[-1])
+    n, k = w.shape
+    padded = -(-k // s.group) * s.group
+    g = torch.nn.functional.pad(w, (0, padded - k)).view(n, padded // s.group, s.group)
+    if s.symmetric:
+        scale = (g.abs().amax(dim=-1) / 7).clamp(min=1e-12)
+        q = torch.round(g / scale[..., None]).clamp(-8, 7) + 8
+        zero = None
+    else:
+        lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        zero = torch.round(-lo / scale).clamp(0, 15)
+        q = (torch.round(g / scale[..., None]) + zero[..., None]).clamp(0, 15)
+        zero = zero.to(torch.uint8)
+    return Packed(pack_int4(q.flatten(1)), scale, zero, 4, s.group, k)
+
+
+def shard(p: Packed, split: str | None, name: str) -> Packed:
+    """This rank's slice of a packed weight [N, K]: output rows ("col"), or input features ("row"), whose
+    cut must fall on a group boundary for int4 (int8 rows keep their one scale)."""
+    ws, r = dist.world_size(), dist.rank()
+    if ws == 1 or not split:
+        return p
+    if split == "col":
+        n = p.out_features // ws
+        rows = [None if t is None else t.narrow(0, r * n, n).clone() for t in (p.data, p.scale, p.zero)]
+        return Packed(*rows, p.bits, p.group, p.in_features)
+    k = p.in_features // ws
+    if p.bits == 8:
+        return Packed(p.data.narrow(1, r * k, k).contiguous(), p.scale, None, 8, 0, k)
+    if p.padded_in != p.in_features or k % p.group:
+        raise ModelError(f"{name}: its {p.in_features} input features do not split into {ws} whole groups "
+                         f"of {p.group}; load the unquantized checkpoint with --quant int4 instead")
+    g = k // p.group
+    data, scale, zero = (None if t is None else t.narrow(1, r * n, n).contiguous()
+                         for t, n in ((p.data, k // 2), (p.scale, g), (p.zero, g)))
+    return Packed(data, scale, zero, 4, p.group, k)
+
+
+def quantize_for_rank(w: torch.Tensor, split: str | None, s: QuantSpec, name: str) -> Packed:
+    """A whole float weight -> this rank's packed slice. int4 slices before quantizing, so that no group
+    straddles two ranks; int8 quantizes whole rows first, so that each row keeps its one scale."""
+    ws, r = dist.world_size(), dist.rank()
+    if ws == 1 or not split or s.bits == 8:
+        return shard(quantize(w, s), split, name)
+    dim = 0 if split == "col" else 1
+    return quantize(w.chunk(ws, dim=dim)[r], s)
 
 
 def packed_layout(s: QuantSpec, n: int, k: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]] | None]:
@@ -102,4 +161,15 @@ class QuantLinear(nn.Module):
             return matmul_cpu(x, w)
         return quant_matmul(x, w)
 
-
+    def weight_loader(self, target: Target, t: torch.Tensor | Packed, scale: torch.Tensor | None,
+                      ctx: LoadContext, where: str):
+        """A whole float weight, quantized here (this rank's slice), or one already packed (read from a
+        directory `dschat quantize` wrote), sliced for this rank."""
+        if isinstance(t, Packed):
+            self.set(shard(t, self.split, where), ctx.device, where)
+            return
+        if scale is not None:
+            t = dequantize_fp8(t, scale, ctx.block)
+        if tuple(t.shape) != self.full_shape:
+            raise ModelError(f"{where} has shape {list(t.shape)}, expected {list(self.full_shape)}")
+        self.set(quantize_for_rank(t, self.split, self.spec, where), ctx.device, where)
