@@ -28,7 +28,7 @@ import torch
 from dschat.dev.serving import ServerThread
 from dschat.engine import Engine, SamplingParams
 from dschat.runtime import DEMO_DIR
-from dschat.template import completion_prompt
+from dschat.conversation.template import completion_prompt
 
 FULL = {"decode_tokens": 200, "repeats": 3, "file_tokens": 2000, "keystrokes": 20}
 SMOKE = {"decode_tokens": 8, "repeats": 1, "file_tokens": 150, "keystrokes": 3}

@@ -1,3 +1,3 @@
-from .cli import main
+from dschat.cli.main import main
 
 main()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .terminal_text import terminal_safe
+from dschat.terminal.text import terminal_safe
 
 
 class UsageError(Exception):

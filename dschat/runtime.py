@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import Settings
-from .errors import UsageError
-from .settings_check import CHECKS, problem
-from .signals import start_up_done
+from dschat.settings.config import Settings
+from dschat.errors import UsageError
+from dschat.settings.checks import CHECKS, problem
+from dschat.signals import start_up_done
 
 NO_MODEL = (
     "no model given. Get one with `hf download deepseek-ai/DeepSeek-V2-Lite-Chat`, then run "
@@ -160,7 +160,7 @@ def quant_name(opts: Options) -> str | None:
 
 def session_settings(opts: Options) -> "SessionSettings":
     """What a ChatSession needs of this run, resolved once: the flags over the config file."""
-    from .session import Sampling, SessionSettings
+    from dschat.conversation.session import Sampling, SessionSettings
 
     conf = opts.config
     flags = Sampling(temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed,
@@ -174,7 +174,7 @@ def session_settings(opts: Options) -> "SessionSettings":
 def sampling_params(opts: Options, engine, prompt_len: int):
     """The SamplingParams of a reply to a prompt of `prompt_len` tokens: flags, then the config file, then the
     model's generation_config.json, then built-in defaults (as a ChatSession resolves them)."""
-    from .context_window import ContextWindow
+    from dschat.conversation.context_window import ContextWindow
 
     sampling = session_settings(opts).sampling.resolved(engine.generation_config,
                                                         Path(engine.path) / "generation_config.json")
@@ -185,7 +185,7 @@ def sampling_params(opts: Options, engine, prompt_len: int):
 def model_default(engine, key: str, default):
     """A sampling default from the engine's generation_config.json (`default` when it has none), checked as the
     flag is (session.model_default)."""
-    from .session import model_default as checked_default
+    from dschat.conversation.session import model_default as checked_default
 
     return checked_default(engine.generation_config, key, default, Path(engine.path) / "generation_config.json")
 

@@ -24,12 +24,12 @@ from dschat.dev import tiny_checkpoints as tc
 from dschat.dev.serving import ServerThread  # noqa: F401 - the tests' server
 import torch
 
-from dschat.cli import chat_parser, main
-from dschat.config import Settings
+from dschat.cli.main import chat_parser, main
+from dschat.settings.config import Settings
 from dschat.engine import SamplingParams, Tokenizer
-from dschat.fim import FIM_TOKENS, cut_repeat, fim_prompt
+from dschat.fim.core import FIM_TOKENS, cut_repeat, fim_prompt
 from dschat.runtime import Options
-from dschat.template import chat_prompt
+from dschat.conversation.template import chat_prompt
 from dschat.tui.app import ChatApp
 from dschat.tui.message_view import MessageView
 from dschat.tui.prompt_area import PromptArea

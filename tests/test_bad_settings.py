@@ -11,8 +11,8 @@ import pexpect
 import pytest
 from helpers import call, spawn
 
-from dschat.config import ConfigError, Settings
-from dschat.keymap import check_keymap, known_key
+from dschat.settings.config import ConfigError, Settings
+from dschat.settings.keymap import check_keymap, known_key
 
 
 def assert_one_line_error(r, named: str):

@@ -11,11 +11,11 @@ import pexpect
 from helpers import PROMPT, ask, call, dschat_cmd, make_app, ready, run, send, spawn, until
 
 from dschat.engine import Tokenizer
-from dschat.store import Store
+from dschat.history.store import Store
 from dschat.tui.message_view import MessageView
 from dschat.tui.prompt_area import PromptArea
 
-HOLD = ("import sys; from dschat.turn_lock import TurnLock; t = TurnLock(); t.acquire(sys.argv[1]); "
+HOLD = ("import sys; from dschat.history.turn_lock import TurnLock; t = TurnLock(); t.acquire(sys.argv[1]); "
         "print(1, flush=True); input()")  # a process that holds a conversation until its stdin closes
 
 
@@ -102,7 +102,7 @@ async def test_a_tui_turn_does_not_wait_and_follows_what_was_saved_meanwhile(cha
 
 def test_a_pipe_mode_run_says_whom_it_waits_for_and_gives_up(chat_models, monkeypatch):
     """Behind a stopped process holding the conversation, `dschat -c` waited silently, for ever."""
-    from dschat import turn_lock
+    from dschat.history import turn_lock
 
     model = ["--model", str(chat_models["v3"]), "-t", "0", "-n", "2"]
     assert call(model, stdin="question").returncode == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import call
 
-from dschat.config import ConfigError, Settings
+from dschat.settings.config import ConfigError, Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

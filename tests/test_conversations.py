@@ -15,7 +15,7 @@ import pytest
 from helpers import assert_clean_error, call, dschat_cmd
 
 from dschat.engine import Tokenizer
-from dschat.store import Store
+from dschat.history.store import Store
 
 
 def ask(model, text, *extra):

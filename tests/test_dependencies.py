@@ -17,7 +17,7 @@ PROBE = r"""
 import io, json, sys
 before = {m.split(".")[0] for m in sys.modules}
 sys.stdin = io.TextIOWrapper(io.BytesIO(b"hi\n"), encoding="utf-8")
-from dschat.cli import main
+from dschat.cli.main import main
 try:
     main(sys.argv[1:])
 except SystemExit as e:

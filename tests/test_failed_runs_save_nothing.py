@@ -9,7 +9,7 @@ import pytest
 
 from helpers import call
 
-from dschat.store import Store
+from dschat.history.store import Store
 
 
 def assert_fails_and_saves_nothing(r, named: str):

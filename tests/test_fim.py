@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from helpers import assert_clean_error, call, dschat_cmd, engine_fill
 
-from dschat.fim import cut_repeat, fim_prompt, trim
+from dschat.fim.core import cut_repeat, fim_prompt, trim
 
 SOURCE = '''import os
 

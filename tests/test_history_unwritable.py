@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_clean_error, call
 
-from dschat import store as store_module
+from dschat.history import store as store_module
 
 
 def data_dir() -> Path:

@@ -9,8 +9,8 @@ import pytest
 from helpers import assert_clean_error, call
 
 from dschat.engine import Tokenizer
-from dschat.prompt_fit import _LINE_START
-from dschat.store import MAX_IMPORT_BYTES, MAX_IMPORT_CHARS, Store, StoreError, read_json_file
+from dschat.conversation.prompt_fit import _LINE_START
+from dschat.history.store import MAX_IMPORT_BYTES, MAX_IMPORT_CHARS, Store, StoreError, read_json_file
 
 
 def chat(*roles, **extra):
@@ -115,7 +115,7 @@ def test_a_file_with_a_byte_order_mark_imports(tmp_path):
 
 def test_conversations_shows_a_long_title_shortened(tmp_path):
     """A title stored before titles had a limit (or renamed long) is shown cut, not whole."""
-    from dschat.store import Store as S
+    from dschat.history.store import Store as S
 
     with S() as store:
         cid = store.import_json(chat("user", "assistant"))
@@ -146,8 +146,8 @@ def test_a_cut_before_a_role_token_keeps_the_tokens_of_the_whole(small_context):
     """Each place cut_points allows: the marked encoding of the two sides is that of the whole, control tokens
     typed into a message (marked, plain text) included."""
 
-    from dschat.prompt_fit import cut_points
-    from dschat.template import START, control_tokens, encode_marked, render_marked
+    from dschat.conversation.prompt_fit import cut_points
+    from dschat.conversation.template import START, control_tokens, encode_marked, render_marked
 
     tok = Tokenizer.from_dir(small_context)
     messages = [{"role": "user", "content": "hi<｜Assistant｜>x"}, {"role": "assistant", "content": "ok 12"},

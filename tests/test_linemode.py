@@ -10,8 +10,8 @@ from pathlib import Path
 import pexpect
 from helpers import ACCEPTED, PROMPT, ask, call, clean, long_reply, spawn
 
-from dschat.store import Store
-from dschat.template import chat_prompt
+from dschat.history.store import Store
+from dschat.conversation.template import chat_prompt
 from dschat.engine import SamplingParams
 
 
@@ -56,8 +56,8 @@ def test_ctrl_c_stops_a_reply_and_ctrl_d_exits(chat_models):
 def test_printer_highlights_code_blocks_on_a_colour_terminal(monkeypatch):
     import io
 
-    from dschat.highlight import terminal_formatter
-    from dschat.linemode import Printer
+    from dschat.terminal.highlight import terminal_formatter
+    from dschat.cli.linemode import Printer
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -132,7 +132,7 @@ def test_load_by_id_and_from_an_exported_file(chat_models, tmp_path):
 
 
 def test_raw_is_honoured_in_a_new_line_mode_chat(chat_models, chat_engines):
-    from dschat.template import completion_prompt
+    from dschat.conversation.template import completion_prompt
 
     p = spawn("--plain", "--raw", "--model", str(chat_models["v3"]), "-t", "0", "-n", "4")
     p.expect_exact(PROMPT)

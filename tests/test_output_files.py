@@ -14,7 +14,7 @@ import threading
 import pexpect
 from helpers import PROMPT, assert_clean_error, ask, call, make_app, ready, send, spawn
 
-from dschat.store import Store
+from dschat.history.store import Store
 
 
 def saved_conversation() -> str:

@@ -13,7 +13,7 @@ from helpers import call
 
 from dschat.engine import Engine, SamplingParams
 from dschat.engine.persist import CacheWarning
-from dschat.store import Store
+from dschat.history.store import Store
 
 
 def alter(path, how):

@@ -15,7 +15,7 @@ import torch
 
 from helpers import assert_clean_error, call, dschat_cmd, run
 from dschat.engine import Engine, SamplingParams
-from dschat.store import Store
+from dschat.history.store import Store
 
 
 def greedy_text(engine, ids, n):
@@ -26,7 +26,7 @@ def greedy_text(engine, ids, n):
 # -- the happy paths --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["v3", "v2"])
 def test_pipe_mode_streams_the_engines_greedy_answer(chat_models, chat_engines, kind):
-    from dschat.template import chat_prompt
+    from dschat.conversation.template import chat_prompt
 
     r = run(["--model", str(chat_models[kind]), "-t", "0", "-n", "12"], stdin="What is MLA?\n")
     assert r.returncode == 0, r.stderr
@@ -37,7 +37,7 @@ def test_pipe_mode_streams_the_engines_greedy_answer(chat_models, chat_engines, 
 
 
 def test_raw_mode_is_text_completion(chat_models, chat_engines):
-    from dschat.template import completion_prompt
+    from dschat.conversation.template import completion_prompt
 
     r = run(["--model", str(chat_models["v3"]), "--raw", "-t", "0", "-n", "10", "def fib(n):"], stdin=None)
     assert r.returncode == 0, r.stderr
@@ -49,7 +49,7 @@ def test_raw_mode_is_text_completion(chat_models, chat_engines):
 def test_raw_mode_keeps_the_completions_leading_whitespace(chat_models, chat_engines):
     """The prompt plus the output is the text the model continued, byte for byte: for code, the leading
     whitespace of a completion is indentation."""
-    from dschat.template import completion_prompt
+    from dschat.conversation.template import completion_prompt
 
     source = "def f(x):\n    return"
     r = run(["--model", str(chat_models["v3"]), "--raw", "-t", "0", "-n", "6"], stdin=source)
@@ -62,7 +62,7 @@ def test_raw_mode_keeps_the_completions_leading_whitespace(chat_models, chat_eng
 
 
 def test_show_prompt_is_the_exact_prompt_stdin_first(chat_models, chat_engines):
-    from dschat.template import chat_prompt
+    from dschat.conversation.template import chat_prompt
 
     r = run(["--model", str(chat_models["v3"]), "--show-prompt", "-s", "Be brief.", "review this"],
             stdin="diff --git a/x b/x\n")
@@ -94,7 +94,7 @@ def test_help_reads_well():
 
 
 def test_generation_config_defaults(chat_models, tmp_path):
-    from dschat.config import Settings
+    from dschat.settings.config import Settings
     from dschat.runtime import Options, sampling_params
 
     d = tmp_path / "m"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import assert_clean_error, call
 
-from dschat.config import Settings
+from dschat.settings.config import Settings
 from dschat.engine import Engine
 from dschat.runtime import Options, quant_name
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pexpect
 from helpers import PROMPT, ask, call, spawn
 
-from dschat.store import Store
+from dschat.history.store import Store
 
 
 def test_save_to_a_bad_path_is_reported_and_line_mode_goes_on(chat_models, tmp_path):

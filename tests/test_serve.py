@@ -15,9 +15,9 @@ import torch
 from helpers import ServerThread, assert_clean_error, call, greedy, http, run, sse_events, stream_lines, free_port
 
 from dschat.engine import Engine
-from dschat.fim import FIM_TOKENS, cut_repeat, fim_prompt
+from dschat.fim.core import FIM_TOKENS, cut_repeat, fim_prompt
 from dschat.runtime import DEMO_DIR
-from dschat.template import chat_prompt, completion_prompt
+from dschat.conversation.template import chat_prompt, completion_prompt
 
 SOURCE = "import os\n\n\ndef list_files(path):\n    names = []\n    for name in os.listdir(path):\n<FILL>\n    return names\n"
 

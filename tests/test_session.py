@@ -9,9 +9,9 @@ from helpers import call
 
 from dschat.dev.fake_engine import FakeEngine
 from dschat.engine import ContextLengthError, ModelError
-from dschat.session import ChatSession, Sampling, SessionSettings
+from dschat.conversation.session import ChatSession, Sampling, SessionSettings
 from dschat.signals import Stopped
-from dschat.store import Store
+from dschat.history.store import Store
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def test_no_save_and_continuing_a_saved_conversation(engine):
 def fake(monkeypatch):
     """Every front end's load_engine gives this FakeEngine."""
     engine = FakeEngine()
-    for module in ("dschat.pipe", "dschat.linemode", "dschat.tui.app"):
+    for module in ("dschat.cli.pipe", "dschat.cli.linemode", "dschat.tui.app"):
         monkeypatch.setattr(f"{module}.load_engine", lambda opts, progress=None: engine)
     return engine
 
@@ -186,8 +186,8 @@ def test_pipe_mode_streams_the_enqueued_answer_with_its_stats(fake):
 
 
 def test_line_mode_reply_says_stopped_cut_and_error(fake, capsys):
-    from dschat.linemode import reply as line_reply
-    from dschat.highlight import terminal_formatter
+    from dschat.cli.linemode import reply as line_reply
+    from dschat.terminal.highlight import terminal_formatter
 
     session = ChatSession(fake, SessionSettings(no_save=True))
     fake.enqueue("one two three")

@@ -12,7 +12,7 @@ import pexpect
 import pytest
 from helpers import dschat_cmd, long_reply
 
-from dschat.store import Store
+from dschat.history.store import Store
 
 
 def long_answer(model: Path, *extra: str) -> subprocess.Popen:

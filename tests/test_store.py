@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, example
 from hypothesis import strategies as st
 
-from dschat.store import SCHEMA, Store, StoreError
+from dschat.history.store import SCHEMA, Store, StoreError
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import shutil
 import pytest
 from helpers import assert_clean_error, call
 
-from dschat.template import TemplateError, render
-from dschat.template_bounds import BoundedEnvironment, TemplateLimit, render_bounded
+from dschat.conversation.template import TemplateError, render
+from dschat.conversation.template_bounds import BoundedEnvironment, TemplateLimit, render_bounded
 
 USER = [{"role": "user", "content": "hi"}]
 BIG = 20_000_000  # past the 8 Mi-character limit, yet small enough to build if the limit were missing

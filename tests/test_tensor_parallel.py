@@ -52,7 +52,7 @@ def torchrun_dschat(args, stdin: str, ranks: int = 2):
 
 
 def test_dschat_under_torchrun_answers_like_one_process_and_saves_once(chat_models):
-    from dschat.store import Store
+    from dschat.history.store import Store
 
     args = ["--model", str(chat_models["v3"]), "-t", "0", "-n", "12"]
     r = torchrun_dschat(args, "What is MLA?")

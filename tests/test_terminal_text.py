@@ -13,8 +13,8 @@ import pexpect
 import pytest
 from helpers import PROMPT, ask, call, dschat_cmd, parrot, spawn
 
-from dschat.store import Store
-from dschat.terminal_text import SafeStream, terminal_safe
+from dschat.history.store import Store
+from dschat.terminal.text import SafeStream, terminal_safe
 
 EVIL = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x1b[0m \x9b1;1H\x9d8;;http://x\x9cok\x1bP1$q\x1b\\ \x08\x00\u202edone"
 

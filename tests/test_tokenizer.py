@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dschat.dev import tiny_checkpoints as tc
-from dschat.template import TemplateError, chat_prompt, completion_prompt, render
+from dschat.conversation.template import TemplateError, chat_prompt, completion_prompt, render
 from dschat.engine import ModelError
 from dschat.engine.tokenizer import FIM_TOKENS, Tokenizer
 

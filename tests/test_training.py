@@ -15,12 +15,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dschat.chat import Chat
+from dschat.conversation.chat import Chat
 from dschat.runtime import DEMO_DIR
 from dschat.engine import Engine, SamplingParams
 from dschat.engine.config import ModelConfig
 from dschat.engine.model import Transformer
-from dschat.fim import fill
+from dschat.fim.core import fill
 from dschat.training import train_demo
 from dschat.training.batches import Batches
 from dschat.training.chat_data import CHAT_MODULES, chat_example, chat_pairs, eval_questions

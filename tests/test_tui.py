@@ -10,15 +10,15 @@ from dataclasses import replace
 import pytest
 from helpers import call, make_app, ready, replies, send, until
 
-from dschat.config import Settings
+from dschat.settings.config import Settings
 from dschat.engine import SamplingParams
-from dschat.store import Store
+from dschat.history.store import Store
 from dschat.tui.message_view import MessageView
 from dschat.tui.prompt_area import PromptArea
 
 
 async def test_send_streams_the_engines_answer_and_saves_it(chat_models, chat_engines):
-    from dschat.template import chat_prompt
+    from dschat.conversation.template import chat_prompt
 
     app = make_app(chat_models["v3"], "-n", "12")
     async with app.run_test(size=(100, 30)) as pilot:
@@ -274,7 +274,7 @@ async def test_edit_and_resend_keeps_the_old_prompt_as_a_sibling(chat_models):
 
 
 async def test_system_prompt_rename_search_export_delete(chat_models, tmp_path, monkeypatch):
-    from dschat.template import chat_prompt
+    from dschat.conversation.template import chat_prompt
 
     monkeypatch.chdir(tmp_path)
     app = make_app(chat_models["v3"], "-n", "4")
@@ -405,7 +405,7 @@ async def test_a_full_context_is_a_notice_and_the_message_goes_back_into_the_inp
 
 
 async def test_raw_is_honoured(chat_models, chat_engines):
-    from dschat.template import completion_prompt
+    from dschat.conversation.template import completion_prompt
 
     app = make_app(chat_models["v3"], "-n", "4", "--raw")
     async with app.run_test(size=(100, 30)) as pilot:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import dschat_cmd
 
-from dschat.store import Store
+from dschat.history.store import Store
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
 

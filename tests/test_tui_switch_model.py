@@ -6,7 +6,7 @@ from __future__ import annotations
 from helpers import make_app, ready, replies, send, until
 from textual.widgets import Label
 
-from dschat.store import Store
+from dschat.history.store import Store
 from dschat.tui.ask_screen import AskScreen
 
 

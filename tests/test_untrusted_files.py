@@ -38,7 +38,7 @@ def test_a_fifo_named_like_a_cache_file_is_ignored(chat_models):
 def test_fim_refuses_what_is_not_a_regular_file_or_too_large(tmp_path):
     """`fim /dev/zero` read until memory ran out and a 13 MB file took 42 s: now one line, before any model
     loads (no --model is needed to see it)."""
-    from dschat.source_file import MAX_SOURCE_BYTES
+    from dschat.fim.source_file import MAX_SOURCE_BYTES
 
     os.mkfifo(tmp_path / "fifo.py")
     assert_clean_error(call(["fim", str(tmp_path / "fifo.py")], stdin=None), "a FIFO, not a regular file")

@@ -16,7 +16,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
-from dschat.template import chat_prompt
+from dschat.conversation.template import chat_prompt
 
 from .corpus import is_held_out_source, stdlib_root
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dschat.chat import Chat
+from dschat.conversation.chat import Chat
 from dschat.engine import Engine, SamplingParams
-from dschat.fim import FimParams, fill
+from dschat.fim.core import FimParams, fill
 
 from .chat_data import eval_questions
 from .fim_data import line_table, pick_hole

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 
-from dschat.fim import fim_prompt, trim
+from dschat.fim.core import fim_prompt, trim
 
 KINDS = {"line": 0.35, "rest": 0.3, "block": 0.35}  # how often each kind is cut for training
 BLOCK_LINES = (2, 2, 3, 3, 4, 5, 6, 8)

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from dschat.engine.config import ModelConfig  # noqa: E402
 from dschat.engine.errors import ModelError  # noqa: E402
-from dschat.fim import FimParams  # noqa: E402
+from dschat.fim.core import FimParams  # noqa: E402
 from dschat.training.batches import Data  # noqa: E402
 from dschat.training.chat_data import CHAT_MODULES, TINY_MODULES, chat_pairs  # noqa: E402
 from dschat.training.corpus import TINY_FILES, split, stdlib_files  # noqa: E402

@@ -14,9 +14,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from . import llamacpp_api, ollama_api, openai_api
-from .common import State, failure
-from .errors import ApiError, response
+from dschat.serve import llamacpp_api, ollama_api, openai_api
+from dschat.serve.common import State, failure
+from dschat.serve.errors import ApiError, response
 
 OPEN_PATHS = ("/health",)  # answered without the API key (a liveness probe)
 

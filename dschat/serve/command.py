@@ -7,10 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import Settings
-from ..errors import UsageError
-from ..options import add_model_options, command_parser
-from ..runtime import DEMO_DIR, Options, load_engine, model_name
+from dschat.settings.config import Settings
+from dschat.errors import UsageError
+from dschat.cli.flags import add_model_options, command_parser
+from dschat.runtime import DEMO_DIR, Options, load_engine, model_name
 
 DESCRIPTION = """\
 Serve the model over HTTP on one local engine, for editors and scripts:
@@ -85,8 +85,8 @@ def run_serve(argv: list[str]) -> int:
     check(args)
     import uvicorn  # deferred: only the server needs it
 
-    from .app import build_app
-    from .common import Limits, State
+    from dschat.serve.app import build_app
+    from dschat.serve.common import Limits, State
 
     opts = Options.from_args(args, Settings.load())
     opts.model = model_name(opts)

@@ -14,11 +14,11 @@ from starlette.concurrency import run_in_threadpool
 
 from dschat.engine import ContextLengthError, ModelError
 
-from ..errors import error_text
-from ..runtime import model_default
-from . import generation
-from .errors import ApiError, from_validation
-from .queue import Cancelled, QueueFull, Scheduler
+from dschat.errors import error_text
+from dschat.runtime import model_default
+from dschat.serve import generation
+from dschat.serve.errors import ApiError, from_validation
+from dschat.serve.queue import Cancelled, QueueFull, Scheduler
 
 FIM_CONTEXT = 4096  # the FIM prompt's token budget, as `dschat fim --context` has it
 FIM_MAX_TOKENS = 256  # an insertion's default length, as `dschat fim -n` has it

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from dschat.engine import SamplingParams
 
-from ..fim import FIM_TOKENS, cut_repeat, fim_prompt, trim
-from ..template import bos, chat_prompt
+from dschat.fim.core import FIM_TOKENS, cut_repeat, fim_prompt, trim
+from dschat.conversation.template import bos, chat_prompt
 
 # How llama.cpp's server separates input_extra chunks for a vocabulary without a file-separator token (DeepSeek's
 # has none): the chunks go before the file's text in the FIM prefix.
@@ -152,7 +152,7 @@ def message_text(content) -> str:
 
 
 def chat_text_ids(tok, messages: list[dict]) -> tuple[str, list[int]]:
-    from ..template import TemplateError
+    from dschat.conversation.template import TemplateError
 
     try:
         return chat_prompt(tok, messages)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse, StreamingResponse
 
-from . import generation
-from .common import State, collect, events, parse, prepare, seed, sse, submit
-from .errors import ApiError, body
-from .schemas import ApplyTemplate, Detokenize, Infill, LlamaCompletion, Tokenize
+from dschat.serve import generation
+from dschat.serve.common import State, collect, events, parse, prepare, seed, sse, submit
+from dschat.serve.errors import ApiError, body
+from dschat.serve.schemas import ApplyTemplate, Detokenize, Infill, LlamaCompletion, Tokenize
 
 
 def _limit(ms: float) -> float | None:
@@ -160,7 +160,7 @@ async def apply_template(request):
                  "content": generation.message_text(m.content)} for m in req.messages]
 
     def render():
-        from ..template import TemplateError, chat_prompt
+        from dschat.conversation.template import TemplateError, chat_prompt
 
         try:
             return chat_prompt(state.tok, messages)[0]

@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 
 from starlette.responses import JSONResponse, StreamingResponse
 
-from . import generation
-from .common import State, collect, events, ndjson, parse, prepare, seed, submit
-from .errors import ApiError, body
-from .schemas import OllamaChat, OllamaGenerate, OllamaOptions, OllamaShow, stop_list
+from dschat.serve import generation
+from dschat.serve.common import State, collect, events, ndjson, parse, prepare, seed, submit
+from dschat.serve.errors import ApiError, body
+from dschat.serve.schemas import OllamaChat, OllamaGenerate, OllamaOptions, OllamaShow, stop_list
 
 VERSION = "0.6.0"  # the ollama API version these routes follow
 

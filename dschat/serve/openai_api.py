@@ -16,10 +16,10 @@ import uuid
 
 from starlette.responses import JSONResponse, StreamingResponse
 
-from . import generation
-from .common import State, collect, events, parse, prepare, seed, sse, submit
-from .errors import ApiError, body
-from .schemas import OpenAIChat, OpenAICompletion, stop_list
+from dschat.serve import generation
+from dschat.serve.common import State, collect, events, parse, prepare, seed, sse, submit
+from dschat.serve.errors import ApiError, body
+from dschat.serve.schemas import OpenAIChat, OpenAICompletion, stop_list
 
 
 def usage(o: generation.Outcome) -> dict:

@@ -24,22 +24,22 @@ from textual.widgets import Footer, Header, Label, ListItem, ListView, Static
 
 from dschat.themes import load_themes
 
-from ..chat import Chat, Turn
-from ..errors import error_text
-from ..files import write_output
-from ..keymap import check_keymap
-from ..paths import xdg
-from ..runtime import DEMO_DIR, Options, load_engine, model_name, session_settings
-from ..session import ChatSession
-from ..signals import STOPPING, Stopped
-from ..store import Store, StoreError
-from ..terminal_text import terminal_safe
-from .ask_screen import AskScreen
-from .help_screen import HelpScreen
-from .message_view import MessageView
-from .prompt_area import PromptArea
-from .reply_markdown import code_theme
-from .terminal_driver import ClosableTerminalDriver
+from dschat.conversation.chat import Chat, Turn
+from dschat.errors import error_text
+from dschat.files import write_output
+from dschat.settings.keymap import check_keymap
+from dschat.settings.paths import xdg
+from dschat.runtime import DEMO_DIR, Options, load_engine, model_name, session_settings
+from dschat.conversation.session import ChatSession
+from dschat.signals import STOPPING, Stopped
+from dschat.history.store import Store, StoreError
+from dschat.terminal.text import terminal_safe
+from dschat.tui.ask_screen import AskScreen
+from dschat.tui.help_screen import HelpScreen
+from dschat.tui.message_view import MessageView
+from dschat.tui.prompt_area import PromptArea
+from dschat.tui.reply_markdown import code_theme
+from dschat.tui.terminal_driver import ClosableTerminalDriver
 
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 LAST = object()  # update_status: the last reply's figures

@@ -6,13 +6,13 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, Markdown
 
-from ..terminal_text import SafeStream, terminal_safe
-from .reply_markdown import ReplyMarkdown
+from dschat.terminal.text import SafeStream, terminal_safe
+from dschat.tui.reply_markdown import ReplyMarkdown
 
 
 class MessageView(Vertical):
     """One message: who wrote it, then its Markdown. `text` is the message as written (copied as it is);
-    what is shown has no escape sequences or control characters (terminal_text.py): a reply or a stored
+    what is shown has no escape sequences or control characters (dschat.terminal.text): a reply or a stored
     message cannot set the terminal's title, clear the screen or reorder what is shown."""
 
     def __init__(self, role: str, text: str = "", interrupted: bool = False):

@@ -7,7 +7,7 @@ from textual.highlight import HighlightTheme, highlight
 from textual.widgets import Markdown
 from textual.widgets.markdown import MarkdownFence
 
-from dschat.highlight import style_colours
+from dschat.terminal.highlight import style_colours
 
 
 def code_theme(style_name: str) -> type[HighlightTheme]:

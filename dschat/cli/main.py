@@ -9,13 +9,15 @@ import signal
 import sys
 import traceback
 
-from . import commands, quantize, ranks
-from .config import Settings
-from .errors import UsageError, error_text
-from .options import add_model_options, add_output_options, add_sampling_options
-from .runtime import Options
-from .signals import exit_code, stop_on_signals, stop_received
-from .terminal_text import say
+from dschat.cli import commands
+from dschat.cli import quantize
+from dschat.cli import ranks
+from dschat.settings.config import Settings
+from dschat.errors import UsageError, error_text
+from dschat.cli.flags import add_model_options, add_output_options, add_sampling_options
+from dschat.runtime import Options
+from dschat.signals import exit_code, stop_on_signals, stop_received
+from dschat.terminal.text import say
 
 DESCRIPTION = """\
 dschat: chat with DeepSeek models (V2, V2-Lite, V2.5, Coder-V2, V3, R1) on a local engine.
@@ -91,14 +93,14 @@ def run_chat(argv: list[str]) -> int:
     else:
         message = prompt
     if not args.show_prompt and (piped or message):
-        from .session import check_history
+        from dschat.conversation.session import check_history
 
         check_history(opts)  # before the model loads: a turn that could not be saved is never generated
     if not piped and not message and not args.show_prompt:
         if not sys.stdout.isatty():
             raise UsageError("the chat needs a terminal on stdout; to write an answer elsewhere, give the "
                              "message on stdin or as an argument")
-        from .session import check_history
+        from dschat.conversation.session import check_history
 
         check_history(opts)
         return run_interactive(opts, args.plain)
@@ -106,32 +108,32 @@ def run_chat(argv: list[str]) -> int:
         raise UsageError("under torchrun dschat answers a message on stdin or as an argument (the TUI and "
                          "line mode run in one process)" if ranks.launched() else
                          "nothing to answer: stdin and the prompt are empty")
-    from . import pipe  # deferred: it loads torch
+    from dschat.cli import pipe  # deferred: it loads torch
 
     return pipe.show_prompt(opts, message) if args.show_prompt else pipe.answer(opts, message)
 
 
 def run_interactive(opts: Options, plain: bool) -> int:
     if plain:
-        from .linemode import run_line_mode  # deferred: torch
+        from dschat.cli.linemode import run_line_mode  # deferred: torch
 
         return run_line_mode(opts)
-    from .tui import run_tui  # deferred: torch and Textual
+    from dschat.tui import run_tui  # deferred: torch and Textual
 
     return run_tui(opts)
 
 
 def run_subcommand(name: str, argv: list[str]) -> int:
     if name == "fim":
-        from .fim import run_fim  # deferred: torch
+        from dschat.fim.command import run_fim  # deferred: torch
 
         return run_fim(argv)
     if name == "serve":
-        from .serve.command import run_serve  # deferred: torch and the server's libraries
+        from dschat.serve.command import run_serve  # deferred: torch and the server's libraries
 
         return run_serve(argv)
     if name == "replay":
-        from .replay import run_replay  # deferred: torch
+        from dschat.cli.replay import run_replay  # deferred: torch
 
         return run_replay(argv)
     if name == "quantize":

@@ -16,8 +16,8 @@ from functools import partial
 from itertools import chain
 from typing import Iterable, Iterator
 
-from .prompt_fit import cut_points
-from .template import START, completion_prompt, control_tokens, encode_marked, render_marked, unmark
+from dschat.conversation.prompt_fit import cut_points
+from dschat.conversation.template import START, completion_prompt, control_tokens, encode_marked, render_marked, unmark
 
 
 @dataclass

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import Snapshot, UnreadableFile, read_regular
+from dschat.files import Snapshot, UnreadableFile, read_regular
 
 BOM = "\ufeff"
 MAX_SOURCE_BYTES = 2 * 2**20  # 2 MiB: more code than any model's context window holds (V3's 128 Ki tokens)

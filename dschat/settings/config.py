@@ -21,9 +21,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import UnreadableFile, atomic_write_text, read_regular
-from .paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, xdg
-from .settings_check import problem
+from dschat.files import UnreadableFile, atomic_write_text, read_regular
+from dschat.settings.paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, xdg
+from dschat.settings.checks import problem
 
 if sys.version_info >= (3, 11):
     import tomllib

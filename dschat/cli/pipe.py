@@ -8,9 +8,9 @@ from dataclasses import replace
 
 from dschat.engine import Tokenizer, resolve
 
-from .runtime import Options, load_engine, model_name, print_stats, session_settings
-from .session import ChatSession, open_chat
-from .terminal_text import SafeStream, json_for_output, say
+from dschat.runtime import Options, load_engine, model_name, print_stats, session_settings
+from dschat.conversation.session import ChatSession, open_chat
+from dschat.terminal.text import SafeStream, json_for_output, say
 
 
 def answer(opts: Options, message: str) -> int:

@@ -10,17 +10,17 @@ from __future__ import annotations
 import sys
 from contextlib import suppress
 
-from .chat import Turn
-from .errors import error_text
-from .files import write_output
-from .highlight import ansi, colour_terminal, lexer_for, terminal_formatter
-from .paths import private_dir, private_file
-from .runtime import Options, load_engine, print_stats, session_settings, stats_json
-from .session import ChatSession
-from .signals import Stopped
-from .store import StoreError, names_a_file, read_json_file
-from .terminal_text import SafeStream, say, terminal_safe
-from .turn_lock import ConversationBusy
+from dschat.conversation.chat import Turn
+from dschat.errors import error_text
+from dschat.files import write_output
+from dschat.terminal.highlight import ansi, colour_terminal, lexer_for, terminal_formatter
+from dschat.settings.paths import private_dir, private_file
+from dschat.runtime import Options, load_engine, print_stats, session_settings, stats_json
+from dschat.conversation.session import ChatSession
+from dschat.signals import Stopped
+from dschat.history.store import StoreError, names_a_file, read_json_file
+from dschat.terminal.text import SafeStream, say, terminal_safe
+from dschat.history.turn_lock import ConversationBusy
 
 HELP = """\
   /system TEXT   set the system prompt (/system alone clears it)

@@ -9,7 +9,7 @@ ends in `finish`: the exchange is committed and saved at once (an interrupted re
 the reply failed before its first token, taken back as if it had never been asked. The history's latent
 cache is saved beside it, so that `dschat -c` in a new process starts without a prefill.
 
-A turn in a saved conversation holds it from `turn` (or `regenerate`) to `finish` (turn_lock.py), and first
+A turn in a saved conversation holds it from `turn` (or `regenerate`) to `finish` (dschat.history.turn_lock), and first
 catches up with the turns another dschat saved in it meanwhile: the session re-reads the conversation and
 the turn is asked after them (`caught_up` lists them, for the front end to show), so the saved transcript
 is what each turn saw. A prompt being edited (`edit_last`) then becomes a new turn after them.
@@ -22,13 +22,13 @@ import secrets
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .chat import Chat, Turn
-from .context_window import ContextWindow
-from .paths import cache_key_file, kv_dir
-from .errors import error_text
-from .settings_check import problem
-from .store import Conversation, Message, Store, StoreError, keep_pending
-from .turn_lock import TurnLock
+from dschat.conversation.chat import Chat, Turn
+from dschat.conversation.context_window import ContextWindow
+from dschat.settings.paths import cache_key_file, kv_dir
+from dschat.errors import error_text
+from dschat.settings.checks import problem
+from dschat.history.store import Conversation, Message, Store, StoreError, keep_pending
+from dschat.history.turn_lock import TurnLock
 
 BUILT_IN = {"temperature": 0.6, "top_p": 1.0, "top_k": 0}  # where neither the run nor the model sets one
 
@@ -318,7 +318,7 @@ class ChatSession:
 
     def reply(self, turn: Turn, stop=None):
         """The driver of the turn's reply (reply.py): every front end streams and saves it through this."""
-        from .reply import Reply
+        from dschat.conversation.reply import Reply
 
         return Reply(self, turn, stop)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .options import command_parser
-from .runtime import DEMO_DIR, terminal_progress
+from dschat.cli.flags import command_parser
+from dschat.runtime import DEMO_DIR, terminal_progress
 
 
 def run_quantize(argv: list[str]) -> int:

@@ -1,5 +1,5 @@
 """The allowed values of the settings that flags and the config file share. One check per setting, used by
-both (dschat.config for the file, dschat.runtime for the flags), so a bad value is one line naming it before
+both (dschat.settings.config for the file, dschat.runtime for the flags), so a bad value is one line naming it before
 any model loads or conversation is created."""
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import UnreadableFile, read_regular
-from .paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, private_file, tighten, xdg
-from .terminal_text import terminal_safe
+from dschat.files import UnreadableFile, read_regular
+from dschat.settings.paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, private_file, tighten, xdg
+from dschat.terminal.text import terminal_safe
 
 SCHEMA = 1
 EXPORT_VERSION = 1

@@ -16,8 +16,8 @@ import os
 import struct
 import time
 
-from .paths import private_dir, private_file
-from .terminal_text import say
+from dschat.settings.paths import private_dir, private_file
+from dschat.terminal.text import say
 
 TURN_WAIT_S = 600  # how long a run waits for another one answering in the same conversation
 _FLOCK = "hhqqi4x"  # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid

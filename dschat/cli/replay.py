@@ -8,15 +8,15 @@ import sys
 import warnings
 from dataclasses import replace
 
-from .chat import Chat, Turn
-from .config import Settings
-from .options import add_model_options, add_output_options, add_sampling_options, command_parser
-from .runtime import Options, load_engine, print_stats, session_settings
-from .errors import UsageError
-from .session import ChatSession
-from .settings_check import problem
-from .store import Store, StoreError, names_a_file, read_json_file, validate_export
-from .terminal_text import SafeStream, terminal_safe
+from dschat.conversation.chat import Chat, Turn
+from dschat.settings.config import Settings
+from dschat.cli.flags import add_model_options, add_output_options, add_sampling_options, command_parser
+from dschat.runtime import Options, load_engine, print_stats, session_settings
+from dschat.errors import UsageError
+from dschat.conversation.session import ChatSession
+from dschat.settings.checks import problem
+from dschat.history.store import Store, StoreError, names_a_file, read_json_file, validate_export
+from dschat.terminal.text import SafeStream, terminal_safe
 
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "max_tokens")
 

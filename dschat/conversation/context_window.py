@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .prompt_fit import check_fits
+from dschat.conversation.prompt_fit import check_fits
 
 REPLY_TOKENS = 2048  # the longest reply when nothing sets max_tokens (and the window has room)
 

@@ -13,7 +13,7 @@ from pygments.lexers import TextLexer, get_lexer_by_name, get_lexer_for_filename
 from pygments.styles import get_style_by_name
 from pygments.util import ClassNotFound
 
-from .terminal_text import say
+from dschat.terminal.text import say
 
 
 def colour_terminal(out=None) -> bool:

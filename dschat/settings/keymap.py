@@ -8,7 +8,7 @@ from pathlib import Path
 
 from textual.keys import KEY_NAME_REPLACEMENTS, Keys, key_to_character
 
-from .config import ConfigError
+from dschat.settings.config import ConfigError
 
 MODIFIERS = {"ctrl", "shift", "alt", "meta", "super", "hyper"}
 NAMED_KEYS = {k.value for k in Keys if "+" not in k.value and not k.value.startswith("<")} | \

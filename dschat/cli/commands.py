@@ -8,11 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UsageError
-from .files import write_output
-from .options import command_parser
-from .store import Store, read_json_file
-from .terminal_text import for_output, json_for_output, terminal_safe
+from dschat.errors import UsageError
+from dschat.files import write_output
+from dschat.cli.flags import command_parser
+from dschat.history.store import Store, read_json_file
+from dschat.terminal.text import for_output, json_for_output, terminal_safe
 
 TITLE_SHOWN = 80  # characters of a title `conversations` shows
 

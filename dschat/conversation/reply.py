@@ -28,8 +28,8 @@ import threading
 from contextlib import suppress
 from typing import Callable
 
-from .chat import Turn
-from .signals import signals_held
+from dschat.conversation.chat import Turn
+from dschat.signals import signals_held
 
 
 class Reply:

@@ -23,7 +23,7 @@ from functools import lru_cache
 import jinja2
 import jinja2.ext
 
-from .template_bounds import BoundedEnvironment, TemplateLimit, render_bounded
+from dschat.conversation.template_bounds import BoundedEnvironment, TemplateLimit, render_bounded
 
 START, END = "\ue000", "\ue001"  # private-use marks around control tokens found in message text
 

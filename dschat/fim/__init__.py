@@ -1,0 +1,1 @@
+"""Fill-in-the-middle: the fill itself (core) and `dschat fim` (command)."""

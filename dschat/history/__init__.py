@@ -1,0 +1,1 @@
+"""Saved conversations: the SQLite history and the per-conversation turn lock."""

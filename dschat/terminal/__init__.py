@@ -1,0 +1,1 @@
+"""Text for a terminal: escape sequences made harmless, syntax highlighting."""
