@@ -201,6 +201,19 @@ def test_other_sqlite_file_is_refused(tmp_path):
     assert digest(p) == before
 
 
+def test_an_empty_database_another_run_is_creating_becomes_the_history(tmp_path):
+    """Two runs starting at once: one has made the file (WAL mode set, no tables yet) when the other opens it.
+    That is a history being created, not a foreign database (it was refused under load)."""
+    p = tmp_path / "history.db"
+    db = sqlite3.connect(p)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.close()
+    assert p.stat().st_size > 0
+    with Store(p) as s:
+        s.create("m")
+        assert len(s.list()) == 1
+
+
 # -- two processes at once ----------------------------------------------------------------------------------------------
 def _writer(path, tag, n):
     s = Store(path)

@@ -197,9 +197,11 @@ class Store:
                 if version > SCHEMA:
                     raise StoreError(f"{self.path}: the history was written by a newer dschat (schema {version}, "
                                      f"this one knows {SCHEMA}); upgrade dschat to read it")
-                if version == 0 or not {"conversations", "messages"} <= tables:
+                if version == 0 and not tables:
+                    fresh = True  # an empty database: another dschat is creating the history right now
+                elif version == 0 or not {"conversations", "messages"} <= tables:
                     raise StoreError(f"{self.path}: not a dschat history database")
-                check = db.execute("PRAGMA quick_check").fetchone()[0]
+                check = "ok" if fresh else db.execute("PRAGMA quick_check").fetchone()[0]
                 if check != "ok":
                     raise StoreError(f"{self.path}: the history database is corrupt ({check})")
         except StoreError:
