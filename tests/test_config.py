@@ -1,4 +1,4 @@
-"""The config file: the README's example loads, mistakes are one-line errors, saving keeps the rest."""
+"""The config file: the documented example loads, mistakes are one-line errors, saving keeps the rest."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from helpers import call
 
 from dschat.settings.config import ConfigError, Settings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 
 
 def readme_config() -> str:
-    text = README.read_text(encoding="utf-8")
+    text = USAGE.read_text(encoding="utf-8")
     section = text[text.index("### Settings"):]
     return re.search(r"```toml\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_example_loads(tmp_path):
+def test_the_documented_example_loads(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(readme_config())
     s = Settings.load(path)

@@ -99,18 +99,18 @@ def test_no_import_circles():
 
 def test_the_app_is_grouped_and_every_folder_says_what_it_holds():
     """The layout explains itself: few modules at the top of dschat/, each folder's __init__ says what it holds
-    and has its line in the README's layout."""
+    and has its line in the layout of docs/development.md."""
     app = ROOT / "dschat"
     top = [p.stem for p in app.glob("*.py") if p.stem not in ("__init__", "__main__")]
     assert len(top) <= 6, f"modules at the top of dschat/: {sorted(top)}"
-    readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index("The app, `dschat/`"):readme.index("## Development")]
+    layout = (ROOT / "docs" / "development.md").read_text()
+    block = layout[layout.index("The app, `dschat/`"):layout.index("## Tests")]
     for folder in sorted(p.parent for p in app.glob("*/__init__.py")):
         doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
         assert doc, f"dschat/{folder.name}/__init__.py has no docstring"
-        assert f"{folder.name}/" in block, f"dschat/{folder.name}/ not in README's layout"
+        assert f"{folder.name}/" in block, f"dschat/{folder.name}/ not in the layout of docs/development.md"
     missing = [name for name in top if f"{name}.py" not in block]
-    assert not missing, f"not in README's layout: {missing}"
+    assert not missing, f"not in the layout of docs/development.md: {missing}"
 
 
 def test_the_repository_root_is_not_on_sys_path():
