@@ -50,7 +50,7 @@ class Options:
     raw: bool = False
     stats: bool = False
     no_save: bool = False
-    cont: bool = False
+    continue_latest: bool = False
     conversation: str | None = None
     theme: str | None = None
 
@@ -76,7 +76,7 @@ class Options:
     @property
     def continuing(self) -> bool:
         """-c or --conversation: continue a saved conversation."""
-        return self.cont or self.conversation is not None
+        return self.continue_latest or self.conversation is not None
 
     def sampling_flags(self) -> dict:
         """The sampling flags given, as saved with a conversation."""
@@ -167,7 +167,7 @@ def session_settings(opts: Options) -> "SessionSettings":
                      max_tokens=opts.max_tokens)
     file = Sampling(temperature=conf.temperature, top_p=conf.top_p, top_k=conf.top_k, max_tokens=conf.max_tokens)
     return SessionSettings(system=opts.system, default_system=conf.system, raw=opts.raw, no_save=opts.no_save,
-                           cont=opts.cont, conversation=opts.conversation, model=opts.model,
+                           continue_latest=opts.continue_latest, conversation=opts.conversation, model=opts.model,
                            sampling=flags.over(file), saved_params=opts.sampling_flags())
 
 

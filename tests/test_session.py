@@ -150,7 +150,7 @@ def test_no_save_and_continuing_a_saved_conversation(engine):
     reply_text(session, first)
     conv = Store().latest()
     assert (conv.model, conv.system, conv.params) == ("fake-model", "be brief", {"temperature": 0.0})
-    again = ChatSession(engine, SessionSettings(cont=True))
+    again = ChatSession(engine, SessionSettings(continue_latest=True))
     assert again.conversation_id == conv.id and again.chat.messages[-1]["content"] == "saved"
     assert again.chat.ids == first.prompt_ids + first.output_ids  # the exact history: no re-tokenizing
     engine.enqueue("more")
@@ -227,7 +227,7 @@ def test_one_store_per_session_and_counts_in_sql(engine, monkeypatch):
     engine.enqueue("again")
     reply_text(session, session.regenerate())  # a sibling: the branch stays 6 messages long
     assert len(opened) == 1  # not one (each with its integrity check) for every read and write
-    again = ChatSession(engine, SessionSettings(cont=True))
+    again = ChatSession(engine, SessionSettings(continue_latest=True))
     engine.enqueue("four")
     reply_text(again, again.turn("four"))
     assert len(opened) == 2

@@ -89,7 +89,7 @@ def load_source(source: str) -> dict:
 
 def replay(engine, data: dict, opts: Options, compare_answers: bool) -> int:
     same_weights = data.get("fingerprint") == engine.fingerprint
-    session = ChatSession(engine, replace(session_settings(opts), no_save=True, cont=False, conversation=None))
+    session = ChatSession(engine, replace(session_settings(opts), no_save=True, continue_latest=False, conversation=None))
     chat = session.chat = Chat(engine.tokenizer, system=data.get("system"))
     out = sys.stdout
     differ = 0

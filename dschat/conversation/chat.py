@@ -23,28 +23,28 @@ from dschat.conversation.template import START, completion_prompt, control_token
 @dataclass
 class Turn:
     user: str
-    marked_text: str  # the rendered prompt, control tokens in message text marked (see template.py)
+    marked_prompt: str  # the rendered prompt, control tokens in message text marked (see template.py)
     prompt_ids: list[int]
     continued: bool  # True when prompt_ids extend the previous turn's ids
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""  # the reply as shown: the decoded text without special tokens (see Chat.stream)
+    reply: str = ""  # the reply as shown: the decoded text without special tokens (see Chat.stream)
     interrupted: bool = False
     stats: dict = field(default_factory=dict)
 
     @property
     def prompt_text(self) -> str:
-        return unmark(self.marked_text)
+        return unmark(self.marked_prompt)
 
     @property
     def content(self) -> str:
-        """The reply as the conversation keeps it (and the history saves it): the text as shown."""
-        return self.text
+        """The reply as the conversation keeps it (and the history saves it): the reply as shown."""
+        return self.reply
 
 
 class Chat:
     """A conversation with a model: its messages, the exact token ids of its history (`ids`, with the rendered
-    text they stand for, `history_text`), and each turn's prompt (see the module's docstring). A Turn's `text`
-    is its reply as shown; `marked_text` its rendered prompt."""
+    text they stand for, `history_rendered`), and each turn's prompt (see the module's docstring). A Turn's `reply`
+    is its reply as shown; `marked_prompt` its rendered prompt, control tokens typed in messages marked."""
 
     def __init__(self, tokenizer, system: str | None = None, raw: bool = False,
                  messages: list[dict] | None = None, history_ids: list[int] | None = None):
@@ -55,7 +55,7 @@ class Chat:
         self.messages += [dict(m) for m in messages or []]
         self.ids: list[int] = list(history_ids or [])
         # the (marked) rendered text that self.ids stand for; None where unknown (history loaded from elsewhere)
-        self.history_text: str | None = None
+        self.history_rendered: str | None = None
         self._before_last: tuple[list[int], str | None] | None = None
         self._rewound = None  # the state before the last rewind, for restore()
         self.window = None  # the model's ContextWindow, when known: a prompt must fit it
@@ -72,44 +72,44 @@ class Chat:
     def render_prompt(self, messages: list[dict]) -> tuple[str, list[int]]:
         """(marked text, ids) of the prompt for these messages."""
         if self.completing:  # --raw, or a base model: text completion
-            text = "".join(m["content"] for m in messages if m["role"] != "system") if self.raw \
+            rendered = "".join(m["content"] for m in messages if m["role"] != "system") if self.raw \
                 else messages[-1]["content"]
-            self._check_fits(text, 0, self.tok.encode_plain)
-            return completion_prompt(self.tok, text)
-        text = render_marked(self.tok, messages)
-        if self.ids and self.history_text is None:
+            self._check_fits(rendered, 0, self.tok.encode_plain)
+            return completion_prompt(self.tok, rendered)
+        rendered = render_marked(self.tok, messages)
+        if self.ids and self.history_rendered is None:
             # history ids from a saved conversation: use them if they spell the re-rendered history
             history = render_marked(self.tok, self.messages, add_generation_prompt=False)
             if self.tok.decode(self.ids) == unmark(history):
-                self.history_text = history
+                self.history_rendered = history
             else:
                 self.ids = []
         encode = partial(encode_marked, self.tok)
         cuts = cut_points(control_tokens(self.tok), START)
-        if self.ids and text.startswith(self.history_text):
-            self._check_fits(text[len(self.history_text):], len(self.ids), encode, cuts)
-            return text, self.ids + encode(text[len(self.history_text):])
-        self._check_fits(text, 0, encode, cuts)
-        return text, encode(text)
+        if self.ids and rendered.startswith(self.history_rendered):
+            self._check_fits(rendered[len(self.history_rendered):], len(self.ids), encode, cuts)
+            return rendered, self.ids + encode(rendered[len(self.history_rendered):])
+        self._check_fits(rendered, 0, encode, cuts)
+        return rendered, encode(rendered)
 
-    def _check_fits(self, text: str, used: int, encode, cuts=None):
+    def _check_fits(self, rendered: str, used: int, encode, cuts=None):
         """A prompt that cannot fit the window fails before it is tokenized whole (context_window.py)."""
         if self.window is not None:
-            self.window.check_prompt(text, used, encode, cuts)
+            self.window.check_prompt(rendered, used, encode, cuts)
 
     def turn(self, user: str) -> Turn:
         """The prompt for the next user message (nothing is changed until `commit`)."""
         messages = self.messages + [{"role": "user", "content": user}]
-        text, ids = self.render_prompt(messages)
+        rendered, ids = self.render_prompt(messages)
         continued = bool(self.ids) and ids[: len(self.ids)] == self.ids
-        return Turn(user, text, ids, continued)
+        return Turn(user, rendered, ids, continued)
 
-    def set_system(self, text: str | None):
-        """Replace the system prompt (none for empty text); the next turn renders the whole conversation."""
+    def set_system(self, system: str | None):
+        """Replace the system prompt (none for empty or blank); the next turn renders the whole conversation."""
         self.messages = [m for m in self.messages if m["role"] != "system"]
-        if text and text.strip():
-            self.messages.insert(0, {"role": "system", "content": text})
-        self.ids, self.history_text = [], None
+        if system and system.strip():
+            self.messages.insert(0, {"role": "system", "content": system})
+        self.ids, self.history_rendered = [], None
 
     def rewind(self) -> str:
         """Drop the last exchange (to regenerate it, or to edit and resend its prompt); returns its user
@@ -117,9 +117,9 @@ class Chat:
         if len(self.messages) < 2 or self.messages[-1]["role"] != "assistant":
             raise ValueError("there is no answer to take back yet")
         user = self.messages[-2]["content"]
-        self._rewound = (self.messages, self.ids, self.history_text, self._before_last)
+        self._rewound = (self.messages, self.ids, self.history_rendered, self._before_last)
         self.messages = self.messages[:-2]
-        self.ids, self.history_text = self._before_last if self._before_last else ([], None)
+        self.ids, self.history_rendered = self._before_last if self._before_last else ([], None)
         self._before_last = None
         return user
 
@@ -127,7 +127,7 @@ class Chat:
         """Undo the last `rewind` (a regenerated answer that failed before its first token)."""
         if self._rewound is None:
             raise ValueError("nothing to restore")
-        (self.messages, self.ids, self.history_text, self._before_last), self._rewound = self._rewound, None
+        (self.messages, self.ids, self.history_rendered, self._before_last), self._rewound = self._rewound, None
 
     def regenerate_turn(self) -> Turn:
         """A new answer to the last user message (the same prompt ids, so the cache serves all of it)."""
@@ -149,25 +149,25 @@ class Chat:
                 piece = piece.lstrip()
                 started = bool(piece)
             if piece:
-                turn.text += piece
+                turn.reply += piece
                 yield piece
 
     def add_exchange(self, user: str, reply: str, ids: list[int] | None = None):
         """Append an exchange that ran elsewhere (a saved one); `ids`, when known, are the exact token ids
         of the whole history after it."""
-        self._before_last = (list(self.ids), self.history_text)
+        self._before_last = (list(self.ids), self.history_rendered)
         self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        self.ids, self.history_text = list(ids or []), None
+        self.ids, self.history_rendered = list(ids or []), None
 
     def commit(self, turn: Turn):
         """Add the exchange to the conversation, even a partial (interrupted) one."""
-        self._before_last = (list(self.ids), self.history_text)
+        self._before_last = (list(self.ids), self.history_rendered)
         self.messages += [{"role": "user", "content": turn.user},
                           {"role": "assistant", "content": turn.content}]
         self.ids = turn.prompt_ids + turn.output_ids
-        self.history_text = turn.marked_text + self.tok.decode(turn.output_ids)
+        self.history_rendered = turn.marked_prompt + self.tok.decode(turn.output_ids)
 
     def clear(self):
         system = self.system
         self.messages = [{"role": "system", "content": system}] if system else []
-        self.ids, self.history_text = [], None
+        self.ids, self.history_rendered = [], None

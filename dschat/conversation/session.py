@@ -96,7 +96,7 @@ class SessionSettings:
     default_system: str | None = None  # a new conversation's when `system` is None (the config file's)
     raw: bool = False  # plain text completion, no chat template
     no_save: bool = False  # nothing goes into the history
-    cont: bool = False  # continue the latest saved conversation
+    continue_latest: bool = False  # continue the latest saved conversation
     conversation: str | None = None  # continue this one (an id or a prefix of one)
     model: str | None = None  # the model's name as saved with a new conversation (None: the engine's path)
     sampling: Sampling = field(default_factory=Sampling)  # the run's choices, unresolved
@@ -109,11 +109,11 @@ class SessionSettings:
 
     @property
     def continuing(self) -> bool:
-        return self.cont or self.conversation is not None
+        return self.continue_latest or self.conversation is not None
 
     def new_conversation(self) -> "SessionSettings":
         """The same, starting a new conversation (nothing to continue)."""
-        return replace(self, cont=False, conversation=None)
+        return replace(self, continue_latest=False, conversation=None)
 
 
 def history_ids(messages) -> list[int] | None:
