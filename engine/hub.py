@@ -18,11 +18,23 @@ TOKENIZER_FILES = ["tokenizer*", "*.jinja"]
 MODEL_FILES = ["*.json", "*.safetensors", *TOKENIZER_FILES]
 
 
+DEMO = "demo"  # the name of the tiny demo model that ships inside the dschat distribution
+
+
+def demo_dir() -> Path:
+    """The bundled demo model's directory (package data of the installed distribution, not an app module)."""
+    from importlib.resources import files
+
+    return Path(str(files("dschat") / "demo_model"))
+
+
 def resolve(path_or_id: str | os.PathLike, tokenizer_only: bool = False, download: bool = True) -> Path:
-    """A local model directory, or a hub repo id: from the local HF cache, else downloaded (unless offline,
+    """A local model directory, `demo` (the bundled demo model, as `--model demo`), or a hub repo id: from the local HF cache, else downloaded (unless offline,
     or `download` is False), saying first what will be fetched. tokenizer_only: the tokenizer's files are all
     that is wanted (a hub id then never starts a download of the weights)."""
     p = Path(path_or_id).expanduser()
+    if str(path_or_id) == DEMO:  # as on dschat's command line: a folder named demo is ./demo
+        return demo_dir()
     if p.exists():
         if not p.is_dir():
             raise ModelError(f"{p}: not a model directory")

@@ -56,7 +56,7 @@ def cmd_conversations(argv) -> int:
 def cmd_export(argv) -> int:
     p = _parser("export", "Print a saved conversation as JSON (for `dschat import` and `dschat replay`) or "
                           "Markdown (for reading).")
-    p.add_argument("id", help="conversation id (a unique prefix will do)")
+    p.add_argument("id", metavar="ID", help="conversation id (a unique prefix will do)")
     p.add_argument("--format", choices=["json", "md"], default="json")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write to FILE instead of stdout (a file is replaced atomically, through a symlink its "
@@ -73,7 +73,7 @@ def cmd_export(argv) -> int:
 
 def cmd_import(argv) -> int:
     p = _parser("import", "Add a conversation exported with `dschat export --format json`.")
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help="a JSON file written by `dschat export ID --format json`")
     args = p.parse_args(argv)
     data = read_json_file(args.file)
     with Store() as store:
@@ -83,7 +83,7 @@ def cmd_import(argv) -> int:
 
 def cmd_rm(argv) -> int:
     p = _parser("rm", "Delete saved conversations.")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("ids", nargs="+", metavar="ID", help="conversation ids (a unique prefix will do)")
     args = p.parse_args(argv)
     with Store() as store:
         for cid in [store.resolve_id(i) for i in args.ids]:
@@ -94,8 +94,8 @@ def cmd_rm(argv) -> int:
 
 def cmd_rename(argv) -> int:
     p = _parser("rename", "Give a saved conversation a new title.")
-    p.add_argument("id")
-    p.add_argument("title", nargs="+")
+    p.add_argument("id", metavar="ID", help="conversation id (a unique prefix will do)")
+    p.add_argument("title", nargs="+", metavar="TITLE", help="the new title (several words are joined by spaces)")
     args = p.parse_args(argv)
     with Store() as store:
         store.rename(store.resolve_id(args.id), " ".join(args.title))

@@ -4,6 +4,7 @@ subcommands. Nothing imports this module."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import signal
 import sys
@@ -53,9 +54,38 @@ SUBCOMMANDS = ("fim", "serve", "conversations", "sessions", "export", "import", 
                "quantize")  # the old name of conversations
 
 
+# One word that is not a command but looks like one was probably meant as one (the model is not asked).
+MEANT = {"show": "export", "list": "conversations", "ls": "conversations", "history": "conversations",
+         "delete": "rm", "remove": "rm", "del": "rm", "mv": "rename", "server": "serve", "fill": "fim",
+         "quantise": "quantize"}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("dschat")
+    except PackageNotFoundError:  # pragma: no cover - running from a tree that was never installed
+        return "unknown"
+
+
+def meant_command(argv: list[str], prompt: list[str]) -> str | None:
+    """The subcommand a lone word was probably meant to be (`dschat conversation`), or None. After `--` the
+    word is a message."""
+    if len(prompt) != 1 or "--" in argv:
+        return None
+    word = prompt[0].strip().lower()
+    if word in MEANT:
+        return MEANT[word]
+    names = [n for n in SUBCOMMANDS if n != "sessions"]
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def chat_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dschat", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"dschat {version()}")
     p.add_argument("prompt", nargs="*", help="the message (after stdin, when stdin is piped)")
     p.add_argument("-s", "--system", metavar="TEXT", help="system prompt")
     p.add_argument("--raw", action="store_true", help="no chat template: plain text completion (base models)")
@@ -84,6 +114,11 @@ def read_stdin() -> str:
 
 def run_chat(argv: list[str]) -> int:
     args = chat_parser().parse_args(argv)
+    meant = meant_command(argv, args.prompt)
+    if meant:
+        word = args.prompt[0]
+        raise UsageError(f"{word!r} is not a command; did you mean `dschat {meant}`? (to send {word!r} to the "
+                         f"model as a message: dschat -- {word})")
     opts = Options.from_args(args, Settings.load())
     piped = not sys.stdin.isatty()
     prompt = " ".join(args.prompt)

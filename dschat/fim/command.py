@@ -16,7 +16,7 @@ from dschat.fim.source_file import MAX_SOURCE_BYTES, read_source
 from dschat.runtime import Options, load_engine, model_name, print_stats
 from dschat.settings.config import Settings
 from dschat.terminal.highlight import ansi, colour_terminal, lexer_for
-from dschat.terminal.text import for_output, json_for_output
+from dschat.terminal.text import for_output, json_for_output, say
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
         epilog=f"The hole is the marker {MARKER} (exactly one, or --all to fill each in turn, top to bottom).")
     p.add_argument("file", help=f"the source file (a regular file of at most {MAX_SOURCE_BYTES // 2**20} MiB), "
                                 "or - for stdin")
-    p.add_argument("--at", metavar="LINE[:COL]", help="the hole's position (1-based) in a file without a marker")
+    p.add_argument("--at", metavar="LINE[:COL]", help="the hole's position (1-based) in a file without a marker; "
+                                                      "LINE alone is the end of that line")
     p.add_argument("--all", action="store_true", help=f"fill every {MARKER} marker, top to bottom")
     out = p.add_mutually_exclusive_group()
     out.add_argument("-i", "--in-place", action="store_true", help="rewrite the file (temp file + rename)")
@@ -67,6 +68,10 @@ def run_fim(argv: list[str]) -> int:
         raise FimError(f"this model's tokenizer has no FIM tokens ({missing[0]}); use DeepSeek-Coder-V2, "
                        "V2.5 or V3 (DeepSeek-V2 was not trained for fill-in-the-middle)")
     results, filled = fill_holes(load_engine(opts), tok, src.text, holes, FimParams.from_args(args), args)
+    for r in results:
+        if not r["insertion"] and not args.json:  # the file changes only by the marker it loses: say so
+            say(f"dschat: the model inserted nothing at {src.name}:{r['line']}:{r['column']} "
+                f"({r['stop_reason']})" + ("" if args.at is not None else f"; the {MARKER} marker is removed"))
     if args.json:
         results = [{**r, "insertion": src.piece(r["insertion"])} for r in results]
         print(json_for_output(json.dumps(results if args.all else results[0], ensure_ascii=False), sys.stdout))

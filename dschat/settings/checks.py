@@ -9,6 +9,7 @@ import re
 
 DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTS = ("int8", "int4", "none")
 SEED_RANGE = (0, 2**63 - 1)
 
 
@@ -40,6 +41,7 @@ CHECKS = {
     "threads": lambda v: _number(v, 1, 4096, integer=True),
     "device": lambda v: _choice(v, DEVICE, (), "a device (cpu, cuda, cuda:N, mps or auto)"),
     "dtype": lambda v: _choice(v, None, DTYPES, f"a dtype ({', '.join(DTYPES)})"),
+    "quant": lambda v: _choice(v, None, QUANTS, "a quantization (int8, int4 or none)"),
 }
 
 

@@ -23,14 +23,13 @@ from pathlib import Path
 
 from dschat.files import UnreadableFile, atomic_write_text, read_regular
 from dschat.settings.paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, xdg
-from dschat.settings.checks import problem
+from dschat.settings.checks import QUANTS, problem
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-QUANTS = ("int8", "int4", "none")  # the `quant` setting (dschat.engine.quant checks the flag)
 MAX_CONFIG_BYTES = 2**20  # a config file larger than this is a mistake (it is read at every start)
 
 
