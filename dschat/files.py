@@ -18,42 +18,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class UnreadableFile(OSError):
-    """A path that is not a regular file, or one past the size its kind may have; the message names it."""
-
-    def __str__(self):
-        return self.args[0]
+from dschat.engine.files import UnreadableFile, read_bytes  # UnreadableFile: the app catches it from here
 
 
-def file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def read_regular(path: str | os.PathLike, limit: int) -> bytes:
-    """The bytes of the regular file `path` (through symlinks), at most `limit` of them: opened without
-    waiting (O_NONBLOCK), checked (fstat), then read. UnreadableFile for anything else or anything larger."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnreadableFile(f"{path}: {file_kind(st.st_mode)}, not a regular file")
-        if st.st_size > limit:
-            raise UnreadableFile(f"{path}: {st.st_size:,} bytes, more than the {limit:,} it may have")
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb") as f:
-            fd = -1
-            data = f.read(limit + 1)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if len(data) > limit:  # it grew meanwhile
-        raise UnreadableFile(f"{path}: more than the {limit:,} bytes it may have")
-    return data
+def read_regular(path: str | os.PathLike, limit: int, what: str = "it") -> bytes:
+    """The bytes of the regular file `path` (through symlinks), at most `limit` of them; UnreadableFile (naming
+    the path) for a FIFO, directory, device or anything larger. The engine's reader: one implementation, which
+    imports no torch (dschat.engine loads its heavy parts only when they are used)."""
+    return read_bytes(path, limit, what)
 
 
 class WriteError(OSError):

@@ -6,17 +6,30 @@ the package `dschat.engine` and imports nothing of the app, only the kernels bes
     for token_id in gen:   # a Generation streams token ids
         ...
     gen.stats              # its GenerationStats: tokens, timings, stop reason
+
+The public names load when first used (PEP 562), so importing a light submodule (`dschat.engine.files`, the
+reader of untrusted files the app shares) does not import torch: the app imports torch only after its Ctrl+C
+handling is set up.
 """
 
-from .config import ModelConfig
-from .engine import Engine
-from .errors import ContextLengthError, ModelError
-from .generation import Generation
-from .hub import resolve
-from .quantized_dir import quantize_checkpoint
-from .sampling import SamplingParams
-from .stats import GenerationStats
-from .tokenizer import Tokenizer
+import importlib
 
-__all__ = ["Engine", "Generation", "SamplingParams", "ModelConfig", "ModelError", "ContextLengthError",
-           "GenerationStats", "quantize_checkpoint", "Tokenizer", "resolve"]
+_PUBLIC = {  # name -> the submodule that defines it
+    "Engine": "engine", "Generation": "generation", "SamplingParams": "sampling", "ModelConfig": "config",
+    "ModelError": "errors", "ContextLengthError": "errors", "GenerationStats": "stats",
+    "quantize_checkpoint": "quantized_dir", "Tokenizer": "tokenizer", "resolve": "hub",
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -16,7 +16,7 @@ MAX_TEXT_BYTES = 256 * 2**20  # a config, index, tokenizer (DeepSeek's is 8 MB) 
 
 
 class UnreadableFile(OSError):
-    """A path that is not a regular file, or a text file past MAX_TEXT_BYTES; the message names it."""
+    """A path that is not a regular file, or one past the size its kind may have; the message names it."""
 
     def __str__(self):
         return self.args[0]
@@ -39,15 +39,17 @@ def regular(path: str | os.PathLike) -> os.stat_result:
     return st
 
 
-def read_bytes(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> bytes:
-    """The bytes of the regular file `path`, at most `limit` of them (else UnreadableFile)."""
+def read_bytes(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what: str = "a file of this kind") -> bytes:
+    """The bytes of the regular file `path` (through symlinks), at most `limit` of them: opened without waiting
+    (O_NONBLOCK), checked (fstat), then read. UnreadableFile for anything else or anything larger (the message
+    says "more than the LIMIT `what` may have"). The app reads the files it is given through this too."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UnreadableFile(f"{path}: {kind(st.st_mode)}, not a regular file")
         if st.st_size > limit:
-            raise UnreadableFile(f"{path}: {st.st_size} bytes, more than the {limit} a file of this kind may have")
+            raise UnreadableFile(f"{path}: {st.st_size:,} bytes, more than the {limit:,} {what} may have")
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb") as f:
             fd = -1
@@ -56,7 +58,7 @@ def read_bytes(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> bytes:
         if fd >= 0:
             os.close(fd)
     if len(data) > limit:  # it grew meanwhile
-        raise UnreadableFile(f"{path}: more than the {limit} bytes a file of this kind may have")
+        raise UnreadableFile(f"{path}: more than the {limit:,} bytes {what} may have")
     return data
 
 

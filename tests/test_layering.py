@@ -136,3 +136,26 @@ def test_a_shadowed_kernels_package_is_named_when_the_reference_cannot_be_built(
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "dschat's own kernels folder" in r.stdout and str(ROOT / "kernels") in r.stdout, r.stdout
+
+
+def test_the_app_and_the_engine_read_untrusted_files_with_one_reader_without_importing_torch(tmp_path):
+    """dschat/files.py reads through engine/files.py (one implementation), and neither importing that nor the
+    command's entry module imports torch: dschat.engine loads its public names when first used (PEP 562), so
+    Ctrl+C is handled before torch starts loading. `from dschat.engine import Engine` still works."""
+    code = ("import sys, dschat.files, dschat.engine.files, dschat.cli.main\n"
+            "assert dschat.files.UnreadableFile is dschat.engine.files.UnreadableFile\n"
+            "print('torch' in sys.modules)\n"
+            "from dschat.engine import Engine, Tokenizer, SamplingParams, ModelError, resolve\n"
+            "import dschat.engine as e\n"
+            "print('torch' in sys.modules, e.Engine is Engine, 'Engine' in dir(e))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "True", "True", "True"]
+    import dschat.engine
+
+    try:
+        dschat.engine.NoSuchName
+    except AttributeError as e:
+        assert "NoSuchName" in str(e)
+    else:
+        raise AssertionError("dschat.engine.NoSuchName resolved")

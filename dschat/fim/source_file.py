@@ -70,9 +70,9 @@ def _read_stdin() -> bytes:
 
 def _read_bytes(where: Path, path: str) -> bytes:
     try:
-        return read_regular(where, MAX_SOURCE_BYTES)
+        return read_regular(where, MAX_SOURCE_BYTES, "a source file")
     except UnreadableFile as e:
-        raise SourceError(str(e).replace("it may have", "a source file may have")) from None
+        raise SourceError(str(e)) from None
     except FileNotFoundError:
         raise SourceError(f"{path}: no such file") from None
     except IsADirectoryError:
