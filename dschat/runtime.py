@@ -49,6 +49,7 @@ class Options:
     system: str | None = None
     raw: bool = False
     stats: bool = False
+    show_thinking: bool = False  # pipe mode: a reasoning model's thinking on stderr
     no_save: bool = False
     continue_latest: bool = False
     conversation: str | None = None
@@ -191,8 +192,9 @@ def model_default(engine, key: str, default):
 
 
 def stats_json(stats) -> str:
-    """The statistics of one reply (the engine's GenerationStats) as one JSON line (`--stats`, /stats)."""
-    return json.dumps(stats.as_dict())
+    """The statistics of one reply (the engine's GenerationStats, or a turn's stats dict, which a reasoning
+    model's turn extends with thinking_tokens and answer_tokens) as one JSON line (`--stats`, /stats)."""
+    return json.dumps(stats if isinstance(stats, dict) else stats.as_dict())
 
 
 def print_stats(stats):

@@ -117,7 +117,7 @@ def test_stop_strings_cut_before_them(demo_server, demo_engine):
     (True, "still thinking </thi", ("still thinking </thi", "")),
 ])
 def test_reasoning_is_split_from_the_answer_however_the_reply_is_cut(opened, reply, want):
-    from dschat.serve.generation import Reasoning
+    from dschat.conversation.reasoning import Reasoning
 
     for i in range(len(reply) + 1):
         for j in range(i, len(reply) + 1):

@@ -7,8 +7,12 @@ Ctrl+D exits. Slash commands: /system, /clear, /save, /load, /regen, /stats, /he
 
 from __future__ import annotations
 
+import shutil
 import sys
+import time
 from contextlib import suppress
+
+from prompt_toolkit.utils import get_cwidth
 
 from dschat.conversation.chat import Turn
 from dschat.errors import error_text
@@ -29,6 +33,7 @@ HELP = """\
   /load ID|FILE  open a saved conversation (an id from `dschat conversations`, or an exported file)
   /regen         a new answer to the last prompt (the old one is kept in the history)
   /stats         statistics of the last reply
+  /thinking      a reasoning model's thinking for the last reply, unfolded
   /help          this help
   /exit          leave (or Ctrl+D)
 Alt+Enter inserts a new line; a message that starts with \"\"\" ends at a line ending with \"\"\"."""
@@ -74,6 +79,48 @@ class Printer:
         if self.in_code:
             return ansi(line, self.lexer, self.formatter).rstrip("\n")
         return line
+
+
+class Thinking:
+    """A reasoning model's thinking, streamed dimmed as it comes, then folded to one line when the answer
+    starts (the lines it took are erased, where they are still on the screen)."""
+
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
+        self.colour = colour_terminal(self.out)
+        self.safe = SafeStream()
+        self.shown = ""  # what was written, for the rows it took
+        self.started: float | None = None
+        self.folded = False
+
+    def write(self, piece: str):
+        if self.started is None:
+            self.started = time.monotonic()
+            self._put("thinking: ")
+        self._put(self.safe.feed(piece))
+
+    def _put(self, text: str):
+        self.shown += text
+        self.out.write(f"\x1b[2m{text}\x1b[0m" if self.colour else text)
+        self.out.flush()
+
+    def fold(self):
+        """End the thinking: one line in its place (said once; nothing when there was none)."""
+        if self.started is None or self.folded:
+            return
+        self.folded = True
+        self._put(self.safe.flush())
+        seconds = time.monotonic() - self.started
+        size = shutil.get_terminal_size()
+        rows = sum(max(1, -(-get_cwidth(line) // max(size.columns, 1))) for line in self.shown.split("\n"))
+        summary = f"(thought for {seconds:.1f} s; /thinking shows it)"
+        if self.out.isatty() and rows < size.lines:
+            up = f"\x1b[{rows - 1}A" if rows > 1 else ""
+            self.out.write(f"\r{up}\x1b[J")  # back to where the thinking began, and clear below
+        else:
+            self.out.write("\n")  # scrolled out of reach (or not a terminal): the summary follows it
+        self.out.write((f"\x1b[2m{summary}\x1b[0m" if self.colour else summary) + "\n")
+        self.out.flush()
 
 
 def read_message(session) -> str | None:
@@ -175,15 +222,21 @@ def reply(session: ChatSession, turn: Turn, formatter, stats: bool = False):
     stop it the same way, then end dschat. An error (context full, out of memory, ...) is said, and the chat
     goes on; so does a turn the history could not take (kept pending, where the message says)."""
     printer = Printer(formatter=formatter)
+    thinking = Thinking()
     answer = session.reply(turn)
 
+    def show(piece: str):
+        thinking.fold()  # the answer begins
+        printer.write(piece)
+
     def flush():
+        thinking.fold()
         printer.close()
         if answer.error is not None:
             say(f"(error: {error_text(answer.error)})", sys.stdout)
 
     try:
-        answer.run(printer.write, flush)
+        answer.run(show, flush, thinking.write)
     except StoreError as e:  # not saved now (kept pending, where the message says): the chat goes on
         answer.kept, answer.notice = True, session.cut_notice(turn)
         with suppress(OSError):
@@ -195,7 +248,7 @@ def reply(session: ChatSession, turn: Turn, formatter, stats: bool = False):
     if answer.kept and answer.notice:
         say(f"({answer.notice})", sys.stdout)
     if answer.kept and stats:
-        print_stats(answer.stats)
+        print_stats(turn.stats or answer.stats)
 
 
 def command(session: ChatSession, cmd: str, arg: str) -> Turn | None:
@@ -210,6 +263,10 @@ def command(session: ChatSession, cmd: str, arg: str) -> Turn | None:
         print("(system prompt set)" if arg else "(system prompt cleared)")
     elif cmd == "stats":
         print(stats_json(session.last_stats) if session.last_stats else "(no reply yet)")
+    elif cmd == "thinking":
+        last = session.last_turn
+        print(terminal_safe(last.reasoning, body=True) if last is not None and last.reasoning
+              else "(no thinking in the last reply)")
     elif cmd == "regen":
         return start_turn(session, session.regenerate)
     elif cmd == "save":

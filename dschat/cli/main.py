@@ -92,6 +92,9 @@ def chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-prompt", action="store_true",
                    help='print the exact prompt as JSON {"text": ..., "ids": [...]} and exit')
     p.add_argument("--plain", action="store_true", help="line-mode chat instead of the full-screen TUI")
+    p.add_argument("--show-thinking", action="store_true",
+                   help="pipe mode: a reasoning model's thinking (R1's <think> part) on stderr; stdout stays "
+                        "the answer")
     p.add_argument("-c", "--continue", dest="continue_latest", action="store_true",
                    help="continue the most recent conversation")
     p.add_argument("--conversation", metavar="ID", help="continue the conversation with this id")

@@ -18,19 +18,20 @@ def answer(opts: Options, message: str) -> int:
     session = ChatSession(engine, session_settings(opts))
     try:
         turn = session.turn(message)  # a continued conversation: no other turn until this one is saved
-        reply = stream_answer(session, turn)
+        reply = stream_answer(session, turn, opts.show_thinking)
     finally:
         session.close()
     if reply.notice:
         say(f"dschat: warning: {reply.notice}")
     if opts.stats:
-        print_stats(reply.stats)
+        print_stats(reply.turn.stats or reply.stats)
     return 0
 
 
-def stream_answer(session: ChatSession, turn):
+def stream_answer(session: ChatSession, turn, show_thinking: bool = False):
     """The reply on stdout as it is generated, then saved (an interrupted one too, marked); a signal or an
-    error that ended it is raised once it is saved."""
+    error that ended it is raised once it is saved. A reasoning model's thinking goes to stderr with
+    show_thinking, nowhere without."""
     out = sys.stdout
     safe = SafeStream() if out.isatty() else None  # on a terminal without escape sequences; exact elsewhere
     wrote_newline = True
@@ -48,7 +49,22 @@ def stream_answer(session: ChatSession, turn):
             out.write("\n")
             out.flush()
 
-    reply = session.reply(turn).run(show, flush)
+    think, end = None, flush
+    if show_thinking:
+        err, err_safe = sys.stderr, SafeStream() if sys.stderr.isatty() else None
+        thought = []
+
+        def think(piece: str):
+            thought.append(piece)
+            err.write(err_safe.feed(piece) if err_safe else piece)
+            err.flush()
+
+        def end():
+            if thought:  # the thinking's own line ends
+                err.write("\n")
+                err.flush()
+            flush()
+    reply = session.reply(turn).run(show, end, think)
     reply.reraise()
     return reply
 

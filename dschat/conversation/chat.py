@@ -27,9 +27,12 @@ class Turn:
     prompt_ids: list[int]
     continued: bool  # True when prompt_ids extend the previous turn's ids
     output_ids: list[int] = field(default_factory=list)
-    reply: str = ""  # the reply as shown: the decoded text without special tokens (see Chat.stream)
+    reply: str = ""  # the reply as generated: the decoded text without special tokens (see Chat.stream)
     interrupted: bool = False
     stats: dict = field(default_factory=dict)
+    # a reasoning model's turn (see reasoning.py): the thinking and the answer the reply holds, shown apart
+    reasoning: str = ""
+    answer: str = ""
 
     @property
     def prompt_text(self) -> str:

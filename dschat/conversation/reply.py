@@ -11,7 +11,9 @@ or, where streaming and saving run on different threads (the TUI's worker and UI
     reply.stream(show)                       # reply.stop(), from any thread, ends it after the current piece
     reply.finish(flush)                      # saves it
 
-`show(piece)` gets the reply's text as it is generated; meanwhile `reply.stats` is the generation's own
+`show(piece)` gets the reply's text as it is generated. A reasoning model's reply (R1: <think> ... </think>, see
+reasoning.py) is split: `show` gets the answer, `think(piece)` the reasoning (not shown without one), and
+the turn's stats count `thinking_tokens` and `answer_tokens` apart; meanwhile `reply.stats` is the generation's own
 GenerationStats, kept current by the engine. The stream ends at the reply's end, at `stop()`, at a
 KeyboardInterrupt (Ctrl+C, or SIGTERM / SIGHUP as signals.Stopped: kept in `reply.interrupt`) or at an
 exception (`reply.error`: the engine's, the context window's, or show's own, say a closed terminal); a
@@ -28,6 +30,7 @@ import threading
 from contextlib import suppress
 from typing import Callable
 
+from dschat.conversation import reasoning
 from dschat.conversation.chat import Turn
 from dschat.signals import signals_held
 
@@ -41,6 +44,7 @@ class Reply:
         self.error: Exception | None = None
         self.kept: bool | None = None  # after finish: whether the exchange was kept
         self.notice: str | None = None  # after finish: the reply was cut short by a full context window
+        self.thinking_tokens = 0  # a reasoning model's: the reply's tokens up to the end of its thinking
 
     @property
     def stats(self):
@@ -51,14 +55,16 @@ class Reply:
         """End the stream after the piece being shown (thread-safe); the reply is kept, marked interrupted."""
         self.stop_event.set()
 
-    def stream(self, show: Callable[[str], None]) -> "Reply":
-        """Generate the reply, each piece of its text to `show`, until it ends (see the module's docstring)."""
+    def stream(self, show: Callable[[str], None], think: Callable[[str], None] | None = None) -> "Reply":
+        """Generate the reply, each piece of its text to `show` (a reasoning model's thinking to `think`), until
+        it ends (see the module's docstring)."""
         turn, pieces = self.turn, None
+        thinking = self._thinking(show, think)
         try:
             self.generation = self.session.generate(turn)
             pieces = self.session.chat.stream(turn, self.generation)
             for piece in pieces:
-                show(piece)
+                thinking(piece) if thinking else show(piece)
                 if self.stop_event.is_set():
                     turn.interrupted = True
                     break
@@ -73,7 +79,38 @@ class Reply:
                 self.generation.close()  # a stopped reply ends the engine's generation now, in this thread
                 turn.stats = self.generation.stats.as_dict()  # saved with the reply
                 self.session.last_stats = self.generation.stats
+                self.session.last_turn = turn
+            if thinking:
+                with suppress(Exception):  # the output may be gone: what was split is kept all the same
+                    thinking(None)
+                if self.generation is not None:
+                    n = min(self.thinking_tokens, len(turn.output_ids))
+                    turn.stats.update(thinking_tokens=n, answer_tokens=len(turn.output_ids) - n)
         return self
+
+    def _thinking(self, show, think):
+        """For a reasoning model: a function that takes each piece of the reply (None at its end), splits it into
+        reasoning and answer, passes each on and counts the tokens of the thinking. None for other models."""
+        turn = self.turn
+        if self.session.chat.completing or not reasoning.thinks(self.session.chat.tok):
+            return None
+        split = reasoning.Reasoning(reasoning.opened(turn.prompt_text))
+        self.thinking_tokens = 1 << 62  # until the answer starts: every token so far
+
+        def route(piece: str | None):
+            before = split.state
+            r, a = split.feed(piece) if piece is not None else split.flush()
+            if before in ("start", "think") and split.state in ("after", "answer"):  # the thinking ended here
+                no_think = before == "start" and split.state == "answer" and not r
+                self.thinking_tokens = 0 if no_think else len(turn.output_ids)
+            if r:
+                turn.reasoning += r
+                if think is not None:
+                    think(r)
+            if a:
+                turn.answer += a
+                show(a)
+        return route
 
     def finish(self, flush: Callable[[], None] | None = None) -> bool:
         """With the stopping signals held: `flush()` (the output's end), then the session keeps the exchange or
@@ -87,10 +124,11 @@ class Reply:
             self.notice = self.session.cut_notice(self.turn)
         return self.kept
 
-    def run(self, show: Callable[[str], None], flush: Callable[[], None] | None = None) -> "Reply":
+    def run(self, show: Callable[[str], None], flush: Callable[[], None] | None = None,
+            think: Callable[[str], None] | None = None) -> "Reply":
         """`stream`, then `finish`, whatever happens between them."""
         try:
-            self.stream(show)
+            self.stream(show, think)
         finally:
             self.finish(flush)
         return self

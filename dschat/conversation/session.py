@@ -189,6 +189,7 @@ class ChatSession:
         self.engine, self.settings = engine, settings
         self._sampling: Sampling | None = None  # resolved at the first reply
         self.last_stats = None  # the GenerationStats of the last reply
+        self.last_turn = None  # the last reply's Turn (its reasoning, for /thinking)
         self._store: Store | None = None  # the history, opened once (see `store`)
         self.chat, conv = open_chat(engine.tokenizer, settings, self.store if settings.continuing else None)
         self.conversation_id: str | None = None  # in the history; None until the first reply is saved

@@ -16,6 +16,7 @@ import uuid
 
 from starlette.responses import JSONResponse, StreamingResponse
 
+from dschat.conversation.reasoning import Reasoning, opened, thinks
 from dschat.serve import generation
 from dschat.serve.common import State, collect, events, parse, prepare, seed, sse, submit
 from dschat.serve.errors import ApiError, body
@@ -46,7 +47,7 @@ async def chat_completions(request):
     messages = [{"role": "system" if m.role == "developer" else m.role,
                  "content": generation.message_text(m.content)} for m in req.messages]
     text, ids = await prepare(generation.chat_text_ids, state.tok, messages)
-    reasoning = generation.thinks(state.tok)
+    reasoning = thinks(state.tok)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     spec = generation.GenSpec(
         ids=ids, max_tokens=state.max_tokens(asked, len(ids), clip=False),
@@ -56,7 +57,7 @@ async def chat_completions(request):
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.name,
             "system_fingerprint": state.engine.fingerprint}
-    split = generation.Reasoning(text.rstrip().endswith(generation.THINK)) if reasoning else None
+    split = Reasoning(opened(text)) if reasoning else None
     if not req.stream:
         o = await collect(request, state, job)
         message = {"role": "assistant", "content": o.text}
