@@ -317,7 +317,7 @@ class Engine:
         t0 = time.perf_counter()
         seq = self.cache.open(ids, limit=len(ids) - 1 if reuse_cache else 0)
         drafter = self._drafter(seq, sampler)
-        stats.cached_tokens, stats.drafter = seq.cached, drafter.name
+        stats.cached_tokens, stats.drafter, stats.seed = seq.cached, drafter.name, sampler.seed
         self.stats = stats
         out: list[int] = []
         try:

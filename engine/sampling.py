@@ -64,10 +64,9 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.gen = torch.Generator(device="cpu")
-        if params.seed is not None:
-            self.gen.manual_seed(params.seed)
-        else:  # a fresh seed; under tensor parallelism rank 0's, so every rank draws the same tokens
-            self.gen.manual_seed(same_everywhere(self.gen.seed() % 2**63))
+        # the given seed, else a fresh one (under tensor parallelism rank 0's, so every rank draws the same tokens)
+        self.seed = params.seed if params.seed is not None else same_everywhere(self.gen.seed() % 2**63)
+        self.gen.manual_seed(self.seed)
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [V] -> token id."""

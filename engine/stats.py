@@ -17,6 +17,7 @@ class GenerationStats:
     decode_s: float = 0.0  # the rest, kept current while the reply streams
     drafter: str = "none"  # "mtp", "ngram" or "none": what drafted (engine.speculative)
     stop_reason: str | None = None  # "stop", "length", or None while running
+    seed: int | None = None  # the sampler's seed (drawn when none was given): the same seed samples the same reply
     load: dict = field(default_factory=dict)  # the engine's load figures: weight_bytes, peak_host_bytes, ...
 
     @property

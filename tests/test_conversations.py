@@ -117,6 +117,24 @@ def test_replay_compare_same_and_different(chat_models, tmp_path):
     assert "── turn 1: same" in text and "── turn 2: DIFFERS at token 0" in text and "1 of 2 turns unchanged" in text
 
 
+def test_replay_compare_samples_a_sampled_conversation_again_exactly(chat_models):
+    """Chats sample: each turn saves its sampler settings and the seed the engine drew, and --compare samples
+    the turn again with them (it compared greedily before, and reported DIFFERS)."""
+    model = chat_models["v3"]
+    for i, flags in enumerate([[], ["-c"]]):
+        r = call(["--model", str(model), "-t", "1.0", "--top-p", "0.9", "-n", "12", *flags], stdin=f"Question {i}.")
+        assert r.returncode == 0, r.stderr
+    conv = Store().latest()
+    saved = [m.timings["sampling"] for m in conv.messages if m.role == "assistant"]
+    assert all(s["temperature"] == 1.0 and s["top_p"] == 0.9 and isinstance(s["seed"], int) for s in saved)
+    r = call(["replay", conv.id, "--compare"], stdin=None)
+    text = r.stdout.decode()
+    assert r.returncode == 0, text
+    assert text.count("same (token for token) (compared with: sampled again as saved: temperature 1.0") == 2
+    greedy = call(["replay", conv.id, "--compare", "-t", "0"], stdin=None)  # a flag chooses: greedy
+    assert "(compared with: greedy)" in greedy.stdout.decode()
+
+
 def test_replay_compare_takes_the_text_over_ids_that_disagree(chat_models, tmp_path):
     """An answer edited by hand (its text, not its ids) differs from what the model says now: the text is
     the truth, and the ids are ignored with a warning."""

@@ -13,7 +13,7 @@ from dschat.settings.config import Settings
 from dschat.cli.flags import add_model_options, add_output_options, add_sampling_options, command_parser
 from dschat.runtime import Options, load_engine, print_stats, session_settings
 from dschat.errors import UsageError
-from dschat.conversation.session import ChatSession
+from dschat.conversation.session import ChatSession, Sampling
 from dschat.settings.checks import problem
 from dschat.history.store import Store, StoreError, names_a_file, read_json_file, validate_export
 from dschat.terminal.text import SafeStream, terminal_safe
@@ -43,8 +43,10 @@ def parser() -> argparse.ArgumentParser:
 def run_replay(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     data = load_source(args.source)
-    opts = replay_options(Options.from_args(args, Settings.load()), data, args.compare)
-    return replay(load_engine(opts), data, opts, args.compare)
+    given = Options.from_args(args, Settings.load())
+    flags = frozenset(k for k in SAMPLING if getattr(given, k) is not None)
+    opts = replay_options(given, data, args.compare)
+    return replay(load_engine(opts), data, opts, args.compare, flags)
 
 
 def replay_options(opts: Options, data: dict, compare: bool) -> Options:
@@ -87,10 +89,11 @@ def load_source(source: str) -> dict:
         return store.export_json(store.resolve_id(source))
 
 
-def replay(engine, data: dict, opts: Options, compare_answers: bool) -> int:
+def replay(engine, data: dict, opts: Options, compare_answers: bool, flags: frozenset = frozenset()) -> int:
     same_weights = data.get("fingerprint") == engine.fingerprint
     session = ChatSession(engine, replace(session_settings(opts), no_save=True, continue_latest=False, conversation=None))
     chat = session.chat = Chat(engine.tokenizer, system=data.get("system"))
+    base = session.sampling  # the flags' and the conversation's settings (greedy to compare, unless a flag says)
     out = sys.stdout
     differ = 0
     exchanges = pairs(data.get("messages", []))
@@ -106,6 +109,11 @@ def replay(engine, data: dict, opts: Options, compare_answers: bool) -> int:
             out.write(safe.feed(piece))
             out.flush()
 
+        session.sampling, how = base, describe(base)
+        if compare_answers:
+            again = sampled_again(saved, base, flags)
+            if again is not None:
+                session.sampling, how = again, "sampled again as saved: " + describe(again)
         reply = session.reply(turn).run(show)  # nothing saved: the exchange joins the chat (or not, below)
         reply.reraise()
         out.write(safe.flush() + "\n")
@@ -117,7 +125,7 @@ def replay(engine, data: dict, opts: Options, compare_answers: bool) -> int:
         by_ids = same_weights and saved is not None and ids_spell(engine.tokenizer, saved, n)
         verdict, ok = compare(saved, turn, by_ids)
         differ += not ok
-        out.write(f"── turn {n}: {verdict}\n")
+        out.write(f"── turn {n}: {verdict} (compared with: {how})\n")
         out.flush()
         if saved is not None:  # the next turn runs on the saved history, not on this answer
             chat.add_exchange(user["content"], saved["content"],
@@ -128,6 +136,30 @@ def replay(engine, data: dict, opts: Options, compare_answers: bool) -> int:
         out.write(f"{len(exchanges) - differ} of {len(exchanges)} turns unchanged\n")
         return 1 if differ else 0
     return 0
+
+
+def sampled_again(saved: dict | None, base: Sampling, flags: frozenset) -> Sampling | None:
+    """How to sample a saved answer again exactly: its own temperature, top_p, top_k and seed (saved with its
+    timings), the reply no longer than the saved one. None where it was greedy, has no saved seed, or a
+    sampling flag chose otherwise."""
+    sampling = ((saved or {}).get("timings") or {}).get("sampling") or {}
+    if flags or not saved or not saved.get("token_ids") or sampling.get("seed") is None:
+        return None
+    try:
+        again = Sampling(temperature=float(sampling["temperature"]), top_p=float(sampling["top_p"]),
+                         top_k=int(sampling["top_k"]), seed=int(sampling["seed"]),
+                         max_tokens=len(saved["token_ids"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if any(problem(k, getattr(again, k)) for k in ("temperature", "top_p", "top_k", "seed")):
+        return None
+    return again if again.temperature > 0 else None
+
+
+def describe(s: Sampling) -> str:
+    if not s.temperature:
+        return "greedy"
+    return f"temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, seed {s.seed}"
 
 
 def pairs(messages: list[dict]) -> list[tuple[dict, dict | None]]:

@@ -33,6 +33,7 @@ class Turn:
     # a reasoning model's turn (see reasoning.py): the thinking and the answer the reply holds, shown apart
     reasoning: str = ""
     answer: str = ""
+    sampling: dict = field(default_factory=dict)  # how the reply was sampled: temperature, top_p, top_k (and seed)
 
     @property
     def prompt_text(self) -> str:

@@ -78,6 +78,8 @@ class Reply:
             if self.generation is not None:
                 self.generation.close()  # a stopped reply ends the engine's generation now, in this thread
                 turn.stats = self.generation.stats.as_dict()  # saved with the reply
+                if turn.sampling:  # with the seed the engine used: `replay --compare` samples it again exactly
+                    turn.stats["sampling"] = dict(turn.sampling, seed=self.generation.stats.seed)
                 self.session.last_stats = self.generation.stats
                 self.session.last_turn = turn
             if thinking:

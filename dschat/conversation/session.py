@@ -314,8 +314,9 @@ class ChatSession:
     def generate(self, turn: Turn):
         """The engine's Generation of the turn's reply (token ids; its own stats)."""
         n = len(turn.prompt_ids)
-        return self.engine.generate(turn.prompt_ids,
-                                    self.sampling.params(self.window.max_tokens(n, self.sampling.max_tokens)))
+        params = self.sampling.params(self.window.max_tokens(n, self.sampling.max_tokens))
+        turn.sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        return self.engine.generate(turn.prompt_ids, params)
 
     def reply(self, turn: Turn, stop=None):
         """The driver of the turn's reply (reply.py): every front end streams and saves it through this."""
