@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dschat.engine.files import UnreadableFile, read_bytes  # UnreadableFile: the app catches it from here
+from dschat.engine.files import UnreadableFile, read_bytes, regular  # noqa: F401 - the app takes them from here
 
 
 def read_regular(path: str | os.PathLike, limit: int, what: str = "it") -> bytes:

@@ -5,9 +5,15 @@ until SIGKILL); now a FIFO model file is one line naming it, and a FIFO cache fi
 from __future__ import annotations
 
 import os
+import stat
+import threading
+import time
 
+import pexpect
 import pytest
-from helpers import assert_clean_error, call, model_copy
+from helpers import assert_clean_error, call, model_copy, spawn
+
+from dschat.history.store import Store
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "config.json",
@@ -66,3 +72,62 @@ def test_a_fifo_in_place_of_turns_lock_is_one_line(chat_models):
     assert call(model, stdin="question").returncode == 0
     os.mkfifo(os.path.join(data, "turns.lock"))
     assert_clean_error(call([*model, "-c"], stdin="again"), "turns.lock")
+
+
+def waiting_to_open(thread: threading.Thread):
+    """Once `thread` waits in its open() of a FIFO for a writer (where /proc shows it; else after a moment)."""
+    wchan = f"/proc/self/task/{thread.native_id}/wchan"
+    for _ in range(500):
+        try:
+            with open(wchan) as f:
+                if f.read() in ("wait_for_partner", "0", ""):  # "0": hidden here
+                    break
+        except OSError:
+            break
+        time.sleep(0.01)
+    time.sleep(0.05)
+
+
+# -- the history itself --------------------------------------------------------------------------------------------
+def test_a_fifo_in_place_of_the_history_is_one_line_everywhere_and_left_alone(chat_models):
+    """history.db a FIFO: every command (conversations, pipe mode, line mode, the TUI's start) says so in one line
+    and exits 1, and never opens it: a reader waiting on the FIFO is not woken (it was, with an end of file,
+    when dschat opened the FIFO to write it), and the FIFO is still there."""
+    history = Store.default_path()
+    os.mkfifo(history)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(os.read(fd := os.open(history, os.O_RDONLY), 100))
+                              or os.close(fd), daemon=True)
+    reader.start()
+    waiting_to_open(reader)
+    message = "history.db: a FIFO, not a regular file"
+    try:
+        assert_clean_error(call(["conversations"]), message)
+        assert_clean_error(call(["--model", str(chat_models["v3"]), "-n", "2"], stdin="question"), message)
+        for args in (["--plain"], []):  # line mode, the TUI
+            p = spawn(*args, "--model", str(chat_models["v3"]))
+            p.expect(pexpect.EOF, timeout=60)
+            p.close()
+            lines = [line for line in p.before.splitlines() if line.strip()]
+            assert p.exitstatus == 1 and len(lines) == 1 and "dschat: error:" in lines[0] and message in lines[0], \
+                p.before
+        assert reader.is_alive() and not got  # nobody opened it to write
+    finally:
+        if reader.is_alive():
+            fd = os.open(history, os.O_WRONLY | os.O_NONBLOCK)  # the reader is waiting: this opens at once
+            os.write(fd, b"the test's own bytes")
+            os.close(fd)
+            reader.join(5)
+    assert got == [b"the test's own bytes"] and stat.S_ISFIFO(os.stat(history).st_mode)
+
+
+@pytest.mark.parametrize("name", ["history.db-wal", "history.db-shm"])
+def test_a_fifo_in_place_of_the_historys_wal_or_shm_is_one_line_and_kept(name):
+    """(SQLite deleted a FIFO named like the -wal file and went on; it failed on one named like -shm with 'disk
+    I/O error')"""
+    history = Store.default_path()
+    Store(history).close()
+    (history.parent / name).unlink(missing_ok=True)
+    os.mkfifo(history.parent / name)
+    assert_clean_error(call(["conversations"]), f"{name}: a FIFO, not a regular file")
+    assert stat.S_ISFIFO(os.stat(history.parent / name).st_mode)

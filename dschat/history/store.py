@@ -22,7 +22,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dschat.files import UnreadableFile, read_regular
+from dschat.files import UnreadableFile, read_regular, regular
 from dschat.settings.paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, private_file, tighten, xdg
 from dschat.terminal.text import terminal_safe
 
@@ -177,7 +177,21 @@ class Store:
             return False
         return os.access(path.parent, os.W_OK | os.X_OK)
 
+    def _check_files(self):
+        """The history and its -wal and -shm files, where they exist, are regular files (through symlinks), checked
+        before SQLite opens them: SQLite would wait forever on a FIFO, and delete a FIFO named like its -wal."""
+        for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            try:
+                regular(f)
+            except FileNotFoundError:
+                continue
+            except UnreadableFile as e:  # a FIFO, a directory, a device, a socket
+                raise StoreError(f"{e} (dschat keeps its history there)") from None
+            except OSError:
+                continue  # a loop of links, no permission: opening says so
+
     def _open(self) -> sqlite3.Connection:
+        self._check_files()
         fresh = not self.path.exists() or self.path.stat().st_size == 0
         self.read_only = not fresh and not self.writable(self.path)
         if fresh:
