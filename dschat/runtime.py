@@ -50,6 +50,7 @@ class Options:
     raw: bool = False
     stats: bool = False
     show_thinking: bool = False  # pipe mode: a reasoning model's thinking on stderr
+    files: list | None = None  # -f: files for the (first) message
     no_save: bool = False
     continue_latest: bool = False
     conversation: str | None = None

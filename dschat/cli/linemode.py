@@ -2,7 +2,8 @@
 
 Enter sends; Alt+Enter (Esc then Enter) inserts a new line, and a message that starts with \"\"\" continues
 until a line that ends with \"\"\". Ctrl+C stops a reply (it is kept, marked interrupted) or clears the input;
-Ctrl+D exits. Slash commands: /system, /clear, /save, /load, /regen, /stats, /help, /exit.
+Ctrl+D exits; Ctrl+X Ctrl+E composes the message in $EDITOR. Slash commands: /system, /clear, /save, /load,
+/regen, /stats, /thinking, /add, /drop, /help, /exit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from contextlib import suppress
 
 from prompt_toolkit.utils import get_cwidth
 
+from dschat.conversation.attachments import AttachmentError, read_all, with_files
 from dschat.conversation.chat import Turn
 from dschat.errors import error_text
 from dschat.files import write_output
@@ -34,9 +36,12 @@ HELP = """\
   /regen         a new answer to the last prompt (the old one is kept in the history)
   /stats         statistics of the last reply
   /thinking      a reasoning model's thinking for the last reply, unfolded
+  /add PATH      put a file (or a folder's text files) into your next message; /add alone lists them
+  /drop          take back the files /add attached
   /help          this help
   /exit          leave (or Ctrl+D)
-Alt+Enter inserts a new line; a message that starts with \"\"\" ends at a line ending with \"\"\"."""
+Alt+Enter inserts a new line; a message that starts with \"\"\" ends at a line ending with \"\"\".
+Ctrl+X Ctrl+E writes the message in $EDITOR."""
 
 
 class Printer:
@@ -153,6 +158,9 @@ def run_line_mode(opts: Options) -> int:
     prompts = prompt_session()
     say(f"dschat: {engine.path.name} on {engine.device}. /help for commands, Ctrl+D to leave.", sys.stdout)
     show_messages(session.chat.messages)
+    attached = list(opts.files or [])  # -f: files for the first message; /add: for the next
+    if attached:
+        add_files(session, attached, [])
     while True:
         text = read_message(prompts)
         if text is None:
@@ -164,9 +172,10 @@ def run_line_mode(opts: Options) -> int:
             cmd, _, rest = text[1:].partition(" ")
             if cmd in ("exit", "quit"):
                 return 0
-            turn = command(session, cmd, rest.strip())
+            turn = command(session, cmd, rest.strip(), attached)
         else:
-            turn = start_turn(session, lambda wait: session.turn(text, wait))
+            text = attach(text, attached)
+            turn = None if text is None else start_turn(session, lambda wait: session.turn(text, wait))
         if turn is not None:
             reply(session, turn, formatter, opts.stats)
 
@@ -207,7 +216,8 @@ def prompt_session():
         event.current_buffer.insert_text("\n")
 
     history_file = private_file(private_dir("DATA") / "prompt_history")
-    return PromptSession(history=FileHistory(str(history_file)), key_bindings=keys, multiline=False)
+    return PromptSession(history=FileHistory(str(history_file)), key_bindings=keys, multiline=False,
+                         enable_open_in_editor=True)  # Ctrl+X Ctrl+E: compose in $EDITOR
 
 
 def show_messages(messages: list[dict]):
@@ -251,8 +261,47 @@ def reply(session: ChatSession, turn: Turn, formatter, stats: bool = False):
         print_stats(turn.stats or answer.stats)
 
 
-def command(session: ChatSession, cmd: str, arg: str) -> Turn | None:
+def attach(text: str, attached: list[str]) -> str | None:
+    """The message with the files /add attached, read now (then no longer attached); None, said why, when one
+    cannot be read (they stay attached)."""
+    if not attached:
+        return text
+    try:
+        message = with_files(text, read_all(attached))
+    except AttachmentError as e:
+        say(f"(not sent: {error_text(e)}; /drop takes the files back)", sys.stdout)
+        return None
+    attached.clear()
+    return message
+
+
+def add_files(session: ChatSession, paths: list[str], attached: list[str]):
+    """Attach files to the next message, saying what is attached and its size in tokens."""
+    try:
+        found = read_all(paths)
+    except AttachmentError as e:
+        say(f"(not attached: {error_text(e)})", sys.stdout)
+        return
+    attached += [p for p in paths if p not in attached]
+    tok = session.engine.tokenizer
+    tokens = sum(len(tok.encode_plain(a.block())) for a in found)
+    names = ", ".join(a.name for a in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    say(f"(attached {names}: {tokens:,} tokens; sent with your next message)", sys.stdout)
+
+
+def command(session: ChatSession, cmd: str, arg: str, attached: list[str] | None = None) -> Turn | None:
     """Run a slash command; the turn to answer, for /regen."""
+    attached = [] if attached is None else attached
+    if cmd == "add":
+        if arg:
+            add_files(session, [arg], attached)
+        else:
+            print(f"(attached: {', '.join(attached)})" if attached else "(nothing attached: /add PATH)")
+        return None
+    if cmd == "drop":
+        attached.clear()
+        print("(no files attached)")
+        return None
     if cmd == "help":
         print(HELP)
     elif cmd == "clear":

@@ -97,6 +97,9 @@ def chat_parser() -> argparse.ArgumentParser:
                         "the answer")
     p.add_argument("-c", "--continue", dest="continue_latest", action="store_true",
                    help="continue the most recent conversation")
+    p.add_argument("-f", "--file", dest="files", action="append", metavar="PATH",
+                   help="put a file into the message as a fenced block with its path (repeatable; a folder brings "
+                        "its text files, .gitignore respected; - is stdin); in line mode, into the first message")
     p.add_argument("--conversation", metavar="ID", help="continue the conversation with this id")
     p.add_argument("--session", dest="conversation", help=argparse.SUPPRESS)  # the old name
     p.add_argument("--no-save", action="store_true", help="do not save this conversation in the history")
@@ -123,18 +126,25 @@ def run_chat(argv: list[str]) -> int:
         raise UsageError(f"{word!r} is not a command; did you mean `dschat {meant}`? (to send {word!r} to the "
                          f"model as a message: dschat -- {word})")
     opts = Options.from_args(args, Settings.load())
-    piped = not sys.stdin.isatty()
+    piped = not sys.stdin.isatty() and "-" not in (args.files or [])  # `-f -`: stdin is a file, not the message
     prompt = " ".join(args.prompt)
     if piped:
         text = read_stdin()
         message = text.rstrip("\n") + ("\n\n" + prompt if prompt else "") if text.strip() else prompt
     else:
         message = prompt
+    if args.files and (piped or message):
+        from dschat.conversation.attachments import read_all, with_files
+
+        message = with_files(message, read_all(args.files))  # read now, when the message is sent
     if not args.show_prompt and (piped or message):
         from dschat.conversation.session import check_history
 
         check_history(opts)  # before the model loads: a turn that could not be saved is never generated
     if not piped and not message and not args.show_prompt:
+        if args.files and not args.plain:
+            raise UsageError("-f puts files into a message: give the message too, or use line mode (--plain), "
+                             "where they go into the first one (and /add attaches more)")
         if not sys.stdout.isatty():
             raise UsageError("the chat needs a terminal on stdout; to write an answer elsewhere, give the "
                              "message on stdin or as an argument")
