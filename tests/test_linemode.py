@@ -53,6 +53,32 @@ def test_ctrl_c_stops_a_reply_and_ctrl_d_exits(chat_models):
     assert Store().latest().messages[-1].interrupted
 
 
+def screen(text: str) -> str:
+    """What a terminal shows of `text`: a line redrawn in place (CR, erase line) shows its last drawing."""
+    return "\n".join(line.split("\r\x1b[2K")[-1] for line in text.split("\n"))
+
+
+def test_printer_streams_a_line_as_it_comes_and_highlights_code_as_it_grows(monkeypatch):
+    import io
+
+    from dschat.cli.linemode import Printer
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    out = Tty()
+    p = Printer(out)
+    p.write("A one-line answer")
+    assert out.getvalue() == "A one-line answer"  # shown before its line ends
+    p.write("\n```python\nimport o")
+    assert "\x1b[" in screen(out.getvalue()).splitlines()[-1]  # the unfinished code line, highlighted
+    p.write("s\n```")
+    p.close()
+    assert clean(screen(out.getvalue())) == "A one-line answer\n```python\nimport os\n```\n"
+
+
 def test_printer_highlights_code_blocks_on_a_colour_terminal(monkeypatch):
     import io
 
@@ -70,7 +96,7 @@ def test_printer_highlights_code_blocks_on_a_colour_terminal(monkeypatch):
         for piece in ["Use:\n```py", "thon\nimport os\n", "```\ndone"]:
             p.write(piece)
         p.close()
-        text = out.getvalue()
+        text = screen(out.getvalue())
         assert clean(text) == "Use:\n```python\nimport os\n```\ndone\n"
         code_line = text.splitlines()[2]
         assert code_line != "import os" and "\x1b[" in code_line  # coloured

@@ -45,7 +45,8 @@ Ctrl+X Ctrl+E writes the message in $EDITOR."""
 
 
 class Printer:
-    """Streams reply text to stdout; on a colour terminal, code blocks are highlighted line by line."""
+    """Streams reply text to stdout as it comes. On a colour terminal a code block's line is highlighted as it
+    grows (redrawn in place while it fits on one row), and its fences are dimmed when they end."""
 
     def __init__(self, out=None, formatter=None):
         self.out = out or sys.stdout
@@ -62,27 +63,57 @@ class Printer:
             self.out.write(text)
             self.out.flush()
             return
-        self.line += text
-        while "\n" in self.line:
-            line, self.line = self.line.split("\n", 1)
-            self.out.write(self._render(line) + "\n")
+        while text:
+            head, newline, text = text.partition("\n")
+            self.line += head
+            if head:
+                if self.in_code and not self._fence(self.line) and self._fits(self.line):
+                    self.out.write("\r\x1b[2K" + self._code(self.line))  # the line so far, highlighted
+                else:
+                    self.out.write(head)  # prose, and what cannot be redrawn, as it comes
+            if newline:
+                self._end_line()
+                self.out.write("\n")
         self.out.flush()
 
     def close(self):
         rest = self.safe.flush()  # an unfinished escape sequence at the end: nothing
         if self.colour:
-            rest, self.line = self._render(self.line + rest) if self.line + rest else "", ""
-        self.out.write(rest + "\n")
+            self.line += rest
+            self.out.write(rest)
+            if self.line:
+                self._end_line()
+        else:
+            self.out.write(rest)
+        self.out.write("\n")
         self.out.flush()
 
+    def _end_line(self):
+        """The line is complete: drawn once more as it ends up (a fence dimmed, code highlighted)."""
+        line, self.line = self.line, ""
+        rendered = self._render(line)
+        if rendered != line and self._fits(line):
+            self.out.write("\r\x1b[2K" + rendered)
+
+    @staticmethod
+    def _fence(line: str) -> bool:
+        return line.lstrip().startswith("```")
+
+    @staticmethod
+    def _fits(line: str) -> bool:
+        return get_cwidth(line) < shutil.get_terminal_size().columns
+
+    def _code(self, line: str) -> str:
+        return ansi(line, self.lexer, self.formatter).rstrip("\n")
+
     def _render(self, line: str) -> str:
-        if line.lstrip().startswith("```"):
+        if self._fence(line):
             self.in_code = not self.in_code
             if self.in_code:
                 self.lexer = lexer_for(line.strip()[3:].strip())
             return f"\x1b[2m{line}\x1b[0m"
         if self.in_code:
-            return ansi(line, self.lexer, self.formatter).rstrip("\n")
+            return self._code(line)
         return line
 
 
