@@ -99,7 +99,7 @@ async def test_tui_export_writes_through_a_symlink(chat_models, tmp_path, monkey
         await send(pilot, app, "hello")
         link = tmp_path / f"dschat-{app.conv_id}.md"
         link.symlink_to(tmp_path / "real.md")
-        app.action_export()
+        app.chat_screen.action_export()
         await pilot.pause(0.1)
     assert link.is_symlink() and "hello" in (tmp_path / "real.md").read_text()
 

@@ -85,7 +85,7 @@ async def test_a_worker_that_finishes_after_the_app_closed_is_harmless(chat_mode
         await ready(pilot, app)
         await pilot.press("ctrl+q")
     # what a loader or a stream still running in its thread does once the app has gone
-    result = await asyncio.to_thread(app._ui, app.set_status, "loading: 100%")
+    result = await asyncio.to_thread(app._ui, app.chat_screen.set_status, "loading: 100%")
     assert result is None
 
 
@@ -121,7 +121,7 @@ async def test_copy_a_code_block(chat_models):
         await ready(pilot, app)
         view = MessageView("assistant", "Here:\n\n```python\nprint('hi')\n```\n\nand more text")
         await app.query_one("#conversation").mount(view)
-        app.action_copy_code()
+        app.chat_screen.action_copy_code()
         assert app.clipboard == "print('hi')\n"
 
 
@@ -258,7 +258,7 @@ async def test_edit_and_resend_keeps_the_old_prompt_as_a_sibling(chat_models):
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
         await send(pilot, app, "frist try")
-        app.action_edit_last()
+        app.chat_screen.action_edit_last()
         await pilot.pause(0.1)
         prompt = app.query_one(PromptArea)
         assert prompt.text == "frist try" and not list(app.query(MessageView))
@@ -280,28 +280,28 @@ async def test_system_prompt_rename_search_export_delete(chat_models, tmp_path, 
     app = make_app(chat_models["v3"], "-n", "4")
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
-        app.action_set_system()
+        app.chat_screen.action_set_system()
         await answer(pilot, app, "Be brief.")
         await send(pilot, app, "alpha question")
         _, want = chat_prompt(app.engine.tokenizer, [{"role": "system", "content": "Be brief."},
                                                      {"role": "user", "content": "alpha question"}])
         conv = Store().latest()
         assert conv.system == "Be brief." and conv.messages[0].token_ids == want
-        app.action_rename()
+        app.chat_screen.action_rename()
         await answer(pilot, app, "Renamed one")
         assert Store().get(conv.id).title == "Renamed one"
         assert [str(i.query_one("Label").render()) for i in app.query("#conversations ListItem")] == ["Renamed one"]
-        app.action_export()
+        app.chat_screen.action_export()
         await pilot.pause(0.1)
         exported = (tmp_path / f"dschat-{conv.id}.md").read_text()
         assert "alpha question" in exported and conv.messages[1].content in exported
-        app.action_search()
+        app.chat_screen.action_search()
         await answer(pilot, app, "nothing like this")
         assert not list(app.query("#conversations ListItem"))
-        app.action_search()
+        app.chat_screen.action_search()
         await answer(pilot, app, "alpha")
         assert [i.name for i in app.query("#conversations ListItem")] == [conv.id]
-        app.action_delete()
+        app.chat_screen.action_delete()
         await pilot.pause(0.1)
         assert Store().latest() is None and not list(app.query(MessageView))
 

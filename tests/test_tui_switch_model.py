@@ -18,7 +18,7 @@ async def test_switching_to_a_broken_checkpoint_keeps_the_old_model(chat_models,
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
         working = app.engine
-        app.action_switch_model()
+        app.chat_screen.action_switch_model()
         await until(pilot, lambda: isinstance(app.screen, AskScreen) and bool(app.screen.query("#answer")))
         answer = app.screen.query_one("#answer")
         answer.value = str(broken)
@@ -51,7 +51,7 @@ async def test_an_export_that_cannot_be_written_is_a_notice(chat_models, tmp_pat
         await ready(pilot, app)
         await send(pilot, app, "export me")
         (tmp_path / f"dschat-{app.conv_id}.md").mkdir()  # the target is taken by a directory
-        app.action_export()
+        app.chat_screen.action_export()
         await pilot.pause(0.1)
         assert any("not exported" in n.message for n in app._notifications)
         await send(pilot, app, "still here?")  # the app goes on

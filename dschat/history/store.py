@@ -201,7 +201,10 @@ class Store:
             if self.read_only:  # reading works on a read-only history (writing says why not)
                 db = self._open_read_only()
             else:
-                db = sqlite3.connect(str(self.path), timeout=OPEN_WAIT_S, isolation_level=None)
+                # check_same_thread=False: the TUI saves a turn in a worker thread (a busy history must not stop
+                # its screen) and reads on its UI thread, never both at once; SQLite serializes the calls
+                db = sqlite3.connect(str(self.path), timeout=OPEN_WAIT_S, isolation_level=None,
+                                     check_same_thread=False)
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: cannot open the history ({e})") from None
         try:
@@ -273,7 +276,8 @@ class Store:
         uri = self.path.resolve().as_uri()
         shm = Path(f"{self.path}-shm")
         mode = "ro" if shm.exists() and os.access(shm, os.W_OK) else "ro&immutable=1"
-        return sqlite3.connect(f"{uri}?mode={mode}", uri=True, timeout=BUSY_NOTICE_S, isolation_level=None)
+        return sqlite3.connect(f"{uri}?mode={mode}", uri=True, timeout=BUSY_NOTICE_S, isolation_level=None,
+                               check_same_thread=False)
 
     def _migrate(self, db: sqlite3.Connection):
         db.execute("BEGIN IMMEDIATE")

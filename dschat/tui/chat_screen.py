@@ -1,0 +1,388 @@
+"""The chat screen: the sidebar (ConversationList), the conversation (ChatView), the input (PromptArea) and the
+status line (StatusBar), and what the keys and the palette do with them.
+
+The widgets post messages (PromptArea.Submitted, ConversationList.Opened, ChatView.Streamed, ChatView.Ended)
+and this screen handles them; it tells the widgets what to show by calling their methods. The model and the
+session (the engine, the history) are the app's (app.py); the history is used from here, on the UI thread,
+except while a turn is being saved, which a worker thread does (it may wait for a busy history).
+"""
+
+from __future__ import annotations
+
+import re
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Header
+
+from dschat.conversation.chat import Turn
+from dschat.errors import error_text
+from dschat.files import write_output
+from dschat.history.store import Store, StoreError
+from dschat.terminal.text import terminal_safe
+from dschat.tui.ask_screen import AskScreen
+from dschat.tui.chat_view import ChatView
+from dschat.tui.conversation_list import ConversationList
+from dschat.tui.message_view import MessageView
+from dschat.tui.prompt_area import PromptArea
+from dschat.tui.status_bar import StatusBar
+
+CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+LAST = object()  # update_status: the last reply's figures
+
+
+class ChatScreen(Screen):
+    # The keys shown in the footer, in this order; [keys] in the config file rebinds them by id (run_tui checks).
+    BINDINGS = [
+        Binding("ctrl+q", "app.quit", "Quit", id="quit", priority=True),
+        Binding("escape", "stop", "Stop", id="stop"),
+        Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
+        Binding("ctrl+r", "regenerate", "Regenerate", id="regenerate"),
+        Binding("ctrl+o", "copy_reply", "Copy reply", id="copy_reply"),
+        Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="toggle_sidebar"),
+        Binding("f1", "app.help", "Help", id="help"),
+    ]
+    # The command palette's entries (ChatApp.get_system_commands): title, help, this screen's action.
+    COMMANDS_LIST = (
+        ("New chat", "Start a new conversation", "new_chat"),
+        ("Regenerate", "A new answer to the last prompt (the old one is kept)", "regenerate"),
+        ("Edit last prompt", "Put the last prompt back in the input to edit and resend", "edit_last"),
+        ("Copy reply", "Copy the last reply to the clipboard", "copy_reply"),
+        ("Copy code block", "Copy the last code block of the last reply", "copy_code"),
+        ("System prompt", "Set the system prompt", "set_system"),
+        ("Rename conversation", "Give this conversation a title", "rename"),
+        ("Delete conversation", "Delete this conversation from the history", "delete"),
+        ("Export conversation", "Write this conversation as Markdown", "export"),
+        ("Search conversations", "Full-text search of the history", "search"),
+        ("Switch model", "Load another model", "switch_model"),
+        ("Toggle sidebar", "Show or hide saved conversations", "toggle_sidebar"),
+        ("Help", "Keys and actions", "app.help"),
+    )
+
+    class Saved(Message):
+        """The save worker is done with a turn: `kept` as Reply.finish says, or `error` (it could not be saved,
+        nor kept pending)."""
+
+        def __init__(self, reply, view: MessageView, regenerating: bool, kept: bool, error: Exception | None):
+            super().__init__()
+            self.reply, self.view, self.regenerating, self.kept, self.error = reply, view, regenerating, kept, error
+
+    def __init__(self):
+        super().__init__()
+        self.saving = False  # a turn is being saved in a worker thread: the history is the worker's meanwhile
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal():
+            yield ConversationList(id="sidebar")
+            with Vertical(id="main"):
+                yield ChatView(id="conversation")
+                yield PromptArea(id="prompt")
+                yield StatusBar(id="status")
+        yield Footer()
+
+    def on_mount(self):
+        self.chat_view.anchor()
+        self.prompt.focus()
+        self.refresh_conversations()
+
+    # -- the parts ------------------------------------------------------------------------------------------------
+    @property
+    def chat_view(self) -> ChatView:
+        return self.query_one(ChatView)
+
+    @property
+    def prompt(self) -> PromptArea:
+        return self.query_one(PromptArea)
+
+    @property
+    def session(self):
+        return self.app.session
+
+    def set_status(self, text: str):
+        self.query_one(StatusBar).say(text)
+
+    def update_status(self, stats=LAST):
+        """The status line: ready or streaming, the context used, and the figures of `stats` (a GenerationStats;
+        None: none; by default the last reply's)."""
+        app = self.app
+        if app.engine is None:
+            return
+        s = app.last_stats if stats is LAST else stats
+        used = len(app.chat.ids) if app.chat else 0
+        if app.busy and s is not None and s.prompt_tokens:  # the reply so far counts too
+            used = s.prompt_tokens + s.generated_tokens
+        self.query_one(StatusBar).figures(busy=app.busy, used=used, context_length=app.engine.context_length,
+                                          stats=s, speculative=app.engine.speculative)
+
+    def show_conversation(self, msgs):
+        self.chat_view.show(msgs)
+        self.prompt.prompts = [terminal_safe(m.content, body=True) for m in msgs if m.role == "user"]
+
+    def model_ready(self):
+        """The app has a (new) model and session: show what it opened."""
+        opened = self.session.opened
+        self.show_conversation([m for m in opened.messages if m.role != "system"] if opened else [])
+        self.update_status()
+
+    # -- sending ----------------------------------------------------------------------------------------------------
+    @on(PromptArea.Submitted)
+    def submitted(self, event: PromptArea.Submitted):
+        app = self.app
+        if app.engine is None or app.chat is None or app.loading:
+            app.notify("the model is still loading (or failed to load); your text is kept", severity="warning")
+            return
+        if self.saving:
+            app.notify("the last turn is still being saved (the history is busy); your text is kept",
+                       severity="warning")
+            return
+        if app.busy:
+            app.notify("a reply is still streaming: Esc stops it", severity="warning")
+            return
+        prompt = self.prompt
+        prompt.prompts.append(event.text)
+        try:  # a saved conversation: held until the turn is saved (another dschat answering in it: a notice)
+            turn = self.session.turn(event.text, wait=False)
+        except Exception as e:
+            app.notify(error_text(e), severity="error")
+            return
+        prompt.text = ""
+        self.show_caught_up()
+        self.run_turn(turn, user_view=True)
+
+    def show_caught_up(self, regenerating: bool = False) -> bool:
+        """Turns another dschat saved in this conversation meanwhile: the conversation is shown again (less
+        the answer being regenerated). Whether there were any."""
+        if not self.session.caught_up:
+            return False
+        msgs = [m for m in self.session.opened.messages if m.role != "system"]
+        self.show_conversation(msgs[:-1] if regenerating else msgs)
+        self.app.notify("turns saved meanwhile by another dschat are shown; this one follows them")
+        return True
+
+    def run_turn(self, turn: Turn, user_view: bool):
+        app = self.app
+        app.busy = True
+        app.stop_event.clear()
+        self.chat_view.stream(self.session.reply(turn, app.stop_event), turn.user if user_view else None)
+
+    @on(ChatView.Streamed)
+    def streamed(self, event: ChatView.Streamed):
+        self.update_status(event.stats)
+
+    @on(ChatView.Ended)
+    async def reply_ended(self, event: ChatView.Ended):
+        reply = event.reply
+        await event.view.finish(reply.turn.interrupted)
+        if reply.error is not None:  # context full, out of memory, ...: a notice, and the app goes on
+            self.app.notify(error_text(reply.error), severity="error", timeout=10)
+        self.saving = True
+        self.set_status("saving the reply ...")
+        self._save(reply, event.view, self.session.regenerating)
+
+    @work(thread=True, group="save")
+    def _save(self, reply, view: MessageView, regenerating: bool):
+        """Save the turn in this worker thread: the history may be busy (another dschat writing it), and its
+        wait (with a notice, app.show_warning) must not stop the screen. A turn that cannot be saved in the end
+        is kept in a pending file (the session's save), so the answer is never lost."""
+        kept, error = True, None
+        try:
+            kept = reply.finish()
+        except Exception as e:
+            error = e
+        self.post_message(self.Saved(reply, view, regenerating, kept, error))
+
+    @on(Saved)
+    async def saved(self, event: Saved):
+        app, reply = self.app, event.reply
+        self.saving = False
+        if event.error is not None:
+            app.notify(f"could not save the conversation: {error_text(event.error)}", severity="error")
+        if not event.kept:
+            await self._take_back(reply.turn, event.view, event.regenerating)
+        elif reply.notice:
+            app.notify(reply.notice, severity="warning", timeout=10)
+        self.refresh_conversations()
+        app.last_stats = reply.stats
+        app.busy = False
+        app.turns_done += 1
+        if app.closing:
+            app.exit()
+            return
+        self.update_status(reply.stats)
+
+    async def _take_back(self, turn: Turn, view: MessageView, regenerating: bool):
+        """A turn that failed before its first token (context full, say) leaves no trace: its message goes
+        back into the input, so nothing typed is lost."""
+        await self.chat_view.take_back(view, self.app.chat.messages[-1]["content"] if regenerating else None)
+        if not regenerating and not self.prompt.text.strip():
+            self.prompt.text = turn.user
+
+    # -- the history --------------------------------------------------------------------------------------------------
+    def with_store(self, fn):
+        """fn(the history): the session's, once there is one (opened once, not for each call). Not while a turn
+        is being saved: the saving thread has it."""
+        app = self.app
+        if self.saving:
+            app.notify("the last turn is still being saved (the history is busy): try again then", severity="warning")
+            return None
+        try:
+            if app.session is not None:
+                return fn(app.session.store)
+            with Store() as store:
+                return fn(store)
+        except StoreError as e:
+            app.notify(str(e), severity="error")
+
+    def refresh_conversations(self, search: str | None = None):
+        rows = self.with_store(lambda s: s.list(search=search, limit=200))
+        if rows is not None or not self.saving:
+            self.query_one(ConversationList).show(rows or [])
+
+    @on(ConversationList.Opened)
+    def conversation_opened(self, event: ConversationList.Opened):
+        app = self.app
+        if app.busy or app.engine is None:
+            app.notify("wait for the reply (or the model) first", severity="warning")
+            return
+        conv = self.with_store(lambda s: s.get(event.conversation_id))
+        if conv is not None:
+            self.session.open(conv)
+            self.show_conversation([m for m in conv.messages if m.role != "system"])
+            self.update_status()
+            self.prompt.focus()
+
+    # -- actions ----------------------------------------------------------------------------------------------------
+    def action_stop(self):
+        if self.app.busy:
+            self.app.stop_event.set()
+
+    def action_new_chat(self):
+        app = self.app
+        if app.busy:
+            app.stop_event.set()
+            return
+        if app.session is not None:
+            app.session.new()
+            self.chat_view.remove_children()
+            self.update_status(None)
+
+    def action_regenerate(self):
+        app = self.app
+        if app.busy or app.chat is None:
+            return
+        try:
+            turn = self.session.regenerate(wait=False)
+        except Exception as e:  # nothing to regenerate, another dschat answering in this conversation
+            app.notify(error_text(e), severity="warning")
+            return
+        views = self.chat_view.messages
+        if not self.show_caught_up(regenerating=True) and views and views[-1].role == "assistant":
+            views[-1].remove()
+        self.run_turn(turn, user_view=False)
+
+    def action_edit_last(self):
+        """Put the last prompt back in the input; sending it replaces the last exchange (kept as a sibling)."""
+        app = self.app
+        if app.busy or app.chat is None:
+            return
+        try:
+            text = self.session.edit_last()
+        except ValueError as e:
+            app.notify(str(e), severity="warning")
+            return
+        for v in self.chat_view.messages[-2:]:
+            v.remove()
+        self.prompt.text = terminal_safe(text, body=True)
+        self.prompt.focus()
+
+    def action_copy_reply(self):
+        text = self.chat_view.last_reply()
+        if text:
+            self.app.copy_to_clipboard(text)
+            self.app.notify("reply copied")
+
+    def action_copy_code(self):
+        blocks = CODE_BLOCK.findall(self.chat_view.last_reply() or "")
+        if not blocks:
+            self.app.notify("the last reply has no code block", severity="warning")
+            return
+        self.app.copy_to_clipboard(blocks[-1])
+        self.app.notify("code block copied")
+
+    def action_toggle_sidebar(self):
+        self.query_one(ConversationList).toggle_class("hidden")
+
+    def action_set_system(self):
+        app = self.app
+
+        def done(text):
+            if text is None or app.chat is None:
+                return
+            try:
+                self.session.set_system(text)
+            except StoreError as e:
+                app.notify(str(e), severity="error")
+                return
+            app.notify("system prompt set")
+
+        app.push_screen(AskScreen("System prompt:", terminal_safe((app.chat.system or "") if app.chat else "")),
+                        done)
+
+    def action_rename(self):
+        app = self.app
+        if not app.conv_id:
+            app.notify("nothing saved yet to rename", severity="warning")
+            return
+
+        def done(title):
+            if title:
+                self.with_store(lambda s: s.rename(app.conv_id, title))
+                self.refresh_conversations()
+
+        app.push_screen(AskScreen("New title:"), done)
+
+    def action_delete(self):
+        app = self.app
+        if app.busy:
+            app.notify("a reply is still streaming: Esc stops it", severity="warning")
+            return
+        if app.conv_id:
+            self.with_store(lambda s: s.delete(app.conv_id))
+            app.notify("conversation deleted")
+        self.action_new_chat()
+        self.refresh_conversations()
+
+    def action_export(self):
+        app = self.app
+        if not app.conv_id:
+            app.notify("nothing saved yet to export", severity="warning")
+            return
+        text = self.with_store(lambda s: s.export_text(app.conv_id, "md"))
+        if text:
+            from pathlib import Path
+
+            path = Path.cwd() / f"dschat-{app.conv_id}.md"
+            try:
+                write_output(path, text)
+            except OSError as e:  # a notice; the app goes on
+                app.notify(f"not exported: {error_text(e)}", severity="error")
+                return
+            app.notify(f"exported to {path}")
+
+    def action_search(self):
+        self.app.push_screen(AskScreen("Search conversations (empty: all):"),
+                             lambda q: self.refresh_conversations(q or None))
+
+    def action_switch_model(self):
+        app = self.app
+
+        def done(name):
+            if name and not app.busy and not app.loading:
+                app.load_model(name.strip())  # the current model stays until this one has loaded
+
+        app.push_screen(AskScreen("Model (directory, hub id or demo):", terminal_safe(app.opts.model or "")), done)
