@@ -23,6 +23,9 @@ from .errors import ContextLengthError
 
 @dataclass(eq=False)
 class Node:
+    """One page of the prefix tree: its token ids (a full page, or fewer in a partial last page), the pool page
+    holding their latent rows, and how many open sequences pin it."""
+
     tokens: tuple[int, ...]
     page: int
     parent: "Node | None"
@@ -42,6 +45,10 @@ class Sequence:
 
 
 class LatentCache:
+    """The pool of latent-row pages (`layers`: one buffer per cached layer) and the prefix tree over them. A
+    generation `open`s a Sequence (reusing the longest cached prefix), `reserve`s room, reads and writes its
+    `slots`, and `close`s it (inserting its pages into the tree)."""
+
     def __init__(self, n_layers: int, latent_dim: int, num_pages: int, page_size: int,
                  device: torch.device, dtype: torch.dtype):
         self.page_size, self.num_pages, self.latent_dim = page_size, num_pages, latent_dim
@@ -71,7 +78,7 @@ class LatentCache:
             self._evict(1)
         if not self.free:
             raise ContextLengthError(
-                f"the latent cache is full ({self.capacity} tokens): raise --cache-gb or start a new chat")
+                f"the latent cache is full ({self.capacity} tokens): raise `cache_gb` or start a new chat")
         return self.free.pop()
 
     def _nodes(self):

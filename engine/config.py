@@ -20,6 +20,8 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 @dataclass(frozen=True)
 class Rope:
+    """The rotary embedding's settings (`rope_theta` and `rope_scaling` of config.json; YaRN when kind is "yarn")."""
+
     theta: float = 10000.0
     kind: str = "default"  # "default" or "yarn"
     factor: float = 1.0
@@ -32,6 +34,10 @@ class Rope:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """A checkpoint's config.json, checked: the shapes of every part of the model, the router's variant, RoPE,
+    the FP8 block size and an int8 / int4 quantization of its weights (`weight_quant`). Either family (V2 or
+    V3) and every variant the released models use."""
+
     model_type: str
     vocab_size: int
     hidden_size: int

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -98,11 +99,11 @@ class Engine:
             raise ValueError('fp8 must be "dequant" or "keep"')
         qspec = quant_spec(quant)
         if qspec is not None and fp8 == "keep":
-            raise ValueError("--quant and --fp8 keep do not combine: the FP8 weights are dequantised, then "
-                             "quantized (leave --fp8 at dequant)")
+            raise ValueError('`quant` and `fp8="keep"` do not combine: the FP8 weights are dequantised, then '
+                             'quantized (leave `fp8="dequant"`)')
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ModelError("--device cuda asked for, but PyTorch sees no CUDA GPU here")
+            raise ModelError('`device="cuda"` asked for, but PyTorch sees no CUDA GPU here')
         if device.type == "cuda" and device.index is None and dist.world_size() > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.rank())))  # one GPU per rank
             torch.cuda.set_device(device)
@@ -120,7 +121,7 @@ class Engine:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}")
         if speculative == "mtp" and not cfg.num_nextn_predict_layers:
             raise ModelError(f"{root}: this model has no MTP layer (num_nextn_predict_layers is 0); "
-                             "use --speculative ngram or none")
+                             'use `speculative="ngram"` or `speculative="none"`')
         if draft_tokens is None:
             draft_tokens = 4 if speculative == "ngram" else 1
         if draft_tokens < 1:
@@ -180,7 +181,8 @@ class Engine:
         return self._fingerprint
 
     # -- persisted prefixes --------------------------------------------------------------------------------
-    def _layout(self) -> str:
+    @property
+    def prefix_key(self) -> str:
         """What a prefix saved on disk is keyed by: these weights (quantized or not), the latent rows' shape and
         dtype; a file saved under another key is not this cache's."""
         weights = self.fingerprint + (f"-{self.quant}" if self.quant else "")
@@ -192,42 +194,15 @@ class Engine:
         with a checksum keyed by the secret in `secret_file` (made on first use; by default
         $XDG_DATA_HOME/dschat/cache.key). Returns the number of tokens written (0, with a CacheWarning,
         where the directory cannot be written)."""
-        seq = self.cache.open(list(ids))
-        try:
-            n = seq.cached
-            if n and dist.rank() == 0:  # every rank holds the same latent rows: one writes them
-                slots = self.cache.slots(seq, n)
-                rows = torch.stack([buf[slots] for buf in self.cache.layers])
-                written = persist.write(Path(directory) if directory else persist.default_dir(), self._layout(),
-                                        list(ids), seq.ids[:n], rows, int(cap_gb * 2**30),
-                                        Path(secret_file) if secret_file else None)
-                return n if written else 0
-            return n
-        finally:
-            self.cache.close(seq, insert=False)
+        return persist.save_prefix(self.cache, self.prefix_key, ids, Path(directory) if directory else None,
+                                   int(cap_gb * 2**30), Path(secret_file) if secret_file else None)
 
     def load_prefix(self, ids: list[int], directory: str | os.PathLike | None = None,
                     secret_file: str | os.PathLike | None = None) -> int:
         """Put the rows saved under exactly `ids` back into the cache. Returns the number of tokens restored
         (0 when there is no usable file; a stale, corrupt or altered one gives a CacheWarning)."""
-        got = persist.read(Path(directory) if directory else persist.default_dir(), self._layout(), list(ids),
-                           self.model.n_cached_layers, self.config.latent_dim,
-                           Path(secret_file) if secret_file else None)
-        if got is None:
-            return 0
-        saved, rows = got
-        seq = self.cache.open(saved)
-        try:
-            n0 = seq.cached
-            if n0 < len(saved):
-                self.cache.reserve(seq, len(saved))
-                slots = self.cache.slots(seq, len(saved))[n0:]
-                for layer, buf in enumerate(self.cache.layers):
-                    buf[slots] = rows[layer, n0:].to(device=buf.device, dtype=buf.dtype)
-                seq.ids = list(saved)
-        finally:
-            self.cache.close(seq)
-        return len(saved)
+        return persist.load_prefix(self.cache, self.prefix_key, ids, Path(directory) if directory else None,
+                                   Path(secret_file) if secret_file else None)
 
     # -- plain path -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -307,7 +282,7 @@ class Engine:
 
     def _drafter(self, seq: Sequence, sampler: Sampler):
         if self.speculative == "mtp":
-            return MTPDrafter(self, seq, sampler, self.draft_tokens)
+            return MTPDrafter(partial(self._mtp, seq), self.model.model.norm, seq, sampler, self.draft_tokens)
         return NgramDrafter(self.draft_tokens) if self.speculative == "ngram" else NoDrafter()
 
     def _generate(self, ids: list[int], params: SamplingParams, stats: GenerationStats,

@@ -1,4 +1,6 @@
-"""Errors the engine raises for bad input: each message is one readable line naming what and where."""
+"""Errors the engine raises for bad input: each message is one readable line naming what and where. A setting
+is named by its Engine.from_pretrained argument in backticks (`fp8="keep"`, `cache_gb`), never by a flag of the
+app's command line: the app shows its own flag there (dschat/errors.py)."""
 
 
 class ModelError(Exception):

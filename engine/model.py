@@ -38,6 +38,8 @@ class Block(nn.Module):
 
 
 class SharedHead(nn.Module):
+    """The MTP module's own final norm and lm_head (the hub's `shared_head`)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

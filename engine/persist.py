@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import dist
+from .cache import LatentCache
 from .files import read_bytes, regular
 
 VERSION = "3"  # 2: the checksum; 3: keyed (HMAC)
@@ -65,6 +67,48 @@ def secret(path: Path | None) -> bytes:
     return data
 
 
+def save_prefix(cache: LatentCache, weights_key: str, ids: list[int], directory: Path | None = None,
+                cap_bytes: int = 4 * 2**30, secret_file: Path | None = None) -> int:
+    """Write the latent rows of the cached part of `ids` under `weights_key` (what the rows are only valid for:
+    Engine.prefix_key) and `ids`, into `directory` (default_dir() for None). Returns the number of tokens
+    written (0, with a CacheWarning, where the directory cannot be written)."""
+    seq = cache.open(list(ids))
+    try:
+        n = seq.cached
+        if n and dist.rank() == 0:  # every rank holds the same latent rows: one writes them
+            slots = cache.slots(seq, n)
+            rows = torch.stack([buf[slots] for buf in cache.layers])
+            written = write(directory or default_dir(), weights_key, list(ids), seq.ids[:n], rows, cap_bytes,
+                            secret_file, stacklevel=4)
+            return n if written else 0
+        return n
+    finally:
+        cache.close(seq, insert=False)
+
+
+def load_prefix(cache: LatentCache, weights_key: str, ids: list[int], directory: Path | None = None,
+                secret_file: Path | None = None) -> int:
+    """Put the rows saved under `weights_key` and exactly `ids` back into the cache. Returns the number of
+    tokens restored (0 when there is no usable file; a stale, corrupt or altered one gives a CacheWarning)."""
+    got = read(directory or default_dir(), weights_key, list(ids), len(cache.layers), cache.latent_dim,
+               secret_file, stacklevel=4)
+    if got is None:
+        return 0
+    saved, rows = got
+    seq = cache.open(saved)
+    try:
+        n0 = seq.cached
+        if n0 < len(saved):
+            cache.reserve(seq, len(saved))
+            slots = cache.slots(seq, len(saved))[n0:]
+            for layer, buf in enumerate(cache.layers):
+                buf[slots] = rows[layer, n0:].to(device=buf.device, dtype=buf.dtype)
+            seq.ids = list(saved)
+    finally:
+        cache.close(seq)
+    return len(saved)
+
+
 def key(fingerprint: str, ids: list[int]) -> str:
     h = hashlib.sha256(fingerprint.encode())
     h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
@@ -72,13 +116,13 @@ def key(fingerprint: str, ids: list[int]) -> str:
 
 
 def write(directory: Path, fingerprint: str, key_ids: list[int], ids: list[int], rows: torch.Tensor,
-          cap_bytes: int, secret_file: Path | None = None) -> Path | None:
+          cap_bytes: int, secret_file: Path | None = None, stacklevel: int = 3) -> Path | None:
     """rows [n_layers, len(ids), latent_dim]. Atomic: a crash leaves the old file or the new one. Problems
     (the directory is a file, the disk is full) are warnings, never errors: None, and nothing is saved."""
     try:
         return _write(directory, fingerprint, key_ids, ids, rows, cap_bytes, secret(secret_file))
     except (OSError, SafetensorError, ValueError) as e:
-        warnings.warn(f"the latent cache was not saved in {directory}: {e}", CacheWarning, stacklevel=3)
+        warnings.warn(f"the latent cache was not saved in {directory}: {e}", CacheWarning, stacklevel=stacklevel)
         return None
 
 
@@ -101,7 +145,7 @@ def _write(directory: Path, fingerprint: str, key_ids: list[int], ids: list[int]
 
 
 def read(directory: Path, fingerprint: str, key_ids: list[int], n_layers: int, latent_dim: int,
-         secret_file: Path | None = None):
+         secret_file: Path | None = None, stacklevel: int = 3):
     """(ids, rows) saved under key_ids, or None. Problems are warnings, never errors."""
     path = directory / f"{key(fingerprint, key_ids)}.safetensors"
     if not path.exists():
@@ -127,7 +171,7 @@ def read(directory: Path, fingerprint: str, key_ids: list[int], n_layers: int, l
         if not torch.isfinite(rows.float()).all():
             raise ValueError("it holds non-finite values")
     except Exception as e:  # corrupt, truncated, stale: recompute instead
-        warnings.warn(f"ignoring cached prefix {path.name}: {e}", CacheWarning, stacklevel=3)
+        warnings.warn(f"ignoring cached prefix {path.name}: {e}", CacheWarning, stacklevel=stacklevel)
         return None
     os.utime(path)  # recently used
     return ids, rows

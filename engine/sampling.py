@@ -17,6 +17,8 @@ MIN_TOP_P = 1e-6
 
 @dataclass
 class SamplingParams:
+    """How one reply is sampled and when it stops (checked on construction)."""
+
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no limit

@@ -18,6 +18,8 @@ Every drafter has one interface, which Engine._generate drives:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .sampling import Sampler, probabilities
@@ -112,25 +114,32 @@ class NgramDrafter(NoDrafter):
         return []
 
 
+MTPStep = Callable[[int, torch.Tensor, list[int]], tuple[torch.Tensor, torch.Tensor]]
+
+
 class MTPDrafter(NoDrafter):
     """V3's MTP module, chained K times. Its cache rows trail the main model's by one position (row i needs
     t_{i+1}): `pending` holds the main model's normed states of positions done..len(seq.ids)-1, whose MTP
-    rows are written by the next proposal (or by finish)."""
+    rows are written by the next proposal (or by finish).
+
+    mtp(start, h, next_ids) runs the module over the sequence's positions start..start+S-1 (h [S, hidden] the
+    depth-0 states there, next_ids the tokens that follow each), writes its cache rows and returns its states
+    and logits; norm is the main model's final norm."""
 
     name = "mtp"
 
-    def __init__(self, engine, seq, sampler: Sampler, k: int):
-        self.engine, self.seq, self.sampler, self.k = engine, seq, sampler, k
+    def __init__(self, mtp: MTPStep, norm: Callable[[torch.Tensor], torch.Tensor], seq, sampler: Sampler, k: int):
+        self.mtp, self.norm, self.seq, self.sampler, self.k = mtp, norm, seq, sampler, k
         self.done = seq.cached
         self.pending: torch.Tensor | None = None
 
     def start(self, prompt: list[int], h: torch.Tensor):
-        self.pending = self.engine.model.model.norm(h)
+        self.pending = self.norm(h)
 
     def _catch_up(self, token: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the pending MTP rows (the last one with `token`); the module's states and logits there."""
         seq = self.seq
-        h, logits = self.engine._mtp(seq, self.done, self.pending, seq.ids[self.done + 1:] + [token])
+        h, logits = self.mtp(self.done, self.pending, seq.ids[self.done + 1:] + [token])
         self.done, self.pending = len(seq.ids), self.pending[:0]
         return h, logits
 
@@ -145,11 +154,11 @@ class MTPDrafter(NoDrafter):
             drafts.append(int(logits[-1].argmax()) if q is None else self.sampler.draw(q))
             probs.append(q)
             if j + 1 < n:  # chain: the module's own state, the draft token
-                h, logits = self.engine._mtp(self.seq, len(self.seq.ids) + j, h[-1:], [drafts[-1]])
+                h, logits = self.mtp(len(self.seq.ids) + j, h[-1:], [drafts[-1]])
         return drafts, probs
 
     def accept(self, drafts_ok: list[int], h: torch.Tensor):
-        self.pending = torch.cat([self.pending, self.engine.model.model.norm(h)])
+        self.pending = torch.cat([self.pending, self.norm(h)])
 
     def finish(self, last: int):
         """Write the MTP rows of the last positions, so the cached prefix is whole for the next turn."""

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class GenerationStats:
+    """The figures of one generation, kept current while it streams (Generation.stats)."""
+
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose latents came from the cache
     generated_tokens: int = 0

@@ -20,6 +20,9 @@ def _token_text(value) -> str | None:
 
 
 class Tokenizer:
+    """A checkpoint's tokenizer (tokenizer.json through the `tokenizers` library, with tokenizer_config.json's
+    special tokens and chat template)."""
+
     def __init__(self, tk, config: dict, chat_template: str | None):
         self.tk = tk
         self.config = config

@@ -258,13 +258,13 @@ def test_a_saved_int4_directory_splits_only_on_whole_groups(checkpoints, tmp_pat
 def test_quantization_changes_the_cache_key(checkpoints):
     plain = Engine.from_pretrained(checkpoints["v2_lite"], dtype=torch.float32)
     int4 = Engine.from_pretrained(checkpoints["v2_lite"], dtype=torch.float32, quant="int4")
-    assert plain._layout() != int4._layout()  # a saved prefix of the bf16 weights is not reused for int4
+    assert plain.prefix_key != int4.prefix_key  # a saved prefix of the bf16 weights is not reused for int4
 
 
 def test_bad_quant_arguments(checkpoints):
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         Engine.from_pretrained(checkpoints["v2_lite"], quant="int3")
-    with pytest.raises(ValueError, match="--fp8 keep"):
+    with pytest.raises(ValueError, match='`fp8="keep"`'):
         Engine.from_pretrained(checkpoints["v3_fp8"], quant="int4", fp8="keep")
 
 

@@ -8,6 +8,8 @@ from torch import nn
 
 
 class Embedding(nn.Module):
+    """Token id -> its row of `weight` [vocab, hidden]."""
+
     def __init__(self, vocab: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab, dim))

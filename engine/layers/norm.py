@@ -7,6 +7,8 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
+    """weight * x / sqrt(mean(x^2) + eps), the mean taken in float32."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps

@@ -25,6 +25,9 @@ METHOD = "dschat"  # quantization_config.quant_method of a directory `dschat qua
 
 @dataclass(frozen=True)
 class QuantSpec:
+    """How weights are packed: int8 (one scale per output row) or int4 (groups of `group` input features, each
+    with a scale, and a zero point unless symmetric)."""
+
     bits: int
     group: int = GROUP
     symmetric: bool = False
@@ -79,7 +82,7 @@ def shard(p: Packed, split: str | None, name: str) -> Packed:
         return Packed(p.data.narrow(1, r * k, k).contiguous(), p.scale, None, 8, 0, k)
     if p.padded_in != p.in_features or k % p.group:
         raise ModelError(f"{name}: its {p.in_features} input features do not split into {ws} whole groups "
-                         f"of {p.group}; load the unquantized checkpoint with --quant int4 instead")
+                         f"of {p.group}; load the unquantized checkpoint with `quant=\"int4\"` instead")
     g = k // p.group
     data, scale, zero = (None if t is None else t.narrow(1, r * n, n).contiguous()
                          for t, n in ((p.data, k // 2), (p.scale, g), (p.zero, g)))
