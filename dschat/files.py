@@ -122,11 +122,11 @@ def rewrite(path: str | os.PathLike, text: str, unchanged: Snapshot | None = Non
             raise WriteError(f"{path}: cannot write ({e.strerror})") from None
 
 
-def write_output(path: str | os.PathLike, text: str):
+def write_output(path: str | os.PathLike, text: str, new_mode: int | None = None):
     """`text` into the file the user named: a regular file (or a new one) is replaced atomically, through a
     symlink its target (the link stays); a FIFO or a character device (a terminal, /dev/stdout, /dev/null)
     gets the text written to it as a stream; a directory, socket or block device is refused. WriteError
-    names the path."""
+    names the path. `new_mode`: a new file's permission bits (None: the umask's); a file there keeps its own."""
     path = Path(path)
     try:
         st = os.stat(path)  # through symlinks
@@ -135,7 +135,7 @@ def write_output(path: str | os.PathLike, text: str):
     except OSError as e:
         raise WriteError(f"{path}: cannot write ({e.strerror})") from None
     if st is None or stat.S_ISREG(st.st_mode):  # new (through a dangling link: its target), or a regular file
-        atomic_write_text(os.path.realpath(path), text)
+        atomic_write_text(os.path.realpath(path), text, mode=new_mode if st is None else None)
         return
     if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
         try:  # no O_CREAT: the special file that was checked is what is opened, or nothing

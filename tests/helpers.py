@@ -184,6 +184,18 @@ async def send(pilot, app, text):
     await pilot.pause(0.1)
 
 
+async def answer(pilot, app, text):
+    """Type an answer into the AskScreen that is open and press Enter."""
+    from textual.widgets import Input
+
+    from dschat.tui.ask_screen import AskScreen
+
+    await until(pilot, lambda: isinstance(app.screen, AskScreen) and app.screen.query(Input))
+    app.screen.query_one(Input).value = text
+    await pilot.press("enter")
+    await pilot.pause(0.1)
+
+
 def replies(app):
     return [v for v in app.query(MessageView) if v.role == "assistant"]
 

@@ -12,7 +12,7 @@ import stat
 import threading
 
 import pexpect
-from helpers import PROMPT, assert_clean_error, ask, call, make_app, ready, send, spawn
+from helpers import PROMPT, answer, assert_clean_error, ask, call, make_app, ready, send, spawn
 
 from dschat.history.store import Store
 
@@ -100,7 +100,7 @@ async def test_tui_export_writes_through_a_symlink(chat_models, tmp_path, monkey
         link = tmp_path / f"dschat-{app.conv_id}.md"
         link.symlink_to(tmp_path / "real.md")
         app.chat_screen.action_export()
-        await pilot.pause(0.1)
+        await answer(pilot, app, str(link))
     assert link.is_symlink() and "hello" in (tmp_path / "real.md").read_text()
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from helpers import call, make_app, ready, replies, send, until
+from helpers import answer, call, make_app, ready, replies, send, until
 
 from dschat.settings.config import Settings
 from dschat.engine import SamplingParams
@@ -154,6 +154,8 @@ async def test_open_a_saved_conversation_from_the_sidebar(chat_models):
         await pilot.press("enter")
         await until(pilot, lambda: len(list(app.query(MessageView))) == 2)
         assert [v.text for v in app.query(MessageView)][0] == "saved question"
+        await pilot.press(*"typed")  # the input has the focus again: nothing typed is dropped
+        assert app.query_one(PromptArea).text == "typed"
         await send(pilot, app, "follow-up")
         # resumed from the saved token ids: the history came from the cache, not a new prefill
         conv = Store().get(saved.id)
@@ -241,16 +243,17 @@ async def test_code_blocks_use_the_configured_pygments_style(chat_models):
         assert app.code_theme is None
 
 
-async def answer(pilot, app, text):
-    """Type an answer into the AskScreen that is open and press Enter."""
-    from textual.widgets import Input
+async def test_a_user_message_is_shown_as_typed(chat_models):
+    from textual.widgets import Markdown
 
-    from dschat.tui.ask_screen import AskScreen
-
-    await until(pilot, lambda: isinstance(app.screen, AskScreen) and app.screen.query(Input))
-    app.screen.query_one(Input).value = text
-    await pilot.press("enter")
-    await pilot.pause(0.1)
+    typed = "# done\n\n    indented code\nline two  *not emphasis*"
+    app = make_app(chat_models["v3"], "-n", "2")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, typed)
+        you, reply = list(app.query(MessageView))
+        assert not you.query(Markdown) and reply.query(Markdown)  # the reply is Markdown, the prompt is not
+        assert str(you.query_one(".typed").render()) == typed  # line breaks, indentation, # and * as typed
 
 
 async def test_edit_and_resend_keeps_the_old_prompt_as_a_sibling(chat_models):
@@ -274,7 +277,10 @@ async def test_edit_and_resend_keeps_the_old_prompt_as_a_sibling(chat_models):
 
 
 async def test_system_prompt_rename_search_export_delete(chat_models, tmp_path, monkeypatch):
+    from textual.widgets import Input
+
     from dschat.conversation.template import chat_prompt
+    from dschat.tui.ask_screen import AskScreen, ConfirmScreen
 
     monkeypatch.chdir(tmp_path)
     app = make_app(chat_models["v3"], "-n", "4")
@@ -291,17 +297,32 @@ async def test_system_prompt_rename_search_export_delete(chat_models, tmp_path, 
         await answer(pilot, app, "Renamed one")
         assert Store().get(conv.id).title == "Renamed one"
         assert [str(i.query_one("Label").render()) for i in app.query("#conversations ListItem")] == ["Renamed one"]
-        app.chat_screen.action_export()
-        await pilot.pause(0.1)
-        exported = (tmp_path / f"dschat-{conv.id}.md").read_text()
+        app.chat_screen.action_export()  # asks where, offering a name in the current directory
+        await until(pilot, lambda: isinstance(app.screen, AskScreen) and app.screen.query(Input))
+        assert app.screen.query_one(Input).value == str(tmp_path / f"dschat-{conv.id}.md")
+        await answer(pilot, app, str(tmp_path / "notes.md"))
+        exported = (tmp_path / "notes.md").read_text()
         assert "alpha question" in exported and conv.messages[1].content in exported
+        assert stat.S_IMODE((tmp_path / "notes.md").stat().st_mode) == 0o600  # private, as the history is
+        app.chat_screen.action_export()
+        await until(pilot, lambda: isinstance(app.screen, AskScreen))
+        await pilot.press("escape")  # not exported: nothing written
+        await pilot.pause(0.1)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.md"]
         app.chat_screen.action_search()
         await answer(pilot, app, "nothing like this")
         assert not list(app.query("#conversations ListItem"))
         app.chat_screen.action_search()
         await answer(pilot, app, "alpha")
         assert [i.name for i in app.query("#conversations ListItem")] == [conv.id]
+        app.chat_screen.action_delete()  # asks first: Esc (or n) keeps it
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("escape")
+        await pilot.pause(0.1)
+        assert Store().latest().id == conv.id and len(list(app.query(MessageView))) == 2
         app.chat_screen.action_delete()
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
         await pilot.pause(0.1)
         assert Store().latest() is None and not list(app.query(MessageView))
 

@@ -3,7 +3,7 @@ shown as plain text; an export that cannot be written is a notice."""
 
 from __future__ import annotations
 
-from helpers import make_app, ready, replies, send, until
+from helpers import answer, make_app, ready, replies, send, until
 from textual.widgets import Label
 
 from dschat.history.store import Store
@@ -52,7 +52,7 @@ async def test_an_export_that_cannot_be_written_is_a_notice(chat_models, tmp_pat
         await send(pilot, app, "export me")
         (tmp_path / f"dschat-{app.conv_id}.md").mkdir()  # the target is taken by a directory
         app.chat_screen.action_export()
-        await pilot.pause(0.1)
+        await answer(pilot, app, str(tmp_path / f"dschat-{app.conv_id}.md"))
         assert any("not exported" in n.message for n in app._notifications)
         await send(pilot, app, "still here?")  # the app goes on
         assert len(replies(app)) == 2

@@ -205,7 +205,7 @@ class ChatApp(App):
         keys = "\n".join(f"| `{b.key}` | {b.description} |" for b in ChatScreen.BINDINGS)
         self.push_screen(HelpScreen(
             "# dschat\n\n| key | action |\n|---|---|\n" + keys +
-            "\n| `enter` | send |\n| `ctrl+j` | new line |\n| `up` | earlier prompts (empty input) |"
+            "\n| `enter` | send |\n| `tab` | to the sidebar and back (Enter there opens a conversation) |\n| `ctrl+j` | new line |\n| `up` | earlier prompts (empty input) |"
             "\n| `ctrl+p` | command palette: every action |\n\nKeys can be changed in the `[keys]` table of "
             "`~/.config/dschat/config.toml`, e.g. `stop = \"ctrl+s\"`."))
 

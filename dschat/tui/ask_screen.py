@@ -1,4 +1,4 @@
-"""A one-line question in a dialog (system prompt, title, search, model)."""
+"""Dialogs: a one-line question (system prompt, title, search, model, where to export) and a yes/no one."""
 
 from __future__ import annotations
 
@@ -30,3 +30,21 @@ class AskScreen(ModalScreen[str | None]):
 
     def action_cancel(self):
         self.dismiss(None)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question (deleting a conversation): y says yes; n, Esc and Enter say no."""
+
+    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape,enter", "answer(False)", "No")]
+
+    def __init__(self, question: str):
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="ask"):
+            yield Label(self.question, markup=False)  # a title in it is text, not markup
+            yield Label("y: yes    n or Esc: no", classes="keys")
+
+    def action_answer(self, yes: bool):
+        self.dismiss(yes)

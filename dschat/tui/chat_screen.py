@@ -10,6 +10,7 @@ except while a turn is being saved, which a worker thread does (it may wait for 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -24,7 +25,7 @@ from dschat.errors import error_text
 from dschat.files import write_output
 from dschat.history.store import Store, StoreError
 from dschat.terminal.text import terminal_safe
-from dschat.tui.ask_screen import AskScreen
+from dschat.tui.ask_screen import AskScreen, ConfirmScreen
 from dschat.tui.chat_view import ChatView
 from dschat.tui.conversation_list import ConversationList
 from dschat.tui.message_view import MessageView
@@ -351,28 +352,43 @@ class ChatScreen(Screen):
         if app.busy:
             app.notify("a reply is still streaming: Esc stops it", severity="warning")
             return
-        if app.conv_id:
-            self.with_store(lambda s: s.delete(app.conv_id))
+        conv_id = app.conv_id
+        if not conv_id:  # nothing saved: a new chat
+            self.action_new_chat()
+            return
+
+        def done(yes):
+            if not yes or app.busy or app.conv_id != conv_id:
+                return
+            self.with_store(lambda s: s.delete(conv_id))
             app.notify("conversation deleted")
-        self.action_new_chat()
-        self.refresh_conversations()
+            self.action_new_chat()
+            self.refresh_conversations()
+
+        app.push_screen(ConfirmScreen("Delete this conversation from the history? It cannot be undone."), done)
 
     def action_export(self):
         app = self.app
         if not app.conv_id:
             app.notify("nothing saved yet to export", severity="warning")
             return
-        text = self.with_store(lambda s: s.export_text(app.conv_id, "md"))
-        if text:
-            from pathlib import Path
+        conv_id = app.conv_id
 
-            path = Path.cwd() / f"dschat-{app.conv_id}.md"
-            try:
-                write_output(path, text)
-            except OSError as e:  # a notice; the app goes on
-                app.notify(f"not exported: {error_text(e)}", severity="error")
+        def done(where):
+            if not where:
                 return
-            app.notify(f"exported to {path}")
+            text = self.with_store(lambda s: s.export_text(conv_id, "md"))
+            if text:
+                path = Path(where).expanduser()
+                try:  # private, as the history is (a file already there keeps its mode)
+                    write_output(path, text, new_mode=0o600)
+                except OSError as e:  # a notice; the app goes on
+                    app.notify(f"not exported: {error_text(e)}", severity="error")
+                    return
+                app.notify(f"exported to {path}")
+
+        app.push_screen(AskScreen("Export as Markdown to (Esc: not at all):", str(Path.cwd() / f"dschat-{conv_id}.md")),
+                        done)
 
     def action_search(self):
         self.app.push_screen(AskScreen("Search conversations (empty: all):"),

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Label, Markdown
+from textual.widgets import Label, Markdown, Static
 
 from dschat.terminal.text import SafeStream, terminal_safe
 from dschat.tui.reply_markdown import ReplyMarkdown
 
 
 class MessageView(Vertical):
-    """One message: who wrote it, then its Markdown. `text` is the message as written (copied as it is);
+    """One message: who wrote it, then its Markdown (a user's message: its text as typed). `text` is the message as written (copied as it is);
     what is shown has no escape sequences or control characters (dschat.terminal.text): a reply or a stored
     message cannot set the terminal's title, clear the screen or reorder what is shown."""
 
@@ -23,7 +23,10 @@ class MessageView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Label(self.title(), classes="role")
-        yield ReplyMarkdown(terminal_safe(self.text, body=True), code_theme=getattr(self.app, "code_theme", None))
+        if self.role == "user":  # as typed: line breaks, indentation, "#" and "*" kept (not Markdown)
+            yield Static(terminal_safe(self.text, body=True), markup=False, classes="typed")
+        else:
+            yield ReplyMarkdown(terminal_safe(self.text, body=True), code_theme=getattr(self.app, "code_theme", None))
 
     def title(self) -> str:
         name = {"user": "You", "assistant": "Assistant", "system": "System"}[self.role]
