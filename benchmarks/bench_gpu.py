@@ -12,8 +12,11 @@
 4. Verify cost: a forward pass over 1+K tokens / a 1-token pass (K = 1, 2, 3); the demo model's MTP tok/s
    vs plain.
 5. A DeepSeek-V3-shaped slice (V3's real dims, FP8 128x128 blocks): decode time per layer, weights
-   dequantised to bf16 vs `--fp8 keep`.
+   dequantised to bf16 vs `--fp8 keep`. Sized to fit 80 GB (or the device, if less) by an estimate it prints:
+   `--fp8 keep` dequantises every expert a prefill pass chooses to float32, so the context is prefilled in
+   the largest chunk whose estimated peak fits (a 1,024-token pass would need about 170 GB).
 6. Prefill tok/s at 8K and 32K.
+The JSON is written after every section, so a run that fails part-way keeps what it measured.
 """
 
 from __future__ import annotations
@@ -206,13 +209,18 @@ def bytes_per_token(eng: Engine, ctx: int) -> int:
     return total + ctx * LatentCache.bytes_per_token(eng.model.n_cached_layers, cfg.latent_dim, eng.dtype)
 
 
-def forward_time(eng: Engine, ctx: int, n: int) -> float:
-    """Seconds for one cached forward pass of n new tokens after ctx cached ones (the verify shape)."""
+def forward_time(eng: Engine, ctx: int, n: int, chunk: int | None = None) -> float:
+    """Seconds for one cached forward pass of n new tokens after ctx cached ones (the verify shape); the
+    context is prefilled `chunk` tokens a pass (default: the engine's prefill)."""
     ids = prompt(ctx + n, eng.config.vocab_size)
     seq = eng.cache.open([], limit=0)
     try:
         with torch.inference_mode():
-            eng._prefill(seq, ids[:ctx])
+            if chunk is None:
+                eng._prefill(seq, ids[:ctx])
+            else:
+                for i in range(0, ctx, chunk):
+                    eng._forward(seq, ids[i:min(i + chunk, ctx)])
 
             def step():
                 eng._forward(seq, ids[ctx:])
@@ -248,9 +256,75 @@ def demo_mtp(device: torch.device, dtype: torch.dtype, tokens: int) -> dict:
             "demo_mtp_vs_plain": rates["mtp"] / rates["none"], "demo_mtp_same_tokens": outs["mtp"] == outs["none"]}
 
 
+# -- sizing the V3 slice to the device ------------------------------------------------------------------------
+GIB = 2**30
+MEMORY_BUDGET = 80e9  # an H100's 80 GB; less where the device has less (a tenth kept for the allocator)
+
+
+def weight_bytes(config: dict, dtype: torch.dtype, fp8_keep: bool) -> tuple[int, int]:
+    """(bytes the model's weights take, bytes of the largest routed-expert stack pair of one layer), from a
+    model built on the meta device: what random_engine will hold."""
+    cfg = ModelConfig.from_dict(config)
+    with torch.device("meta"):
+        model = Transformer(cfg, with_mtp=False)
+    total, experts = 0, 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        fp8 = fp8_keep and (p.dim() == 3 or (name.endswith(".weight") and p.dim() == 2
+                                             and not name.endswith(("kv_b_proj.weight", "lm_head.weight",
+                                                                    "embed_tokens.weight", "gate.weight"))))
+        size = n * (1 if fp8 else torch.finfo(dtype).bits // 8)
+        if fp8:  # float32 scales, one per 128x128 block
+            size += 4 * math.ceil(p.shape[-2] / 128) * math.ceil(p.shape[-1] / 128) * (n // (p.shape[-2] * p.shape[-1]))
+        if p.dim() == 3:
+            experts = max(experts, n)
+        total += size
+    return total, experts
+
+
+def fp8_keep_pass_bytes(config: dict, tokens: int) -> int:
+    """Temporaries of one `--fp8 keep` MoE layer over `tokens` tokens at most (engine/moe.py's Experts):
+    the chosen experts (at most E, at most tokens * k of them) gathered in FP8 (1 B a weight), dequantised to
+    float32 (4 B) with float32 block scales spread over every weight while it runs (4 B, plus the float32
+    copy it makes of the FP8: 4 B more, gate and up at a time: 2/3 of the weights), gate and up
+    concatenated in float32 (2/3 x 4 B) and both stacks cast to the activations' dtype (2 B)."""
+    E, k = config["n_routed_experts"], config["num_experts_per_tok"]
+    per_expert = 3 * config["moe_intermediate_size"] * config["hidden_size"]
+    used = min(E, tokens * k)
+    return int(used * per_expert * (1 + 4 + 2 / 3 * 8 + 2 / 3 * 4 + 2))
+
+
+def size_v3_section(config: dict, dtype: torch.dtype, cache_gb: float, budget: float, ctx: int) -> dict:
+    """The largest prefill chunk (tokens a forward pass, a power of two up to ctx) whose estimated peak fits
+    `budget` bytes in both kinds: weights + latent cache + one MoE layer's FP8 temporaries; and the peak of
+    building the FP8 model (the bf16 model and the FP8 copy of its largest expert stacks)."""
+    bf16_weights, experts = weight_bytes(config, dtype, False)
+    fp8_weights, _ = weight_bytes(config, dtype, True)
+    cache = cache_gb * GIB
+    build = bf16_weights + experts * 1 + cache
+    chunk, peak = None, None
+    c = 1
+    while c <= ctx:
+        need = max(bf16_weights + cache, fp8_weights + cache + fp8_keep_pass_bytes(config, c), build)
+        if need > budget:
+            break
+        chunk, peak = c, need
+        c *= 2
+    return {"bf16_weights_bytes": bf16_weights, "fp8_weights_bytes": fp8_weights, "cache_bytes": int(cache),
+            "budget_bytes": int(budget), "prefill_chunk": chunk, "peak_bytes_estimate": peak,
+            "fits": chunk is not None}
+
+
 # -- the run -----------------------------------------------------------------------------------------------
-def run(device: torch.device, dtype: torch.dtype, sizes: dict, smoke: bool, with_transformers: bool) -> dict:
-    r: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def run(device: torch.device, dtype: torch.dtype, sizes: dict, smoke: bool, with_transformers: bool,
+        save=lambda r: None) -> dict:
+    """Every section's figures into one dict, which `save` writes after each section (a run that dies later
+    keeps what it measured)."""
+    r: dict = {"device": device_name(device),
                "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "smoke": smoke}
     try:
         import triton
@@ -258,6 +332,7 @@ def run(device: torch.device, dtype: torch.dtype, sizes: dict, smoke: bool, with
     except ImportError:
         r["triton"] = None
     r["copy_bytes_per_s"] = bw = bandwidth(device, sizes["copy_gb"])
+    save(r)
     shapes = v2_lite_shapes(smoke)
     eng = random_engine(shapes, device, dtype, sizes["cache_gb"])
     ref = None
@@ -275,22 +350,42 @@ def run(device: torch.device, dtype: torch.dtype, sizes: dict, smoke: bool, with
             theirs_rate, theirs = decode_transformers(ref, eng, ctx, sizes["tokens"])
             row.update(transformers_tok_s=theirs_rate, vs_transformers=rate / theirs_rate, same_tokens=ours == theirs)
         r[f"v2_lite_decode_{ctx}"] = row
+        save(r)
     first = r[f"v2_lite_decode_{sizes['contexts'][0]}"]
     r["roofline_fraction"] = first["roofline_fraction"]
     r["vs_transformers"] = first.get("vs_transformers")
     one = forward_time(eng, sizes["contexts"][0], 1)
     r["verify_cost"] = {f"1+{k}": forward_time(eng, sizes["contexts"][0], 1 + k) / one for k in (1, 2, 3)}
+    save(r)
     r["prefill_tok_s"] = {str(n): prefill_rate(eng, n) for n in sizes["prefill"]}
+    save(r)
     del eng, ref
     r.update(demo_mtp(device, dtype, sizes["demo_tokens"]))
-    per_layer = {}
-    for kind in ("bf16", "fp8_keep"):
-        v3 = random_engine(v3_slice_shapes(sizes["v3_layers"], smoke), device, dtype, sizes["cache_gb"],
-                           fp8_keep=kind == "fp8_keep")
-        per_layer[kind] = forward_time(v3, sizes["contexts"][0], 1) / sizes["v3_layers"]
-        del v3
-    r["v3_slice_layer_s"] = per_layer
-    r["v3_fp8_vs_bf16"] = per_layer["fp8_keep"] / per_layer["bf16"]
+    save(r)
+    v3_shapes = v3_slice_shapes(sizes["v3_layers"], smoke)
+    budget = MEMORY_BUDGET
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.get_device_properties(device).total_memory)
+    ctx = sizes["contexts"][0]
+    r["v3_sizing"] = plan = size_v3_section(v3_shapes, dtype, sizes["cache_gb"], 0.9 * budget, ctx)
+    print(f"V3 slice ({sizes['v3_layers']} layers): weights bf16 {plan['bf16_weights_bytes'] / GIB:.1f} GiB, "
+          f"fp8 {plan['fp8_weights_bytes'] / GIB:.1f} GiB, cache {plan['cache_bytes'] / GIB:.1f} GiB; "
+          + (f"a {ctx}-token context prefilled {plan['prefill_chunk']} tokens a pass: estimated peak "
+             f"{plan['peak_bytes_estimate'] / GIB:.1f} GiB of {plan['budget_bytes'] / GIB:.1f} GiB"
+             if plan["fits"] else f"does not fit {plan['budget_bytes'] / GIB:.1f} GiB: skipped"), flush=True)
+    save(r)
+    if plan["fits"]:
+        per_layer = {}
+        for kind in ("bf16", "fp8_keep"):
+            v3 = random_engine(v3_shapes, device, dtype, sizes["cache_gb"], fp8_keep=kind == "fp8_keep")
+            per_layer[kind] = forward_time(v3, ctx, 1, chunk=plan["prefill_chunk"]) / sizes["v3_layers"]
+            del v3
+            if device.type == "cuda":
+                r.setdefault("v3_peak_bytes", {})[kind] = torch.cuda.max_memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+        r["v3_slice_layer_s"] = per_layer
+        r["v3_fp8_vs_bf16"] = per_layer["fp8_keep"] / per_layer["bf16"]
+        save(r)
     return r
 
 
@@ -309,6 +404,8 @@ def show(r: dict):
     print("prefill: " + "  ".join(f"{n} {v:.0f} tok/s" for n, v in r["prefill_tok_s"].items()))
     print(f"demo MTP {r['demo_mtp_tok_s']:.1f} vs plain {r['demo_plain_tok_s']:.1f} tok/s "
           f"({r['demo_mtp_vs_plain']:.2f}x, same tokens {r['demo_mtp_same_tokens']})")
+    if "v3_slice_layer_s" not in r:
+        return
     s = r["v3_slice_layer_s"]
     print(f"V3 slice per layer: bf16 {s['bf16'] * 1e3:.2f} ms, fp8 keep {s['fp8_keep'] * 1e3:.2f} ms "
           f"({r['v3_fp8_vs_bf16']:.2f}x)")
@@ -325,14 +422,17 @@ def main(argv=None):
         return 2
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    r = run(device, dtype, SMOKE if args.smoke else FULL, args.smoke, not args.no_transformers)
-    show(r)
     out = args.out or ROOT / "benchmarks" / "results" / (
-        f"{r['device'].replace(' ', '-').lower()}-{date.today().isoformat()}.json")
+        f"{device_name(device).replace(' ', '-').lower()}-{date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(r, indent=2) + "\n")
-    tmp.replace(out)
+
+    def save(r: dict):
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(r, indent=2) + "\n")
+        tmp.replace(out)
+
+    r = run(device, dtype, SMOKE if args.smoke else FULL, args.smoke, not args.no_transformers, save)
+    show(r)
     print(f"wrote {out}")
     return 0
 

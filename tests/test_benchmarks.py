@@ -8,6 +8,7 @@ bench_gpu's smoke run also writes every figure of its JSON, transformers' ratio 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -72,6 +73,41 @@ def test_bench_gpu_smoke_writes_every_figure(tmp_path):
     assert res["demo_mtp_same_tokens"] and res["v3_fp8_vs_bf16"] > 0
     assert len(res["prefill_tok_s"]) == 2
     assert "roofline" in r.stdout
+    assert res["v3_sizing"]["fits"] and "estimated peak" in r.stdout
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), BENCH / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_sizes_the_v3_slice_to_80_gb():
+    """At V3's real shapes a 1,024-token `--fp8 keep` prefill pass would dequantise every expert to float32
+    (well over 80 GB): the section prefills in chunks whose estimated peak fits, and says so."""
+    bg = load_script("bench_gpu.py")
+    config = bg.v3_slice_shapes(3, smoke=False)
+    plan = bg.size_v3_section(config, torch.bfloat16, 4.0, 0.9 * 80e9, 1024)
+    assert plan["fits"] and 1 <= plan["prefill_chunk"] < 1024
+    assert plan["peak_bytes_estimate"] <= plan["budget_bytes"]
+    assert plan["fp8_weights_bytes"] + bg.fp8_keep_pass_bytes(config, 1024) > 80e9
+    assert bg.fp8_keep_pass_bytes(config, 2 * plan["prefill_chunk"]) > bg.fp8_keep_pass_bytes(
+        config, plan["prefill_chunk"])
+
+
+def test_bench_gpu_keeps_what_it_measured_when_a_later_section_fails(monkeypatch):
+    bg = load_script("bench_gpu.py")
+    saved = []
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bg, "demo_mtp", fail)  # the section after V2-Lite's decode, verify and prefill
+    with pytest.raises(RuntimeError):
+        bg.run(torch.device("cpu"), torch.float32, bg.SMOKE, True, False, save=lambda r: saved.append(dict(r)))
+    assert len(saved) >= 4 and "prefill_tok_s" in saved[-1] and "verify_cost" in saved[-1]
+    assert any(k.startswith("v2_lite_decode_") for k in saved[-1])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU here")
