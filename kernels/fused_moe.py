@@ -29,8 +29,9 @@ if triton is not None:
     from .expert_rows import expert_rows
 
 GATHER_MAX_TOKENS = 16
-# The decode kernels' tiles and pipelining: vLLM's tuned H100 configuration for E=64, N=1408, M=1
-# (BLOCK_M 16 / N 32 / K 64, 4 warps, 4 stages; these GEMV kernels have no M tile).
+# The decode kernels' tiles: vLLM's tuned H100 configuration for E=64, N=1408, M=1 (BLOCK_M 16 / N 32 / K 64,
+# 4 warps, 4 stages; these GEMV kernels have no M tile). The 4 stages do not pipeline them yet: Triton
+# software-pipelines loads that feed tl.dot, and these reduce with tl.sum (no cp.async in their sm_90a PTX).
 BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 32, 64, 4, 4
 
 
