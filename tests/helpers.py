@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -200,12 +201,14 @@ def replies(app):
     return [v for v in app.query(MessageView) if v.role == "assistant"]
 
 
-def parrot(src, dst, answer: str):
+def parrot(src, dst, answer: str, tokenizer: str = "deepseek-v3"):
     """A copy of the tiny chat model `src` that answers `answer` to any message, greedily: its layers add
     nothing to the residual (o_proj and down_proj are zero), so the next token is a function of the last one,
     which the embeddings and lm_head make a chain from the prompt's last token through the answer's to EOS."""
     cfg = json.loads((src / "config.json").read_text())
-    tok = Tokenizer.from_dir(src)
+    with tempfile.TemporaryDirectory() as d:  # the tokenizer the copy will have (e.g. R1's: its template differs)
+        tc.install_tokenizer(Path(d), tokenizer)
+        tok = Tokenizer.from_dir(d)
     chain = [chat_prompt(tok, [{"role": "user", "content": "?"}])[1][-1]] + tok.encode(answer) + [cfg["eos_token_id"]]
     assert len(set(chain[:-1])) == len(chain) - 1 <= cfg["hidden_size"]  # each token says what comes next
     w = tc.random_weights(cfg, seed=1)
@@ -216,7 +219,7 @@ def parrot(src, dst, answer: str):
     for k, (token, following) in enumerate(zip(chain, chain[1:])):
         w["model.embed_tokens.weight"][token, k] = 1.0
         w["lm_head.weight"][following, k] = 1.0
-    return tc.write_checkpoint(dst, cfg, weights=w, tokenizer="deepseek-v3")
+    return tc.write_checkpoint(dst, cfg, weights=w, tokenizer=tokenizer)
 
 
 def model_copy(src: Path, dst: Path, **tokenizer_config) -> Path:

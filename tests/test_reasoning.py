@@ -134,3 +134,55 @@ def test_line_mode_thinking_off_screen_is_followed_by_its_summary(monkeypatch):
     t.fold()
     assert "\x1b[J" not in out.getvalue() and out.getvalue().rstrip().endswith("/thinking shows it)\x1b[0m") \
         or out.getvalue().rstrip().endswith("/thinking shows it)")
+
+
+THOUGHT = "Let me see</think>\n\nThe answer."
+
+
+@pytest.fixture(scope="module")
+def r1_parrot(chat_models, tmp_path_factory):
+    """A tiny model with R1's tokenizer and template that thinks, then answers (greedily, to any message)."""
+    from helpers import parrot
+
+    return parrot(chat_models["v3"], tmp_path_factory.mktemp("r1p") / "r1", THOUGHT, tokenizer="deepseek-r1")
+
+
+def test_a_real_engine_thinks_then_answers(r1_parrot):
+    args = ["--model", str(r1_parrot), "-t", "0", "-n", "20", "--no-save", "--stats", "--show-thinking", "hi"]
+    r = call(args, stdin=None)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == "The answer.\n"
+    err = r.stderr.decode().splitlines()
+    assert err[0] == "Let me see"
+    stats = json.loads(err[-1])
+    assert stats["thinking_tokens"] >= 2 and stats["answer_tokens"] >= 2
+    assert stats["thinking_tokens"] + stats["answer_tokens"] == stats["generated_tokens"]
+
+
+def test_the_next_turn_drops_the_thinking_and_reuses_the_cache(r1_parrot):
+    from dschat.engine import Engine
+
+    engine = Engine.from_pretrained(r1_parrot, dtype=torch.float32, speculative="none")
+    session = ChatSession(engine, SessionSettings(no_save=True))
+    first, shown = run_turn(session, "hi")
+    assert shown == "The answer." and first.reasoning == "Let me see"
+    second, _ = run_turn(session, "again")
+    assert "Let me see" not in second.prompt_text and "The answer." in second.prompt_text
+    history = first.prompt_ids + first.output_ids
+    common = next((i for i, (a, b) in enumerate(zip(history, second.prompt_ids)) if a != b),
+                  min(len(history), len(second.prompt_ids)))
+    assert common < len(history)  # the template changed the history: the reasoning is gone
+    assert second.stats["cached_tokens"] == common  # only the stripped answer and the new message prefilled
+
+
+async def test_the_tui_folds_the_thinking_away_when_the_answer_starts(r1_parrot):
+    from helpers import make_app, ready, replies, send
+
+    app = make_app(r1_parrot, "-n", "20", "--no-save")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "hi")
+        view = replies(app)[-1]
+        assert view.text.strip() == "The answer." and view.reasoning == "Let me see"
+        assert view.thinking is not None and view.thinking.collapsed
+        assert view.thinking.title.startswith("Thinking (") and " tokens, " in view.thinking.title

@@ -6,6 +6,8 @@ when the reply's stream has ended (the screen saves it). It knows nothing of the
 
 from __future__ import annotations
 
+import time
+
 from textual import work
 from textual.containers import VerticalScroll
 from textual.message import Message
@@ -52,11 +54,20 @@ class ChatView(VerticalScroll):
 
     @work(thread=True, exclusive=True, group="reply")
     def _generate(self, reply, view: MessageView):
-        reply.stream(lambda piece: self.app._ui(self._show_piece, view, piece, reply.stats))
+        started = time.monotonic()
+
+        def end_thinking():
+            view.end_thinking(min(reply.thinking_tokens, len(reply.turn.output_ids)), time.monotonic() - started)
+
+        reply.stream(lambda piece: self.app._ui(self._show_piece, view, piece, reply.stats, end_thinking),
+                     lambda piece: self.app._ui(view.think, piece))
+        self.app._ui(end_thinking)
         self.post_message(self.Ended(reply, view))  # thread-safe; after every piece (each waited for)
 
-    async def _show_piece(self, view: MessageView, piece: str, stats):
+    async def _show_piece(self, view: MessageView, piece: str, stats, end_thinking=None):
         """One round trip to the UI thread per piece (the stream waits for it)."""
+        if end_thinking is not None:
+            end_thinking()  # the answer begins: a reasoning model's thinking folds away
         await view.append(piece)
         self.post_message(self.Streamed(stats))
 

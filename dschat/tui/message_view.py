@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Label, Markdown, Static
+from textual.widgets import Collapsible, Label, Markdown, Static
 
 from dschat.terminal.text import SafeStream, terminal_safe
 from dschat.tui.reply_markdown import ReplyMarkdown
@@ -20,6 +21,9 @@ class MessageView(Vertical):
         self.role, self.text, self.interrupted = role, text, interrupted
         self.stream = None
         self.safe = SafeStream()  # a sequence split over pieces is removed whole
+        self.reasoning = ""  # a reasoning model's thinking, shown apart in a collapsible block
+        self.thinking: Collapsible | None = None
+        self.thought = False  # the thinking ended (its block collapsed, its length in its title)
 
     def compose(self) -> ComposeResult:
         yield Label(self.title(), classes="role")
@@ -39,6 +43,23 @@ class MessageView(Vertical):
         shown = self.safe.feed(piece)
         if shown:
             await self.stream.write(shown)
+
+    async def think(self, piece: str):
+        """A piece of a reasoning model's thinking: into the "Thinking" block (open while it streams)."""
+        if self.thinking is None:
+            self.thinking = Collapsible(Static(classes="thinking-text"), title="Thinking…", collapsed=False,
+                                        classes="thinking")
+            await self.mount(self.thinking, before=self.query_one(Markdown))
+        self.reasoning += piece
+        self.thinking.query_one(".thinking-text", Static).update(Text(terminal_safe(self.reasoning, body=True)))
+
+    def end_thinking(self, tokens: int, seconds: float):
+        """The answer starts (or the reply ended): the thinking folds away, its length and time in its title
+        (Enter or a click on it opens it again)."""
+        if self.thinking is not None and not self.thought:
+            self.thought = True
+            self.thinking.title = f"Thinking ({tokens:,} tokens, {seconds:.1f} s)"
+            self.thinking.collapsed = True
 
     async def finish(self, interrupted: bool):
         if self.stream is not None:
