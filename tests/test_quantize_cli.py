@@ -48,7 +48,7 @@ def test_quantized_directory_loads_what_quantize_on_load_computes(chat_models, i
 
 def test_unknown_quant_and_fp8_keep_are_refused(chat_models, checkpoints):
     assert_clean_error(call(["--model", str(chat_models["v2"]), "--quant", "int3"], stdin="hi"),
-                       "unknown quantization 'int3' (use int8 or int4)")
+                       "--quant int3: not a quantization (int8, int4 or none)")
     assert_clean_error(call(["--model", str(checkpoints["v3_fp8"]), "--quant", "int4", "--fp8", "keep"],
                            stdin="hi"), "--fp8 keep")
 
