@@ -10,7 +10,8 @@ from helpers import assert_clean_error, call
 
 from dschat.engine import Tokenizer
 from dschat.conversation.prompt_fit import _LINE_START
-from dschat.history.store import MAX_IMPORT_BYTES, MAX_IMPORT_CHARS, Store, StoreError, read_json_file
+from dschat.history.store import Store, StoreError
+from dschat.history.transfer import MAX_IMPORT_BYTES, MAX_IMPORT_CHARS, read_json_file
 
 
 def chat(*roles, **extra):

@@ -5,13 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, example
 from hypothesis import strategies as st
 
-from dschat.history.store import SCHEMA, Store, StoreError
+from dschat.history import schema
+from dschat.history.schema import SCHEMA
+from dschat.history.store import Store, StoreError
 
 
 @pytest.fixture
@@ -238,3 +242,80 @@ def test_two_processes_writing_at_once(tmp_path):
     rows = {r["title"]: r["messages"] for r in s.list()}
     assert rows == {"alpha": 100, "beta": 100}
     s.close()
+
+
+# -- the schema: named migrations ----------------------------------------------------------------------------------------
+OLD_HISTORY = Path(__file__).parent / "data" / "history-schema1.db"  # written by dschat before migrations had names
+
+
+def test_a_history_from_before_named_migrations_opens_reads_and_writes(tmp_path):
+    """tests/data/history-schema1.db was made by the store as it was (one list of statements, user_version 1):
+    two conversations, the first with a regenerated answer."""
+    p = tmp_path / "history.db"
+    shutil.copyfile(OLD_HISTORY, p)
+    with Store(p) as s:
+        rows = s.list()
+        assert [(r["title"], r["messages"]) for r in rows] == [
+            ("Renamed chat", 1), ("What is multi-head latent attention?", 2)]
+        first = s.get(rows[1]["id"])
+        assert [m.content for m in first.messages] == ["What is multi-head latent attention?",
+                                                       "A low-rank latent cache."]
+        assert first.messages[0].token_ids == [1, 2, 3] and first.messages[1].interrupted
+        assert len(s.siblings(first.messages[1].id)) == 2
+        assert [r["id"] for r in s.list(search="compresses the KV")] == [first.id]  # its full-text index
+        s.add_message(first.id, "user", "and the cache?")
+        assert s.list()[0]["id"] == first.id and s.list()[0]["messages"] == 3
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == schema.known() == SCHEMA
+
+
+def test_migrations_apply_in_order_once_and_a_newer_history_is_refused(tmp_path, monkeypatch):
+    applied = []
+
+    def m002_notes(db):
+        applied.append(schema.version(db))
+        db.execute("CREATE TABLE notes (conversation_id TEXT, text TEXT)")
+
+    p = tmp_path / "history.db"
+    shutil.copyfile(OLD_HISTORY, p)
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, m002_notes])
+    for _ in range(2):
+        with Store(p) as s:
+            assert s.db.execute("PRAGMA user_version").fetchone()[0] == 2
+            s.db.execute("INSERT INTO notes VALUES ('x', 'kept')")
+    assert applied == [1]  # once, on a database the first migration had made
+    assert [m.__name__ for m in schema.MIGRATIONS] == ["m001_conversations_messages_and_search", "m002_notes"]
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+    before = digest(p)
+    with pytest.raises(StoreError, match="newer dschat"):
+        Store(p)
+    assert digest(p) == before
+
+
+def test_listing_counts_each_branch_in_one_query(store):
+    """Store.list ran a query per conversation (and before that read every message of each); now one query
+    counts the active branches (a regenerated answer is not counted twice)."""
+    for i in range(30):
+        cid = store.create("m")
+        store.add_message(cid, "user", f"question {i}")
+        answer = store.add_message(cid, "assistant", "answer")
+        if i % 2:
+            store.add_sibling(cid, answer, "assistant", "another answer")
+    statements = []
+    store.db.set_trace_callback(statements.append)
+    rows = store.list()
+    store.db.set_trace_callback(None)
+    assert len(rows) == 30 and {r["messages"] for r in rows} == {2}
+    assert len(statements) == 1, statements
+    statements.clear()
+    store.db.set_trace_callback(statements.append)
+    assert [r["messages"] for r in store.list(search="question 7", limit=1)] == [2]
+    store.db.set_trace_callback(None)
+    assert not any("FROM messages WHERE conversation_id" in s for s in statements)
+
+
+def test_a_title_from_the_first_message_is_stored_exact(store):
+    """Titles are made safe where they are shown (dschat conversations, the TUI's list: test_terminal_text), not
+    in the history: the first line is kept as written."""
+    cid = store.create("m")
+    store.add_message(cid, "user", "\n  \x1b]0;pwned\x07 hello \u202e\nsecond line")
+    assert store.get(cid).title == "\x1b]0;pwned\x07 hello \u202e"

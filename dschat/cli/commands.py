@@ -11,7 +11,8 @@ from pathlib import Path
 from dschat.errors import UsageError
 from dschat.files import write_output
 from dschat.cli.flags import command_parser
-from dschat.history.store import Store, read_json_file
+from dschat.history.store import Store
+from dschat.history.transfer import read_json_file
 from dschat.terminal.text import for_output, json_for_output, terminal_safe
 
 TITLE_SHOWN = 80  # characters of a title `conversations` shows

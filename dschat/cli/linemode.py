@@ -24,7 +24,8 @@ from dschat.settings.paths import private_dir, private_file
 from dschat.runtime import Options, load_engine, print_stats, session_settings, stats_json
 from dschat.conversation.session import ChatSession
 from dschat.signals import Stopped
-from dschat.history.store import StoreError, names_a_file, read_json_file
+from dschat.history.store import StoreError
+from dschat.history.transfer import names_a_file, read_json_file
 from dschat.terminal.text import SafeStream, say, terminal_safe
 from dschat.history.turn_lock import ConversationBusy
 

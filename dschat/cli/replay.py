@@ -15,7 +15,8 @@ from dschat.runtime import Options, load_engine, print_stats, session_settings
 from dschat.errors import UsageError
 from dschat.conversation.session import ChatSession, Sampling
 from dschat.settings.checks import problem
-from dschat.history.store import Store, StoreError, names_a_file, read_json_file, validate_export
+from dschat.history.store import Store, StoreError
+from dschat.history.transfer import names_a_file, read_json_file, validate_export
 from dschat.terminal.text import SafeStream, terminal_safe
 
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "max_tokens")

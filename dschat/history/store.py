@@ -1,9 +1,10 @@
 """Conversation history: one SQLite file, `$XDG_DATA_HOME/dschat/history.db` (~/.local/share/dschat/).
 
-WAL mode so that several dschat processes can write at once; a schema version (PRAGMA user_version) with
-migrations; full-text search (FTS5, trigram: substrings in any script) over message text. Messages form a
+WAL mode so that several dschat processes can write at once; the schema comes from named migrations
+(schema.py); full-text search (FTS5, trigram: substrings in any script) over message text. Messages form a
 tree (each has a parent), so a regenerated answer is a sibling, not an overwrite; a conversation's `head`
-is the current leaf and the active branch is the path from the root to it.
+is the current leaf and the active branch is the path from the root to it. Here: opening (checks, then
+migrations), the turns kept pending, writing, reading and search; export and import are transfer.py's.
 
 A file that is not a database, is corrupt, or comes from a newer dschat is refused with StoreError and
 left exactly as it was: nothing is written before the file has been checked.
@@ -11,76 +12,23 @@ left exactly as it was: nothing is written before the file has been checked.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
+import os
 import secrets
 import sqlite3
-import os
 import time
 import warnings
-from array import array
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from dschat.files import UnreadableFile, read_regular, regular
+from dschat.files import UnreadableFile, regular
+from dschat.history import schema, transfer
+from dschat.history.records import (Conversation, Message, StoreBusy, StoreError, StoreWarning, iso, pack_ids,
+                                    unpack_ids)
+from dschat.history.transfer import MAX_NAME_CHARS
 from dschat.settings.paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, private_file, tighten, xdg
 from dschat.terminal.text import terminal_safe
 
-SCHEMA = 1
-EXPORT_VERSION = 1
-
-MIGRATIONS = {
-    # version -> statements that bring a database from version-1 to version
-    1: [
-        """CREATE TABLE conversations (
-            id TEXT PRIMARY KEY,
-            title TEXT NOT NULL,
-            title_auto INTEGER NOT NULL DEFAULT 1,
-            model TEXT NOT NULL DEFAULT '',
-            fingerprint TEXT NOT NULL DEFAULT '',
-            system TEXT,
-            params TEXT NOT NULL DEFAULT '{}',
-            created REAL NOT NULL,
-            updated REAL NOT NULL,
-            head TEXT)""",
-        """CREATE TABLE messages (
-            id TEXT PRIMARY KEY,
-            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-            parent_id TEXT,
-            role TEXT NOT NULL,
-            content TEXT NOT NULL,
-            token_ids BLOB,
-            prompt_tokens INTEGER,
-            generated_tokens INTEGER,
-            timings TEXT NOT NULL DEFAULT '{}',
-            created REAL NOT NULL,
-            interrupted INTEGER NOT NULL DEFAULT 0)""",
-        "CREATE INDEX messages_by_conversation ON messages(conversation_id)",
-        "CREATE INDEX conversations_by_update ON conversations(updated)",
-        "CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='messages', content_rowid='rowid', "
-        "tokenize='trigram')",
-        """CREATE TRIGGER messages_ai AFTER INSERT ON messages BEGIN
-            INSERT INTO messages_fts(rowid, content) VALUES (new.rowid, new.content); END""",
-        """CREATE TRIGGER messages_ad AFTER DELETE ON messages BEGIN
-            INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.rowid, old.content); END""",
-        """CREATE TRIGGER messages_au AFTER UPDATE ON messages BEGIN
-            INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.rowid, old.content);
-            INSERT INTO messages_fts(rowid, content) VALUES (new.rowid, new.content); END""",
-    ],
-}
-
-
-class StoreError(Exception):
-    pass
-
-
-class StoreBusy(StoreError):
-    """Another process held the history longer than BUSY_WAIT_S."""
-
-
-class StoreWarning(UserWarning):
-    """Something about the history the user should know (a wait, a pending turn added)."""
-
+__all__ = ["Store", "StoreError", "StoreBusy", "StoreWarning", "Conversation", "Message", "keep_pending"]
 
 # A writer waits BUSY_NOTICE_S for the history quietly, then says so and waits until BUSY_WAIT_S in all; a turn
 # that still cannot be saved is kept as a pending file (PENDING_DIR beside the history) and added to the history
@@ -91,67 +39,43 @@ BUSY_WAIT_S = 300.0
 PENDING_DIR = "pending"
 
 
-@dataclass
-class Message:
-    id: str
-    conversation_id: str
-    parent_id: str | None
-    role: str
-    content: str
-    token_ids: list[int] | None = None
-    prompt_tokens: int | None = None
-    generated_tokens: int | None = None
-    timings: dict = field(default_factory=dict)
-    created: float = 0.0
-    interrupted: bool = False
-
-
-@dataclass
-class Conversation:
-    id: str
-    title: str
-    model: str
-    fingerprint: str
-    system: str | None
-    params: dict
-    created: float
-    updated: float
-    head: str | None
-    messages: list[Message] = field(default_factory=list)
-
-
-def _pack(ids) -> bytes | None:
-    return None if ids is None else array("i", [int(i) for i in ids]).tobytes()
-
-
-def _unpack(blob) -> list[int] | None:
-    if blob is None:
-        return None
-    a = array("i")
-    a.frombytes(blob)
-    return a.tolist()
-
-
 def like(text: str) -> str:
     """`text` matched literally in a LIKE pattern (ESCAPE '\\')."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+TITLE_CHARS = 60  # an automatic title: the first line of the first message, up to this many characters shown
+
+
 def auto_title(text: str) -> str:
-    """The first line of the first message, shortened, without escape sequences or control characters."""
-    line = next((ln.strip() for ln in terminal_safe(text, body=True).splitlines() if ln.strip()), "")
-    return line if len(line) <= 60 else line[:59].rstrip() + "…"
+    """The first line of the first message that shows any text, shortened to TITLE_CHARS characters as a
+    terminal shows them (escape sequences and control characters count for nothing). What is stored is the
+    message's own text, a prefix of that line: escape sequences and all; where a title is shown it is made
+    safe (terminal_safe)."""
+    for line in text.splitlines():
+        if terminal_safe(line, body=True).strip():
+            break
+    else:
+        return ""
+    line = line.strip()[:64 * TITLE_CHARS]  # enough for any shortening; a longer line is cut anyway
 
+    def shown(n: int) -> int:
+        return len(terminal_safe(line[:n], body=True).strip())
 
-def iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+    if shown(len(line)) <= TITLE_CHARS and len(line) < 64 * TITLE_CHARS:
+        return line
+    lo, hi = 1, len(line)  # the shortest prefix that shows TITLE_CHARS - 1 characters (it ends on one)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if shown(mid) >= TITLE_CHARS - 1 else (mid + 1, hi)
+    return line[:lo].rstrip() + "…"
 
 
 class Store:
     """The history: saved conversations and their messages as a tree (siblings for regenerated answers and
     edited prompts; a conversation's head names its active branch), in one SQLite file in the user's data
-    directory. Opening checks the file before anything is written, then migrates its schema; a ChatSession
-    keeps one open for its run. Also search, export and import."""
+    directory. Opening checks the file before anything is written, then migrates its schema (schema.py); a
+    ChatSession keeps one open for its run. Also search; export and import are transfer.py's."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else self.default_path()
@@ -208,12 +132,12 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: cannot open the history ({e})") from None
         try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+            version = schema.version(db)
             if not fresh:
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                if version > SCHEMA:
+                if version > schema.known():
                     raise StoreError(f"{self.path}: the history was written by a newer dschat (schema {version}, "
-                                     f"this one knows {SCHEMA}); upgrade dschat to read it")
+                                     f"this one knows {schema.known()}); upgrade dschat to read it")
                 if version == 0 and not tables:
                     fresh = True  # an empty database: another dschat is creating the history right now
                 elif version == 0 or not {"conversations", "messages"} <= tables:
@@ -237,8 +161,8 @@ class Store:
         db.execute("PRAGMA foreign_keys = ON")
         if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             db.execute("PRAGMA journal_mode = WAL")  # a new history made by two runs at once: waits OPEN_WAIT_S
-        if version < SCHEMA:
-            self._migrate(db)
+        if version < schema.known():
+            schema.migrate(db)
         db.execute(f"PRAGMA busy_timeout = {int(BUSY_NOTICE_S * 1000)}")  # writes: see _Transaction
         self.db = db
         self.replay_pending()
@@ -279,19 +203,6 @@ class Store:
         return sqlite3.connect(f"{uri}?mode={mode}", uri=True, timeout=BUSY_NOTICE_S, isolation_level=None,
                                check_same_thread=False)
 
-    def _migrate(self, db: sqlite3.Connection):
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            current = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have done it
-            for v in range(current + 1, SCHEMA + 1):
-                for stmt in MIGRATIONS[v]:
-                    db.execute(stmt)
-            db.execute(f"PRAGMA user_version = {SCHEMA}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
     def close(self):
         self.db.close()
 
@@ -301,11 +212,13 @@ class Store:
     def __exit__(self, *exc):
         self.close()
 
-    def _tx(self, wait: bool = True):
+    def transaction(self, wait: bool = True):
+        """A write: BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an error), waiting for other writers (see
+        _Transaction); with `wait` False, a busy history is StoreBusy at once."""
         return _Transaction(self.db, self.path, wait)
 
     # -- ids ---------------------------------------------------------------------------------------------------------
-    def _new_id(self, table: str) -> str:
+    def new_id(self, table: str) -> str:
         while True:
             i = secrets.token_hex(4)
             if not self.db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (i,)).fetchone():
@@ -325,8 +238,8 @@ class Store:
     def create(self, model: str, fingerprint: str = "", system: str | None = None, params: dict | None = None,
                title: str | None = None) -> str:
         now = time.time()
-        with self._tx():
-            cid = self._new_id("conversations")
+        with self.transaction():
+            cid = self.new_id("conversations")
             self.db.execute(
                 "INSERT INTO conversations (id, title, title_auto, model, fingerprint, system, params, created, "
                 "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -337,7 +250,7 @@ class Store:
     def add_message(self, conv_id: str, role: str, content: str, *, parent_id: str | None = None,
                     token_ids=None, prompt_tokens=None, generated_tokens=None, timings=None,
                     interrupted: bool = False, _use_head: bool = True) -> str:
-        with self._tx():
+        with self.transaction():
             return self._add(conv_id, role, content, parent_id=parent_id, token_ids=token_ids,
                              prompt_tokens=prompt_tokens, generated_tokens=generated_tokens, timings=timings,
                              interrupted=interrupted, _use_head=_use_head)
@@ -355,11 +268,11 @@ class Store:
         head, title_auto = row
         if parent_id is None and _use_head:
             parent_id = head
-        mid = mid or self._new_id("messages")
+        mid = mid or self.new_id("messages")
         self.db.execute(
             "INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
             "generated_tokens, timings, created, interrupted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (mid, conv_id, parent_id, role, content, _pack(token_ids), prompt_tokens, generated_tokens,
+            (mid, conv_id, parent_id, role, content, pack_ids(token_ids), prompt_tokens, generated_tokens,
              json.dumps(timings or {}), now, int(bool(interrupted))))
         self.db.execute("UPDATE conversations SET head = ?, updated = ? WHERE id = ?", (mid, now, conv_id))
         if title_auto and role == "user" and content.strip():
@@ -374,7 +287,7 @@ class Store:
         """One turn, in one transaction: x is a `session.exchange` (the ids in it chosen before, so that saving
         it twice, a pending turn replayed by two processes at once, saves it once). With `wait` False, a busy
         history is StoreBusy at once."""
-        with self._tx(wait):
+        with self.transaction(wait):
             cid, ids = x["conversation_id"], x["ids"]
             if self.db.execute("SELECT 1 FROM messages WHERE id = ?", (ids["reply"],)).fetchone():
                 return  # saved already
@@ -415,19 +328,19 @@ class Store:
     def rename(self, conv_id: str, title: str):
         if len(title) > MAX_NAME_CHARS:
             raise StoreError(f"a title of {len(title):,} characters is too long (at most {MAX_NAME_CHARS:,})")
-        with self._tx():
+        with self.transaction():
             n = self.db.execute("UPDATE conversations SET title = ?, title_auto = 0 WHERE id = ?",
                                 (title, conv_id)).rowcount
         if not n:
             raise StoreError(f"no saved conversation with id {conv_id!r}")
 
     def set_system(self, conv_id: str, system: str | None):
-        with self._tx():
+        with self.transaction():
             self.db.execute("UPDATE conversations SET system = ?, updated = ? WHERE id = ?",
                             (system, time.time(), conv_id))
 
     def delete(self, conv_id: str):
-        with self._tx():
+        with self.transaction():
             self.db.execute("DELETE FROM messages WHERE conversation_id = ?", (conv_id,))
             n = self.db.execute("DELETE FROM conversations WHERE id = ?", (conv_id,)).rowcount
         if not n:
@@ -463,7 +376,7 @@ class Store:
         rows = self.db.execute(
             "SELECT id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, generated_tokens, "
             "timings, created, interrupted FROM messages WHERE conversation_id = ? ORDER BY rowid", (conv_id,))
-        return [Message(r[0], r[1], r[2], r[3], r[4], _unpack(r[5]), r[6], r[7], json.loads(r[8] or "{}"), r[9],
+        return [Message(r[0], r[1], r[2], r[3], r[4], unpack_ids(r[5]), r[6], r[7], json.loads(r[8] or "{}"), r[9],
                         bool(r[10])) for r in rows]
 
     def latest(self) -> Conversation | None:
@@ -471,34 +384,27 @@ class Store:
         return self.get(row[0]) if row else None
 
     def list(self, search: str | None = None, limit: int | None = None) -> list[dict]:
-        """Newest first: id, title, model, updated (and updated_iso), created, messages (on the active branch)."""
+        """Newest first: id, title, model, updated (and updated_iso), created, messages (on the active branch).
+        One query: each listed conversation's branch is counted in SQL (walking up from its head; UNION stops
+        at a parent loop, as `branch` does), no message is read."""
+        where, args = "", []
         if search:
-            ids = set(self._search(search))
-            rows = [r for r in self._all_rows() if r[0] in ids]
-        else:
-            rows = self._all_rows()
+            where, args = "WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(self._search(search))]
         if limit is not None:
-            rows = rows[:max(0, limit)]
-        out = []
-        for cid, title, model, created, updated, head in rows:
-            n = self._branch_length(cid, head)
-            out.append({"id": cid, "title": title, "model": model, "updated": updated, "updated_iso": iso(updated),
-                        "created": created, "messages": n})
-        return out
-
-    def _branch_length(self, conv_id: str, head: str | None) -> int:
-        """len(self.branch(conv_id, head)), counted in SQL (UNION stops at a parent loop, as branch does)."""
-        if head is None:
-            return 0
-        return self.db.execute(
-            "WITH RECURSIVE up(id, parent_id) AS ("
-            " SELECT id, parent_id FROM messages WHERE id = ?1 AND conversation_id = ?2"
-            " UNION SELECT m.id, m.parent_id FROM messages m JOIN up ON m.id = up.parent_id"
-            " WHERE m.conversation_id = ?2) SELECT count(*) FROM up", (head, conv_id)).fetchone()[0]
-
-    def _all_rows(self):
-        return self.db.execute("SELECT id, title, model, created, updated, head FROM conversations "
-                               "ORDER BY updated DESC").fetchall()
+            args.append(max(0, limit))
+        rows = self.db.execute(
+            f"WITH RECURSIVE listed AS (SELECT id, title, model, created, updated, head FROM conversations {where} "
+            f"ORDER BY updated DESC{' LIMIT ?' if limit is not None else ''}), "
+            "up(conversation_id, id, parent_id) AS ("
+            " SELECT m.conversation_id, m.id, m.parent_id FROM listed c"
+            " JOIN messages m ON m.id = c.head AND m.conversation_id = c.id"
+            " UNION SELECT m.conversation_id, m.id, m.parent_id FROM up"
+            " JOIN messages m ON m.id = up.parent_id AND m.conversation_id = up.conversation_id) "
+            "SELECT c.id, c.title, c.model, c.created, c.updated,"
+            " (SELECT count(*) FROM up WHERE up.conversation_id = c.id) FROM listed c ORDER BY c.updated DESC",
+            args).fetchall()
+        return [{"id": cid, "title": title, "model": model, "updated": updated, "updated_iso": iso(updated),
+                 "created": created, "messages": n} for cid, title, model, created, updated, n in rows]
 
     def _search(self, text: str) -> list[str]:
         pattern = f"%{like(text)}%"
@@ -514,58 +420,18 @@ class Store:
                 "SELECT DISTINCT conversation_id FROM messages WHERE content LIKE ? ESCAPE '\\'", (pattern,))]
         return ids
 
-    # -- export / import -------------------------------------------------------------------------------------------------
+    # -- export / import (transfer.py) ----------------------------------------------------------------------------------
     def export_json(self, conv_id: str) -> dict:
-        c = self.get(conv_id)
-        return {
-            "version": EXPORT_VERSION, "id": c.id, "title": c.title, "model": c.model, "fingerprint": c.fingerprint,
-            "system": c.system, "params": c.params, "created": c.created, "updated": c.updated,
-            "messages": [{"role": m.role, "content": m.content, "token_ids": m.token_ids,
-                          "prompt_tokens": m.prompt_tokens, "generated_tokens": m.generated_tokens,
-                          "timings": m.timings, "interrupted": m.interrupted, "created": m.created}
-                         for m in c.messages],
-        }
+        return transfer.export_json(self, conv_id)
 
     def import_json(self, data: dict) -> str:
-        msgs = validate_export(data)
-        now = time.time()
-        with self._tx():
-            cid = self._new_id("conversations")
-            self.db.execute(
-                "INSERT INTO conversations (id, title, title_auto, model, fingerprint, system, params, created, "
-                "updated) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?)",
-                (cid, data["title"] if isinstance(data.get("title"), str) else "Imported chat", data.get("model") or "", data.get("fingerprint") or "",
-                 data.get("system"), json.dumps(data.get("params") or {}), float(data.get("created") or now),
-                 float(data.get("updated") or now)))
-            parent = None
-            for m in msgs:
-                mid = self._new_id("messages")
-                self.db.execute(
-                    "INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
-                    "generated_tokens, timings, created, interrupted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (mid, cid, parent, m["role"], m["content"], _pack(m.get("token_ids")), m.get("prompt_tokens"),
-                     m.get("generated_tokens"), json.dumps(m.get("timings") or {}),
-                     float(m.get("created") or now), int(bool(m.get("interrupted")))))
-                parent = mid
-            self.db.execute("UPDATE conversations SET head = ? WHERE id = ?", (parent, cid))
-        return cid
+        return transfer.import_json(self, data)
 
     def export_text(self, conv_id: str, fmt: str = "json") -> str:
-        """The conversation as a file's text: JSON (for import and replay) or Markdown (for reading)."""
-        if fmt == "md":
-            return self.export_markdown(conv_id)
-        return json.dumps(self.export_json(conv_id), ensure_ascii=False, indent=2) + "\n"
+        return transfer.export_text(self, conv_id, fmt)
 
     def export_markdown(self, conv_id: str) -> str:
-        c = self.get(conv_id)
-        lines = [f"# {c.title}", "", f"- model: `{c.model}`", f"- created: {iso(c.created)}",
-                 f"- updated: {iso(c.updated)}", f"- id: `{c.id}`", ""]
-        if c.system:
-            lines += ["## System", "", c.system, ""]
-        for m in c.messages:
-            heading = {"user": "User", "assistant": "Assistant", "system": "System"}[m.role]
-            lines += [f"## {heading}" + (" (interrupted)" if m.interrupted else ""), "", m.content, ""]
-        return "\n".join(lines)
+        return transfer.export_markdown(self, conv_id)
 
 
 def keep_pending(exchange: dict, history: Path | None = None) -> Path:
@@ -617,110 +483,3 @@ class _Transaction:
             if isinstance(value, sqlite3.DatabaseError):
                 raise StoreError(f"{self.path}: could not write the history ({value})") from None
         return False
-
-
-MAX_IMPORT_BYTES = 64 * 2**20  # an export file (its token ids included)
-MAX_IMPORT_CHARS = 4 * 2**20  # the text of its messages: more than any model's context window holds
-LATEST_TIME = 32503680000.0  # 3000-01-01: later `created` times are mistakes
-MAX_NAME_CHARS = 1000  # a title, a model name, a fingerprint
-MAX_COUNT = 2**31 - 1  # token counts
-
-
-def names_a_file(source: str) -> bool:
-    """Whether a conversation named on the command line is an exported file (else it is an id)."""
-    return Path(source).is_file() or source.endswith(".json")
-
-
-def read_json_file(path: str) -> dict:
-    """An exported conversation file, read (not yet validated: `import_json` does that); its size is
-    checked before it is read."""
-    try:
-        size = Path(path).stat().st_size
-        if size > MAX_IMPORT_BYTES:
-            raise StoreError(f"{path}: {size:,} bytes is more than a conversation file may hold "
-                             f"({MAX_IMPORT_BYTES:,})")
-        data = json.loads(read_regular(path, MAX_IMPORT_BYTES).decode("utf-8-sig"))  # a BOM is allowed
-    except FileNotFoundError:
-        raise StoreError(f"{path}: no such file") from None
-    except UnreadableFile as e:  # a FIFO, a directory
-        raise StoreError(str(e)) from None
-    except RecursionError:
-        raise StoreError(f"{path}: not a conversation file (JSON nested too deeply)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise StoreError(f"{path}: not a conversation file ({e})") from None
-    if not isinstance(data, dict):
-        raise StoreError(f"{path}: not a conversation file (expected a JSON object)")
-    return data
-
-
-def _shown(value) -> str:
-    """A JSON value in a message, shortened."""
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:39] + "…"
-
-
-def _check_time(value, field: str):
-    """A time in seconds since 1970, or null."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not 0 <= value <= LATEST_TIME):
-        raise StoreError(f'{field} must be a time in seconds since 1970 (or null), not {_shown(value)}')
-
-
-def _check_order(msgs: list[dict]):
-    """System messages first, then user and assistant turns taking turns, a user message first."""
-    expected = "user"
-    for i, m in enumerate(msgs):
-        role = m["role"]
-        if role == "system" and all(p["role"] == "system" for p in msgs[:i]):
-            continue
-        if role != expected:
-            raise StoreError(f'message {i + 1}: "role" is {role} where {expected} comes (system messages first, '
-                             f"then user and assistant in turn)")
-        expected = "assistant" if role == "user" else "user"
-
-
-def validate_export(data) -> list[dict]:
-    """An exported conversation's messages, checked (import, replay): StoreError naming the first bad field."""
-    if not isinstance(data, dict):
-        raise StoreError("not a conversation export: expected a JSON object")
-    if data.get("version") not in (None, EXPORT_VERSION):
-        raise StoreError(f"conversation export version {data.get('version')!r} is not supported")
-    msgs = data.get("messages")
-    if not isinstance(msgs, list):
-        raise StoreError('not a conversation export: "messages" must be a list')
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
-                not isinstance(m.get("content"), str):
-            raise StoreError(f'message {i + 1}: needs "role" (system, user or assistant) and a "content" string')
-        ids = m.get("token_ids")
-        if ids is not None and (not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < 2**31
-                                                                      for t in ids)):
-            raise StoreError(f'message {i + 1}: "token_ids" must be a list of non-negative integers')
-        _check_time(m.get("created"), f'message {i + 1}: "created"')
-        for key in ("prompt_tokens", "generated_tokens"):
-            n = m.get(key)
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_COUNT):
-                raise StoreError(f'message {i + 1}: "{key}" must be a whole number from 0 to {MAX_COUNT} (or null), '
-                                 f"not {_shown(n)}")
-        if m.get("interrupted") is not None and not isinstance(m["interrupted"], bool):
-            raise StoreError(f'message {i + 1}: "interrupted" must be true or false, not {_shown(m["interrupted"])}')
-        if m.get("timings") is not None and not isinstance(m["timings"], dict):
-            raise StoreError(f'message {i + 1}: "timings" must be an object, not {_shown(m["timings"])}')
-    _check_order(msgs)
-    chars = sum(len(m["content"]) for m in msgs)
-    if chars > MAX_IMPORT_CHARS:
-        raise StoreError(f'"messages" hold {chars:,} characters, more than any model\'s context '
-                         f"(the limit is {MAX_IMPORT_CHARS:,})")
-    for key in ("created", "updated"):
-        _check_time(data.get(key), f'"{key}"')
-    for key in ("title", "model", "system", "fingerprint"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise StoreError(f'"{key}" must be a string')
-        if key != "system" and len(data.get(key) or "") > MAX_NAME_CHARS:
-            raise StoreError(f'"{key}" is {len(data[key]):,} characters long; at most {MAX_NAME_CHARS:,}')
-    if chars + len(data.get("system") or "") > MAX_IMPORT_CHARS:
-        raise StoreError(f'the messages and "system" hold {chars + len(data["system"]):,} characters, more than any '
-                         f"model's context (the limit is {MAX_IMPORT_CHARS:,})")
-    if data.get("params") is not None and not isinstance(data["params"], dict):
-        raise StoreError('"params" must be an object')
-    return msgs

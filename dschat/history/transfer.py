@@ -1,0 +1,178 @@
+"""Conversations in and out of the history as files: export (JSON for import and replay, Markdown for reading),
+import, and the checks an export file passes before anything of it is stored or used (import, replay, /load):
+its size before it is read, then each field, named when it is wrong. The functions take an open Store."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from dschat.files import UnreadableFile, read_regular
+from dschat.history.records import StoreError, iso, pack_ids
+
+EXPORT_VERSION = 1
+
+MAX_IMPORT_BYTES = 64 * 2**20  # an export file (its token ids included)
+MAX_IMPORT_CHARS = 4 * 2**20  # the text of its messages: more than any model's context window holds
+LATEST_TIME = 32503680000.0  # 3000-01-01: later `created` times are mistakes
+MAX_NAME_CHARS = 1000  # a title, a model name, a fingerprint
+MAX_COUNT = 2**31 - 1  # token counts
+
+
+def names_a_file(source: str) -> bool:
+    """Whether a conversation named on the command line is an exported file (else it is an id)."""
+    return Path(source).is_file() or source.endswith(".json")
+
+
+def read_json_file(path: str) -> dict:
+    """An exported conversation file, read (not yet validated: `import_json` does that); its size is
+    checked before it is read."""
+    try:
+        size = Path(path).stat().st_size
+        if size > MAX_IMPORT_BYTES:
+            raise StoreError(f"{path}: {size:,} bytes is more than a conversation file may hold "
+                             f"({MAX_IMPORT_BYTES:,})")
+        data = json.loads(read_regular(path, MAX_IMPORT_BYTES).decode("utf-8-sig"))  # a BOM is allowed
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such file") from None
+    except UnreadableFile as e:  # a FIFO, a directory
+        raise StoreError(str(e)) from None
+    except RecursionError:
+        raise StoreError(f"{path}: not a conversation file (JSON nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise StoreError(f"{path}: not a conversation file ({e})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: not a conversation file (expected a JSON object)")
+    return data
+
+
+def _shown(value) -> str:
+    """A JSON value in a message, shortened."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _check_time(value, field: str):
+    """A time in seconds since 1970, or null."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 <= value <= LATEST_TIME):
+        raise StoreError(f'{field} must be a time in seconds since 1970 (or null), not {_shown(value)}')
+
+
+def _check_order(msgs: list[dict]):
+    """System messages first, then user and assistant turns taking turns, a user message first."""
+    expected = "user"
+    for i, m in enumerate(msgs):
+        role = m["role"]
+        if role == "system" and all(p["role"] == "system" for p in msgs[:i]):
+            continue
+        if role != expected:
+            raise StoreError(f'message {i + 1}: "role" is {role} where {expected} comes (system messages first, '
+                             f"then user and assistant in turn)")
+        expected = "assistant" if role == "user" else "user"
+
+
+def validate_export(data) -> list[dict]:
+    """An exported conversation's messages, checked (import, replay): StoreError naming the first bad field."""
+    if not isinstance(data, dict):
+        raise StoreError("not a conversation export: expected a JSON object")
+    if data.get("version") not in (None, EXPORT_VERSION):
+        raise StoreError(f"conversation export version {data.get('version')!r} is not supported")
+    msgs = data.get("messages")
+    if not isinstance(msgs, list):
+        raise StoreError('not a conversation export: "messages" must be a list')
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
+                not isinstance(m.get("content"), str):
+            raise StoreError(f'message {i + 1}: needs "role" (system, user or assistant) and a "content" string')
+        ids = m.get("token_ids")
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < 2**31
+                                                                      for t in ids)):
+            raise StoreError(f'message {i + 1}: "token_ids" must be a list of non-negative integers')
+        _check_time(m.get("created"), f'message {i + 1}: "created"')
+        for key in ("prompt_tokens", "generated_tokens"):
+            n = m.get(key)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_COUNT):
+                raise StoreError(f'message {i + 1}: "{key}" must be a whole number from 0 to {MAX_COUNT} (or null), '
+                                 f"not {_shown(n)}")
+        if m.get("interrupted") is not None and not isinstance(m["interrupted"], bool):
+            raise StoreError(f'message {i + 1}: "interrupted" must be true or false, not {_shown(m["interrupted"])}')
+        if m.get("timings") is not None and not isinstance(m["timings"], dict):
+            raise StoreError(f'message {i + 1}: "timings" must be an object, not {_shown(m["timings"])}')
+    _check_order(msgs)
+    chars = sum(len(m["content"]) for m in msgs)
+    if chars > MAX_IMPORT_CHARS:
+        raise StoreError(f'"messages" hold {chars:,} characters, more than any model\'s context '
+                         f"(the limit is {MAX_IMPORT_CHARS:,})")
+    for key in ("created", "updated"):
+        _check_time(data.get(key), f'"{key}"')
+    for key in ("title", "model", "system", "fingerprint"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise StoreError(f'"{key}" must be a string')
+        if key != "system" and len(data.get(key) or "") > MAX_NAME_CHARS:
+            raise StoreError(f'"{key}" is {len(data[key]):,} characters long; at most {MAX_NAME_CHARS:,}')
+    if chars + len(data.get("system") or "") > MAX_IMPORT_CHARS:
+        raise StoreError(f'the messages and "system" hold {chars + len(data["system"]):,} characters, more than any '
+                         f"model's context (the limit is {MAX_IMPORT_CHARS:,})")
+    if data.get("params") is not None and not isinstance(data["params"], dict):
+        raise StoreError('"params" must be an object')
+    return msgs
+
+
+# -- export and import ---------------------------------------------------------------------------------------------
+def export_json(store, conv_id: str) -> dict:
+    """A saved conversation's active branch as an export (`dschat export`, import, replay)."""
+    c = store.get(conv_id)
+    return {
+        "version": EXPORT_VERSION, "id": c.id, "title": c.title, "model": c.model, "fingerprint": c.fingerprint,
+        "system": c.system, "params": c.params, "created": c.created, "updated": c.updated,
+        "messages": [{"role": m.role, "content": m.content, "token_ids": m.token_ids,
+                      "prompt_tokens": m.prompt_tokens, "generated_tokens": m.generated_tokens,
+                      "timings": m.timings, "interrupted": m.interrupted, "created": m.created}
+                     for m in c.messages],
+    }
+
+def import_json(store, data: dict) -> str:
+    """An export added to the history as a new conversation (checked first: StoreError naming the first bad
+    field); its id. The title is kept as given."""
+    msgs = validate_export(data)
+    now = time.time()
+    with store.transaction():
+        cid = store.new_id("conversations")
+        store.db.execute(
+            "INSERT INTO conversations (id, title, title_auto, model, fingerprint, system, params, created, "
+            "updated) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?)",
+            (cid, data["title"] if isinstance(data.get("title"), str) else "Imported chat", data.get("model") or "",
+             data.get("fingerprint") or "", data.get("system"), json.dumps(data.get("params") or {}), float(data.get("created") or now),
+             float(data.get("updated") or now)))
+        parent = None
+        for m in msgs:
+            mid = store.new_id("messages")
+            store.db.execute(
+                "INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
+                "generated_tokens, timings, created, interrupted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mid, cid, parent, m["role"], m["content"], pack_ids(m.get("token_ids")), m.get("prompt_tokens"),
+                 m.get("generated_tokens"), json.dumps(m.get("timings") or {}),
+                 float(m.get("created") or now), int(bool(m.get("interrupted")))))
+            parent = mid
+        store.db.execute("UPDATE conversations SET head = ? WHERE id = ?", (parent, cid))
+    return cid
+
+def export_text(store, conv_id: str, fmt: str = "json") -> str:
+    """The conversation as a file's text: JSON (for import and replay) or Markdown (for reading)."""
+    if fmt == "md":
+        return export_markdown(store, conv_id)
+    return json.dumps(export_json(store, conv_id), ensure_ascii=False, indent=2) + "\n"
+
+def export_markdown(store, conv_id: str) -> str:
+    """The conversation for reading: its title as a heading, then each message (the text exact)."""
+    c = store.get(conv_id)
+    lines = [f"# {c.title}", "", f"- model: `{c.model}`", f"- created: {iso(c.created)}",
+             f"- updated: {iso(c.updated)}", f"- id: `{c.id}`", ""]
+    if c.system:
+        lines += ["## System", "", c.system, ""]
+    for m in c.messages:
+        heading = {"user": "User", "assistant": "Assistant", "system": "System"}[m.role]
+        lines += [f"## {heading}" + (" (interrupted)" if m.interrupted else ""), "", m.content, ""]
+    return "\n".join(lines)
