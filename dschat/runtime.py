@@ -55,6 +55,8 @@ class Options:
     continue_latest: bool = False
     conversation: str | None = None
     theme: str | None = None
+    server: str | None = None  # --server URL: run on this `dschat serve`
+    no_server: bool = False  # --no-server: load the model here even when a server runs
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, config: Settings) -> "Options":
@@ -127,6 +129,19 @@ def load_engine(opts: Options, progress=None):
                                     threads=opts.threads or opts.config.threads)
     start_up_done()  # a Ctrl+C during start-up stops here, even one that torch's import swallowed
     return engine
+
+
+def open_engine(opts: Options, progress=None, notice=None):
+    """The engine a chat or `dschat fim` runs on: a running `dschat serve`'s (--server URL, or one found in the
+    runtime directory, said in one line to `notice`, by default on stderr), else the model loaded here."""
+    from dschat.serve.client import find  # deferred: torch
+    from dschat.terminal.text import say
+
+    remote = find(opts, notice or say)
+    if remote is not None:
+        start_up_done()
+        return remote
+    return load_engine(opts, progress)
 
 
 def terminal_progress(label: str):

@@ -52,3 +52,12 @@ def add_output_options(p: argparse.ArgumentParser):
     p.add_argument("--stats", action="store_true",
                    help="after each reply print one JSON line of statistics on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def add_server_options(p: argparse.ArgumentParser):
+    g = p.add_argument_group("server (a running `dschat serve` instead of loading the model here)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--server", metavar="URL", default=None,
+                   help="run on this dschat serve, e.g. http://127.0.0.1:8012 (default: the one running on this "
+                        "machine, if any: its discovery file in $XDG_RUNTIME_DIR/dschat)")
+    x.add_argument("--no-server", action="store_true", help="load the model in this process even when a server runs")

@@ -21,7 +21,7 @@ from dschat.errors import error_text
 from dschat.files import write_output
 from dschat.terminal.highlight import ansi, colour_terminal, lexer_for, terminal_formatter
 from dschat.settings.paths import private_dir, private_file
-from dschat.runtime import Options, load_engine, print_stats, session_settings, stats_json
+from dschat.runtime import Options, open_engine, print_stats, session_settings, stats_json
 from dschat.conversation.session import ChatSession
 from dschat.signals import Stopped
 from dschat.history.store import StoreError
@@ -184,7 +184,7 @@ def read_message(session) -> str | None:
 
 
 def run_line_mode(opts: Options) -> int:
-    engine = load_engine(opts)
+    engine = open_engine(opts)
     session = ChatSession(engine, session_settings(opts))
     formatter = terminal_formatter(opts.config.code_style)
     prompts = prompt_session()

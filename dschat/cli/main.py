@@ -15,7 +15,7 @@ from dschat.cli import quantize
 from dschat.cli import ranks
 from dschat.settings.config import Settings
 from dschat.errors import UsageError, error_text
-from dschat.cli.flags import add_model_options, add_output_options, add_sampling_options
+from dschat.cli.flags import add_model_options, add_output_options, add_sampling_options, add_server_options
 from dschat.runtime import Options
 from dschat.signals import exit_code, stop_on_signals, stop_received
 from dschat.terminal.text import say
@@ -105,6 +105,7 @@ def chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", action="store_true", help="do not save this conversation in the history")
     p.add_argument("--theme", help="TUI theme")
     add_model_options(p)
+    add_server_options(p)
     add_sampling_options(p)
     add_output_options(p)
     return p

@@ -8,13 +8,13 @@ from dataclasses import replace
 
 from dschat.engine import Tokenizer, resolve
 
-from dschat.runtime import Options, load_engine, model_name, print_stats, session_settings
+from dschat.runtime import Options, model_name, open_engine, print_stats, session_settings
 from dschat.conversation.session import ChatSession, open_chat
 from dschat.terminal.text import SafeStream, json_for_output, say
 
 
 def answer(opts: Options, message: str) -> int:
-    engine = load_engine(opts)
+    engine = open_engine(opts)
     session = ChatSession(engine, session_settings(opts))
     try:
         turn = session.turn(message)  # a continued conversation: no other turn until this one is saved

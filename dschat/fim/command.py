@@ -8,12 +8,13 @@ import difflib
 import json
 import sys
 
-from dschat.cli.flags import add_model_options, add_output_options, command_parser
+from dschat.cli.flags import add_model_options, add_output_options, add_server_options, command_parser
 from dschat.engine import Tokenizer, resolve
 from dschat.files import rewritable, rewrite
 from dschat.fim.core import FIM_TOKENS, MARKER, FimError, FimParams, fill_with_stats, find_holes, position
 from dschat.fim.source_file import MAX_SOURCE_BYTES, read_source
 from dschat.runtime import Options, load_engine, model_name, print_stats
+from dschat.serve.client import find as find_server
 from dschat.settings.config import Settings
 from dschat.terminal.highlight import ansi, colour_terminal, lexer_for
 from dschat.terminal.text import for_output, json_for_output, say
@@ -50,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", help="language for highlighting on a terminal (default: from the file name)")
     p.add_argument("--filename", help="file name to show and to guess the language from, for stdin")
     add_model_options(p)
+    add_server_options(p)
     add_output_options(p)
     return p
 
@@ -61,13 +63,16 @@ def run_fim(argv: list[str]) -> int:
     holes = find_holes(src.text, args.at, args.all, src.name)
     target = rewritable(src.path) if args.in_place else None  # before any work, not after it
     opts = Options.from_args(args, Settings.load())
-    opts.model = model_name(opts)  # resolved once (the demo model's notice shows once)
-    tok = Tokenizer.from_dir(resolve(opts.model, tokenizer_only=True))  # FIM tokens checked before any weights
+    engine = find_server(opts, say)  # a running `dschat serve`, else the model loads here (after the check)
+    if engine is None:
+        opts.model = model_name(opts)  # resolved once (the demo model's notice shows once)
+    tok = engine.tokenizer if engine is not None else \
+        Tokenizer.from_dir(resolve(opts.model, tokenizer_only=True))  # FIM tokens checked before any weights
     missing = [t for t in FIM_TOKENS if tok.token_id(t) is None]
     if missing:
         raise FimError(f"this model's tokenizer has no FIM tokens ({missing[0]}); use DeepSeek-Coder-V2, "
                        "V2.5 or V3 (DeepSeek-V2 was not trained for fill-in-the-middle)")
-    results, filled = fill_holes(load_engine(opts), tok, src.text, holes, FimParams.from_args(args), args)
+    results, filled = fill_holes(engine or load_engine(opts), tok, src.text, holes, FimParams.from_args(args), args)
     for r in results:
         if not r["insertion"] and not args.json:  # the file changes only by the marker it loses: say so
             say(f"dschat: the model inserted nothing at {src.name}:{r['line']}:{r['column']} "

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from dschat.serve import llamacpp_api, ollama_api, openai_api
+from dschat.serve import llamacpp_api, native, ollama_api, openai_api
 from dschat.serve.common import State, failure
 from dschat.serve.errors import ApiError, response
 
@@ -36,8 +36,10 @@ class Guard:
         key = self.state.api_key
         if key and path not in OPEN_PATHS:
             given = headers.get("authorization", "")
-            token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), key.encode()):
+            token = given[7:].strip().encode() if given[:7].lower() == "bearer " else b""
+            # the key, or the token of this run that the discovery file gives a local dschat (discovery.py)
+            known = [key.encode()] + ([self.state.run_token.encode()] if self.state.run_token else [])
+            if not any([hmac.compare_digest(token, k) for k in known]):
                 e = ApiError(401, "a wrong or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key",
                              headers={"WWW-Authenticate": "Bearer"})
                 return await response(path, e)(scope, receive, send)
@@ -90,7 +92,7 @@ async def http_error(request, e: HTTPException):
 
 def build_app(state: State, cors_origins: list[str] | None = None) -> Starlette:
     routes = [Route(path, endpoint(fn), methods=methods)
-              for path, fn, methods in openai_api.ROUTES + llamacpp_api.ROUTES + ollama_api.ROUTES]
+              for path, fn, methods in openai_api.ROUTES + llamacpp_api.ROUTES + ollama_api.ROUTES + native.ROUTES]
     middleware = [Middleware(Guard, state=state)]
     if cors_origins:  # off unless asked for (dschat serve --cors-origin)
         from starlette.middleware.cors import CORSMiddleware

@@ -7,10 +7,13 @@ import os
 import sys
 from pathlib import Path
 
+import uvicorn
+
 from dschat.settings.config import Settings
 from dschat.errors import UsageError
 from dschat.cli.flags import add_model_options, command_parser
 from dschat.runtime import DEMO_DIR, Options, load_engine, model_name
+from dschat.serve import discovery
 
 DESCRIPTION = """\
 Serve the model over HTTP on one local engine, for editors and scripts:
@@ -23,7 +26,11 @@ Serve the model over HTTP on one local engine, for editors and scripts:
   dschat serve --host 0.0.0.0 --api-key "$KEY"                        other machines: a key is required
 
 One request runs at a time; the others wait in a queue (--queue; a full queue answers 503 with Retry-After).
-Requests share the latent prefix cache: an editor's next keystroke prefills only what changed."""
+Requests share the latent prefix cache: an editor's next keystroke prefills only what changed.
+
+Listening on this machine, it writes a discovery file in the runtime directory ($XDG_RUNTIME_DIR/dschat):
+`dschat`, `dschat --plain`, the TUI and `dschat fim` run on this server instead of loading the model
+(`--no-server` loads it; `--server URL` names one)."""
 
 EPILOG = "The API key can also come from $DSCHAT_API_KEY (kept out of the process list)."
 
@@ -83,8 +90,6 @@ def check(args):
 def run_serve(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     check(args)
-    import uvicorn  # deferred: only the server needs it
-
     from dschat.serve.app import build_app
     from dschat.serve.common import Limits, State
 
@@ -92,21 +97,56 @@ def run_serve(argv: list[str]) -> int:
     opts.model = model_name(opts)
     engine = load_engine(opts)
     state = State(engine, served_names(args.name, opts.model),
-                  Limits(max_tokens=args.max_tokens, max_body=args.max_body, queue=args.queue), args.api_key)
+                  Limits(max_tokens=args.max_tokens, max_body=args.max_body, queue=args.queue), args.api_key,
+                  run_token=discovery.new_token())
     if engine.tokenizer.fim is not None and any(w in state.name.lower() for w in ("instruct", "chat")):
         sys.stderr.write(f"dschat serve: warning: {state.name} looks like an instruct model; DeepSeek's instruct "
                          "models were not trained on fill-in-the-middle (use a -Base checkpoint for editors' FIM)\n")
     app = build_app(state, args.cors_origin)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=3, lifespan="off")
-    server = uvicorn.Server(config)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    sys.stderr.write(f"dschat serve: {state.name} on http://{host}:{args.port} (Ctrl+C stops)\n")
-    sys.stderr.flush()
+    server = Server(config, state, opts.model if is_loopback(args.host) else None)
     try:
         server.run()
     finally:
         state.scheduler.close()
+        server.forget()
     if not server.started:
         raise UsageError(f"could not listen on {args.host}:{args.port} (is the port in use?)")
     return 0
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which says where it listens once it does and, listening on this machine (`model` given:
+    its directory), writes the discovery file a local dschat finds it by (discovery.py), removed by `forget`."""
+
+    def __init__(self, config, state, model: str | None):
+        super().__init__(config)
+        self.state, self.model, self.file = state, model, None
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        if not self.started:
+            return
+        cfg = self.config
+        listening = [s for server in self.servers for s in server.sockets]
+        port = listening[0].getsockname()[1] if listening else cfg.port
+        url = url_of(cfg.host, port)
+        if self.model is not None:
+            try:
+                self.file = discovery.write(url, port, self.state.name, str(self.state.engine.path),
+                                            self.state.run_token)
+            except OSError as e:
+                sys.stderr.write(f"dschat serve: warning: no discovery file ({e}); local dschat runs need "
+                                 f"--server {url}\n")
+        sys.stderr.write(f"dschat serve: {self.state.name} on {url} (Ctrl+C stops)\n")
+        sys.stderr.flush()
+
+    def forget(self):
+        if self.file is not None:
+            discovery.remove(self.file)
+            self.file = None

@@ -32,8 +32,10 @@ class Limits:
 
 
 class State:
-    def __init__(self, engine, names: list[str], limits: Limits, api_key: str | None = None):
+    def __init__(self, engine, names: list[str], limits: Limits, api_key: str | None = None,
+                 run_token: str | None = None):
         self.engine, self.tok, self.limits, self.api_key = engine, engine.tokenizer, limits, api_key
+        self.run_token = run_token  # accepted as the API key (the discovery file's, for a local dschat)
         self.name, self.names = names[0], set(names)
         self.scheduler = Scheduler(engine, limits.queue)
         self.created = int(time.time())

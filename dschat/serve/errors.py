@@ -1,4 +1,4 @@
-"""Errors as each API shape writes them. The shape is the path's: /v1/... OpenAI's
+"""Errors as each API shape writes them. The shape is the path's: /v1/... (and dschat's own /dschat/...) OpenAI's
 {"error": {"message", "type", "param", "code"}}, /api/... ollama's {"error": "..."}, the rest llama.cpp
 server's {"error": {"code", "message", "type"}}. Never a traceback."""
 
@@ -31,7 +31,7 @@ def from_validation(e: ValidationError) -> ApiError:
 
 
 def shape_of(path: str) -> str:
-    if path.startswith("/v1/") or path == "/v1":
+    if path.startswith(("/v1/", "/dschat/")) or path == "/v1":
         return "openai"
     if path.startswith("/api/") or path == "/api":
         return "ollama"

@@ -35,33 +35,29 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
-class OpenAIChat(Body):
+class OpenAIRequest(Body):
+    """What both OpenAI endpoints take besides the prompt."""
     model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+
+
+class OpenAIChat(OpenAIRequest):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    stop: Stop = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
 
 
-class OpenAICompletion(Body):
-    model: str | None = None
+class OpenAICompletion(OpenAIRequest):
     prompt: str | list[str] | list[int] = ""
     suffix: str | None = None
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    stop: Stop = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     echo: bool = False
-    n: int = Field(1, ge=1, le=1)
 
 
 # -- llama.cpp server ---------------------------------------------------------------------------------------------
@@ -127,26 +123,45 @@ class OllamaMessage(Body):
     content: str = ""
 
 
-class OllamaGenerate(Body):
+class OllamaRequest(Body):
+    """What both ollama generation endpoints take besides the prompt."""
     model: str | None = None
+    stream: bool = True
+    options: OllamaOptions | None = None
+
+
+class OllamaGenerate(OllamaRequest):
     prompt: str = ""
     suffix: str | None = None
     system: str | None = None
     raw: bool = False
-    stream: bool = True
-    options: OllamaOptions | None = None
 
 
-class OllamaChat(Body):
-    model: str | None = None
+class OllamaChat(OllamaRequest):
     messages: list[OllamaMessage] = Field(default_factory=list, max_length=MAX_MESSAGES)
-    stream: bool = True
-    options: OllamaOptions | None = None
 
 
 class OllamaShow(Body):
     model: str | None = None
     name: str | None = None
+
+
+# -- dschat's own (native.py): token ids in, token ids out ---------------------------------------------------------
+class NativeParams(Body):
+    """The engine's SamplingParams."""
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    max_tokens: int = Field(256, ge=1)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP)
+    ignore_eos: bool = False
+
+
+class NativeGenerate(Body):
+    ids: list[int] = Field(min_length=1)
+    params: NativeParams = Field(default_factory=NativeParams)
+    reuse_cache: bool = True
 
 
 def stop_list(stop: Stop) -> tuple[str, ...]:

@@ -138,10 +138,14 @@ class ChatApp(App):
         opts = replace(self.opts, model=name) if name else self.opts
         self.loading = True
         try:
-            label = model_name(opts)
-            self._ui(self.chat_screen.set_status, f"loading {label} ...")
-            engine = load_engine(opts, progress=lambda done, total: self._ui(
-                self.chat_screen.set_status, f"loading {label}: {done / max(total, 1):.0%}"))
+            from dschat.serve.client import find  # a running `dschat serve` (--server, or found), else load here
+
+            engine = find(opts, lambda line: self._ui(self.notify, line.removeprefix("dschat: "), timeout=10))
+            label = engine.name if engine is not None else model_name(opts)
+            if engine is None:
+                self._ui(self.chat_screen.set_status, f"loading {label} ...")
+                engine = load_engine(opts, progress=lambda done, total: self._ui(
+                    self.chat_screen.set_status, f"loading {label}: {done / max(total, 1):.0%}"))
             engine.tokenizer  # fail here, not on the first message
         except Exception as e:
             self._ui(self._model_failed, error_text(e))
