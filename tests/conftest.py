@@ -39,8 +39,9 @@ os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("home")
-    for var in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
-        monkeypatch.setenv(var, str(home / var.lower()))
+    for var in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR"):  # the runtime directory:
+        monkeypatch.setenv(var, str(home / var.lower()))  # a `dschat serve` the user runs is not the tests'
+    monkeypatch.delenv("DSCHAT_API_KEY", raising=False)
     monkeypatch.delenv("DSCHAT_MODEL", raising=False)
 
 
