@@ -5,6 +5,7 @@ FIM through the three FIM endpoints is `dschat fim`'s."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -370,47 +371,90 @@ def test_full_queue_is_503_and_a_disconnect_stops_the_generation(demo_engine):
         assert pages_all_released(demo_engine)
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+RSS_TOLERANCE = 16 * 2**20  # what 200 requests may add to the warm process (0.4 MiB measured on 2 cores)
+
+
 def test_load_with_disconnects(demo_engine):
-    """40 requests from 8 concurrent clients, every fifth one dropped mid-stream: every completed one is the
-    engine's greedy answer, and the queue and the cache's pages are released after."""
+    """200 requests from 8 concurrent clients through four endpoints (OpenAI streamed and not, llama.cpp's
+    /completion, dschat's own /dschat/v1/generate as `dschat --server` uses it), every fifth one dropped
+    mid-stream: every completed one is the engine's greedy answer; after, no queue place is held, every cache
+    page is free or in the prefix tree, and the process's memory (server and clients: one process) is flat."""
+    from dschat.engine import SamplingParams
+    from dschat.serve.client import RemoteEngine, Server
+
     prompts = ["def add(a, b):\n", "class Node:\n", "import sys\n", "for i in range(10):\n"]
-    expect = {p: greedy(demo_engine, completion_prompt(demo_engine.tokenizer, p)[1], 4)[1] for p in prompts}
+    tok = demo_engine.tokenizer
+    ids = {p: completion_prompt(tok, p)[1] for p in prompts}
+    expect = {p: greedy(demo_engine, ids[p], 4) for p in prompts}  # (token ids, text)
     results, errors = [], []
+    clients, per_client = 8, 25
     with ServerThread(demo_engine, names=("demo",), queue=16) as server:
         c = client(server)
+        remote = RemoteEngine(Server(server.url), Server(server.url).info())
 
-        def worker(k):
-            for j in range(5):
-                p = prompts[(k + j) % len(prompts)]
+        def one(k, j):
+            p = prompts[(k + j) % len(prompts)]
+            kind = (k + j) % 4
+            if j % 5 == 4:  # a client that goes away after the first piece
+                if kind % 2:
+                    gen = remote.generate(ids[p], SamplingParams(max_tokens=200, ignore_eos=True))
+                    next(gen)
+                    gen.close()
+                else:
+                    conn, resp = stream_lines(server.port, "/completion",
+                                              {"prompt": p, "n_predict": 200, "ignore_eos": True, "stream": True})
+                    resp.readline()
+                    conn.close()
+            elif kind == 0:
+                got = c.completions.create(model="demo", prompt=p, max_tokens=4, temperature=0)
+                results.append((p, "text", got.choices[0].text))
+            elif kind == 1:
+                got = "".join(ch.choices[0].text for ch in c.completions.create(
+                    model="demo", prompt=p, max_tokens=4, temperature=0, stream=True) if ch.choices)
+                results.append((p, "text", got))
+            elif kind == 2:
+                status, _, res = http(server.port, "POST", "/completion", {"prompt": p, "n_predict": 4,
+                                                                           "temperature": 0})
+                results.append((p, "text", res["content"] if status == 200 else res))
+            else:
+                gen = remote.generate(ids[p], SamplingParams(max_tokens=4))
+                results.append((p, "ids", list(gen)))
+
+        def worker(k, n):
+            for j in range(n):
                 try:
-                    if (k * 5 + j) % 5 == 4:  # a client that goes away after the first piece
-                        conn, resp = stream_lines(server.port, "/completion",
-                                                  {"prompt": p, "n_predict": 200, "ignore_eos": True, "stream": True})
-                        resp.readline()
-                        conn.close()
-                    elif j % 2:
-                        got = "".join(ch.choices[0].text for ch in c.completions.create(
-                            model="demo", prompt=p, max_tokens=4, temperature=0, stream=True) if ch.choices)
-                        results.append((p, got))
-                    else:
-                        got = c.completions.create(model="demo", prompt=p, max_tokens=4, temperature=0)
-                        results.append((p, got.choices[0].text))
+                    one(k, j)
                 except Exception as e:  # noqa: BLE001 - reported below
                     errors.append(repr(e))
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(120)
+        def round_of(n):
+            threads = [threading.Thread(target=worker, args=(k, n)) for k in range(clients)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(120)
+
+        round_of(5)  # warm: the server's threads, buffers and the prefix tree exist
+        results.clear()
+        before = rss_bytes()
+        round_of(per_client)
+        after = rss_bytes()
         assert not errors, errors[:3]
-        assert len(results) == 32 and all(got == expect[p] for p, got in results)
+        assert len(results) == clients * per_client * 4 // 5
+        wrong = [(p, kind, got) for p, kind, got in results if got != expect[p][0 if kind == "ids" else 1]]
+        assert not wrong, wrong[:3]
         t0 = time.monotonic()
         while server.state.scheduler.status()["running"] or server.state.scheduler.status()["waiting"]:
             assert time.monotonic() - t0 < 10
             time.sleep(0.02)
-        assert server.state.scheduler.status()["cancelled"] >= 1
+        assert server.state.scheduler.status()["cancelled"] >= clients * per_client // 5
         assert pages_all_released(demo_engine)
+        assert after - before < RSS_TOLERANCE, f"the process grew {(after - before) / 2**20:.1f} MiB"
 
 
 # -- the command -------------------------------------------------------------------------------------------------------
