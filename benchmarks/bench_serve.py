@@ -8,6 +8,10 @@
    /infill requests each a few characters further into it, as llama.vim sends them: median time to the response and median
    prefilled tokens per request with the shared prefix cache (cache_prompt true) against cache_prompt false.
 
+3. `dschat "..."` (a one-shot answer, as `dschat -c "..."` is) from its start to the first byte of the answer on
+   stdout: against the running server (`--server URL`) and loading the model in the process (`--no-server`),
+   alternated, the machine's load average recorded before and after.
+
 --smoke: a few tokens and requests, to check that every step runs (the tests run it).
 """
 
@@ -17,7 +21,9 @@ import argparse
 import http.client
 import inspect
 import json
+import os
 import statistics
+import subprocess
 import sys
 import textwrap
 import time
@@ -30,8 +36,8 @@ from dschat.engine import Engine, SamplingParams
 from dschat.runtime import DEMO_DIR
 from dschat.conversation.template import completion_prompt
 
-FULL = {"decode_tokens": 200, "repeats": 3, "file_tokens": 2000, "keystrokes": 20}
-SMOKE = {"decode_tokens": 8, "repeats": 1, "file_tokens": 150, "keystrokes": 3}
+FULL = {"decode_tokens": 200, "repeats": 3, "file_tokens": 2000, "keystrokes": 20, "starts": 5}
+SMOKE = {"decode_tokens": 8, "repeats": 1, "file_tokens": 150, "keystrokes": 3, "starts": 1}
 
 
 def post(port: int, path: str, body: dict) -> dict:
@@ -109,6 +115,34 @@ def keystrokes(port: int, text: str, steps: int, cache: bool) -> tuple[float, fl
     return statistics.median(times), statistics.median(prefilled)
 
 
+def dschat_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "dschat"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dschat"]
+
+
+def first_byte_s(args: list[str]) -> float:
+    """Seconds from starting `dschat ARGS` to the first byte of its answer on stdout (it then runs to its end)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(dschat_cmd() + args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    first = p.stdout.read(1)
+    t = time.perf_counter() - t0
+    rest, err = p.communicate()
+    if p.returncode != 0 or not first:
+        raise RuntimeError(f"dschat {' '.join(args)}: exit {p.returncode}: {err.decode()[-500:]}")
+    return t
+
+
+def starts(url: str, model: str, n: int) -> tuple[float, float]:
+    """(median start-to-first-byte on the server, loading the model here) of a one-shot answer, alternated."""
+    ask = ["--no-save", "-t", "0", "-n", "4", "what does os.walk do?"]
+    remote, local = [], []
+    for _ in range(n):
+        remote.append(first_byte_s(["--server", url, *ask]))
+        local.append(first_byte_s(["--no-server", "--model", model, *ask]))
+    return statistics.median(remote), statistics.median(local)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEMO_DIR), help="model directory (default: the bundled demo)")
@@ -147,6 +181,15 @@ def main(argv=None) -> int:
             print(f"   speed-up with the shared cache: {results['keystroke_speedup']:.2f}x")
         else:
             print("2. skipped: this model's tokenizer has no FIM tokens")
+        print(f"3. `dschat \"...\"` start to first token, median of {cfg['starts']}, alternated")
+        results["loadavg_before"] = os.getloadavg()[0]
+        remote, local = starts(server.url, args.model, cfg["starts"])
+        results["loadavg_after"] = os.getloadavg()[0]
+        results["start_server_s"], results["start_in_process_s"] = remote, local
+        results["start_speedup"] = local / remote
+        print(f"   on the server {remote:6.2f} s   loading the model here {local:6.2f} s   "
+              f"speed-up {results['start_speedup']:.2f}x   (load average {results['loadavg_before']:.1f} -> "
+              f"{results['loadavg_after']:.1f})")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 0

@@ -17,4 +17,6 @@ def test_smoke_run_writes_every_figure(tmp_path, capsys):
     assert r["smoke"] and r["in_process_tok_s"] > 0 and r["http_tok_s"] > 0 and r["http_vs_in_process"] > 0
     assert r["keystroke_cached_prefilled"] < r["keystroke_uncached_prefilled"]  # the shared cache prefills less
     assert r["file_tokens"] >= bench_serve.SMOKE["file_tokens"]
+    assert r["start_server_s"] > 0 and r["start_in_process_s"] > 0 and r["start_speedup"] > 0
+    assert r["loadavg_before"] >= 0 and r["loadavg_after"] >= 0
     assert "ratio" in capsys.readouterr().out
