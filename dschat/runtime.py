@@ -131,19 +131,6 @@ def load_engine(opts: Options, progress=None):
     return engine
 
 
-def open_engine(opts: Options, progress=None, notice=None):
-    """The engine a chat or `dschat fim` runs on: a running `dschat serve`'s (--server URL, or one found in the
-    runtime directory, said in one line to `notice`, by default on stderr), else the model loaded here."""
-    from dschat.serve.client import find  # deferred: torch
-    from dschat.terminal.text import say
-
-    remote = find(opts, notice or say)
-    if remote is not None:
-        start_up_done()
-        return remote
-    return load_engine(opts, progress)
-
-
 def terminal_progress(label: str):
     """A progress bar on stderr for the engine's (bytes done, bytes total) calls, when stderr is a terminal (rank
     0's, with several ranks); silent otherwise."""
@@ -197,14 +184,6 @@ def sampling_params(opts: Options, engine, prompt_len: int):
                                                         Path(engine.path) / "generation_config.json")
     window = ContextWindow(engine.context_length, engine.eos_token_ids)
     return sampling.params(window.max_tokens(prompt_len, sampling.max_tokens))
-
-
-def model_default(engine, key: str, default):
-    """A sampling default from the engine's generation_config.json (`default` when it has none), checked as the
-    flag is (session.model_default)."""
-    from dschat.conversation.session import model_default as checked_default
-
-    return checked_default(engine.generation_config, key, default, Path(engine.path) / "generation_config.json")
 
 
 def stats_json(stats) -> str:

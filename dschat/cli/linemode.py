@@ -21,7 +21,8 @@ from dschat.errors import error_text
 from dschat.files import write_output
 from dschat.terminal.highlight import ansi, colour_terminal, lexer_for, terminal_formatter
 from dschat.settings.paths import private_dir, private_file
-from dschat.runtime import Options, open_engine, print_stats, session_settings, stats_json
+from dschat.runtime import Options, print_stats, session_settings, stats_json
+from dschat.serve.client import open_engine
 from dschat.conversation.session import ChatSession
 from dschat.signals import Stopped
 from dschat.history.store import StoreError

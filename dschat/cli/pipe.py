@@ -8,7 +8,8 @@ from dataclasses import replace
 
 from dschat.engine import Tokenizer, resolve
 
-from dschat.runtime import Options, model_name, open_engine, print_stats, session_settings
+from dschat.runtime import Options, model_name, print_stats, session_settings
+from dschat.serve.client import open_engine
 from dschat.conversation.session import ChatSession, open_chat
 from dschat.terminal.text import SafeStream, json_for_output, say
 

@@ -268,3 +268,17 @@ def find(opts, notice) -> RemoteEngine | None:
                "the model in this process)")
         return engine
     return None
+
+
+def open_engine(opts, progress=None, notice=None):
+    """The engine a chat or `dschat fim` runs on: the server `find` chooses (said in one line to `notice`, by
+    default on stderr), else the model loaded here (runtime.load_engine, `progress` its bar)."""
+    from dschat.runtime import load_engine
+    from dschat.signals import start_up_done
+    from dschat.terminal.text import say
+
+    remote = find(opts, notice or say)
+    if remote is not None:
+        start_up_done()  # a Ctrl+C while connecting stops here, as one while loading does
+        return remote
+    return load_engine(opts, progress)

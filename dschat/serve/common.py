@@ -8,14 +8,16 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from dschat.engine import ContextLengthError, ModelError
 
+from dschat.conversation.context_window import ContextWindow
+from dschat.conversation.session import Sampling
 from dschat.errors import error_text
-from dschat.runtime import model_default
 from dschat.serve import generation
 from dschat.serve.errors import ApiError, from_validation
 from dschat.serve.queue import Cancelled, QueueFull, Scheduler
@@ -39,11 +41,10 @@ class State:
         self.name, self.names = names[0], set(names)
         self.scheduler = Scheduler(engine, limits.queue)
         self.created = int(time.time())
-        temperature = model_default(engine, "temperature", 0.6)
-        if engine.generation_config.get("do_sample") is False:
-            temperature = 0.0
-        self.temperature = float(temperature)
-        self.top_p = float(model_default(engine, "top_p", 1.0))
+        # the model's sampling defaults as a chat resolves them (generation_config.json, then the built-in ones)
+        defaults = Sampling().resolved(engine.generation_config, Path(engine.path) / "generation_config.json")
+        self.temperature, self.top_p = defaults.temperature, defaults.top_p
+        self.window = ContextWindow(engine.context_length, engine.eos_token_ids)
 
     @property
     def context(self) -> int:
@@ -59,10 +60,10 @@ class State:
     def max_tokens(self, asked: int | None, prompt_len: int, clip: bool, param: str = "max_tokens") -> int:
         """The reply's length: `asked` (None: as much as fits, at most --max-tokens) within the server's cap,
         and within the context window (cut to fit when `clip`, else a 400)."""
-        room = self.context - prompt_len
-        if room < 1:
-            raise ApiError(400, f"the prompt ({prompt_len} tokens) fills the context window ({self.context} tokens)",
-                           param="prompt", code="context_length_exceeded")
+        try:
+            room = self.window.reply_room(prompt_len)
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
         cap = self.limits.max_tokens
         if asked is None:
             return min(cap, room)

@@ -194,5 +194,12 @@ def fim_spec_ids(tok, prefix: str, suffix: str, budget: int, extra: list[tuple[s
     return fim_prompt(tok, prefix, suffix) + tail, suffix
 
 
+def fim_spec(tok, ids: list[int], suffix: str, max_tokens: int, before_hole: str) -> GenSpec:
+    """A FIM request's generation, cut as `dschat fim` cuts it: at the FIM tokens and where it starts repeating
+    the suffix (a whole line only when the hole is at a line's start: `before_hole` is the text before it)."""
+    return GenSpec(ids=ids, max_tokens=max_tokens, fim_suffix=suffix,
+                   at_line_start=not before_hole or before_hole.endswith("\n"), stop_token_ids=fim_stops(tok))
+
+
 def fim_stops(tok) -> tuple[int, ...]:
     return tuple(i for i in (tok.token_id(t) for t in FIM_TOKENS) if i is not None)

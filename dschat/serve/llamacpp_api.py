@@ -107,9 +107,7 @@ async def infill(request):
                                 [(c.filename, c.text) for c in req.input_extra], req.prompt)
     specs = []
     for i in range(1 if req.n_predict == 0 else req.n_cmpl):
-        spec = generation.GenSpec(ids=ids, max_tokens=n, fim_suffix=suffix,
-                                  at_line_start=not prefix or prefix.endswith("\n"),
-                                  stop_token_ids=generation.fim_stops(state.tok))
+        spec = generation.fim_spec(state.tok, ids, suffix, n, prefix)
         sampling(state, req, spec, fim=True)
         if spec.seed is not None:
             spec.seed = (spec.seed + i) % 2**63

@@ -92,9 +92,7 @@ async def generate(request):
     if req.suffix is not None:
         n, budget = state.fim_length(asked(req.options), "options.num_predict")
         ids, suffix = await prepare(generation.fim_spec_ids, state.tok, req.prompt, req.suffix, budget)
-        spec = generation.GenSpec(ids=ids, max_tokens=n, fim_suffix=suffix,
-                                  at_line_start=not req.prompt or req.prompt.endswith("\n"),
-                                  stop_token_ids=generation.fim_stops(state.tok))
+        spec = generation.fim_spec(state.tok, ids, suffix, n, req.prompt)
         options(state, req.options, spec, fim=True)
     elif not req.prompt:
         spec = None

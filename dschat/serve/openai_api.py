@@ -40,6 +40,36 @@ def _stops(req) -> tuple[str, ...]:
         raise ApiError(422, f"stop: {e}", param="stop", code="invalid_value") from None
 
 
+def streamed(request, state: State, job, req, head: dict, opening, piece, closing, finish) -> StreamingResponse:
+    """Both endpoints' SSE stream: the `opening` choices, `piece(text)`'s for each piece, at the end
+    `closing()`'s and `finish(outcome)`, then the usage (stream_options.include_usage), then [DONE]; an error
+    after the stream began is its last event."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(choices):
+        return sse({**head, "choices": choices})
+
+    async def stream():
+        for choice in opening:
+            yield chunk([choice])
+        try:
+            async for kind, value in events(request, state, job):
+                if kind == "piece":
+                    for choice in piece(value[1]):
+                        yield chunk([choice])
+                else:
+                    for choice in closing():
+                        yield chunk([choice])
+                    yield chunk([finish(value)])
+                    if include_usage:
+                        yield sse({**head, "choices": [], "usage": usage(value)})
+        except ApiError as e:
+            yield sse(body("openai", e))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 async def chat_completions(request):
     state: State = request.app.state.dschat
     req = await parse(request, OpenAIChat)
@@ -66,37 +96,19 @@ async def chat_completions(request):
             message = {"role": "assistant", "content": a1 + a2, "reasoning_content": r1 + r2}
         return JSONResponse({**head, "object": "chat.completion", "choices": [{
             "index": 0, "message": message, "finish_reason": finish_reason(o), "logprobs": None}], "usage": usage(o)})
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def deltas(reasoning_text, answer):
         if reasoning_text:
-            yield sse({**head, "choices": [{"index": 0, "delta": {"reasoning_content": reasoning_text},
-                                             "finish_reason": None, "logprobs": None}]})
+            yield {"index": 0, "delta": {"reasoning_content": reasoning_text}, "finish_reason": None, "logprobs": None}
         if answer:
-            yield sse({**head, "choices": [{"index": 0, "delta": {"content": answer},
-                                             "finish_reason": None, "logprobs": None}]})
+            yield {"index": 0, "delta": {"content": answer}, "finish_reason": None, "logprobs": None}
 
-    async def stream():
-        yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None, "logprobs": None}]})
-        try:
-            async for kind, value in events(request, state, job):
-                if kind == "piece":
-                    for line in deltas(*(split.feed(value[1]) if split else ("", value[1]))):
-                        yield line
-                else:
-                    if split:
-                        for line in deltas(*split.flush()):
-                            yield line
-                    yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason(value),
-                                                     "logprobs": None}]})
-                    if include_usage:
-                        yield sse({**head, "choices": [], "usage": usage(value)})
-        except ApiError as e:
-            yield sse(body("openai", e))
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return streamed(request, state, job, req, head,
+                    opening=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                              "logprobs": None}],
+                    piece=lambda text: deltas(*(split.feed(text) if split else ("", text))),
+                    closing=lambda: deltas(*split.flush()) if split else (),
+                    finish=lambda o: {"index": 0, "delta": {}, "finish_reason": finish_reason(o), "logprobs": None})
 
 
 async def completions(request):
@@ -114,10 +126,8 @@ async def completions(request):
             raise ApiError(422, "prompt: text, with a suffix", param="prompt", code="invalid_value")
         n, budget = state.fim_length(req.max_tokens, "max_tokens")
         ids, suffix = await prepare(generation.fim_spec_ids, state.tok, prompt, req.suffix, budget)
-        spec = generation.GenSpec(ids=ids, max_tokens=n, fim_suffix=suffix,
-                                  at_line_start=not prompt or prompt.endswith("\n"),
-                                  stop_token_ids=generation.fim_stops(state.tok),
-                                  temperature=0.0 if req.temperature is None else req.temperature)
+        spec = generation.fim_spec(state.tok, ids, suffix, n, prompt)
+        spec.temperature = 0.0 if req.temperature is None else req.temperature
     else:
         ids = await prepare(generation.text_ids, state.tok, prompt)
         spec = generation.GenSpec(ids=ids, max_tokens=state.max_tokens(req.max_tokens, len(ids), clip=False),
@@ -132,26 +142,11 @@ async def completions(request):
         o = await collect(request, state, job)
         return JSONResponse({**head, "choices": [{"index": 0, "text": echo + o.text, "finish_reason": finish_reason(o),
                                                   "logprobs": None}], "usage": usage(o)})
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    async def stream():
-        if echo:
-            yield sse({**head, "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]})
-        try:
-            async for kind, value in events(request, state, job):
-                if kind == "piece":
-                    yield sse({**head, "choices": [{"index": 0, "text": value[1], "finish_reason": None,
-                                                     "logprobs": None}]})
-                else:
-                    yield sse({**head, "choices": [{"index": 0, "text": "", "finish_reason": finish_reason(value),
-                                                     "logprobs": None}]})
-                    if include_usage:
-                        yield sse({**head, "choices": [], "usage": usage(value)})
-        except ApiError as e:
-            yield sse(body("openai", e))
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return streamed(request, state, job, req, head,
+                    opening=[{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}] if echo else [],
+                    piece=lambda text: [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}],
+                    closing=lambda: (),
+                    finish=lambda o: {"index": 0, "text": "", "finish_reason": finish_reason(o), "logprobs": None})
 
 
 async def models(request):
