@@ -15,7 +15,7 @@ import pexpect
 import pytest
 import torch
 from helpers import (ACCEPTED, PROMPT, ServerThread, assert_clean_error, call, clean, dschat_cmd, free_port, greedy,
-                     http, run, spawn)
+                     http, make_app, ready, replies, run, send, spawn, until)
 
 from dschat.conversation.template import chat_prompt
 from dschat.engine import Engine
@@ -150,6 +150,34 @@ def test_line_mode_on_the_server(demo_server):
     p.expect(pexpect.EOF)
     p.close()
     assert p.exitstatus == 0
+
+
+async def test_the_tui_on_the_server(chat_models, chat_engines):
+    """A TUI turn on the server is the engine's answer; Esc stops the server's generation."""
+    eng = chat_engines["v3"]
+    _, want = greedy(eng, chat_prompt(eng.tokenizer, [{"role": "user", "content": "What is MLA?"}])[1], 12)
+    with ServerThread(eng, names=("tiny-v3",)) as server:
+        app = make_app(chat_models["v3"], "--server", server.url, "-n", "12")
+        async with app.run_test(size=(100, 30)) as pilot:
+            await ready(pilot, app)
+            assert server.url in app.sub_title
+            await send(pilot, app, "What is MLA?")
+            assert replies(app)[-1].text.strip() == want.strip()
+            app.session.sampling = app.session.sampling.__class__(temperature=1.0, top_p=1.0, top_k=0, seed=1,
+                                                                  max_tokens=4000)
+            done = app.turns_done
+            prompt = app.query_one("PromptArea")
+            prompt.text = "a long story"
+            prompt.focus()
+            await pilot.press("enter")
+            await until(pilot, lambda: server.state.scheduler.status()["running"] == 1 and len(
+                replies(app)[-1].text) > 20)
+            await pilot.press("escape")
+            await until(pilot, lambda: app.turns_done > done, timeout=10)
+            await until(pilot, lambda: server.state.scheduler.status()["running"] == 0, timeout=5)
+        assert server.state.scheduler.status()["cancelled"] == 1
+    conv = Store().latest()
+    assert conv.messages[-1].interrupted and conv.messages[1].content == want.strip()
 
 
 # -- dschat serve as a process, found through its discovery file ---------------------------------------------------
