@@ -14,7 +14,7 @@ from helpers import call, greedy
 
 from dschat.cli.linemode import Thinking
 from dschat.conversation.chat import Chat
-from dschat.conversation.session import ChatSession, SessionSettings
+from dschat.conversation.session import ChatSession, Sampling, SessionSettings
 from dschat.dev import tiny_checkpoints as tc
 from dschat.dev.fake_engine import FakeEngine
 from dschat.history.store import Store
@@ -163,7 +163,7 @@ def test_the_next_turn_drops_the_thinking_and_reuses_the_cache(r1_parrot):
     from dschat.engine import Engine
 
     engine = Engine.from_pretrained(r1_parrot, dtype=torch.float32, speculative="none")
-    session = ChatSession(engine, SessionSettings(no_save=True))
+    session = ChatSession(engine, SessionSettings(no_save=True, sampling=Sampling(temperature=0)))
     first, shown = run_turn(session, "hi")
     assert shown == "The answer." and first.reasoning == "Let me see"
     second, _ = run_turn(session, "again")
@@ -186,3 +186,20 @@ async def test_the_tui_folds_the_thinking_away_when_the_answer_starts(r1_parrot)
         assert view.text.strip() == "The answer." and view.reasoning == "Let me see"
         assert view.thinking is not None and view.thinking.collapsed
         assert view.thinking.title.startswith("Thinking (") and " tokens, " in view.thinking.title
+
+
+def test_the_history_keeps_the_thinking_in_its_own_field_and_exports_it_marked(r1_tokenizer_dir, tmp_path):
+    engine = FakeEngine(r1_tokenizer_dir)
+    session = ChatSession(engine, SessionSettings())
+    engine.enqueue(f"{REASONING}</think>{ANSWER}")
+    turn, _ = run_turn(session, "q")
+    store = Store()
+    conv = store.latest()
+    saved = conv.messages[-1]
+    assert saved.reasoning == REASONING and saved.content == turn.reply  # the reply whole, the thinking apart
+    data = store.export_json(conv.id)
+    assert data["messages"][-1]["reasoning"] == REASONING and "reasoning" not in data["messages"][0]
+    md = store.export_text(conv.id, "md")
+    assert f"> **Thinking**\n>\n> {REASONING}\n\n{ANSWER}\n" in md
+    copy = store.get(store.import_json(data))
+    assert copy.messages[-1].reasoning == REASONING

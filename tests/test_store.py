@@ -271,20 +271,24 @@ def test_a_history_from_before_named_migrations_opens_reads_and_writes(tmp_path)
 def test_migrations_apply_in_order_once_and_a_newer_history_is_refused(tmp_path, monkeypatch):
     applied = []
 
-    def m002_notes(db):
+    def m_later_notes(db):
         applied.append(schema.version(db))
         db.execute("CREATE TABLE notes (conversation_id TEXT, text TEXT)")
 
     p = tmp_path / "history.db"
     shutil.copyfile(OLD_HISTORY, p)
-    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, m002_notes])
+    shipped = list(schema.MIGRATIONS)
+    monkeypatch.setattr(schema, "MIGRATIONS", [*shipped, m_later_notes])
     for _ in range(2):
         with Store(p) as s:
-            assert s.db.execute("PRAGMA user_version").fetchone()[0] == 2
+            assert s.db.execute("PRAGMA user_version").fetchone()[0] == len(shipped) + 1
             s.db.execute("INSERT INTO notes VALUES ('x', 'kept')")
-    assert applied == [1]  # once, on a database the first migration had made
-    assert [m.__name__ for m in schema.MIGRATIONS] == ["m001_conversations_messages_and_search", "m002_notes"]
-    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+    assert applied == [1]  # once (the whole upgrade of this schema-1 history is one transaction)
+    with Store(p) as s:  # the shipped m002 ran on it too: the thinking's own field
+        assert "reasoning" in {r[1] for r in s.db.execute("PRAGMA table_info(messages)")}
+    assert [m.__name__ for m in schema.MIGRATIONS][:2] == ["m001_conversations_messages_and_search",
+                                                            "m002_reasoning_apart"]
+    monkeypatch.setattr(schema, "MIGRATIONS", shipped)
     before = digest(p)
     with pytest.raises(StoreError, match="newer dschat"):
         Store(p)

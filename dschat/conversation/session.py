@@ -382,7 +382,7 @@ class ChatSession:
             "ids": {"user": self.saved_ids[0] if answer_of else new_id(), "reply": new_id()},
             "user": dict(content=turn.user, token_ids=turn.prompt_ids, prompt_tokens=len(turn.prompt_ids)),
             "reply": dict(content=turn.content, token_ids=turn.output_ids, generated_tokens=len(turn.output_ids),
-                          interrupted=turn.interrupted, timings=turn.stats or {}),
+                          interrupted=turn.interrupted, timings=turn.stats or {}, reasoning=turn.reasoning),
         }
 
 

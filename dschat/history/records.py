@@ -33,6 +33,7 @@ class Message:
     timings: dict = field(default_factory=dict)
     created: float = 0.0
     interrupted: bool = False
+    reasoning: str = ""  # a reasoning model's thinking (its content holds the whole reply)
 
 
 @dataclass

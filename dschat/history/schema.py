@@ -59,6 +59,13 @@ def m001_conversations_messages_and_search(db: sqlite3.Connection):
         INSERT INTO messages_fts(rowid, content) VALUES (new.rowid, new.content); END""")
 
 
+
+@migration
+def m002_reasoning_apart(db: sqlite3.Connection):
+    """A reasoning model's thinking in its own field (the reply's content keeps the whole reply as generated,
+    which the model's template reads on the next turn)."""
+    db.execute("ALTER TABLE messages ADD COLUMN reasoning TEXT NOT NULL DEFAULT ''")
+
 def known() -> int:
     """How many migrations this dschat knows: the user_version of a history it has brought up to date."""
     return len(MIGRATIONS)

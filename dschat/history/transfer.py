@@ -98,10 +98,12 @@ def validate_export(data) -> list[dict]:
                                  f"not {_shown(n)}")
         if m.get("interrupted") is not None and not isinstance(m["interrupted"], bool):
             raise StoreError(f'message {i + 1}: "interrupted" must be true or false, not {_shown(m["interrupted"])}')
+        if m.get("reasoning") is not None and not isinstance(m["reasoning"], str):
+            raise StoreError(f'message {i + 1}: "reasoning" must be a string, not {_shown(m["reasoning"])}')
         if m.get("timings") is not None and not isinstance(m["timings"], dict):
             raise StoreError(f'message {i + 1}: "timings" must be an object, not {_shown(m["timings"])}')
     _check_order(msgs)
-    chars = sum(len(m["content"]) for m in msgs)
+    chars = sum(len(m["content"]) + len(m.get("reasoning") or "") for m in msgs)
     if chars > MAX_IMPORT_CHARS:
         raise StoreError(f'"messages" hold {chars:,} characters, more than any model\'s context '
                          f"(the limit is {MAX_IMPORT_CHARS:,})")
@@ -129,7 +131,8 @@ def export_json(store, conv_id: str) -> dict:
         "system": c.system, "params": c.params, "created": c.created, "updated": c.updated,
         "messages": [{"role": m.role, "content": m.content, "token_ids": m.token_ids,
                       "prompt_tokens": m.prompt_tokens, "generated_tokens": m.generated_tokens,
-                      "timings": m.timings, "interrupted": m.interrupted, "created": m.created}
+                      "timings": m.timings, "interrupted": m.interrupted, "created": m.created,
+                      **({"reasoning": m.reasoning} if m.reasoning else {})}
                      for m in c.messages],
     }
 
@@ -151,10 +154,10 @@ def import_json(store, data: dict) -> str:
             mid = store.new_id("messages")
             store.db.execute(
                 "INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
-                "generated_tokens, timings, created, interrupted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "generated_tokens, timings, created, interrupted, reasoning) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (mid, cid, parent, m["role"], m["content"], pack_ids(m.get("token_ids")), m.get("prompt_tokens"),
                  m.get("generated_tokens"), json.dumps(m.get("timings") or {}),
-                 float(m.get("created") or now), int(bool(m.get("interrupted")))))
+                 float(m.get("created") or now), int(bool(m.get("interrupted"))), m.get("reasoning") or ""))
             parent = mid
         store.db.execute("UPDATE conversations SET head = ? WHERE id = ?", (parent, cid))
     return cid
@@ -165,6 +168,11 @@ def export_text(store, conv_id: str, fmt: str = "json") -> str:
         return export_markdown(store, conv_id)
     return json.dumps(export_json(store, conv_id), ensure_ascii=False, indent=2) + "\n"
 
+def answer_of(content: str) -> str:
+    """A reasoning model's saved reply without its thinking: what follows its last </think>."""
+    return content.rsplit("</think>", 1)[-1].lstrip()
+
+
 def export_markdown(store, conv_id: str) -> str:
     """The conversation for reading: its title as a heading, then each message (the text exact)."""
     c = store.get(conv_id)
@@ -174,5 +182,10 @@ def export_markdown(store, conv_id: str) -> str:
         lines += ["## System", "", c.system, ""]
     for m in c.messages:
         heading = {"user": "User", "assistant": "Assistant", "system": "System"}[m.role]
-        lines += [f"## {heading}" + (" (interrupted)" if m.interrupted else ""), "", m.content, ""]
+        lines += [f"## {heading}" + (" (interrupted)" if m.interrupted else ""), ""]
+        if m.reasoning:  # the thinking, marked as such, then the answer
+            lines += ["> **Thinking**", ">"] + [f"> {line}".rstrip() for line in m.reasoning.splitlines()] + [""]
+            lines += [answer_of(m.content), ""]
+        else:
+            lines += [m.content, ""]
     return "\n".join(lines)
