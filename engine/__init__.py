@@ -15,7 +15,7 @@ handling is set up.
 import importlib
 
 _PUBLIC = {  # name -> the submodule that defines it
-    "Engine": "engine", "Generation": "generation", "SamplingParams": "sampling", "ModelConfig": "config",
+    "Engine": "engine", "Generation": "generation", "SamplingParams": "params", "ModelConfig": "config",
     "ModelError": "errors", "ContextLengthError": "errors", "GenerationStats": "stats",
     "quantize_checkpoint": "quantized_dir", "Tokenizer": "tokenizer", "resolve": "hub",
 }

@@ -8,7 +8,6 @@ import re
 import sys
 from pathlib import Path
 
-from . import dist
 from .errors import ModelError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -16,6 +15,15 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 TOKENIZER_FILES = ["tokenizer*", "*.jinja"]
 MODEL_FILES = ["*.json", "*.safetensors", *TOKENIZER_FILES]
+
+
+def _rank() -> int:
+    """This process's rank; 0 where torch was never imported (nothing can have started a process group)."""
+    if "torch" not in sys.modules:
+        return 0
+    from .dist import rank
+
+    return rank()
 
 
 DEMO = "demo"  # the name of the tiny demo model that ships inside the dschat distribution
@@ -69,7 +77,7 @@ def resolve(path_or_id: str | os.PathLike, tokenizer_only: bool = False, downloa
     if not download:
         raise ModelError(f"{name}: not a local directory, and not in the Hugging Face cache")
     try:
-        if dist.rank() == 0:
+        if _rank() == 0:
             sys.stderr.write(_download_note(name, fetch, tokenizer_only))
         return Path(fetch())
     except (HfHubHTTPError, OSError, ValueError) as e:

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pexpect
@@ -69,6 +70,15 @@ def test_pipe_mode_on_the_server_is_the_in_process_run(demo_server):
     assert again.returncode == 0, again.stderr
     _, prompt2, _ = saved_exchange()
     assert prompt2[: len(remote_prompt) + len(remote_reply)] == remote_prompt + remote_reply
+
+
+def test_a_client_of_a_server_never_imports_torch(demo_server):
+    """What makes it start in a fraction of a second: the model is the server's, and so is PyTorch."""
+    code = ("import sys\nfrom dschat.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    code = e.code\nprint('torch' in sys.modules, code, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code, "--server", demo_server.url, "-n", "2", "--no-save", "hi"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stderr.strip().splitlines()[-1] == "False 0", r.stderr
 
 
 def test_fim_on_the_server_is_dschat_fims(demo_server, tmp_path):
