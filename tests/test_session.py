@@ -165,7 +165,7 @@ def test_no_save_and_continuing_a_saved_conversation(engine):
 def fake(monkeypatch):
     """Every front end's load_engine gives this FakeEngine."""
     engine = FakeEngine()
-    for module in ("dschat.cli.pipe", "dschat.cli.linemode", "dschat.tui.app"):
+    for module in ("dschat.runtime", "dschat.tui.app"):  # pipe and line mode load through dschat.serve.client
         monkeypatch.setattr(f"{module}.load_engine", lambda opts, progress=None: engine)
     return engine
 
