@@ -159,3 +159,19 @@ def test_the_app_and_the_engine_read_untrusted_files_with_one_reader_without_imp
         assert "NoSuchName" in str(e)
     else:
         raise AssertionError("dschat.engine.NoSuchName resolved")
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages a wheel gets: a folder left out works in an editable checkout and
+    fails as installed (`No module named dschat.engine.layers`)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"dschat": "dschat", "engine": "dschat.engine", "kernels": "dschat.kernels", "themes": "dschat.themes",
+               "training": "dschat.training"}
+    found = {".".join([package, *init.parent.relative_to(ROOT / folder).parts])
+             for folder, package in folders.items() for init in (ROOT / folder).rglob("__init__.py")}
+    assert found - listed == set()
