@@ -82,15 +82,7 @@ def test_a_huge_imported_conversation_is_refused_from_its_tail(small_context, tm
     huge = chat("user", "assistant")
     for m in huge["messages"]:
         m["content"] = line * (MAX_IMPORT_CHARS // 2 // len(line))  # as much as an import may hold
-    p = tmp_path / "huge.json"
-    p.write_text(json.dumps(huge))
-    imported = call(["import", str(p)], stdin=None)
-    assert imported.returncode == 0, imported.stderr
-    cid = imported.stdout.decode().strip()
-    r = call(["--model", str(small_context), "--conversation", cid, "-t", "0", "next question"], stdin=None)
-    assert_clean_error(r, "the prompt does not fit the context window: its last ", "characters alone are")
-    with Store() as store:
-        assert len(store.get(cid).messages) == 2
+    continue_too_long_import(tmp_path / "huge.json", huge, small_context, 2)
 
 
 def test_the_tail_is_tokenized_as_the_whole_text_has_it(small_context):
@@ -132,15 +124,7 @@ def test_a_huge_import_without_line_breaks_is_refused_from_its_tail(small_contex
     n = 20_000
     data = {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
                          for i in range(n)]}
-    p = tmp_path / "many.json"
-    p.write_text(json.dumps(data))
-    imported = call(["import", str(p)], stdin=None)
-    assert imported.returncode == 0, imported.stderr
-    cid = imported.stdout.decode().strip()
-    r = call(["--model", str(small_context), "--conversation", cid, "-t", "0", "next question"], stdin=None)
-    assert_clean_error(r, "the prompt does not fit the context window: its last ", "characters alone are")
-    with Store() as store:
-        assert len(store.get(cid).messages) == n
+    continue_too_long_import(tmp_path / "many.json", data, small_context, n)
 
 
 def test_a_cut_before_a_role_token_keeps_the_tokens_of_the_whole(small_context):
@@ -160,3 +144,16 @@ def test_a_cut_before_a_role_token_keeps_the_tokens_of_the_whole(small_context):
     for cut in cuts:
         assert encode_marked(tok, text[:cut]) + encode_marked(tok, text[cut:]) == whole, repr(text[cut:cut + 12])
     assert not any(text[c - 1:c] == START for c in cuts)
+
+
+def continue_too_long_import(path, data, model, messages: int):
+    """Import `data`, continue it on a model whose window it overflows: one line that the tail alone does not
+    fit, and the conversation keeps exactly its `messages`."""
+    path.write_text(json.dumps(data))
+    imported = call(["import", str(path)], stdin=None)
+    assert imported.returncode == 0, imported.stderr
+    cid = imported.stdout.decode().strip()
+    r = call(["--model", str(model), "--conversation", cid, "-t", "0", "next question"], stdin=None)
+    assert_clean_error(r, "the prompt does not fit the context window: its last ", "characters alone are")
+    with Store() as store:
+        assert len(store.get(cid).messages) == messages

@@ -53,15 +53,12 @@ def stream_answer(session: ChatSession, turn, show_thinking: bool = False):
     think, end = None, flush
     if show_thinking:
         err, err_safe = sys.stderr, SafeStream() if sys.stderr.isatty() else None
-        thought = []
-
         def think(piece: str):
-            thought.append(piece)
             err.write(err_safe.feed(piece) if err_safe else piece)
             err.flush()
 
         def end():
-            if thought:  # the thinking's own line ends
+            if turn.reasoning:  # the thinking's own line ends
                 err.write("\n")
                 err.flush()
             flush()

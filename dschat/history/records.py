@@ -4,6 +4,7 @@ warnings of the history's modules (store, schema, transfer)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from array import array
 from dataclasses import dataclass, field
 
@@ -65,3 +66,23 @@ def unpack_ids(blob) -> list[int] | None:
 
 def iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+# -- rows, as the store's writes and import write them ------------------------------------------------------
+def insert_conversation(db, cid: str, *, title: str, title_auto: bool, model: str = "", fingerprint: str = "",
+                        system: str | None = None, params: dict | None = None, created: float, updated: float):
+    """One conversations row (the store's writes and import share it)."""
+    db.execute("INSERT INTO conversations (id, title, title_auto, model, fingerprint, system, params, created, "
+               "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (cid, title, int(title_auto), model or "", fingerprint or "", system, json.dumps(params or {}),
+                created, updated))
+
+
+def insert_message(db, mid: str, conv_id: str, parent_id: str | None, role: str, content: str, *, token_ids=None,
+                   prompt_tokens=None, generated_tokens=None, timings=None, created: float,
+                   interrupted: bool = False, reasoning: str = ""):
+    """One messages row (the store's writes and import share it)."""
+    db.execute("INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
+               "generated_tokens, timings, created, interrupted, reasoning) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (mid, conv_id, parent_id, role, content, pack_ids(token_ids), prompt_tokens, generated_tokens,
+                json.dumps(timings or {}), created, int(bool(interrupted)), reasoning or ""))

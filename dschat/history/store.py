@@ -22,8 +22,8 @@ from pathlib import Path
 
 from dschat.files import UnreadableFile, regular
 from dschat.history import schema, transfer
-from dschat.history.records import (Conversation, Message, StoreBusy, StoreError, StoreWarning, iso, pack_ids,
-                                    unpack_ids)
+from dschat.history.records import (Conversation, Message, StoreBusy, StoreError, StoreWarning, insert_conversation,
+                                    insert_message, iso, unpack_ids)
 from dschat.history.transfer import MAX_NAME_CHARS
 from dschat.settings.paths import PRIVATE_DIR, PRIVATE_FILE, private_dir, private_file, tighten, xdg
 from dschat.terminal.text import terminal_safe
@@ -240,11 +240,8 @@ class Store:
         now = time.time()
         with self.transaction():
             cid = self.new_id("conversations")
-            self.db.execute(
-                "INSERT INTO conversations (id, title, title_auto, model, fingerprint, system, params, created, "
-                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (cid, title or "New chat", 0 if title else 1, model or "", fingerprint or "", system,
-                 json.dumps(params or {}), now, now))
+            insert_conversation(self.db, cid, title=title or "New chat", title_auto=not title, model=model,
+                                fingerprint=fingerprint, system=system, params=params, created=now, updated=now)
         return cid
 
     def add_message(self, conv_id: str, role: str, content: str, *, parent_id: str | None = None,
@@ -269,11 +266,9 @@ class Store:
         if parent_id is None and _use_head:
             parent_id = head
         mid = mid or self.new_id("messages")
-        self.db.execute(
-            "INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
-            "generated_tokens, timings, created, interrupted, reasoning) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (mid, conv_id, parent_id, role, content, pack_ids(token_ids), prompt_tokens, generated_tokens,
-             json.dumps(timings or {}), now, int(bool(interrupted)), reasoning or ""))
+        insert_message(self.db, mid, conv_id, parent_id, role, content, token_ids=token_ids,
+                       prompt_tokens=prompt_tokens, generated_tokens=generated_tokens, timings=timings, created=now,
+                       interrupted=interrupted, reasoning=reasoning)
         self.db.execute("UPDATE conversations SET head = ?, updated = ? WHERE id = ?", (mid, now, conv_id))
         if title_auto and role == "user" and content.strip():
             first_user = self.db.execute(
@@ -294,11 +289,9 @@ class Store:
             if not self.db.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone():
                 now = time.time()
                 c = x["create"] or {}
-                self.db.execute(
-                    "INSERT INTO conversations (id, title, title_auto, model, fingerprint, system, params, created, "
-                    "updated) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)",
-                    (cid, "New chat", c.get("model") or "", c.get("fingerprint") or "", c.get("system"),
-                     json.dumps(c.get("params") or {}), now, now))
+                insert_conversation(self.db, cid, title="New chat", title_auto=True, model=c.get("model"),
+                                    fingerprint=c.get("fingerprint"), system=c.get("system"), params=c.get("params"),
+                                    created=now, updated=now)
 
             def sibling_parent(of):
                 row = self.db.execute("SELECT parent_id FROM messages WHERE id = ? AND conversation_id = ?",

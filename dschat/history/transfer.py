@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from dschat.files import UnreadableFile, read_regular
-from dschat.history.records import StoreError, iso, pack_ids
+from dschat.history.records import StoreError, insert_conversation, insert_message, iso
 
 EXPORT_VERSION = 1
 
@@ -143,21 +143,17 @@ def import_json(store, data: dict) -> str:
     now = time.time()
     with store.transaction():
         cid = store.new_id("conversations")
-        store.db.execute(
-            "INSERT INTO conversations (id, title, title_auto, model, fingerprint, system, params, created, "
-            "updated) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?)",
-            (cid, data["title"] if isinstance(data.get("title"), str) else "Imported chat", data.get("model") or "",
-             data.get("fingerprint") or "", data.get("system"), json.dumps(data.get("params") or {}), float(data.get("created") or now),
-             float(data.get("updated") or now)))
+        insert_conversation(store.db, cid, title=data["title"] if isinstance(data.get("title"), str) else "Imported chat",
+                            title_auto=False, model=data.get("model"), fingerprint=data.get("fingerprint"),
+                            system=data.get("system"), params=data.get("params"),
+                            created=float(data.get("created") or now), updated=float(data.get("updated") or now))
         parent = None
         for m in msgs:
             mid = store.new_id("messages")
-            store.db.execute(
-                "INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
-                "generated_tokens, timings, created, interrupted, reasoning) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mid, cid, parent, m["role"], m["content"], pack_ids(m.get("token_ids")), m.get("prompt_tokens"),
-                 m.get("generated_tokens"), json.dumps(m.get("timings") or {}),
-                 float(m.get("created") or now), int(bool(m.get("interrupted"))), m.get("reasoning") or ""))
+            insert_message(store.db, mid, cid, parent, m["role"], m["content"], token_ids=m.get("token_ids"),
+                           prompt_tokens=m.get("prompt_tokens"), generated_tokens=m.get("generated_tokens"),
+                           timings=m.get("timings"), created=float(m.get("created") or now),
+                           interrupted=bool(m.get("interrupted")), reasoning=m.get("reasoning") or "")
             parent = mid
         store.db.execute("UPDATE conversations SET head = ? WHERE id = ?", (parent, cid))
     return cid
