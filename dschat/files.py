@@ -150,6 +150,15 @@ def write_output(path: str | os.PathLike, text: str, new_mode: int | None = None
     raise WriteError(f"{path}: {kind}; not written (name a file, a FIFO or a terminal)")
 
 
+PRIVATE = 0o600  # the history's mode (history/store.py): a conversation written out is as private
+
+
+def write_conversation(path: str | os.PathLike, text: str):
+    """An exported conversation into the file the user named (`export -o`, line mode's /save, the TUI's
+    export): as write_output, a new file made private (0600) as the history is; a file there keeps its mode."""
+    write_output(path, text, new_mode=PRIVATE)
+
+
 def rewritable(path: Path) -> Path:
     """The file that rewriting `path` in place must replace (a symlink's target), checked before any work:
     a regular file with write permission (its mode bits, even for root, as editors do), owned by us unless

@@ -12,7 +12,7 @@ import stat
 import threading
 
 import pexpect
-from helpers import PROMPT, answer, assert_clean_error, ask, call, make_app, ready, send, spawn
+from helpers import PROMPT, answer, assert_clean_error, ask, call, make_app, ready, run, send, spawn
 
 from dschat.history.store import Store
 
@@ -38,6 +38,25 @@ def test_export_writes_through_a_symlink(tmp_path):
     (tmp_path / "dangling.json").symlink_to("new.json")  # a link to a file not there yet: the file is made
     assert call(["export", cid, "-o", str(tmp_path / "dangling.json")]).returncode == 0
     assert (tmp_path / "dangling.json").is_symlink() and "hi there" in (tmp_path / "new.json").read_text()
+
+
+def test_export_makes_private_files_as_the_history_is(tmp_path):
+    """`dschat export -o FILE` made FILE 0644 (the umask's) while the history is 0600 and the TUI's export
+    0600: every export writes a new file private; a file already there keeps its mode."""
+    cid = saved_conversation()
+    old = os.umask(0o022)
+    try:
+        for fmt in ("json", "md"):
+            r = run(["export", cid, "--format", fmt, "-o", str(tmp_path / f"new.{fmt}")])
+            assert r.returncode == 0, r.stderr
+            assert stat.S_IMODE((tmp_path / f"new.{fmt}").stat().st_mode) == 0o600
+        assert "hi there" in (tmp_path / "new.md").read_text()
+        (tmp_path / "shared.md").write_text("old")
+        os.chmod(tmp_path / "shared.md", 0o644)
+        assert run(["export", cid, "--format", "md", "-o", str(tmp_path / "shared.md")]).returncode == 0
+        assert stat.S_IMODE((tmp_path / "shared.md").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
 
 
 def test_export_streams_to_a_fifo(tmp_path):
@@ -84,9 +103,11 @@ def test_line_mode_save_writes_through_a_symlink(chat_models, tmp_path):
     p = spawn("--plain", "--model", str(chat_models["v3"]), "--conversation", cid, "-t", "0", "-n", "2")
     p.expect_exact(PROMPT)
     out = ask(p, f"/save {tmp_path / 'link.json'}")
+    assert "saved to" in out, out
+    assert "saved to" in ask(p, f"/save {tmp_path / 'new.json'}")
     p.sendline("/exit")
     p.expect(pexpect.EOF)
-    assert "saved to" in out, out
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o600  # private, as the history is
     assert (tmp_path / "link.json").is_symlink()
     assert "hi there" in (tmp_path / "real.json").read_text()
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from dschat.errors import UsageError
-from dschat.files import write_output
+from dschat.files import write_conversation
 from dschat.cli.flags import command_parser
 from dschat.history.store import Store
 from dschat.history.transfer import read_json_file
@@ -60,13 +60,14 @@ def cmd_export(argv) -> int:
     p.add_argument("id", metavar="ID", help="conversation id (a unique prefix will do)")
     p.add_argument("--format", choices=["json", "md"], default="json")
     p.add_argument("-o", "--output", metavar="FILE",
-                   help="write to FILE instead of stdout (a file is replaced atomically, through a symlink its "
-                        "target; a FIFO or a terminal gets it streamed)")
+                   help="write to FILE instead of stdout (a new file is private, 0600, as the history is; a file "
+                        "there is replaced atomically, keeping its mode, through a symlink its target; a FIFO or a "
+                        "terminal gets it streamed)")
     args = p.parse_args(argv)
     with Store() as store:
         text = store.export_text(store.resolve_id(args.id), args.format)
     if args.output:
-        write_output(args.output, text)
+        write_conversation(args.output, text)
     else:  # on a terminal, without its escape sequences
         sys.stdout.write(for_output(text, sys.stdout))
     return 0

@@ -18,7 +18,7 @@ from prompt_toolkit.utils import get_cwidth
 from dschat.conversation.attachments import AttachmentError, read_all, with_files
 from dschat.conversation.chat import Turn
 from dschat.errors import error_text
-from dschat.files import write_output
+from dschat.files import write_conversation
 from dschat.terminal.highlight import ansi, colour_terminal, lexer_for, terminal_formatter
 from dschat.settings.paths import private_dir, private_file
 from dschat.runtime import Options, print_stats, session_settings, stats_json
@@ -367,7 +367,7 @@ def save_to(path: str, session: ChatSession):
         return
     try:
         text = session.store.export_text(conv_id)
-        write_output(path, text)
+        write_conversation(path, text)
     except (OSError, StoreError) as e:  # a bad path is reported; the chat goes on
         say(f"(not saved: {error_text(e)})", sys.stdout)
         return

@@ -22,7 +22,7 @@ from textual.widgets import Footer, Header
 
 from dschat.conversation.chat import Turn
 from dschat.errors import error_text
-from dschat.files import write_output
+from dschat.files import write_conversation
 from dschat.history.store import Store, StoreError
 from dschat.terminal.text import terminal_safe
 from dschat.tui.ask_screen import AskScreen, ConfirmScreen
@@ -381,7 +381,7 @@ class ChatScreen(Screen):
             if text:
                 path = Path(where).expanduser()
                 try:  # private, as the history is (a file already there keeps its mode)
-                    write_output(path, text, new_mode=0o600)
+                    write_conversation(path, text)
                 except OSError as e:  # a notice; the app goes on
                     app.notify(f"not exported: {error_text(e)}", severity="error")
                     return
