@@ -38,10 +38,11 @@ def wait_for(sock, pred, timeout=90):
     raise AssertionError("timed out; the screen shows:\n" + screen(sock))
 
 
-def start(sock, status: Path, *args):
+def start(sock, status: Path, *args, env: dict | None = None):
     """dschat in a new tmux session; its exit status is written to `status`, and the pane stays (to read the
-    terminal's modes after it)."""
-    env = [f"-e{k}={os.environ[k]}" for k in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")]
+    terminal's modes after it). `env`: more variables for it."""
+    env = [f"-e{k}={v}" for k, v in {**{k: os.environ[k] for k in ("XDG_DATA_HOME", "XDG_CONFIG_HOME",
+                                                                    "XDG_CACHE_HOME")}, **(env or {})}.items()]
     cmd = " ".join(dschat_cmd() + list(args))
     tmux(sock, "new-session", "-d", "-s", "dschat", "-x", "140", "-y", "32", *env,
          f"TERM=xterm-256color {cmd}; echo $? > {status}; exec sleep 600")
@@ -179,3 +180,28 @@ def test_the_tui_shows_model_output_and_stored_text_without_escape_sequences(cha
         finally:
             tmux(sock, "kill-server", check=False)
     assert Store().latest().messages[-1].content == answer  # saved as generated
+
+
+def test_ctrl_g_composes_the_message_in_the_editor(chat_models, tmp_path):
+    """Ctrl+G hands the terminal to $EDITOR (here a script that rewrites the file it is given, and notes what it
+    saw) on a temporary file seeded with the input; what it leaves comes back into the input, and Enter sends it."""
+    seen = tmp_path / "seen"
+    editor = tmp_path / "editor.sh"
+    editor.write_text(f"#!/bin/sh\ncp \"$1\" {seen}\nprintf 'edited line one\\n  indented two\\n' > \"$1\"\n")
+    editor.chmod(0o755)
+    sock, status = f"dschat-test-{os.getpid()}-editor", tmp_path / "status"
+    start(sock, status, "--model", str(chat_models["v3"]), "-t", "0", "-n", "4", env={"EDITOR": str(editor),
+                                                                                      "VISUAL": ""})
+    try:
+        wait_for(sock, lambda s: "ready" in s)
+        tmux(sock, "send-keys", "-t", "dschat", "-l", "my draft")
+        tmux(sock, "send-keys", "-t", "dschat", "C-g")
+        wait_for(sock, lambda s: "indented two" in s)
+        assert seen.read_text() == "my draft"  # the editor got the input
+        tmux(sock, "send-keys", "-t", "dschat", "Enter")
+        wait_for(sock, lambda s: "Assistant" in s and "tok/s" in s)
+        tmux(sock, "send-keys", "-t", "dschat", "C-q")
+        assert exit_status(status) == "0"
+    finally:
+        tmux(sock, "kill-server", check=False)
+    assert Store().latest().messages[0].content == "edited line one\n  indented two"

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from textual import on, work
-from textual.app import ComposeResult
+from textual.app import ComposeResult, SuspendNotSupported
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
@@ -28,6 +28,7 @@ from dschat.terminal.text import terminal_safe
 from dschat.tui.ask_screen import AskScreen, ConfirmScreen
 from dschat.tui.chat_view import ChatView
 from dschat.tui.conversation_list import ConversationList
+from dschat.tui.editor import EditorError, compose
 from dschat.tui.message_view import MessageView
 from dschat.tui.prompt_area import PromptArea
 from dschat.tui.status_bar import StatusBar
@@ -46,6 +47,8 @@ class ChatScreen(Screen):
         Binding("ctrl+o", "copy_reply", "Copy reply", id="copy_reply"),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", id="toggle_sidebar"),
         Binding("f1", "app.help", "Help", id="help"),
+        # in F1's list and the palette, not the footer
+        Binding("ctrl+g", "compose_in_editor", "Write the message in $EDITOR", id="compose_in_editor", show=False),
     ]
     # The command palette's entries (ChatApp.get_system_commands): title, help, this screen's action.
     COMMANDS_LIST = (
@@ -54,6 +57,7 @@ class ChatScreen(Screen):
         ("Edit last prompt", "Put the last prompt back in the input to edit and resend", "edit_last"),
         ("Copy reply", "Copy the last reply to the clipboard", "copy_reply"),
         ("Copy code block", "Copy the last code block of the last reply", "copy_code"),
+        ("Write in $EDITOR", "Compose the message in $VISUAL or $EDITOR (Ctrl+G)", "compose_in_editor"),
         ("System prompt", "Set the system prompt", "set_system"),
         ("Rename conversation", "Give this conversation a title", "rename"),
         ("Delete conversation", "Delete this conversation from the history", "delete"),
@@ -314,6 +318,23 @@ class ChatScreen(Screen):
             return
         self.app.copy_to_clipboard(blocks[-1])
         self.app.notify("code block copied")
+
+    def action_compose_in_editor(self):
+        """The input in $VISUAL or $EDITOR, the app suspended meanwhile; what the editor leaves comes back into
+        the input (not sent: Enter sends it)."""
+        app, prompt = self.app, self.prompt
+        try:
+            with app.suspend():
+                text = compose(prompt.text)
+        except SuspendNotSupported:
+            app.notify("this terminal cannot hand the screen to an editor", severity="warning")
+            return
+        except EditorError as e:
+            app.notify(str(e), severity="error")
+            return
+        prompt.text = text
+        prompt.move_cursor(prompt.document.end)
+        prompt.focus()
 
     def action_toggle_sidebar(self):
         self.query_one(ConversationList).toggle_class("hidden")
