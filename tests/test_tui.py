@@ -125,6 +125,40 @@ async def test_copy_a_code_block(chat_models):
         assert app.clipboard == "print('hi')\n"
 
 
+async def test_copy_a_chosen_code_block(chat_models):
+    from textual.widgets import OptionList
+
+    from dschat.tui.pick_screen import PickScreen
+
+    app = make_app(chat_models["v3"])
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        view = app.query_one("#conversation")
+        await view.mount(MessageView("assistant", "One:\n\n```python\nfirst = 1\n```\n\nTwo:\n\n```sh\nls -l\nwc\n```"))
+        await view.mount(MessageView("user", "```not = 'a reply'\n```"))
+        await view.mount(MessageView("assistant", "```\nthird()\n```"))
+        app.query_one(PromptArea).focus()
+        await pilot.press("ctrl+l")
+        await until(pilot, lambda: isinstance(app.screen, PickScreen))
+        options = app.screen.query_one(OptionList)
+        shown = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+        assert shown == [" 1  python: first = 1  (1 line)", " 2  sh: ls -l  (2 lines)", " 3  code: third()  (1 line)"]
+        assert options.highlighted == 2  # the last one
+        await pilot.press("2")  # its number picks it
+        await until(pilot, lambda: not isinstance(app.screen, PickScreen))
+        assert app.clipboard == "ls -l\nwc\n"
+        await pilot.press("ctrl+l")
+        await until(pilot, lambda: isinstance(app.screen, PickScreen))
+        await pilot.press("up", "up", "enter")
+        await until(pilot, lambda: not isinstance(app.screen, PickScreen))
+        assert app.clipboard == "first = 1\n"
+        await pilot.press("ctrl+l")
+        await until(pilot, lambda: isinstance(app.screen, PickScreen))
+        await pilot.press("escape")  # none
+        await until(pilot, lambda: not isinstance(app.screen, PickScreen))
+        assert app.clipboard == "first = 1\n"
+
+
 async def test_switching_theme_is_remembered(chat_models):
     app = make_app(chat_models["v3"])
     async with app.run_test(size=(100, 30)) as pilot:

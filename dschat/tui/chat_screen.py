@@ -30,10 +30,11 @@ from dschat.tui.chat_view import ChatView
 from dschat.tui.conversation_list import ConversationList
 from dschat.tui.editor import EditorError, compose
 from dschat.tui.message_view import MessageView
+from dschat.tui.pick_screen import PickScreen
 from dschat.tui.prompt_area import PromptArea
 from dschat.tui.status_bar import StatusBar
 
-CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+CODE_BLOCK = re.compile(r"```([^\n]*)\n(.*?)```", re.S)  # a fence's language, and its code
 LAST = object()  # update_status: the last reply's figures
 
 
@@ -49,6 +50,7 @@ class ChatScreen(Screen):
         Binding("f1", "app.help", "Help", id="help"),
         # in F1's list and the palette, not the footer
         Binding("ctrl+g", "compose_in_editor", "Write the message in $EDITOR", id="compose_in_editor", show=False),
+        Binding("ctrl+l", "pick_code", "Copy a code block (pick one)", id="pick_code", show=False),
     ]
     # The command palette's entries (ChatApp.get_system_commands): title, help, this screen's action.
     COMMANDS_LIST = (
@@ -57,6 +59,7 @@ class ChatScreen(Screen):
         ("Edit last prompt", "Put the last prompt back in the input to edit and resend", "edit_last"),
         ("Copy reply", "Copy the last reply to the clipboard", "copy_reply"),
         ("Copy code block", "Copy the last code block of the last reply", "copy_code"),
+        ("Copy a chosen code block", "Pick any code block of the conversation to copy (Ctrl+L)", "pick_code"),
         ("Write in $EDITOR", "Compose the message in $VISUAL or $EDITOR (Ctrl+G)", "compose_in_editor"),
         ("System prompt", "Set the system prompt", "set_system"),
         ("Rename conversation", "Give this conversation a title", "rename"),
@@ -316,8 +319,29 @@ class ChatScreen(Screen):
         if not blocks:
             self.app.notify("the last reply has no code block", severity="warning")
             return
-        self.app.copy_to_clipboard(blocks[-1])
+        self.app.copy_to_clipboard(blocks[-1][1])
         self.app.notify("code block copied")
+
+    def action_pick_code(self):
+        """Every code block of the replies shown, numbered in a list (the last one highlighted): the one picked
+        is copied, as Copy code block copies the last."""
+        blocks = [b for v in self.chat_view.messages if v.role == "assistant" for b in CODE_BLOCK.findall(v.text)]
+        if not blocks:
+            self.app.notify("no reply here has a code block", severity="warning")
+            return
+
+        def item(lang: str, code: str) -> str:
+            first = next((line.strip() for line in code.splitlines() if line.strip()), "")
+            first = first if len(first) <= 50 else first[:49] + "…"
+            lines = len(code.splitlines())
+            return f"{lang.strip() or 'code'}: {first}  ({lines} line{'s' if lines != 1 else ''})"
+
+        def done(i: int | None):
+            if i is not None:
+                self.app.copy_to_clipboard(blocks[i][1])
+                self.app.notify(f"code block {i + 1} copied")
+
+        self.app.push_screen(PickScreen("Copy which code block?", [item(*b) for b in blocks]), done)
 
     def action_compose_in_editor(self):
         """The input in $VISUAL or $EDITOR, the app suspended meanwhile; what the editor leaves comes back into
