@@ -25,7 +25,8 @@ def chat(*roles, **extra):
     ({"messages": [{"role": "user", "content": "x", "created": True}]}, 'message 1: "created" must be a time'),
     (chat("assistant", "user"), 'message 1: "role" is assistant where user comes'),
     (chat("user", "user"), 'message 2: "role" is user where assistant comes'),
-    (chat("system", "user", "assistant", "system"), 'message 4: "role" is system where user comes'),
+    # (a system message anywhere else is the system prompt changed there: `/system` mid-chat)
+    (chat("system", "assistant", "user"), 'message 2: "role" is assistant where user comes'),
     ({"messages": [{"role": "user", "content": "x" * (MAX_IMPORT_CHARS + 1)}]}, "characters, more than any model"),
     # issue 27 item 21: wrong-typed numbers were SQLite's errors ("Python int too large to convert to SQLite
     # INTEGER", "Error binding parameter 7"), and a title of any size was stored

@@ -16,7 +16,7 @@ from dschat.errors import UsageError
 from dschat.conversation.session import ChatSession, Sampling
 from dschat.settings.checks import problem
 from dschat.history.store import Store, StoreError
-from dschat.history.transfer import names_a_file, read_json_file, validate_export
+from dschat.history.transfer import names_a_file, read_json_file, system_changes, validate_export
 from dschat.terminal.text import SafeStream, terminal_safe
 
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "max_tokens")
@@ -93,12 +93,16 @@ def load_source(source: str) -> dict:
 def replay(engine, data: dict, opts: Options, compare_answers: bool, flags: frozenset = frozenset()) -> int:
     same_weights = data.get("fingerprint") == engine.fingerprint
     session = ChatSession(engine, replace(session_settings(opts), no_save=True, continue_latest=False, conversation=None))
-    chat = session.chat = Chat(engine.tokenizer, system=data.get("system"))
+    start, _ = system_changes(data)
+    chat = session.chat = Chat(engine.tokenizer, system=start)
     base = session.sampling  # the flags' and the conversation's settings (greedy to compare, unless a flag says)
     out = sys.stdout
     differ = 0
     exchanges = pairs(data.get("messages", []))
-    for n, (user, saved) in enumerate(exchanges, start=1):
+    for n, (user, saved, system) in enumerate(exchanges, start=1):
+        if system is not None and system != (chat.system or ""):  # `/system` was set here (export places it)
+            chat.set_system(system)
+            out.write(f"── system prompt changed ──\n{terminal_safe(system.rstrip(), body=True) or '(none)'}\n")
         exact = compare_answers and same_weights and ids_spell(engine.tokenizer, user, n)
         # exactly the prompt that ran before, or the prompt this model renders
         turn = Turn(user["content"], "", list(user["token_ids"]), True) if exact else chat.turn(user["content"])
@@ -163,11 +167,19 @@ def describe(s: Sampling) -> str:
     return f"temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, seed {s.seed}"
 
 
-def pairs(messages: list[dict]) -> list[tuple[dict, dict | None]]:
-    """Each user message with the answer saved after it (None where there is none)."""
-    msgs = [m for m in messages if m.get("role") in ("user", "assistant")]
-    return [(m, msgs[i + 1] if i + 1 < len(msgs) and msgs[i + 1]["role"] == "assistant" else None)
-            for i, m in enumerate(msgs) if m["role"] == "user"]
+def pairs(messages: list[dict]) -> list[tuple[dict, dict | None, str | None]]:
+    """Each user message with the answer saved after it (None where there is none) and the system prompt that
+    answer ran under where the messages say so (a system message before it: "" for none; else None)."""
+    out, system = [], None
+    for m in messages:
+        role = m.get("role")
+        if role == "system":
+            system = m["content"]
+        elif role == "user":
+            out.append([m, None, system])
+        elif role == "assistant" and out and out[-1][1] is None:
+            out[-1][1:] = [m, system]
+    return [tuple(p) for p in out]
 
 
 def ids_spell(tok, message: dict, turn_no: int) -> bool:

@@ -289,7 +289,7 @@ class ChatSession:
     def set_system(self, text: str | None):
         self.chat.set_system(text)
         if self.conversation_id:
-            self.store.set_system(self.conversation_id, text or None)
+            self.store.set_system(self.conversation_id, self.chat.system)  # None for none, as the chat has it
 
     # -- a reply ----------------------------------------------------------------------------------------------------
     @property
@@ -380,9 +380,11 @@ class ChatSession:
                 system=self.chat.system, params=dict(self.settings.saved_params)),
             "answer_of": answer_of, "pending_edit": self.pending_edit,
             "ids": {"user": self.saved_ids[0] if answer_of else new_id(), "reply": new_id()},
-            "user": dict(content=turn.user, token_ids=turn.prompt_ids, prompt_tokens=len(turn.prompt_ids)),
+            "user": dict(content=turn.user, token_ids=turn.prompt_ids, prompt_tokens=len(turn.prompt_ids),
+                         system=self.chat.system or ""),  # the system prompt it ran under (export places changes)
             "reply": dict(content=turn.content, token_ids=turn.output_ids, generated_tokens=len(turn.output_ids),
-                          interrupted=turn.interrupted, timings=turn.stats or {}, reasoning=turn.reasoning),
+                          interrupted=turn.interrupted, timings=turn.stats or {}, reasoning=turn.reasoning,
+                          system=self.chat.system or ""),
         }
 
 

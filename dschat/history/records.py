@@ -35,6 +35,7 @@ class Message:
     created: float = 0.0
     interrupted: bool = False
     reasoning: str = ""  # a reasoning model's thinking (its content holds the whole reply)
+    system: str | None = None  # the system prompt it was written under ('' none; None: not recorded)
 
 
 @dataclass
@@ -80,9 +81,28 @@ def insert_conversation(db, cid: str, *, title: str, title_auto: bool, model: st
 
 def insert_message(db, mid: str, conv_id: str, parent_id: str | None, role: str, content: str, *, token_ids=None,
                    prompt_tokens=None, generated_tokens=None, timings=None, created: float,
-                   interrupted: bool = False, reasoning: str = ""):
-    """One messages row (the store's writes and import share it)."""
+                   interrupted: bool = False, reasoning: str = "", system: str | None = None):
+    """One messages row (the store's writes and import share it). `system`: the system prompt in force ('' for
+    none; None: not recorded)."""
     db.execute("INSERT INTO messages (id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, "
-               "generated_tokens, timings, created, interrupted, reasoning) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               "generated_tokens, timings, created, interrupted, reasoning, system) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                (mid, conv_id, parent_id, role, content, pack_ids(token_ids), prompt_tokens, generated_tokens,
-                json.dumps(timings or {}), created, int(bool(interrupted)), reasoning or ""))
+                json.dumps(timings or {}), created, int(bool(interrupted)), reasoning or "", system))
+
+
+def system_timeline(conv: Conversation) -> list[tuple[int, str]]:
+    """Where the system prompt changed along `conv`'s branch: (index, new prompt, '' for none) pairs, index 0
+    the one it began with, len(messages) a change made after the last message (the conversation's `system`,
+    which the next turn uses). Empty where it never changed (or nothing was recorded): `conv.system` applies
+    from the start."""
+    recorded = [m.system for m in conv.messages]
+    known = [s for s in recorded if s is not None]
+    if not known:
+        return []
+    now, changes = known[0], [(0, known[0])]
+    for i, s in enumerate(recorded + [conv.system or ""]):
+        if s is not None and s != now:
+            now = s
+            changes.append((i, s))
+    return changes if len(changes) > 1 else []

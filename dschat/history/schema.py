@@ -66,6 +66,15 @@ def m002_reasoning_apart(db: sqlite3.Connection):
     which the model's template reads on the next turn)."""
     db.execute("ALTER TABLE messages ADD COLUMN reasoning TEXT NOT NULL DEFAULT ''")
 
+
+@migration
+def m003_system_prompt_per_message(db: sqlite3.Connection):
+    """The system prompt each message was written under ('' for none; NULL where not recorded, rows written
+    before: the conversation's), so that export and replay place a `/system` set mid-chat where it happened
+    (the conversation's `system` is the one the next turn uses)."""
+    db.execute("ALTER TABLE messages ADD COLUMN system TEXT")
+
+
 def known() -> int:
     """How many migrations this dschat knows: the user_version of a history it has brought up to date."""
     return len(MIGRATIONS)

@@ -246,15 +246,16 @@ class Store:
 
     def add_message(self, conv_id: str, role: str, content: str, *, parent_id: str | None = None,
                     token_ids=None, prompt_tokens=None, generated_tokens=None, timings=None,
-                    interrupted: bool = False, reasoning: str = "", _use_head: bool = True) -> str:
+                    interrupted: bool = False, reasoning: str = "", system: str | None = None,
+                    _use_head: bool = True) -> str:
         with self.transaction():
             return self._add(conv_id, role, content, parent_id=parent_id, token_ids=token_ids,
                              prompt_tokens=prompt_tokens, generated_tokens=generated_tokens, timings=timings,
-                             interrupted=interrupted, reasoning=reasoning, _use_head=_use_head)
+                             interrupted=interrupted, reasoning=reasoning, system=system, _use_head=_use_head)
 
     def _add(self, conv_id: str, role: str, content: str, *, parent_id: str | None = None, token_ids=None,
              prompt_tokens=None, generated_tokens=None, timings=None, interrupted: bool = False,
-             reasoning: str = "", _use_head: bool = True, mid: str | None = None) -> str:
+             reasoning: str = "", system: str | None = None, _use_head: bool = True, mid: str | None = None) -> str:
         """add_message inside a transaction; `mid` a message id chosen before (a pending turn's)."""
         if role not in ("system", "user", "assistant"):
             raise StoreError(f"unknown message role {role!r}")
@@ -268,7 +269,7 @@ class Store:
         mid = mid or self.new_id("messages")
         insert_message(self.db, mid, conv_id, parent_id, role, content, token_ids=token_ids,
                        prompt_tokens=prompt_tokens, generated_tokens=generated_tokens, timings=timings, created=now,
-                       interrupted=interrupted, reasoning=reasoning)
+                       interrupted=interrupted, reasoning=reasoning, system=system)
         self.db.execute("UPDATE conversations SET head = ?, updated = ? WHERE id = ?", (mid, now, conv_id))
         if title_auto and role == "user" and content.strip():
             first_user = self.db.execute(
@@ -368,9 +369,10 @@ class Store:
     def _messages(self, conv_id: str) -> list[Message]:
         rows = self.db.execute(
             "SELECT id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, generated_tokens, "
-            "timings, created, interrupted, reasoning FROM messages WHERE conversation_id = ? ORDER BY rowid", (conv_id,))
+            "timings, created, interrupted, reasoning, system FROM messages WHERE conversation_id = ? ORDER BY rowid",
+            (conv_id,))
         return [Message(r[0], r[1], r[2], r[3], r[4], unpack_ids(r[5]), r[6], r[7], json.loads(r[8] or "{}"), r[9],
-                        bool(r[10]), r[11] or "") for r in rows]
+                        bool(r[10]), r[11] or "", r[12]) for r in rows]
 
     def latest(self) -> Conversation | None:
         row = self.db.execute("SELECT id FROM conversations ORDER BY updated DESC LIMIT 1").fetchone()

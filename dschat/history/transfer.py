@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from dschat.files import UnreadableFile, read_regular
-from dschat.history.records import StoreError, insert_conversation, insert_message, iso
+from dschat.history.records import StoreError, insert_conversation, insert_message, iso, system_timeline
 
 EXPORT_VERSION = 1
 
@@ -61,11 +61,12 @@ def _check_time(value, field: str):
 
 
 def _check_order(msgs: list[dict]):
-    """System messages first, then user and assistant turns taking turns, a user message first."""
+    """User and assistant turns taking turns, a user message first; system messages anywhere (one after the
+    first turn is the system prompt changed there: `/system` mid-chat)."""
     expected = "user"
     for i, m in enumerate(msgs):
         role = m["role"]
-        if role == "system" and all(p["role"] == "system" for p in msgs[:i]):
+        if role == "system":
             continue
         if role != expected:
             raise StoreError(f'message {i + 1}: "role" is {role} where {expected} comes (system messages first, '
@@ -124,17 +125,36 @@ def validate_export(data) -> list[dict]:
 
 # -- export and import ---------------------------------------------------------------------------------------------
 def export_json(store, conv_id: str) -> dict:
-    """A saved conversation's active branch as an export (`dschat export`, import, replay)."""
+    """A saved conversation's active branch as an export (`dschat export`, import, replay). "system" is the
+    system prompt the next turn uses; where it was changed mid-chat, "messages" say where: a system message
+    first (the prompt it began with, "" for none) and one at each change (see `system_changes`)."""
     c = store.get(conv_id)
+    changes = dict(system_timeline(c))
+    messages = []
+    for i, m in enumerate(c.messages + [None]):
+        if i in changes:
+            messages.append({"role": "system", "content": changes[i],
+                             "created": m.created if m is not None else c.updated})
+        if m is not None:
+            messages.append({"role": m.role, "content": m.content, "token_ids": m.token_ids,
+                             "prompt_tokens": m.prompt_tokens, "generated_tokens": m.generated_tokens,
+                             "timings": m.timings, "interrupted": m.interrupted, "created": m.created,
+                             **({"reasoning": m.reasoning} if m.reasoning else {})})
     return {
         "version": EXPORT_VERSION, "id": c.id, "title": c.title, "model": c.model, "fingerprint": c.fingerprint,
-        "system": c.system, "params": c.params, "created": c.created, "updated": c.updated,
-        "messages": [{"role": m.role, "content": m.content, "token_ids": m.token_ids,
-                      "prompt_tokens": m.prompt_tokens, "generated_tokens": m.generated_tokens,
-                      "timings": m.timings, "interrupted": m.interrupted, "created": m.created,
-                      **({"reasoning": m.reasoning} if m.reasoning else {})}
-                     for m in c.messages],
+        "system": c.system, "params": c.params, "created": c.created, "updated": c.updated, "messages": messages,
     }
+
+
+def system_changes(data: dict) -> tuple[str | None, bool]:
+    """An export's system prompt at its start, and whether its messages say where it changed: with system
+    messages among them, each applies to the messages after it ("" for none) and a first one gives the start;
+    without (older exports, a prompt never changed) "system" applies from the start."""
+    msgs = data.get("messages") or []
+    if not any(m.get("role") == "system" for m in msgs):
+        return data.get("system") or None, False
+    return (msgs[0]["content"] if msgs[0].get("role") == "system" else data.get("system")) or None, True
+
 
 def import_json(store, data: dict) -> str:
     """An export added to the history as a new conversation (checked first: StoreError naming the first bad
@@ -148,12 +168,18 @@ def import_json(store, data: dict) -> str:
                             system=data.get("system"), params=data.get("params"),
                             created=float(data.get("created") or now), updated=float(data.get("updated") or now))
         parent = None
+        start, changed = system_changes(data)
+        system = start or ""  # in force, where the export says where it changed (else not recorded: None)
         for m in msgs:
+            if changed and m["role"] == "system":  # a change of the system prompt: the messages after it ran under it
+                system = m["content"]
+                continue
             mid = store.new_id("messages")
             insert_message(store.db, mid, cid, parent, m["role"], m["content"], token_ids=m.get("token_ids"),
                            prompt_tokens=m.get("prompt_tokens"), generated_tokens=m.get("generated_tokens"),
                            timings=m.get("timings"), created=float(m.get("created") or now),
-                           interrupted=bool(m.get("interrupted")), reasoning=m.get("reasoning") or "")
+                           interrupted=bool(m.get("interrupted")), reasoning=m.get("reasoning") or "",
+                           system=system if changed else None)
             parent = mid
         store.db.execute("UPDATE conversations SET head = ? WHERE id = ?", (parent, cid))
     return cid
@@ -174,9 +200,16 @@ def export_markdown(store, conv_id: str) -> str:
     c = store.get(conv_id)
     lines = [f"# {c.title}", "", f"- model: `{c.model}`", f"- created: {iso(c.created)}",
              f"- updated: {iso(c.updated)}", f"- id: `{c.id}`", ""]
-    if c.system:
-        lines += ["## System", "", c.system, ""]
-    for m in c.messages:
+    changes = dict(system_timeline(c)) or {0: c.system or ""}
+    for i, m in enumerate(c.messages + [None]):
+        if i in changes:  # the system prompt it began with, then each change where it happened (/system mid-chat)
+            if i == 0:
+                lines += ["## System", "", changes[i], ""] if changes[i] else []
+            else:
+                lines += [f"## System prompt changed ({iso(m.created if m else c.updated)})", "",
+                          changes[i] or "(removed: no system prompt from here on)", ""]
+        if m is None:
+            break
         heading = {"user": "User", "assistant": "Assistant", "system": "System"}[m.role]
         lines += [f"## {heading}" + (" (interrupted)" if m.interrupted else ""), ""]
         if m.reasoning:  # the thinking, marked as such, then the answer
