@@ -80,3 +80,55 @@ def test_line_mode_add_shows_the_files_and_their_tokens_and_sends_them(chat_mode
     p.expect(pexpect.EOF)
     first = Store().latest().messages[0].content
     assert first.startswith(f"what does it do?\n\n{f}:\n```py\nx = 1\n```")
+
+
+async def test_tui_add_shows_the_files_and_their_tokens_and_sends_them_read_then(chat_models, tmp_path, monkeypatch):
+    from helpers import make_app, ready, send, until
+
+    from dschat.tui.prompt_area import PromptArea
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "x.bin").write_bytes(b"ab\0cd")
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "notes.txt").write_text("hello\n")
+    (tmp_path / "proj" / "build.log").write_text("noise\n")
+    (tmp_path / "proj" / ".gitignore").write_text("*.log\n")
+    app = make_app(chat_models["v3"], "-n", "3")
+    notices = lambda: [n.message for n in app._notifications]  # noqa: E731
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        prompt = app.query_one(PromptArea)
+
+        async def typed(text):
+            prompt.text = text
+            prompt.focus()
+            await pilot.press("enter")
+            await pilot.pause(0.1)
+
+        await typed("/add a.py")
+        tok = app.engine.tokenizer
+        tokens = len(tok.encode_plain(read_all(["a.py"])[0].block()))
+        assert prompt.text == "" and prompt.border_subtitle == f"attached a.py: {tokens:,} tokens · /drop takes them back"
+        await typed("/add x.bin")  # refused with one line; what is attached stays
+        assert any("not attached: x.bin: a binary file" in n for n in notices())
+        assert prompt.border_subtitle.startswith("attached a.py:")
+        await typed("/add proj")  # a folder: its .gitignore respected
+        assert prompt.border_subtitle.startswith("attached a.py, proj/notes.txt: ")
+        (tmp_path / "a.py").write_text("x = 2\n")  # read when the message is sent
+        await send(pilot, app, "what do they do?")
+        assert prompt.border_subtitle == ""
+        first = Store().latest().messages[0].content
+        assert first == "what do they do?\n\na.py:\n```py\nx = 2\n```\n\nproj/notes.txt:\n```txt\nhello\n```"
+        await typed("/add a.py")
+        await typed("/drop")
+        assert prompt.border_subtitle == ""
+        await send(pilot, app, "plain")
+        assert Store().latest().messages[2].content == "plain"
+        # a file that grew past the limit after /add: not sent, the text kept
+        await typed("/add a.py")
+        (tmp_path / "a.py").write_bytes(b"a" * ((1 << 20) + 1))
+        done = app.turns_done
+        await typed("too big now")
+        await until(pilot, lambda: any(n.startswith("not sent: ") for n in notices()))
+        assert app.turns_done == done and prompt.text == "too big now" and len(Store().latest().messages) == 4

@@ -15,7 +15,7 @@ from contextlib import suppress
 
 from prompt_toolkit.utils import get_cwidth
 
-from dschat.conversation.attachments import AttachmentError, read_all, with_files
+from dschat.conversation.attachments import AttachmentError, describe, read_all, with_files
 from dschat.conversation.chat import Turn
 from dschat.errors import error_text
 from dschat.files import write_conversation
@@ -316,10 +316,7 @@ def add_files(session: ChatSession, paths: list[str], attached: list[str]):
         say(f"(not attached: {error_text(e)})", sys.stdout)
         return
     attached += [p for p in paths if p not in attached]
-    tok = session.engine.tokenizer
-    tokens = sum(len(tok.encode_plain(a.block())) for a in found)
-    names = ", ".join(a.name for a in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-    say(f"(attached {names}: {tokens:,} tokens; sent with your next message)", sys.stdout)
+    say(f"(attached {describe(found, session.engine.tokenizer)}; sent with your next message)", sys.stdout)
 
 
 def command(session: ChatSession, cmd: str, arg: str, attached: list[str] | None = None) -> Turn | None:

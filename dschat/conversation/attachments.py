@@ -143,6 +143,14 @@ def read_all(paths: list[str]) -> list[Attachment]:
     return out
 
 
+def describe(found: list[Attachment], tokenizer) -> str:
+    """What is attached, for the user: "a.py, b.py: 1,234 tokens" (five names at most), the tokens being what
+    the files' blocks add to the message (line mode's /add and the TUI's say it)."""
+    tokens = sum(len(tokenizer.encode_plain(a.block())) for a in found)
+    names = ", ".join(a.name for a in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return f"{names}: {tokens:,} tokens"
+
+
 def with_files(message: str, attachments: list[Attachment]) -> str:
     """The message, then each file's block."""
     blocks = "\n\n".join(a.block() for a in attachments)

@@ -20,6 +20,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 
+from dschat.conversation.attachments import AttachmentError, describe, read_all, with_files
 from dschat.conversation.chat import Turn
 from dschat.errors import error_text
 from dschat.files import write_conversation
@@ -82,6 +83,7 @@ class ChatScreen(Screen):
     def __init__(self):
         super().__init__()
         self.saving = False  # a turn is being saved in a worker thread: the history is the worker's meanwhile
+        self.attached: list[str] = []  # /add: files for the next message
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -144,6 +146,10 @@ class ChatScreen(Screen):
         if app.engine is None or app.chat is None or app.loading:
             app.notify("the model is still loading (or failed to load); your text is kept", severity="warning")
             return
+        words = event.text.split(maxsplit=1)
+        if words[0] in ("/add", "/drop"):  # files for the next message (as line mode's /add and /drop)
+            self.attach_command(words[0], words[1].strip() if len(words) > 1 else "")
+            return
         if self.saving:
             app.notify("the last turn is still being saved (the history is busy); your text is kept",
                        severity="warning")
@@ -152,15 +158,47 @@ class ChatScreen(Screen):
             app.notify("a reply is still streaming: Esc stops it", severity="warning")
             return
         prompt = self.prompt
+        text = event.text
+        if self.attached:  # the files are read now, as the message is sent
+            try:
+                text = with_files(text, read_all(self.attached))
+            except AttachmentError as e:
+                app.notify(f"not sent: {error_text(e)}; /drop takes the files back", severity="error")
+                return
         prompt.prompts.append(event.text)
         try:  # a saved conversation: held until the turn is saved (another dschat answering in it: a notice)
-            turn = self.session.turn(event.text, wait=False)
+            turn = self.session.turn(text, wait=False)
         except Exception as e:
             app.notify(error_text(e), severity="error")
             return
         prompt.text = ""
+        self.show_attached([])
         self.show_caught_up()
         self.run_turn(turn, user_view=True)
+
+    def attach_command(self, cmd: str, path: str):
+        """/add PATH: a file (or a folder's text files) for the next message, checked now and read again when
+        it is sent; /add alone says what is attached; /drop takes the files back."""
+        app, prompt = self.app, self.prompt
+        if cmd == "/drop":
+            self.show_attached([])
+            app.notify("no files attached")
+        elif not path:
+            app.notify(f"attached: {', '.join(self.attached)}" if self.attached else "nothing attached: /add PATH")
+        else:
+            try:
+                read_all([path])
+                found = read_all(self.attached + [path])
+            except AttachmentError as e:
+                app.notify(f"not attached: {error_text(e)}", severity="error")
+                return
+            self.show_attached(self.attached + [path], describe(found, app.engine.tokenizer))
+        prompt.text = ""
+
+    def show_attached(self, paths: list[str], what: str = ""):
+        """The files attached to the next message, shown under the input with their tokens until it is sent."""
+        self.attached = list(dict.fromkeys(paths))
+        self.prompt.border_subtitle = terminal_safe(f"attached {what} · /drop takes them back") if paths else ""
 
     def show_caught_up(self, regenerating: bool = False) -> bool:
         """Turns another dschat saved in this conversation meanwhile: the conversation is shown again (less
