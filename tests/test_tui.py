@@ -330,7 +330,7 @@ async def test_system_prompt_rename_search_export_delete(chat_models, tmp_path, 
         app.chat_screen.action_rename()
         await answer(pilot, app, "Renamed one")
         assert Store().get(conv.id).title == "Renamed one"
-        assert [str(i.query_one("Label").render()) for i in app.query("#conversations ListItem")] == ["Renamed one"]
+        assert [str(i.query_one("Label.title").render()) for i in app.query("#conversations ListItem")] == ["Renamed one"]
         app.chat_screen.action_export()  # asks where, offering a name in the current directory
         await until(pilot, lambda: isinstance(app.screen, AskScreen) and app.screen.query(Input))
         assert app.screen.query_one(Input).value == str(tmp_path / f"dschat-{conv.id}.md")

@@ -284,10 +284,17 @@ class ChatScreen(Screen):
         except StoreError as e:
             app.notify(str(e), severity="error")
 
-    def refresh_conversations(self, search: str | None = None):
+    def refresh_conversations(self, search: str | None | object = LAST):
+        """List the conversations again, found by `search` (None: all; by default the filter that is on)."""
+        sidebar = self.query_one(ConversationList)
+        search = sidebar.search if search is LAST else search
         rows = self.with_store(lambda s: s.list(search=search, limit=200))
         if rows is not None or not self.saving:
-            self.query_one(ConversationList).show(rows or [])
+            sidebar.show(rows or [], search)
+
+    @on(ConversationList.Cleared)
+    def search_cleared(self):
+        self.refresh_conversations(None)
 
     @on(ConversationList.Opened)
     def conversation_opened(self, event: ConversationList.Opened):
