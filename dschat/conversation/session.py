@@ -286,6 +286,49 @@ class ChatSession:
         self.pending_edit = self.saved_ids[0]
         return text
 
+    def edit(self, index: int) -> str:
+        """Take back the conversation from its user message `index` (counted in the messages without the system
+        prompt) to edit and resend it: the chat goes back to before it, and the next turn is saved as a sibling
+        of it, a new branch (the turns after it stay on the old one). Its text. The last prompt is `edit_last`."""
+        msgs = [m for m in self.chat.messages if m["role"] != "system"]
+        if not 0 <= index < len(msgs) or msgs[index]["role"] != "user":
+            raise ValueError("that is not one of your messages")
+        if index == len(msgs) - 2:
+            return self.edit_last()
+        saved = self._saved_branch()
+        if saved is not None and len(saved) == len(msgs):
+            before = [m for m in saved[:index]]
+            self.chat = Chat(self.engine.tokenizer, system=self.chat.system, raw=self.settings.raw,
+                             messages=[{"role": m.role, "content": m.content} for m in before],
+                             history_ids=history_ids(before))
+            self.saved_ids = (next((m.id for m in reversed(before) if m.role == "user"), None),
+                              next((m.id for m in reversed(before) if m.role == "assistant"), None))
+            self.pending_edit = saved[index].id
+        else:  # not saved (--no-save, or its last turn still pending): no sibling to keep
+            self.chat = Chat(self.engine.tokenizer, system=self.chat.system, raw=self.settings.raw,
+                             messages=msgs[:index])
+            self.pending_edit = None
+        return msgs[index]["content"]
+
+    def switch(self, message_id: str):
+        """Go to another version of a saved message (a sibling: an edited prompt, a regenerated answer): its
+        branch becomes the conversation's active one, later turns and all, and the next turn follows it (its
+        prompt is that branch's own; the engine's cache reuses what it shares with the branch it held)."""
+        if self.conversation_id is None:
+            raise ValueError("nothing saved yet")
+        self.store.switch(self.conversation_id, message_id)
+        self.open(self.store.get(self.conversation_id))
+
+    def _saved_branch(self) -> list[Message] | None:
+        """The active branch as saved, without system messages (None when the conversation is not saved)."""
+        if self.conversation_id is None:
+            return None
+        try:
+            conv = self.store.get(self.conversation_id)
+        except StoreError:
+            return None
+        return [m for m in conv.messages if m.role != "system"]
+
     def set_system(self, text: str | None):
         self.chat.set_system(text)
         if self.conversation_id:

@@ -366,6 +366,32 @@ class Store:
             return []
         return [m for m in self._messages(row[0]) if m.parent_id == row[1]]
 
+    def versions(self, conv_id: str) -> dict[str, tuple[int, int]]:
+        """Each message's place among its siblings (the versions of it: edited prompts, regenerated answers) as
+        (k, n), k counted from 1 in the order they were written."""
+        groups: dict[str | None, list[str]] = {}
+        for m in self._messages(conv_id):
+            groups.setdefault(m.parent_id, []).append(m.id)
+        return {mid: (k + 1, len(g)) for g in groups.values() for k, mid in enumerate(g)}
+
+    def switch(self, conv_id: str, message_id: str) -> str:
+        """Make the branch through `message_id` the active one: the head becomes the leaf below it reached by
+        taking the newest reply at each step (so a sibling shows its own later turns). The new head."""
+        msgs = self._messages(conv_id)
+        if message_id not in {m.id for m in msgs}:
+            raise StoreError(f"no message {message_id!r} in conversation {conv_id!r}")
+        children: dict[str, list[str]] = {}
+        for m in msgs:
+            if m.parent_id is not None:
+                children.setdefault(m.parent_id, []).append(m.id)
+        head, seen = message_id, {message_id}
+        while children.get(head) and children[head][-1] not in seen:
+            head = children[head][-1]
+            seen.add(head)
+        with self.transaction():
+            self.db.execute("UPDATE conversations SET head = ? WHERE id = ?", (head, conv_id))
+        return head
+
     def _messages(self, conv_id: str) -> list[Message]:
         rows = self.db.execute(
             "SELECT id, conversation_id, parent_id, role, content, token_ids, prompt_tokens, generated_tokens, "

@@ -143,7 +143,29 @@ def export_json(store, conv_id: str) -> dict:
     return {
         "version": EXPORT_VERSION, "id": c.id, "title": c.title, "model": c.model, "fingerprint": c.fingerprint,
         "system": c.system, "params": c.params, "created": c.created, "updated": c.updated, "messages": messages,
+        "branch": branch_of(store, c, messages),
     }
+
+
+def branch_of(store, c, exported: list[dict]) -> dict:
+    """Which branch an export holds: its leaf message's id, and for each message on it that has other versions
+    (an edited prompt, a regenerated answer) its place among them: {"message": its number in the export's
+    "messages", counted from 1, "version": k, "of": n}. Import ignores it (it keeps the one branch written)."""
+    versions = store.versions(c.id)
+    numbers = iter(i + 1 for i, m in enumerate(exported) if "token_ids" in m)  # the branch's own (not system changes)
+    choices = []
+    for m in c.messages:
+        n = next(numbers, None)
+        k, of = versions.get(m.id, (1, 1))
+        if of > 1 and n is not None:
+            choices.append({"message": n, "version": k, "of": of})
+    return {"leaf": c.head, "versions": choices}
+
+
+def branch_line(branch: dict) -> str:
+    """The branch, as Markdown's header and the TUI's notice say it: "leaf `id`, version 2/3 of message 3"."""
+    where = "; ".join(f"version {v['version']}/{v['of']} of message {v['message']}" for v in branch["versions"])
+    return f"leaf `{branch['leaf']}`" + (f", {where}" if where else " (the only branch)")
 
 
 def system_changes(data: dict) -> tuple[str | None, bool]:
@@ -199,7 +221,10 @@ def export_markdown(store, conv_id: str) -> str:
     """The conversation for reading: its title as a heading, then each message (the text exact)."""
     c = store.get(conv_id)
     lines = [f"# {c.title}", "", f"- model: `{c.model}`", f"- created: {iso(c.created)}",
-             f"- updated: {iso(c.updated)}", f"- id: `{c.id}`", ""]
+             f"- updated: {iso(c.updated)}", f"- id: `{c.id}`"]
+    branch, versions = branch_of(store, c, export_json(store, conv_id)["messages"]), store.versions(c.id)
+    lines += [f"- branch: {branch_line(branch)}"] if branch["versions"] else []
+    lines += [""]
     changes = dict(system_timeline(c)) or {0: c.system or ""}
     for i, m in enumerate(c.messages + [None]):
         if i in changes:  # the system prompt it began with, then each change where it happened (/system mid-chat)
@@ -211,6 +236,8 @@ def export_markdown(store, conv_id: str) -> str:
         if m is None:
             break
         heading = {"user": "User", "assistant": "Assistant", "system": "System"}[m.role]
+        k, of = versions.get(m.id, (1, 1))
+        heading += f" (version {k}/{of})" if of > 1 else ""
         lines += [f"## {heading}" + (" (interrupted)" if m.interrupted else ""), ""]
         if m.reasoning:  # the thinking, marked as such, then the answer
             lines += ["> **Thinking**", ">"] + [f"> {line}".rstrip() for line in m.reasoning.splitlines()] + [""]

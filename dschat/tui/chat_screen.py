@@ -25,6 +25,7 @@ from dschat.conversation.chat import Turn
 from dschat.errors import error_text
 from dschat.files import write_conversation
 from dschat.history.store import Store, StoreError
+from dschat.history.transfer import branch_line
 from dschat.terminal.text import terminal_safe
 from dschat.tui.ask_screen import AskScreen, ConfirmScreen
 from dschat.tui.chat_view import ChatView
@@ -52,12 +53,22 @@ class ChatScreen(Screen):
         # in F1's list and the palette, not the footer
         Binding("ctrl+g", "compose_in_editor", "Write the message in $EDITOR", id="compose_in_editor", show=False),
         Binding("ctrl+l", "pick_code", "Copy a code block (pick one)", id="pick_code", show=False),
+        Binding("alt+up", "select(-1)", "Select the message above", id="select_up", show=False),
+        Binding("alt+down", "select(1)", "Select the message below", id="select_down", show=False),
+        Binding("alt+left", "version(-1)", "Previous version of the selected message (or the last with versions)",
+                id="version_prev", show=False),
+        Binding("alt+right", "version(1)", "Next version of the selected message (or the last with versions)",
+                id="version_next", show=False),
+        Binding("alt+e", "edit_message", "Edit the selected prompt (or the last) and resend it: a new branch",
+                id="edit_message", show=False),
     ]
     # The command palette's entries (ChatApp.get_system_commands): title, help, this screen's action.
     COMMANDS_LIST = (
         ("New chat", "Start a new conversation", "new_chat"),
         ("Regenerate", "A new answer to the last prompt (the old one is kept)", "regenerate"),
         ("Edit last prompt", "Put the last prompt back in the input to edit and resend", "edit_last"),
+        ("Edit selected prompt", "Edit the prompt selected with Alt+Up/Down and resend it: a new branch (Alt+E)",
+         "edit_message"),
         ("Copy reply", "Copy the last reply to the clipboard", "copy_reply"),
         ("Copy code block", "Copy the last code block of the last reply", "copy_code"),
         ("Copy a chosen code block", "Pick any code block of the conversation to copy (Ctrl+L)", "pick_code"),
@@ -84,6 +95,7 @@ class ChatScreen(Screen):
         super().__init__()
         self.saving = False  # a turn is being saved in a worker thread: the history is the worker's meanwhile
         self.attached: list[str] = []  # /add: files for the next message
+        self.selected: int | None = None  # the message selected (Alt+Up/Down), by its place in the view
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -132,6 +144,32 @@ class ChatScreen(Screen):
     def show_conversation(self, msgs):
         self.chat_view.show(msgs)
         self.prompt.prompts = [terminal_safe(m.content, body=True) for m in msgs if m.role == "user"]
+        self.select(None)
+        self.show_versions()
+
+    def show_versions(self):
+        """Each message's saved id and its place among its versions ("2/3" in its title), from the history."""
+        conv_id = self.app.conv_id
+        if not conv_id or self.saving:
+            return
+        try:
+            store = self.session.store
+            msgs, versions = [m for m in store.get(conv_id).messages if m.role != "system"], store.versions(conv_id)
+        except StoreError:  # its first turn still pending: nothing saved to show
+            return
+        views = self.chat_view.messages
+        if len(views) == len(msgs):
+            for v, m in zip(views, msgs):
+                v.set_version(m.id, *versions.get(m.id, (1, 1)))
+
+    def select(self, index: int | None):
+        """Select the message at `index` in the view (None: none), marked beside it."""
+        views = self.chat_view.messages
+        self.selected = index if index is not None and 0 <= index < len(views) else None
+        for i, v in enumerate(views):
+            v.set_class(i == self.selected, "selected")
+        if self.selected is not None:
+            views[self.selected].scroll_visible(animate=False)
 
     def model_ready(self):
         """The app has a (new) model and session: show what it opened."""
@@ -173,6 +211,7 @@ class ChatScreen(Screen):
             return
         prompt.text = ""
         self.show_attached([])
+        self.select(None)
         self.show_caught_up()
         self.run_turn(turn, user_view=True)
 
@@ -253,6 +292,8 @@ class ChatScreen(Screen):
         elif reply.notice:
             app.notify(reply.notice, severity="warning", timeout=10)
         self.refresh_conversations()
+        if event.kept:
+            self.show_versions()
         app.last_stats = reply.stats
         app.busy = False
         app.turns_done += 1
@@ -321,6 +362,7 @@ class ChatScreen(Screen):
             return
         if app.session is not None:
             app.session.new()
+            self.selected = None
             self.chat_view.remove_children()
             self.update_status(None)
 
@@ -352,6 +394,63 @@ class ChatScreen(Screen):
             v.remove()
         self.prompt.text = terminal_safe(text, body=True)
         self.prompt.focus()
+
+    def action_select(self, step: int):
+        """Move the selection up or down the conversation (from none: the last message, or the first)."""
+        n = len(self.chat_view.messages)
+        if n:
+            at = (n if step < 0 else -1) if self.selected is None else self.selected
+            self.select(min(max(at + step, 0), n - 1))
+
+    def action_version(self, step: int):
+        """The previous or next version of the selected message (none selected: of the last one that has
+        versions): its branch is shown, later turns and all, and the next message follows it."""
+        app = self.app
+        if app.busy or self.saving or app.chat is None:
+            return
+        views = self.chat_view.messages
+        at = self.selected if self.selected is not None else \
+            next((i for i in range(len(views) - 1, -1, -1) if views[i].version[1] > 1), None)
+        if at is None or views[at].message_id is None or views[at].version[1] < 2:
+            app.notify("this message has no other version (an edited prompt or a regenerated answer makes one)",
+                       severity="warning")
+            return
+        k, n = views[at].version
+        if not 1 <= k + step <= n:
+            return
+        try:
+            siblings = self.session.store.siblings(views[at].message_id)
+            self.session.switch(siblings[k - 1 + step].id)
+        except (StoreError, ValueError, IndexError) as e:
+            app.notify(error_text(e), severity="error")
+            return
+        self.show_conversation([m for m in self.session.opened.messages if m.role != "system"])
+        self.select(at)
+        self.update_status()
+
+    def action_edit_message(self):
+        """Put the selected prompt (none selected: the last) back in the input, the conversation taken back to
+        before it; sending it starts a new branch there (the old turns stay on theirs, Alt+Left reaches them)."""
+        app = self.app
+        if app.busy or self.saving or app.chat is None:
+            return
+        views = self.chat_view.messages
+        at = self.selected if self.selected is not None else \
+            next((i for i in range(len(views) - 1, -1, -1) if views[i].role == "user"), None)
+        if at is None or views[at].role != "user":
+            app.notify("select one of your messages first (Alt+Up)", severity="warning")
+            return
+        try:
+            text = self.session.edit(at)
+        except ValueError as e:
+            app.notify(str(e), severity="warning")
+            return
+        for v in views[at:]:
+            v.remove()
+        self.select(None)
+        self.prompt.text = terminal_safe(text, body=True)
+        self.prompt.focus()
+        self.update_status()
 
     def action_copy_reply(self):
         text = self.chat_view.last_reply()
@@ -468,6 +567,7 @@ class ChatScreen(Screen):
             if not where:
                 return
             text = self.with_store(lambda s: s.export_text(conv_id, "md"))
+            branch = self.with_store(lambda s: s.export_json(conv_id)["branch"])
             if text:
                 path = Path(where).expanduser()
                 try:  # private, as the history is (a file already there keeps its mode)
@@ -475,7 +575,8 @@ class ChatScreen(Screen):
                 except OSError as e:  # a notice; the app goes on
                     app.notify(f"not exported: {error_text(e)}", severity="error")
                     return
-                app.notify(f"exported to {path}")
+                app.notify(f"exported to {path}" + (f" (branch: {branch_line(branch)})" if branch and branch["versions"]
+                                                    else ""))
 
         app.push_screen(AskScreen("Export as Markdown to (Esc: not at all):", str(Path.cwd() / f"dschat-{conv_id}.md")),
                         done)

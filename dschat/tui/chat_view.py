@@ -33,7 +33,8 @@ class ChatView(VerticalScroll):
 
     @property
     def messages(self) -> list[MessageView]:
-        return list(self.query(MessageView))
+        """The messages shown, in order (those being removed left out: removal completes later)."""
+        return [v for v in self.query(MessageView) if not getattr(v, "_pruning", False)]
 
     def show(self, msgs):
         """Show these messages (the history's, system prompt left out) instead of what is shown."""

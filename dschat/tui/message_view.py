@@ -24,6 +24,8 @@ class MessageView(Vertical):
         self.reasoning = ""  # a reasoning model's thinking, shown apart in a collapsible block
         self.thinking: Collapsible | None = None
         self.thought = False  # the thinking ended (its block collapsed, its length in its title)
+        self.message_id: str | None = None  # in the history, once saved
+        self.version = (1, 1)  # its place among its versions (siblings: edited prompts, regenerated answers)
 
     def compose(self) -> ComposeResult:
         yield Label(self.title(), classes="role")
@@ -34,7 +36,14 @@ class MessageView(Vertical):
 
     def title(self) -> str:
         name = {"user": "You", "assistant": "Assistant", "system": "System"}[self.role]
-        return name + ("  (stopped)" if self.interrupted else "")
+        k, n = self.version
+        return name + (f"  ‹{k}/{n}›" if n > 1 else "") + ("  (stopped)" if self.interrupted else "")
+
+    def set_version(self, message_id: str, k: int, n: int):
+        """Which saved message this is, and its place among its versions ("2/3" in its title when it has any)."""
+        self.message_id, self.version = message_id, (k, n)
+        for label in self.query(".role"):  # once composed (until then compose uses the title)
+            label.update(self.title())
 
     async def append(self, piece: str):
         if self.stream is None:
