@@ -163,22 +163,24 @@ def test_rejection_sampling_keeps_the_distribution(draft):
 
 
 def test_speculative_sampling_end_to_end_distribution(tmp_path):
-    """On a tiny vocabulary, the second sampled token has the same distribution with MTP drafting as without."""
+    """On a tiny vocabulary, the second token sampled with MTP drafting has the model's own distribution.
+
+    The reference is exact, not sampled: P(t2) = sum over t1 of P(t1 | p) P(t2 | p, t1), from the model's
+    logits and the sampler's own probabilities. Only the MTP side is sampled, so fewer runs give the same power
+    as two histograms compared with each other (this test once ran plain decoding 800 times as well)."""
     cfg = tc.v3_config(vocab=8)
     path = tc.write_checkpoint(tmp_path / "tiny", cfg, seed=11)
-    plain_eng = fresh(path, speculative="none")
     mtp_eng = fresh(path, speculative="mtp", draft_tokens=2)
     p = [1, 2, 3, 4]
+    params = SamplingParams(temperature=1.0)
+    first = probabilities(mtp_eng.logits(p)[-1], params)
+    exact = sum(first[t] * probabilities(mtp_eng.logits(p + [t])[-1], params) for t in range(8))
 
-    def hist(eng, max_tokens, n=800):
-        c = torch.zeros(8)
-        for s in range(n):
-            out = list(eng.generate(p, SamplingParams(temperature=1.0, seed=s, max_tokens=max_tokens, ignore_eos=True)))
-            c[out[1]] += 1
-        return c / n
-
-    # Drafting decides the second token only with room for a draft after it (max_tokens 3); plain decoding
-    # gives the same second token for a seed however many follow, so it stops there (a third less work).
-    a, b = hist(plain_eng, 2), hist(mtp_eng, 3)
+    # Drafting decides the second token only with room for a draft after it (max_tokens 3).
+    n = 400
+    seen = torch.zeros(8)
+    for s in range(n):
+        out = list(mtp_eng.generate(p, SamplingParams(temperature=1.0, seed=s, max_tokens=3, ignore_eos=True)))
+        seen[out[1]] += 1
     assert mtp_eng.stats.draft_tokens > 0
-    assert 0.5 * float((a - b).abs().sum()) < 0.1
+    assert 0.5 * float((exact - seen / n).abs().sum()) < 0.08
