@@ -38,13 +38,13 @@ def wait_for(sock, pred, timeout=90):
     raise AssertionError("timed out; the screen shows:\n" + screen(sock))
 
 
-def start(sock, status: Path, *args, env: dict | None = None):
-    """dschat in a new tmux session; its exit status is written to `status`, and the pane stays (to read the
-    terminal's modes after it). `env`: more variables for it."""
+def start(sock, status: Path, *args, env: dict | None = None, size=(140, 32)):
+    """dschat in a new tmux session (a terminal of `size` columns and lines); its exit status is written to
+    `status`, and the pane stays (to read the terminal's modes after it). `env`: more variables for it."""
     env = [f"-e{k}={v}" for k, v in {**{k: os.environ[k] for k in ("XDG_DATA_HOME", "XDG_CONFIG_HOME",
                                                                     "XDG_CACHE_HOME")}, **(env or {})}.items()]
     cmd = " ".join(dschat_cmd() + list(args))
-    tmux(sock, "new-session", "-d", "-s", "dschat", "-x", "140", "-y", "32", *env,
+    tmux(sock, "new-session", "-d", "-s", "dschat", "-x", str(size[0]), "-y", str(size[1]), *env,
          f"TERM=xterm-256color {cmd}; echo $? > {status}; exec sleep 600")
 
 
@@ -205,3 +205,29 @@ def test_ctrl_g_composes_the_message_in_the_editor(chat_models, tmp_path):
     finally:
         tmux(sock, "kill-server", check=False)
     assert Store().latest().messages[0].content == "edited line one\n  indented two"
+
+
+def test_80_by_24(tmp_path):
+    """At 80×24 (a new user's terminal) the header lost the device, the sidebar kept 31 of the 80 columns and
+    the footer was cut at "^b Si": now the header keeps "on cpu" (the model's name is what gives way), the
+    sidebar narrows, and every key of the footer shows, named shortly."""
+    with Store() as s:
+        cid = s.create(model="demo", title="A conversation with a rather long title to cut")
+        s.add_message(cid, "user", "hi")
+    sock, status = f"dschat-test-{os.getpid()}", tmp_path / "status"
+    start(sock, status, "--model", "demo", size=(80, 24))
+    try:
+        text = wait_for(sock, lambda s: "ready" in s)
+        lines = text.splitlines()
+        assert "demo model" in lines[0] and lines[0].rstrip().endswith(" on cpu"), lines[0]
+        footer = lines[23]
+        for key in ("^q Quit", "esc Stop", "^n New", "^r Regen", "^o Copy", "^b Sidebar", "f1 Help", "^p palette"):
+            assert key in footer, footer
+        border = lines[2].index("│")  # the sidebar's right edge
+        assert border <= 24, lines[2]
+        assert "A conversation with" in text and "rather long title to cut" not in text  # one line, cut
+        assert "just now" in text  # the sidebar's dates fit too
+        tmux(sock, "send-keys", "-t", "dschat", "C-q")
+        assert exit_status(status) == "0"
+    finally:
+        tmux(sock, "kill-server", check=False)

@@ -41,6 +41,9 @@ from dschat.tui.reply_markdown import code_theme
 from dschat.tui.terminal_driver import ClosableTerminalDriver
 
 
+HEADER_SPARE = 30  # the header's columns besides its subtitle: its icon, its right side, "dschat — ", a margin
+
+
 class ChatApp(App):
     TITLE = "dschat"
     CSS_PATH = "chat.tcss"
@@ -151,9 +154,18 @@ class ChatApp(App):
             self._ui(self._model_failed, error_text(e))
             return
         demo = Path(engine.path).resolve() == DEMO_DIR
-        label = ("demo model (tiny, trained on Python's standard library; not a DeepSeek release)"
-                 if demo else Path(str(label)).name)
+        label = "demo model (tiny; not a DeepSeek release)" if demo else Path(str(label)).name
         self._ui(self._model_ready, engine, opts, label)
+
+    def show_model(self):
+        """The header's "MODEL on DEVICE": the device always, the model's name shortened (…) to fit the width."""
+        if self.engine is None:
+            return
+        label, where = terminal_safe(self.model_label), terminal_safe(f" on {self.engine.device}")
+        room = self.size.width - HEADER_SPARE - len(where)
+        if len(label) > room:
+            label = label[:max(room - 1, 6)] + "…"
+        self.sub_title = label + where
 
     def _model_failed(self, error: str):
         self.loading = False
@@ -166,7 +178,7 @@ class ChatApp(App):
 
     def _model_ready(self, engine, opts: Options, label: str):
         self.engine, self.opts, self.model_label, self.loading = engine, opts, label, False
-        self.sub_title = terminal_safe(f"{self.model_label} on {engine.device}")
+        self.show_model()
         settings = session_settings(self.opts)
         if self.session is not None:
             self.session.close()

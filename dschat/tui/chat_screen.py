@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Header
+from textual.widgets import Header
 
 from dschat.conversation.attachments import AttachmentError, describe, read_all, with_files
 from dschat.conversation.chat import Turn
@@ -30,6 +30,7 @@ from dschat.terminal.text import terminal_safe
 from dschat.tui.ask_screen import AskScreen, ConfirmScreen
 from dschat.tui.chat_view import ChatView
 from dschat.tui.conversation_list import ConversationList
+from dschat.tui.footer import NARROW, ChatFooter
 from dschat.tui.editor import EditorError, compose
 from dschat.tui.message_view import MessageView
 from dschat.tui.pick_screen import PickScreen
@@ -91,6 +92,8 @@ class ChatScreen(Screen):
             super().__init__()
             self.reply, self.view, self.regenerating, self.kept, self.error = reply, view, regenerating, kept, error
 
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (NARROW, "-wide")]  # -narrow: a narrower sidebar (chat.tcss)
+
     def __init__(self):
         super().__init__()
         self.saving = False  # a turn is being saved in a worker thread: the history is the worker's meanwhile
@@ -105,7 +108,10 @@ class ChatScreen(Screen):
                 yield ChatView(id="conversation")
                 yield PromptArea(id="prompt")
                 yield StatusBar(id="status")
-        yield Footer()
+        yield ChatFooter()
+
+    def on_resize(self):
+        self.app.show_model()  # the header keeps the device: the model's name is shortened to fit
 
     def on_mount(self):
         self.chat_view.anchor()
