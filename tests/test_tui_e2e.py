@@ -231,3 +231,29 @@ def test_80_by_24(tmp_path):
         assert exit_status(status) == "0"
     finally:
         tmux(sock, "kill-server", check=False)
+
+
+def test_alt_keys_reach_the_versions_in_a_real_terminal(chat_models, tmp_path):
+    """Alt+Left/Right, Alt+Up and Alt+E as a terminal sends them (escape sequences through tmux): a regenerated
+    answer shows ‹2/2›, Alt+Left shows the older one (‹1/2›), and Alt+E puts the selected prompt back."""
+    sock, status = f"dschat-test-{os.getpid()}-alt", tmp_path / "status"
+    start(sock, status, "--model", str(chat_models["v3"]), "-t", "1.0", "--seed", "3", "-n", "3")
+    try:
+        wait_for(sock, lambda s: "ready" in s)
+        tmux(sock, "send-keys", "-t", "dschat", "-l", "question one")
+        tmux(sock, "send-keys", "-t", "dschat", "Enter")
+        wait_for(sock, lambda s: "Assistant" in s and "tok/s" in s)
+        tmux(sock, "send-keys", "-t", "dschat", "C-r")
+        wait_for(sock, lambda s: "Assistant  ‹2/2›" in s and "ready" in s)
+        tmux(sock, "send-keys", "-t", "dschat", "M-Left")
+        wait_for(sock, lambda s: "Assistant  ‹1/2›" in s)
+        tmux(sock, "send-keys", "-t", "dschat", "M-Up")
+        tmux(sock, "send-keys", "-t", "dschat", "M-Up")
+        tmux(sock, "send-keys", "-t", "dschat", "M-e")
+        wait_for(sock, lambda s: "Assistant" not in s and "question one" in s)  # back in the input only
+        tmux(sock, "send-keys", "-t", "dschat", "C-q")
+        assert exit_status(status) == "0"
+    finally:
+        tmux(sock, "kill-server", check=False)
+    conv = Store().latest()
+    assert len(Store().siblings(conv.messages[1].id)) == 2

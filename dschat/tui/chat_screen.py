@@ -61,7 +61,7 @@ class ChatScreen(Screen):
         Binding("alt+right", "version(1)", "Next version of the selected message (or the last with versions)",
                 id="version_next", show=False),
         Binding("alt+e", "edit_message", "Edit the selected prompt (or the last) and resend it: a new branch",
-                id="edit_message", show=False),
+                id="edit_message", show=False, priority=True),  # before the input takes it as an "e"
     ]
     # The command palette's entries (ChatApp.get_system_commands): title, help, this screen's action.
     COMMANDS_LIST = (
