@@ -251,8 +251,17 @@ class Engine:
         seq.ids.extend(new)
         return h
 
-    def _prefill(self, seq: Sequence, new: list[int]) -> torch.Tensor:
-        return torch.cat([self._forward(seq, new[i:i + PREFILL_CHUNK]) for i in range(0, len(new), PREFILL_CHUNK)])
+    def _prefill(self, seq: Sequence, new: list[int], stop=None, stats: GenerationStats | None = None):
+        """Run `new` after seq's cached tokens, PREFILL_CHUNK at a time; their hidden states. None when `stop` (a
+        threading.Event) was set between two chunks: seq holds the chunks done (whole rows), the rest is left."""
+        hs = []
+        for i in range(0, len(new), PREFILL_CHUNK):
+            if stop is not None and stop.is_set():
+                return None
+            hs.append(self._forward(seq, new[i:i + PREFILL_CHUNK]))
+            if stats is not None:
+                stats.prefilled_tokens = i + len(hs[-1])
+        return torch.cat(hs)
 
     def _mtp(self, seq: Sequence, start: int, h: torch.Tensor, next_ids: list[int]):
         """The MTP module over positions start..start+S-1: h [S, hidden] the depth-0 states there (main
@@ -263,12 +272,16 @@ class Engine:
         return h_out[0], logits[0]
 
     @torch.inference_mode()
-    def generate(self, ids: list[int], params: SamplingParams | None = None, reuse_cache: bool = True) -> Generation:
+    def generate(self, ids: list[int], params: SamplingParams | None = None, reuse_cache: bool = True,
+                 stop=None) -> Generation:
         """A Generation: iterating it streams the generated token ids, and its `stats` are its own. The prompt's
         longest cached prefix is reused (unless reuse_cache is False: then the whole prompt is prefilled); prompt
         and reply are cached for the next call. Stops at the model's end-of-sentence token (which is yielded), at
         any of params.stop_token_ids (yielded too), or after params.max_tokens. Closing it early stops the
-        generation and keeps what it cached. A prompt and max_tokens that do not fit the context window are a
+        generation and keeps what it cached. `stop`, a threading.Event another thread may set (Esc in the TUI; anything with is_set()),
+        ends it before its next forward pass: a long prefill stops between chunks of PREFILL_CHUNK tokens, and
+        the cache keeps the part of the prompt prefilled (whole: the next prompt that starts the same reuses it);
+        a generation stopped so is not `done`. A prompt and max_tokens that do not fit the context window are a
         ContextLengthError here, before anything runs."""
         params = params or SamplingParams()
         ids = [int(i) for i in ids]
@@ -278,7 +291,7 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context window "
                 f"of {self.context_length} tokens")
         stats = GenerationStats(prompt_tokens=len(ids), load=dict(self.load_stats))
-        return Generation(self._generate(ids, params, stats, reuse_cache), stats)
+        return Generation(self._generate(ids, params, stats, reuse_cache, stop), stats)
 
     def _drafter(self, seq: Sequence, sampler: Sampler):
         if self.speculative == "mtp":
@@ -286,7 +299,7 @@ class Engine:
         return NgramDrafter(self.draft_tokens) if self.speculative == "ngram" else NoDrafter()
 
     def _generate(self, ids: list[int], params: SamplingParams, stats: GenerationStats,
-                  reuse_cache: bool = True) -> Iterator[int]:
+                  reuse_cache: bool = True, stop=None) -> Iterator[int]:
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         sampler = Sampler(params)
         t0 = time.perf_counter()
@@ -297,7 +310,10 @@ class Engine:
         out: list[int] = []
         try:
             with torch.inference_mode():
-                h = self._prefill(seq, ids[seq.cached:])
+                h = self._prefill(seq, ids[seq.cached:], stop, stats)
+                if h is None:  # stopped mid-prefill: nothing generated; the prefilled rows stay cached
+                    stats.prefill_s = time.perf_counter() - t0
+                    return
                 drafter.start(ids, h)
                 new = [sampler(self.model.head(h[-1:])[0])]
             stats.prefill_s = time.perf_counter() - t0
@@ -311,7 +327,7 @@ class Engine:
                     if t in stops or len(out) >= params.max_tokens:
                         stats.stop_reason = "stop" if t in stops else "length"
                         break
-                if stats.stop_reason:
+                if stats.stop_reason or (stop is not None and stop.is_set()):
                     break
                 with torch.inference_mode():
                     n_drafts, n_ok, new = self._decode_step(seq, new[-1], drafter, sampler,

@@ -11,6 +11,7 @@ class GenerationStats:
 
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose latents came from the cache
+    prefilled_tokens: int = 0  # prompt tokens run through the model so far (prompt - cached once prefilled)
     generated_tokens: int = 0
     forwards: int = 0  # forward passes of the main model after the prefill
     draft_tokens: int = 0

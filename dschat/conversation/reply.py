@@ -52,7 +52,8 @@ class Reply:
         return self.generation.stats if self.generation is not None else None
 
     def stop(self):
-        """End the stream after the piece being shown (thread-safe); the reply is kept, marked interrupted."""
+        """End the stream after the piece being shown, or during the prompt's prefill between two of its chunks
+        (thread-safe; the engine sees the same event); the reply is kept, marked interrupted."""
         self.stop_event.set()
 
     def stream(self, show: Callable[[str], None], think: Callable[[str], None] | None = None) -> "Reply":
@@ -61,13 +62,15 @@ class Reply:
         turn, pieces = self.turn, None
         thinking = self._thinking(show, think)
         try:
-            self.generation = self.session.generate(turn)
+            self.generation = self.session.generate(turn, self.stop_event)
             pieces = self.session.chat.stream(turn, self.generation)
             for piece in pieces:
                 thinking(piece) if thinking else show(piece)
                 if self.stop_event.is_set():
                     turn.interrupted = True
                     break
+            if self.stop_event.is_set() and not self.generation.done:  # stopped in the prefill, or between pieces
+                turn.interrupted = True
         except KeyboardInterrupt as e:  # Ctrl+C, SIGTERM, SIGHUP: the reply so far is kept, marked
             turn.interrupted, self.interrupt = True, e
         except Exception as e:  # context full, out of memory, the output gone, ...

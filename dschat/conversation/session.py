@@ -354,12 +354,13 @@ class ChatSession:
         """Sample the next replies so (a resolved Sampling)."""
         self._sampling = sampling
 
-    def generate(self, turn: Turn):
-        """The engine's Generation of the turn's reply (token ids; its own stats)."""
+    def generate(self, turn: Turn, stop=None):
+        """The engine's Generation of the turn's reply (token ids; its own stats). `stop`: a threading.Event that
+        ends it before the engine's next forward pass (a long prefill between its chunks)."""
         n = len(turn.prompt_ids)
         params = self.sampling.params(self.window.max_tokens(n, self.sampling.max_tokens))
         turn.sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        return self.engine.generate(turn.prompt_ids, params)
+        return self.engine.generate(turn.prompt_ids, params, stop=stop)
 
     def reply(self, turn: Turn, stop=None):
         """The driver of the turn's reply (reply.py): every front end streams and saves it through this."""

@@ -40,7 +40,8 @@ class FakeEngine:
         ids = self.tokenizer.encode_plain(reply) if isinstance(reply, str) else list(reply)
         self._replies.append(ids + (list(self.eos_token_ids[:1]) if end else []))
 
-    def generate(self, ids: list[int], params: SamplingParams | None = None, reuse_cache: bool = True) -> Generation:
+    def generate(self, ids: list[int], params: SamplingParams | None = None, reuse_cache: bool = True,
+                 stop=None) -> Generation:
         params = params or SamplingParams()
         ids = [int(i) for i in ids]
         if not ids:
@@ -52,15 +53,17 @@ class FakeEngine:
         self.params.append(params)
         reply = self._replies.popleft() if self._replies else list(self.eos_token_ids[:1])
         stats = GenerationStats(prompt_tokens=len(ids))
-        return Generation(self._stream(reply, params, stats), stats)
+        return Generation(self._stream(reply, params, stats, stop), stats)
 
-    def _stream(self, reply: list[int], params: SamplingParams, stats: GenerationStats):
+    def _stream(self, reply: list[int], params: SamplingParams, stats: GenerationStats, stop=None):
         self.stats = stats
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         t0 = time.perf_counter()
         for n, token in enumerate(reply[: params.max_tokens], start=1):
             if self.delay:
                 time.sleep(self.delay)
+            if stop is not None and stop.is_set():  # as the engine: ended before its next forward pass
+                return
             stats.generated_tokens, stats.forwards = n, n - 1
             stats.decode_s = time.perf_counter() - t0
             yield token

@@ -18,7 +18,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
+import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -120,6 +123,16 @@ def _stats_from(stats: GenerationStats, d: dict):
             setattr(stats, key, dict(value) if key == "load" else value)
 
 
+def _hang_up_on(stop, ended, conn):
+    """Shut the connection's socket once `stop` is set (unless the generation `ended` first)."""
+    while not ended.is_set():
+        if stop.wait(0.05):
+            with suppress(OSError):
+                if conn.sock is not None and not ended.is_set():
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+            return
+
+
 class RemoteEngine:
     """A running server's engine, as ChatSession and the FIM fill use an Engine (see the module's docstring)."""
 
@@ -142,9 +155,11 @@ class RemoteEngine:
         self.load_stats: dict = {}
         self.stats: GenerationStats | None = None
 
-    def generate(self, ids: list[int], params=None, reuse_cache: bool = True) -> Generation:
+    def generate(self, ids: list[int], params=None, reuse_cache: bool = True, stop=None) -> Generation:
         """The server's Generation of `ids` (see the module's docstring): the same checks as the engine's
-        (a prompt that does not fit is a ContextLengthError here), then its token ids as they come."""
+        (a prompt that does not fit is a ContextLengthError here), then its token ids as they come. `stop` (a
+        threading.Event) ends it as the engine's does: once set, the connection is closed (the server stops
+        with it, its prefill too) and the tokens end, without an error."""
         from dschat.engine import SamplingParams
 
         params = params or SamplingParams()
@@ -161,16 +176,22 @@ class RemoteEngine:
             conn.sock.settimeout(None)  # waiting in the queue, a long prefill: as long as it takes
         stats = GenerationStats(prompt_tokens=len(body["ids"]))
         self.stats = stats
-        return RemoteGeneration(self._tokens(conn, resp, stats), stats, conn)
+        return RemoteGeneration(self._tokens(conn, resp, stats, stop), stats, conn)
 
-    def _tokens(self, conn, resp, stats: GenerationStats):
-        t_first = None
+    def _tokens(self, conn, resp, stats: GenerationStats, stop=None):
+        t_first, ended = None, threading.Event()
+        if stop is not None:  # Esc while the server prefills: the read waiting for the first token is cut short
+            threading.Thread(target=_hang_up_on, args=(stop, ended, conn), daemon=True).start()
         try:
             while True:
                 try:
                     line = resp.readline()
                 except (OSError, http.client.HTTPException) as e:
+                    if stop is not None and stop.is_set():
+                        return
                     raise ServerError(f"the server at {self.url} went away mid-reply ({error_text(e)})") from None
+                if not line and stop is not None and stop.is_set():
+                    return
                 if not line:
                     raise ServerError(f"the server at {self.url} went away mid-reply")
                 d = json.loads(line)
@@ -183,12 +204,15 @@ class RemoteEngine:
                         stats.generated_tokens += 1
                         stats.decode_s = now - t_first  # kept current here; the server's figures at the end
                         yield token
+                    if stop is not None and stop.is_set():
+                        return
                 elif d.get("done"):
                     _stats_from(stats, d["stats"])
                     return
                 elif "error" in d:
                     raise self.server.failure(500, line)
         finally:
+            ended.set()
             conn.close()
 
     def load_prefix(self, ids, directory=None, secret_file=None) -> int:

@@ -86,6 +86,18 @@ class Outcome:
         return len(self.token_ids)
 
 
+class StopWhen:
+    """Engine.generate's `stop` for a job: set once `cancelled()` says so (its client went away), so that a long
+    prefill stops between its chunks rather than at its end. `cancelled` may be given after the generation is
+    made (native.py makes it before the job)."""
+
+    def __init__(self, cancelled=None):
+        self.cancelled = cancelled
+
+    def is_set(self) -> bool:
+        return bool(self.cancelled is not None and self.cancelled())
+
+
 def run(engine, spec: GenSpec, emit, cancelled) -> Outcome:
     """In the worker thread: generate, emitting ("piece", text) as it becomes final."""
     tok = engine.tokenizer
@@ -97,7 +109,7 @@ def run(engine, spec: GenSpec, emit, cancelled) -> Outcome:
     raw, out, emitted = "", [], 0
     finish, final, word = None, None, None
     t_first = None
-    gen = engine.generate(spec.ids, params, reuse_cache=spec.reuse_cache)
+    gen = engine.generate(spec.ids, params, reuse_cache=spec.reuse_cache, stop=StopWhen(cancelled))
     try:
         for t in gen:
             if spec.warm_up:

@@ -25,6 +25,7 @@ from dschat.engine import ContextLengthError, SamplingParams
 from dschat.errors import error_text
 from dschat.serve.common import State, events, ndjson, parse
 from dschat.serve.errors import ApiError, body
+from dschat.serve.generation import StopWhen
 from dschat.serve.queue import QueueFull
 from dschat.serve.schemas import NativeGenerate
 
@@ -45,9 +46,11 @@ async def info(request):
     return JSONResponse(info_dict(request.app.state.dschat))
 
 
-def work_of(gen):
-    """What the worker thread does: stream the Generation's ids as events until it ends or is cancelled."""
+def work_of(gen, stop: StopWhen):
+    """What the worker thread does: stream the Generation's ids as events until it ends or is cancelled (`stop`,
+    the generation's, then reads the job's cancelled: a prefill stops between its chunks)."""
     def work(engine, emit, cancelled):
+        stop.cancelled = cancelled
         try:
             first = True
             for t in gen:
@@ -74,13 +77,14 @@ async def generate(request):
                                 ignore_eos=p.ignore_eos)
         # the engine's own checks (ids in the vocabulary, the context window), here, before anything runs:
         # nothing is computed until the worker asks for the first token
-        gen = state.engine.generate(req.ids, params, reuse_cache=req.reuse_cache)
+        stop = StopWhen()
+        gen = state.engine.generate(req.ids, params, reuse_cache=req.reuse_cache, stop=stop)
     except ContextLengthError as e:
         raise ApiError(400, error_text(e), param="ids", code="context_length_exceeded") from None
     except ValueError as e:
         raise ApiError(400, error_text(e), code="invalid_request") from None
     try:
-        job = state.scheduler.submit(work_of(gen))
+        job = state.scheduler.submit(work_of(gen, stop))
     except QueueFull as e:
         gen.close()
         raise ApiError(503, str(e), code="queue_full", headers={"Retry-After": str(max(1, e.waiting))}) from None

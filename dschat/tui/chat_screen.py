@@ -259,7 +259,23 @@ class ChatScreen(Screen):
         app = self.app
         app.busy = True
         app.stop_event.clear()
-        self.chat_view.stream(self.session.reply(turn, app.stop_event), turn.user if user_view else None)
+        reply = self.session.reply(turn, app.stop_event)
+        self.chat_view.stream(reply, turn.user if user_view else None)
+        self.set_status("prefilling · Esc stops")  # until the first token: how many tokens, once the engine knows
+        timer = self.set_interval(0.1, lambda: self.show_prefill(reply, timer))
+
+    def show_prefill(self, reply, timer):
+        """The status line while the prompt is prefilled (no token yet): the prompt's tokens the cache does
+        not hold, and how many of them are done (the engine's live figures)."""
+        s, app = reply.stats, self.app
+        if not app.busy or reply.turn.output_ids or (s is not None and s.generated_tokens):
+            timer.stop()
+            return
+        if s is None or app.stop_event.is_set():
+            return
+        n = s.prompt_tokens - s.cached_tokens
+        done = f" ({s.prefilled_tokens} done)" if 0 < s.prefilled_tokens < n else ""
+        self.set_status(f"prefilling {n} tokens{done} · Esc stops")
 
     @on(ChatView.Streamed)
     def streamed(self, event: ChatView.Streamed):
@@ -358,8 +374,10 @@ class ChatScreen(Screen):
 
     # -- actions ----------------------------------------------------------------------------------------------------
     def action_stop(self):
-        if self.app.busy:
+        if self.app.busy:  # a streaming reply stops after the piece shown, a prefill between two chunks
             self.app.stop_event.set()
+            if not self.saving:
+                self.set_status("stopping ...")
 
     def action_new_chat(self):
         app = self.app
