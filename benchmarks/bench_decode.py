@@ -48,7 +48,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--demo-only", action="store_true", help="only the demo model's drafters")
     ap.add_argument("--smoke", action="store_true", help="toy sizes: checks that every step runs (no figures)")
+    ap.add_argument("--static", action="store_true", help="only the static decode step: plain, eager, compiled")
     args = ap.parse_args(argv)
+    if args.static:
+        return static_step(args)
     if args.smoke:
         args.tokens, args.prompt, args.vocab, args.repeats = 6, [16], 512, 1
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
@@ -96,6 +99,45 @@ def demo_speculation(args, dtype):
         rate, out, per_forward = best_rate(eng, ids, params, args.repeats)
         plain = plain or (rate, out)
         print(f"{spec:>8} {rate:>8.1f} {rate / plain[0]:>8.2f}x {per_forward:>15.2f}  {out == plain[1]}")
+
+
+def static_step(args):
+    """Plain path vs the static step, eager and compiled with inductor, on the demo model (1 thread)."""
+    import os
+
+    from dschat.engine.static import StaticDecoder
+
+    torch.set_num_threads(1)
+    tokens = args.tokens if args.tokens != 128 else 256
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dschat-bench-inductor-")
+    eng = Engine.from_pretrained(DEMO_DIR, speculative="none", compile="off", threads=1)
+    tok = eng.tokenizer
+    ids = [tok.bos_token_id] + tok.encode(DEMO_PROMPT)
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    load = os.getloadavg()
+    rows = {}
+    for name in ("plain", "eager", "compiled", "compiled (2nd start)"):
+        t0 = time.perf_counter()
+        if name == "plain":
+            eng.static = None
+        elif name == "eager":
+            eng.static = StaticDecoder(eng.model, eng.cache, eng.device, eng.context_length, "eager")
+        else:
+            torch._dynamo.reset()  # a second start: dynamo traces again, inductor finds its code on disk
+            eng.static = StaticDecoder(eng.model, eng.cache, eng.device, eng.context_length, "compiled")
+        prepare = time.perf_counter() - t0
+        eng.cache.clear()
+        t1 = time.perf_counter()
+        first = next(iter(eng.generate(ids, SamplingParams(max_tokens=1))))
+        ttft = time.perf_counter() - t1
+        rate, out, _ = best_rate(eng, ids, params, args.repeats)
+        rows[name] = (rate, prepare, ttft, out)
+    print(f"demo model, 1 thread, greedy, {tokens} tokens; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"({os.cpu_count()} cores)")
+    print(f"{'decode step':>22} {'tok/s':>8} {'vs plain':>9} {'compile s':>10} {'first token s':>14}  same tokens")
+    base = rows["plain"]
+    for name, (rate, prepare, ttft, out) in rows.items():
+        print(f"{name:>22} {rate:>8.1f} {rate / base[0]:>8.2f}x {prepare:>10.1f} {ttft:>14.3f}  {out == base[3]}")
 
 
 def measure(eng, ref, n_prompt, args):

@@ -8,7 +8,7 @@ from dschat.terminal.text import terminal_safe
 
 # The engine names a setting by its Engine.from_pretrained argument, in backticks (`fp8="keep"`, `cache_gb`);
 # the app shows the flag that sets it (--fp8 keep, --cache-gb).
-_SETTINGS = ("cache_gb", "device", "draft_tokens", "dtype", "fp8", "quant", "speculative", "threads")
+_SETTINGS = ("cache_gb", "device", "draft_tokens", "dtype", "fp8", "quant", "speculative", "threads", "compile")
 _SETTING = re.compile(r'`(%s)(?:="([^"`]*)")?`' % "|".join(_SETTINGS))
 
 

@@ -39,6 +39,7 @@ class Options:
     quant: str | None = None
     cache_gb: float | None = None
     threads: int | None = None
+    compile: str | None = None
     speculative: str | None = None
     draft_tokens: int | None = None
     temperature: float | None = None
@@ -126,7 +127,8 @@ def load_engine(opts: Options, progress=None):
                                     dtype=opts.dtype or opts.config.dtype, cache_gb=opts.cache_gb,
                                     speculative=opts.speculative, draft_tokens=opts.draft_tokens,
                                     progress=progress, fp8=opts.fp8, quant=quant_name(opts),
-                                    threads=opts.threads or opts.config.threads)
+                                    threads=opts.threads or opts.config.threads,
+                                    compile=opts.compile or opts.config.compile or "auto")
     start_up_done()  # a Ctrl+C during start-up stops here, even one that torch's import swallowed
     return engine
 

@@ -22,6 +22,7 @@ from .memory import memory_report
 from .mla import ABSORB_MAX_TOKENS
 from .model import Transformer
 from .step import Step
+from .static import StaticDecoder, TokenReader, choose_mode
 from .quant import bytes_per_token
 from .quant import saved_spec as saved_quant_spec
 from .threads import choose_threads
@@ -66,7 +67,7 @@ class Engine:
 
     def __init__(self, model: Transformer, cfg: ModelConfig, path: Path, device: torch.device,
                  dtype: torch.dtype, cache_gb: float | None = None, speculative: str = "none",
-                 draft_tokens: int = 1, quant: str | None = None):
+                 draft_tokens: int = 1, quant: str | None = None, compile: str = "off"):
         self.model, self.config, self.path = model, cfg, path
         self.quant = quant  # "int8" / "int4" when the weights run packed
         self.load_stats: dict = {}  # weight_bytes, peak_host_bytes (and peak_gpu_bytes on CUDA), set on load
@@ -78,6 +79,14 @@ class Engine:
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.cache = self._make_cache(cache_gb)
         self._tokenizer = None
+        # the decode step over fixed buffers (engine/static.py), eager, compiled or CUDA graphs by `compile`;
+        # None: the plain path decodes
+        mode = choose_mode(compile, device, dist.world_size())
+        shapes = (1,) if speculative == "none" else tuple(range(1, draft_tokens + 2))
+        self.static: StaticDecoder | None = StaticDecoder(model, self.cache, device, cfg.max_position_embeddings,
+                                                          mode, shapes=shapes)
+        # queue the next step before reading a token (CUDA: the read overlaps it; an end is seen a step late)
+        self.pipeline = device.type == "cuda"
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -85,14 +94,19 @@ class Engine:
                         dtype: torch.dtype | str | None = None, cache_gb: float | None = None,
                         speculative: str | None = None, draft_tokens: int | None = None,
                         progress: Progress | None = None, fp8: str = "dequant",
-                        quant: str | None = None, threads: int | None = None) -> "Engine":
+                        quant: str | None = None, threads: int | None = None,
+                        compile: str = "auto") -> "Engine":
         """Load a checkpoint. speculative: "mtp" (V3's draft module), "ngram" (prompt lookup) or "none";
         by default MTP where the checkpoint has it and n-gram otherwise on a GPU, none on the CPU. draft_tokens: tokens proposed per
         step (default 1 for MTP, 4 for n-gram). fp8: "dequant" (FP8 block weights become `dtype` on load)
         or "keep" (they stay FP8 in memory, half of bf16, and are dequantised as each layer runs).
         quant: "int8" or "int4" weights (see engine/quant.py), quantized as they load; a directory written
         by `dschat quantize` loads packed without asking. threads: CPU threads (default: engine/threads.py
-        chooses from the bytes read per token and the cores free; reported in load_stats["threads"])."""
+        chooses from the bytes read per token and the cores free; reported in load_stats["threads"]).
+        compile: "auto", "on" or "off", how the decode step runs (engine/static.py): on the CPU "on" compiles it
+        with inductor (a C++ compiler needed; compiled code cached under dschat's cache directory), "auto" and
+        "off" run it eagerly; on CUDA "auto" and "on" capture it in CUDA graphs at load. Reported in
+        load_stats["decode_step"] and, for the time it took, load_stats["compile_s"]."""
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError("threads must be a whole number >= 1")
         if fp8 not in ("dequant", "keep"):
@@ -126,15 +140,19 @@ class Engine:
             draft_tokens = 4 if speculative == "ngram" else 1
         if draft_tokens < 1:
             raise ValueError("draft_tokens must be >= 1")
+        if compile not in ("auto", "on", "off"):
+            raise ValueError('compile must be "auto", "on" or "off"')
         model = load_model(root, cfg, device, dtype, with_mtp=speculative == "mtp", progress=progress, fp8=fp8,
                            quantize=qspec)
+        if device.type == "cpu":  # before the decode step compiles: its code is built for these threads
+            torch.set_num_threads(choose_threads(bytes_per_token(model), threads))
         eng = cls(model, cfg, root, device, dtype, cache_gb, speculative, draft_tokens,
-                  qspec.name if qspec else None)
+                  qspec.name if qspec else None, compile)
         eng.load_stats = memory_report(model, device)
         eng.load_stats["bytes_per_token"] = bytes_per_token(model)
-        if device.type == "cpu":
-            torch.set_num_threads(choose_threads(eng.load_stats["bytes_per_token"], threads))
         eng.load_stats["threads"] = torch.get_num_threads()
+        eng.load_stats["decode_step"] = eng.static.mode if eng.static is not None else "plain"
+        eng.load_stats["compile_s"] = round(eng.static.prepare_s, 3) if eng.static is not None else 0.0
         return eng
 
     def _make_cache(self, cache_gb: float | None) -> LatentCache:
@@ -301,7 +319,7 @@ class Engine:
     def _generate(self, ids: list[int], params: SamplingParams, stats: GenerationStats,
                   reuse_cache: bool = True, stop=None) -> Iterator[int]:
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        sampler = Sampler(params)
+        sampler = Sampler(params, self.device)
         t0 = time.perf_counter()
         seq = self.cache.open(ids, limit=len(ids) - 1 if reuse_cache else 0)
         drafter = self._drafter(seq, sampler)
@@ -315,7 +333,13 @@ class Engine:
                     stats.prefill_s = time.perf_counter() - t0
                     return
                 drafter.start(ids, h)
-                new = [sampler(self.model.head(h[-1:])[0])]
+                first = sampler.sample(self.model.head(h[-1:])[0])
+                if self.static is not None:
+                    self.static.bind(seq)
+            if self.static is not None and type(drafter) is NoDrafter:
+                yield from self._static_plain(seq, first, sampler, params, stops, stats, out, t0)
+                return
+            new = [int(first)]
             stats.prefill_s = time.perf_counter() - t0
             while True:
                 for t in new:  # emit, watching for the end
@@ -345,14 +369,63 @@ class Engine:
             self.cache.close(seq)
             stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
 
+    def _static_plain(self, seq: Sequence, first: torch.Tensor, sampler: Sampler, params: SamplingParams,
+                      stops: set[int], stats: GenerationStats, out: list[int], t0: float) -> Iterator[int]:
+        """Decode without drafts through the static step: each step feeds the token the last one left on the
+        device (its argmax, or the sampler's draw), so nothing goes from the host to the device per token. With
+        `pipeline` the next step is queued before the host reads a token: an end is then seen one step late,
+        and that step's row is dropped with the rest past the reply (see _generate's `keep`)."""
+        static, reader = self.static, TokenReader(self.device)
+        with torch.inference_mode():
+            static.feed(first)
+            pending = reader.start(first)
+        stats.prefill_s = time.perf_counter() - t0
+
+        def queue():
+            with torch.inference_mode():
+                _, logits, tokens = static.run_fed(seq)
+                tok = tokens[0] if sampler.params.greedy else sampler.sample(logits[0])
+                if not sampler.params.greedy:
+                    static.feed(tok)
+                return reader.start(tok)
+
+        while True:
+            ahead = None
+            if self.pipeline and len(out) + 1 < params.max_tokens:
+                ahead = queue()
+                stats.forwards += 1
+            t = reader.wait(pending)
+            if ahead is not None:
+                seq.ids[-1] = t  # the queued step fed t, a placeholder until now
+            out.append(t)
+            stats.generated_tokens = len(out)
+            if len(out) > 1:
+                stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+            yield t
+            if t in stops or len(out) >= params.max_tokens:
+                stats.stop_reason = "stop" if t in stops else "length"
+                return
+            if ahead is None:
+                ahead = queue()
+                seq.ids[-1] = t
+                stats.forwards += 1
+            pending = ahead
+
     def _decode_step(self, seq: Sequence, token: int, drafter, sampler: Sampler, room: int):
         """Feed `token` (and the drafts proposed after it, up to `room`) in one forward pass of the main model;
         keep the drafts it agrees with. Returns (drafts proposed, drafts kept, the new tokens)."""
         drafts, draft_probs = drafter.propose(token, room)
         base = len(seq.ids)
-        h = self._forward(seq, [token] + drafts)
-        n_ok, nxt = verify(drafts, draft_probs, self.model.head(h), sampler)
+        argmax = None
+        if self.static is not None:
+            h, logits, argmax = self.static.run(seq, [token] + drafts)
+        else:
+            h = self._forward(seq, [token] + drafts)
+            logits = self.model.head(h)
+        n_ok, nxt = verify(drafts, draft_probs, logits, sampler, argmax)
         self.cache.truncate(seq, base + 1 + n_ok)
+        if self.static is not None and n_ok < len(drafts):
+            self.static.set_length(len(seq.ids))
         drafter.accept(drafts[:n_ok], h[: 1 + n_ok])
         return len(drafts), n_ok, drafts[:n_ok] + [nxt]
 

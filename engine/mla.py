@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.mla_decode import mla_decode
+from ..kernels import ops
+from ..kernels.mla_decode import mla_decode, mla_decode_paged
 
 from . import dist
 from .config import ModelConfig
@@ -79,14 +80,19 @@ class MLA(nn.Module):
         latent = torch.cat([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin)], dim=-1)  # [B,S,r+dr]
 
         if step is not None:
-            cache[step.slots[-S:]] = latent[0].to(cache.dtype)
+            cache[step.slots[-S:] if step.write_slots is None else step.write_slots] = latent[0].to(cache.dtype)
 
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
         if step is not None and step.absorb:
             # fold W_UK into the query, attend over the latent rows in place, unfold W_UV from the output
             w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
             q_lat = torch.einsum("shd,hdc->shc", q_nope[0], w_uk)
-            o_lat = mla_decode(q_lat, q_pe[0].to(q_lat.dtype), cache, step.slots, step.positions, self.scale)
+            if step.page_table is not None:  # the static step: its length is in the positions
+                o_lat = ops.traced(torch.ops.dschat.mla_decode_paged, mla_decode_paged)(
+                    q_lat, q_pe[0].to(q_lat.dtype), cache, step.page_table, step.positions, step.page_size,
+                    self.scale)
+            else:
+                o_lat = mla_decode(q_lat, q_pe[0].to(q_lat.dtype), cache, step.slots, step.positions, self.scale)
             out = torch.einsum("shc,hdc->shd", o_lat, w_uv).unsqueeze(0)
         else:
             all_latent = latent if step is None else cache[step.slots].unsqueeze(0)  # [B,T,r+dr]

@@ -102,7 +102,8 @@ class Transformer(nn.Module):
 
     def positions(self, positions: torch.Tensor, step: Step | None) -> Positions:
         cos, sin = self.rotary(positions)
-        return Positions(cos, sin, causal_mask(positions, step.slots.numel()) if step else None)
+        mask = causal_mask(positions, step.slots.numel()) if step is not None and not step.absorb else None
+        return Positions(cos, sin, mask)  # absorbed attention masks by position inside its kernel
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head -> float32 logits over the whole vocabulary."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import ops
 from ..kernels.fp8_matmul import dequantize_fp8
 from ..kernels.fused_moe import moe_experts
 from ..kernels.quant_cpu import Int4Cpu, int4_fits, moe_experts_cpu, repack_int4
@@ -114,7 +115,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T,H], ids [T,k] indices into this stack (others contribute zero), weights [T,k] -> [T,H]."""
         if self.w13_scale is None:
-            return moe_experts(x, self.w13, self.w2, ids, weights)
+            return ops.traced(torch.ops.dschat.moe_experts, moe_experts)(x, self.w13, self.w2, ids, weights)
         E, I = self.w13.shape[0], self.w2.shape[-1]
         valid = (ids >= 0) & (ids < E)
         used, local = torch.unique(torch.where(valid, ids, 0), return_inverse=True)
@@ -178,11 +179,18 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.cpu_w13 is not None:
+            if torch.compiler.is_compiling():
+                return torch.ops.dschat.moe_experts_int4_cpu(x, self.cpu_w13, self.cpu_w13_so, self.cpu_w2,
+                                                             self.cpu_w2_so, ids, weights, self.dim, self.inter,
+                                                             self.spec.group)
             w13 = Int4Cpu(self.cpu_w13, self.cpu_w13_so, 2 * self.inter, self.dim, self.spec.group)
             w2 = Int4Cpu(self.cpu_w2, self.cpu_w2_so, self.dim, self.inter, self.spec.group)
             return moe_experts_cpu(x, w13, w2, ids, weights)
         w13, w2 = packed_of(self, "w13", self.spec, self.dim), packed_of(self, "w2", self.spec, self.inter)
         if x.device.type == "cpu" and self.spec.bits == 8:
+            if torch.compiler.is_compiling():
+                return torch.ops.dschat.moe_experts_int8_cpu(x, w13.data, w13.scale, w2.data, w2.scale, ids,
+                                                             weights)
             return moe_experts_cpu(x, w13, w2, ids, weights)
         return moe_experts_quant(x, w13, w2, ids, weights)
 

@@ -26,23 +26,37 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 class Sampler:
-    """Chooses tokens for one generation; seeded, so the same seed gives the same tokens."""
+    """Chooses tokens for one generation; seeded, so the same seed gives the same tokens. Its generator lives on
+    `device` (the logits' device), so that a token is drawn where the logits are: on the CPU the draws are
+    exactly those of a CPU generator, as before."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
         self.params = params
         self.gen = torch.Generator(device="cpu")
         # the given seed, else a fresh one (under tensor parallelism rank 0's, so every rank draws the same tokens)
         self.seed = params.seed if params.seed is not None else same_everywhere(self.gen.seed() % 2**63)
+        if torch.device(device).type != "cpu":
+            self.gen = torch.Generator(device=device)
         self.gen.manual_seed(self.seed)
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits [V] -> token id."""
+        return int(self.sample(logits))
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] -> the token id as a device tensor [] (int64): nothing is read on the host."""
         if self.params.greedy:
-            return int(logits.argmax())
-        return self.draw(probabilities(logits, self.params))
+            return logits.argmax()
+        return self._multinomial(probabilities(logits, self.params))
+
+    def _multinomial(self, probs: torch.Tensor) -> torch.Tensor:
+        probs = probs.detach().float()
+        if probs.device != self.gen.device:
+            probs = probs.to(self.gen.device)
+        return torch.multinomial(probs, 1, generator=self.gen)[0]
 
     def draw(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs.detach().float().cpu(), 1, generator=self.gen))
+        return int(self._multinomial(probs))
 
     def uniform(self) -> float:
-        return float(torch.rand((), generator=self.gen))
+        return float(torch.rand((), generator=self.gen, device=self.gen.device))

@@ -26,11 +26,16 @@ from .sampling import Sampler, probabilities
 
 
 def verify(drafts: list[int], draft_probs: list[torch.Tensor | None], logits: torch.Tensor,
-           sampler: Sampler) -> tuple[int, int]:
+           sampler: Sampler, argmax: torch.Tensor | None = None) -> tuple[int, int]:
     """logits [len(drafts) + 1, V]: the main model's logits after the last accepted token and after each
     draft. Returns (number of drafts accepted, the token that follows them).
-    draft_probs[j] is the distribution d_j was drawn from, or None for a deterministic draft (n-gram)."""
+    draft_probs[j] is the distribution d_j was drawn from, or None for a deterministic draft (n-gram).
+    argmax: the logits' argmax per row where the step computed it (greedy reads it once, not row by row)."""
     params = sampler.params
+    if params.greedy and argmax is not None:
+        best = argmax.tolist()
+        n = next((j for j, d in enumerate(drafts) if best[j] != d), len(drafts))
+        return n, best[n]
     for j, d in enumerate(drafts):
         if params.greedy:
             best = int(logits[j].argmax())

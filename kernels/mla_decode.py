@@ -115,6 +115,24 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
     return (num / den[..., None]).to(q_lat.dtype)
 
 
+def paged_slots(page_table: torch.Tensor, page_size: int, n: int | None = None) -> torch.Tensor:
+    """Flat cache slots of positions 0..n-1 (every position the table can hold when n is None)."""
+    pages = page_table if n is None else page_table[: -(-n // page_size)]
+    slots = (pages[:, None] * page_size + torch.arange(page_size, device=pages.device)[None, :]).flatten()
+    return slots if n is None else slots[:n]
+
+
+def mla_decode_paged(q_lat, q_pe, cache, page_table, q_pos, page_size: int, scale: float):
+    """The static decode step's attention: mla_decode over the keys 0..max(q_pos) of a sequence whose rows lie
+    in the pages `page_table` lists ([max_pages] int64; entries past the sequence's are never read). Every
+    shape is the same at every token: on CUDA the Triton kernel's grid covers the whole table (its programs
+    stop at q_pos); on the CPU the length is read on the host (free there) and only its keys are gathered."""
+    if triton is not None and q_lat.is_cuda:
+        return mla_decode_triton(q_lat, q_pe, cache, paged_slots(page_table, page_size), q_pos, scale)
+    n = int(q_pos.max()) + 1
+    return mla_decode_reference(q_lat, q_pe, cache, paged_slots(page_table, page_size, n), q_pos, scale)
+
+
 def mla_decode(q_lat, q_pe, cache, slots, q_pos, scale):
     """Triton on CUDA, the PyTorch reference elsewhere."""
     if triton is not None and q_lat.is_cuda:

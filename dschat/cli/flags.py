@@ -31,6 +31,11 @@ def add_model_options(p: argparse.ArgumentParser):
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads (default: one for a small model such as the demo, else the cores not busy "
                         "with other processes; --stats says how many ran)")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default=None,
+                   help="how the decode step runs: on the CPU `on` compiles it with torch.compile/inductor (a C++ "
+                        "compiler needed; the first start compiles for minutes, later ones load the code cached "
+                        "under ~/.cache/dschat/inductor), `auto` (default) and `off` run it as it is; on a GPU "
+                        "`auto` and `on` capture it in CUDA graphs at load")
     g.add_argument("--cache-gb", type=float, default=None, metavar="GB",
                    help="size of the latent KV cache pool (default: a share of free memory)")
     g.add_argument("--speculative", choices=["mtp", "ngram", "none"], default=None,

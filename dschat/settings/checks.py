@@ -42,6 +42,7 @@ CHECKS = {
     "device": lambda v: _choice(v, DEVICE, (), "a device (cpu, cuda, cuda:N, mps or auto)"),
     "dtype": lambda v: _choice(v, None, DTYPES, f"a dtype ({', '.join(DTYPES)})"),
     "quant": lambda v: _choice(v, None, QUANTS, "a quantization (int8, int4 or none)"),
+    "compile": lambda v: _choice(v, None, ("auto", "on", "off"), "auto, on or off"),
 }
 
 

@@ -9,6 +9,7 @@
     max_tokens = 2048
     quant = "int4"                                # int8 / int4 weights (--quant wins)
     threads = 2                                   # CPU threads (--threads wins; default: chosen per model)
+    compile = "on"                                # compile the CPU decode step (--compile wins; default auto)
 
     [keys]                                        # TUI key bindings, action = "key"
     stop = "escape"
@@ -51,6 +52,7 @@ class Settings:
     dtype: str | None = None
     quant: str | None = None
     threads: int | None = None
+    compile: str | None = None
     keys: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
 

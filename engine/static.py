@@ -1,0 +1,248 @@
+"""The decode step as one static graph: fixed device buffers, the same shapes at every token.
+
+A decode (or 1+K verify) step of S tokens reads only these buffers, which live on the engine's device for its
+whole life:
+    ids         [1, S] int64   the tokens fed (a plain greedy step writes its own argmax back here, so the
+                               next step needs nothing from the host)
+    length      [1]    int64   positions already cached; the step's positions are length + 0..S-1, and it
+                               adds S when it has run (the host fixes it after a rejected draft)
+    page_table  [max_pages] int64  the sequence's pages (`LatentCache` pages); entries past its end are
+                               never read: attention masks by position inside the operator
+and computes, on the device, the new rows' cache slots, rotary angles, the attention over the keys
+0..position (kernels/mla_decode.py `mla_decode_paged`), the logits and their argmax. Nothing in it reads a
+tensor on the host or builds one from host data (the CPU's operators read small tensors inside themselves,
+which is free there and opaque to a compiler: kernels/ops.py). The host writes a page number into the table
+once per page (`fill_` of one entry: a scalar, no copy).
+
+So the same step can run three ways (`StaticDecoder.mode`):
+  * "eager": called as it is;
+  * "compiled": `torch.compile(fullgraph=True)` of it: one graph, no recompilation while a sequence grows
+    (tests/test_static_step.py keeps both true);
+  * "cuda-graph": captured at load in a CUDA graph per shape in use (plain, each 1+K verify) and replayed per
+    token. NOT yet measured on a GPU: on the CPU the same buffers and the same replay interface are exercised
+    by the "eager" and "compiled" modes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .step import Step
+
+COMPILE = ("auto", "on", "off")
+
+
+class CompileWarning(UserWarning):
+    """The decode step was asked to compile but cannot (no C++ compiler): it runs eagerly."""
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use ($CXX, else c++ / g++ / clang++ on PATH), or None."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled code (its FX graph cache): under dschat's cache directory, so that a
+    second start finds the first one's (XDG_CACHE_HOME/dschat/inductor)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dschat" / "inductor"
+
+
+def choose_mode(compile: str, device: torch.device, world_size: int = 1) -> str:
+    """The StaticDecoder mode for `compile` ("auto", "on" or "off") on this device:
+    CUDA: "cuda-graph" (one graph per step shape, captured at load) unless "off", or with several ranks;
+    CPU: "compiled" (inductor) for "on" where a C++ compiler exists, else "eager" (with a CompileWarning when
+    "on" was asked for). "auto" is "eager" on the CPU: measured on the demo model (docs/engine.md), inductor's
+    first compile costs minutes on 2 cores against a gain that does not repay it in a chat's start."""
+    if compile not in COMPILE:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE)}")
+    if compile == "off":
+        return "eager"
+    if device.type == "cuda":
+        return "cuda-graph" if world_size == 1 else "eager"
+    if compile == "auto":
+        return "eager"
+    if cxx_compiler() is None:
+        warnings.warn("no C++ compiler found (set CXX or install g++): the decode step runs without compiling",
+                      CompileWarning, stacklevel=3)
+        return "eager"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    return "compiled"
+
+
+def decode_step(model, ids: torch.Tensor, length: torch.Tensor, page_table: torch.Tensor,
+                layers: list[torch.Tensor], page_size: int):
+    """One step over the static buffers: (h [S, hidden] before the final norm, logits [S, V] float32,
+    argmax [S] int64). Writes the S new latent rows, adds S to `length` and, at S = 1, feeds the argmax
+    back into `ids` (a greedy decode's next input)."""
+    S = ids.shape[1]
+    positions = length + torch.arange(S, device=ids.device)
+    write = page_table[positions // page_size] * page_size + positions % page_size
+    step = Step(positions, None, layers, True, page_table=page_table, write_slots=write, page_size=page_size)
+    h = model(ids, positions, step)[0]
+    logits = model.head(h)
+    tokens = logits.argmax(dim=-1)
+    length.add_(S)
+    if S == 1:
+        ids.copy_(tokens.view(1, 1))
+    return h, logits, tokens
+
+
+class StaticDecoder:
+    """The static buffers of one engine and the step over them, run eagerly, compiled or from CUDA graphs.
+    `bind(seq)` points the buffers at a sequence (once a turn); `run(seq, tokens)` feeds host tokens (drafts
+    to verify), `run_fed(seq)` the token already in the ids buffer (plain decode), both returning
+    (h, logits, argmax) of the step's S positions."""
+
+    MODES = ("eager", "compiled", "cuda-graph")
+
+    def __init__(self, model, cache, device: torch.device, context_length: int, mode: str = "eager",
+                 backend: str = "inductor", shapes: tuple[int, ...] = (1,)):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}")
+        self.model, self.cache, self.device, self.mode = model, cache, device, mode
+        self.page_size = cache.page_size
+        self.max_pages = -(-context_length // cache.page_size) + 1
+        self.page_table = torch.zeros(self.max_pages, dtype=torch.long, device=device)
+        self.length = torch.zeros(1, dtype=torch.long, device=device)
+        self.ids: dict[int, torch.Tensor] = {}
+        self.table: list[int] = []  # what page_table holds, as the host last wrote it
+        self.graphs: dict[int, "_Graph"] = {}
+        self._fn = decode_step
+        t0 = time.perf_counter()
+        if mode == "compiled":
+            self._fn = torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False)
+            for s in shapes:  # compile now, at load, not after a reply's first token
+                self.warm_up(s)
+        if mode == "cuda-graph":
+            for s in shapes:
+                self.graphs[s] = _Graph(self, s)
+            self.length.zero_()
+        self.prepare_s = time.perf_counter() - t0  # compiling or capturing, at load
+
+    @torch.inference_mode()
+    def warm_up(self, S: int):
+        """Run one step of S tokens on a scratch sequence (its page freed after): compiles that shape."""
+        seq = self.cache.open([], limit=0)
+        try:
+            self.bind(seq)
+            self.run(seq, [0] * S)
+        finally:
+            self.cache.close(seq, insert=False)
+
+    def ids_buffer(self, S: int) -> torch.Tensor:
+        if S not in self.ids:
+            self.ids[S] = torch.zeros(1, S, dtype=torch.long, device=self.device)
+        return self.ids[S]
+
+    # -- the sequence ----------------------------------------------------------------------------------
+    def bind(self, seq):
+        """Point the buffers at seq: its page table and length."""
+        self.table = []
+        self.sync(seq)
+        self.length.fill_(len(seq.ids))
+
+    def sync(self, seq):
+        """Write the page numbers seq has gained (or changed) since the last call: one entry a page."""
+        pages = seq.pages
+        if pages == self.table:
+            return
+        j = 0
+        while j < len(self.table) and j < len(pages) and self.table[j] == pages[j]:
+            j += 1
+        for k in range(j, len(pages)):
+            self.page_table[k] = pages[k]  # a fill with a scalar: no host tensor, no copy
+        self.table = list(pages)
+
+    def set_length(self, n: int):
+        self.length.fill_(n)
+
+    # -- steps --------------------------------------------------------------------------------------------
+    def run(self, seq, tokens: list[int]):
+        """Feed host tokens (a token and the drafts to verify) after seq's cached ones."""
+        buf = self.ids_buffer(len(tokens))
+        buf.copy_(torch.tensor([tokens], dtype=torch.long), non_blocking=True)
+        out = self._step(seq, len(tokens))
+        seq.ids.extend(tokens)
+        return out
+
+    def run_fed(self, seq, token: int = -1):
+        """Feed the token the ids buffer [1, 1] already holds (the last step's argmax, or `feed`'s): `token`
+        is its id where the host knows it, else a placeholder the caller replaces once it has read it."""
+        out = self._step(seq, 1)
+        seq.ids.append(token)
+        return out
+
+    def feed(self, token: torch.Tensor):
+        """Put a device token (a sampled one) into the plain step's ids buffer."""
+        self.ids_buffer(1).copy_(token.view(1, 1))
+
+    def _step(self, seq, S: int):
+        self.cache.reserve(seq, len(seq.ids) + S)
+        self.sync(seq)
+        if S in self.graphs:
+            return self.graphs[S].replay()
+        return self._fn(self.model, self.ids_buffer(S), self.length, self.page_table, self.cache.layers,
+                        self.page_size)
+
+
+class _Graph:
+    """One shape of the step captured in a CUDA graph (static inputs: the decoder's buffers; static outputs:
+    h, logits, argmax, overwritten by the next replay). Captured at load, before anything is cached: the
+    warm-up runs write rows of page 0 at positions 0..S-1, which nothing holds yet."""
+
+    def __init__(self, dec: StaticDecoder, S: int):
+        ids = dec.ids_buffer(S)
+        args = (dec.model, ids, dec.length, dec.page_table, dec.cache.layers, dec.page_size)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: Triton compiles, allocator pools fill
+                dec.length.zero_()
+                decode_step(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        dec.length.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = decode_step(*args)
+        torch.cuda.synchronize()
+
+    def replay(self):
+        self.graph.replay()
+        return self.out
+
+
+class TokenReader:
+    """Reads device tokens on the host. On CUDA each read is a non-blocking copy into pinned memory started as
+    soon as the token exists (`start`), waited for only when the host needs it (`wait`), so the next step can
+    be queued in between; elsewhere a plain read."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.slots = [torch.empty(1, dtype=torch.long, pin_memory=True) for _ in range(2)] if self.cuda else []
+        self.events = [torch.cuda.Event() for _ in range(2)] if self.cuda else []
+        self.i = 0
+
+    def start(self, token: torch.Tensor):
+        """Begin reading a device token [] or [1]; returns a handle for `wait`."""
+        if not self.cuda:
+            return token
+        i = self.i = (self.i + 1) % 2
+        self.slots[i].copy_(token.view(1), non_blocking=True)
+        self.events[i].record()
+        return i
+
+    def wait(self, handle) -> int:
+        if not self.cuda:
+            return int(handle)
+        self.events[handle].synchronize()
+        return int(self.slots[handle][0])

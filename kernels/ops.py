@@ -1,0 +1,72 @@
+"""The kernels as PyTorch custom operators (`torch.library`), each with a fake (meta) implementation, so that
+`torch.compile(fullgraph=True)` traces a whole decode step as one graph: inside an operator the CPU paths may
+read small tensors on the host (the MoE's chosen experts, the attention's length), which is free on the CPU
+and, the operator being opaque to the compiler, breaks no graph; on CUDA they run the Triton kernels.
+
+    torch.ops.dschat.mla_decode_paged      mla_decode.mla_decode_paged (the static step's attention)
+    torch.ops.dschat.moe_experts           fused_moe.moe_experts
+    torch.ops.dschat.moe_experts_int8_cpu  quant_cpu.moe_experts_cpu over int8 stacks
+    torch.ops.dschat.moe_experts_int4_cpu  quant_cpu.moe_experts_cpu over int4 stacks (the CPU kernel's layout)
+
+The engine calls the plain Python functions when it runs eagerly (an operator's dispatch costs ~10 us) and
+the operators while it is being traced (`traced`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import fused_moe, mla_decode, quant_cpu
+from .quant_format import Packed
+
+
+def traced(op, fn):
+    """The custom operator while torch.compile traces, else the plain function."""
+    return op if torch.compiler.is_compiling() else fn
+
+
+@torch.library.custom_op("dschat::mla_decode_paged", mutates_args=())
+def mla_decode_paged(q_lat: Tensor, q_pe: Tensor, cache: Tensor, page_table: Tensor, q_pos: Tensor,
+                     page_size: int, scale: float) -> Tensor:
+    return mla_decode.mla_decode_paged(q_lat, q_pe, cache, page_table, q_pos, page_size, scale)
+
+
+@mla_decode_paged.register_fake
+def _(q_lat, q_pe, cache, page_table, q_pos, page_size, scale):
+    return torch.empty_like(q_lat)
+
+
+@torch.library.custom_op("dschat::moe_experts", mutates_args=())
+def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+    return fused_moe.moe_experts(x, w13, w2, ids, weights)
+
+
+@moe_experts.register_fake
+def _(x, w13, w2, ids, weights):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dschat::moe_experts_int8_cpu", mutates_args=())
+def moe_experts_int8_cpu(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor, ids: Tensor,
+                         weights: Tensor) -> Tensor:
+    p13 = Packed(w13, w13_scale, None, 8, 0, w13.shape[-1])
+    p2 = Packed(w2, w2_scale, None, 8, 0, w2.shape[-1])
+    return quant_cpu.moe_experts_cpu(x, p13, p2, ids, weights)
+
+
+@moe_experts_int8_cpu.register_fake
+def _(x, w13, w13_scale, w2, w2_scale, ids, weights):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dschat::moe_experts_int4_cpu", mutates_args=())
+def moe_experts_int4_cpu(x: Tensor, w13: Tensor, w13_so: Tensor, w2: Tensor, w2_so: Tensor, ids: Tensor,
+                         weights: Tensor, hidden: int, inter: int, group: int) -> Tensor:
+    return quant_cpu.moe_experts_cpu(x, quant_cpu.Int4Cpu(w13, w13_so, 2 * inter, hidden, group),
+                                     quant_cpu.Int4Cpu(w2, w2_so, hidden, inter, group), ids, weights)
+
+
+@moe_experts_int4_cpu.register_fake
+def _(x, w13, w13_so, w2, w2_so, ids, weights, hidden, inter, group):
+    return torch.empty_like(x)

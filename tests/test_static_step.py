@@ -1,0 +1,145 @@
+"""The decode step as one static graph (engine/static.py): fixed buffers, the same tokens as the plain path,
+an end seen one step late when pipelined, one graph with no breaks and no recompilation under torch.compile,
+and the --compile choice."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from dschat.engine import Engine, SamplingParams
+from dschat.engine import static as static_mod
+from dschat.engine.static import CompileWarning, StaticDecoder, choose_mode, decode_step
+
+from helpers import assert_clean_error, run
+
+
+def prompt(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
+    return torch.randint(2, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def v3(checkpoints):
+    return Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32, speculative="none")
+
+
+def plain(eng: Engine, ids, params) -> list[int]:
+    """The same generation through the plain path (no static step)."""
+    saved, eng.static = eng.static, None
+    try:
+        return list(eng.generate(ids, params, reuse_cache=False))
+    finally:
+        eng.static = saved
+
+
+def count_steps(eng: Engine, monkeypatch) -> list[int]:
+    calls = []
+    fn = eng.static._fn
+
+    def counted(*args):
+        calls.append(args[1].shape[1])
+        return fn(*args)
+
+    monkeypatch.setattr(eng.static, "_fn", counted)
+    return calls
+
+
+def test_static_step_decodes_the_plain_path_tokens(v3, monkeypatch):
+    calls = count_steps(v3, monkeypatch)
+    ids = prompt(20, seed=1)
+    greedy = SamplingParams(max_tokens=70, ignore_eos=True)  # crosses a page (64 rows)
+    assert list(v3.generate(ids, greedy, reuse_cache=False)) == plain(v3, ids, greedy)
+    assert calls == [1] * 69  # every decoded token went through the static step
+    sampled = SamplingParams(max_tokens=20, ignore_eos=True, temperature=0.9, top_k=40, top_p=0.9, seed=11)
+    assert list(v3.generate(ids, sampled, reuse_cache=False)) == plain(v3, ids, sampled)
+
+
+def test_pipelined_end_is_seen_a_step_late_and_that_step_dropped(v3, monkeypatch):
+    """With `pipeline` (CUDA's default) the next step is queued before a token is read: at a stop token one
+    step too many has run; its latent row must not stay cached."""
+    ids = prompt(30, seed=2)
+    out = plain(v3, ids, SamplingParams(max_tokens=12, ignore_eos=True))
+    stop = out[5]
+    cut = out[: out.index(stop) + 1]
+    results = {}
+    for pipeline in (False, True):
+        monkeypatch.setattr(v3, "pipeline", pipeline)
+        v3.cache.clear()
+        calls = count_steps(v3, monkeypatch)
+        got = list(v3.generate(ids, SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=[stop])))
+        assert got == cut
+        assert len(calls) == len(cut) - (0 if pipeline else 1)  # pipelined: the extra, discarded step
+        following = ids + got + [3, 4]
+        g = v3.generate(following, SamplingParams(max_tokens=6, ignore_eos=True))
+        results[pipeline] = (list(g), g.stats.cached_tokens)
+    assert results[True] == results[False]
+    assert results[True][1] == len(ids) + len(cut) - 1  # the prompt and the reply but its last token
+
+
+def test_the_step_is_one_graph_with_no_recompilation_over_256_steps(v3):
+    eng = v3
+    seq = eng.cache.open([], limit=0)
+    dec = StaticDecoder(eng.model, eng.cache, eng.device, eng.context_length)
+    try:
+        with torch.inference_mode():
+            eng._prefill(seq, prompt(10, seed=3))
+            dec.bind(seq)
+            eng.cache.reserve(seq, len(seq.ids) + 1)
+            dec.sync(seq)
+            explained = torch._dynamo.explain(decode_step)(eng.model, dec.ids_buffer(1), dec.length,
+                                                          dec.page_table, eng.cache.layers, dec.page_size)
+    finally:
+        eng.cache.close(seq, insert=False)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+    torch._dynamo.reset()
+    ids = prompt(10, seed=4)
+    params = SamplingParams(max_tokens=257, ignore_eos=True)  # 256 decode steps, over 4 new pages
+    eager = list(eng.generate(ids, params, reuse_cache=False))
+    saved = eng.static
+    from torch._dynamo.utils import counters
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            # compiled at construction (a warm-up step), then 256 steps that must reuse that graph
+            eng.static = StaticDecoder(eng.model, eng.cache, eng.device, eng.context_length, mode="compiled",
+                                       backend="eager")
+            compiled = list(eng.generate(ids, params, reuse_cache=False))
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        eng.static = saved
+        torch._dynamo.reset()
+    assert compiled == eager
+
+
+def test_compile_choice(monkeypatch, tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_mode("off", cpu) == choose_mode("auto", cpu) == "eager"
+    assert choose_mode("auto", cuda) == choose_mode("on", cuda) == "cuda-graph"
+    assert choose_mode("on", cuda, world_size=2) == choose_mode("off", cuda) == "eager"
+    with pytest.raises(ValueError, match="compile must be"):
+        choose_mode("sometimes", cpu)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    if static_mod.cxx_compiler() is not None:
+        assert choose_mode("on", cpu) == "compiled"
+        import os
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "dschat" / "inductor")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert choose_mode("on", cpu) == "eager"
+    assert [str(w.message) for w in caught if w.category is CompileWarning] == [
+        "no C++ compiler found (set CXX or install g++): the decode step runs without compiling"]
+
+
+def test_compile_flag_and_setting_are_checked(tmp_path):
+    r = run(["--compile", "sometimes", "-n", "1"], stdin="hi")  # argparse's usage, then its one error line
+    assert r.returncode == 2 and "dschat: error: argument --compile: invalid choice" in r.stderr.decode()
+    (tmp_path / "dschat").mkdir()
+    (tmp_path / "dschat" / "config.toml").write_text('compile = "sometimes"\n')
+    r = run(["-n", "1"], stdin="hi", env={"XDG_CONFIG_HOME": str(tmp_path)})
+    assert_clean_error(r, "compile")
