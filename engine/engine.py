@@ -284,6 +284,8 @@ class Engine:
     def _mtp(self, seq: Sequence, start: int, h: torch.Tensor, next_ids: list[int]):
         """The MTP module over positions start..start+S-1: h [S, hidden] the depth-0 states there (main
         model, after its final norm), next_ids the tokens that follow each. Writes its latent rows."""
+        if self.static is not None and len(next_ids) in self.static.shapes and self.static.mtp:
+            return self.static.run_mtp(seq, start, h, next_ids)
         step = self._step(seq, start, len(next_ids))
         ids = self._ids_tensor(next_ids)[None]
         h_out, logits = self.model.mtp_forward(0, h[None], ids, step.positions, step)

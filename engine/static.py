@@ -97,6 +97,19 @@ def decode_step(model, ids: torch.Tensor, length: torch.Tensor, page_table: torc
     return h, logits, tokens
 
 
+def mtp_step(model, h_prev: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, page_table: torch.Tensor,
+             layers: list[torch.Tensor], page_size: int):
+    """V3's MTP module (depth 0) over positions start..start+S-1 of the static buffers: h_prev [S, hidden] the
+    main model's normed states there, ids [1, S] the tokens that follow each. Writes its S latent rows;
+    returns (h [S, hidden], logits [S, V] float32, argmax [S])."""
+    S = ids.shape[1]
+    positions = start + torch.arange(S, device=ids.device)
+    write = page_table[positions // page_size] * page_size + positions % page_size
+    step = Step(positions, None, layers, True, page_table=page_table, write_slots=write, page_size=page_size)
+    h, logits = model.mtp_forward(0, h_prev[None], ids, positions, step)
+    return h[0], logits[0], logits[0].argmax(dim=-1)
+
+
 class StaticDecoder:
     """The static buffers of one engine and the step over them, run eagerly, compiled or from CUDA graphs.
     `bind(seq)` points the buffers at a sequence (once a turn); `run(seq, tokens)` feeds host tokens (drafts
@@ -115,17 +128,27 @@ class StaticDecoder:
         self.page_table = torch.zeros(self.max_pages, dtype=torch.long, device=device)
         self.length = torch.zeros(1, dtype=torch.long, device=device)
         self.ids: dict[int, torch.Tensor] = {}
+        # the MTP drafter's step (when the model has its module): fed states, tokens and first position
+        self.mtp = len(getattr(model, "mtp", ())) > 0
+        self.mtp_h: dict[int, torch.Tensor] = {}
+        self.mtp_ids: dict[int, torch.Tensor] = {}
+        self.mtp_start = torch.zeros(1, dtype=torch.long, device=device)
+        self.shapes = tuple(shapes)
         self.table: list[int] = []  # what page_table holds, as the host last wrote it
         self.graphs: dict[int, "_Graph"] = {}
-        self._fn = decode_step
+        self._fn, self._mtp_fn = decode_step, mtp_step
+        self.mtp_graphs: dict[int, "_Graph"] = {}
         t0 = time.perf_counter()
         if mode == "compiled":
             self._fn = torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False)
+            self._mtp_fn = torch.compile(mtp_step, backend=backend, fullgraph=True, dynamic=False)
             for s in shapes:  # compile now, at load, not after a reply's first token
                 self.warm_up(s)
         if mode == "cuda-graph":
             for s in shapes:
-                self.graphs[s] = _Graph(self, s)
+                self.graphs[s] = _Graph(decode_step, self._args(s), self.length)
+                if self.mtp:
+                    self.mtp_graphs[s] = _Graph(mtp_step, self._mtp_args(s), self.mtp_start)
             self.length.zero_()
         self.prepare_s = time.perf_counter() - t0  # compiling or capturing, at load
 
@@ -136,8 +159,35 @@ class StaticDecoder:
         try:
             self.bind(seq)
             self.run(seq, [0] * S)
+            if self.mtp:
+                self.run_mtp(seq, 0, torch.zeros(S, self.model.cfg.hidden_size, device=self.device,
+                                                  dtype=self.model.lm_head.weight.dtype), [0] * S)
         finally:
             self.cache.close(seq, insert=False)
+
+    def _args(self, S: int):
+        return (self.model, self.ids_buffer(S), self.length, self.page_table, self.cache.layers, self.page_size)
+
+    def _mtp_args(self, S: int):
+        if S not in self.mtp_ids:
+            self.mtp_ids[S] = torch.zeros(1, S, dtype=torch.long, device=self.device)
+            self.mtp_h[S] = torch.zeros(S, self.model.cfg.hidden_size, device=self.device,
+                                        dtype=self.model.lm_head.weight.dtype)
+        return (self.model, self.mtp_h[S], self.mtp_ids[S], self.mtp_start, self.page_table, self.cache.layers,
+                self.page_size)
+
+    def run_mtp(self, seq, start: int, h: torch.Tensor, next_ids: list[int]):
+        """The MTP module over positions start.. of seq (see engine.Engine._mtp), through static buffers:
+        (h, logits) of its S positions. Only for the step shapes in use (`shapes`)."""
+        S = len(next_ids)
+        args = self._mtp_args(S)
+        self.cache.reserve(seq, start + S)
+        self.sync(seq)
+        args[1].copy_(h)
+        args[2].copy_(torch.tensor([next_ids], dtype=torch.long), non_blocking=True)
+        self.mtp_start.fill_(start)
+        out = self.mtp_graphs[S].replay() if S in self.mtp_graphs else self._mtp_fn(*args)
+        return out[0], out[1]
 
     def ids_buffer(self, S: int) -> torch.Tensor:
         if S not in self.ids:
@@ -191,8 +241,7 @@ class StaticDecoder:
         self.sync(seq)
         if S in self.graphs:
             return self.graphs[S].replay()
-        return self._fn(self.model, self.ids_buffer(S), self.length, self.page_table, self.cache.layers,
-                        self.page_size)
+        return self._fn(*self._args(S))
 
 
 class _Graph:
@@ -200,21 +249,20 @@ class _Graph:
     h, logits, argmax, overwritten by the next replay). Captured at load, before anything is cached: the
     warm-up runs write rows of page 0 at positions 0..S-1, which nothing holds yet."""
 
-    def __init__(self, dec: StaticDecoder, S: int):
-        ids = dec.ids_buffer(S)
-        args = (dec.model, ids, dec.length, dec.page_table, dec.cache.layers, dec.page_size)
+    def __init__(self, fn, args, position: torch.Tensor):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # warm-up: Triton compiles, allocator pools fill
-                dec.length.zero_()
-                decode_step(*args)
+                position.zero_()
+                fn(*args)
         torch.cuda.current_stream().wait_stream(stream)
-        dec.length.zero_()
+        position.zero_()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = decode_step(*args)
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.out = fn(*args)
         torch.cuda.synchronize()
+        position.zero_()
 
     def replay(self):
         self.graph.replay()

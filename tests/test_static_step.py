@@ -143,3 +143,20 @@ def test_compile_flag_and_setting_are_checked(tmp_path):
     (tmp_path / "dschat" / "config.toml").write_text('compile = "sometimes"\n')
     r = run(["-n", "1"], stdin="hi", env={"XDG_CONFIG_HOME": str(tmp_path)})
     assert_clean_error(r, "compile")
+
+
+@pytest.mark.parametrize("spec", ["mtp", "ngram"])
+def test_drafts_are_verified_and_drafted_through_the_static_step(checkpoints, v3, spec):
+    """The 1+K verify (n-gram, MTP) and MTP's own draft steps run the static buffers; greedy tokens unchanged."""
+    eng = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32, speculative=spec, draft_tokens=2)
+    verify, draft = [], []
+    fn, mtp_fn = eng.static._fn, eng.static._mtp_fn
+    eng.static._fn = lambda *a: (verify.append(a[1].shape[1]), fn(*a))[1]
+    eng.static._mtp_fn = lambda *a: (draft.append(a[2].shape[1]), mtp_fn(*a))[1]
+    ids = prompt(12, seed=5) * 3  # repeats: n-gram finds drafts
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    gen = eng.generate(ids, params)
+    assert list(gen) == plain(v3, ids, params)
+    assert len(verify) == gen.stats.forwards and set(verify) <= {1, 2, 3}  # every forward pass, static
+    assert gen.stats.draft_tokens == sum(verify) - len(verify)
+    assert (len(draft) > 0) == (spec == "mtp")
