@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +23,7 @@ from .memory import memory_report
 from .mla import ABSORB_MAX_TOKENS
 from .model import Transformer
 from .step import Step
-from .static import StaticDecoder, TokenReader, choose_mode
+from .static import CompileWarning, StaticDecoder, TokenReader, choose_mode
 from .quant import bytes_per_token
 from .quant import saved_spec as saved_quant_spec
 from .threads import choose_threads
@@ -83,8 +84,17 @@ class Engine:
         # None: the plain path decodes
         mode = choose_mode(compile, device, dist.world_size())
         shapes = (1,) if speculative == "none" else tuple(range(1, draft_tokens + 2))
-        self.static: StaticDecoder | None = StaticDecoder(model, self.cache, device, cfg.max_position_embeddings,
-                                                          mode, shapes=shapes)
+        try:
+            self.static: StaticDecoder | None = StaticDecoder(model, self.cache, device,
+                                                              cfg.max_position_embeddings, mode, shapes=shapes)
+        except Exception as e:  # a compiler or a capture that fails: the same step, run as it is
+            if mode == "eager":
+                raise
+            warnings.warn(f"the decode step could not be {'compiled' if mode == 'compiled' else 'captured'} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): it runs without",
+                          CompileWarning, stacklevel=2)
+            self.cache.clear()
+            self.static = StaticDecoder(model, self.cache, device, cfg.max_position_embeddings, "eager")
         # queue the next step before reading a token (CUDA: the read overlaps it; an end is seen a step late)
         self.pipeline = device.type == "cuda"
 

@@ -160,3 +160,20 @@ def test_drafts_are_verified_and_drafted_through_the_static_step(checkpoints, v3
     assert len(verify) == gen.stats.forwards and set(verify) <= {1, 2, 3}  # every forward pass, static
     assert gen.stats.draft_tokens == sum(verify) - len(verify)
     assert (len(draft) > 0) == (spec == "mtp")
+
+
+def test_a_step_that_cannot_compile_runs_eagerly_with_one_warning(checkpoints, monkeypatch, v3):
+    monkeypatch.setattr(static_mod, "cxx_compiler", lambda: "/usr/bin/c++")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor failed\nmore lines")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eng = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32, speculative="none", compile="on")
+    assert [str(w.message) for w in caught if w.category is CompileWarning] == [
+        "the decode step could not be compiled (RuntimeError: inductor failed): it runs without"]
+    assert eng.load_stats["decode_step"] == "eager"
+    ids, params = prompt(10, seed=6), SamplingParams(max_tokens=5, ignore_eos=True)
+    assert list(eng.generate(ids, params)) == plain(v3, ids, params)
