@@ -14,9 +14,11 @@ values for that. A TorchDispatchMode sees every ATen operation:
   * aten_ops_per_token: ATen operations that run a kernel (views and other metadata-only results that share
     their input's storage, and allocations, are left out; a conversion that copies counts);
   * triton_launches_per_token: Triton kernel launches (each counted once, not the operations inside it);
-  * syncs_in_step: what makes the host wait for the device, or the device for the host: .item(),
+  * syncs_per_token: what makes the host wait for the device, or the device for the host: .item(),
     .tolist(), bool()/int() of a tensor, nonzero, unique, masked_select, bincount, repeat_interleave by a
-    tensor, and a tensor made from host data (torch.tensor(list): a blocking host-to-device copy).
+    tensor, and a tensor made from host data (torch.tensor(list): a blocking host-to-device copy);
+  * syncs_in_step: those inside the decode step itself (engine/static.py's step function, as a CUDA graph
+    would hold it), not the host's read of each new token.
 Counts are per decoded token: generation of N + K tokens minus generation of N, divided by K (greedy, no
 drafter), so the prefill and the first token are not in them. The V2-Lite structure is DeepSeek-V2-Lite's
 (27 layers, 1 dense first; 64 routed experts top-6, 2 shared; 16 heads) at toy widths: the counts do not
@@ -64,6 +66,8 @@ class Counts(TorchDispatchMode):
         self.on = False
         self.ops: collections.Counter = collections.Counter()
         self.syncs: collections.Counter = collections.Counter()
+        self.step_syncs = 0  # syncs while the static step runs
+        self.in_step = False
         self.launches: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -75,6 +79,7 @@ class Counts(TorchDispatchMode):
                                          torch.ops.aten.repeat_interleave.self_Tensor) and "output_size" not in kwargs
             if name in SYNC_OPS or repeats_by_tensor:
                 self.syncs[name] += 1
+                self.step_syncs += self.in_step
                 if name not in ("item", "_local_scalar_dense", "is_nonzero", "lift_fresh"):
                     self.ops[name] += 1  # it runs a kernel as well
             elif name not in NO_KERNEL and not name.startswith("_assert"):
@@ -96,6 +101,7 @@ class HostReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if self.counts.on and func is torch.Tensor.tolist:
             self.counts.syncs["tolist"] += 1
+            self.counts.step_syncs += self.counts.in_step
         return func(*args, **(kwargs or {}))
 
 
@@ -159,12 +165,23 @@ def measure(path, counts: Counts, n: int, extra: int) -> dict:
     eng = Engine.from_pretrained(path, device="cpu", dtype=torch.float32, speculative="none")
     force_cuda_dispatch()
     ids = [0, 5, 9, 17, 33, 65, 129]
+    step = eng.static._fn
+
+    def in_step(*args):  # the syncs inside the step, apart from the host's read of each token
+        counts.in_step = True
+        try:
+            return step(*args)
+        finally:
+            counts.in_step = False
+
+    eng.static._fn = in_step
 
     def run(tokens):
         eng.cache.clear()
         counts.ops.clear()
         counts.syncs.clear()
         counts.launches.clear()
+        counts.step_syncs = 0
         with counts, HostReads(counts):  # only around generation: loading under them is slow
             counts.on = True
             try:
@@ -174,14 +191,14 @@ def measure(path, counts: Counts, n: int, extra: int) -> dict:
                 counts.on = False
         assert len(out) == tokens
         return sum(counts.ops.values()), sum(counts.launches.values()), sum(counts.syncs.values()), \
-            dict(counts.ops), dict(counts.syncs)
+            counts.step_syncs, dict(counts.ops), dict(counts.syncs)
 
     short, long = run(n), run(n + extra)
-    per = [(b - a) / extra for a, b in zip(short[:3], long[:3])]
-    top = sorted(((k, (v - short[3].get(k, 0)) / extra) for k, v in long[3].items()), key=lambda kv: -kv[1])
-    syncs = {k: (v - short[4].get(k, 0)) / extra for k, v in long[4].items() if v != short[4].get(k, 0)}
+    per = [(b - a) / extra for a, b in zip(short[:4], long[:4])]
+    top = sorted(((k, (v - short[4].get(k, 0)) / extra) for k, v in long[4].items()), key=lambda kv: -kv[1])
+    syncs = {k: (v - short[5].get(k, 0)) / extra for k, v in long[5].items() if v != short[5].get(k, 0)}
     return {"ops_per_token": per[0] + per[1], "aten_ops_per_token": per[0], "triton_launches_per_token": per[1],
-            "syncs_in_step": per[2],
+            "syncs_per_token": per[2], "syncs_in_step": per[3],
             "layers": eng.config.num_hidden_layers, "top_ops": dict(top[:8]), "syncs": syncs}
 
 
@@ -210,10 +227,11 @@ def main(argv=None):
         print(json.dumps(results))
         return 0
     print("per decoded token, batch 1, greedy, dispatched as on CUDA")
-    print(f"{'model':8} {'layers':>6} {'device ops':>11} {'ATen ops':>9} {'Triton launches':>16} {'host syncs':>11}")
+    print(f"{'model':8} {'layers':>6} {'device ops':>11} {'ATen ops':>9} {'Triton launches':>16} {'host syncs':>11} "
+          f"{'in the step':>12}")
     for model, r in results.items():
         print(f"{model:8} {r['layers']:>6} {r['ops_per_token']:>11.1f} {r['aten_ops_per_token']:>9.1f} "
-              f"{r['triton_launches_per_token']:>16.1f} {r['syncs_in_step']:>11.1f}")
+              f"{r['triton_launches_per_token']:>16.1f} {r['syncs_per_token']:>11.1f} {r['syncs_in_step']:>12.1f}")
     for model, r in results.items():
         print(f"{model}: most frequent ops {', '.join(f'{k} {v:g}' for k, v in r['top_ops'].items())}; "
               f"syncs {', '.join(f'{k} {v:g}' for k, v in r['syncs'].items()) or 'none'}")

@@ -28,7 +28,9 @@ def test_counts_per_token_are_positive_and_the_kernels_the_layers_call(tmp_path)
     first = counts(tmp_path)
     assert set(first) == {"demo", "v2-lite"}
     for model, r in first.items():
-        assert r["ops_per_token"] > 0 and r["triton_launches_per_token"] > 0 and r["syncs_in_step"] > 0, model
+        assert r["ops_per_token"] > 0 and r["triton_launches_per_token"] > 0, model
+        # the decode step itself never waits on the host (issue 21); the host reads each token once
+        assert r["syncs_in_step"] == 0 and r["syncs_per_token"] == 1, (model, r["syncs"])
         assert r["ops_per_token"] == r["aten_ops_per_token"] + r["triton_launches_per_token"]
         # the CUDA dispatch: one MLA kernel a layer and two MoE kernels a MoE layer (the first layer is dense)
         assert r["triton_launches_per_token"] == r["layers"] + 2 * (r["layers"] - 1), (model, r)
