@@ -187,10 +187,10 @@ class QuantExperts(nn.Module):
             w2 = Int4Cpu(self.cpu_w2, self.cpu_w2_so, self.dim, self.inter, self.spec.group)
             return moe_experts_cpu(x, w13, w2, ids, weights)
         w13, w2 = packed_of(self, "w13", self.spec, self.dim), packed_of(self, "w2", self.spec, self.inter)
-        if x.device.type == "cpu" and self.spec.bits == 8:
+        if x.device.type == "cpu":
             if torch.compiler.is_compiling():
-                return torch.ops.dschat.moe_experts_int8_cpu(x, w13.data, w13.scale, w2.data, w2.scale, ids,
-                                                             weights)
+                return torch.ops.dschat.moe_experts_packed_cpu(x, w13.data, w13.scale, w13.zero, w2.data, w2.scale,
+                                                               w2.zero, ids, weights, self.spec.bits, w13.group)
             return moe_experts_cpu(x, w13, w2, ids, weights)
         return moe_experts_quant(x, w13, w2, ids, weights)
 

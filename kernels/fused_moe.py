@@ -65,19 +65,33 @@ def moe_experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
 
 
 def _grouped(x, w13, w2, ids, weights) -> torch.Tensor:
-    """Expert by expert over the tokens that chose it; one host sync for the group sizes."""
-    E, k = w13.shape[0], ids.shape[1]
-    flat = torch.where(_valid(ids, E), ids, E).flatten()  # out of range -> a last group that is skipped
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
+    return routed_sum(x, ids, weights, w13.shape[0], lambda e, xs: expert_ffn(xs, w13[e], w2[e]), one_by_one=False)
+
+
+def routed_sum(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_experts: int, expert,
+               one_by_one: bool = True) -> torch.Tensor:
+    """sum_j weights[t, j] * expert(ids[t, j], x[t]) in float32, back in x's dtype, with the experts chosen on
+    the host: `expert(e, rows)` runs expert e on the rows of x that chose it. At one token (one_by_one) each
+    chosen expert runs on it in turn; otherwise expert by expert over the tokens that chose it (one host sync
+    for the group sizes). Ids outside 0..n_experts-1 contribute nothing. The CPU's packed experts
+    (quant_cpu.py) share it."""
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if one_by_one and ids.shape[0] == 1:
+        for e, w in zip(ids[0].tolist(), weights[0]):
+            if 0 <= e < n_experts:
+                y += expert(e, x).float() * w
+        return y.to(x.dtype)
+    k = ids.shape[1]
+    flat = torch.where(_valid(ids, n_experts), ids, n_experts).flatten()  # out of range -> a skipped last group
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts].tolist()
     w = weights.flatten()
     start = 0
     for e, n in enumerate(counts):
         if n:
             rows = order[start:start + n]
             tok = rows // k
-            y.index_add_(0, tok, expert_ffn(x[tok], w13[e], w2[e]).float() * w[rows, None])
+            y.index_add_(0, tok, expert(e, x[tok]).float() * w[rows, None])
             start += n
     return y.to(x.dtype)
 
@@ -86,14 +100,7 @@ def moe_experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: 
                      weights: torch.Tensor) -> torch.Tensor:
     """The reference's function with the experts chosen on the host: at one token each expert runs on
     views of the stack (no weights copied); larger batches are grouped by expert."""
-    if ids.shape[0] != 1:
-        return _grouped(x, w13, w2, ids, weights)
-    E = w13.shape[0]
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e, w in zip(ids[0].tolist(), weights[0]):
-        if 0 <= e < E:
-            y += expert_ffn(x, w13[e], w2[e]).float() * w
-    return y.to(x.dtype)
+    return routed_sum(x, ids, weights, w13.shape[0], lambda e, xs: expert_ffn(xs, w13[e], w2[e]))
 
 
 if triton is not None:

@@ -5,8 +5,9 @@ and, the operator being opaque to the compiler, breaks no graph; on CUDA they ru
 
     torch.ops.dschat.mla_decode_paged      mla_decode.mla_decode_paged (the static step's attention)
     torch.ops.dschat.moe_experts           fused_moe.moe_experts
-    torch.ops.dschat.moe_experts_int8_cpu  quant_cpu.moe_experts_cpu over int8 stacks
-    torch.ops.dschat.moe_experts_int4_cpu  quant_cpu.moe_experts_cpu over int4 stacks (the CPU kernel's layout)
+    torch.ops.dschat.moe_experts_int4_cpu  quant_cpu.moe_experts_cpu over int4 stacks (PyTorch's int4 layout)
+    torch.ops.dschat.moe_experts_packed_cpu  quant_cpu.moe_experts_cpu over stacks as stored (cpu_gemv's)
+    torch.ops.dschat.matmul_packed_cpu     quant_cpu.matmul_cpu over a weight as stored (cpu_gemv's)
 
 The engine calls the plain Python functions when it runs eagerly (an operator's dispatch costs ~10 us) and
 the operators while it is being traced (`traced`).
@@ -47,19 +48,6 @@ def _(x, w13, w2, ids, weights):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("dschat::moe_experts_int8_cpu", mutates_args=())
-def moe_experts_int8_cpu(x: Tensor, w13: Tensor, w13_scale: Tensor, w2: Tensor, w2_scale: Tensor, ids: Tensor,
-                         weights: Tensor) -> Tensor:
-    p13 = Packed(w13, w13_scale, None, 8, 0, w13.shape[-1])
-    p2 = Packed(w2, w2_scale, None, 8, 0, w2.shape[-1])
-    return quant_cpu.moe_experts_cpu(x, p13, p2, ids, weights)
-
-
-@moe_experts_int8_cpu.register_fake
-def _(x, w13, w13_scale, w2, w2_scale, ids, weights):
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("dschat::moe_experts_int4_cpu", mutates_args=())
 def moe_experts_int4_cpu(x: Tensor, w13: Tensor, w13_so: Tensor, w2: Tensor, w2_so: Tensor, ids: Tensor,
                          weights: Tensor, hidden: int, inter: int, group: int) -> Tensor:
@@ -70,3 +58,28 @@ def moe_experts_int4_cpu(x: Tensor, w13: Tensor, w13_so: Tensor, w2: Tensor, w2_
 @moe_experts_int4_cpu.register_fake
 def _(x, w13, w13_so, w2, w2_so, ids, weights, hidden, inter, group):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("dschat::moe_experts_packed_cpu", mutates_args=())
+def moe_experts_packed_cpu(x: Tensor, w13: Tensor, w13_scale: Tensor, w13_zero: Tensor | None, w2: Tensor,
+                           w2_scale: Tensor, w2_zero: Tensor | None, ids: Tensor, weights: Tensor, bits: int,
+                           group: int) -> Tensor:
+    p13 = Packed(w13, w13_scale, w13_zero, bits, group, x.shape[-1])
+    p2 = Packed(w2, w2_scale, w2_zero, bits, group, w13.shape[-2] // 2)
+    return quant_cpu.moe_experts_cpu(x, p13, p2, ids, weights)
+
+
+@moe_experts_packed_cpu.register_fake
+def _(x, w13, w13_scale, w13_zero, w2, w2_scale, w2_zero, ids, weights, bits, group):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dschat::matmul_packed_cpu", mutates_args=())
+def matmul_packed_cpu(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group: int,
+                      in_features: int) -> Tensor:
+    return quant_cpu.matmul_cpu(x, Packed(w, scale, zero, bits, group, in_features))
+
+
+@matmul_packed_cpu.register_fake
+def _(x, w, scale, zero, bits, group, in_features):
+    return x.new_empty(*x.shape[:-1], w.shape[-2])

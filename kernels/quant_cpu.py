@@ -1,6 +1,11 @@
-"""Packed int8 / int4 weights on the CPU: PyTorch's own packed-weight kernels for the few rows of a decode
-step, dequantise-then-matmul for many rows (prefill), and the routed experts over either, touching only the
-chosen experts' packed rows.
+"""Packed int8 / int4 weights on the CPU: dschat's own GEMV (cpu_gemv.py: AVX2, int8 activations, the stored
+layout read once per call) or, where that cannot run, PyTorch's packed-weight kernels, for the few rows of a
+decode step; dequantise-then-matmul for many rows (prefill); and the routed experts over either, touching only
+the chosen experts' packed rows.
+
+With cpu_gemv (`native_gemv()` true): up to NATIVE_MAX_ROWS rows, x is quantized to int8 blocks of 32 and the
+weight is the stored one exactly (cpu_gemv.py says what that computes); int4 is not repacked. Without it
+(no compiler, no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels below run:
 
 * int8 runs `aten._weight_int8pack_mm` on the stored layout (quant_format.py: int8 [N, K] + a float32 scale
   per row); the scale is applied in float32 after the kernel, so the weight is exactly the stored one.
@@ -24,7 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .quant_format import SYMMETRIC_ZERO, Packed, unpack_int4
+from . import cpu_gemv
+from .fused_moe import routed_sum
+from .quant_format import SYMMETRIC_ZERO, Packed, dequantize, unpack_int4
 
 # Up to this many rows (int4: three times as many) the packed kernels beat dequantise + matmul: each row costs
 # them about one read of the weight, while dequantising costs several (measured at V2-Lite's shapes, 1 thread).
@@ -33,6 +40,14 @@ N_BLOCK = 32  # the int4 kernel's layout packs output rows in blocks of 32
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes (others run quant_matmul's reference)
 INT8_N_CHUNK = 4096  # the int8 kernel over lm_head's 102400 rows at once runs at half the speed of 4096-row slices
 INT8_K_MULTIPLE = 16  # the int8 kernel misreads other input widths (crashes, or infinities): dequantise those
+# Up to this many rows cpu_gemv beats dequantise + matmul (each row costs it about a tenth of a weight read,
+# dequantising several reads; measured at V2-Lite's shapes, 1 thread).
+NATIVE_MAX_ROWS = 32
+
+
+def native_gemv(w: Packed | None = None) -> bool:
+    """Whether cpu_gemv runs (for w: and takes w)."""
+    return (w is None or (isinstance(w, Packed) and cpu_gemv.fits(w))) and cpu_gemv.native() is not None
 
 
 @dataclass
@@ -53,7 +68,8 @@ class Int4Cpu:
 
 
 def int4_fits(w: Packed) -> bool:
-    return w.bits == 4 and w.group in INT4_GROUPS
+    """Whether w is repacked for PyTorch's int4 kernel (not when cpu_gemv takes the stored layout)."""
+    return w.bits == 4 and w.group in INT4_GROUPS and not native_gemv(w)
 
 
 def repack_int4(w: Packed) -> Int4Cpu:
@@ -78,7 +94,7 @@ def repack_int4(w: Packed) -> Int4Cpu:
 def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
     """The weight [N, in_features] the kernel computes with, in `dtype`."""
     if isinstance(w, Packed):
-        return (w.data.to(dtype) * w.scale.to(dtype)[:, None])
+        return (w.data.to(dtype) * w.scale.to(dtype)[:, None]) if w.bits == 8 else dequantize(w).to(dtype)
     np_, half = w.data.shape
     kp = 2 * half
     v = w.data.view(np_ // N_BLOCK, kp, N_BLOCK // 2)
@@ -89,14 +105,18 @@ def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
 
 
 def kernel_rows(w: Packed | Int4Cpu) -> int:
-    """Up to how many rows x goes through the packed kernel (bfloat16 activations) rather than dequantise."""
+    """Up to how many rows x goes through a packed kernel rather than dequantise + matmul."""
+    if native_gemv(w):
+        return NATIVE_MAX_ROWS if CPU_KERNEL_MAX_ROWS else 0
     return CPU_KERNEL_MAX_ROWS * (3 if isinstance(w, Int4Cpu) else 1)
 
 
 def matmul_cpu(x: torch.Tensor, w: Packed | Int4Cpu) -> torch.Tensor:
-    """x [..., K] -> [..., N] in x's dtype: the packed kernel for a few rows, dequantise + matmul for more."""
+    """x [..., K] -> [..., N] in x's dtype: a packed kernel for a few rows, dequantise + matmul for more."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > kernel_rows(w) or (isinstance(w, Packed) and w.in_features % INT8_K_MULTIPLE):
+    if rows.shape[0] <= kernel_rows(w) and native_gemv(w):
+        return cpu_gemv.gemv(rows.float(), w).to(x.dtype).view(*x.shape[:-1], -1)
+    if rows.shape[0] > kernel_rows(w) or (isinstance(w, Packed) and (w.bits == 4 or w.in_features % INT8_K_MULTIPLE)):
         return F.linear(x, dequantize_cpu(w, x.dtype))
     xb = rows.to(torch.bfloat16)
     if isinstance(w, Packed):
@@ -126,35 +146,16 @@ def _ones(n: int) -> torch.Tensor:
 def _stack_item(w: Packed | Int4Cpu, e: int) -> Packed | Int4Cpu:
     if isinstance(w, Int4Cpu):
         return w[e]
-    return Packed(w.data[e], w.scale[e], None, 8, 0, w.in_features)
-
-
-def _expert(x, w13, w2, e):
-    gate, up = matmul_cpu(x, _stack_item(w13, e)).chunk(2, dim=-1)
-    return matmul_cpu(F.silu(gate) * up, _stack_item(w2, e))
+    return Packed(w.data[e], w.scale[e], None if w.zero is None else w.zero[e], w.bits, w.group, w.in_features)
 
 
 def moe_experts_cpu(x: torch.Tensor, w13: Packed | Int4Cpu, w2: Packed | Int4Cpu, ids: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:
     """fused_moe.moe_experts's function over packed stacks w13 [E, 2I, H], w2 [E, H, I]: the experts are
     chosen on the host and each runs on its own tokens, reading only its own packed rows."""
-    E = w13.data.shape[0]
-    y = torch.zeros(x.shape, dtype=torch.float32)
-    if ids.shape[0] == 1:
-        for e, w in zip(ids[0].tolist(), weights[0]):
-            if 0 <= e < E:
-                y += _expert(x, w13, w2, e).float() * w
-        return y.to(x.dtype)
-    k = ids.shape[1]
-    flat = torch.where((ids >= 0) & (ids < E), ids, E).flatten()
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
-    w = weights.flatten()
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            rows = order[start:start + n]
-            tok = rows // k
-            y.index_add_(0, tok, _expert(x[tok], w13, w2, e).float() * w[rows, None])
-            start += n
-    return y.to(x.dtype)
+
+    def expert(e, xs):
+        gate, up = matmul_cpu(xs, _stack_item(w13, e)).chunk(2, dim=-1)
+        return matmul_cpu(F.silu(gate) * up, _stack_item(w2, e))
+
+    return routed_sum(x, ids, weights, w13.data.shape[0], expert)

@@ -27,6 +27,10 @@ from helpers import CHECKPOINTS  # noqa: E402
 
 # Keep runs hermetic: never touch the user's config, history or caches, never reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# ... except the CPU kernels dschat builds at first use (kernels/cpu_gemv.py): keyed by their source, built once
+# per machine into the user's cache and shared by every test, worker and dschat process the tests start.
+os.environ.setdefault("DSCHAT_KERNELS_DIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                                                / "dschat" / "kernels"))
 # Under pytest-xdist (the README's `-n 2`) each worker gets a share of the cores: two workers with two threads
 # each on two cores made small matmuls many times slower. The `dschat` processes a test starts run while it
 # waits, on the same share (OMP_NUM_THREADS, which PyTorch reads), rather than competing with the test for the cores.

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...kernels import ops  # noqa: F401 (registers torch.ops.dschat.matmul_packed_cpu)
 from ...kernels.quant_cpu import Int4Cpu, int4_fits, matmul_cpu, repack_int4
 from ...kernels.fp8_matmul import dequantize_fp8
 from ...kernels.quant_format import Packed, pack_int4
@@ -160,7 +161,10 @@ class QuantLinear(nn.Module):
             return matmul_cpu(x, Int4Cpu(self.cpu_weight, self.cpu_scale_offset, self.out_features,
                                          self.in_features, self.spec.group))
         w = packed_of(self, "weight", self.spec, self.in_features)
-        if x.device.type == "cpu" and w.bits == 8:
+        if x.device.type == "cpu":
+            if torch.compiler.is_compiling():  # the kernel as an operator (kernels/ops.py): opaque to the tracer
+                return torch.ops.dschat.matmul_packed_cpu(x, w.data, w.scale, w.zero, w.bits, w.group,
+                                                          w.in_features)
             return matmul_cpu(x, w)
         return quant_matmul(x, w)
 

@@ -1,0 +1,137 @@
+"""dschat's CPU GEMV for packed int8 / int4 weights (kernels/cpu_gemv.py, cpu_gemv.cpp) against its plain-PyTorch
+reference: the float model of the dequantised weights applied to the dequantised int8 activations; and its
+fallback, one line, when it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dschat.engine.quant import QuantSpec, quantize
+from dschat.kernels import cpu_gemv, quant_cpu
+from dschat.kernels.quant_format import Packed, dequantize
+
+SPECS = {"int8": QuantSpec(8), "int4": QuantSpec(4), "int4-sym": QuantSpec(4, symmetric=True),
+         "int4-g64": QuantSpec(4, group=64), "int4-g256": QuantSpec(4, group=256)}
+# Tolerance: float32 sums in another order than the float64 reference, over up to a few thousand products.
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def native():
+    """The built kernel; where it cannot be built here, the test fails, naming why (nothing skipped silently)."""
+    mod = cpu_gemv.native()
+    if mod is None:
+        pytest.fail(f"cpu_gemv did not build: {cpu_gemv.cpu_supported() or 'see the line on stderr'}")
+    return mod
+
+
+def rel(got, want) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("M, N, K", [(1, 70, 256), (3, 64, 300), (32, 33, 2048), (5, 130, 40)])
+def test_gemv_equals_the_dequantised_model(native, name, M, N, K):
+    """Rows of x 1..32; K a multiple of 32, not one (300, 40: the int8 tail, int4's padded group)."""
+    g = torch.Generator().manual_seed(M * N + K)
+    p = quantize(torch.randn(N, K, generator=g) * torch.linspace(0.1, 3, K), SPECS[name])
+    x = torch.randn(M, K, generator=g) * torch.linspace(2, 0.01, K)  # blocks of very different scales
+    x[0, :32] = 0  # an all-zero block (scale 0)
+    assert cpu_gemv.fits(p)
+    got = cpu_gemv.gemv(x, p)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
+    # and the int8 activations are what the reference says, exactly
+    kp = -(-p.padded_in // 32) * 32
+    assert torch.equal(native.q8_activations(x, kp), cpu_gemv.quantize_activations_reference(x, kp))
+
+
+def test_activation_quantization_costs_about_a_bfloat16_rounding():
+    """The error the int8 activations add: within half a step (max|block| / 254) of x, element by element."""
+    x = torch.randn(4, 512) * torch.linspace(0.01, 5, 512)
+    xd = cpu_gemv.quantize_activations_reference(x)
+    step = x.view(4, 16, 32).abs().amax(-1, keepdim=True) / 127
+    assert bool(((xd - x).view(4, 16, 32).abs() <= step / 2 + 1e-7).all())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_split_the_rows(native, threads):
+    """lm_head-like: many rows, split over torch.get_num_threads() threads; the same numbers either way."""
+    p = quantize(torch.randn(3000, 256), SPECS["int4"])
+    x = torch.randn(2, 256)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_gemv.gemv(x, p)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, cpu_gemv.gemv(x, p))
+    assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 7, quant_cpu.NATIVE_MAX_ROWS, quant_cpu.NATIVE_MAX_ROWS + 1])
+def test_matmul_cpu_runs_it_for_few_rows(native, name, rows):
+    """quant_cpu.matmul_cpu: cpu_gemv up to NATIVE_MAX_ROWS rows, dequantise + matmul (float32-exact) above;
+    other leading dimensions and bfloat16 inputs keep their shape and dtype."""
+    p = quantize(torch.randn(96, 384), SPECS[name])
+    x = torch.randn(rows, 384)
+    got = quant_cpu.matmul_cpu(x, p)
+    if rows <= quant_cpu.NATIVE_MAX_ROWS:
+        assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
+    else:
+        assert rel(got, x.double() @ dequantize(p).double().T) < 1e-6
+    xb = x[:1].view(1, 1, 384).bfloat16()
+    yb = quant_cpu.matmul_cpu(xb, p)
+    assert yb.dtype == torch.bfloat16 and yb.shape == (1, 1, 96)
+
+
+def test_groups_it_cannot_take_run_elsewhere(native):
+    """int4 in groups of 32 (not a multiple of 64): PyTorch's path (repacked), within bfloat16 rounding."""
+    p = quantize(torch.randn(64, 256), QuantSpec(4, group=32))
+    assert not cpu_gemv.fits(p) and quant_cpu.int4_fits(p)
+    x = torch.randn(1, 256)
+    got = quant_cpu.matmul_cpu(x, quant_cpu.repack_int4(p))
+    assert rel(got, x.double() @ dequantize(p).double().T) < 2e-2
+
+
+FALLBACK = """
+import torch
+from dschat.engine.quant import QuantSpec, quantize
+from dschat.kernels import cpu_gemv, quant_cpu
+p = quantize(torch.randn(64, 256), QuantSpec(4))
+x = torch.randn(1, 256)
+for _ in range(2):
+    got = quant_cpu.matmul_cpu(x, quant_cpu.repack_int4(p) if quant_cpu.int4_fits(p) else p)
+want = x @ quant_cpu.dequantize_cpu(quant_cpu.repack_int4(p)).T
+assert cpu_gemv.native() is None
+assert float((got - want).abs().max() / want.abs().max()) < 2e-2
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("case", ["no compiler", "turned off"])
+def test_without_a_compiler_it_says_so_once_and_falls_back(tmp_path, case):
+    """An empty kernel cache and no C++ compiler on PATH (or DSCHAT_CPU_GEMV=0): one line on stderr (none when
+    turned off), no traceback, and PyTorch's kernels compute the same weights."""
+    env = {**os.environ, "DSCHAT_KERNELS_DIR": str(tmp_path / "kernels")}
+    if case == "no compiler":
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        os.symlink(sys.executable, bindir / "python")
+        env.update(PATH=str(bindir), CXX="no-such-compiler")
+    else:
+        env["DSCHAT_CPU_GEMV"] = "0"
+    r = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    if case == "no compiler":
+        assert len(lines) == 1 and lines[0].startswith("dschat: note: no C++ compiler"), r.stderr
+    else:
+        assert lines == [], r.stderr
+    assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").rglob("*.so"))
