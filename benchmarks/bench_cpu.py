@@ -14,15 +14,17 @@ Each configuration runs in a fresh process once per round, the order rotated eac
 ...), so that what else the shared machine does hits every configuration alike in expectation. A process:
 loads the model, decodes --tokens greedy tokens after a 128-token prompt (rate = the engine's
 decode_tokens_per_s), then prefills a --prefill-token prompt from an empty cache (rate = tokens / prefill_s).
-Each round also measures the read bandwidth at the same thread count (torch.sum over a 512 MiB float32
-tensor, best of 5). Printed per configuration: the median [min-max] of the rounds, bytes of weights read per
+Each round also measures the read bandwidth at the same thread count (torch.sum over 64 MiB slices of a
+float32 tensor, best of 64: see bandwidth()). Printed per configuration: the median [min-max] of the rounds, bytes of weights read per
 token (counted from the loaded model: routed experts at k/E, one embedding row), and the fraction of the
 bandwidth that decode reaches (tok/s x bytes / bandwidth). The 1-minute load average is recorded before
 and after every process. The llama.cpp column needs `llama-bench` on PATH and GGUF files (--gguf DIR with
 <model>-<type>.gguf); without them the script says so in one line and goes on.
 
-The process runs dschat's public Engine API only, so the same script measures an older checkout installed in
-another virtual environment (--python that environment's python): figures before and after, one run.
+The process runs dschat's public Engine API (and engine.quant.bytes_per_token), so the same script measures an
+older checkout installed in another virtual environment (--python that environment's python): figures before
+and after, one run. A configuration `int8:torch` / `int4:torch` runs PyTorch's packed kernels instead of
+dschat's own CPU GEMV (DSCHAT_CPU_GEMV=0: what ran before it, and where it cannot be built).
 """
 
 from __future__ import annotations
@@ -98,39 +100,25 @@ def write_v2lite(path: Path, layers: int, seed: int = 0) -> Path:
 
 
 # -- one configuration, in its own process ------------------------------------------------------------------
-def active_bytes(model) -> int:
-    """Bytes of weights a decoded token reads, counted from the loaded modules (works on any checkout)."""
-    cfg = model.cfg
-    total = 0
-    for name, m in model.named_modules():
-        if name.startswith("mtp"):
-            continue
-        own = [t for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)) if t is not None]
-        b = sum(t.numel() * t.element_size() for t in own)
-        kind = type(m).__name__
-        if kind in ("Experts", "QuantExperts") and cfg.n_routed_experts:
-            b = b * cfg.num_experts_per_tok // cfg.n_routed_experts
-        elif name.endswith("embed_tokens") and own:
-            b = b // own[0].shape[0]
-        total += b
-    return total
-
-
 def worker(spec: dict) -> dict:
     import inspect
 
+    config, _, backend = spec["config"].partition(":")
+    if backend == "torch":  # PyTorch's packed kernels, as before cpu_gemv (and where it cannot be built)
+        os.environ["DSCHAT_CPU_GEMV"] = "0"
     import torch
 
     from dschat.engine import Engine, SamplingParams
+    from dschat.engine.quant import bytes_per_token
 
     torch.set_num_threads(spec["threads"])
     kw = dict(device="cpu", speculative="none")
-    if spec["config"] == "bfloat16":
+    if config == "bfloat16":
         kw["dtype"] = torch.bfloat16
     else:
         kw["dtype"] = torch.float32
-        if spec["config"] in ("int8", "int4"):
-            kw["quant"] = spec["config"]
+        if config in ("int8", "int4"):
+            kw["quant"] = config
     if "threads" in inspect.signature(Engine.from_pretrained).parameters:
         kw["threads"] = spec["threads"]
     t0 = time.perf_counter()
@@ -146,22 +134,27 @@ def worker(spec: dict) -> dict:
     list(eng.generate(long_ids, SamplingParams(temperature=0.0, max_tokens=1)))
     prefill = spec["prefill"] / eng.stats.prefill_s
     return {"decode_tok_s": decode, "prefill_tok_s": prefill, "generated": len(out), "load_s": load_s,
-            "bytes_per_token": active_bytes(eng.model), "weight_bytes": eng.load_stats.get("weight_bytes"),
+            "bytes_per_token": bytes_per_token(eng.model), "weight_bytes": eng.load_stats.get("weight_bytes"),
             "threads_ran": torch.get_num_threads()}
 
 
 def bandwidth(threads: int) -> float:
-    """Read bandwidth in bytes/s: torch.sum over 512 MiB of float32, best of 5, at `threads` threads."""
+    """Read bandwidth in bytes/s at `threads` threads: torch.sum over 64 MiB slices of a 1 GiB float32 tensor
+    (each slice far past the caches), the best of 64. Short reads, as a decode step's are: on a shared machine
+    one long read is cut by the other processes' time slices and reads low (a 512 MiB sum read 5 GB/s where
+    its 64 MiB slices read 10-11)."""
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.ones(2**27)
+    x = torch.ones(2**28)
+    n = 2**24
     best = float("inf")
-    for _ in range(5):
+    for i in range(64):
+        v = x[(i * n) % (x.numel() - n):][:n]
         t0 = time.perf_counter()
-        float(x.sum())
+        float(v.sum())
         best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
+    return n * 4 / best
 
 
 # -- the driver ---------------------------------------------------------------------------------------------
@@ -197,7 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32, help="tokens decoded per process")
     ap.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement")
-    ap.add_argument("--configs", default="float32,bfloat16,int8,int4")
+    ap.add_argument("--configs", default="float32,bfloat16,int8,int4",
+                    help="comma-separated; int8:torch / int4:torch run PyTorch's packed kernels (DSCHAT_CPU_GEMV=0)")
     ap.add_argument("--python", action="append", default=[], metavar="LABEL=PYTHON",
                     help="also run the configurations with another environment's python (an older checkout): "
                          "e.g. before=/tmp/old/venv/bin/python; repeatable")

@@ -12,7 +12,7 @@ block, round to nearest even), the weight is the stored one exactly, products ar
 block and in float32 across blocks. So the result is that of a float model of the dequantised weights applied
 to the dequantised activations (`gemv_reference`), up to float32 summation order.
 
-Plain functions over tensors (`q8_gemv`, `q4_gemv`), so that they can be wrapped as custom ops.
+Plain functions over tensors (`gemv`, `experts`), so that they can be wrapped as custom ops.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ from .quant_format import SYMMETRIC_ZERO, Packed, dequantize
 QK = 32  # activation block
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp: at::parallel_for splits over torch's own threads
-
-_state: dict = {}
-
 
 def cache_dir() -> Path:
     """Where the built module lives: $DSCHAT_KERNELS_DIR, else dschat's cache directory + /kernels."""
@@ -99,7 +96,7 @@ def _build():
         _say("building the CPU int8/int4 kernels (once; about a minute) ...")
         from torch.utils import cpp_extension
 
-        mod = cpp_extension.load_inline(name, [src], functions=["q8_gemv", "q4_gemv", "q8_activations"],
+        mod = cpp_extension.load_inline(name, [src], functions=["gemv", "experts", "q8_activations"],
                                         extra_cflags=FLAGS, build_directory=str(d), verbose=False)
         return mod, None
     except Exception as e:  # noqa: BLE001 (a compiler's failure: say it in one line, run the fallback)
@@ -108,29 +105,41 @@ def _build():
 
 
 def native():
-    """The built module (q8_gemv, q4_gemv, q8_activations), or None (said once)."""
-    if "mod" not in _state:
+    """The built module (gemv, experts, q8_activations), or None (said once)."""
+    global _MOD
+    if _MOD is _UNSET:
         mod, why = _build()
-        _state["mod"] = mod
+        _MOD = mod
         if why and why != "DSCHAT_CPU_GEMV=0":
             _say(f"note: {why}; packed int8/int4 weights run through PyTorch's slower kernels")
-    return _state["mod"]
+    return _MOD
+
+
+_UNSET = object()
+_MOD = _UNSET
 
 
 def fits(w: Packed) -> bool:
-    """Whether the kernel takes this packed weight (int8; int4 with groups of a multiple of 64)."""
-    if w.bits == 8:
-        return w.data.dtype == torch.int8
-    return w.bits == 4 and w.group % (2 * QK) == 0 and w.data.shape[-1] * 2 % w.group == 0
+    """Whether the kernel takes this packed weight (int8; int4 in groups of a multiple of 64)."""
+    return w.bits == 8 or w.group % (2 * QK) == 0
 
 
 def gemv(x: torch.Tensor, w: Packed) -> torch.Tensor:
-    """x [M, K] float32 -> [M, N] float32 through the kernel (native() must not be None, fits(w) hold)."""
-    mod = native()
-    if w.bits == 8:
-        return mod.q8_gemv(x, w.data, w.scale)
-    zero = w.zero if w.zero is not None else _EMPTY
-    return mod.q4_gemv(x, w.data, w.scale, zero, w.group)
+    """x [..., K] (float32 or bfloat16) -> [..., N] in x's dtype through the kernel (native() must not be None,
+    fits(w) hold)."""
+    if _MOD is _UNSET:
+        native()
+    return _MOD.gemv(x, w.data, w.scale, _EMPTY if w.zero is None else w.zero, w.bits, w.group)
+
+
+def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Packed, w2: Packed) -> torch.Tensor:
+    """One token x [1, H] through its chosen experts ids [k] with routing weights [k], over packed stacks
+    w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]: fused_moe.moe_experts's function in one call,
+    each expert's weights read once, its intermediate quantized as x is (ids outside 0..E-1: nothing)."""
+    if _MOD is _UNSET:
+        native()
+    return _MOD.experts(x, ids, weights, w13.data, w13.scale, _EMPTY if w13.zero is None else w13.zero,
+                        w2.data, w2.scale, _EMPTY if w2.zero is None else w2.zero, w13.bits, w13.group)
 
 
 _EMPTY = torch.empty(0, dtype=torch.uint8)

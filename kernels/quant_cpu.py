@@ -47,7 +47,7 @@ NATIVE_MAX_ROWS = 32
 
 def native_gemv(w: Packed | None = None) -> bool:
     """Whether cpu_gemv runs (for w: and takes w)."""
-    return (w is None or (isinstance(w, Packed) and cpu_gemv.fits(w))) and cpu_gemv.native() is not None
+    return (w is None or (type(w) is Packed and cpu_gemv.fits(w))) and cpu_gemv.native() is not None
 
 
 @dataclass
@@ -113,9 +113,9 @@ def kernel_rows(w: Packed | Int4Cpu) -> int:
 
 def matmul_cpu(x: torch.Tensor, w: Packed | Int4Cpu) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype: a packed kernel for a few rows, dequantise + matmul for more."""
+    if native_gemv(w) and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1] and CPU_KERNEL_MAX_ROWS:
+        return cpu_gemv.gemv(x, w)
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= kernel_rows(w) and native_gemv(w):
-        return cpu_gemv.gemv(rows.float(), w).to(x.dtype).view(*x.shape[:-1], -1)
     if rows.shape[0] > kernel_rows(w) or (isinstance(w, Packed) and (w.bits == 4 or w.in_features % INT8_K_MULTIPLE)):
         return F.linear(x, dequantize_cpu(w, x.dtype))
     xb = rows.to(torch.bfloat16)
@@ -153,6 +153,10 @@ def moe_experts_cpu(x: torch.Tensor, w13: Packed | Int4Cpu, w2: Packed | Int4Cpu
                     weights: torch.Tensor) -> torch.Tensor:
     """fused_moe.moe_experts's function over packed stacks w13 [E, 2I, H], w2 [E, H, I]: the experts are
     chosen on the host and each runs on its own tokens, reading only its own packed rows."""
+
+    if ids.shape[0] == 1 and CPU_KERNEL_MAX_ROWS and native_gemv(w13) and x.dtype in (torch.float32,
+                                                                                    torch.bfloat16):
+        return cpu_gemv.experts(x, ids[0], weights[0], w13, w2)
 
     def expert(e, xs):
         gate, up = matmul_cpu(xs, _stack_item(w13, e)).chunk(2, dim=-1)
