@@ -15,11 +15,11 @@ Each configuration runs in a fresh process once per round, the order rotated eac
 loads the model, decodes --tokens greedy tokens after a 128-token prompt (rate = the engine's
 decode_tokens_per_s), then prefills a --prefill-token prompt from an empty cache (rate = tokens / prefill_s).
 Each round also measures the read bandwidth at the same thread count (torch.sum over 64 MiB slices of a
-float32 tensor, best of 64: see bandwidth()). Printed per configuration: the median [min-max] of the rounds, bytes of weights read per
-token (counted from the loaded model: routed experts at k/E, one embedding row), and the fraction of the
-bandwidth that decode reaches (tok/s x bytes / bandwidth). The 1-minute load average is recorded before
-and after every process. The llama.cpp column needs `llama-bench` on PATH and GGUF files (--gguf DIR with
-<model>-<type>.gguf); without them the script says so in one line and goes on.
+float32 tensor, best of 64: see bandwidth()). Printed per configuration: the median [min-max] of the rounds,
+bytes of weights read per token (counted from the loaded model: routed experts at k/E, one embedding row),
+and the fraction of the bandwidth that decode reaches (tok/s x bytes / bandwidth). The 1-minute load average
+is recorded before and after every process. The llama.cpp column needs `llama-bench` on PATH and GGUF files
+(--gguf DIR with <model>-<type>.gguf); without them the script says so in one line and goes on.
 
 The process runs dschat's public Engine API (and engine.quant.bytes_per_token), so the same script measures an
 older checkout installed in another virtual environment (--python that environment's python): figures before
@@ -135,6 +135,7 @@ def worker(spec: dict) -> dict:
     prefill = spec["prefill"] / eng.stats.prefill_s
     return {"decode_tok_s": decode, "prefill_tok_s": prefill, "generated": len(out), "load_s": load_s,
             "bytes_per_token": bytes_per_token(eng.model), "weight_bytes": eng.load_stats.get("weight_bytes"),
+            "peak_host_bytes": eng.load_stats.get("peak_host_bytes"),
             "threads_ran": torch.get_num_threads()}
 
 

@@ -3,9 +3,9 @@ layout read once per call) or, where that cannot run, PyTorch's packed-weight ke
 decode step; dequantise-then-matmul for many rows (prefill); and the routed experts over either, touching only
 the chosen experts' packed rows.
 
-With cpu_gemv (`native_gemv()` true): up to NATIVE_MAX_ROWS rows, x is quantized to int8 blocks of 32 and the
-weight is the stored one exactly (cpu_gemv.py says what that computes); int4 is not repacked. Without it
-(no compiler, no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels below run:
+With cpu_gemv (`native_gemv()` true): up to NATIVE_MAX_ROWS rows (64 int8, 128 int4), x is quantized to int8
+blocks of 32 and the weight is the stored one exactly (cpu_gemv.py says what that computes); int4 is not
+repacked. Without it (no compiler, no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels below run:
 
 * int8 runs `aten._weight_int8pack_mm` on the stored layout (quant_format.py: int8 [N, K] + a float32 scale
   per row); the scale is applied in float32 after the kernel, so the weight is exactly the stored one.
@@ -40,9 +40,11 @@ N_BLOCK = 32  # the int4 kernel's layout packs output rows in blocks of 32
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes (others run quant_matmul's reference)
 INT8_N_CHUNK = 4096  # the int8 kernel over lm_head's 102400 rows at once runs at half the speed of 4096-row slices
 INT8_K_MULTIPLE = 16  # the int8 kernel misreads other input widths (crashes, or infinities): dequantise those
-# Up to this many rows cpu_gemv beats dequantise + matmul (each row costs it about a tenth of a weight read,
-# dequantising several reads; measured at V2-Lite's shapes, 1 thread).
-NATIVE_MAX_ROWS = 32
+# Up to this many rows (by bits) cpu_gemv beats dequantise + matmul: each row costs it one pass of integer
+# dot products over the weight, dequantising costs several float passes before the matmul (measured at
+# V2-Lite's expert shape 2816 x 2048, 1 thread: int4 0.5x its time at 64 rows, 0.65x at 128; int8 0.87x at
+# 64 rows, 1.3x at 128).
+NATIVE_MAX_ROWS = {8: 64, 4: 128}
 
 
 def native_gemv(w: Packed | None = None) -> bool:
@@ -107,13 +109,13 @@ def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
 def kernel_rows(w: Packed | Int4Cpu) -> int:
     """Up to how many rows x goes through a packed kernel rather than dequantise + matmul."""
     if native_gemv(w):
-        return NATIVE_MAX_ROWS if CPU_KERNEL_MAX_ROWS else 0
+        return NATIVE_MAX_ROWS[w.bits] if CPU_KERNEL_MAX_ROWS else 0
     return CPU_KERNEL_MAX_ROWS * (3 if isinstance(w, Int4Cpu) else 1)
 
 
 def matmul_cpu(x: torch.Tensor, w: Packed | Int4Cpu) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype: a packed kernel for a few rows, dequantise + matmul for more."""
-    if native_gemv(w) and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1] and CPU_KERNEL_MAX_ROWS:
+    if native_gemv(w) and x.numel() <= NATIVE_MAX_ROWS[w.bits] * x.shape[-1] and CPU_KERNEL_MAX_ROWS:
         return cpu_gemv.gemv(x, w)
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > kernel_rows(w) or (isinstance(w, Packed) and (w.bits == 4 or w.in_features % INT8_K_MULTIPLE)):

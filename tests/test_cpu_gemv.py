@@ -75,14 +75,16 @@ def test_threads_split_the_rows(native, threads):
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 7, quant_cpu.NATIVE_MAX_ROWS, quant_cpu.NATIVE_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", ["one", "seven", "the limit", "one more"])
 def test_matmul_cpu_runs_it_for_few_rows(native, name, rows):
     """quant_cpu.matmul_cpu: cpu_gemv up to NATIVE_MAX_ROWS rows, dequantise + matmul (float32-exact) above;
     other leading dimensions and bfloat16 inputs keep their shape and dtype."""
     p = quantize(torch.randn(96, 384), SPECS[name])
+    limit = quant_cpu.NATIVE_MAX_ROWS[p.bits]
+    rows = {"one": 1, "seven": 7, "the limit": limit, "one more": limit + 1}[rows]
     x = torch.randn(rows, 384)
     got = quant_cpu.matmul_cpu(x, p)
-    if rows <= quant_cpu.NATIVE_MAX_ROWS:
+    if rows <= limit:
         assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
     else:
         assert rel(got, x.double() @ dequantize(p).double().T) < 1e-6
