@@ -139,6 +139,8 @@ def run(engine, spec: GenSpec, emit, cancelled) -> Outcome:
                 emitted = safe
     finally:
         gen.close()  # a cancelled generation stops here; what it cached stays cached
+    if finish is None and not gen.done and cancelled():  # stopped in its prefill (StopWhen)
+        finish = "cancelled"
     if final is None:
         raw += decoder.flush()
         text = spec.view(raw)
