@@ -163,6 +163,8 @@ class Engine:
         eng.load_stats["threads"] = torch.get_num_threads()
         eng.load_stats["decode_step"] = eng.static.mode if eng.static is not None else "plain"
         eng.load_stats["compile_s"] = round(eng.static.prepare_s, 3) if eng.static is not None else 0.0
+        if eng.static is not None and eng.static.mode == "cuda-graph":
+            eng.load_stats["graph_bytes"] = eng.static.graph_bytes
         return eng
 
     def _make_cache(self, cache_gb: float | None) -> LatentCache:

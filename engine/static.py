@@ -144,12 +144,15 @@ class StaticDecoder:
             self._mtp_fn = torch.compile(mtp_step, backend=backend, fullgraph=True, dynamic=False)
             for s in shapes:  # compile now, at load, not after a reply's first token
                 self.warm_up(s)
+        self.graph_bytes = 0  # what the captured graphs hold (their memory pool), CUDA only
         if mode == "cuda-graph":
+            before = torch.cuda.memory_reserved(device)
             for s in shapes:
                 self.graphs[s] = _Graph(decode_step, self._args(s), self.length)
                 if self.mtp:
                     self.mtp_graphs[s] = _Graph(mtp_step, self._mtp_args(s), self.mtp_start)
             self.length.zero_()
+            self.graph_bytes = torch.cuda.memory_reserved(device) - before
         self.prepare_s = time.perf_counter() - t0  # compiling or capturing, at load
 
     @torch.inference_mode()
