@@ -351,7 +351,7 @@ class Engine:
                 if self.static is not None:
                     self.static.bind(seq)
             if self.static is not None and type(drafter) is NoDrafter:
-                yield from self._static_plain(seq, first, sampler, params, stops, stats, out, t0)
+                yield from self._static_plain(seq, first, sampler, params, stops, stats, out, t0, stop)
                 return
             new = [int(first)]
             stats.prefill_s = time.perf_counter() - t0
@@ -384,7 +384,8 @@ class Engine:
             stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
 
     def _static_plain(self, seq: Sequence, first: torch.Tensor, sampler: Sampler, params: SamplingParams,
-                      stops: set[int], stats: GenerationStats, out: list[int], t0: float) -> Iterator[int]:
+                      stops: set[int], stats: GenerationStats, out: list[int], t0: float,
+                      stop=None) -> Iterator[int]:
         """Decode without drafts through the static step: each step feeds the token the last one left on the
         device (its argmax, or the sampler's draw), so nothing goes from the host to the device per token. With
         `pipeline` the next step is queued before the host reads a token: an end is then seen one step late,
@@ -418,6 +419,8 @@ class Engine:
             yield t
             if t in stops or len(out) >= params.max_tokens:
                 stats.stop_reason = "stop" if t in stops else "length"
+                return
+            if stop is not None and stop.is_set():  # as at an end: a step queued ahead is dropped with the rest
                 return
             if ahead is None:
                 ahead = queue()

@@ -55,6 +55,8 @@ def test_a_stopped_prefill_leaves_the_cache_valid(chat_models, monkeypatch):
         out.append(t)
         stop.set()
     assert len(out) == 1
+    follow = prompt(fresh, 40) + out  # what that stop left cached is right too
+    assert list(fresh.generate(follow, params)) == list(fresh.generate(follow, params, reuse_cache=False))
 
 
 def slowed(monkeypatch, seconds: float) -> dict:
