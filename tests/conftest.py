@@ -31,6 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # per machine into the user's cache and shared by every test, worker and dschat process the tests start.
 os.environ.setdefault("DSCHAT_KERNELS_DIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                                                 / "dschat" / "kernels"))
+from dschat.kernels import cpu_gemv  # noqa: E402
+
+cpu_gemv.native()  # built (or found) here, once, rather than inside a test's subprocess and its timeout
 # Under pytest-xdist (the README's `-n 2`) each worker gets a share of the cores: two workers with two threads
 # each on two cores made small matmuls many times slower. The `dschat` processes a test starts run while it
 # waits, on the same share (OMP_NUM_THREADS, which PyTorch reads), rather than competing with the test for the cores.
