@@ -242,7 +242,7 @@ def test_alt_keys_reach_the_versions_in_a_real_terminal(chat_models, tmp_path):
         wait_for(sock, lambda s: "ready" in s)
         tmux(sock, "send-keys", "-t", "dschat", "-l", "question one")
         tmux(sock, "send-keys", "-t", "dschat", "Enter")
-        wait_for(sock, lambda s: "Assistant" in s and "tok/s" in s)
+        wait_for(sock, lambda s: "Assistant" in s and "ready" in s and "tok/s" in s)  # saved: Ctrl+R may go
         tmux(sock, "send-keys", "-t", "dschat", "C-r")
         wait_for(sock, lambda s: "Assistant  ‹2/2›" in s and "ready" in s)
         tmux(sock, "send-keys", "-t", "dschat", "M-Left")
