@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 SMOKE = {
+    "bench_busy.py": ["--smoke"],
     "bench_decode.py": ["--smoke"],
     "bench_gpu.py": ["--smoke"],  # and --out, below
     "bench_kernels.py": ["--smoke"],
