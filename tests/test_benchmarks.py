@@ -52,12 +52,8 @@ def test_smoke_run(name, tmp_path):
     r = script(name, SMOKE[name], ROOT if name in FROM_ROOT else tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and r.stdout.strip()
-
-
-def test_bench_decode_demo_only_runs_from_the_root():
-    r = script("bench_decode.py", ["--demo-only", "--tokens", "4", "--repeats", "1"], ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "mtp" in r.stdout and "ngram" in r.stdout
+    if name == "bench_decode.py":  # its demo part too (what `--demo-only` runs alone): every drafter
+        assert "mtp" in r.stdout and "ngram" in r.stdout
 
 
 def test_bench_gpu_smoke_writes_every_figure(tmp_path):
