@@ -132,9 +132,8 @@ def force_cuda_dispatch():
     def mla(q_lat, q_pe, cache, slots, q_pos, scale):
         return mla_decode.mla_decode_triton(q_lat, q_pe, cache, slots, q_pos, scale)
 
-    def mla_paged(q_lat, q_pe, cache, page_table, q_pos, page_size, scale):
-        slots = mla_decode.paged_slots(page_table, page_size)
-        return mla_decode.mla_decode_triton(q_lat, q_pe, cache, slots, q_pos, scale)
+    def mla_paged(q_lat, q_pe, cache, table_slots, q_pos, scale):
+        return mla_decode.mla_decode_triton(q_lat, q_pe, cache, table_slots, q_pos, scale)
 
     swaps = {fused_moe.moe_experts: moe_experts, mla_decode.mla_decode: mla, mla_decode.mla_decode_paged: mla_paged}
     done = set(_FORCED)

@@ -87,10 +87,9 @@ class MLA(nn.Module):
             # fold W_UK into the query, attend over the latent rows in place, unfold W_UV from the output
             w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
             q_lat = torch.einsum("shd,hdc->shc", q_nope[0], w_uk)
-            if step.page_table is not None:  # the static step: its length is in the positions
+            if step.table_slots is not None:  # the static step: its length is in the positions
                 o_lat = ops.traced(torch.ops.dschat.mla_decode_paged, mla_decode_paged)(
-                    q_lat, q_pe[0].to(q_lat.dtype), cache, step.page_table, step.positions, step.page_size,
-                    self.scale)
+                    q_lat, q_pe[0].to(q_lat.dtype), cache, step.table_slots, step.positions, self.scale)
             else:
                 o_lat = mla_decode(q_lat, q_pe[0].to(q_lat.dtype), cache, step.slots, step.positions, self.scale)
             out = torch.einsum("shc,hdc->shd", o_lat, w_uv).unsqueeze(0)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.mla_decode import paged_slots
 from .step import Step
 
 COMPILE = ("auto", "on", "off")
@@ -86,8 +87,8 @@ def decode_step(model, ids: torch.Tensor, length: torch.Tensor, page_table: torc
     back into `ids` (a greedy decode's next input)."""
     S = ids.shape[1]
     positions = length + torch.arange(S, device=ids.device)
-    write = page_table[positions // page_size] * page_size + positions % page_size
-    step = Step(positions, None, layers, True, page_table=page_table, write_slots=write, page_size=page_size)
+    table = paged_slots(page_table, page_size)  # every slot of the table, once a step
+    step = Step(positions, None, layers, True, table_slots=table, write_slots=table[positions])
     h = model(ids, positions, step)[0]
     logits = model.head(h)
     tokens = logits.argmax(dim=-1)
@@ -104,8 +105,8 @@ def mtp_step(model, h_prev: torch.Tensor, ids: torch.Tensor, start: torch.Tensor
     returns (h [S, hidden], logits [S, V] float32, argmax [S])."""
     S = ids.shape[1]
     positions = start + torch.arange(S, device=ids.device)
-    write = page_table[positions // page_size] * page_size + positions % page_size
-    step = Step(positions, None, layers, True, page_table=page_table, write_slots=write, page_size=page_size)
+    table = paged_slots(page_table, page_size)  # every slot of the table, once a step
+    step = Step(positions, None, layers, True, table_slots=table, write_slots=table[positions])
     h, logits = model.mtp_forward(0, h_prev[None], ids, positions, step)
     return h[0], logits[0], logits[0].argmax(dim=-1)
 

@@ -17,18 +17,17 @@ class Step:
     cache:     per-layer latent buffers [num_slots, kv_lora_rank + qk_rope_head_dim].
     absorb:    attend absorbed over the latent rows (short chunks) rather than materialising K/V.
 
-    The static decode step (engine/static.py) gives no `slots`: its sequence is a fixed-size `page_table`
-    [max_pages] of `page_size`-row pages, the new rows go to `write_slots` [S] (computed on the device from
-    the table and the positions), and attention reads the keys 0..positions[-1] through the table.
+    The static decode step (engine/static.py) gives no `slots`: its sequence is a fixed-size page table,
+    whose every slot is `table_slots` [max_pages * page_size] (computed on the device once a step); the new
+    rows go to `write_slots` [S], and attention reads the keys 0..positions[-1] of the table.
     """
 
     positions: torch.Tensor
     slots: torch.Tensor | None
     cache: list[torch.Tensor]
     absorb: bool = True
-    page_table: torch.Tensor | None = None
+    table_slots: torch.Tensor | None = None
     write_slots: torch.Tensor | None = None
-    page_size: int = 0
 
 
 @dataclass

@@ -122,15 +122,16 @@ def paged_slots(page_table: torch.Tensor, page_size: int, n: int | None = None) 
     return slots if n is None else slots[:n]
 
 
-def mla_decode_paged(q_lat, q_pe, cache, page_table, q_pos, page_size: int, scale: float):
+def mla_decode_paged(q_lat, q_pe, cache, table_slots, q_pos, scale: float):
     """The static decode step's attention: mla_decode over the keys 0..max(q_pos) of a sequence whose rows lie
-    in the pages `page_table` lists ([max_pages] int64; entries past the sequence's are never read). Every
-    shape is the same at every token: on CUDA the Triton kernel's grid covers the whole table (its programs
-    stop at q_pos); on the CPU the length is read on the host (free there) and only its keys are gathered."""
+    at `table_slots` (`paged_slots` of its fixed-size page table: slots past its length are never read).
+    Every shape is the same at every token: on CUDA the Triton kernel's grid covers the whole table (its
+    programs stop at q_pos); on the CPU the length is read on the host (free there) and only its keys are
+    gathered."""
     if triton is not None and q_lat.is_cuda:
-        return mla_decode_triton(q_lat, q_pe, cache, paged_slots(page_table, page_size), q_pos, scale)
+        return mla_decode_triton(q_lat, q_pe, cache, table_slots, q_pos, scale)
     n = int(q_pos.max()) + 1
-    return mla_decode_reference(q_lat, q_pe, cache, paged_slots(page_table, page_size, n), q_pos, scale)
+    return mla_decode_reference(q_lat, q_pe, cache, table_slots[:n], q_pos, scale)
 
 
 def mla_decode(q_lat, q_pe, cache, slots, q_pos, scale):

@@ -28,13 +28,13 @@ def traced(op, fn):
 
 
 @torch.library.custom_op("dschat::mla_decode_paged", mutates_args=())
-def mla_decode_paged(q_lat: Tensor, q_pe: Tensor, cache: Tensor, page_table: Tensor, q_pos: Tensor,
-                     page_size: int, scale: float) -> Tensor:
-    return mla_decode.mla_decode_paged(q_lat, q_pe, cache, page_table, q_pos, page_size, scale)
+def mla_decode_paged(q_lat: Tensor, q_pe: Tensor, cache: Tensor, table_slots: Tensor, q_pos: Tensor,
+                     scale: float) -> Tensor:
+    return mla_decode.mla_decode_paged(q_lat, q_pe, cache, table_slots, q_pos, scale)
 
 
 @mla_decode_paged.register_fake
-def _(q_lat, q_pe, cache, page_table, q_pos, page_size, scale):
+def _(q_lat, q_pe, cache, table_slots, q_pos, scale):
     return torch.empty_like(q_lat)
 
 
