@@ -214,3 +214,27 @@ def test_a_step_that_cannot_compile_runs_eagerly_with_one_warning(checkpoints, m
     assert eng.load_stats["decode_step"] == "eager"
     ids, params = prompt(10, seed=6), SamplingParams(max_tokens=5, ignore_eos=True)
     assert list(eng.generate(ids, params)) == plain(v3, ids, params)
+
+
+def explain_step(eng: Engine):
+    seq = eng.cache.open([], limit=0)
+    dec = eng.static
+    try:
+        with torch.inference_mode():
+            eng._prefill(seq, prompt(10, seed=7))
+            dec.bind(seq)
+            eng.cache.reserve(seq, len(seq.ids) + 1)
+            dec.sync(seq)
+            return torch._dynamo.explain(decode_step)(eng.model, dec.ids_buffer(1), dec.length, dec.page_table,
+                                                      eng.cache.layers, dec.page_size)
+    finally:
+        eng.cache.close(seq, insert=False)
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_the_quantized_step_is_one_graph_too(checkpoints, quant):
+    """The packed CPU kernels (linear layers and routed experts) are operators the tracer does not enter."""
+    eng = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32, speculative="none", quant=quant)
+    explained = explain_step(eng)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
