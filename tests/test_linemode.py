@@ -141,6 +141,34 @@ def test_regen_in_a_continued_conversation_adds_a_sibling(chat_models):
     assert len(Store().siblings(conv.messages[1].id)) == 2
 
 
+def test_edit_an_earlier_message_branches_there(chat_models, chat_engines):
+    """/edit N takes the chat back to before your message N with its text in the input; sent (changed), it is a
+    sibling of the old one, the turns after the old one stay saved on their branch, and the answer is what a
+    fresh engine gives for the edited conversation (the cache cut back correctly)."""
+    p = spawn("--plain", "--model", str(chat_models["v3"]), "-t", "0", "-n", "4")
+    p.expect_exact(PROMPT)
+    assert "nothing to edit yet" in ask(p, "/edit")
+    answers = [ask(p, text) for text in ("one", "two", "three")]
+    assert "N from 1 to 3" in ask(p, "/edit 4")
+    assert "editing your message 2 of 3" in ask(p, "/edit 2")
+    p.expect_exact("two")  # the input starts from the message's text
+    p.send("\x15")  # Ctrl+U: clear it
+    ask(p, "TWO")
+    p.sendline("/exit")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0 and answers[0].strip()
+    conv = Store().latest()
+    assert [m.content for m in conv.messages if m.role == "user"] == ["one", "TWO"]
+    versions = Store().siblings(conv.messages[2].id)
+    assert sorted(m.content for m in versions) == ["TWO", "two"]
+    eng = chat_engines["v3"]
+    turns = [{"role": m.role, "content": m.content} for m in conv.messages[:3]]
+    _, ids = chat_prompt(eng.tokenizer, turns)
+    want = eng.tokenizer.decode(list(eng.generate(ids, SamplingParams(max_tokens=4))), skip_special_tokens=True)
+    assert conv.messages[3].content == want
+
+
 def test_load_by_id_and_from_an_exported_file(chat_models, tmp_path):
     assert call(["--model", str(chat_models["v3"]), "-t", "0", "-n", "4"], stdin="saved one").returncode == 0
     saved = Store().latest()

@@ -3,7 +3,7 @@
 Enter sends; Alt+Enter (Esc then Enter) inserts a new line, and a message that starts with \"\"\" continues
 until a line that ends with \"\"\". Ctrl+C stops a reply (it is kept, marked interrupted) or clears the input;
 Ctrl+D exits; Ctrl+X Ctrl+E composes the message in $EDITOR. Slash commands: /system, /clear, /save, /load,
-/regen, /stats, /thinking, /add, /drop, /help, /exit.
+/regen, /edit, /stats, /thinking, /add, /drop, /help, /exit.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ HELP = """\
   /save FILE     export this conversation as JSON (for `dschat import` and `dschat replay`)
   /load ID|FILE  open a saved conversation (an id from `dschat conversations`, or an exported file)
   /regen         a new answer to the last prompt (the old one is kept in the history)
+  /edit [N]      edit and resend your message N (1 = the first; default the last): the chat goes back to
+                 before it, and the old turns stay in the history as another branch
   /stats         statistics of the last reply
   /thinking      a reasoning model's thinking for the last reply, unfolded
   /add PATH      put a file (or a folder's text files) into your next message; /add alone lists them
@@ -161,10 +163,10 @@ class Thinking:
         self.out.flush()
 
 
-def read_message(session) -> str | None:
-    """One message from the user (None at Ctrl+D)."""
+def read_message(session, draft: str = "") -> str | None:
+    """One message from the user (None at Ctrl+D); `draft` is the input's text to start from (/edit)."""
     try:
-        text = session.prompt("you> ")
+        text = session.prompt("you> ", default=draft)
     except EOFError:
         return None
     except Stopped:
@@ -194,8 +196,9 @@ def run_line_mode(opts: Options) -> int:
     attached = list(opts.files or [])  # -f: files for the first message; /add: for the next
     if attached:
         add_files(session, attached, [])
+    draft = ""
     while True:
-        text = read_message(prompts)
+        text, draft = read_message(prompts, draft), ""
         if text is None:
             print()
             return 0
@@ -205,6 +208,9 @@ def run_line_mode(opts: Options) -> int:
             cmd, _, rest = text[1:].partition(" ")
             if cmd in ("exit", "quit"):
                 return 0
+            if cmd == "edit":
+                draft = edit_message(session, rest.strip())
+                continue
             turn = command(session, cmd, rest.strip(), attached)
         else:
             text = attach(text, attached)
@@ -355,6 +361,26 @@ def command(session: ChatSession, cmd: str, arg: str, attached: list[str] | None
     else:
         say(f"(unknown command /{cmd}: /help lists them)", sys.stdout)
     return None
+
+
+def edit_message(session: ChatSession, arg: str) -> str:
+    """/edit [N]: take the chat back to before your message N (1-based; the last by default) and return its
+    text, for the next input to start from; sent, it is saved as a sibling of that message (a new branch)."""
+    msgs = [m for m in session.chat.messages if m["role"] != "system"]
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+    if not users:
+        print("(nothing to edit yet)")
+        return ""
+    try:
+        n = int(arg) if arg else len(users)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= len(users):
+        print(f"(usage: /edit [N], N from 1 to {len(users)})")
+        return ""
+    text = session.edit(users[n - 1])
+    print(f"(editing your message {n} of {len(users)}: Enter sends it as a new branch; the old turns stay saved)")
+    return text
 
 
 def save_to(path: str, session: ChatSession):
