@@ -91,17 +91,40 @@ def _build():
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         return None, "no C++ compiler (c++ / g++)"
+    path = os.environ.get("PATH", "")
+    ninja_dir = ninja_bin_dir()
+    if ninja_dir is None:
+        return None, "no ninja build tool (pip install ninja)"
     try:
         d.mkdir(parents=True, exist_ok=True)
         _say("building the CPU int8/int4 kernels (once; about a minute) ...")
         from torch.utils import cpp_extension
 
+        os.environ["PATH"] = ninja_dir + os.pathsep + path  # torch's builder runs `ninja` from PATH
         mod = cpp_extension.load_inline(name, [src], functions=["gemv", "experts", "q8_activations"],
                                         extra_cflags=FLAGS, build_directory=str(d), verbose=False)
         return mod, None
     except Exception as e:  # noqa: BLE001 (a compiler's failure: say it in one line, run the fallback)
         lines = [x for x in str(e).strip().splitlines() if x.strip()]
         return None, f"building the CPU kernels failed ({lines[-1] if lines else type(e).__name__})"
+    finally:
+        os.environ["PATH"] = path
+
+
+def ninja_bin_dir() -> str | None:
+    """The folder of the `ninja` that torch's extension builder needs: the `ninja` distribution's (a dependency
+    of dschat, so a venv's dschat finds it even when the venv's bin/ is not on PATH), else one on PATH."""
+    import shutil
+
+    try:
+        import ninja
+
+        if (Path(ninja.BIN_DIR) / "ninja").exists():
+            return str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which("ninja")
+    return str(Path(found).parent) if found else None
 
 
 def native():

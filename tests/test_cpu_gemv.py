@@ -5,8 +5,10 @@ fallback, one line, when it cannot be built."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,23 +119,42 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("case", ["no compiler", "turned off"])
+@pytest.mark.parametrize("case", ["no compiler", "no ninja", "turned off"])
 def test_without_a_compiler_it_says_so_once_and_falls_back(tmp_path, case):
-    """An empty kernel cache and no C++ compiler on PATH (or DSCHAT_CPU_GEMV=0): one line on stderr (none when
-    turned off), no traceback, and PyTorch's kernels compute the same weights."""
+    """An empty kernel cache and no C++ compiler on PATH, or a compiler but no ninja (neither the `ninja`
+    distribution nor one on PATH), or DSCHAT_CPU_GEMV=0: one line on stderr saying which (none when turned
+    off), no traceback, and PyTorch's kernels compute the same weights."""
     env = {**os.environ, "DSCHAT_KERNELS_DIR": str(tmp_path / "kernels")}
-    if case == "no compiler":
+    script = FALLBACK
+    if case in ("no compiler", "no ninja"):
         bindir = tmp_path / "bin"
         bindir.mkdir()
         os.symlink(sys.executable, bindir / "python")
         env.update(PATH=str(bindir), CXX="no-such-compiler")
+        if case == "no ninja":
+            compiler = shutil.which("c++") or shutil.which("g++")
+            assert compiler, "this test needs a C++ compiler"
+            os.symlink(compiler, bindir / "c++")
+            env["CXX"] = "c++"
+            script = "import sys\nsys.modules['ninja'] = None  # not installed\n" + FALLBACK
     else:
         env["DSCHAT_CPU_GEMV"] = "0"
-    r = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     lines = [x for x in r.stderr.splitlines() if x.strip()]
-    if case == "no compiler":
-        assert len(lines) == 1 and lines[0].startswith("dschat: note: no C++ compiler"), r.stderr
-    else:
+    if case == "turned off":
         assert lines == [], r.stderr
+    else:
+        want = "no C++ compiler" if case == "no compiler" else "no ninja build tool (pip install ninja)"
+        assert len(lines) == 1 and lines[0].startswith(f"dschat: note: {want}"), r.stderr
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").rglob("*.so"))
+
+
+def test_ninja_is_found_without_the_environment_on_path():
+    """The `ninja` distribution (a dependency) puts its binary in the environment's bin/, which is not on PATH
+    when dschat runs as .venv/bin/dschat without activating the environment: its folder is found all the same."""
+    found = cpu_gemv.ninja_bin_dir()
+    assert found is not None and (Path(found) / "ninja").exists()
+    import ninja
+
+    assert Path(found) == Path(ninja.BIN_DIR)
