@@ -78,15 +78,8 @@ def test_pipelined_end_is_seen_a_step_late_and_that_step_dropped(v3, monkeypatch
     assert results[True][1] == len(ids) + len(cut) - 1  # the prompt and the reply but its last token
 
 
-@pytest.fixture(scope="module")
-def v3_int4(checkpoints):
-    return Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32, speculative="none", quant="int4")
-
-
-def test_a_quantized_step_is_one_graph(v3_int4):
-    """Packed weights on the CPU (kernels/cpu_gemv.py, behind torch.ops.dschat.matmul_packed_cpu and
-    moe_experts_packed_cpu) trace without a break, and the compiled step gives the eager tokens."""
-    eng = v3_int4
+def explain_one_step(eng):
+    """torch._dynamo.explain of one static decode step after a 10-token prefill (the sequence then dropped)."""
     seq = eng.cache.open([], limit=0)
     dec = StaticDecoder(eng.model, eng.cache, eng.device, eng.context_length)
     try:
@@ -100,6 +93,19 @@ def test_a_quantized_step_is_one_graph(v3_int4):
     finally:
         eng.cache.close(seq, insert=False)
         torch._dynamo.reset()
+    return explained
+
+
+@pytest.fixture(scope="module")
+def v3_int4(checkpoints):
+    return Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32, speculative="none", quant="int4")
+
+
+def test_a_quantized_step_is_one_graph(v3_int4):
+    """Packed weights on the CPU (kernels/cpu_gemv.py, behind torch.ops.dschat.matmul_packed_cpu and
+    moe_experts_packed_cpu) trace without a break, and the compiled step gives the eager tokens."""
+    eng = v3_int4
+    explained = explain_one_step(eng)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     ids = prompt(10, seed=4)
     params = SamplingParams(max_tokens=9, ignore_eos=True)
@@ -117,18 +123,7 @@ def test_a_quantized_step_is_one_graph(v3_int4):
 
 def test_the_step_is_one_graph_with_no_recompilation_over_256_steps(v3):
     eng = v3
-    seq = eng.cache.open([], limit=0)
-    dec = StaticDecoder(eng.model, eng.cache, eng.device, eng.context_length)
-    try:
-        with torch.inference_mode():
-            eng._prefill(seq, prompt(10, seed=3))
-            dec.bind(seq)
-            eng.cache.reserve(seq, len(seq.ids) + 1)
-            dec.sync(seq)
-            explained = torch._dynamo.explain(decode_step)(eng.model, dec.ids_buffer(1), dec.length,
-                                                          dec.page_table, eng.cache.layers, dec.page_size)
-    finally:
-        eng.cache.close(seq, insert=False)
+    explained = explain_one_step(eng)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
     torch._dynamo.reset()
