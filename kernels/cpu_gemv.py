@@ -21,6 +21,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -86,8 +87,6 @@ def _build():
             return _import(name, so), None
         except Exception:  # a damaged or foreign file: build again
             pass
-    import shutil
-
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         return None, "no C++ compiler (c++ / g++)"
@@ -114,8 +113,6 @@ def _build():
 def ninja_bin_dir() -> str | None:
     """The folder of the `ninja` that torch's extension builder needs: the `ninja` distribution's (a dependency
     of dschat, so a venv's dschat finds it even when the venv's bin/ is not on PATH), else one on PATH."""
-    import shutil
-
     try:
         import ninja
 

@@ -78,22 +78,22 @@ def test_pipelined_end_is_seen_a_step_late_and_that_step_dropped(v3, monkeypatch
     assert results[True][1] == len(ids) + len(cut) - 1  # the prompt and the reply but its last token
 
 
-def explain_one_step(eng):
-    """torch._dynamo.explain of one static decode step after a 10-token prefill (the sequence then dropped)."""
+def explain_one_step(eng: Engine, dec: StaticDecoder | None = None, seed: int = 3):
+    """torch._dynamo.explain of one static decode step (of `dec`, by default a new eager StaticDecoder) after a
+    10-token prefill (the sequence then dropped)."""
     seq = eng.cache.open([], limit=0)
-    dec = StaticDecoder(eng.model, eng.cache, eng.device, eng.context_length)
+    dec = dec or StaticDecoder(eng.model, eng.cache, eng.device, eng.context_length)
     try:
         with torch.inference_mode():
-            eng._prefill(seq, prompt(10, seed=3))
+            eng._prefill(seq, prompt(10, seed=seed))
             dec.bind(seq)
             eng.cache.reserve(seq, len(seq.ids) + 1)
             dec.sync(seq)
-            explained = torch._dynamo.explain(decode_step)(eng.model, dec.ids_buffer(1), dec.length,
-                                                          dec.page_table, eng.cache.layers, dec.page_size)
+            return torch._dynamo.explain(decode_step)(eng.model, dec.ids_buffer(1), dec.length, dec.page_table,
+                                                      eng.cache.layers, dec.page_size)
     finally:
         eng.cache.close(seq, insert=False)
         torch._dynamo.reset()
-    return explained
 
 
 @pytest.fixture(scope="module")
@@ -211,25 +211,9 @@ def test_a_step_that_cannot_compile_runs_eagerly_with_one_warning(checkpoints, m
     assert list(eng.generate(ids, params)) == plain(v3, ids, params)
 
 
-def explain_step(eng: Engine):
-    seq = eng.cache.open([], limit=0)
-    dec = eng.static
-    try:
-        with torch.inference_mode():
-            eng._prefill(seq, prompt(10, seed=7))
-            dec.bind(seq)
-            eng.cache.reserve(seq, len(seq.ids) + 1)
-            dec.sync(seq)
-            return torch._dynamo.explain(decode_step)(eng.model, dec.ids_buffer(1), dec.length, dec.page_table,
-                                                      eng.cache.layers, dec.page_size)
-    finally:
-        eng.cache.close(seq, insert=False)
-        torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_the_quantized_step_is_one_graph_too(checkpoints, quant):
     """The packed CPU kernels (linear layers and routed experts) are operators the tracer does not enter."""
     eng = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32, speculative="none", quant=quant)
-    explained = explain_step(eng)
+    explained = explain_one_step(eng, eng.static, seed=7)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
