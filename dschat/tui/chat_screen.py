@@ -5,12 +5,12 @@ The widgets post messages (PromptArea.Submitted, ConversationList.Opened, ChatVi
 and this screen handles them; it tells the widgets what to show by calling their methods. The model and the
 session (the engine, the history) are the app's (app.py); the history is used from here, on the UI thread,
 except while a turn is being saved, which a worker thread does (it may wait for a busy history).
+
+The keys and the turn are here; what some keys do lives beside it, mixed in: versions and branches
+(branches.py), copying (copy_actions.py), the history's actions (history_actions.py).
 """
 
 from __future__ import annotations
-
-import re
-from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult, SuspendNotSupported
@@ -23,25 +23,21 @@ from textual.widgets import Header
 from dschat.conversation.attachments import AttachmentError, describe, read_all, with_files
 from dschat.conversation.chat import Turn
 from dschat.errors import error_text
-from dschat.files import write_conversation
-from dschat.history.store import Store, StoreError
-from dschat.history.transfer import branch_line
 from dschat.terminal.text import terminal_safe
-from dschat.tui.ask_screen import AskScreen, ConfirmScreen
+from dschat.tui.ask_screen import AskScreen
+from dschat.tui.branches import BranchActions
 from dschat.tui.chat_view import ChatView
 from dschat.tui.conversation_list import ConversationList
-from dschat.tui.footer import NARROW, ChatFooter
+from dschat.tui.copy_actions import CopyActions
 from dschat.tui.editor import EditorError, compose
+from dschat.tui.footer import NARROW, ChatFooter
+from dschat.tui.history_actions import LAST, HistoryActions
 from dschat.tui.message_view import MessageView
-from dschat.tui.pick_screen import PickScreen
 from dschat.tui.prompt_area import PromptArea
 from dschat.tui.status_bar import StatusBar
 
-CODE_BLOCK = re.compile(r"```([^\n]*)\n(.*?)```", re.S)  # a fence's language, and its code
-LAST = object()  # update_status: the last reply's figures
 
-
-class ChatScreen(Screen):
+class ChatScreen(BranchActions, CopyActions, HistoryActions, Screen):
     # The keys shown in the footer, in this order; [keys] in the config file rebinds them by id (run_tui checks).
     BINDINGS = [
         Binding("ctrl+q", "app.quit", "Quit", id="quit", priority=True),
@@ -152,30 +148,6 @@ class ChatScreen(Screen):
         self.prompt.prompts = [terminal_safe(m.content, body=True) for m in msgs if m.role == "user"]
         self.select(None)
         self.show_versions()
-
-    def show_versions(self):
-        """Each message's saved id and its place among its versions ("2/3" in its title), from the history."""
-        conv_id = self.app.conv_id
-        if not conv_id or self.saving:
-            return
-        try:
-            store = self.session.store
-            msgs, versions = [m for m in store.get(conv_id).messages if m.role != "system"], store.versions(conv_id)
-        except StoreError:  # its first turn still pending: nothing saved to show
-            return
-        views = self.chat_view.messages
-        if len(views) == len(msgs):
-            for v, m in zip(views, msgs):
-                v.set_version(m.id, *versions.get(m.id, (1, 1)))
-
-    def select(self, index: int | None):
-        """Select the message at `index` in the view (None: none), marked beside it."""
-        views = self.chat_view.messages
-        self.selected = index if index is not None and 0 <= index < len(views) else None
-        for i, v in enumerate(views):
-            v.set_class(i == self.selected, "selected")
-        if self.selected is not None:
-            views[self.selected].scroll_visible(animate=False)
 
     def model_ready(self):
         """The app has a (new) model and session: show what it opened."""
@@ -331,30 +303,7 @@ class ChatScreen(Screen):
         if not regenerating and not self.prompt.text.strip():
             self.prompt.text = turn.user
 
-    # -- the history --------------------------------------------------------------------------------------------------
-    def with_store(self, fn):
-        """fn(the history): the session's, once there is one (opened once, not for each call). Not while a turn
-        is being saved: the saving thread has it."""
-        app = self.app
-        if self.saving:
-            app.notify("the last turn is still being saved (the history is busy): try again then", severity="warning")
-            return None
-        try:
-            if app.session is not None:
-                return fn(app.session.store)
-            with Store() as store:
-                return fn(store)
-        except StoreError as e:
-            app.notify(str(e), severity="error")
-
-    def refresh_conversations(self, search: str | None | object = LAST):
-        """List the conversations again, found by `search` (None: all; by default the filter that is on)."""
-        sidebar = self.query_one(ConversationList)
-        search = sidebar.search if search is LAST else search
-        rows = self.with_store(lambda s: s.list(search=search, limit=200))
-        if rows is not None or not self.saving:
-            sidebar.show(rows or [], search)
-
+    # -- the history (history_actions.py has the rest) --------------------------------------------------------------
     @on(ConversationList.Cleared)
     def search_cleared(self):
         self.refresh_conversations(None)
@@ -404,113 +353,6 @@ class ChatScreen(Screen):
             views[-1].remove()
         self.run_turn(turn, user_view=False)
 
-    def action_edit_last(self):
-        """Put the last prompt back in the input; sending it replaces the last exchange (kept as a sibling)."""
-        app = self.app
-        if app.busy or app.chat is None:
-            return
-        try:
-            text = self.session.edit_last()
-        except ValueError as e:
-            app.notify(str(e), severity="warning")
-            return
-        for v in self.chat_view.messages[-2:]:
-            v.remove()
-        self.prompt.text = terminal_safe(text, body=True)
-        self.prompt.focus()
-
-    def action_select(self, step: int):
-        """Move the selection up or down the conversation (from none: the last message, or the first)."""
-        n = len(self.chat_view.messages)
-        if n:
-            at = (n if step < 0 else -1) if self.selected is None else self.selected
-            self.select(min(max(at + step, 0), n - 1))
-
-    def action_version(self, step: int):
-        """The previous or next version of the selected message (none selected: of the last one that has
-        versions): its branch is shown, later turns and all, and the next message follows it."""
-        app = self.app
-        if app.busy or self.saving or app.chat is None:
-            return
-        views = self.chat_view.messages
-        at = self.selected if self.selected is not None else \
-            next((i for i in range(len(views) - 1, -1, -1) if views[i].version[1] > 1), None)
-        if at is None or views[at].message_id is None or views[at].version[1] < 2:
-            app.notify("this message has no other version (an edited prompt or a regenerated answer makes one)",
-                       severity="warning")
-            return
-        k, n = views[at].version
-        if not 1 <= k + step <= n:
-            return
-        try:
-            siblings = self.session.store.siblings(views[at].message_id)
-            self.session.switch(siblings[k - 1 + step].id)
-        except (StoreError, ValueError, IndexError) as e:
-            app.notify(error_text(e), severity="error")
-            return
-        self.show_conversation([m for m in self.session.opened.messages if m.role != "system"])
-        self.select(at)
-        self.update_status()
-
-    def action_edit_message(self):
-        """Put the selected prompt (none selected: the last) back in the input, the conversation taken back to
-        before it; sending it starts a new branch there (the old turns stay on theirs, Alt+Left reaches them)."""
-        app = self.app
-        if app.busy or self.saving or app.chat is None:
-            return
-        views = self.chat_view.messages
-        at = self.selected if self.selected is not None else \
-            next((i for i in range(len(views) - 1, -1, -1) if views[i].role == "user"), None)
-        if at is None or views[at].role != "user":
-            app.notify("select one of your messages first (Alt+Up)", severity="warning")
-            return
-        try:
-            text = self.session.edit(at)
-        except ValueError as e:
-            app.notify(str(e), severity="warning")
-            return
-        for v in views[at:]:
-            v.remove()
-        self.select(None)
-        self.prompt.text = terminal_safe(text, body=True)
-        self.prompt.focus()
-        self.update_status()
-
-    def action_copy_reply(self):
-        text = self.chat_view.last_reply()
-        if text:
-            self.app.copy_to_clipboard(text)
-            self.app.notify("reply copied")
-
-    def action_copy_code(self):
-        blocks = CODE_BLOCK.findall(self.chat_view.last_reply() or "")
-        if not blocks:
-            self.app.notify("the last reply has no code block", severity="warning")
-            return
-        self.app.copy_to_clipboard(blocks[-1][1])
-        self.app.notify("code block copied")
-
-    def action_pick_code(self):
-        """Every code block of the replies shown, numbered in a list (the last one highlighted): the one picked
-        is copied, as Copy code block copies the last."""
-        blocks = [b for v in self.chat_view.messages if v.role == "assistant" for b in CODE_BLOCK.findall(v.text)]
-        if not blocks:
-            self.app.notify("no reply here has a code block", severity="warning")
-            return
-
-        def item(lang: str, code: str) -> str:
-            first = next((line.strip() for line in code.splitlines() if line.strip()), "")
-            first = first if len(first) <= 50 else first[:49] + "…"
-            lines = len(code.splitlines())
-            return f"{lang.strip() or 'code'}: {first}  ({lines} line{'s' if lines != 1 else ''})"
-
-        def done(i: int | None):
-            if i is not None:
-                self.app.copy_to_clipboard(blocks[i][1])
-                self.app.notify(f"code block {i + 1} copied")
-
-        self.app.push_screen(PickScreen("Copy which code block?", [item(*b) for b in blocks]), done)
-
     def action_compose_in_editor(self):
         """The input in $VISUAL or $EDITOR, the app suspended meanwhile; what the editor leaves comes back into
         the input (not sent: Enter sends it)."""
@@ -530,84 +372,6 @@ class ChatScreen(Screen):
 
     def action_toggle_sidebar(self):
         self.query_one(ConversationList).toggle_class("hidden")
-
-    def action_set_system(self):
-        app = self.app
-
-        def done(text):
-            if text is None or app.chat is None:
-                return
-            try:
-                self.session.set_system(text)
-            except StoreError as e:
-                app.notify(str(e), severity="error")
-                return
-            app.notify("system prompt set")
-
-        app.push_screen(AskScreen("System prompt:", terminal_safe((app.chat.system or "") if app.chat else "")),
-                        done)
-
-    def action_rename(self):
-        app = self.app
-        if not app.conv_id:
-            app.notify("nothing saved yet to rename", severity="warning")
-            return
-
-        def done(title):
-            if title:
-                self.with_store(lambda s: s.rename(app.conv_id, title))
-                self.refresh_conversations()
-
-        app.push_screen(AskScreen("New title:"), done)
-
-    def action_delete(self):
-        app = self.app
-        if app.busy:
-            app.notify("a reply is still streaming: Esc stops it", severity="warning")
-            return
-        conv_id = app.conv_id
-        if not conv_id:  # nothing saved: a new chat
-            self.action_new_chat()
-            return
-
-        def done(yes):
-            if not yes or app.busy or app.conv_id != conv_id:
-                return
-            self.with_store(lambda s: s.delete(conv_id))
-            app.notify("conversation deleted")
-            self.action_new_chat()
-            self.refresh_conversations()
-
-        app.push_screen(ConfirmScreen("Delete this conversation from the history? It cannot be undone."), done)
-
-    def action_export(self):
-        app = self.app
-        if not app.conv_id:
-            app.notify("nothing saved yet to export", severity="warning")
-            return
-        conv_id = app.conv_id
-
-        def done(where):
-            if not where:
-                return
-            text = self.with_store(lambda s: s.export_text(conv_id, "md"))
-            branch = self.with_store(lambda s: s.export_json(conv_id)["branch"])
-            if text:
-                path = Path(where).expanduser()
-                try:  # private, as the history is (a file already there keeps its mode)
-                    write_conversation(path, text)
-                except OSError as e:  # a notice; the app goes on
-                    app.notify(f"not exported: {error_text(e)}", severity="error")
-                    return
-                app.notify(f"exported to {path}" + (f" (branch: {branch_line(branch)})" if branch and branch["versions"]
-                                                    else ""))
-
-        app.push_screen(AskScreen("Export as Markdown to (Esc: not at all):", str(Path.cwd() / f"dschat-{conv_id}.md")),
-                        done)
-
-    def action_search(self):
-        self.app.push_screen(AskScreen("Search conversations (empty: all):"),
-                             lambda q: self.refresh_conversations(q or None))
 
     def action_switch_model(self):
         app = self.app
