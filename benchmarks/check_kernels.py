@@ -42,7 +42,7 @@ MODELS = {
     "v2-lite": dict(hidden=2048, heads=16, kv_lora=512, rope=64, moe_inter=1408, experts=64, top_k=6,
                     inter=10944, context=4096),
     "v3": dict(hidden=7168, heads=128, kv_lora=512, rope=64, moe_inter=2048, experts=256, top_k=8,
-               inter=18432, context=4096),
+               inter=18432, context=4096, fp8=True),
 }
 INT4_GROUP = 128  # engine/quant.py's default group size
 PREFILL_ROWS = 512  # the linear kernels also run a prefill chunk (their GEMM tiles)
@@ -108,6 +108,7 @@ def packed(E, N, K, bits):
 def cases(m):
     """(kernel label, call) pairs for one model's decode shapes; each call runs a wrapper on meta tensors."""
     from dschat.kernels.fp8_matmul import fp8_linear_triton
+    from dschat.kernels.fp8_moe import moe_experts_fp8_triton
     from dschat.kernels.fused_moe import moe_experts_triton
     from dschat.kernels.mla_decode import mla_decode_triton
     from dschat.kernels.quant_matmul import quant_matmul_triton
@@ -121,6 +122,11 @@ def cases(m):
     for bits in (8, 4):
         yield f"moe/int{bits}", lambda bits=bits: moe_experts_quant_triton(
             x, packed(E, 2 * I, H, bits), packed(E, H, I, bits), ids, wts)
+    if m.get("fp8"):  # the checkpoints that ship FP8 experts (`--fp8 keep` reads them as they are)
+        yield "moe/fp8", lambda: moe_experts_fp8_triton(
+            x, meta(E, 2 * I, H, dtype=torch.float8_e4m3fn), meta(E, 2 * I // 128, -(-H // 128), dtype=torch.float32),
+            meta(E, H, I, dtype=torch.float8_e4m3fn), meta(E, -(-H // 128), I // 128, dtype=torch.float32), ids, wts,
+            (128, 128))
     R, P, heads, T = m["kv_lora"], m["rope"], m["heads"], m["context"]
     yield "mla_decode", lambda: mla_decode_triton(
         meta(1, heads, R), meta(1, heads, P), meta(T + 256, R + P), meta(T, dtype=torch.int64),

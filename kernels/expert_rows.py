@@ -1,7 +1,8 @@
 """How the MoE kernels read an expert's weights: rows of a plain stack [E, rows, row_len] (bf16/fp32) as
 they are, or rows of a packed stack (quant_format.Packed: int8 per output channel, or int4 in groups, two
 values a byte, low nibble first) dequantised in registers. fused_moe's two kernels call `expert_rows`, so the
-plain and the quantized MoE are one kernel body; PACKED is a compile-time constant.
+plain and the quantized MoE are one kernel body; PACKED is a compile-time constant. Block-scaled FP8 stacks
+(`--fp8 keep`, fp8_moe.py) are read the same way, FP8 a compile-time constant too.
 
 A tile is BLOCK_K consecutive columns from a multiple of BLOCK_K: int4 bytes are read once each (not once a
 nibble) and, when the tile lies in one group, the scales are one a row: the element-wise gathers of scales
@@ -50,12 +51,20 @@ if triton is not None:
     @triton.jit
     def expert_rows(W, Scale, Zero, e, rows, rmask, col0, n_cols, n_rows, row_len, n_groups,
                     PACKED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr, FP8: tl.constexpr = False, ROUND: tl.constexpr = tl.float32):
         """Weights [len(rows), BLOCK_K] of expert e, columns col0..col0+BLOCK_K-1 (col0 a multiple of BLOCK_K;
-        columns from n_cols on read 0), in float32 (row_len: elements, or bytes when packed)."""
+        columns from n_cols on read 0), in float32 (row_len: elements, or bytes when packed). FP8: e4m3 rows
+        times the scale of their GROUP x GROUP tile (n_groups tiles a row; BLOCK_K divides GROUP), rounded to
+        ROUND as the dequantised weight is (fp8_moe.py)."""
         if PACKED:
             return _unpacked(W, Scale, Zero, e, rows, rmask, col0, n_cols, n_rows, row_len, n_groups, BITS, GROUP,
                              HAS_ZERO, BLOCK_K)
         cols = col0 + tl.arange(0, BLOCK_K)
+        if FP8:
+            q = tl.load(W + (e * n_rows + rows[:, None]) * row_len + cols[None, :],
+                        mask=rmask[:, None] & (cols[None, :] < n_cols), other=0.0).to(tl.float32)
+            tiles = (n_rows + GROUP - 1) // GROUP
+            s = tl.load(Scale + (e * tiles + rows // GROUP) * n_groups + col0 // GROUP, mask=rmask, other=0.0)
+            return (q * s[:, None]).to(ROUND).to(tl.float32)
         return tl.load(W + (e * n_rows + rows[:, None]) * row_len + cols[None, :],
                        mask=rmask[:, None] & (cols[None, :] < n_cols), other=0.0).to(tl.float32)

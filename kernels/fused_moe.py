@@ -12,7 +12,8 @@ Three implementations of the same function:
     instead, with one host sync, since gathering T*k experts would copy more weights than the model holds.
   * `moe_experts_triton`: two GEMV-shaped kernels that read only the chosen experts' rows in place (the
     batch-1 decode and 1+K verify shapes): gate/up + SiLU, then down with the routing weights. They read
-    weights through expert_rows, so quant_moe runs the same kernels on packed int8/int4 stacks.
+    weights through expert_rows, so quant_moe runs the same kernels on packed int8/int4 stacks, and fp8_moe
+    on block-scaled FP8 ones.
   * `moe_experts_loop`: the host picks the experts (`.tolist()`, free on the CPU) and runs each on views of
     the stack, copying no weights: the fastest on the CPU, and never used on CUDA.
 `moe_experts` picks Triton for CUDA tensors and the loop on the CPU.
@@ -108,7 +109,8 @@ if triton is not None:
     @triton.jit
     def _gate_up_kernel(X, W, Scale, Zero, Ids, Act, H, I, E, k, stride_xt, stride_at, row_len, n_groups,
                         PACKED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr = False,
+                     ROUND: tl.constexpr = tl.float32):
         """act[t*k + j, n] = silu(gate_e[n] . x[t]) * (up_e[n] . x[t]) for a block of n, e = ids[t, j]."""
         row = tl.program_id(0)  # t * k + j
         nb = tl.program_id(1)
@@ -124,9 +126,9 @@ if triton is not None:
             h = h0 + tl.arange(0, BLOCK_K)
             xv = tl.load(X + t * stride_xt + h, mask=h < H, other=0.0).to(tl.float32)
             g = expert_rows(W, Scale, Zero, e, n, nmask, h0, H, 2 * I, row_len, n_groups, PACKED, BITS, GROUP,
-                            HAS_ZERO, BLOCK_K)
+                            HAS_ZERO, BLOCK_K, FP8, ROUND)
             u = expert_rows(W, Scale, Zero, e, n + I, nmask, h0, H, 2 * I, row_len, n_groups, PACKED, BITS, GROUP,
-                            HAS_ZERO, BLOCK_K)
+                            HAS_ZERO, BLOCK_K, FP8, ROUND)
             acc_g += tl.sum(g * xv[None, :], axis=1)
             acc_u += tl.sum(u * xv[None, :], axis=1)
         act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
@@ -135,7 +137,8 @@ if triton is not None:
     @triton.jit
     def _down_kernel(Act, W, Scale, Zero, Ids, Wts, Y, H, I, E, k, stride_at, stride_yt, row_len, n_groups,
                      PACKED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr = False,
+                     ROUND: tl.constexpr = tl.float32):
         """y[t*k + j, n] = w[t, j] * (down_e[n] . act[t*k + j]) for a block of output features n: one program
         per (chosen expert, block of n), so a decode step runs its experts side by side, not one after
         another (the sum over j is the caller's)."""
@@ -152,7 +155,7 @@ if triton is not None:
             i = i0 + tl.arange(0, BLOCK_K)
             a = tl.load(Act + row * stride_at + i, mask=i < I, other=0.0)
             wv = expert_rows(W, Scale, Zero, e, n, nmask, i0, I, H, row_len, n_groups, PACKED, BITS, GROUP,
-                             HAS_ZERO, BLOCK_K)
+                             HAS_ZERO, BLOCK_K, FP8, ROUND)
             part += tl.sum(wv * a[None, :], axis=1)
         tl.store(Y + row * stride_yt + n, w * part, mask=n < H)
 

@@ -5,6 +5,7 @@ and, the operator being opaque to the compiler, breaks no graph; on CUDA they ru
 
     torch.ops.dschat.mla_decode_paged      mla_decode.mla_decode_paged (the static step's attention)
     torch.ops.dschat.moe_experts           fused_moe.moe_experts
+    torch.ops.dschat.moe_experts_fp8       fp8_moe.moe_experts_fp8 (`--fp8 keep` experts)
     torch.ops.dschat.moe_experts_int4_cpu  quant_cpu.moe_experts_cpu over int4 stacks (PyTorch's int4 layout)
     torch.ops.dschat.moe_experts_packed_cpu  quant_cpu.moe_experts_cpu over stacks as stored (cpu_gemv's)
     torch.ops.dschat.matmul_packed_cpu     quant_cpu.matmul_cpu over a weight as stored (cpu_gemv's)
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import fused_moe, mla_decode, quant_cpu
+from . import fp8_moe, fused_moe, mla_decode, quant_cpu
 from .quant_format import Packed
 
 
@@ -45,6 +46,17 @@ def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, ids: Tensor, weights: Tensor
 
 @moe_experts.register_fake
 def _(x, w13, w2, ids, weights):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dschat::moe_experts_fp8", mutates_args=())
+def moe_experts_fp8(x: Tensor, w13: Tensor, s13: Tensor, w2: Tensor, s2: Tensor, ids: Tensor, weights: Tensor,
+                    block_n: int, block_k: int) -> Tensor:
+    return fp8_moe.moe_experts_fp8(x, w13, s13, w2, s2, ids, weights, (block_n, block_k))
+
+
+@moe_experts_fp8.register_fake
+def _(x, w13, s13, w2, s2, ids, weights, block_n, block_k):
     return torch.empty_like(x)
 
 

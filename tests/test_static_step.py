@@ -217,3 +217,11 @@ def test_the_quantized_step_is_one_graph_too(checkpoints, quant):
     eng = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32, speculative="none", quant=quant)
     explained = explain_one_step(eng, eng.static, seed=7)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_an_fp8_kept_step_is_one_graph(checkpoints):
+    """`--fp8 keep`: the FP8 experts (kernels/fp8_moe.py, torch.ops.dschat.moe_experts_fp8) pick their experts
+    inside the operator; torch.unique there was a graph break in every MoE layer."""
+    eng = Engine.from_pretrained(checkpoints["v3_fp8"], dtype=torch.float32, speculative="none", fp8="keep")
+    explained = explain_one_step(eng, eng.static, seed=7)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
