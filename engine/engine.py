@@ -19,7 +19,7 @@ from .errors import ContextLengthError, ModelError
 from . import dist, persist
 from .hub import resolve
 from .loader import Progress, load_model
-from .memory import memory_report
+from .memory import load_peak_bytes, load_started, memory_report
 from .mla import ABSORB_MAX_TOKENS
 from .model import Transformer
 from .step import Step
@@ -71,7 +71,7 @@ class Engine:
                  draft_tokens: int = 1, quant: str | None = None, compile: str = "off"):
         self.model, self.config, self.path = model, cfg, path
         self.quant = quant  # "int8" / "int4" when the weights run packed
-        self.load_stats: dict = {}  # weight_bytes, peak_host_bytes (and peak_gpu_bytes on CUDA), set on load
+        self.load_stats: dict = {}  # weight_bytes, load_peak_host_bytes, load_peak_ratio, peak_host_bytes, ...
         self.device, self.dtype = device, dtype
         self.speculative, self.draft_tokens = speculative, draft_tokens
         self.stats: GenerationStats | None = None  # the last generation's (each Generation carries its own)
@@ -152,13 +152,15 @@ class Engine:
             raise ValueError("draft_tokens must be >= 1")
         if compile not in ("auto", "on", "off"):
             raise ValueError('compile must be "auto", "on" or "off"')
+        mark = load_started()
         model = load_model(root, cfg, device, dtype, with_mtp=speculative == "mtp", progress=progress, fp8=fp8,
                            quantize=qspec)
+        load_peak = load_peak_bytes(mark)
         if device.type == "cpu":  # before the decode step compiles: its code is built for these threads
             torch.set_num_threads(choose_threads(bytes_per_token(model), threads))
         eng = cls(model, cfg, root, device, dtype, cache_gb, speculative, draft_tokens,
                   qspec.name if qspec else None, compile)
-        eng.load_stats = memory_report(model, device)
+        eng.load_stats = memory_report(model, device, load_peak)
         eng.load_stats["bytes_per_token"] = bytes_per_token(model)
         eng.load_stats["threads"] = torch.get_num_threads()
         eng.load_stats["decode_step"] = eng.static.mode if eng.static is not None else "plain"

@@ -6,7 +6,8 @@
 4. `load_weights`      each tensor read from its memory-mapped shard and handed to the weight loader of the
                        module that holds it (engine/layers/weights.py): that loader takes this rank's slice
                        (tensor parallelism), keeps FP8 or dequantises it, quantizes, and puts it on the device
-                       in the model's dtype; host memory holds one tensor and one shard's pages beyond the model;
+                       in the model's dtype; host memory holds one tensor beyond the model (read, not mapped:
+                       engine/checkpoint.py), a large one quantized in blocks of rows;
 5. `tie_weights`       weights the checkpoint leaves out because they are shared (lm_head, the MTP module's
                        embedding and head);
 6. `check_complete`    a tensor that never arrived is named;
@@ -120,7 +121,7 @@ def load_weights(model: Transformer, ckpt: Checkpoint, placer: Placer, progress:
                 t = _packed(ckpt, name, t, target, cfg, where)
             placer.put(target, t, scale, where)
             progress(min(done, total), total)
-        ckpt.close()  # unmap the shard just read: host memory holds one shard's pages at most
+        ckpt.close()  # the shard just read
 
 
 def tie_weights(model: Transformer):

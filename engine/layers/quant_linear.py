@@ -45,8 +45,29 @@ class QuantSpec:
 
 
 # -- quantizing and slicing -----------------------------------------------------------------------------
+CHUNK = 2**20  # elements a quantization works on at once (4 MB of float32; its temporaries a few times that)
+
+
 def quantize(w: torch.Tensor, s: QuantSpec) -> Packed:
-    """A float weight [N, K] -> its packed form (see kernels/quant_format.py)."""
+    """A float weight [N, K] -> its packed form (see kernels/quant_format.py). Every row is quantized on its
+    own, so the rows are taken a block at a time (CHUNK elements): a large weight (V2-Lite's lm_head, 0.84 GB
+    in float32) is never held in float32 whole, nor its temporaries."""
+    n, k = w.shape
+    rows = max(1, CHUNK // max(k, 1))
+    if n <= rows:
+        return _quantize_rows(w, s)
+    out = None
+    for i in range(0, n, rows):
+        p = _quantize_rows(w[i:i + rows], s)
+        if out is None:  # the packed tensors, allocated once and filled a block at a time
+            out = [None if t is None else t.new_empty((n, *t.shape[1:])) for t in (p.data, p.scale, p.zero)]
+        for o, t in zip(out, (p.data, p.scale, p.zero)):
+            if o is not None:
+                o[i:i + rows] = t
+    return Packed(*out, s.bits, p.group, k)
+
+
+def _quantize_rows(w: torch.Tensor, s: QuantSpec) -> Packed:
     w = w.float()
     if s.bits == 8:
         scale = (w.abs().amax(dim=-1) / 127).clamp(min=1e-12)
