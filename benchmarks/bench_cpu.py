@@ -18,8 +18,18 @@ Each round also measures the read bandwidth at the same thread count (torch.sum 
 float32 tensor, best of 64: see bandwidth()). Printed per configuration: the median [min-max] of the rounds,
 bytes of weights read per token (counted from the loaded model: routed experts at k/E, one embedding row),
 and the fraction of the bandwidth that decode reaches (tok/s x bytes / bandwidth). The 1-minute load average
-is recorded before and after every process. The llama.cpp column needs `llama-bench` on PATH and GGUF files
-(--gguf DIR with <model>-<type>.gguf); without them the script says so in one line and goes on.
+is recorded before and after every process.
+
+llama.cpp runs in the same rounds, interleaved with dschat's configurations (not after them): its
+`llama-bench` (--llama-bench PATH, or $DSCHAT_LLAMA_BENCH, or `llama-bench` on PATH) on GGUF files of the same
+checkpoint (--gguf DIR holding <name>-<type>.gguf, name `v2lite<layers>` or `demo`; --llama-types, default
+bf16,q8_0,q4_0), one process for decode (`-p 0 -n TOKENS -d 128`: TOKENS tokens after 128 of context) and one
+for prefill (`-p PREFILL -n 0`) per round; its bytes per token are counted from the GGUF's tensor table as
+dschat's are (routed experts at k/E, one embedding row). Printed after the table: dschat over llama.cpp at the
+same precision (int4 / Q4_0, int8 / Q8_0, bfloat16 / BF16), decode and prefill. Without llama-bench or the
+GGUF files the script says so in one line and goes on. benchmarks/make_gguf.py writes the GGUF files from the
+same checkpoint (llama.cpp's converter with the one patch the demo tokenizer and V2-Lite's missing q_lora_rank
+need, then llama-quantize).
 
 The process runs dschat's public Engine API (and engine.quant.bytes_per_token), so the same script measures an
 older checkout installed in another virtual environment (--python that environment's python): figures before
@@ -158,9 +168,102 @@ def bandwidth(threads: int) -> float:
     return n * 4 / best
 
 
+# -- llama.cpp ----------------------------------------------------------------------------------------------
+# ggml tensor types: (bytes per block, elements per block)
+GGML_BLOCKS = {0: (4, 1), 1: (2, 1), 2: (18, 32), 3: (20, 32), 6: (22, 32), 7: (24, 32), 8: (34, 32),
+               9: (36, 32), 10: (84, 256), 11: (110, 256), 12: (144, 256), 13: (176, 256), 14: (210, 256),
+               15: (292, 256), 30: (2, 1)}
+LLAMA_TYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}
+SAME_PRECISION = [("int4", "q4_0"), ("int8", "q8_0"), ("bfloat16", "bf16"), ("float32", "f32")]
+
+
+def gguf_active_bytes(path: Path) -> int | None:
+    """Bytes of weights one decoded token reads from a GGUF file, counted as dschat's bytes_per_token counts
+    them: every tensor, the routed experts (`*_exps`) at k/E, one row of the token embedding. None for a
+    file this reader does not follow (another version, a tensor type not in GGML_BLOCKS)."""
+    import struct
+
+    with open(path, "rb") as f:
+        def num(fmt):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string():
+            return f.read(num("Q")).decode("utf-8", "replace")
+
+        scalars = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+        def value(t):
+            if t == 8:
+                return string()
+            if t == 9:
+                et, n = num("I"), num("Q")
+                if et in scalars:  # skipped whole: the tokenizer's arrays are long
+                    f.seek(n * struct.calcsize(scalars[et]), 1)
+                    return None
+                for _ in range(n):
+                    value(et)
+                return None
+            return num(scalars[t])
+
+        if f.read(4) != b"GGUF" or num("I") not in (2, 3):
+            return None
+        n_tensors, n_kv = num("Q"), num("Q")
+        kv = {}
+        for _ in range(n_kv):
+            key = string()
+            kv[key] = value(num("I"))
+        arch = kv.get("general.architecture")
+        k, e = kv.get(f"{arch}.expert_used_count"), kv.get(f"{arch}.expert_count")
+        total = 0
+        for _ in range(n_tensors):
+            name = string()
+            dims = [num("Q") for _ in range(num("I"))]
+            ttype = num("I")
+            num("Q")  # offset
+            if ttype not in GGML_BLOCKS:
+                return None
+            size, block = GGML_BLOCKS[ttype]
+            elems = 1
+            for d in dims:
+                elems *= d
+            b = elems // block * size
+            if "_exps" in name and k and e:
+                b = b * k // e
+            elif name.startswith("token_embd") and len(dims) > 1:
+                b //= dims[1]
+            total += b
+    return total
+
+
+def llama_bench_path(arg: str | None) -> str | None:
+    exe = arg or os.environ.get("DSCHAT_LLAMA_BENCH") or shutil.which("llama-bench")
+    return exe if exe and os.access(exe, os.X_OK) else None
+
+
+def llama_run(spec: dict) -> dict:
+    """One round of llama.cpp at one precision: a llama-bench process for decode, one for prefill."""
+    out = {}
+    for what, flags in (("decode", ["-p", "0", "-n", str(spec["tokens"]), "-d", str(PROMPT)]),
+                        ("prefill", ["-p", str(spec["prefill"]), "-n", "0"])):
+        cmd = [spec["exe"], "-m", spec["gguf"], "-t", str(spec["threads"]), "-r", "1", "-o", "jsonl", *flags,
+               *spec["extra"]]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        if r.returncode != 0 or not rows:
+            tail = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+            return {"error": f"llama-bench {what}: {tail}"}
+        out[f"{what}_tok_s"] = float(rows[-1]["avg_ts"])
+    out.update(bytes_per_token=spec["bytes_per_token"], threads_ran=spec["threads"])
+    return out
+
+
 # -- the driver ---------------------------------------------------------------------------------------------
-def run_one(python: str, spec: dict, in_process: bool = False) -> dict:
+def run_one(python: str | None, spec: dict, in_process: bool = False) -> dict:
     before = os.getloadavg()[0]
+    if python is None:  # llama.cpp
+        res = llama_run(spec)
+        res.update(load_before=before, load_after=os.getloadavg()[0])
+        return res
     if in_process:  # --smoke: no process start (seconds of imports each)
         res = worker(spec)
         res.update(load_before=before, load_after=os.getloadavg()[0])
@@ -182,6 +285,46 @@ def summary(values: list[float]) -> str:
     return fmt(med) + (f" [{fmt(min(values))}-{fmt(max(values))}]" if len(values) > 1 else "")
 
 
+def llama_jobs(args, name: str) -> tuple[list[tuple], str | None]:
+    """The llama.cpp jobs of this run, and the one line that says why there are none (or which are missing)."""
+    exe = llama_bench_path(args.llama_bench)
+    if exe is None:
+        return [], "llama.cpp: skipped (llama-bench is not installed: --llama-bench PATH or $DSCHAT_LLAMA_BENCH)"
+    if not args.gguf:
+        return [], "llama.cpp: skipped (no --gguf DIR; benchmarks/make_gguf.py writes the files)"
+    jobs, missing = [], []
+    for t in [t for t in args.llama_types.split(",") if t]:
+        f = Path(args.gguf) / f"{name}-{t}.gguf"
+        if f.is_file():
+            jobs.append(("llama.cpp", None, t, {"exe": exe, "gguf": str(f), "bytes_per_token": gguf_active_bytes(f),
+                                                "extra": args.llama_args.split()}))
+        else:
+            missing.append(f.name)
+    note = f"llama.cpp: no {', '.join(missing)} in {args.gguf}" if missing else None
+    if not jobs:
+        note = f"llama.cpp: skipped (no {', '.join(missing)} in {args.gguf})"
+    return jobs, note
+
+
+def ratios(results: dict) -> list[str]:
+    """dschat over llama.cpp at the same precision, medians of the rounds, decode and prefill."""
+    def med(key, what):
+        ok = [x[what] for x in results.get(key, []) if "error" not in x]
+        return statistics.median(ok) if ok else None
+
+    lines = []
+    for ours, theirs in SAME_PRECISION:
+        for label in sorted({lab for lab, _ in results if lab != "llama.cpp"}):
+            parts = []
+            for what in ("decode_tok_s", "prefill_tok_s"):
+                a, b = med((label, ours), what), med(("llama.cpp", theirs), what)
+                if a is not None and b:
+                    parts.append(f"{what.split('_')[0]} {a / b:.3f}x")
+            if parts:
+                lines.append(f"{label} dschat {ours} / llama.cpp {LLAMA_TYPES.get(theirs, theirs)}: " + ", ".join(parts))
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["v2lite", "demo"], default="v2lite")
@@ -196,7 +339,10 @@ def main(argv=None) -> int:
     ap.add_argument("--python", action="append", default=[], metavar="LABEL=PYTHON",
                     help="also run the configurations with another environment's python (an older checkout): "
                          "e.g. before=/tmp/old/venv/bin/python; repeatable")
-    ap.add_argument("--gguf", help="directory of <model>-<type>.gguf files for llama-bench")
+    ap.add_argument("--gguf", help="directory of <name>-<type>.gguf files (name v2lite<layers> or demo) for llama-bench")
+    ap.add_argument("--llama-bench", help="the llama-bench executable (default $DSCHAT_LLAMA_BENCH, then PATH)")
+    ap.add_argument("--llama-types", default="bf16,q8_0,q4_0", help="GGUF types to run (comma-separated)")
+    ap.add_argument("--llama-args", default="", help="more llama-bench arguments, e.g. '--repack 0'")
     ap.add_argument("--json", help="append every process's result to this file (JSON lines)")
     ap.add_argument("--smoke", action="store_true", help="demo model, 1 round, 4 tokens: seconds")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -208,6 +354,8 @@ def main(argv=None) -> int:
         args.model, args.rounds, args.tokens, args.prefill, args.configs = "demo", 1, 4, 32, "float32,int8,int4"
     pythons = [("now", sys.executable)] + [tuple(p.split("=", 1)) for p in args.python]
     configs = args.configs.split(",")
+    name = f"v2lite{args.layers}" if args.model == "v2lite" else "demo"
+    extra, llama_note = llama_jobs(args, name)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "demo":
             from dschat.runtime import DEMO_DIR
@@ -220,15 +368,15 @@ def main(argv=None) -> int:
             path = str(write_v2lite(Path(tmp) / "v2lite", args.layers))
             print(f"wrote a V2-Lite-shaped {args.layers}-layer checkpoint in {time.perf_counter() - t0:.0f}s",
                   flush=True)
-        jobs = [(label, py, c) for label, py in pythons for c in configs]
-        results: dict[tuple[str, str], list[dict]] = {(label, c): [] for label, _, c in jobs}
+        jobs = [(label, py, c, {}) for label, py in pythons for c in configs] + extra
+        results: dict[tuple[str, str], list[dict]] = {(label, c): [] for label, _, c, _ in jobs}
         bws = []
         for r in range(args.rounds):
             bws.append(bandwidth(args.threads))
             order = jobs[r % len(jobs):] + jobs[:r % len(jobs)]
-            for label, py, c in order:
+            for label, py, c, more in order:
                 spec = {"model": path, "config": c, "threads": args.threads, "tokens": args.tokens,
-                        "prefill": args.prefill}
+                        "prefill": args.prefill, **more}
                 res = run_one(py, spec, in_process=args.smoke)
                 res.update(round=r, label=label, config=c, model=args.model, layers=args.layers,
                            threads=args.threads, bandwidth=bws[-1])
@@ -236,46 +384,36 @@ def main(argv=None) -> int:
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps(res) + "\n")
-                print(f"  round {r} {label:>6} {c:>8}: " + (res["error"] if "error" in res else
+                print(f"  round {r} {label:>9} {c:>8}: " + (res["error"] if "error" in res else
                       f"decode {res['decode_tok_s']:.2f} tok/s, prefill {res['prefill_tok_s']:.1f} tok/s, "
                       f"load {res['load_before']:.1f}->{res['load_after']:.1f}"), flush=True)
     bw = max(bws)
     print(f"\n{args.model}{f' ({args.layers} layers)' if args.model == 'v2lite' else ''}, {args.threads} "
           f"thread(s), {args.rounds} round(s), decode {args.tokens} tokens after {PROMPT}, prefill "
           f"{args.prefill}; read bandwidth {bw / 1e9:.1f} GB/s (best of the rounds)")
-    print("| checkout | precision | bytes/token | decode tok/s | roofline | vs float32 | prefill tok/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| checkout | precision | bytes/token | decode tok/s | roofline | vs float32 | prefill tok/s | load avg |")
+    print("|---|---|---|---|---|---|---|---|")
     for (label, c), rs in results.items():
         ok = [x for x in rs if "error" not in x]
+        shown = LLAMA_TYPES.get(c, c) if label == "llama.cpp" else c
         if not ok:
-            print(f"| {label} | {c} | - | failed: {rs[0]['error']} | | | |")
+            print(f"| {label} | {shown} | - | failed: {rs[0]['error']} | | | | |")
             continue
         dec = [x["decode_tok_s"] for x in ok]
         nbytes = ok[0]["bytes_per_token"]
         base = [x["decode_tok_s"] for x in results.get((label, "float32"), []) if "error" not in x]
         ratio = f"{statistics.median(dec) / statistics.median(base):.2f}" if base else "-"
-        print(f"| {label} | {c} | {nbytes / 1e6:,.0f} MB | {summary(dec)} | "
-              f"{statistics.median(dec) * nbytes / bw:.0%} | {ratio} | "
-              f"{summary([x['prefill_tok_s'] for x in ok])} |")
+        loads = [x[k] for x in ok for k in ("load_before", "load_after")]
+        print(f"| {label} | {shown} | {f'{nbytes / 1e6:,.0f} MB' if nbytes else '-'} | {summary(dec)} | "
+              f"{f'{statistics.median(dec) * nbytes / bw:.0%}' if nbytes else '-'} | {ratio} | "
+              f"{summary([x['prefill_tok_s'] for x in ok])} | {min(loads):.1f}-{max(loads):.1f} |")
     loads = [x[k] for rs in results.values() for x in rs for k in ("load_before", "load_after") if k in x]
     print(f"load average during the run: {min(loads):.1f}-{max(loads):.1f}")
-    llama(args)
+    if llama_note:
+        print(llama_note)
+    for line in ratios(results):
+        print(line)
     return 0
-
-
-def llama(args):
-    """llama.cpp's llama-bench on the same shapes, when it and GGUF files are here."""
-    exe = shutil.which("llama-bench")
-    if exe is None or not args.gguf:
-        print("llama.cpp: skipped (" + ("llama-bench is not installed" if exe is None else "no --gguf DIR") + ")")
-        return
-    for f in sorted(Path(args.gguf).glob(f"{args.model}*.gguf")):
-        for flags in (["-p", "0", "-n", str(args.tokens), "-d", str(PROMPT)], ["-p", str(args.prefill), "-n", "0"]):
-            r = subprocess.run([exe, "-m", str(f), "-t", str(args.threads), "-r", "1", "-o", "jsonl", *flags],
-                               capture_output=True, text=True)
-            for line in r.stdout.splitlines():
-                row = json.loads(line)
-                print(f"llama.cpp {f.stem}: {'decode' if flags[1] == '0' else 'prefill'} {row['avg_ts']:.2f} tok/s")
 
 
 if __name__ == "__main__":
