@@ -29,6 +29,7 @@ SMOKE = {
     "bench_kernels.py": ["--smoke"],
     "bench_quant.py": ["--smoke"],
     "bench_reuse.py": ["--smoke"],
+    "bench_verify.py": ["--smoke"],
     "check_numerics.py": ["--smoke", "--device", "cpu"],
 }
 FROM_ROOT = {"bench_decode.py", "bench_gpu.py", "bench_quant.py"}
