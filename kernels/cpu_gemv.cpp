@@ -11,11 +11,14 @@
 //         without a shuffle; the two blocks' int32 sums share one vector, scaled by [d_b x4, d_b+1 x4].
 // y[m, n] = sum_b d[m, b] * (sum_{k in b} q[n, k] * xq[m, k])  (int8), and for int4, per group,
 //           scale[n, g] * (sum_{b in g} d[m, b] * idot(b) - zero[n, g] * sum_{b in g} d[m, b] * xsum[m, b]).
-// Output rows are split across at::parallel_for's threads (torch.get_num_threads()).
+// Output rows are split over `nthreads` OpenMP threads (the caller passes torch.get_num_threads()); the library
+// links the libgomp that torch ships, so torch's parallel regions and these share one OpenMP runtime and its
+// thread pool. No torch headers: plain C entry points over raw pointers (the end of this file), loaded with
+// ctypes, so that the build is one compiler call of a few seconds.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -157,10 +160,150 @@ inline float dot_q4(const uint8_t* w, const int8_t* q, const float* dd, const fl
   return hsum(acc) - zterm;
 }
 
-// y [M, N] = x W^T for the prepared rows of x; output rows split over torch's threads.
-void run(const PackedW& w, const PreparedX& px, float* y) {
+// f(n0, n1) over [0, n) in chunks of at least `grain`, split evenly over up to `nthreads` OpenMP threads (as
+// at::parallel_for splits): one thread runs it inline, with no parallel region.
+template <class F>
+void parallel_for(int64_t n, int64_t grain, int nthreads, const F& f) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, chunks));
+  if (nt == 1) {
+    f(0, n);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t per = (n + T - 1) / T, n0 = std::min<int64_t>(n, t * per), n1 = std::min<int64_t>(n, n0 + per);
+    if (n0 < n1) f(n0, n1);
+  }
+}
+
+// The blocked kernels (prefill: many rows of x): RM rows of x times RN weight rows, RM x RN float32 sums in
+// registers, so that each block of weights is unpacked once for RM rows and each block of x loaded once for
+// RN weight rows. Same arithmetic as dot_q8 / dot_q4 per (row, weight row): int32 per block, float32 across
+// blocks in the same order (the results are those of the one-row kernels up to float32 summation order).
+template <int RM, int RN>
+void tile_q8(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, float* y) {
+  const int64_t kp = px.xr.kp, nb = px.xr.nb, nfull = w.K / QK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[RM][RN];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int8_t* wr[RN];
+  for (int j = 0; j < RN; ++j) wr[j] = (const int8_t*)w.data + (n0 + j) * w.K;
+  const int8_t* xq = px.xr.q.data() + m0 * kp;
+  const float* xd = px.xr.d.data() + m0 * nb;
+  for (int64_t b = 0; b < nfull; ++b) {
+    __m256i wv[RN], wa[RN];
+    for (int j = 0; j < RN; ++j) {
+      wv[j] = _mm256_loadu_si256((const __m256i*)(wr[j] + b * QK));
+      wa[j] = _mm256_sign_epi8(wv[j], wv[j]);
+    }
+    for (int i = 0; i < RM; ++i) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK));
+      const __m256 d = _mm256_set1_ps(xd[i * nb + b]);
+      for (int j = 0; j < RN; ++j) {
+        const __m256i p = _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xv, wv[j]));
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), d, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) {
+      float s = hsum(acc[i][j]);
+      if (nfull * QK < w.K) {
+        int tail = 0;
+        for (int64_t k = nfull * QK; k < w.K; ++k) tail += (int)wr[j][k] * (int)xq[i * kp + k];
+        s += xd[i * nb + nfull] * (float)tail;
+      }
+      y[(m0 + i) * w.N + n0 + j] = s * w.scale[n0 + j];
+    }
+}
+
+template <int RM, int RN>
+void tile_q4(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, float* y) {
+  const int64_t kp = px.xr.kp, nb = px.xr.nb, bpg = w.group / QK, rb = w.row_bytes();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i lowmask = _mm256_set1_epi8(0x0F);
+  __m256 acc[RM][RN];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int8_t* xq = px.xr.q.data() + m0 * kp;
+  const float* dv = px.dvec.data() + m0 * nb * 4;
+  for (int64_t g = 0; g < w.G; ++g) {
+    __m256 sc[RN];
+    for (int j = 0; j < RN; ++j) sc[j] = _mm256_set1_ps(w.scale[(n0 + j) * w.G + g]);
+    for (int64_t jj = 0; jj < bpg; jj += 2) {  // two blocks: 32 bytes of weights, 64 activations
+      const int64_t b = g * bpg + jj;
+      __m256i lo[RN], hi[RN];
+      for (int j = 0; j < RN; ++j) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i*)(w.data + (n0 + j) * rb + b * (QK / 2)));
+        lo[j] = _mm256_and_si256(raw, lowmask);
+        hi[j] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
+      }
+      for (int i = 0; i < RM; ++i) {
+        const __m256i q0 = _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK));
+        const __m256i q1 = _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK + QK));
+        const __m256 d = _mm256_loadu_ps(dv + i * nb * 4 + b * 4);
+        for (int j = 0; j < RN; ++j) {
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], q0), _mm256_maddubs_epi16(hi[j], q1));
+          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_mul_ps(d, sc[j]),
+                                      acc[i][j]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) {
+      const int64_t n = n0 + j;
+      float zterm = 0.f;
+      for (int64_t g = 0; g < w.G; ++g)
+        zterm += w.scale[n * w.G + g] * (w.zero ? (float)w.zero[n * w.G + g] : 8.f) * px.gsum[(m0 + i) * w.G + g];
+      y[(m0 + i) * w.N + n] = hsum(acc[i][j]) - zterm;
+    }
+}
+
+template <int RM, int RN>
+inline void tile(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, float* y) {
+  if (w.bits == 8)
+    tile_q8<RM, RN>(w, px, m0, n0, y);
+  else
+    tile_q4<RM, RN>(w, px, m0, n0, y);
+}
+
+constexpr int TM = 4, TN = 2;  // the blocked kernels' tile (4 x 2: 8 sums + the operands in 16 registers)
+constexpr int64_t N_STRIP = 16;  // weight rows a thread takes at a time (in L1 while every row of x meets them)
+
+// Rows m0..M of x against weight rows n0..n1 in tiles (the leftover rows and columns in smaller ones).
+template <int RN>
+void tiles_rows(const PackedW& w, const PreparedX& px, int64_t n, float* y) {
+  int64_t m = 0;
+  for (; m + TM <= px.M; m += TM) tile<TM, RN>(w, px, m, n, y);
+  switch (px.M - m) {
+    case 3: tile<3, RN>(w, px, m, n, y); break;
+    case 2: tile<2, RN>(w, px, m, n, y); break;
+    case 1: tile<1, RN>(w, px, m, n, y); break;
+    default: break;
+  }
+}
+
+// y [M, N] = x W^T for the prepared rows of x; output rows split over `nthreads` threads. One row of x (decode):
+// the one-row kernels; more: the blocked ones, in strips of N_STRIP weight rows.
+void run(const PackedW& w, const PreparedX& px, float* y, int nthreads) {
   const int64_t M = px.M, kp = px.xr.kp, nb = px.xr.nb;
-  at::parallel_for(0, w.N, grain_for(w.row_bytes()), [&](int64_t n0, int64_t n1) {
+  if (M >= 2) {
+    const int64_t strips = (w.N + N_STRIP - 1) / N_STRIP;
+    parallel_for(strips, 1, nthreads, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t e = std::min(w.N, (s + 1) * N_STRIP);
+        int64_t n = s * N_STRIP;
+        for (; n + TN <= e; n += TN) tiles_rows<TN>(w, px, n, y);
+        for (; n < e; ++n) tiles_rows<1>(w, px, n, y);
+      }
+    });
+    return;
+  }
+  parallel_for(w.N, grain_for(w.row_bytes()), nthreads, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = w.data + n * w.row_bytes();
       for (int64_t m = 0; m < M; ++m) {
@@ -176,100 +319,91 @@ void run(const PackedW& w, const PreparedX& px, float* y) {
   });
 }
 
-// Expert e of a stack [E, N, ...] (or the one weight [N, ...] when e < 0), with K inputs.
-PackedW packed(const torch::Tensor& data, const torch::Tensor& scale, const torch::Tensor& zero, int64_t bits,
-               int64_t group, int64_t K, int64_t e = -1) {
-  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
-  TORCH_CHECK(data.is_contiguous() && scale.is_contiguous() && scale.dtype() == torch::kFloat32);
-  TORCH_CHECK(data.dtype() == (bits == 8 ? torch::kInt8 : torch::kUInt8));
-  const int64_t lead = e < 0 ? 0 : 1;
-  TORCH_CHECK(data.dim() == 2 + lead && (e < 0 || e < data.size(0)));
+// A packed weight [N, K] as stored: data [N, row] (int8: row = K; int4: row = kp/2 bytes), scale [N] (int8)
+// or [N, kp/group] (int4), zero [N, kp/group] or null.
+PackedW packed(const void* data, const float* scale, const uint8_t* zero, int bits, int64_t group, int64_t N,
+               int64_t K, int64_t row) {
   PackedW w;
-  w.bits = (int)bits;
-  w.N = data.size(lead);
+  w.bits = bits;
+  w.N = N;
   w.K = K;
-  const int64_t row = data.size(lead + 1), per = w.N * row;
-  w.data = (const uint8_t*)data.data_ptr() + (e < 0 ? 0 : e * per);
+  w.data = (const uint8_t*)data;
+  w.scale = scale;
   if (bits == 8) {
-    TORCH_CHECK(row == K && scale.numel() == (e < 0 ? 1 : data.size(0)) * w.N);
-    w.scale = scale.data_ptr<float>() + (e < 0 ? 0 : e * w.N);
     w.kp = (K + QK - 1) / QK * QK;
   } else {
-    TORCH_CHECK(group > 0 && group % (2 * QK) == 0, "int4 groups must be a multiple of 64");
     w.kp = row * 2;
     w.group = group;
     w.G = w.kp / group;
-    TORCH_CHECK(K <= w.kp && w.G * group == w.kp && scale.size(lead + 1) == w.G && scale.size(lead) == w.N);
-    w.scale = scale.data_ptr<float>() + (e < 0 ? 0 : e * w.N * w.G);
-    if (zero.numel() > 0) {
-      TORCH_CHECK(zero.is_contiguous() && zero.dtype() == torch::kUInt8 && zero.sizes() == scale.sizes());
-      w.zero = zero.data_ptr<uint8_t>() + (e < 0 ? 0 : e * w.N * w.G);
-    }
+    w.zero = zero;
   }
   return w;
 }
 
+// The arguments the Python side checks, checked again (a wrong call returns an error, never reads astray).
+int bad(int bits, int64_t group, int64_t K, int64_t row) {
+  if (bits == 8) return row == K ? 0 : 1;
+  if (bits != 4 || group <= 0 || group % (2 * QK)) return 2;
+  return (K <= 2 * row && (2 * row) % group == 0) ? 0 : 3;
+}
+
 }  // namespace
 
-// x [..., K] (float32 or bfloat16) through a packed weight -> [..., N] in x's dtype. data/scale/zero: the stored
-// tensors (zero: an empty tensor for int8 and symmetric int4); group: int4's (a multiple of 64).
-torch::Tensor gemv(torch::Tensor x, torch::Tensor data, torch::Tensor scale, torch::Tensor zero, int64_t bits,
-                   int64_t group) {
-  const int64_t K = x.size(-1);
-  PackedW w = packed(data, scale, zero, bits, group, K);
-  auto xf = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
-  const int64_t M = xf.size(0);
-  PreparedX px = prepare(xf.data_ptr<float>(), M, w);
-  auto sizes = x.sizes().vec();
-  sizes.back() = w.N;
-  auto y = torch::empty(sizes, xf.options());
-  run(w, px, y.data_ptr<float>());
-  return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
+extern "C" {
+
+int dschat_abi_version() { return 2; }
+
+// y [M, N] = x [M, K] (float32) through a packed weight [N, K] (see packed()); 0 on success.
+int dschat_gemv(const float* x, int64_t M, int64_t K, const void* data, const float* scale, const uint8_t* zero,
+                int bits, int64_t group, int64_t N, int64_t row, float* y, int nthreads) {
+  if (int e = bad(bits, group, K, row)) return e;
+  PackedW w = packed(data, scale, zero, bits, group, N, K, row);
+  PreparedX px = prepare(x, M, w);
+  run(w, px, y, nthreads);
+  return 0;
 }
 
-// One token through its chosen routed experts (fused_moe.moe_experts's function): x [1, H], ids [k] int64 (ids
-// outside 0..E-1 contribute nothing), weights [k] float32, the packed stacks w13 [E, 2I, H] (gate rows, then
-// up rows) and w2 [E, H, I] -> [1, H] in x's dtype; sum_j weights[j] * down(silu(gate x) * up x) in float32,
-// each intermediate quantized to int8 blocks like x.
-torch::Tensor experts(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor d13,
-                      torch::Tensor s13, torch::Tensor z13, torch::Tensor d2, torch::Tensor s2, torch::Tensor z2,
-                      int64_t bits, int64_t group) {
-  const int64_t H = x.size(-1), E = d13.size(0), I = d13.size(1) / 2;
-  TORCH_CHECK(x.numel() == H, "one token");
-  auto idc = ids.to(torch::kInt64).contiguous();
-  auto wc = weights.to(torch::kFloat32).contiguous();
-  auto xf = x.reshape({1, H}).to(torch::kFloat32).contiguous();
-  std::vector<float> y(H, 0.f), h(2 * I), a(I), o(H);
+// One token through its chosen routed experts (fused_moe.moe_experts's function): x [H] float32, ids [k]
+// (ids outside 0..E-1 contribute nothing), weights [k], the packed stacks w13 [E, 2I, H] (gate rows, then up
+// rows; row13 bytes a row) and w2 [E, H, I] (row2 bytes a row) -> y [H] = sum_j weights[j] *
+// down(silu(gate x) * up x) in float32, each intermediate quantized to int8 blocks like x; 0 on success.
+int dschat_experts(const float* x, int64_t H, const int64_t* ids, const float* weights, int64_t k,
+                   const void* d13, const float* s13, const uint8_t* z13, const void* d2, const float* s2,
+                   const uint8_t* z2, int64_t E, int64_t I, int64_t row13, int64_t row2, int bits, int64_t group,
+                   float* y, int nthreads) {
+  if (int e = bad(bits, group, H, row13)) return e;
+  if (int e = bad(bits, group, I, row2)) return e;
+  const int64_t G13 = bits == 8 ? 1 : 2 * row13 / group, G2 = bits == 8 ? 1 : 2 * row2 / group;
+  std::fill(y, y + H, 0.f);
+  std::vector<float> h(2 * I), a(I), o(H);
   bool prepared = false;
   PreparedX px;
-  for (int64_t j = 0; j < idc.numel(); ++j) {
-    const int64_t e = idc.data_ptr<int64_t>()[j];
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t e = ids[j];
     if (e < 0 || e >= E) continue;
-    PackedW w13 = packed(d13, s13, z13, bits, group, H, e), w2 = packed(d2, s2, z2, bits, group, I, e);
+    PackedW w13 = packed((const uint8_t*)d13 + e * 2 * I * row13, s13 + e * 2 * I * G13,
+                         z13 ? z13 + e * 2 * I * G13 : nullptr, bits, group, 2 * I, H, row13);
+    PackedW w2 = packed((const uint8_t*)d2 + e * H * row2, s2 + e * H * G2, z2 ? z2 + e * H * G2 : nullptr, bits,
+                        group, H, I, row2);
     if (!prepared) {
-      px = prepare(xf.data_ptr<float>(), 1, w13);
+      px = prepare(x, 1, w13);
       prepared = true;
     }
-    run(w13, px, h.data());
+    run(w13, px, h.data(), nthreads);
     for (int64_t i = 0; i < I; ++i) a[i] = h[i] / (1.f + std::exp(-h[i])) * h[I + i];
     PreparedX pa = prepare(a.data(), 1, w2);
-    run(w2, pa, o.data());
-    const float wt = wc.data_ptr<float>()[j];
-    for (int64_t i = 0; i < H; ++i) y[i] += o[i] * wt;
+    run(w2, pa, o.data(), nthreads);
+    for (int64_t i = 0; i < H; ++i) y[i] += o[i] * weights[j];
   }
-  auto out = torch::from_blob(y.data(), x.sizes(), torch::kFloat32).clone();
-  return x.scalar_type() == torch::kFloat32 ? out : out.to(x.scalar_type());
+  return 0;
 }
 
-// The activation quantization alone (for tests): x [M, K] -> the dequantised activations [M, Kp] float32,
-// in natural order.
-torch::Tensor q8_activations(torch::Tensor x, int64_t kp) {
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1);
-  QuantRows r = quantize_rows(x.data_ptr<float>(), M, K, kp, false);
-  auto out = torch::empty({M, kp}, x.options());
-  float* o = out.data_ptr<float>();
+// The activation quantization alone (for tests): x [M, K] -> the dequantised activations out [M, kp], in
+// natural order.
+void dschat_q8_activations(const float* x, int64_t M, int64_t K, int64_t kp, float* out) {
+  QuantRows r = quantize_rows(x, M, K, kp, false);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < kp; ++k) o[m * kp + k] = r.d[m * r.nb + k / QK] * (float)r.q[m * kp + k];
-  return out;
+    for (int64_t k = 0; k < kp; ++k) out[m * kp + k] = r.d[m * r.nb + k / QK] * (float)r.q[m * kp + k];
 }
+
+}  // extern "C"

@@ -1,11 +1,14 @@
 """dschat's own CPU GEMV for packed int8 / int4 weights (cpu_gemv.cpp, AVX2 + FMA), built at first use.
 
-The C++ source is compiled once per machine (torch.utils.cpp_extension) into dschat's cache directory,
-$XDG_CACHE_HOME/dschat/kernels/<key> (or $DSCHAT_KERNELS_DIR/<key>), the key naming the source, the torch
-and Python versions; a later start imports the built module directly and compiles nothing. Where the CPU
-lacks AVX2/FMA, or there is no C++ compiler, or the build fails, `native()` returns None after saying so in
-one line on stderr, once per process, and kernels/quant_cpu.py runs PyTorch's packed kernels instead.
-DSCHAT_CPU_GEMV=0 turns it off.
+The C++ source (no torch headers: C entry points over raw pointers) is compiled once per machine by one call
+of the system compiler (`$CXX`, else c++ / g++; a few seconds) into a shared library in dschat's cache
+directory, $XDG_CACHE_HOME/dschat/kernels/<key>/ (or $DSCHAT_KERNELS_DIR/<key>/), the key naming the source,
+the flags and the OpenMP runtime, and loaded with ctypes (which releases the GIL during a call); a later start
+loads the built library directly and compiles nothing. It is compiled with -fopenmp and linked against the
+libgomp that torch ships (torch/lib), so torch's threads and the kernel's are one OpenMP runtime's pool; each
+call passes torch.get_num_threads(). Where the CPU lacks AVX2/FMA, or there is no C++ compiler, or the build
+fails, `native()` returns None after saying so in one line on stderr, once per process, and
+kernels/quant_cpu.py runs PyTorch's packed kernels instead. DSCHAT_CPU_GEMV=0 turns it off.
 
 Numerics (cpu_gemv.cpp's header): each row of x is quantized to int8 in blocks of 32 (scale max|x|/127 per
 block, round to nearest even), the weight is the stored one exactly, products are summed in integers per
@@ -17,12 +20,13 @@ Plain functions over tensors (`gemv`, `experts`), so that they can be wrapped as
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
-import importlib.machinery
-import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -31,18 +35,26 @@ from .quant_format import SYMMETRIC_ZERO, Packed, dequantize
 
 QK = 32  # activation block
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp: at::parallel_for splits over torch's own threads
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+ABI = 2  # cpu_gemv.cpp's dschat_abi_version()
+
 
 def cache_dir() -> Path:
-    """Where the built module lives: $DSCHAT_KERNELS_DIR, else dschat's cache directory + /kernels."""
+    """Where the built library lives: $DSCHAT_KERNELS_DIR, else dschat's cache directory + /kernels."""
     if os.environ.get("DSCHAT_KERNELS_DIR"):
         return Path(os.environ["DSCHAT_KERNELS_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "dschat" / "kernels"
 
 
-def _key(src: str) -> str:
-    h = hashlib.sha256((src + torch.__version__ + sys.version + " ".join(FLAGS)).encode()).hexdigest()[:16]
+def torch_libgomp() -> Path | None:
+    """The OpenMP runtime torch itself loaded (torch/lib/libgomp*.so*), which the kernel links against."""
+    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return found[0] if found else None
+
+
+def _key(src: str, cxx: str, gomp: Path | None) -> str:
+    h = hashlib.sha256("\0".join([src, " ".join(FLAGS), cxx, str(gomp), sys.platform]).encode()).hexdigest()[:16]
     return f"dschat_cpu_gemv_{h}"
 
 
@@ -66,12 +78,26 @@ def _say(msg: str):
     print(f"dschat: {msg}", file=sys.stderr, flush=True)
 
 
-def _import(name: str, path: Path):
-    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
+def compiler() -> str | None:
+    """The C++ compiler: $CXX, else c++, else g++ (None: none on PATH)."""
+    for cxx in (os.environ.get("CXX"), "c++", "g++"):
+        if cxx and shutil.which(cxx):
+            return cxx
+    return None
+
+
+def _load(path: Path):
+    lib = ctypes.CDLL(str(path))
+    if lib.dschat_abi_version() != ABI:
+        raise OSError("a library of another version")
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.dschat_gemv.argtypes = [P, I64, I64, P, P, P, I, I64, I64, I64, P, I]
+    lib.dschat_gemv.restype = I
+    lib.dschat_experts.argtypes = [P, I64, P, P, I64, P, P, P, P, P, P, I64, I64, I64, I64, I, I64, P, I]
+    lib.dschat_experts.restype = I
+    lib.dschat_q8_activations.argtypes = [P, I64, I64, I64, P]
+    lib.dschat_q8_activations.restype = None
+    return lib
 
 
 def _build():
@@ -79,64 +105,50 @@ def _build():
     if why:
         return None, why
     src = SOURCE.read_text()
-    name = _key(src)
+    cxx = compiler()
+    gomp = torch_libgomp()
+    name = _key(src, cxx or "", gomp)
     d = cache_dir() / name
     so = d / f"{name}.so"
     if so.exists():
         try:
-            return _import(name, so), None
-        except Exception:  # a damaged or foreign file: build again
+            return _load(so), None
+        except (OSError, AttributeError):  # a damaged or foreign file: build again
             pass
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None and shutil.which("g++") is None:
+    if cxx is None:
         return None, "no C++ compiler (c++ / g++)"
-    path = os.environ.get("PATH", "")
-    ninja_dir = ninja_bin_dir()
-    if ninja_dir is None:
-        return None, "no ninja build tool (pip install ninja)"
+    # -fopenmp compiles the pragmas; torch's libgomp named first is the runtime the library is linked to (it
+    # carries the same soname as the system's, so the loader binds the one torch already loaded).
+    link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp else []
     try:
         d.mkdir(parents=True, exist_ok=True)
-        _say("building the CPU int8/int4 kernels (once; about a minute) ...")
-        from torch.utils import cpp_extension
-
-        os.environ["PATH"] = ninja_dir + os.pathsep + path  # torch's builder runs `ninja` from PATH
-        mod = cpp_extension.load_inline(name, [src], functions=["gemv", "experts", "q8_activations"],
-                                        extra_cflags=FLAGS, build_directory=str(d), verbose=False)
-        return mod, None
-    except Exception as e:  # noqa: BLE001 (a compiler's failure: say it in one line, run the fallback)
-        lines = [x for x in str(e).strip().splitlines() if x.strip()]
-        return None, f"building the CPU kernels failed ({lines[-1] if lines else type(e).__name__})"
-    finally:
-        os.environ["PATH"] = path
-
-
-def ninja_bin_dir() -> str | None:
-    """The folder of the `ninja` that torch's extension builder needs: the `ninja` distribution's (a dependency
-    of dschat, so a venv's dschat finds it even when the venv's bin/ is not on PATH), else one on PATH."""
-    try:
-        import ninja
-
-        if (Path(ninja.BIN_DIR) / "ninja").exists():
-            return str(ninja.BIN_DIR)
-    except (ImportError, AttributeError):
-        pass
-    found = shutil.which("ninja")
-    return str(Path(found).parent) if found else None
+        _say("building the CPU int8/int4 kernels (once; a few seconds) ...")
+        with tempfile.TemporaryDirectory(dir=d) as tmp:
+            out = Path(tmp) / so.name
+            r = subprocess.run([cxx, *FLAGS, str(SOURCE), *link, "-o", str(out)], capture_output=True, text=True,
+                               timeout=600)
+            if r.returncode != 0:
+                lines = [x for x in (r.stderr or r.stdout).splitlines() if x.strip()]
+                return None, f"building the CPU kernels failed ({lines[-1] if lines else f'exit {r.returncode}'})"
+            os.replace(out, so)  # whole or not at all: another process may be loading it
+        return _load(so), None
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"building the CPU kernels failed ({e})"
 
 
 def native():
-    """The built module (gemv, experts, q8_activations), or None (said once)."""
-    global _MOD
-    if _MOD is _UNSET:
-        mod, why = _build()
-        _MOD = mod
+    """The loaded library (ctypes), or None (said once)."""
+    global _LIB
+    if _LIB is _UNSET:
+        lib, why = _build()
+        _LIB = lib
         if why and why != "DSCHAT_CPU_GEMV=0":
             _say(f"note: {why}; packed int8/int4 weights run through PyTorch's slower kernels")
-    return _MOD
+    return _LIB
 
 
 _UNSET = object()
-_MOD = _UNSET
+_LIB = _UNSET
 
 
 def fits(w: Packed) -> bool:
@@ -144,25 +156,66 @@ def fits(w: Packed) -> bool:
     return w.bits == 8 or w.group % (2 * QK) == 0
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(w: Packed, lead: int):
+    """The stored tensors as the library reads them (a wrong one raises here, never reads astray there)."""
+    assert w.data.dim() == 2 + lead and w.data.is_contiguous() and w.scale.is_contiguous(), "a packed weight"
+    assert w.data.dtype == (torch.int8 if w.bits == 8 else torch.uint8) and w.scale.dtype == torch.float32
+    assert w.zero is None or (w.zero.is_contiguous() and w.zero.dtype == torch.uint8
+                              and w.zero.shape == w.scale.shape)
+    rows = w.data.shape[-2] * (w.data.shape[0] if lead else 1)
+    assert w.scale.numel() == rows * (1 if w.bits == 8 else 2 * w.data.shape[-1] // w.group), "scales"
+
+
 def gemv(x: torch.Tensor, w: Packed) -> torch.Tensor:
     """x [..., K] (float32 or bfloat16) -> [..., N] in x's dtype through the kernel (native() must not be None,
     fits(w) hold)."""
-    if _MOD is _UNSET:
-        native()
-    return _MOD.gemv(x, w.data, w.scale, _EMPTY if w.zero is None else w.zero, w.bits, w.group)
+    lib = native() if _LIB is _UNSET else _LIB
+    _check(w, 0)
+    K = x.shape[-1]
+    xf = x.reshape(-1, K).to(torch.float32).contiguous()
+    N = w.data.shape[0]
+    y = torch.empty(*x.shape[:-1], N)
+    err = lib.dschat_gemv(xf.data_ptr(), xf.shape[0], K, w.data.data_ptr(), w.scale.data_ptr(), _ptr(w.zero),
+                          w.bits, w.group, N, w.data.shape[1], y.data_ptr(), torch.get_num_threads())
+    if err:
+        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Packed, w2: Packed) -> torch.Tensor:
     """One token x [1, H] through its chosen experts ids [k] with routing weights [k], over packed stacks
     w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]: fused_moe.moe_experts's function in one call,
     each expert's weights read once, its intermediate quantized as x is (ids outside 0..E-1: nothing)."""
-    if _MOD is _UNSET:
-        native()
-    return _MOD.experts(x, ids, weights, w13.data, w13.scale, _EMPTY if w13.zero is None else w13.zero,
-                        w2.data, w2.scale, _EMPTY if w2.zero is None else w2.zero, w13.bits, w13.group)
+    lib = native() if _LIB is _UNSET else _LIB
+    _check(w13, 1)
+    _check(w2, 1)
+    H = x.shape[-1]
+    assert x.numel() == H, "one token"
+    E, I2 = w13.data.shape[:2]
+    xf = x.reshape(H).to(torch.float32).contiguous()
+    idc = ids.reshape(-1).to(torch.int64).contiguous()
+    wc = weights.reshape(-1).to(torch.float32).contiguous()
+    y = torch.empty(x.shape)
+    err = lib.dschat_experts(xf.data_ptr(), H, idc.data_ptr(), wc.data_ptr(), idc.numel(), w13.data.data_ptr(),
+                             w13.scale.data_ptr(), _ptr(w13.zero), w2.data.data_ptr(), w2.scale.data_ptr(),
+                             _ptr(w2.zero), E, I2 // 2, w13.data.shape[-1], w2.data.shape[-1], w13.bits, w13.group,
+                             y.data_ptr(), torch.get_num_threads())
+    if err:
+        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-_EMPTY = torch.empty(0, dtype=torch.uint8)
+def q8_activations(x: torch.Tensor, kp: int) -> torch.Tensor:
+    """The kernel's activation quantization alone (for tests): x [M, K] -> the dequantised activations [M, kp]."""
+    lib = native() if _LIB is _UNSET else _LIB
+    xf = x.to(torch.float32).contiguous()
+    out = torch.empty(xf.shape[0], kp)
+    lib.dschat_q8_activations(xf.data_ptr(), xf.shape[0], xf.shape[1], kp, out.data_ptr())
+    return out
 
 
 def quantize_activations_reference(x: torch.Tensor, kp: int | None = None) -> torch.Tensor:
