@@ -194,17 +194,14 @@ void tile_q8(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, floa
   const int8_t* xq = px.xr.q.data() + m0 * kp;
   const float* xd = px.xr.d.data() + m0 * nb;
   for (int64_t b = 0; b < nfull; ++b) {
-    __m256i wv[RN], wa[RN];
-    for (int j = 0; j < RN; ++j) {
-      wv[j] = _mm256_loadu_si256((const __m256i*)(wr[j] + b * QK));
-      wa[j] = _mm256_sign_epi8(wv[j], wv[j]);
-    }
-    for (int i = 0; i < RM; ++i) {
-      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK));
-      const __m256 d = _mm256_set1_ps(xd[i * nb + b]);
-      for (int j = 0; j < RN; ++j) {
-        const __m256i p = _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(xv, wv[j]));
-        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), d, acc[i][j]);
+    for (int j = 0; j < RN; ++j) {  // one weight row's block at a time in registers, every row of x against it
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr[j] + b * QK));
+      const __m256i wa = _mm256_sign_epi8(wv, wv);
+      for (int i = 0; i < RM; ++i) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK));
+        const __m256i p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, wv));
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
+                                    _mm256_broadcast_ss(xd + i * nb + b), acc[i][j]);
       }
     }
   }
@@ -235,20 +232,16 @@ void tile_q4(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, floa
     for (int j = 0; j < RN; ++j) sc[j] = _mm256_set1_ps(w.scale[(n0 + j) * w.G + g]);
     for (int64_t jj = 0; jj < bpg; jj += 2) {  // two blocks: 32 bytes of weights, 64 activations
       const int64_t b = g * bpg + jj;
-      __m256i lo[RN], hi[RN];
-      for (int j = 0; j < RN; ++j) {
+      for (int j = 0; j < RN; ++j) {  // one weight row's 64 weights at a time in registers
         const __m256i raw = _mm256_loadu_si256((const __m256i*)(w.data + (n0 + j) * rb + b * (QK / 2)));
-        lo[j] = _mm256_and_si256(raw, lowmask);
-        hi[j] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
-      }
-      for (int i = 0; i < RM; ++i) {
-        const __m256i q0 = _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK));
-        const __m256i q1 = _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK + QK));
-        const __m256 d = _mm256_loadu_ps(dv + i * nb * 4 + b * 4);
-        for (int j = 0; j < RN; ++j) {
-          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], q0), _mm256_maddubs_epi16(hi[j], q1));
-          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_mul_ps(d, sc[j]),
-                                      acc[i][j]);
+        const __m256i lo = _mm256_and_si256(raw, lowmask);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
+        for (int i = 0; i < RM; ++i) {
+          const __m256i p =
+              _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK))),
+                               _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK + QK))));
+          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)),
+                                      _mm256_mul_ps(_mm256_loadu_ps(dv + i * nb * 4 + b * 4), sc[j]), acc[i][j]);
         }
       }
     }
@@ -271,15 +264,21 @@ inline void tile(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, 
     tile_q4<RM, RN>(w, px, m0, n0, y);
 }
 
-constexpr int TM = 4, TN = 2;  // the blocked kernels' tile (4 x 2: 8 sums + the operands in 16 registers)
+#ifndef DSCHAT_TM
+#define DSCHAT_TM 4
+#define DSCHAT_TN 2
+#endif
+constexpr int TM = DSCHAT_TM, TN = DSCHAT_TN;  // the blocked kernels' tile (4 x 2: 8 sums + the operands in 16 registers)
 constexpr int64_t N_STRIP = 16;  // weight rows a thread takes at a time (in L1 while every row of x meets them)
 
-// Rows m0..M of x against weight rows n0..n1 in tiles (the leftover rows and columns in smaller ones).
+constexpr int64_t M_CHUNK = 64;  // rows of x at a time (int8: 64 x 2 KiB, in L2 while the weights stream past)
+
+// Rows m0..m1 of x against weight row n (RN rows from n) in tiles (the leftover rows in smaller ones).
 template <int RN>
-void tiles_rows(const PackedW& w, const PreparedX& px, int64_t n, float* y) {
-  int64_t m = 0;
-  for (; m + TM <= px.M; m += TM) tile<TM, RN>(w, px, m, n, y);
-  switch (px.M - m) {
+void tiles_rows(const PackedW& w, const PreparedX& px, int64_t m0, int64_t m1, int64_t n, float* y) {
+  int64_t m = m0;
+  for (; m + TM <= m1; m += TM) tile<TM, RN>(w, px, m, n, y);
+  switch (m1 - m) {
     case 3: tile<3, RN>(w, px, m, n, y); break;
     case 2: tile<2, RN>(w, px, m, n, y); break;
     case 1: tile<1, RN>(w, px, m, n, y); break;
@@ -288,17 +287,21 @@ void tiles_rows(const PackedW& w, const PreparedX& px, int64_t n, float* y) {
 }
 
 // y [M, N] = x W^T for the prepared rows of x; output rows split over `nthreads` threads. One row of x (decode):
-// the one-row kernels; more: the blocked ones, in strips of N_STRIP weight rows.
+// the one-row kernels; more: the blocked ones, each thread over its strips of N_STRIP weight rows for each
+// chunk of M_CHUNK rows of x in turn.
 void run(const PackedW& w, const PreparedX& px, float* y, int nthreads) {
   const int64_t M = px.M, kp = px.xr.kp, nb = px.xr.nb;
   if (M >= 2) {
     const int64_t strips = (w.N + N_STRIP - 1) / N_STRIP;
     parallel_for(strips, 1, nthreads, [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t e = std::min(w.N, (s + 1) * N_STRIP);
-        int64_t n = s * N_STRIP;
-        for (; n + TN <= e; n += TN) tiles_rows<TN>(w, px, n, y);
-        for (; n < e; ++n) tiles_rows<1>(w, px, n, y);
+      for (int64_t m0 = 0; m0 < M; m0 += M_CHUNK) {
+        const int64_t m1 = std::min(M, m0 + M_CHUNK);
+        for (int64_t s = s0; s < s1; ++s) {
+          const int64_t e = std::min(w.N, (s + 1) * N_STRIP);
+          int64_t n = s * N_STRIP;
+          for (; n + TN <= e; n += TN) tiles_rows<TN>(w, px, m0, m1, n, y);
+          for (; n < e; ++n) tiles_rows<1>(w, px, m0, m1, n, y);
+        }
       }
     });
     return;
@@ -395,6 +398,38 @@ int dschat_experts(const float* x, int64_t H, const int64_t* ids, const float* w
     run(w2, pa, o.data(), nthreads);
     for (int64_t i = 0; i < H; ++i) y[i] += o[i] * weights[j];
   }
+  return 0;
+}
+
+// The weight [N, K] the kernels compute with, in float32 (out [N, K]): int8 data * scale, int4 (nibble - zero) *
+// scale per group; rows split over `nthreads` threads. Many rows of x (a long prefill) run faster as this
+// and a float32 matmul than as integer dot products on a CPU whose integer multiplies have half the float
+// FMA's throughput (AVX2 without VNNI).
+int dschat_dequantize(const void* data, const float* scale, const uint8_t* zero, int bits, int64_t group,
+                      int64_t N, int64_t K, int64_t row, float* out, int nthreads) {
+  if (int e = bad(bits, group, K, row)) return e;
+  const PackedW w = packed(data, scale, zero, bits, group, N, K, row);
+  parallel_for(N, grain_for(w.row_bytes()), nthreads, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* o = out + n * K;
+      if (bits == 8) {
+        const int8_t* r = (const int8_t*)w.data + n * K;
+        const float s = w.scale[n];
+        for (int64_t k = 0; k < K; ++k) o[k] = (float)r[k] * s;
+      } else {
+        const uint8_t* r = w.data + n * row;
+        for (int64_t g = 0; g < w.G; ++g) {
+          const float s = w.scale[n * w.G + g], z = w.zero ? (float)w.zero[n * w.G + g] : 8.f;
+          const int64_t k1 = std::min(K, (g + 1) * group);
+          for (int64_t k = g * group; k < k1; k += 2) {  // group is even, so is k
+            const uint8_t v = r[k / 2];
+            o[k] = ((float)(v & 0xF) - z) * s;
+            if (k + 1 < k1) o[k + 1] = ((float)(v >> 4) - z) * s;
+          }
+        }
+      }
+    }
+  });
   return 0;
 }
 

@@ -95,6 +95,8 @@ def _load(path: Path):
     lib.dschat_gemv.restype = I
     lib.dschat_experts.argtypes = [P, I64, P, P, I64, P, P, P, P, P, P, I64, I64, I64, I64, I, I64, P, I]
     lib.dschat_experts.restype = I
+    lib.dschat_dequantize.argtypes = [P, P, P, I, I64, I64, I64, I64, P, I]
+    lib.dschat_dequantize.restype = I
     lib.dschat_q8_activations.argtypes = [P, I64, I64, I64, P]
     lib.dschat_q8_activations.restype = None
     return lib
@@ -207,6 +209,20 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Pack
     if err:
         raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def dequantize(w: Packed) -> torch.Tensor:
+    """The float32 weight [N, in_features] the kernel computes with (quant_format.dequantize's numbers, exactly),
+    written by the library in one pass over the packed bytes, on torch.get_num_threads() threads."""
+    lib = native() if _LIB is _UNSET else _LIB
+    _check(w, 0)
+    N, K = w.data.shape[0], w.in_features
+    out = torch.empty(N, K)
+    err = lib.dschat_dequantize(w.data.data_ptr(), w.scale.data_ptr(), _ptr(w.zero), w.bits, w.group, N, K,
+                                w.data.shape[1], out.data_ptr(), torch.get_num_threads())
+    if err:
+        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+    return out
 
 
 def q8_activations(x: torch.Tensor, kp: int) -> torch.Tensor:

@@ -3,7 +3,7 @@ layout read once per call) or, where that cannot run, PyTorch's packed-weight ke
 decode step; dequantise-then-matmul for many rows (prefill); and the routed experts over either, touching only
 the chosen experts' packed rows.
 
-With cpu_gemv (`native_gemv()` true): up to NATIVE_MAX_ROWS rows (64 int8, 128 int4), x is quantized to int8
+With cpu_gemv (`native_gemv()` true): up to NATIVE_MAX_ROWS rows (64 int8, any number int4), x is quantized to int8
 blocks of 32 and the weight is the stored one exactly (cpu_gemv.py says what that computes); int4 is not
 repacked. Without it (no compiler, no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels below run:
 
@@ -40,11 +40,12 @@ N_BLOCK = 32  # the int4 kernel's layout packs output rows in blocks of 32
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes (others run quant_matmul's reference)
 INT8_N_CHUNK = 4096  # the int8 kernel over lm_head's 102400 rows at once runs at half the speed of 4096-row slices
 INT8_K_MULTIPLE = 16  # the int8 kernel misreads other input widths (crashes, or infinities): dequantise those
-# Up to this many rows (by bits) cpu_gemv beats dequantise + matmul: each row costs it one pass of integer
-# dot products over the weight, dequantising costs several float passes before the matmul (measured at
-# V2-Lite's expert shape 2816 x 2048, 1 thread: int4 0.5x its time at 64 rows, 0.65x at 128; int8 0.87x at
-# 64 rows, 1.3x at 128).
-NATIVE_MAX_ROWS = {8: 64, 4: 128}
+# Up to this many rows (by bits) cpu_gemv beats dequantise + matmul (int8 above it: cpu_gemv.dequantize, one
+# pass, then a float32 matmul). On an AVX2 CPU without VNNI the integer multiplies have half the float FMA's
+# throughput, so for many rows an int8 dot product costs more than a float32 one: measured at V2-Lite's expert
+# shape 2816 x 2048, 1 thread, against a float32 matmul: int8 blocked 1.13x at 48 rows, 1.34x at 128 (dequantise
+# + matmul 1.11x); int4 0.82x at 48 rows, 0.96-0.98x at 128-512 (dequantise + matmul 1.07-1.4x): int4 always.
+NATIVE_MAX_ROWS = {8: 64, 4: 1 << 62}
 
 
 def native_gemv(w: Packed | None = None) -> bool:
@@ -96,6 +97,8 @@ def repack_int4(w: Packed) -> Int4Cpu:
 def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
     """The weight [N, in_features] the kernel computes with, in `dtype`."""
     if isinstance(w, Packed):
+        if native_gemv(w) and w.data.dim() == 2:
+            return cpu_gemv.dequantize(w).to(dtype)
         return (w.data.to(dtype) * w.scale.to(dtype)[:, None]) if w.bits == 8 else dequantize(w).to(dtype)
     np_, half = w.data.shape
     kp = 2 * half

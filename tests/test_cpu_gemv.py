@@ -56,6 +56,14 @@ def test_gemv_equals_the_dequantised_model(native, name, M, N, K):
     assert rel(got, one.double()) < TOL
 
 
+@pytest.mark.parametrize("name", SPECS)
+def test_dequantize_is_the_stored_weight_exactly(native, name):
+    """cpu_gemv.dequantize (prefill's int8 path): quant_format.dequantize's float32 numbers, bit for bit, K not a
+    multiple of the group (int4's padding) nor of 32."""
+    p = quantize(torch.randn(37, 300) * torch.linspace(0.1, 3, 300), SPECS[name])
+    assert torch.equal(cpu_gemv.dequantize(p), dequantize(p))
+
+
 def test_activation_quantization_costs_about_a_bfloat16_rounding():
     """The error the int8 activations add: within half a step (max|block| / 254) of x, element by element."""
     x = torch.randn(4, 512) * torch.linspace(0.01, 5, 512)
@@ -79,14 +87,15 @@ def test_threads_split_the_rows(native, threads):
     assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
-@pytest.mark.parametrize("rows", ["one", "seven", "the limit", "one more"])
+@pytest.mark.parametrize("name, rows", [("int8", 1), ("int8", 7), ("int8", 64), ("int8", 65), ("int4", 1),
+                                        ("int4", 7), ("int4", 300)])
 def test_matmul_cpu_runs_it_for_few_rows(native, name, rows):
-    """quant_cpu.matmul_cpu: cpu_gemv up to NATIVE_MAX_ROWS rows, dequantise + matmul (float32-exact) above;
-    other leading dimensions and bfloat16 inputs keep their shape and dtype."""
+    """quant_cpu.matmul_cpu: cpu_gemv up to NATIVE_MAX_ROWS rows (int8: 64; int4: any number), above it
+    cpu_gemv.dequantize + a float32 matmul (float32-exact); other leading dimensions and bfloat16 inputs keep
+    their shape and dtype."""
     p = quantize(torch.randn(96, 384), SPECS[name])
     limit = quant_cpu.NATIVE_MAX_ROWS[p.bits]
-    rows = {"one": 1, "seven": 7, "the limit": limit, "one more": limit + 1}[rows]
+    assert limit == (64 if name == "int8" else 1 << 62)
     x = torch.randn(rows, 384)
     got = quant_cpu.matmul_cpu(x, p)
     if rows <= limit:
