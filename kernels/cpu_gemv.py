@@ -163,13 +163,20 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _check(w: Packed, lead: int):
-    """The stored tensors as the library reads them (a wrong one raises here, never reads astray there)."""
-    assert w.data.dim() == 2 + lead and w.data.is_contiguous() and w.scale.is_contiguous(), "a packed weight"
-    assert w.data.dtype == (torch.int8 if w.bits == 8 else torch.uint8) and w.scale.dtype == torch.float32
-    assert w.zero is None or (w.zero.is_contiguous() and w.zero.dtype == torch.uint8
-                              and w.zero.shape == w.scale.shape)
-    rows = w.data.shape[-2] * (w.data.shape[0] if lead else 1)
-    assert w.scale.numel() == rows * (1 if w.bits == 8 else 2 * w.data.shape[-1] // w.group), "scales"
+    """The stored tensors as the library reads them (a wrong one raises here, never reads astray there); their
+    shapes were checked against each other on load (engine/quant.py)."""
+    d, s = w.data, w.scale
+    if not (d.dtype == (torch.int8 if w.bits == 8 else torch.uint8) and s.dtype == torch.float32
+            and d.dim() == 2 + lead and d.is_contiguous() and s.is_contiguous()
+            and (w.zero is None or (w.zero.dtype == torch.uint8 and w.zero.is_contiguous()))):
+        raise ValueError("cpu_gemv: a packed weight of another layout")
+
+
+def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """x as contiguous float32 rows (itself when it is already: no copy, no dispatch)."""
+    if x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    return x.reshape(-1, K).to(torch.float32).contiguous()
 
 
 def gemv(x: torch.Tensor, w: Packed) -> torch.Tensor:
@@ -178,11 +185,11 @@ def gemv(x: torch.Tensor, w: Packed) -> torch.Tensor:
     lib = native() if _LIB is _UNSET else _LIB
     _check(w, 0)
     K = x.shape[-1]
-    xf = x.reshape(-1, K).to(torch.float32).contiguous()
-    N = w.data.shape[0]
+    xf = _rows(x, K)
+    N, row = w.data.shape
     y = torch.empty(*x.shape[:-1], N)
-    err = lib.dschat_gemv(xf.data_ptr(), xf.shape[0], K, w.data.data_ptr(), w.scale.data_ptr(), _ptr(w.zero),
-                          w.bits, w.group, N, w.data.shape[1], y.data_ptr(), torch.get_num_threads())
+    err = lib.dschat_gemv(xf.data_ptr(), xf.numel() // K, K, w.data.data_ptr(), w.scale.data_ptr(), _ptr(w.zero),
+                          w.bits, w.group, N, row, y.data_ptr(), torch.get_num_threads())
     if err:
         raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -198,11 +205,11 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Pack
     H = x.shape[-1]
     assert x.numel() == H, "one token"
     E, I2 = w13.data.shape[:2]
-    xf = x.reshape(H).to(torch.float32).contiguous()
-    idc = ids.reshape(-1).to(torch.int64).contiguous()
-    wc = weights.reshape(-1).to(torch.float32).contiguous()
+    xf = _rows(x, H)
+    idc = ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
+    wc = _rows(weights, weights.shape[-1])
     y = torch.empty(x.shape)
-    err = lib.dschat_experts(xf.data_ptr(), H, idc.data_ptr(), wc.data_ptr(), idc.numel(), w13.data.data_ptr(),
+    err = lib.dschat_experts(xf.data_ptr(), H, idc.data_ptr(), wc.data_ptr(), min(idc.numel(), wc.numel()), w13.data.data_ptr(),
                              w13.scale.data_ptr(), _ptr(w13.zero), w2.data.data_ptr(), w2.scale.data_ptr(),
                              _ptr(w2.zero), E, I2 // 2, w13.data.shape[-1], w2.data.shape[-1], w13.bits, w13.group,
                              y.data_ptr(), torch.get_num_threads())
