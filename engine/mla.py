@@ -18,6 +18,7 @@ from torch import nn
 
 from ..kernels import ops
 from ..kernels.mla_decode import mla_decode, mla_decode_paged
+from ..kernels.norm_rope import rope_latent_write
 
 from . import dist
 from .config import ModelConfig
@@ -74,13 +75,18 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, S, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # cos/sin [S, dr/2], broadcast over heads
-
-        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        latent = torch.cat([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin)], dim=-1)  # [B,S,r+dr]
+        kv_a = self.kv_a_proj_with_mqa(x)
 
         if step is not None:
-            cache[step.slots[-S:] if step.write_slots is None else step.write_slots] = latent[0].to(cache.dtype)
+            # q's rope, the latent's norm and k_pe's rope, and the cache write: one kernel on CUDA
+            norm = self.kv_a_layernorm
+            q_pe = ops.fused(torch.ops.dschat.rope_latent_write, rope_latent_write, x)(
+                q_pe[0], kv_a[0], norm.weight, norm.eps, cos, sin, cache,
+                step.slots[-S:] if step.write_slots is None else step.write_slots)[None]
+        else:
+            q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # cos/sin [S, dr/2], broadcast over heads
+            kv, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)
+            latent = torch.cat([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin)], dim=-1)  # [B,S,r+dr]
 
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
         if step is not None and step.absorb:

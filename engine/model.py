@@ -33,8 +33,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h, pos: Positions, cache=None, step=None):
-        h = h + self.self_attn(self.input_layernorm(h), pos, cache, step)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h, out = self.run(h, None, pos, cache, step)
+        return h + out
+
+    def run(self, h, pending, pos: Positions, cache=None, step=None):
+        """The block with the residual add left pending: (h + pending, what this block adds to that). The
+        next block adds it inside its first norm (one kernel on CUDA: kernels/norm_rope.py); the additions
+        and their order are forward's."""
+        h, x = self.input_layernorm.add(h, pending)
+        h, x = self.post_attention_layernorm.add(h, self.self_attn(x, pos, cache, step))
+        return h, self.mlp(x)
 
 
 class SharedHead(nn.Module):
@@ -96,9 +104,10 @@ class Transformer(nn.Module):
         """ids [B,S] -> final hidden states before the last norm, [B,S,hidden]."""
         h = self.model.embed_tokens(ids)
         pos = self.positions(positions, step)
+        pending = None
         for i, block in enumerate(self.model.layers):
-            h = block(h, pos, step.cache[i] if step else None, step)
-        return h
+            h, pending = block.run(h, pending, pos, step.cache[i] if step else None, step)
+        return h + pending
 
     def positions(self, positions: torch.Tensor, step: Step | None) -> Positions:
         cos, sin = self.rotary(positions)

@@ -6,7 +6,7 @@ over the keys t = 0..q_pos[s] of one sequence, whose cache rows ([c_kv | k_pe], 
 qk_rope_head_dim values each) live at flat slots `slots[t]` of a paged buffer. Two implementations of the
 same function: `mla_decode_reference` (PyTorch: gather the rows, then attend) and `mla_decode_triton`
 (reads the rows in place, flash-decoding: the keys are split over programs, each keeps a running max and
-sum, and a small combine step merges the splits). `mla_decode` picks Triton for CUDA tensors.
+sum, and a second kernel merges the splits). `mla_decode` picks Triton for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .triton_support import sm_count, tl, triton
 
 BLOCK_H = 16  # heads a program: tl.dot's smallest tile; at 64 V3's 128 heads spilled 7.5 KB a thread
 BLOCK_T = 32  # keys a step
+MERGE_SPLITS = 8  # splits the merge kernel reads a step (8 x kv_lora_rank 512 floats in registers)
 
 
 def mla_decode_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
@@ -84,6 +85,36 @@ if triton is not None:
         tl.store(L + s * stride_ms + split * stride_msplit + heads, l_i, mask=hmask)
 
 
+    @triton.jit
+    def _mla_merge_kernel(O, M, L, Out, n_split, R, stride_os, stride_osplit, stride_oh, stride_ms, stride_msplit,
+                          stride_outs, stride_outh, BLOCK_SPLIT: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Merge the splits of one (query, head): each holds an unnormalised sum with its own running max and
+        sum; a split with no visible keys (max -inf) weighs 0."""
+        s = tl.program_id(0)
+        h = tl.program_id(1)
+        base_m = M + s * stride_ms + h
+        m_all = float("-inf")
+        for c in range(0, n_split, BLOCK_SPLIT):
+            sp = c + tl.arange(0, BLOCK_SPLIT)
+            m = tl.load(base_m + sp * stride_msplit, mask=sp < n_split, other=float("-inf"))
+            m_all = tl.maximum(m_all, tl.max(m, axis=0))
+        r = tl.arange(0, BLOCK_R)
+        num = tl.zeros([BLOCK_R], tl.float32)
+        den = tl.zeros([BLOCK_SPLIT], tl.float32)
+        for c in range(0, n_split, BLOCK_SPLIT):
+            sp = c + tl.arange(0, BLOCK_SPLIT)
+            ok = sp < n_split
+            m = tl.load(base_m + sp * stride_msplit, mask=ok, other=float("-inf"))
+            lse = tl.load(L + s * stride_ms + h + sp * stride_msplit, mask=ok, other=0.0)
+            w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
+            o = tl.load(O + s * stride_os + sp[:, None] * stride_osplit + h * stride_oh + r[None, :],
+                        mask=ok[:, None] & (r[None, :] < R), other=0.0)
+            num += tl.sum(o * w[:, None], axis=0)
+            den += lse * w
+        out = num / tl.sum(den, axis=0)
+        tl.store(Out + s * stride_outs + h * stride_outh + r, out.to(Out.dtype.element_ty), mask=r < R)
+
+
 def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
                       q_pos: torch.Tensor, scale: float, keys_per_split: int | None = None) -> torch.Tensor:
     """Same contract as mla_decode_reference; the cache rows are read through `slots` in place."""
@@ -107,12 +138,11 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tens
         BLOCK_H=BLOCK_H, BLOCK_T=BLOCK_T, BLOCK_R=triton.next_power_of_2(R), BLOCK_P=triton.next_power_of_2(P),
         # float32 stays float32 (no TF32 rounding): the exactness tests run the engine in float32
         PRECISION="ieee" if cache.dtype == torch.float32 else "tf32")
-    # merge the splits: each holds an unnormalised sum with its own running max
-    m_all = m.amax(dim=1, keepdim=True)  # [S,1,H]
-    w = torch.exp(m - m_all).nan_to_num(0.0)  # splits with no visible keys weigh 0
-    num = (o * w[..., None]).sum(dim=1)
-    den = (lse * w).sum(dim=1)
-    return (num / den[..., None]).to(q_lat.dtype)
+    out = torch.empty(S, H, R, device=q_lat.device, dtype=q_lat.dtype)
+    _mla_merge_kernel[(S, H)](o, m, lse, out, n_split, R, o.stride(0), o.stride(1), o.stride(2), m.stride(0),
+                              m.stride(1), out.stride(0), out.stride(1), BLOCK_SPLIT=MERGE_SPLITS,
+                              BLOCK_R=triton.next_power_of_2(R), num_warps=4)
+    return out
 
 
 def paged_slots(page_table: torch.Tensor, page_size: int, n: int | None = None) -> torch.Tensor:

@@ -9,6 +9,9 @@ and, the operator being opaque to the compiler, breaks no graph; on CUDA they ru
     torch.ops.dschat.moe_experts_int4_cpu  quant_cpu.moe_experts_cpu over int4 stacks (PyTorch's int4 layout)
     torch.ops.dschat.moe_experts_packed_cpu  quant_cpu.moe_experts_cpu over stacks as stored (cpu_gemv's)
     torch.ops.dschat.matmul_packed_cpu     quant_cpu.matmul_cpu over a weight as stored (cpu_gemv's)
+    torch.ops.dschat.rms_norm              norm_rope.rms_norm
+    torch.ops.dschat.add_rms_norm          norm_rope.add_rms_norm (the residual add and the norm)
+    torch.ops.dschat.rope_latent_write     norm_rope.rope_latent_write (mutates the cache layer)
 
 The engine calls the plain Python functions when it runs eagerly (an operator's dispatch costs ~10 us) and
 the operators while it is being traced (`traced`).
@@ -19,13 +22,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import fp8_moe, fused_moe, mla_decode, quant_cpu
+from . import fp8_moe, fused_moe, mla_decode, norm_rope, quant_cpu
 from .quant_format import Packed
 
 
 def traced(op, fn):
     """The custom operator while torch.compile traces, else the plain function."""
     return op if torch.compiler.is_compiling() else fn
+
+
+def fused(op, fn, t: Tensor):
+    """For the elementwise fusions (norm_rope, router): the custom operator while torch.compile traces a CUDA
+    step (its Triton kernel inside), else the plain function: on the CPU the compiler traces the reference's
+    operations and fuses them itself, better than it could around an opaque call."""
+    return op if torch.compiler.is_compiling() and t.is_cuda else fn
 
 
 @torch.library.custom_op("dschat::mla_decode_paged", mutates_args=())
@@ -95,3 +105,34 @@ def matmul_packed_cpu(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor | None, 
 @matmul_packed_cpu.register_fake
 def _(x, w, scale, zero, bits, group, in_features):
     return x.new_empty(*x.shape[:-1], w.shape[-2])
+
+
+@torch.library.custom_op("dschat::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return norm_rope.rms_norm(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=norm_rope.out_dtype(x, weight))
+
+
+@torch.library.custom_op("dschat::add_rms_norm", mutates_args=())
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return norm_rope.add_rms_norm(x, residual, weight, eps)
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.shape, dtype=norm_rope.out_dtype(x, weight))
+
+
+@torch.library.custom_op("dschat::rope_latent_write", mutates_args=("cache",))
+def rope_latent_write(q_pe: Tensor, kv: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
+                      cache: Tensor, slots: Tensor) -> Tensor:
+    return norm_rope.rope_latent_write(q_pe, kv, weight, eps, cos, sin, cache, slots)
+
+
+@rope_latent_write.register_fake
+def _(q_pe, kv, weight, eps, cos, sin, cache, slots):
+    return q_pe.new_empty(q_pe.shape)

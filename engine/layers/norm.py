@@ -1,9 +1,13 @@
-"""RMSNorm, computed in float32 whatever the model's dtype."""
+"""RMSNorm, computed in float32 whatever the model's dtype (kernels/norm_rope.py: one Triton kernel on CUDA,
+fused with the residual add where a block has one)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ...kernels import ops
+from ...kernels.norm_rope import add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -15,6 +19,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return ops.fused(torch.ops.dschat.rms_norm, rms_norm, x)(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, the norm of it); without a residual (x, the norm of x)."""
+        if residual is None:
+            return x, self(x)
+        return ops.fused(torch.ops.dschat.add_rms_norm, add_rms_norm, x)(x, residual, self.weight, self.eps)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ...kernels.norm_rope import apply_rope  # noqa: F401 - the engine's RoPE (kernels/ fuses it)
 from ..config import ModelConfig, yarn_mscale
 
 
@@ -43,12 +44,3 @@ class Rotary(nn.Module):
             self.inv_freq[dev] = next(iter(self.inv_freq.values())).to(dev)
         angles = positions.float()[..., None] * self.inv_freq[dev]
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the last dimension by the angles whose
-    cos/sin are given (shaped to broadcast against x's pairs)."""
-    dtype = x.dtype
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-    return out.flatten(-2).to(dtype)

@@ -1,0 +1,77 @@
+"""The fused kernels (kernels/norm_rope.py, kernels/router.py, the MLA merge) against their PyTorch
+references in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), and their custom operators'
+fake implementations (torch.library.opcheck)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dschat.kernels import norm_rope, ops  # noqa: F401 - ops registers torch.ops.dschat.*
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("D", [256, 200])
+def test_add_rms_norm_matches_reference(dtype, tol, D):
+    x, res, w = rand(3, D, seed=1, dtype=dtype), rand(3, D, seed=2, dtype=dtype), rand(D, seed=3, dtype=dtype)
+    h_ref, y_ref = norm_rope.add_rms_norm_reference(x, res, w, 1e-6)
+    h, y = norm_rope.add_rms_norm_triton(x, res, w, 1e-6)
+    assert h.dtype == h_ref.dtype and y.dtype == y_ref.dtype and y.shape == y_ref.shape
+    assert float((h.float() - h_ref.float()).abs().max()) < tol * float(h_ref.float().abs().max())
+    assert float((y.float() - y_ref.float()).abs().max()) < tol * float(y_ref.float().abs().max())
+    _, y_plain = norm_rope.add_rms_norm_triton(x[None], None, w, 1e-6)  # plain RMSNorm, [B,S,D]
+    assert torch.allclose(y_plain[0].float(), norm_rope.rms_norm_reference(x, w, 1e-6).float(), atol=tol * 10)
+
+
+def rope_case(S=3, H=4, nope=8, P=16, R=40, n_slots=20, dtype=torch.float32):
+    q = rand(S, H, nope + P, seed=4, dtype=dtype)
+    kv = rand(S, R + P, seed=5, dtype=dtype)
+    w = rand(R, seed=6, dtype=dtype)
+    angles = torch.arange(S, dtype=torch.float32)[:, None] * rand(P // 2, seed=7).abs()
+    slots = torch.randperm(n_slots, generator=torch.Generator().manual_seed(8))[:S]
+    cache = torch.zeros(n_slots, R + P, dtype=dtype)
+    return q[..., nope:], kv, w, angles.cos(), angles.sin(), cache, slots
+
+
+@interpreted
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rope_latent_write_matches_reference(dtype, tol):
+    q_pe, kv, w, cos, sin, cache, slots = rope_case(dtype=dtype)
+    cache_ref = cache.clone()
+    q_ref = norm_rope.rope_latent_write_reference(q_pe, kv, w, 1e-6, cos, sin, cache_ref, slots)
+    q_out = norm_rope.rope_latent_write_triton(q_pe, kv, w, 1e-6, cos, sin, cache, slots)
+    assert q_out.shape == q_ref.shape and q_out.dtype == q_ref.dtype
+    assert float((q_out.float() - q_ref.float()).abs().max()) < tol * 4
+    assert float((cache.float() - cache_ref.float()).abs().max()) < tol * 4
+    untouched = torch.ones(cache.shape[0], dtype=torch.bool)
+    untouched[slots] = False
+    assert not cache[untouched].any() and cache[slots].abs().sum(-1).min() > 0
+
+
+def test_dispatchers_run_the_references_on_the_cpu():
+    x, res, w = rand(2, 64, seed=1), rand(2, 64, seed=2), rand(64, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(norm_rope.add_rms_norm(x, res, w, 1e-6),
+                                                   norm_rope.add_rms_norm_reference(x, res, w, 1e-6)))
+    q_pe, kv, w, cos, sin, cache, slots = rope_case()
+    cache_ref = cache.clone()
+    assert torch.equal(norm_rope.rope_latent_write(q_pe, kv, w, 1e-6, cos, sin, cache, slots),
+                       norm_rope.rope_latent_write_reference(q_pe, kv, w, 1e-6, cos, sin, cache_ref, slots))
+    assert torch.equal(cache, cache_ref)
+
+
+def test_custom_operators_and_their_fake_implementations():
+    x, res, w = rand(2, 64, seed=1), rand(2, 64, seed=2), rand(64, seed=3)
+    torch.library.opcheck(torch.ops.dschat.rms_norm, (x, w, 1e-6))
+    torch.library.opcheck(torch.ops.dschat.add_rms_norm, (x, res, w, 1e-6))
+    q_pe, kv, w, cos, sin, cache, slots = rope_case()
+    torch.library.opcheck(torch.ops.dschat.rope_latent_write, (q_pe.contiguous(), kv, w, 1e-6, cos, sin, cache,
+                                                               slots))
