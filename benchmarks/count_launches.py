@@ -122,7 +122,7 @@ _FORCED: set[str] = set()  # dispatchers already replaced in the engine's module
 def force_cuda_dispatch():
     """The engine's modules call the kernels' dispatchers, which pick the CPU paths for CPU tensors: point
     those names at what the dispatchers pick on CUDA."""
-    from dschat.kernels import fused_moe, mla_decode, norm_rope
+    from dschat.kernels import fused_moe, mla_decode, norm_rope, router
 
     def moe_experts(x, w13, w2, ids, weights):
         if ids.shape[0] <= fused_moe.GATHER_MAX_TOKENS:
@@ -140,7 +140,7 @@ def force_cuda_dispatch():
 
     swaps = {fused_moe.moe_experts: moe_experts, mla_decode.mla_decode: mla, mla_decode.mla_decode_paged: mla_paged,
              norm_rope.rms_norm: rms_norm, norm_rope.add_rms_norm: norm_rope.add_rms_norm_triton,
-             norm_rope.rope_latent_write: norm_rope.rope_latent_write_triton}
+             norm_rope.rope_latent_write: norm_rope.rope_latent_write_triton, router.route: router.route_triton}
     done = set(_FORCED)
     for name, module in list(sys.modules.items()):
         if not name.startswith("dschat.engine") or module is None:

@@ -14,6 +14,7 @@ from ..kernels.fused_moe import moe_experts
 from ..kernels.quant_cpu import Int4Cpu, int4_fits, moe_experts_cpu, repack_int4
 from ..kernels.quant_format import Packed
 from ..kernels.quant_moe import moe_experts_quant
+from ..kernels.router import route
 
 from . import dist
 from .config import ModelConfig
@@ -41,30 +42,17 @@ class Gate(nn.Module):
         fp32 = target.name == "e_score_correction_bias"
         default_weight_loader(target, t, scale, ctx, where, dtype=torch.float32 if fp32 else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T,k] float32, chosen experts [T,k] minus `offset`): kernels/router.py, one kernel on CUDA
+        after the linear."""
         cfg = self.cfg
         logits = F.linear(x.float(), self.weight.float())
-        scores = logits.softmax(dim=-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
-        choice = scores
-        if self.e_score_correction_bias is not None:
-            choice = scores + self.e_score_correction_bias.float()
-        if cfg.n_group > 1 and cfg.topk_method in ("group_limited_greedy", "noaux_tc"):
-            groups = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-            if cfg.topk_method == "noaux_tc":
-                group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)
-            else:
-                group_scores = groups.amax(dim=-1)
-            keep = group_scores.topk(cfg.topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = groups.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
-        idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
-        weights = scores.gather(1, idx)
+        grouped = cfg.n_group > 1 and cfg.topk_method in ("group_limited_greedy", "noaux_tc")
         normalise = cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob
-        if normalise:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        if cfg.v3_gate or not normalise:
-            weights = weights * cfg.routed_scaling_factor
-        return weights, idx
+        return ops.fused(torch.ops.dschat.route, route, x)(
+            logits, self.e_score_correction_bias, cfg.num_experts_per_tok, cfg.n_group if grouped else 1,
+            cfg.topk_group, cfg.topk_method == "noaux_tc", cfg.scoring_func == "softmax", normalise,
+            cfg.routed_scaling_factor if cfg.v3_gate or not normalise else None, offset)
 
 
 class Experts(nn.Module):
@@ -213,8 +201,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, idx = self.gate(x)
-        y = self.experts(x, idx - self.first, weights)
+        weights, ids = self.gate(x, self.first)
+        y = self.experts(x, ids, weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return dist.all_reduce(y).view(shape)

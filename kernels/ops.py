@@ -12,6 +12,7 @@ and, the operator being opaque to the compiler, breaks no graph; on CUDA they ru
     torch.ops.dschat.rms_norm              norm_rope.rms_norm
     torch.ops.dschat.add_rms_norm          norm_rope.add_rms_norm (the residual add and the norm)
     torch.ops.dschat.rope_latent_write     norm_rope.rope_latent_write (mutates the cache layer)
+    torch.ops.dschat.route                 router.route (the MoE router after its linear)
 
 The engine calls the plain Python functions when it runs eagerly (an operator's dispatch costs ~10 us) and
 the operators while it is being traced (`traced`).
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import fp8_moe, fused_moe, mla_decode, norm_rope, quant_cpu
+from . import fp8_moe, fused_moe, mla_decode, norm_rope, quant_cpu, router
 from .quant_format import Packed
 
 
@@ -136,3 +137,16 @@ def rope_latent_write(q_pe: Tensor, kv: Tensor, weight: Tensor, eps: float, cos:
 @rope_latent_write.register_fake
 def _(q_pe, kv, weight, eps, cos, sin, cache, slots):
     return q_pe.new_empty(q_pe.shape)
+
+
+@torch.library.custom_op("dschat::route", mutates_args=())
+def route(logits: Tensor, bias: Tensor | None, k: int, n_group: int, topk_group: int, top2: bool, softmax: bool,
+          normalise: bool, scale: float | None, offset: int) -> tuple[Tensor, Tensor]:
+    w, ids = router.route(logits, bias, k, n_group, topk_group, top2, softmax, normalise, scale, offset)
+    return w.contiguous(), ids.contiguous()
+
+
+@route.register_fake
+def _(logits, bias, k, n_group, topk_group, top2, softmax, normalise, scale, offset):
+    T = logits.shape[0]
+    return logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64)

@@ -75,3 +75,38 @@ def test_custom_operators_and_their_fake_implementations():
     q_pe, kv, w, cos, sin, cache, slots = rope_case()
     torch.library.opcheck(torch.ops.dschat.rope_latent_write, (q_pe.contiguous(), kv, w, 1e-6, cos, sin, cache,
                                                                slots))
+
+
+# (E, k, n_group, topk_group, top2, softmax, normalise, scale, bias, offset): V2-Lite's, V2's (160 experts in 8
+# groups of 20: groups padded in the kernel), V3's (sigmoid, correction bias, best-two group scores), a rank's
+ROUTERS = {
+    "v2-lite": (64, 6, 1, 1, False, True, False, 1.0, False, 0),
+    "v2": (160, 6, 8, 3, False, True, False, 16.0, False, 0),
+    "v3": (256, 8, 8, 4, True, False, True, 2.5, True, 0),
+    "v3-rank1": (256, 8, 8, 4, True, False, True, 2.5, True, 128),
+    "demo-normalised": (16, 2, 1, 1, False, True, True, None, False, 0),
+}
+
+
+@interpreted
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_router_matches_reference(name):
+    from dschat.kernels import router
+    E, k, n_group, topk_group, top2, softmax, normalise, scale, bias, offset = ROUTERS[name]
+    logits = rand(5, E, seed=9) * 3
+    b = rand(E, seed=10) * 0.1 if bias else None
+    args = (logits, b, k, n_group, topk_group, top2, softmax, normalise, scale, offset)
+    w_ref, ids_ref = router.route_reference(*args)
+    w, ids = router.route_triton(*args)
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32
+    assert torch.equal(ids, ids_ref)
+    assert torch.allclose(w, w_ref, rtol=1e-5, atol=1e-6)
+    if n_group > 1:  # the choice really is group-limited: some experts of the best overall are left out
+        plain = router.route_reference(logits, b, k, 1, 1, top2, softmax, normalise, scale, offset)[1]
+        assert not torch.equal(plain, ids_ref)
+
+
+def test_router_custom_operator():
+    E, k, n_group, topk_group, top2, softmax, normalise, scale, bias, offset = ROUTERS["v3-rank1"]
+    torch.library.opcheck(torch.ops.dschat.route, (rand(3, E, seed=9), rand(E, seed=10), k, n_group, topk_group,
+                                                   top2, softmax, normalise, scale, offset))
