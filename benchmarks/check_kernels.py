@@ -38,11 +38,13 @@ H100_SMS = 132
 # qk_rope_head_dim, moe_intermediate_size, routed experts, experts per token, dense intermediate_size.
 MODELS = {
     "demo": dict(hidden=256, heads=4, kv_lora=64, rope=16, moe_inter=192, experts=16, top_k=2, inter=1024,
-                 context=1024),
+                 context=1024, router=dict(n_group=1, topk_group=1, top2=False, softmax=True, bias=False)),
     "v2-lite": dict(hidden=2048, heads=16, kv_lora=512, rope=64, moe_inter=1408, experts=64, top_k=6,
-                    inter=10944, context=4096),
+                    inter=10944, context=4096, router=dict(n_group=1, topk_group=1, top2=False, softmax=True,
+                                                           bias=False)),
     "v3": dict(hidden=7168, heads=128, kv_lora=512, rope=64, moe_inter=2048, experts=256, top_k=8,
-               inter=18432, context=4096, fp8=True),
+               inter=18432, context=4096, fp8=True, router=dict(n_group=8, topk_group=4, top2=True,
+                                                                 softmax=False, bias=True)),
 }
 INT4_GROUP = 128  # engine/quant.py's default group size
 PREFILL_ROWS = 512  # the linear kernels also run a prefill chunk (their GEMM tiles)
@@ -111,6 +113,8 @@ def cases(m):
     from dschat.kernels.fp8_moe import moe_experts_fp8_triton
     from dschat.kernels.fused_moe import moe_experts_triton
     from dschat.kernels.mla_decode import mla_decode_triton
+    from dschat.kernels.norm_rope import add_rms_norm_triton, rope_latent_write_triton
+    from dschat.kernels.router import route_triton
     from dschat.kernels.quant_matmul import quant_matmul_triton
     from dschat.kernels.quant_moe import moe_experts_quant_triton
 
@@ -131,6 +135,14 @@ def cases(m):
     yield "mla_decode", lambda: mla_decode_triton(
         meta(1, heads, R), meta(1, heads, P), meta(T + 256, R + P), meta(T, dtype=torch.int64),
         meta(1, dtype=torch.int64), 0.1)
+    yield "add_rms_norm", lambda: add_rms_norm_triton(meta(1, 1, H), meta(1, 1, H), meta(H), 1e-6)
+    yield "rope_latent", lambda: rope_latent_write_triton(
+        meta(1, heads, P), meta(1, R + P), meta(R), 1e-6, meta(1, P // 2, dtype=torch.float32),
+        meta(1, P // 2, dtype=torch.float32), meta(T, R + P), meta(1, dtype=torch.int64))
+    rt = m["router"]
+    yield "router", lambda: route_triton(
+        meta(1, E, dtype=torch.float32), meta(E, dtype=torch.float32) if rt["bias"] else None, k, rt["n_group"],
+        rt["topk_group"], rt["top2"], rt["softmax"], True, 2.5, 0)
     N, K = 2 * m["inter"], H  # the dense MLP's gate_up projection: one token, and a prefill chunk
     for rows in (1, PREFILL_ROWS):
         xs = meta(rows, H)
@@ -144,6 +156,8 @@ def cases(m):
 
 
 KERNEL_NAMES = {"_gate_up_kernel": "moe_gate_up", "_down_kernel": "moe_down", "_mla_split_kernel": "mla_decode",
+                "_mla_merge_kernel": "mla_merge", "_add_rms_norm_kernel": "add_rms_norm",
+                "_rope_latent_kernel": "rope_latent", "_router_kernel": "router",
                 "_quant_matmul_kernel": "quant_matmul", "_fp8_linear_kernel": "fp8_linear"}
 
 

@@ -14,6 +14,7 @@ values for that. A TorchDispatchMode sees every ATen operation:
   * aten_ops_per_token: ATen operations that run a kernel (views and other metadata-only results that share
     their input's storage, and allocations, are left out; a conversion that copies counts);
   * triton_launches_per_token: Triton kernel launches (each counted once, not the operations inside it);
+    triton_kernels: the same by kernel;
   * syncs_per_token: what makes the host wait for the device, or the device for the host: .item(),
     .tolist(), bool()/int() of a tensor, nonzero, unique, masked_select, bincount, repeat_interleave by a
     tensor, and a tensor made from host data (torch.tensor(list): a blocking host-to-device copy);
@@ -195,15 +196,18 @@ def measure(path, counts: Counts, n: int, extra: int) -> dict:
                 counts.on = False
         assert len(out) == tokens
         return sum(counts.ops.values()), sum(counts.launches.values()), sum(counts.syncs.values()), \
-            counts.step_syncs, dict(counts.ops), dict(counts.syncs)
+            counts.step_syncs, dict(counts.ops), dict(counts.syncs), dict(counts.launches)
 
     short, long = run(n), run(n + extra)
     per = [(b - a) / extra for a, b in zip(short[:4], long[:4])]
+    layers = eng.config.num_hidden_layers
     top = sorted(((k, (v - short[4].get(k, 0)) / extra) for k, v in long[4].items()), key=lambda kv: -kv[1])
     syncs = {k: (v - short[5].get(k, 0)) / extra for k, v in long[5].items() if v != short[5].get(k, 0)}
     return {"ops_per_token": per[0] + per[1], "aten_ops_per_token": per[0], "triton_launches_per_token": per[1],
             "syncs_per_token": per[2], "syncs_in_step": per[3],
-            "layers": eng.config.num_hidden_layers, "top_ops": dict(top[:8]), "syncs": syncs}
+            "layers": eng.config.num_hidden_layers, "moe_layers": sum(map(eng.config.is_moe_layer, range(layers))),
+            "q_lora": eng.config.q_lora_rank is not None, "top_ops": dict(top[:8]), "syncs": syncs,
+            "triton_kernels": {k: (v - short[6].get(k, 0)) / extra for k, v in long[6].items()}}
 
 
 def main(argv=None):
