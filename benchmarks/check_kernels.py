@@ -113,7 +113,7 @@ def cases(m):
     from dschat.kernels.fp8_moe import moe_experts_fp8_triton
     from dschat.kernels.fused_moe import moe_experts_triton
     from dschat.kernels.mla_decode import mla_decode_triton
-    from dschat.kernels.norm_rope import add_rms_norm_triton, rope_latent_write_triton
+    from dschat.kernels.norm_rope import add_rms_norm_triton, rope_latent_write_triton, silu_mul_triton
     from dschat.kernels.router import route_triton
     from dschat.kernels.quant_matmul import quant_matmul_triton
     from dschat.kernels.quant_moe import moe_experts_quant_triton
@@ -139,6 +139,7 @@ def cases(m):
     yield "rope_latent", lambda: rope_latent_write_triton(
         meta(1, heads, P), meta(1, R + P), meta(R), 1e-6, meta(1, P // 2, dtype=torch.float32),
         meta(1, P // 2, dtype=torch.float32), meta(T, R + P), meta(1, dtype=torch.int64))
+    yield "silu_mul", lambda: silu_mul_triton(meta(1, 1, m["inter"]), meta(1, 1, m["inter"]))
     rt = m["router"]
     yield "router", lambda: route_triton(
         meta(1, E, dtype=torch.float32), meta(E, dtype=torch.float32) if rt["bias"] else None, k, rt["n_group"],
@@ -157,7 +158,7 @@ def cases(m):
 
 KERNEL_NAMES = {"_gate_up_kernel": "moe_gate_up", "_down_kernel": "moe_down", "_mla_split_kernel": "mla_decode",
                 "_mla_merge_kernel": "mla_merge", "_add_rms_norm_kernel": "add_rms_norm",
-                "_rope_latent_kernel": "rope_latent", "_router_kernel": "router",
+                "_rope_latent_kernel": "rope_latent", "_router_kernel": "router", "_silu_mul_kernel": "silu_mul",
                 "_quant_matmul_kernel": "quant_matmul", "_fp8_linear_kernel": "fp8_linear"}
 
 

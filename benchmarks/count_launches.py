@@ -141,7 +141,8 @@ def force_cuda_dispatch():
 
     swaps = {fused_moe.moe_experts: moe_experts, mla_decode.mla_decode: mla, mla_decode.mla_decode_paged: mla_paged,
              norm_rope.rms_norm: rms_norm, norm_rope.add_rms_norm: norm_rope.add_rms_norm_triton,
-             norm_rope.rope_latent_write: norm_rope.rope_latent_write_triton, router.route: router.route_triton}
+             norm_rope.rope_latent_write: norm_rope.rope_latent_write_triton, router.route: router.route_triton,
+             norm_rope.silu_mul: norm_rope.silu_mul_triton}
     done = set(_FORCED)
     for name, module in list(sys.modules.items()):
         if not name.startswith("dschat.engine") or module is None:

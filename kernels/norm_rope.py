@@ -6,6 +6,7 @@ bound by its launches).
     rms_norm(x, w, eps)               -> w * rmsnorm(x)                               one launch
     rope_latent_write(q_pe, kv, w, eps, cos, sin, cache, slots) -> rope(q_pe)          one launch
         and, as a side effect, cache[slots] = [rmsnorm(kv[:, :r]) * w | rope(kv[:, r:])]
+    silu_mul(gate, up)                -> silu(gate) * up (the SwiGLU MLPs' middle)       one launch
 
 RMSNorm is DeepSeek's: the mean of squares in float32, the normalised row cast back to x's dtype, then
 multiplied by the weight (w * h.to(x.dtype)). RoPE rotates interleaved pairs (x0, x1) of the last dimension
@@ -18,6 +19,7 @@ gradient (training runs the references, which autograd differentiates).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .triton_support import tl, triton
 
@@ -58,6 +60,10 @@ def rope_latent_write_reference(q_pe: torch.Tensor, kv: torch.Tensor, weight: to
     cache[slots] = torch.cat([rms_norm_reference(latent, weight, eps), apply_rope(k_pe, cos, sin)],
                              dim=-1).to(cache.dtype)
     return q_rot
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 # -- Triton -----------------------------------------------------------------------------------------------
@@ -127,6 +133,29 @@ def out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype == weight.dtype else torch.promote_types(x.dtype, weight.dtype)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _silu_mul_kernel(G, U, Out, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        g = tl.load(G + i, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + i, mask=mask, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(Out.dtype.element_ty).to(tl.float32)  # silu rounds, then the product
+        tl.store(Out + i, (s * u).to(Out.dtype.element_ty), mask=mask)
+
+
+SILU_BLOCK = 1024
+
+
+def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    _silu_mul_kernel[(triton.cdiv(n, SILU_BLOCK),)](gate, up, out, n, BLOCK=SILU_BLOCK, num_warps=4)
+    return out
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, x.shape[-1])
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -190,3 +219,10 @@ def rope_latent_write(q_pe, kv, weight, eps: float, cos, sin, cache, slots):
     if _use_triton(q_pe, kv, weight):
         return rope_latent_write_triton(q_pe, kv, weight, eps, cos, sin, cache, slots)
     return rope_latent_write_reference(q_pe, kv, weight, eps, cos, sin, cache, slots)
+
+
+def silu_mul(gate, up):
+    """Triton on CUDA (inference), the reference elsewhere."""
+    if _use_triton(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape:
+        return silu_mul_triton(gate, up)
+    return silu_mul_reference(gate, up)

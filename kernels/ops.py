@@ -12,6 +12,7 @@ and, the operator being opaque to the compiler, breaks no graph; on CUDA they ru
     torch.ops.dschat.rms_norm              norm_rope.rms_norm
     torch.ops.dschat.add_rms_norm          norm_rope.add_rms_norm (the residual add and the norm)
     torch.ops.dschat.rope_latent_write     norm_rope.rope_latent_write (mutates the cache layer)
+    torch.ops.dschat.silu_mul              norm_rope.silu_mul (the SwiGLU's silu(gate) * up)
     torch.ops.dschat.route                 router.route (the MoE router after its linear)
 
 The engine calls the plain Python functions when it runs eagerly (an operator's dispatch costs ~10 us) and
@@ -150,3 +151,13 @@ def route(logits: Tensor, bias: Tensor | None, k: int, n_group: int, topk_group:
 def _(logits, bias, k, n_group, topk_group, top2, softmax, normalise, scale, offset):
     T = logits.shape[0]
     return logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64)
+
+
+@torch.library.custom_op("dschat::silu_mul", mutates_args=())
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    return norm_rope.silu_mul(gate, up)
+
+
+@silu_mul.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)

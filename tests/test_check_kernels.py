@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "check_kernels.py"
 H100_SMS = 132
 KERNELS = {"moe_gate_up/bf16", "moe_down/bf16", "moe_gate_up/int8", "moe_down/int8", "moe_gate_up/int4",
-           "moe_down/int4", "mla_decode", "mla_merge", "add_rms_norm", "rope_latent", "router",
+           "moe_down/int4", "mla_decode", "mla_merge", "add_rms_norm", "rope_latent", "router", "silu_mul",
            "quant_matmul/int8", "quant_matmul/int4", "fp8_linear"}
 FP8_MOE = {"moe_gate_up/fp8", "moe_down/fp8"}  # V3's experts as it ships them (`--fp8 keep`)
 

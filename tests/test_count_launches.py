@@ -39,6 +39,7 @@ def test_counts_per_token_are_positive_and_the_kernels_the_layers_call(tmp_path)
         assert moe == L - 1, r  # the first layer is dense
         assert r["triton_kernels"] == {
             "_add_rms_norm_kernel": 2 * L + 1 + L * r["q_lora"], "_rope_latent_kernel": L, "_mla_split_kernel": L,
-            "_mla_merge_kernel": L, "_router_kernel": moe, "_gate_up_kernel": moe, "_down_kernel": moe}, (model, r)
+            "_mla_merge_kernel": L, "_router_kernel": moe, "_gate_up_kernel": moe, "_down_kernel": moe,
+            "_silu_mul_kernel": L}, (model, r)  # the dense MLP's or the shared experts' silu(gate) * up
         assert r["triton_launches_per_token"] == sum(r["triton_kernels"].values())
     assert first["demo"]["q_lora"] and not first["v2-lite"]["q_lora"]  # both cases are counted

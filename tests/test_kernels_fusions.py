@@ -110,3 +110,15 @@ def test_router_custom_operator():
     E, k, n_group, topk_group, top2, softmax, normalise, scale, bias, offset = ROUTERS["v3-rank1"]
     torch.library.opcheck(torch.ops.dschat.route, (rand(3, E, seed=9), rand(E, seed=10), k, n_group, topk_group,
                                                    top2, softmax, normalise, scale, offset))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_silu_mul_matches_reference(dtype, tol):
+    g, u = rand(1, 3, 1500, seed=11, dtype=dtype), rand(1, 3, 1500, seed=12, dtype=dtype)  # blocks and a tail
+    ref = norm_rope.silu_mul_reference(g, u)
+    out = norm_rope.silu_mul_triton(g, u)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert float((out.float() - ref.float()).abs().max()) < tol * float(ref.float().abs().max())
+    assert torch.equal(norm_rope.silu_mul(g, u), ref)  # the CPU's dispatch
+    torch.library.opcheck(torch.ops.dschat.silu_mul, (g, u))
