@@ -93,6 +93,10 @@ def _load(path: Path):
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.dschat_gemv.argtypes = [P, I64, I64, P, P, P, I, I64, I64, I64, P, I]
     lib.dschat_gemv.restype = I
+    # the same function, called with ctypes values made in advance (no per-argument conversion): gemv's
+    raw = ctypes.CDLL(str(path)).dschat_gemv
+    raw.restype = I
+    lib.dschat_gemv_raw = raw
     lib.dschat_experts.argtypes = [P, I64, P, P, I64, P, P, P, P, P, P, I64, I64, I64, I64, I, I64, P, I]
     lib.dschat_experts.restype = I
     lib.dschat_dequantize.argtypes = [P, P, P, I, I64, I64, I64, I64, P, I]
@@ -179,17 +183,36 @@ def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
     return x.reshape(-1, K).to(torch.float32).contiguous()
 
 
+_C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def _weight_args(w: Packed) -> tuple:
+    """The weight's arguments as ctypes values, made once per Packed (a decode step's calls then convert only
+    x's; ctypes' per-argument conversion is most of a small call's cost). Kept with the tensors they point
+    into, and remade when w's tensors are other objects."""
+    c = w.__dict__.get("_cpu_gemv_args")
+    if c is None or c[0] is not w.data or c[1] is not w.scale or c[2] is not w.zero:
+        _check(w, 0)
+        P, I64, I = _C
+        N, row = w.data.shape
+        args = (P(w.data.data_ptr()), P(w.scale.data_ptr()), P(_ptr(w.zero)), I(w.bits), I64(w.group), I64(N),
+                I64(row))
+        c = (w.data, w.scale, w.zero, N, args)
+        w.__dict__["_cpu_gemv_args"] = c
+    return c
+
+
 def gemv(x: torch.Tensor, w: Packed) -> torch.Tensor:
     """x [..., K] (float32 or bfloat16) -> [..., N] in x's dtype through the kernel (native() must not be None,
     fits(w) hold)."""
     lib = native() if _LIB is _UNSET else _LIB
-    _check(w, 0)
+    _, _, _, N, wargs = _weight_args(w)
     K = x.shape[-1]
     xf = _rows(x, K)
-    N, row = w.data.shape
     y = torch.empty(*x.shape[:-1], N)
-    err = lib.dschat_gemv(xf.data_ptr(), xf.numel() // K, K, w.data.data_ptr(), w.scale.data_ptr(), _ptr(w.zero),
-                          w.bits, w.group, N, row, y.data_ptr(), torch.get_num_threads())
+    P, I64, I = _C
+    err = lib.dschat_gemv_raw(P(xf.data_ptr()), I64(xf.numel() // K), I64(K), *wargs, P(y.data_ptr()),
+                              I(torch.get_num_threads()))
     if err:
         raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
