@@ -76,26 +76,6 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_tui_in_tmux(chat_models, tmp_path):
-    sock, status = f"dschat-test-{os.getpid()}", tmp_path / "status"
-    start(sock, status, "--model", str(chat_models["v3"]), "-t", "0", "-n", "8")
-    try:
-        wait_for(sock, lambda s: "ready" in s)
-        tmux(sock, "send-keys", "-t", "dschat", "-l", "hello from tmux")
-        tmux(sock, "send-keys", "-t", "dschat", "Enter")
-        text = wait_for(sock, lambda s: "Assistant" in s and "ready" in s and "tok/s" in s)
-        assert "hello from tmux" in text
-        tmux(sock, "send-keys", "-t", "dschat", "C-q")
-        assert exit_status(status) == "0", "dschat did not quit on Ctrl+Q"
-    finally:
-        tmux(sock, "kill-server", check=False)
-    conv = Store().latest()
-    assert conv is not None and [m.role for m in conv.messages] == ["user", "assistant"]
-    assert conv.messages[0].content == "hello from tmux"
-    reply = conv.messages[1].content
-    assert reply.split()[0][:8] in text  # what the screen showed is what was saved
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_during_a_tui_reply_keeps_it_and_restores_the_terminal(chat_models, sig, tmp_path):
     sock, status = f"dschat-test-{os.getpid()}-{sig}", tmp_path / "status"
@@ -182,31 +162,6 @@ def test_the_tui_shows_model_output_and_stored_text_without_escape_sequences(cha
     assert Store().latest().messages[-1].content == answer  # saved as generated
 
 
-def test_ctrl_g_composes_the_message_in_the_editor(chat_models, tmp_path):
-    """Ctrl+G hands the terminal to $EDITOR (here a script that rewrites the file it is given, and notes what it
-    saw) on a temporary file seeded with the input; what it leaves comes back into the input, and Enter sends it."""
-    seen = tmp_path / "seen"
-    editor = tmp_path / "editor.sh"
-    editor.write_text(f"#!/bin/sh\ncp \"$1\" {seen}\nprintf 'edited line one\\n  indented two\\n' > \"$1\"\n")
-    editor.chmod(0o755)
-    sock, status = f"dschat-test-{os.getpid()}-editor", tmp_path / "status"
-    start(sock, status, "--model", str(chat_models["v3"]), "-t", "0", "-n", "4", env={"EDITOR": str(editor),
-                                                                                      "VISUAL": ""})
-    try:
-        wait_for(sock, lambda s: "ready" in s)
-        tmux(sock, "send-keys", "-t", "dschat", "-l", "my draft")
-        tmux(sock, "send-keys", "-t", "dschat", "C-g")
-        wait_for(sock, lambda s: "indented two" in s)
-        assert seen.read_text() == "my draft"  # the editor got the input
-        tmux(sock, "send-keys", "-t", "dschat", "Enter")
-        wait_for(sock, lambda s: "Assistant" in s and "tok/s" in s)
-        tmux(sock, "send-keys", "-t", "dschat", "C-q")
-        assert exit_status(status) == "0"
-    finally:
-        tmux(sock, "kill-server", check=False)
-    assert Store().latest().messages[0].content == "edited line one\n  indented two"
-
-
 def test_80_by_24(tmp_path):
     """At 80×24 (a new user's terminal) the header lost the device, the sidebar kept 31 of the 80 columns and
     the footer was cut at "^b Si": now the header keeps "on cpu" (the model's name is what gives way), the
@@ -233,16 +188,28 @@ def test_80_by_24(tmp_path):
         tmux(sock, "kill-server", check=False)
 
 
-def test_alt_keys_reach_the_versions_in_a_real_terminal(chat_models, tmp_path):
-    """Alt+Left/Right, Alt+Up and Alt+E as a terminal sends them (escape sequences through tmux): a regenerated
-    answer shows ‹2/2›, Alt+Left shows the older one (‹1/2›), and Alt+E puts the selected prompt back."""
-    sock, status = f"dschat-test-{os.getpid()}-alt", tmp_path / "status"
-    start(sock, status, "--model", str(chat_models["v3"]), "-t", "1.0", "--seed", "3", "-n", "3")
+def test_a_chat_in_tmux_with_the_editor_and_the_alt_keys(chat_models, tmp_path):
+    """One session (a TUI start costs seconds) of what a real terminal sends: typed text; Ctrl+G hands the terminal
+    to $EDITOR (a script that notes what it was given and rewrites it) on a temporary file seeded with the input,
+    and what it leaves comes back into the input; Enter sends it and the reply streams; Ctrl+R regenerates
+    (‹2/2›), Alt+Left shows the older answer (‹1/2›), Alt+Up and Alt+E put the selected prompt back in the input
+    (these as escape sequences through tmux); Ctrl+Q quits with 0; the conversation is in the history as shown."""
+    seen = tmp_path / "seen"
+    editor = tmp_path / "editor.sh"
+    editor.write_text(f"#!/bin/sh\ncp \"$1\" {seen}\nprintf 'edited line one\\n  indented two\\n' > \"$1\"\n")
+    editor.chmod(0o755)
+    sock, status = f"dschat-test-{os.getpid()}-chat", tmp_path / "status"
+    start(sock, status, "--model", str(chat_models["v3"]), "-t", "0", "-n", "8", env={"EDITOR": str(editor),
+                                                                                      "VISUAL": ""})
     try:
         wait_for(sock, lambda s: "ready" in s)
-        tmux(sock, "send-keys", "-t", "dschat", "-l", "question one")
+        tmux(sock, "send-keys", "-t", "dschat", "-l", "hello from tmux")
+        tmux(sock, "send-keys", "-t", "dschat", "C-g")
+        wait_for(sock, lambda s: "indented two" in s)
+        assert seen.read_text() == "hello from tmux", "the editor did not get the typed input"
         tmux(sock, "send-keys", "-t", "dschat", "Enter")
-        wait_for(sock, lambda s: "Assistant" in s and "ready" in s and "tok/s" in s)  # saved: Ctrl+R may go
+        text = wait_for(sock, lambda s: "Assistant" in s and "ready" in s and "tok/s" in s)  # saved: Ctrl+R may go
+        assert "edited line one" in text and "indented two" in text, "the edited message was not sent as shown"
         tmux(sock, "send-keys", "-t", "dschat", "C-r")
         wait_for(sock, lambda s: "Assistant  ‹2/2›" in s and "ready" in s)
         tmux(sock, "send-keys", "-t", "dschat", "M-Left")
@@ -250,10 +217,13 @@ def test_alt_keys_reach_the_versions_in_a_real_terminal(chat_models, tmp_path):
         tmux(sock, "send-keys", "-t", "dschat", "M-Up")
         tmux(sock, "send-keys", "-t", "dschat", "M-Up")
         tmux(sock, "send-keys", "-t", "dschat", "M-e")
-        wait_for(sock, lambda s: "Assistant" not in s and "question one" in s)  # back in the input only
+        wait_for(sock, lambda s: "Assistant" not in s and "edited line one" in s)  # back in the input only
         tmux(sock, "send-keys", "-t", "dschat", "C-q")
-        assert exit_status(status) == "0"
+        assert exit_status(status) == "0", "dschat did not quit on Ctrl+Q"
     finally:
         tmux(sock, "kill-server", check=False)
     conv = Store().latest()
-    assert len(Store().siblings(conv.messages[1].id)) == 2
+    assert conv is not None and [m.role for m in conv.messages] == ["user", "assistant"]
+    assert conv.messages[0].content == "edited line one\n  indented two"  # what the editor left, sent
+    first, second = Store().siblings(conv.messages[1].id)  # the regenerated answer beside the first
+    assert first.content.split()[0][:8] in text  # what the screen showed is what was saved
