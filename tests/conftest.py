@@ -43,6 +43,28 @@ torch.set_num_threads(_threads)
 os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
 
 
+# Under pytest-xdist (the README's `-n 2`; pyproject's addopts choose `--dist loadgroup`) tests are handed out one by
+# one, except those that share a module-scoped fixture (a torchrun of two ranks, a loaded model, a running server):
+# they go to one worker together, so the fixture is built once rather than once on each worker. And the slowest
+# modules (end-to-end runs: processes, terminals, training, benchmarks) go first, so that the run does not end
+# with one worker still busy on a long test while the other is idle.
+SLOW_FIRST = ("test_training", "test_benchmarks", "test_reuse_and_speculation", "test_tensor_parallel",
+              "test_concurrent_turns", "test_dependencies", "test_demo", "test_system_changes", "test_hub_download",
+              "test_count_launches", "test_tui_e2e", "test_signals", "test_pipe_mode", "test_conversations",
+              "test_linemode", "test_terminal_text", "test_history_unwritable", "test_fim_files", "test_fim")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        shared = defs and any(fd[-1].scope == "module" for fd in defs.name2fixturedefs.values() if fd)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(getattr(item.module, "__name__", ""), len(rank)))  # stable: else as collected
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("home")

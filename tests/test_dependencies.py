@@ -12,32 +12,36 @@ import sys
 
 from dschat.dev.install import closure, distributions_of_modules
 
-# Runs dschat's entry point, then prints the top-level modules it imported that were not there at start-up.
+# Runs dschat's entry point once for each argument list (a chat, then its continuation: one process, as each
+# start costs seconds), then prints the top-level modules they imported that were not there at start-up.
 PROBE = r"""
 import io, json, sys
 before = {m.split(".")[0] for m in sys.modules}
-sys.stdin = io.TextIOWrapper(io.BytesIO(b"hi\n"), encoding="utf-8")
 from dschat.cli.main import main
-try:
-    main(sys.argv[1:])
-except SystemExit as e:
-    code = e.code
+codes = []
+for args in json.loads(sys.argv[1]):
+    sys.stdin = io.TextIOWrapper(io.BytesIO(b"hi\n"), encoding="utf-8")
+    try:
+        main(args)
+        codes.append(0)
+    except SystemExit as e:
+        codes.append(e.code)
 after = {m.split(".")[0] for m in sys.modules}
-sys.__stdout__.write("\nMODULES " + json.dumps([code, sorted(after - before)]) + "\n")
+sys.__stdout__.write("\nMODULES " + json.dumps([codes, sorted(after - before)]) + "\n")
 """
 
 
-def imported_by(args) -> set[str]:
-    r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=180,
+def imported_by(*runs: list[str]) -> set[str]:
+    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(runs)], capture_output=True, text=True, timeout=180,
                        env=os.environ)
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("MODULES "))
-    code, modules = json.loads(line[len("MODULES "):])
-    assert code in (0, None), r.stderr
+    codes, modules = json.loads(line[len("MODULES "):])
+    assert all(code in (0, None) for code in codes) and len(codes) == len(runs), r.stderr
     return set(modules)
 
 
 def test_what_a_chat_imports_is_declared():
-    modules = imported_by(["-n", "4"]) | imported_by(["-c", "-n", "4"])
+    modules = imported_by(["-n", "4"], ["-c", "-n", "4"])
     third_party = {m for m in modules
                    if m not in sys.stdlib_module_names and not m.startswith("_") and m != "dschat"}
     assert "torch" in third_party and "safetensors" in third_party  # the probe saw the run
