@@ -75,7 +75,9 @@ def notes(r) -> list[str]:
     return [line for line in r.stderr.decode().splitlines() if line.startswith("Downloading ")]
 
 
-def test_show_prompt_fetches_only_the_tokenizer(hub, chat_models):
+def test_show_prompt_fetches_only_the_tokenizer_and_a_download_says_what_it_fetches(hub, chat_models):
+    """One hub, three runs in turn: --show-prompt fetches the tokenizer's files only (and says so), again fetches
+    and says nothing, and a chat then downloads the rest, saying what it fetches."""
     server, env = hub
     r = run(["--model", REPO, "--show-prompt"], stdin="hello", env=env)
     assert r.returncode == 0, r.stderr
@@ -85,12 +87,8 @@ def test_show_prompt_fetches_only_the_tokenizer(hub, chat_models):
     assert notes(r) == [f"Downloading {REPO} (its tokenizer) from the Hugging Face hub: 2 files, {size / 1e6:.1f} MB"]
     # and again: it is cached now, nothing more is fetched or said
     r = run(["--model", REPO, "--show-prompt"], stdin="hello", env=env)
-    assert r.returncode == 0 and len(server.fetched) == 2 and r.stderr == b""
-
-
-def test_a_download_says_what_it_fetches(hub, chat_models):
-    server, env = hub
-    r = run(["--model", REPO, "--show-prompt"], stdin="hello", env=env)  # the tokenizer is cached first
+    assert r.returncode == 0 and len(server.fetched) == 2 and r.stderr == b"", "a cached tokenizer was fetched again"
+    # a chat: the tokenizer is cached, the rest is downloaded
     r = run(["--model", REPO, "-t", "0", "-n", "3", "--no-save", "hi"], stdin=None, env=env)
     assert r.returncode == 0, r.stderr
     cached = ("tokenizer.json", "tokenizer_config.json")
