@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
 import torch
 from helpers import run
 
@@ -22,13 +23,19 @@ def test_shipped_weights_match_their_recorded_checksums():
     assert sum(p.stat().st_size for p in DEMO_DIR.iterdir()) <= MAX_SHIPPED_MB * 2**20
 
 
-def test_it_is_a_v3_architecture_model_with_mtp():
+@pytest.fixture(scope="module")
+def demo_mtp():
+    """The demo loaded by the production path, with its MTP drafter (two tests use it)."""
+    return Engine.from_pretrained(DEMO_DIR, dtype=torch.float32, speculative="mtp")
+
+
+def test_it_is_a_v3_architecture_model_with_mtp(demo_mtp):
     cfg = json.loads((DEMO_DIR / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v3" and cfg["num_nextn_predict_layers"] == 1
     assert cfg["scoring_func"] == "sigmoid" and cfg["topk_method"] == "noaux_tc" and cfg["first_k_dense_replace"] >= 1
     tok_cfg = json.loads((DEMO_DIR / "tokenizer_config.json").read_text())
     assert "<｜User｜>" in tok_cfg["chat_template"] and "<｜Assistant｜>" in tok_cfg["chat_template"]
-    eng = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32, speculative="mtp")
+    eng = demo_mtp
     assert len(eng.model.mtp) == 1
     assert eng.tokenizer.fim is not None and len(eng.tokenizer) <= 8192
 
@@ -52,8 +59,8 @@ def test_fim_with_the_demo(tmp_path):
     assert json.loads(r.stdout)["stop_reason"] in ("stop", "suffix", "length")
 
 
-def test_mtp_drafts_are_accepted_and_lossless():
-    spec = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32, speculative="mtp")
+def test_mtp_drafts_are_accepted_and_lossless(demo_mtp):
+    spec = demo_mtp
     plain = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32, speculative="none")
     tok = spec.tokenizer
     ids = [tok.bos_token_id] + tok.encode("import os\nimport sys\n\n\ndef main(argv=None):\n    ")
