@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pexpect
-from helpers import PROMPT, answer, ask, make_app, ready, run, send, spawn
+from helpers import PROMPT, answer, ask, call, make_app, ready, send, spawn
 
 from dschat.history.store import Store
 
@@ -34,13 +34,13 @@ def roles(data: dict) -> list[tuple[str, str]]:
 
 def test_export_import_and_replay_place_a_mid_chat_system_prompt(chat_models, tmp_path):
     cid = chat_with_a_change(chat_models["v3"], "Be brief.")
-    r = run(["export", cid])
+    r = call(["export", cid])
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["system"] == "Be brief."  # what the next turn uses
     assert roles(data) == [("system", ""), ("user", "first question"), ("assistant", ""),
                            ("system", "Be brief."), ("user", "question 2"), ("assistant", "")]
-    md = run(["export", cid, "--format", "md"]).stdout.decode()
+    md = call(["export", cid, "--format", "md"]).stdout.decode()
     first, second = md.index("## User\n\nfirst question"), md.index("## User\n\nquestion 2")
     change = md.index("## System prompt changed")
     assert "## System\n" not in md[:first]  # it began without one
@@ -48,9 +48,9 @@ def test_export_import_and_replay_place_a_mid_chat_system_prompt(chat_models, tm
 
     # import keeps it: the imported conversation exports the same
     (tmp_path / "chat.json").write_bytes(r.stdout)
-    r2 = run(["import", str(tmp_path / "chat.json")])
+    r2 = call(["import", str(tmp_path / "chat.json")])
     assert r2.returncode == 0, r2.stderr
-    again = json.loads(run(["export", Store().latest().id]).stdout)
+    again = json.loads(call(["export", Store().latest().id]).stdout)
     assert roles(again) == roles(data) and again["system"] == "Be brief."
 
     # replay renders each turn under the prompt it ran under: without the saved ids (rendered from the text),
@@ -58,7 +58,7 @@ def test_export_import_and_replay_place_a_mid_chat_system_prompt(chat_models, tm
     for m in data["messages"]:
         m.pop("token_ids", None)
     (tmp_path / "text.json").write_text(json.dumps(data))
-    r3 = run(["replay", str(tmp_path / "text.json"), "--compare", "--model", str(chat_models["v3"]), "-n", "3"])
+    r3 = call(["replay", str(tmp_path / "text.json"), "--compare", "--model", str(chat_models["v3"]), "-n", "3"])
     out = r3.stdout.decode()
     assert r3.returncode == 0, out + r3.stderr.decode()
     assert "2 of 2 turns unchanged" in out and out.index("system prompt changed") < out.index("user (2)")
@@ -71,7 +71,7 @@ def test_a_prompt_never_changed_exports_as_before(chat_models):
     ask(p, "only question")
     p.sendline("/exit")
     p.expect(pexpect.EOF)
-    data = json.loads(run(["export", Store().latest().id]).stdout)
+    data = json.loads(call(["export", Store().latest().id]).stdout)
     assert data["system"] == "Be kind." and [m["role"] for m in data["messages"]] == ["user", "assistant"]
 
 
