@@ -13,7 +13,7 @@ from dschat.engine import Engine, SamplingParams
 from dschat.engine import static as static_mod
 from dschat.engine.static import CompileWarning, StaticDecoder, choose_mode, decode_step
 
-from helpers import assert_clean_error, run
+from helpers import assert_clean_error, call
 
 
 def prompt(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
@@ -169,11 +169,11 @@ def test_compile_choice(monkeypatch, tmp_path):
 
 
 def test_compile_flag_and_setting_are_checked(tmp_path):
-    r = run(["--compile", "sometimes", "-n", "1"], stdin="hi")  # argparse's usage, then its one error line
+    r = call(["--compile", "sometimes", "-n", "1"], stdin="hi")  # argparse's usage, then its one error line
     assert r.returncode == 2 and "dschat: error: argument --compile: invalid choice" in r.stderr.decode()
     (tmp_path / "dschat").mkdir()
     (tmp_path / "dschat" / "config.toml").write_text('compile = "sometimes"\n')
-    r = run(["-n", "1"], stdin="hi", env={"XDG_CONFIG_HOME": str(tmp_path)})
+    r = call(["-n", "1"], stdin="hi", env={"XDG_CONFIG_HOME": str(tmp_path)})
     assert_clean_error(r, "compile")
 
 
