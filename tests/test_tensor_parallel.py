@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import free_port, run, run_ranks
+from helpers import call, free_port, run_ranks
 from dschat.dev import tiny_checkpoints as tc
 import torch
 
@@ -57,7 +57,7 @@ def test_dschat_under_torchrun_answers_like_one_process_and_saves_once(chat_mode
     args = ["--model", str(chat_models["v3"]), "-t", "0", "-n", "12"]
     r = torchrun_dschat(args, "What is MLA?")
     assert r.returncode == 0, r.stderr[-2000:]
-    single = run(args, stdin="What is MLA?")
+    single = call(args, stdin="What is MLA?")  # one process: this one (the entry point; the same output as a run)
     assert single.returncode == 0
     assert r.stdout == single.stdout.decode() and r.stdout.strip()
     convs = Store().list()
