@@ -31,5 +31,8 @@ def test_int4_load_peak_is_near_the_int4_weights(expert_heavy):
     bf16 = sum(f.stat().st_size for f in expert_heavy.glob("*.safetensors"))
     assert 1.3 * weights < 0.7 * bf16  # the bound is well below the bf16 model (the float32 one is twice that)
     assert peak is not None and stats["load_peak_ratio"] == round(peak / weights, 3)
-    assert weights * 0.9 <= peak <= 1.3 * weights, stats
+    # 1.3x the weights, plus what the allocator and the libraries touch during any load whatever its size: at
+    # these 122 MB the ratio alone ran 1.25-1.35 from run to run (1.08 at V2-Lite's 1.42 GB, docs/models.md);
+    # without reading tensor by tensor it was 3.36
+    assert weights * 0.9 <= peak <= 1.3 * weights + 40 * 2**20, stats
     assert stats["peak_host_bytes"] >= peak
