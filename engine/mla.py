@@ -18,13 +18,12 @@ from torch import nn
 
 from ..kernels import ops
 from ..kernels.mla_decode import mla_decode, mla_decode_paged
-from ..kernels.norm_rope import rope_latent_write
+from ..kernels.norm_rope import apply_rope, rope_latent_write
 
 from . import dist
 from .config import ModelConfig
 from .layers.linear import Linear
 from .layers.norm import RMSNorm
-from .layers.rotary import apply_rope
 from .step import Positions, Step
 
 # Up to this many new tokens per forward pass, attention runs absorbed over the latent cache;

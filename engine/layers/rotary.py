@@ -1,4 +1,5 @@
-"""Rotary position embedding with YaRN's frequency correction, in DeepSeek's interleaved layout."""
+"""Rotary position embedding with YaRN's frequency correction, in DeepSeek's interleaved layout: the angles
+(cos, sin) for positions; kernels/norm_rope.py rotates by them (apply_rope, and fused with the cache write)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 import torch
 from torch import nn
 
-from ...kernels.norm_rope import apply_rope  # noqa: F401 - the engine's RoPE (kernels/ fuses it)
 from ..config import ModelConfig, yarn_mscale
 
 
