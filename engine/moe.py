@@ -105,10 +105,8 @@ class Experts(nn.Module):
         """x [T,H], ids [T,k] indices into this stack (others contribute zero), weights [T,k] -> [T,H]."""
         if self.w13_scale is None:
             return ops.traced(torch.ops.dschat.moe_experts, moe_experts)(x, self.w13, self.w2, ids, weights)
-        args = (x, self.w13, self.w13_scale, self.w2, self.w2_scale, ids, weights)
-        if torch.compiler.is_compiling():  # the operator (ops.traced's choice, with the block as two ints)
-            return torch.ops.dschat.moe_experts_fp8(*args, *self.block)
-        return moe_experts_fp8(*args, self.block)
+        return ops.traced(torch.ops.dschat.moe_experts_fp8, moe_experts_fp8)(
+            x, self.w13, self.w13_scale, self.w2, self.w2_scale, ids, weights, list(self.block))
 
 
 class QuantExperts(nn.Module):

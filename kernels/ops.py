@@ -63,12 +63,12 @@ def _(x, w13, w2, ids, weights):
 
 @torch.library.custom_op("dschat::moe_experts_fp8", mutates_args=())
 def moe_experts_fp8(x: Tensor, w13: Tensor, s13: Tensor, w2: Tensor, s2: Tensor, ids: Tensor, weights: Tensor,
-                    block_n: int, block_k: int) -> Tensor:
-    return fp8_moe.moe_experts_fp8(x, w13, s13, w2, s2, ids, weights, (block_n, block_k))
+                    block: list[int]) -> Tensor:
+    return fp8_moe.moe_experts_fp8(x, w13, s13, w2, s2, ids, weights, tuple(block))
 
 
 @moe_experts_fp8.register_fake
-def _(x, w13, s13, w2, s2, ids, weights, block_n, block_k):
+def _(x, w13, s13, w2, s2, ids, weights, block):
     return torch.empty_like(x)
 
 
