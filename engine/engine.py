@@ -36,7 +36,7 @@ from . import files
 
 PREFILL_CHUNK = 1024
 PAGE_SIZE = 64
-SPECULATIVE = ("mtp", "ngram", "none")
+SPECULATIVE = ("auto", "mtp", "ngram", "none")
 
 
 def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -52,11 +52,9 @@ def _parse_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def default_speculative(cfg: ModelConfig, device: torch.device) -> str:
-    """Speculation only where it pays (benchmarks/bench_decode.py): on a GPU a forward pass over 1+K tokens
-    costs about what one token does, so MTP (or n-gram lookup without MTP weights) drafts; on the CPU
-    verifying costs nearly K+1 times one token and the demo model decodes faster plainly."""
-    if device.type != "cuda":
-        return "none"
+    """The drafter `speculative="auto"` tries: MTP where the checkpoint has the module, n-gram lookup otherwise.
+    On a GPU a forward pass over 1+K tokens costs about what one token does, so it drafts; on the CPU
+    Engine.from_pretrained measures whether it pays for the loaded model (engine/speculation_choice.py)."""
     return "mtp" if cfg.num_nextn_predict_layers else "ngram"
 
 
@@ -106,8 +104,11 @@ class Engine:
                         progress: Progress | None = None, fp8: str = "dequant",
                         quant: str | None = None, threads: int | None = None,
                         compile: str = "auto") -> "Engine":
-        """Load a checkpoint. speculative: "mtp" (V3's draft module), "ngram" (prompt lookup) or "none";
-        by default MTP where the checkpoint has it and n-gram otherwise on a GPU, none on the CPU. draft_tokens: tokens proposed per
+        """Load a checkpoint. speculative: "mtp" (V3's draft module), "ngram" (prompt lookup), "none", or "auto"
+        (the default): MTP where the checkpoint has it, else n-gram lookup, on a GPU; on the CPU that drafter
+        only where it pays for this model, by measurement at load (engine/speculation_choice.py: the verify
+        cost and, for MTP, its acceptance; remembered in the cache directory; reported in load_stats
+        ["speculative"], ["verify_cost"], ...; several ranks: none). draft_tokens: tokens proposed per
         step (default 1 for MTP, 4 for n-gram). fp8: "dequant" (FP8 block weights become `dtype` on load)
         or "keep" (they stay FP8 in memory, half of bf16, and are dequantised as each layer runs).
         quant: "int8" or "int4" weights (see engine/quant.py), quantized as they load; a directory written
@@ -139,7 +140,8 @@ class Engine:
             if qspec is not None and qspec.bits != saved.bits:
                 raise ModelError(f"{root}: already quantized to {saved.name}; it cannot load as {qspec.name}")
             qspec = saved
-        if speculative is None:
+        auto = speculative is None or speculative == "auto"
+        if auto:
             speculative = default_speculative(cfg, device)
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}")
@@ -161,6 +163,9 @@ class Engine:
         eng = cls(model, cfg, root, device, dtype, cache_gb, speculative, draft_tokens,
                   qspec.name if qspec else None, compile)
         eng.load_stats = memory_report(model, device, load_peak)
+        if auto and device.type != "cuda":
+            eng.load_stats.update(eng._choose_speculation())
+        eng.load_stats["speculative"] = eng.speculative
         eng.load_stats["bytes_per_token"] = bytes_per_token(model)
         eng.load_stats["threads"] = torch.get_num_threads()
         eng.load_stats["decode_step"] = eng.static.mode if eng.static is not None else "plain"
@@ -168,6 +173,22 @@ class Engine:
         if eng.static is not None and eng.static.mode == "cuda-graph":
             eng.load_stats["graph_bytes"] = eng.static.graph_bytes
         return eng
+
+    def _choose_speculation(self) -> dict:
+        """speculative="auto" off a GPU: keep the drafter only where it pays here, by measurement."""
+        if dist.world_size() > 1:  # ranks timing apart could choose apart, and then wait on each other
+            self.speculative = "none"
+            return {}
+        from .speculation_choice import choose
+
+        try:
+            choice, figures = choose(self, self.speculative, self.draft_tokens)
+        except Exception as e:  # a probe that fails must not fail the load: plain decoding is always right
+            warnings.warn(f"could not measure whether speculation pays ({type(e).__name__}: {e}); decoding "
+                          "without it", RuntimeWarning, stacklevel=3)
+            choice, figures = "none", {}
+        self.speculative = choice
+        return figures
 
     def _make_cache(self, cache_gb: float | None) -> LatentCache:
         n_layers = self.model.n_cached_layers

@@ -176,14 +176,62 @@ def test_context_window_is_enforced(engines):
         eng.generate([0, 99999], SamplingParams())
 
 
-def test_speculation_by_default_only_on_a_gpu(checkpoints):
+def test_speculation_by_default_on_a_gpu_and_by_measurement_on_the_cpu(checkpoints):
+    from dschat.engine import speculation_choice as sc
     from dschat.engine.engine import default_speculative
 
     v3, v2 = (ModelConfig.from_file(checkpoints[n] / "config.json") for n in ("v3", "v2"))
     assert default_speculative(v3, torch.device("cuda")) == "mtp"
     assert default_speculative(v2, torch.device("cuda")) == "ngram"
     eng = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32)
-    assert eng.speculative == "none" and len(eng.model.mtp) == 0  # the MTP weights are not even loaded
+    s = eng.load_stats
+    # measured: a 1+1 pass and a drafting step cost something, and random weights draft nothing the model keeps
+    assert s["candidate"] == "mtp" and s["verify_cost"] > 0 and s["draft_cost"] > 0 and s["speculation_probe_s"] > 0
+    assert s["draft_acceptance"] < 0.5 and s["acceptance_measured"] is True
+    assert eng.speculative == s["speculative"] == "none"
+    assert sc.cache_file().exists()
+    again = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32)  # remembered: nothing measured
+    assert again.load_stats["speculation_probe_s"] == 0.0 and again.load_stats["verify_cost"] == s["verify_cost"]
+    ng = Engine.from_pretrained(checkpoints["v2"], dtype=torch.float32, speculative="auto")
+    assert ng.load_stats["candidate"] == "ngram" and ng.load_stats["draft_acceptance"] == sc.NGRAM_ACCEPT
+    assert ng.speculative == ("ngram" if sc.pays(sc.NGRAM_ACCEPT, 4, ng.load_stats["verify_cost"]) else "none")
+    explicit = Engine.from_pretrained(checkpoints["v2"], dtype=torch.float32, speculative="none")
+    assert "verify_cost" not in explicit.load_stats and explicit.load_stats["speculative"] == "none"
+
+
+def test_speculation_is_chosen_where_it_pays():
+    from dschat.engine.speculation_choice import expected_tokens, pays
+
+    assert expected_tokens(0.5, 2) == 1.75 and expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 3) == 4.0
+    assert pays(0.85, 1, 1.05, 0.1)  # a GPU-like pass: 1.85 tokens for 1.15 steps
+    assert not pays(0.57, 1, 1.45, 0.4)  # the demo model on a CPU: 1.57 tokens for 1.85 steps
+    assert not pays(0.6, 4, 3.38)  # V2-Lite shapes in int4 on a CPU, 1+4 lookup: 2.31 tokens for 3.38 steps
+    assert pays(0.6, 4, 1.5) and not pays(0.6, 4, 2.2)  # the margin: 2.31 tokens need a pass under 2.1 steps
+
+
+def test_a_failed_speculation_probe_decodes_plainly(checkpoints, monkeypatch):
+    from dschat.engine import speculation_choice as sc
+
+    def broken(*a, **k):
+        raise RuntimeError("probe broke")
+
+    monkeypatch.setattr(sc, "measure_cost", broken)
+    with pytest.warns(RuntimeWarning, match="probe broke"):
+        eng = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32)
+    assert eng.speculative == "none" and list(eng.generate(prompt(5), SamplingParams(max_tokens=3)))
+    assert not sc.cache_file().exists()  # nothing remembered from a failed probe
+
+
+def test_speculation_chosen_by_measurement_decodes_the_same_tokens(checkpoints, monkeypatch):
+    from dschat.engine import speculation_choice as sc
+
+    plain = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32, speculative="none")
+    want = list(plain.generate(prompt(9), SamplingParams(max_tokens=12)))
+    monkeypatch.setattr(sc, "MARGIN", 0.0)  # any cost pays: the measured choice keeps the drafter
+    eng = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32)
+    assert eng.speculative == "mtp" and eng.load_stats["speculative"] == "mtp"
+    g = eng.generate(prompt(9), SamplingParams(max_tokens=12))
+    assert list(g) == want and g.stats.draft_tokens > 0
 
 
 def test_stats_after_generate(engines):

@@ -39,9 +39,10 @@ def add_model_options(p: argparse.ArgumentParser):
                         "`auto` and `on` capture it in CUDA graphs at load")
     g.add_argument("--cache-gb", type=float, default=None, metavar="GB",
                    help="size of the latent KV cache pool (default: a share of free memory)")
-    g.add_argument("--speculative", choices=["mtp", "ngram", "none"], default=None,
-                   help="draft tokens with V3's MTP module or by prompt lookup (default on a GPU: mtp when "
-                        "the model has it, else ngram; none on the CPU, where drafting does not pay)")
+    g.add_argument("--speculative", choices=["auto", "mtp", "ngram", "none"], default=None,
+                   help="draft tokens with V3's MTP module or by prompt lookup; `auto` (default): mtp when the "
+                        "model has it, else ngram, on a GPU; on the CPU only where it pays for the model, "
+                        "measured at its first load (--stats shows the figures)")
     g.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens drafted per step")
 
 
