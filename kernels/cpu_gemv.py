@@ -35,8 +35,10 @@ from .quant_format import SYMMETRIC_ZERO, Packed, dequantize
 
 QK = 32  # activation block
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+SOURCE_BF16 = Path(__file__).with_name("cpu_gemv_bf16.cpp")  # bfloat16 weights (cpu_bf16.py), in the same library
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 ABI = 2  # cpu_gemv.cpp's dschat_abi_version()
+ABI_BF16 = 1  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
 
 
 def cache_dir() -> Path:
@@ -88,7 +90,7 @@ def compiler() -> str | None:
 
 def _load(path: Path):
     lib = ctypes.CDLL(str(path))
-    if lib.dschat_abi_version() != ABI:
+    if lib.dschat_abi_version() != ABI or lib.dschat_bf16_abi_version() != ABI_BF16:
         raise OSError("a library of another version")
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.dschat_gemv.argtypes = [P, I64, I64, P, P, P, I, I64, I64, I64, P, I]
@@ -110,7 +112,7 @@ def _build():
     why = cpu_supported()
     if why:
         return None, why
-    src = SOURCE.read_text()
+    src = SOURCE.read_text() + "\0" + SOURCE_BF16.read_text()
     cxx = compiler()
     gomp = torch_libgomp()
     name = _key(src, cxx or "", gomp)
@@ -131,7 +133,7 @@ def _build():
         _say("building the CPU int8/int4 kernels (once; a few seconds) ...")
         with tempfile.TemporaryDirectory(dir=d) as tmp:
             out = Path(tmp) / so.name
-            r = subprocess.run([cxx, *FLAGS, str(SOURCE), *link, "-o", str(out)], capture_output=True, text=True,
+            r = subprocess.run([cxx, *FLAGS, str(SOURCE), str(SOURCE_BF16), *link, "-o", str(out)], capture_output=True, text=True,
                                timeout=600)
             if r.returncode != 0:
                 lines = [x for x in (r.stderr or r.stdout).splitlines() if x.strip()]
@@ -149,7 +151,7 @@ def native():
         lib, why = _build()
         _LIB = lib
         if why and why != "DSCHAT_CPU_GEMV=0":
-            _say(f"note: {why}; packed int8/int4 weights run through PyTorch's slower kernels")
+            _say(f"note: {why}; packed int8/int4 and bfloat16 weights run through PyTorch's slower kernels")
     return _LIB
 
 

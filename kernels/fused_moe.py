@@ -16,7 +16,8 @@ Three implementations of the same function:
     on block-scaled FP8 ones.
   * `moe_experts_loop`: the host picks the experts (`.tolist()`, free on the CPU) and runs each on views of
     the stack, copying no weights: the fastest on the CPU, and never used on CUDA.
-`moe_experts` picks Triton for CUDA tensors and the loop on the CPU.
+`moe_experts` picks Triton for CUDA tensors and the loop on the CPU; bfloat16 stacks on the CPU run
+cpu_bf16.py's kernels (`moe_experts_bf16_cpu`, the loop's function and roundings).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_bf16
 from .triton_support import tl, triton
 
 if triton is not None:
@@ -202,4 +204,20 @@ def moe_experts(x, w13, w2, ids, weights):
         if ids.shape[0] <= GATHER_MAX_TOKENS:
             return moe_experts_triton(x, w13, w2, ids, weights)
         return _grouped(x, w13, w2, ids, weights)
+    if cpu_bf16.stacks_fit(x, w13, w2):  # bfloat16 on the CPU: dschat's kernel, not PyTorch's generic matmul
+        return moe_experts_bf16_cpu(x, w13, w2, ids, weights)
     return moe_experts_loop(x, w13, w2, ids, weights)
+
+
+def moe_experts_bf16_cpu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
+                         weights: torch.Tensor) -> torch.Tensor:
+    """moe_experts_loop's function over bfloat16 stacks through cpu_bf16.py's kernels: one token in one call
+    (its chosen experts' rows only), more tokens expert by expert."""
+    if ids.shape[0] == 1:
+        return cpu_bf16.experts(x, ids[0], weights[0], w13, w2)
+
+    def expert(e, xs):
+        gate, up = cpu_bf16.linear(xs, w13[e]).chunk(2, dim=-1)
+        return cpu_bf16.linear(F.silu(gate) * up, w2[e])
+
+    return routed_sum(x, ids, weights, w13.shape[0], expert)

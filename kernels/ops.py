@@ -9,6 +9,7 @@ and, the operator being opaque to the compiler, breaks no graph; on CUDA they ru
     torch.ops.dschat.moe_experts_int4_cpu  quant_cpu.moe_experts_cpu over int4 stacks (PyTorch's int4 layout)
     torch.ops.dschat.moe_experts_packed_cpu  quant_cpu.moe_experts_cpu over stacks as stored (cpu_gemv's)
     torch.ops.dschat.matmul_packed_cpu     quant_cpu.matmul_cpu over a weight as stored (cpu_gemv's)
+    torch.ops.dschat.linear_bf16_cpu       cpu_bf16.linear_or_torch (a bfloat16 Linear on the CPU)
     torch.ops.dschat.rms_norm              norm_rope.rms_norm
     torch.ops.dschat.add_rms_norm          norm_rope.add_rms_norm (the residual add and the norm)
     torch.ops.dschat.rope_latent_write     norm_rope.rope_latent_write (mutates the cache layer)
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import fp8_moe, fused_moe, mla_decode, norm_rope, quant_cpu, router
+from . import cpu_bf16, fp8_moe, fused_moe, mla_decode, norm_rope, quant_cpu, router
 from .quant_format import Packed
 
 
@@ -161,3 +162,13 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 @silu_mul.register_fake
 def _(gate, up):
     return torch.empty_like(gate)
+
+
+@torch.library.custom_op("dschat::linear_bf16_cpu", mutates_args=())
+def linear_bf16_cpu(x: Tensor, w: Tensor) -> Tensor:
+    return cpu_bf16.linear_or_torch(x, w)
+
+
+@linear_bf16_cpu.register_fake
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.shape[0])

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels import cpu_bf16, ops
 from ...kernels.fp8_matmul import dequantize_fp8, fp8_linear
 
 from .. import dist
@@ -17,7 +18,9 @@ class Linear(nn.Module):
     parallelism cuts it: "col" splits the output features, "row" the input features. The weight may stay
     in FP8 with its block scales (`scale`, `block`): then it is read as FP8 (kernels/fp8_matmul.py: a Triton
     kernel that dequantises in registers on CUDA, dequantise-then-matmul elsewhere). may_stay_fp8=False: a
-    weight read whole elsewhere (MLA's kv_b_proj) is always dequantised."""
+    weight read whole elsewhere (MLA's kv_b_proj) is always dequantised. A bfloat16 weight on the CPU (one
+    rank) runs kernels/cpu_bf16.py's kernel: PyTorch's bfloat16 matmul, faster where the CPU has no bfloat16
+    arithmetic."""
 
     def __init__(self, n_in: int, n_out: int, split: str | None = None, may_stay_fp8: bool = True):
         super().__init__()
@@ -33,6 +36,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
             return fp8_linear(x, self.weight, self.scale, self.block)
+        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
+                and dist.world_size() == 1:
+            return ops.traced(torch.ops.dschat.linear_bf16_cpu, cpu_bf16.linear_or_torch)(x, self.weight)
         return F.linear(x, self.weight)
 
     def weight_loader(self, target: Target, t: torch.Tensor, scale: torch.Tensor | None, ctx: LoadContext,

@@ -1,0 +1,98 @@
+"""bfloat16 weights on a CPU without bfloat16 arithmetic: dschat's own GEMV / GEMM (cpu_gemv_bf16.cpp, AVX2 + FMA,
+built into cpu_gemv.py's library) for the bfloat16 model's linear layers and routed experts.
+
+PyTorch's bfloat16 matmul on such a CPU (AVX2, no AVX512-BF16) runs a generic path: 1.3x the float32 decode
+although it reads half the bytes, and a quarter of float32's prefill. Here the weights stay bfloat16 in
+memory and are widened to float32 in registers; x is widened exactly; the sums run in float32 (FMA) and the
+result is rounded to bfloat16 to nearest even, as PyTorch rounds its float32 sums (`linear_reference`). So
+`linear` is PyTorch's bfloat16 F.linear up to float32 summation order: an output differs, by one bfloat16
+step, only where the exact sum lies within float32 rounding of the midpoint between two bfloat16 numbers.
+
+`experts` is fused_moe.moe_experts's function on bfloat16 stacks for one token: its chosen experts in one call
+(only their rows read), rounding where the PyTorch loop (moe_experts_loop) rounds; fused_moe runs more
+tokens expert by expert over `linear` (views of the stacks: nothing copied).
+
+`available()` is false where cpu_gemv cannot be built (no compiler, no AVX2/FMA) or DSCHAT_CPU_GEMV=0 (said in
+one line by cpu_gemv.native()): the callers then run PyTorch's bfloat16 matmul as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import cpu_gemv
+
+_P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def available() -> bool:
+    """Whether the kernels run here (the library is built and loaded)."""
+    return cpu_gemv.native() is not None
+
+
+def _lib():
+    lib = cpu_gemv.native() if cpu_gemv._LIB is cpu_gemv._UNSET else cpu_gemv._LIB
+    if lib is None:
+        raise RuntimeError("cpu_bf16: the CPU kernels are not available")
+    return lib
+
+
+def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `linear(x, w)` runs the kernel: both bfloat16 on the CPU, w a contiguous matrix."""
+    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and w.dim() == 2 and x.device.type == "cpu"
+            and w.device.type == "cpu" and w.is_contiguous() and x.shape[-1] == w.shape[1] and available())
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [..., K] bfloat16 -> x W^T [..., N] in bfloat16 (rounded to nearest even) or float32 (`out_dtype`),
+    W bfloat16 [N, K] contiguous (`takes`)."""
+    K, N = w.shape[1], w.shape[0]
+    xc = x if x.is_contiguous() else x.contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=out_dtype)
+    err = _lib().dschat_bf16_linear(_P(xc.data_ptr()), _I64(xc.numel() // K), _I64(K), _P(w.data_ptr()), _I64(N),
+                                    _P(y.data_ptr()), _I(1), _I(out_dtype == torch.bfloat16),
+                                    _I(torch.get_num_threads()))
+    if err:
+        raise ValueError(f"cpu_bf16: bad arguments (error {err})")
+    return y
+
+
+def linear_or_torch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`linear` where it `takes` x and w, else PyTorch's F.linear (the engine's Linear on the CPU in bfloat16)."""
+    return linear(x, w) if takes(x, w) else torch.nn.functional.linear(x, w)
+
+
+def linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What `linear` computes, in float64 plain PyTorch: the bfloat16 numbers as they are, summed exactly (to
+    float64), rounded once to bfloat16."""
+    return (x.double() @ w.double().T).to(torch.bfloat16)
+
+
+def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+            w2: torch.Tensor) -> torch.Tensor:
+    """One token x [1, H] bfloat16 through its chosen experts ids [k] (outside 0..E-1: nothing) with routing
+    weights [k], over the stacks w13 [E, 2I, H] and w2 [E, H, I] (bfloat16, contiguous) -> [1, H] bfloat16."""
+    H = x.shape[-1]
+    assert x.numel() == H, "one token"
+    E, I2 = w13.shape[:2]
+    xc = x.contiguous()
+    idc = ids.reshape(-1).to(torch.int64).contiguous()
+    wc = weights.reshape(-1).to(torch.float32).contiguous()
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    err = _lib().dschat_bf16_experts(_P(xc.data_ptr()), _I64(H), _P(idc.data_ptr()), _P(wc.data_ptr()),
+                                     _I64(min(idc.numel(), wc.numel())), _P(w13.data_ptr()), _P(w2.data_ptr()),
+                                     _I64(E), _I64(I2 // 2), _P(y.data_ptr()), _I(torch.get_num_threads()))
+    if err:
+        raise ValueError(f"cpu_bf16: bad arguments (error {err})")
+    return y
+
+
+def stacks_fit(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether fused_moe.moe_experts runs these through the kernels: bfloat16 x and stacks on the CPU, the stacks contiguous."""
+    return (x.dtype == w13.dtype == w2.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and w13.device.type == "cpu" and w13.is_contiguous() and w2.is_contiguous() and available())
+
+
+__all__ = ["available", "takes", "linear", "linear_or_torch", "linear_reference", "experts", "stacks_fit"]

@@ -1,0 +1,312 @@
+// bfloat16 weights on a CPU without bfloat16 arithmetic (AVX2 + FMA), built with cpu_gemv.cpp by
+// kernels/cpu_gemv.py (one compiler call, one library) and called through kernels/cpu_bf16.py.
+//
+// The weights stay bfloat16 in memory and are widened to float32 in registers (a bfloat16 is the top half of
+// a float32: zero-extend to 32 bits, shift left 16); x is widened the same way (exactly); products are summed
+// in float32 with FMA; the result is rounded to bfloat16 to nearest even, as torch rounds a bfloat16 linear's
+// float32 sums (c10::BFloat16's round_to_nearest_even: NaN -> 0x7FC0). So y is the float32 model of the bf16
+// weights and activations, rounded once, up to float32 summation order.
+//
+//   GEMV (a few rows of x: decode, speculation's verify): each weight row read once per call, 4 rows at a time
+//     against each row of x, the output rows split over threads.
+//   GEMM (many rows: prefill, an expert's tokens): BLIS-like. Per thread a strip of 16 weight rows and 256
+//     inputs is widened once into a float32 panel [256][16] (16 KiB, in L1), which 6 x 16 register tiles of
+//     the output (12 accumulators) then sweep over 96 rows of x at a time (96 KiB of x, in L2).
+//   Experts: one token through its chosen routed experts, reading only their rows, rounding where the
+//     PyTorch loop (fused_moe.moe_experts_loop in bfloat16) rounds: gate/up to bf16, silu(gate) to bf16, its
+//     product with up to bf16, down to bf16, the weighted sum in float32, rounded to bf16 at the end.
+//
+// Entry points (C, raw pointers): dschat_bf16_abi_version, dschat_bf16_linear, dschat_bf16_experts.
+
+#include <immintrin.h>
+#include <omp.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float bf2f(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f2bf(float f) {  // round to nearest even, as c10::BFloat16
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+inline float round_bf(float f) { return bf2f(f2bf(f)); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <class F>
+void parallel_for(int64_t n, int64_t grain, int nthreads, const F& f) {
+  const int64_t chunks = (n + grain - 1) / std::max<int64_t>(1, grain);
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, chunks));
+  if (nt == 1) {
+    f(0, n);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t per = (n + T - 1) / T, n0 = std::min<int64_t>(n, t * per), n1 = std::min<int64_t>(n, n0 + per);
+    if (n0 < n1) f(n0, n1);
+  }
+}
+
+// Where results go: float32 or bfloat16 (rounded), row-major [M, N] with row stride ld.
+struct Out {
+  float* f = nullptr;
+  uint16_t* b = nullptr;
+  int64_t ld = 0;
+  inline void put(int64_t m, int64_t n, float v) const {
+    if (b)
+      b[m * ld + n] = f2bf(v);
+    else
+      f[m * ld + n] = v;
+  }
+};
+
+// ---- GEMV: rows [n0, n1) of W [N, K] against M rows of x --------------------------------------------------
+// 16 bfloat16 weights are one 256-bit load of 8 pairs: u << 16 is the even elements as float32, u & 0xFFFF0000
+// the odd ones, so x is laid out to match (xp: per block of 16, its 8 even elements, then its 8 odd ones) and
+// each 16 weights cost two integer ops to widen.
+constexpr int GR = 4;  // weight rows at a time
+
+template <int R>
+inline void dot_rows(const uint16_t* w, int64_t K, const float* xp, const float* x, float* out) {
+  const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const int64_t kf = K / 16 * 16;
+  for (int64_t k = 0; k < kf; k += 16) {
+    const __m256 xe = _mm256_loadu_ps(xp + k), xo = _mm256_loadu_ps(xp + k + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256i u = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
+      acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), xe, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u, hi)), xo, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+    for (int64_t k = kf; k < K; ++k) s += bf2f(w[r * K + k]) * x[k];
+    out[r] = s;
+  }
+}
+
+// x [M, K] -> the layout dot_rows reads (the full blocks of 16 only).
+std::vector<float> pair_layout(const float* x, int64_t M, int64_t K) {
+  const int64_t kf = K / 16 * 16;
+  std::vector<float> xp((size_t)M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < kf; b += 16)
+      for (int i = 0; i < 8; ++i) {
+        xp[m * K + b + i] = x[m * K + b + 2 * i];
+        xp[m * K + b + 8 + i] = x[m * K + b + 2 * i + 1];
+      }
+  return xp;
+}
+
+void gemv_rows(const uint16_t* W, int64_t K, const float* xp, const float* x, int64_t M, int64_t n0, int64_t n1,
+               const Out& y) {
+  float s[GR];
+  int64_t n = n0;
+  for (; n + GR <= n1; n += GR)
+    for (int64_t m = 0; m < M; ++m) {  // the 4 rows stay in L1 (or L2) while each row of x meets them
+      dot_rows<GR>(W + n * K, K, xp + m * K, x + m * K, s);
+      for (int r = 0; r < GR; ++r) y.put(m, n + r, s[r]);
+    }
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      dot_rows<1>(W + n * K, K, xp + m * K, x + m * K, s);
+      y.put(m, n, s[0]);
+    }
+}
+
+void gemv(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, const Out& y, int nthreads) {
+  const std::vector<float> xp = pair_layout(x, M, K);
+  const int64_t groups = (N + GR - 1) / GR;
+  const int64_t grain = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, GR * K * 2));  // >= 32 KiB a chunk
+  parallel_for(groups, grain, nthreads, [&](int64_t g0, int64_t g1) {
+    gemv_rows(W, K, xp.data(), x, M, g0 * GR, std::min(N, g1 * GR), y);
+  });
+}
+
+// ---- GEMM ----------------------------------------------------------------------------------------------
+constexpr int MR = 6, NR = 16;
+constexpr int64_t KC = 256, MC = 96;
+
+// acc[MR'][2] = sum over kc of A[i, k] * P[k, 0..15]; A rows lda apart, P the widened panel [kc][16].
+template <int R>
+inline void micro(const float* A, int64_t lda, const float* P, int64_t kc, float* c, int64_t ldc, bool add) {
+  __m256 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(P + k * NR), b1 = _mm256_loadu_ps(P + k * NR + 8);
+    for (int i = 0; i < R; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+      acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    float* ci = c + i * ldc;
+    if (add) {
+      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(ci));
+      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(ci + 8));
+    }
+    _mm256_storeu_ps(ci, acc[i][0]);
+    _mm256_storeu_ps(ci + 8, acc[i][1]);
+  }
+}
+
+inline void micro_any(int r, const float* A, int64_t lda, const float* P, int64_t kc, float* c, int64_t ldc,
+                      bool add) {
+  switch (r) {
+    case 6: micro<6>(A, lda, P, kc, c, ldc, add); break;
+    case 5: micro<5>(A, lda, P, kc, c, ldc, add); break;
+    case 4: micro<4>(A, lda, P, kc, c, ldc, add); break;
+    case 3: micro<3>(A, lda, P, kc, c, ldc, add); break;
+    case 2: micro<2>(A, lda, P, kc, c, ldc, add); break;
+    default: micro<1>(A, lda, P, kc, c, ldc, add); break;
+  }
+}
+
+// Strips of 16 weight rows [s0, s1) of W [N, K] against x float32 [M, K]: for each block of KC inputs the
+// strips are widened once into panels, then every block of MC rows of x sweeps them (x's block in L2, a
+// panel in L1); the float32 sums wait in `acc` ([M, 16] a strip) until the last block rounds them out.
+void gemm_strips(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, int64_t s0, int64_t s1,
+                 const Out& y) {
+  const int64_t ns = s1 - s0;
+  std::vector<float> panels((size_t)ns * KC * NR), acc((size_t)ns * M * NR);
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    for (int64_t s = 0; s < ns; ++s) {  // widen: panel[k][j] = W[n0 + j, k0 + k] (zeros past N)
+      const int64_t n0 = (s0 + s) * NR, nn = std::min<int64_t>(NR, N - n0);
+      float* panel = panels.data() + s * KC * NR;
+      for (int64_t j = 0; j < NR; ++j) {
+        if (j < nn) {
+          const uint16_t* w = W + (n0 + j) * K + k0;
+          for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = bf2f(w[k]);
+        } else {
+          for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = 0.f;
+        }
+      }
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      const int64_t m1 = std::min(M, m0 + MC);
+      for (int64_t s = 0; s < ns; ++s)
+        for (int64_t m = m0; m < m1; m += MR)
+          micro_any((int)std::min<int64_t>(MR, m1 - m), x + m * K + k0, K, panels.data() + s * KC * NR, kc,
+                    acc.data() + (s * M + m) * NR, NR, k0 > 0);
+    }
+  }
+  for (int64_t s = 0; s < ns; ++s) {
+    const int64_t n0 = (s0 + s) * NR, nn = std::min<int64_t>(NR, N - n0);
+    const float* c = acc.data() + s * M * NR;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < nn; ++j) y.put(m, n0 + j, c[m * NR + j]);
+  }
+}
+
+void gemm(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, const Out& y, int nthreads) {
+  const int64_t strips = (N + NR - 1) / NR;
+  parallel_for(strips, 1, nthreads, [&](int64_t s0, int64_t s1) {
+    constexpr int64_t SG = 4;  // strips at a time: 4 panels (64 KiB) and their sums beside x's block in L2
+    for (int64_t s = s0; s < s1; s += SG) gemm_strips(W, N, K, x, M, s, std::min(s1, s + SG), y);
+  });
+}
+
+constexpr int64_t GEMV_MAX_ROWS = 4;  // up to this many rows of x: the GEMV (no panel to widen)
+
+void linear(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, const Out& y, int nthreads) {
+  if (M <= GEMV_MAX_ROWS)
+    gemv(W, N, K, x, M, y, nthreads);
+  else
+    gemm(W, N, K, x, M, y, nthreads);
+}
+
+std::vector<float> widen(const void* x, int x_bf16, int64_t n) {
+  std::vector<float> v(n);
+  if (x_bf16) {
+    const uint16_t* p = (const uint16_t*)x;
+    for (int64_t i = 0; i < n; ++i) v[i] = bf2f(p[i]);
+  } else {
+    std::memcpy(v.data(), x, n * sizeof(float));
+  }
+  return v;
+}
+
+}  // namespace
+
+extern "C" {
+
+int dschat_bf16_abi_version() { return 1; }
+
+// y [M, N] = x [M, K] W^T, W bfloat16 [N, K] contiguous; x bfloat16 (x_bf16) or float32; y bfloat16 rounded
+// to nearest even (y_bf16) or float32. 0 on success.
+int dschat_bf16_linear(const void* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, void* y, int x_bf16,
+                       int y_bf16, int nthreads) {
+  if (M < 0 || K <= 0 || N < 0) return 1;
+  std::vector<float> xf;
+  const float* xp = (const float*)x;
+  if (x_bf16) {
+    xf = widen(x, 1, M * K);
+    xp = xf.data();
+  }
+  Out o;
+  o.ld = N;
+  if (y_bf16)
+    o.b = (uint16_t*)y;
+  else
+    o.f = (float*)y;
+  linear(W, N, K, xp, M, o, nthreads);
+  return 0;
+}
+
+// One token through its chosen routed experts: x bfloat16 [H], ids [k] (outside 0..E-1: nothing), weights
+// float32 [k], w13 bfloat16 [E, 2I, H] (gate rows, then up rows), w2 bfloat16 [E, H, I] -> y bfloat16 [H],
+// rounded where the PyTorch loop rounds (the header). Only the chosen experts' rows are read. 0 on success.
+int dschat_bf16_experts(const uint16_t* x, int64_t H, const int64_t* ids, const float* weights, int64_t k,
+                        const uint16_t* w13, const uint16_t* w2, int64_t E, int64_t I, uint16_t* y, int nthreads) {
+  if (H <= 0 || I <= 0 || E < 0) return 1;
+  std::vector<float> xf = widen(x, 1, H), h(2 * I), a(I), o(H), acc(H, 0.f);
+  Out oh, oo;
+  oh.f = h.data();
+  oh.ld = 2 * I;
+  oo.f = o.data();
+  oo.ld = H;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t e = ids[j];
+    if (e < 0 || e >= E) continue;
+    gemv(w13 + e * 2 * I * H, 2 * I, H, xf.data(), 1, oh, nthreads);
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = round_bf(h[i]), u = round_bf(h[I + i]);
+      a[i] = round_bf(round_bf(g / (1.f + std::exp(-g))) * u);
+    }
+    gemv(w2 + e * H * I, H, I, a.data(), 1, oo, nthreads);
+    const float wj = weights[j];
+    for (int64_t i = 0; i < H; ++i) {
+      const float p = round_bf(o[i]) * wj;
+      acc[i] += p;
+    }
+  }
+  for (int64_t i = 0; i < H; ++i) y[i] = f2bf(acc[i]);
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,157 @@
+"""bfloat16 weights on the CPU through dschat's own kernels (kernels/cpu_bf16.py, cpu_gemv_bf16.cpp): the linear
+layer against the float model of its bfloat16 numbers rounded once to bfloat16, the routed experts against
+PyTorch's bfloat16 loop (only the chosen experts' rows read), and a bfloat16 model through them against the
+same model through PyTorch's bfloat16 matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CHECKPOINTS
+
+from dschat.dev import tiny_checkpoints as tc
+from dschat.engine import Engine, SamplingParams
+from dschat.kernels import cpu_bf16, cpu_gemv
+from dschat.kernels.fused_moe import moe_experts, moe_experts_loop
+
+
+@pytest.fixture(scope="module")
+def native():
+    """The built kernel; where it cannot be built here, the test fails, naming why (nothing skipped silently)."""
+    if not cpu_bf16.available():
+        pytest.fail(f"cpu_gemv did not build: {cpu_gemv.cpu_supported() or 'see the line on stderr'}")
+
+
+def bf16(*shape, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+
+
+def check_rounded_once(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+    """got == the exact sum x W^T rounded to bfloat16, wherever float32 summation in any order cannot change
+    that rounding; elsewhere (the exact sum within float32 error of a midpoint between bfloat16 numbers) a
+    bfloat16 number within that error. The error bound: K float32 roundings of at most S = sum |x_k w_k| each
+    (|error| <= K u S, u = 2^-24)."""
+    exact = x.double() @ w.double().T
+    bound = x.shape[-1] * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+    lo, hi = (exact - bound).to(torch.bfloat16), (exact + bound).to(torch.bfloat16)
+    sure = lo == hi
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    assert torch.equal(got[sure], exact.to(torch.bfloat16)[sure])
+    assert bool(((got >= lo) & (got <= hi)).all())
+
+
+@pytest.mark.parametrize("M, N, K", [(1, 70, 256), (1, 37, 300), (3, 64, 40), (4, 19, 2048), (5, 33, 520),
+                                     (7, 130, 16), (67, 37, 600), (130, 50, 264)])
+def test_linear_is_the_float_model_rounded_once(native, M, N, K):
+    """Rows of x 1..4 (the GEMV: 4 weight rows at a time, the rows left over), 5 and more (the GEMM: 6 x 16
+    tiles, the rows and columns left over, K in blocks of 256); K a multiple of 16 or not (the tail)."""
+    x, w = bf16(M, K, seed=M, scale=2.0), bf16(N, K, seed=K + N, scale=0.05)
+    x[0, :8] = 0
+    check_rounded_once(cpu_bf16.linear(x, w), x, w)
+    # On a grid where float32 sums every order exactly (x in 1/8ths up to 1, w in 1/128ths up to 1/2: integer
+    # multiples of 2^-10 below 2^20), the result is the exact sum rounded to nearest even, bit for bit: the
+    # rounding itself, ties included, for every element.
+    g = torch.Generator().manual_seed(M + N + K)
+    xi = (torch.randint(-8, 9, (M, K), generator=g) / 8).to(torch.bfloat16)
+    wi = (torch.randint(-64, 65, (N, K), generator=g) / 128).to(torch.bfloat16)
+    exact = xi.double() @ wi.double().T
+    assert torch.equal(cpu_bf16.linear(xi, wi), exact.to(torch.bfloat16))
+    assert bool((exact != exact.to(torch.bfloat16).double()).any())  # some elements are rounded
+    y32 = cpu_bf16.linear(x, w, out_dtype=torch.float32)  # float32 out: the sums themselves
+    assert float((y32.double() - x.double() @ w.double().T).abs().max()) < 1e-4
+
+
+def test_linear_keeps_leading_dimensions_and_torchs_special_values(native):
+    """x [B, T, K] and a non-contiguous x; NaN and infinities come out as PyTorch's bfloat16 has them."""
+    x, w = bf16(2, 3, 48, seed=1), bf16(20, 48, seed=2)
+    got = cpu_bf16.linear(x, w)
+    assert got.shape == (2, 3, 20)
+    assert torch.equal(got, cpu_bf16.linear(x.transpose(0, 1).contiguous().transpose(0, 1), w))
+    w[3, 5], w[4, 0] = float("nan"), float("inf")
+    got = cpu_bf16.linear(x[0], w)
+    want = torch.nn.functional.linear(x[0], w)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+
+
+def stacks(E, H, I, seed=0):
+    return bf16(E, 2 * I, H, seed=seed, scale=0.1), bf16(E, H, I, seed=seed + 1, scale=0.1)
+
+
+@pytest.mark.parametrize("H, I", [(64, 48), (40, 24)])
+def test_experts_read_only_the_chosen_rows(native, H, I):
+    """One token (the decode call): PyTorch's bfloat16 loop's roundings, up to float32 summation order (a
+    bfloat16 step here and there, in the intermediates too: within 2% of the output's range), ids outside
+    0..E-1 contributing nothing; the other experts are NaN, so reading a row of them would show."""
+    E = 8
+    w13, w2 = stacks(E, H, I)
+    ids = torch.tensor([[5, -1, 2, 8, 7]])
+    weights = torch.tensor([[0.5, 0.3, 0.25, 0.9, 0.125]])
+    for e in set(range(E)) - {2, 5, 7}:
+        w13[e], w2[e] = float("nan"), float("nan")
+    x = bf16(1, H, seed=3)
+    got = moe_experts(x, w13, w2, ids, weights)
+    want = moe_experts_loop(x, w13, w2, ids, weights)
+    assert got.dtype == torch.bfloat16 and bool(got.isfinite().all())
+    assert float((got.double() - want.double()).abs().max() / want.double().abs().max()) < 0.02
+    # another expert in place of one chosen: far outside that tolerance (the rows chosen are the ones read)
+    other = moe_experts_loop(x, w13.nan_to_num(0.01), w2.nan_to_num(0.01), torch.tensor([[5, -1, 3, 8, 7]]), weights)
+    assert float((got.double() - other.double()).abs().max() / want.double().abs().max()) > 0.1
+
+
+def test_experts_over_many_tokens(native):
+    """Prefill's shape: expert by expert over the GEMM, against PyTorch's bfloat16 loop."""
+    w13, w2 = stacks(6, 64, 32, seed=5)
+    x = bf16(9, 64, seed=6)
+    ids = torch.randint(-1, 7, (9, 3), generator=torch.Generator().manual_seed(7))
+    weights = torch.rand(9, 3, generator=torch.Generator().manual_seed(8))
+    got, want = moe_experts(x, w13, w2, ids, weights), moe_experts_loop(x, w13, w2, ids, weights)
+    assert float((got.double() - want.double()).abs().max() / want.double().abs().max()) < 0.02
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, native):
+    """A V2-Lite-like tiny checkpoint on the CPU in bfloat16, and in float32."""
+    path = tc.write_checkpoint(tmp_path_factory.mktemp("bf16") / "v2_lite", CHECKPOINTS["v2_lite"](), seed=3)
+    return {dtype: Engine.from_pretrained(path, dtype=dtype, speculative="none")
+            for dtype in (torch.bfloat16, torch.float32)}
+
+
+def without_kernels(eng: Engine, fn):
+    """fn(eng) through PyTorch's bfloat16 matmul: the library hidden, as DSCHAT_CPU_GEMV=0 hides it."""
+    saved, cpu_gemv._LIB = cpu_gemv._LIB, None
+    try:
+        return fn(eng)
+    finally:
+        cpu_gemv._LIB = saved
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_bf16_model_equals_pytorchs_bf16(models, path):
+    """Prefill (the GEMM, the experts expert by expert) and token-by-token decode (the GEMV, the experts' one
+    call) against the same bfloat16 model through PyTorch. Both round to bfloat16 after every layer, in
+    different float32 orders, so they drift apart by a few bfloat16 steps (2^-8 of a value each): the logits
+    agree within 2% of their range, each is as close to the float32 model as the other (within 0.5%), and
+    the next token is the same wherever PyTorch's top two logits are further apart than the drift."""
+    eng = models[torch.bfloat16]
+    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    fn = (lambda e: e.logits(ids)) if path == "prefill" else (lambda e: e.decode_logits(ids, chunk=1))
+    got, want, f32 = fn(eng), without_kernels(eng, fn), fn(models[torch.float32])
+    scale = want.abs().max()
+    diff = (got - want).abs().max()
+    assert float(diff / scale) < 0.02
+    assert float((got - f32).abs().max() / scale) < float((want - f32).abs().max() / scale) + 0.005
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * diff
+    assert clear.float().mean() > 0.5
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+def test_bf16_greedy_tokens(models):
+    """Greedy decoding: the same 24 tokens through the kernels as through PyTorch's bfloat16 matmul."""
+    eng = models[torch.bfloat16]
+    ids = list(range(5, 60))
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    got = list(eng.generate(ids, params))
+    want = without_kernels(eng, lambda e: list(e.generate(ids, params)))
+    assert got == want
