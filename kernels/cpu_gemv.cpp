@@ -97,6 +97,7 @@ struct PreparedX {
   QuantRows xr;
   std::vector<float> gsum;  // int4: per row and group, sum over its blocks of d * xsum (the zero's term)
   std::vector<float> dvec;  // int4: per row and pair of blocks, [d_b x4, d_b+1 x4] (the 8 int32 lanes' scales)
+  std::vector<int8_t> xa;   // int8, one row (decode): |q|
   int64_t M = 0;
 };
 
@@ -104,6 +105,10 @@ PreparedX prepare(const float* x, int64_t M, const PackedW& w) {
   PreparedX p;
   p.M = M;
   p.xr = quantize_rows(x, M, w.K, w.bits == 8 ? (w.K + QK - 1) / QK * QK : w.kp, w.bits == 4);
+  if (w.bits == 8 && M == 1) {
+    p.xa.resize(p.xr.kp);
+    for (int64_t k = 0; k < p.xr.kp; ++k) p.xa[k] = (int8_t)std::abs((int)p.xr.q[k]);
+  }
   if (w.bits == 4) {
     const int64_t nb = p.xr.nb, bpg = w.group / QK;
     p.gsum.assign(M * w.G, 0.f);
@@ -137,6 +142,46 @@ inline float dot_q8(const int8_t* w, const int8_t* q, const float* d, int64_t K)
   return s;
 }
 
+// Decode (one row of x): two weight rows at a time, each block of x loaded once for both. int8 multiplies
+// |x| by w carrying x's sign (_mm256_sign_epi8(w, x)): the same integer products as dot_q8's |w| * sign(x, w)
+// with one sign instead of two, |x| made once per call (PreparedX::xa). Each row keeps dot_q8's two float32
+// accumulators (even and odd blocks), so its sum is dot_q8's exactly. The weight rows are prefetched PF bytes
+// ahead: with two rows' streams the hardware prefetcher alone fell behind (measured 1 thread, 128 MB of
+// int8 weights: 6.9 GB/s without, 9.4 with, 13 GB/s in cache).
+constexpr int64_t PF = 4096;
+
+inline void dot2_q8(const int8_t* w0, const int8_t* w1, const int8_t* q, const int8_t* qa, const float* d,
+                    int64_t K, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nfull = K / QK;
+  __m256 a0[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, a1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t b = 0; b < nfull; ++b) {
+    if ((b & 1) == 0) {
+      _mm_prefetch((const char*)(w0 + b * QK + PF), _MM_HINT_T0);
+      _mm_prefetch((const char*)(w1 + b * QK + PF), _MM_HINT_T0);
+    }
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)(q + b * QK));
+    const __m256i xa = _mm256_loadu_si256((const __m256i*)(qa + b * QK));
+    const __m256 db = _mm256_broadcast_ss(d + b);
+    const __m256i p0 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(w0 + b * QK)), xv));
+    const __m256i p1 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(w1 + b * QK)), xv));
+    a0[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)), db, a0[b & 1]);
+    a1[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)), db, a1[b & 1]);
+  }
+  float s0 = hsum(_mm256_add_ps(a0[0], a0[1])), s1 = hsum(_mm256_add_ps(a1[0], a1[1]));
+  if (nfull * QK < K) {
+    int t0 = 0, t1 = 0;
+    for (int64_t k = nfull * QK; k < K; ++k) {
+      t0 += (int)w0[k] * (int)q[k];
+      t1 += (int)w1[k] * (int)q[k];
+    }
+    s0 += d[nfull] * (float)t0;
+    s1 += d[nfull] * (float)t1;
+  }
+  out[0] = s0;
+  out[1] = s1;
+}
+
 inline float dot_q4(const uint8_t* w, const int8_t* q, const float* dd, const float* sc, const uint8_t* z,
                     const float* gs, int64_t G, int64_t bpg) {
   const __m256i ones = _mm256_set1_epi16(1);
@@ -158,6 +203,44 @@ inline float dot_q4(const uint8_t* w, const int8_t* q, const float* dd, const fl
     zterm += sc[g] * (z ? (float)z[g] : 8.f) * gs[g];
   }
   return hsum(acc) - zterm;
+}
+
+// dot_q4 for two weight rows (row bytes apart): each pair of x's blocks and its scales loaded once for both;
+// each row's arithmetic and summation order are dot_q4's.
+inline void dot2_q4(const uint8_t* w, int64_t row, const int8_t* q, const float* dd, const float* sc,
+                    const uint8_t* z, const float* gs, int64_t G, int64_t bpg, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i lowmask = _mm256_set1_epi8(0x0F);
+  const uint8_t* w1 = w + row;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  float z0 = 0.f, z1 = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 g0 = _mm256_setzero_ps(), g1 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < bpg; j += 2) {
+      const int64_t b = g * bpg + j;
+      if ((j & 3) == 0) {
+        _mm_prefetch((const char*)(w + b * (QK / 2) + PF), _MM_HINT_T0);
+        _mm_prefetch((const char*)(w1 + b * (QK / 2) + PF), _MM_HINT_T0);
+      }
+      const __m256i xl = _mm256_loadu_si256((const __m256i*)(q + b * QK));
+      const __m256i xh = _mm256_loadu_si256((const __m256i*)(q + b * QK + QK));
+      const __m256 dv = _mm256_loadu_ps(dd + b * 4);
+      const __m256i r0 = _mm256_loadu_si256((const __m256i*)(w + b * (QK / 2)));
+      const __m256i r1 = _mm256_loadu_si256((const __m256i*)(w1 + b * (QK / 2)));
+      const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(r0, lowmask), xl),
+                                          _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r0, 4), lowmask), xh));
+      const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(r1, lowmask), xl),
+                                          _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r1, 4), lowmask), xh));
+      g0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)), dv, g0);
+      g1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)), dv, g1);
+    }
+    acc0 = _mm256_fmadd_ps(g0, _mm256_set1_ps(sc[g]), acc0);
+    acc1 = _mm256_fmadd_ps(g1, _mm256_set1_ps(sc[G + g]), acc1);
+    z0 += sc[g] * (z ? (float)z[g] : 8.f) * gs[g];
+    z1 += sc[G + g] * (z ? (float)z[G + g] : 8.f) * gs[g];
+  }
+  out[0] = hsum(acc0) - z0;
+  out[1] = hsum(acc1) - z1;
 }
 
 // f(n0, n1) over [0, n) in chunks of at least `grain`, split evenly over up to `nthreads` OpenMP threads (as
@@ -290,7 +373,8 @@ void tiles_rows(const PackedW& w, const PreparedX& px, int64_t m0, int64_t m1, i
 // the one-row kernels; more: the blocked ones, each thread over its strips of N_STRIP weight rows for each
 // chunk of M_CHUNK rows of x in turn.
 void run(const PackedW& w, const PreparedX& px, float* y, int nthreads) {
-  const int64_t M = px.M, kp = px.xr.kp, nb = px.xr.nb;
+  const int64_t M = px.M;
+  if (M == 0) return;
   if (M >= 2) {
     const int64_t strips = (w.N + N_STRIP - 1) / N_STRIP;
     parallel_for(strips, 1, nthreads, [&](int64_t s0, int64_t s1) {
@@ -306,17 +390,28 @@ void run(const PackedW& w, const PreparedX& px, float* y, int nthreads) {
     });
     return;
   }
-  parallel_for(w.N, grain_for(w.row_bytes()), nthreads, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = w.data + n * w.row_bytes();
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* q = px.xr.q.data() + m * kp;
+  // one row of x: pairs of weight rows (each thread's range starts even), the odd one left alone
+  const int64_t rb = w.row_bytes();
+  parallel_for((w.N + 1) / 2, std::max<int64_t>(1, grain_for(rb) / 2), nthreads, [&](int64_t p0, int64_t p1) {
+    const int8_t* q = px.xr.q.data();
+    const float* d = px.xr.d.data();
+    for (int64_t n = 2 * p0; n < std::min(w.N, 2 * p1); n += 2) {
+      const uint8_t* row = w.data + n * rb;
+      if (n + 1 < w.N) {
         if (w.bits == 8) {
-          y[m * w.N + n] = dot_q8((const int8_t*)row, q, px.xr.d.data() + m * nb, w.K) * w.scale[n];
+          float o[2];
+          dot2_q8((const int8_t*)row, (const int8_t*)row + rb, q, px.xa.data(), d, w.K, o);
+          y[n] = o[0] * w.scale[n];
+          y[n + 1] = o[1] * w.scale[n + 1];
         } else {
-          y[m * w.N + n] = dot_q4(row, q, px.dvec.data() + m * nb * 4, w.scale + n * w.G,
-                                  w.zero ? w.zero + n * w.G : nullptr, px.gsum.data() + m * w.G, w.G, w.group / QK);
+          dot2_q4(row, rb, q, px.dvec.data(), w.scale + n * w.G, w.zero ? w.zero + n * w.G : nullptr,
+                  px.gsum.data(), w.G, w.group / QK, y + n);
         }
+      } else if (w.bits == 8) {
+        y[n] = dot_q8((const int8_t*)row, q, d, w.K) * w.scale[n];
+      } else {
+        y[n] = dot_q4(row, q, px.dvec.data(), w.scale + n * w.G, w.zero ? w.zero + n * w.G : nullptr,
+                      px.gsum.data(), w.G, w.group / QK);
       }
     }
   });

@@ -72,11 +72,13 @@ def test_activation_quantization_costs_about_a_bfloat16_rounding():
     assert bool(((xd - x).view(4, 16, 32).abs() <= step / 2 + 1e-7).all())
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_threads_split_the_rows(native, threads):
-    """lm_head-like: many rows, split over torch.get_num_threads() threads; the same numbers either way."""
-    p = quantize(torch.randn(3000, 256), SPECS["int4"])
-    x = torch.randn(2, 256)
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("threads, M", [(1, 1), (2, 1), (2, 2)])
+def test_threads_split_the_rows(native, name, threads, M):
+    """lm_head-like: many rows (an odd number: decode's kernel takes them two at a time, the last alone), split
+    over torch.get_num_threads() threads; the same numbers either way."""
+    p = quantize(torch.randn(3001, 256), SPECS[name])
+    x = torch.randn(M, 256)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
