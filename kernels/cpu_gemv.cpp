@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -261,6 +262,26 @@ void parallel_for(int64_t n, int64_t grain, int nthreads, const F& f) {
   }
 }
 
+// f(n0, n1) over [0, n) in chunks of `grain`, which up to `nthreads` OpenMP threads take in turn from a shared
+// counter (decode's GEMV: a thread that the machine's other processes hold back takes fewer chunks, instead of
+// the others waiting for its fixed share at the region's end). One thread: inline, no parallel region.
+template <class F>
+void parallel_chunks(int64_t n, int64_t grain, int nthreads, const F& f) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, chunks));
+  if (nt == 1) {
+    f(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(nt)
+  {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      f(c * grain, std::min(n, (c + 1) * grain));
+  }
+}
+
 // The blocked kernels (prefill: many rows of x): RM rows of x times RN weight rows, RM x RN float32 sums in
 // registers, so that each block of weights is unpacked once for RM rows and each block of x loaded once for
 // RN weight rows. Same arithmetic as dot_q8 / dot_q4 per (row, weight row): int32 per block, float32 across
@@ -390,9 +411,9 @@ void run(const PackedW& w, const PreparedX& px, float* y, int nthreads) {
     });
     return;
   }
-  // one row of x: pairs of weight rows (each thread's range starts even), the odd one left alone
+  // one row of x: pairs of weight rows (every chunk starts at an even row), the last one alone when N is odd
   const int64_t rb = w.row_bytes();
-  parallel_for((w.N + 1) / 2, std::max<int64_t>(1, grain_for(rb) / 2), nthreads, [&](int64_t p0, int64_t p1) {
+  parallel_chunks((w.N + 1) / 2, std::max<int64_t>(1, grain_for(rb) / 2), nthreads, [&](int64_t p0, int64_t p1) {
     const int8_t* q = px.xr.q.data();
     const float* d = px.xr.d.data();
     for (int64_t n = 2 * p0; n < std::min(w.N, 2 * p1); n += 2) {
