@@ -58,5 +58,6 @@ class Sampler:
     def draw(self, probs: torch.Tensor) -> int:
         return int(self._multinomial(probs))
 
-    def uniform(self) -> float:
-        return float(torch.rand((), generator=self.gen, device=self.gen.device))
+    def draw_tensor(self, probs: torch.Tensor) -> torch.Tensor:
+        """A draw from probs, as a tensor [] on probs' device (nothing read on the host)."""
+        return self._multinomial(probs).to(probs.device)

@@ -30,32 +30,49 @@ def verify(drafts: list[int], draft_probs: list[torch.Tensor | None], logits: to
     """logits [len(drafts) + 1, V]: the main model's logits after the last accepted token and after each
     draft. Returns (number of drafts accepted, the token that follows them).
     draft_probs[j] is the distribution d_j was drawn from, or None for a deterministic draft (n-gram).
-    argmax: the logits' argmax per row where the step computed it (greedy reads it once, not row by row)."""
+    argmax: the logits' argmax per row where the step computed it (greedy reads it once, not row by row).
+    Sampling decides every draft on the device and the host reads the outcome once (`verify_sampled`)."""
     params = sampler.params
-    if params.greedy and argmax is not None:
-        best = argmax.tolist()
+    if params.greedy:
+        best = (argmax if argmax is not None else logits[: len(drafts) + 1].argmax(dim=-1)).tolist()
         n = next((j for j, d in enumerate(drafts) if best[j] != d), len(drafts))
         return n, best[n]
-    for j, d in enumerate(drafts):
-        if params.greedy:
-            best = int(logits[j].argmax())
-            if best != d:
-                return j, best
-            continue
-        p = probabilities(logits[j], params)
-        q = draft_probs[j]
-        q_d = 1.0 if q is None else float(q[d])
-        if sampler.uniform() * q_d < float(p[d]):  # accept with probability min(1, p/q)
-            continue
-        if q is None:
-            residual = p.clone()
-            residual[d] = 0.0
-        else:
-            residual = (p - q).clamp(min=0.0)
-        if float(residual.sum()) <= 0:  # p == q: nothing to correct, any draw from p will do
-            residual = p
-        return j, sampler.draw(residual / residual.sum())
-    return len(drafts), sampler(logits[len(drafts)])
+    n_ok, token = verify_sampled(drafts, draft_probs, logits, sampler).tolist()
+    return n_ok, token
+
+
+def verify_sampled(drafts: list[int], draft_probs: list[torch.Tensor | None], logits: torch.Tensor,
+                   sampler: Sampler) -> torch.Tensor:
+    """Speculative rejection sampling of all drafts at once, on the logits' device: [drafts kept, next token].
+
+    Draft j is kept with probability min(1, p_j(d_j) / q_j(d_j)) (q = 1 at d_j for a deterministic draft), by
+    its own uniform u_j; the first draft rejected ends the run, and the token that follows is drawn from
+    the residual max(p_j - q_j, 0) renormalised there (p_j without d_j for a deterministic draft; p_j itself
+    where the residual is empty), or from the last row's p after every draft was kept. Each u_j and the
+    final draw are independent, so drawing all the uniforms up front (the ones after a rejection unused)
+    keeps the distribution of the one-draft-at-a-time loop; nothing is read on the host meanwhile."""
+    n, dev = len(drafts), logits.device
+    if n == 0:
+        return torch.stack([torch.zeros((), dtype=torch.long, device=dev), sampler.sample(logits[0]).to(dev)])
+    p = probabilities(logits[: n + 1], sampler.params)  # [n+1, V]
+    d = torch.tensor(drafts, dtype=torch.long).to(dev, non_blocking=True)
+    rows = torch.arange(n, device=dev)
+    p_d = p[rows, d]
+    if all(q is None for q in draft_probs):
+        q_d = torch.ones_like(p_d)
+        residual = p[:n].index_put((rows, d), torch.zeros((), device=dev))
+    else:  # a sampled drafter gives every q (a deterministic one none)
+        q = torch.stack([x.to(dev, torch.float32) if x is not None else torch.zeros_like(p[0]).index_fill_(0, d[j:j + 1], 1.0)
+                         for j, x in enumerate(draft_probs)])
+        q_d = q[rows, d]
+        residual = (p[:n] - q).clamp(min=0.0)
+    u = torch.rand(n, generator=sampler.gen, device=sampler.gen.device).to(dev)
+    kept = (u * q_d < p_d).long().cumprod(0).sum()  # drafts up to the first rejection
+    mass = residual.sum(dim=-1, keepdim=True)
+    residual = torch.where(mass > 0, residual, p[:n])  # p == q there: any draw from p will do
+    row = torch.cat([residual, p[n:]])[kept]
+    token = sampler.draw_tensor(row / row.sum())
+    return torch.stack([kept, token])
 
 
 class NoDrafter:

@@ -146,20 +146,38 @@ def test_ngram_drafter_proposes_the_continuation():
 
 @pytest.mark.parametrize("draft", ["sampled", "deterministic"])
 def test_rejection_sampling_keeps_the_distribution(draft):
-    """The first token out of verify() is distributed as the target p, whatever the draft distribution."""
-    V, N = 6, 20000
-    target = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
-    params = SamplingParams(temperature=1.0, seed=0)
-    sampler = Sampler(params)
-    p = probabilities(target, params)
-    q = torch.tensor([0.05, 0.5, 0.05, 0.3, 0.05, 0.05])
-    counts = torch.zeros(V)
-    logits = torch.stack([target, torch.zeros(V)])
+    """Out of verify() over two drafts, the first token is distributed as the target p0, and the second, after
+    an accepted d1, as p1 (the target after d1), whatever the draft distributions (all decided on the device)."""
+    V, N = 6, 8000
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny rows: a second thread only waits for a busy core (18 ms a softmax at load 8)
+    try:
+        first, second = _verify_two_drafts(draft, V, N)
+    finally:
+        torch.set_num_threads(threads)
+    p0, p1 = probabilities(TARGETS[0], PARAMS), probabilities(TARGETS[1], PARAMS)
+    assert (first / N - p0).abs().max() < 0.02  # about 3.5 standard deviations at N = 8000
+    assert second.sum() > 0.2 * N and (second / second.sum() - p1).abs().max() < 0.03
+
+
+TARGETS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5], [0.0, 1.0, -0.5, 2.0, 0.5, 0.0], [0.0] * 6])
+PARAMS = SamplingParams(temperature=1.0, seed=0)
+
+
+def _verify_two_drafts(draft: str, V: int, N: int):
+    """N verify() calls over two drafts (sampled from fixed q's, or the fixed 0 3): counts of the first token,
+    and of the second where the first is the first draft (the only history TARGETS[1] stands for)."""
+    sampler = Sampler(PARAMS)
+    qs = [torch.tensor([0.3, 0.25, 0.05, 0.3, 0.05, 0.05]), torch.tensor([0.3, 0.1, 0.1, 0.4, 0.05, 0.05])]
+    first, second = torch.zeros(V), torch.zeros(V)
     for _ in range(N):
-        d = sampler.draw(q) if draft == "sampled" else 1
-        n_ok, nxt = verify([d], [q if draft == "sampled" else None], logits, sampler)
-        counts[d if n_ok else nxt] += 1
-    assert (counts / N - p).abs().max() < 0.015
+        drafts = [sampler.draw(q) for q in qs] if draft == "sampled" else [0, 3]
+        n_ok, nxt = verify(drafts, qs if draft == "sampled" else [None, None], TARGETS, sampler)
+        out = drafts[:n_ok] + [nxt]
+        first[out[0]] += 1
+        if n_ok >= 1:  # the second position's target is p1 after an accepted d1 only
+            second[out[1]] += 1
+    return first, second
 
 
 def test_speculative_sampling_end_to_end_distribution(tmp_path):
