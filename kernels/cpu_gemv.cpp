@@ -45,25 +45,47 @@ QuantRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t kp, bool p
   r.q.assign(M * kp, 0);
   r.d.assign(M * r.nb, 0.f);
   r.dsum.assign(M * r.nb, 0.f);
-  float buf[QK];
+  // AVX2, the same numbers as the scalar rounding (x * (1 / d), rounded to nearest even, clamped to +-127;
+  // a NaN's |x| is skipped by the max as std::max skips it, and converts to -127 as a cast of it would)
+  alignas(32) float buf[QK];
+  alignas(32) int32_t iv[QK];
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < r.nb; ++b) {
-      float amax = 0.f;
-      for (int i = 0; i < QK; ++i) {
-        int64_t k = b * QK + i;
-        buf[i] = k < K ? x[m * K + k] : 0.f;
-        amax = std::max(amax, std::fabs(buf[i]));
+      const float* src = x + m * K + b * QK;
+      if ((b + 1) * QK > K) {  // the last block, past K: zeros
+        for (int i = 0; i < QK; ++i) buf[i] = b * QK + i < K ? src[i] : 0.f;
+        src = buf;
       }
-      float d = amax / 127.f;
-      float id = d > 0.f ? 1.f / d : 0.f;
+      __m256 v[4], mx = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(src + 8 * j);
+        mx = _mm256_max_ps(_mm256_and_ps(v[j], absmask), mx);
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      const float amax = _mm_cvtss_f32(h);
+      const float d = amax / 127.f;
+      const float id = d > 0.f ? 1.f / d : 0.f;
+      const __m256 idv = _mm256_set1_ps(id);
+      __m256i sv = _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        __m256i t = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        t = _mm256_min_epi32(_mm256_max_epi32(t, lo), hi);
+        sv = _mm256_add_epi32(sv, t);
+        _mm256_store_si256((__m256i*)(iv + 8 * j), t);
+      }
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sv), _mm256_extracti128_si256(sv, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+      const int sum = _mm_cvtsi128_si32(s4);
       int8_t* q = r.q.data() + m * kp + (paired ? (b / 2) * 2 * QK : b * QK);
-      int sum = 0;
-      for (int i = 0; i < QK; ++i) {
-        int v = (int)std::nearbyint(buf[i] * id);
-        v = std::min(127, std::max(-127, v));
-        int pos = paired ? (i % 2) * QK + (b % 2) * (QK / 2) + i / 2 : i;
-        q[pos] = (int8_t)v;
-        sum += v;
+      if (paired) {
+        for (int i = 0; i < QK; ++i) q[(i % 2) * QK + (b % 2) * (QK / 2) + i / 2] = (int8_t)iv[i];
+      } else {
+        for (int i = 0; i < QK; ++i) q[i] = (int8_t)iv[i];
       }
       r.d[m * r.nb + b] = d;
       r.dsum[m * r.nb + b] = d * (float)sum;
