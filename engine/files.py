@@ -8,6 +8,7 @@ checks what it opened (fstat) before reading; `regular` checks a path before a l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -77,7 +78,6 @@ def sha256_of(paths: list[Path], memo_file: Path | None) -> dict[Path, str]:
     time, and nothing sets it back), and read again only when one of them changed."""
     import hashlib
     import json
-    import tempfile
 
     memo: dict = {}
     if memo_file is not None:
@@ -101,12 +101,26 @@ def sha256_of(paths: list[Path], memo_file: Path | None) -> dict[Path, str]:
         out[path] = memo[key] = h.hexdigest()
         changed = True
     if changed and memo_file is not None:
-        try:  # atomically; a cache that cannot be written only means hashing again next time
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=memo_file.parent, prefix=f".{memo_file.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(memo, f)
-            os.replace(tmp, memo_file)
-        except OSError:
-            pass
+        write_json_quietly(memo_file, memo)  # a cache that cannot be written only means hashing again next time
     return out
+
+
+def write_json_quietly(path: Path, data) -> bool:
+    """Write data as JSON to path atomically (a temporary file beside it, then a rename), making its folder;
+    False, with nothing changed, where it cannot be written (for caches: that only costs recomputing)."""
+    import json
+    import tempfile
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return False

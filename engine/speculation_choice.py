@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -123,19 +122,12 @@ def remember(key: str, entry: dict):
     """Add entry under key, atomically; a cache that cannot be written only means measuring again."""
     f = cache_file()
     try:
-        try:
-            data = json.loads(files.read_text(f))
-            data = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            data = {}
-        data[key] = entry
-        f.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out)
-        os.replace(tmp, f)
-    except OSError:
-        pass
+        data = json.loads(files.read_text(f))
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = entry
+    files.write_json_quietly(f, data)
 
 
 @torch.inference_mode()
