@@ -1,16 +1,24 @@
-"""Every benchmark runs, as a user runs it: a script started by path, in its smoke mode (toy sizes, seconds).
+"""Every benchmark runs, as a user runs it, in its smoke mode (toy sizes, seconds).
 
-An API change in the engine or the app cannot break a benchmark unseen. The scripts the README names run from
-the repository root, where a script that put the root on sys.path would import this repository's kernels/
-in place of the `kernels` package transformers imports; the others run from a directory outside the checkout.
-bench_gpu's smoke run also writes every figure of its JSON, transformers' ratio included (never a silent None).
+An API change in the engine or the app cannot break a benchmark unseen. A smoke run is the script's own code
+run as `python benchmarks/NAME.py --smoke` runs it (`__main__`, its argv, its folder first on sys.path, the
+working directory), but in the test's process (`smoke` below): a new process would spend most of a smoke
+run's seconds importing torch and transformers again. The process itself is tested where it is the point:
+bench_busy starts its decode processes, and the GPU benchmarks are started by path below (no GPU: one line,
+exit 2). The scripts the README names run from the repository root, and a script that put the root on
+sys.path (which would import this repository's kernels/ in place of the `kernels` package transformers
+imports) fails its smoke test; the others run from a directory outside the checkout. bench_gpu's smoke run
+also writes every figure of its JSON, transformers' ratio included (never a silent None).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -41,6 +49,39 @@ def script(name: str, args: list[str], cwd: Path, timeout: int = 600) -> subproc
                           timeout=timeout, env=env)
 
 
+def smoke(name: str, args: list[str], cwd: Path, monkeypatch) -> subprocess.CompletedProcess:
+    """benchmarks/NAME run as `python benchmarks/NAME ARGS` from `cwd` runs it, in this process: its exit code,
+    stdout and stderr (an exception it raises fails the test with its traceback)."""
+    path = BENCH / name
+    monkeypatch.chdir(cwd)
+    # TRITON_INTERPRET stays as the tests set it: a kernel module imported without it would keep compiled
+    # kernels for this process (on the CPU the engine runs none; bench_kernels' smoke sets it itself). Only
+    # bench_busy, which imports nothing of dschat here, starts its decode processes without it, as a user's.
+    if name == "bench_busy.py":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    saved_path, modules, threads = list(sys.path), set(sys.modules), torch.get_num_threads()
+    sys.path.insert(0, str(BENCH))  # what Python puts first for a script
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            err.write(f"{e.code}\n")
+    finally:
+        root_added = [p for p in sys.path if Path(p or ".").resolve() == ROOT]
+        sys.path[:] = saved_path
+        for mod in set(sys.modules) - modules:  # the scripts' own modules (bench_reuse imports bench_decode)
+            if Path(getattr(sys.modules[mod], "__file__", None) or "/").parent == BENCH:
+                del sys.modules[mod]
+        torch.set_num_threads(threads)
+    assert not root_added, f"{name} put the repository root on sys.path"
+    return subprocess.CompletedProcess([str(path), *args], code, out.getvalue(), err.getvalue())
+
+
 def test_every_benchmark_has_a_smoke_run():
     """Here, or in a test file of its own (tests/test_bench_serve.py for bench_serve.py)."""
     scripts = {p.name for p in BENCH.glob("*.py")}
@@ -49,17 +90,17 @@ def test_every_benchmark_has_a_smoke_run():
 
 
 @pytest.mark.parametrize("name", sorted(set(SMOKE) - {"bench_gpu.py"}))
-def test_smoke_run(name, tmp_path):
-    r = script(name, SMOKE[name], ROOT if name in FROM_ROOT else tmp_path)
+def test_smoke_run(name, tmp_path, monkeypatch):
+    r = smoke(name, SMOKE[name], ROOT if name in FROM_ROOT else tmp_path, monkeypatch)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and r.stdout.strip()
     if name == "bench_decode.py":  # its demo part too (what `--demo-only` runs alone): every drafter
         assert "mtp" in r.stdout and "ngram" in r.stdout
 
 
-def test_bench_gpu_smoke_writes_every_figure(tmp_path):
+def test_bench_gpu_smoke_writes_every_figure(tmp_path, monkeypatch):
     out = tmp_path / "r.json"
-    r = script("bench_gpu.py", ["--smoke", "--out", str(out)], ROOT)
+    r = smoke("bench_gpu.py", ["--smoke", "--out", str(out)], ROOT, monkeypatch)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert "transformers_error" not in res, res["transformers_error"]  # the reference must build: say why not
