@@ -187,6 +187,8 @@ def test_speculative_sampling_end_to_end_distribution(tmp_path):
     logits and the sampler's own probabilities. Only the MTP side is sampled, so fewer runs give the same power
     as two histograms compared with each other (this test once ran plain decoding 800 times as well)."""
     cfg = tc.v3_config(vocab=8)
+    # one dense layer and one MoE layer (and the MTP layer): the 400 sampled runs cost 3 layers a pass, not 5
+    cfg.update(num_hidden_layers=2, first_k_dense_replace=1)
     path = tc.write_checkpoint(tmp_path / "tiny", cfg, seed=11)
     mtp_eng = fresh(path, speculative="mtp", draft_tokens=2)
     p = [1, 2, 3, 4]
