@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..kernels.mla_decode import paged_slots
+from .cpu_step import CpuPlan
 from .step import Step
 
 COMPILE = ("auto", "on", "off")
@@ -138,6 +139,16 @@ class StaticDecoder:
         self.table: list[int] = []  # what page_table holds, as the host last wrote it
         self.graphs: dict[int, "_Graph"] = {}
         self._fn, self._mtp_fn = decode_step, mtp_step
+        # the CPU's one-token step run lean (engine/cpu_step.py), eager mode only; DSCHAT_CPU_STEP=0 turns it off
+        self.lean = None
+        if mode == "eager" and device.type == "cpu" and os.environ.get("DSCHAT_CPU_STEP", "1") != "0":
+            with torch.no_grad():
+                self.lean = CpuPlan.build(model)
+            if self.lean is not None:
+                self._fn = self._lean_fn
+        self._seq = None  # the sequence of the step being run (the lean step reads its pages on the host)
+        self.contiguous = 0  # leading pages of the table that follow one another in the pool
+        self._table_slots: torch.Tensor | None = None
         self.mtp_graphs: dict[int, "_Graph"] = {}
         t0 = time.perf_counter()
         if mode == "compiled":
@@ -202,6 +213,7 @@ class StaticDecoder:
     def bind(self, seq):
         """Point the buffers at seq: its page table and length."""
         self.table = []
+        self.contiguous = 0
         self.sync(seq)
         self.length.fill_(len(seq.ids))
 
@@ -216,6 +228,11 @@ class StaticDecoder:
         for k in range(j, len(pages)):
             self.page_table[k] = pages[k]  # a fill with a scalar: no host tensor, no copy
         self.table = list(pages)
+        c = min(self.contiguous, j)
+        while c < len(pages) and (c == 0 or pages[c] == pages[c - 1] + 1):
+            c += 1
+        self.contiguous = c
+        self._table_slots = None
 
     def set_length(self, n: int):
         self.length.fill_(n)
@@ -245,7 +262,29 @@ class StaticDecoder:
         self.sync(seq)
         if S in self.graphs:
             return self.graphs[S].replay()
-        return self._fn(*self._args(S))
+        self._seq = seq
+        try:
+            return self._fn(*self._args(S))
+        finally:
+            self._seq = None
+
+    def _lean_fn(self, model, ids, length, page_table, layers, page_size):
+        """decode_step's contract; at one token on the CPU the lean step (engine/cpu_step.py), for which the
+        host gives the row to write and the keys to read from the sequence's pages."""
+        seq = self._seq
+        if ids.shape[1] != 1 or seq is None:
+            return decode_step(model, ids, length, page_table, layers, page_size)
+        P = self.page_size
+        pos = len(seq.ids)
+        slot = self.table[pos // P] * P + pos % P
+        if pos // P < self.contiguous:  # the keys 0..pos lie in one run of pages: a view of the pool
+            first = self.table[0] * P
+            keys = slice(first, first + pos + 1)
+        else:
+            if self._table_slots is None:
+                self._table_slots = paged_slots(self.page_table, P)
+            keys = self._table_slots[:pos + 1]
+        return self.lean.step(ids, length, layers, slot, keys)
 
 
 class _Graph:

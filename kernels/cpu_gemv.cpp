@@ -492,7 +492,7 @@ int bad(int bits, int64_t group, int64_t K, int64_t row) {
 
 extern "C" {
 
-int dschat_abi_version() { return 2; }
+int dschat_abi_version() { return 3; }
 
 // y [M, N] = x [M, K] (float32) through a packed weight [N, K] (see packed()); 0 on success.
 int dschat_gemv(const float* x, int64_t M, int64_t K, const void* data, const float* scale, const uint8_t* zero,
@@ -578,5 +578,134 @@ void dschat_q8_activations(const float* x, int64_t M, int64_t K, int64_t kp, flo
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < kp; ++k) out[m * kp + k] = r.d[m * r.nb + k / QK] * (float)r.q[m * kp + k];
 }
+
+
+// -- the one-token decode step's small operations (engine/cpu_step.py), float32 -----------------------------
+// Each is one call where PyTorch runs 2 to 15 operators of a few microseconds each. Each rounds as the
+// PyTorch reference does, operation by operation (no fused multiply-adds: see the pragmas), except that the
+// sums of RMSNorm and softmax run in double before their one rounding to float.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+static inline float rms_scale(const float* x, int64_t D, float eps) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < D; ++i) ss += (double)(x[i] * x[i]);
+  return 1.0f / std::sqrt((float)(ss / (double)D) + eps);
+}
+
+// y [D] = w * (x * rsqrt(mean(x^2) + eps)); with res, first x += res (in place).
+void dschat_add_rms(float* x, const float* res, const float* w, float eps, int64_t D, float* y) {
+  if (res)
+    for (int64_t i = 0; i < D; ++i) x[i] = x[i] + res[i];
+  const float r = rms_scale(x, D, eps);
+  for (int64_t i = 0; i < D; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+// q's RoPE and the latent row: q [H, q_stride] holds each head's rope part at offset `nope` (P values);
+// kv [R + P] is kv_a_proj's output. q_out [H, P] = rope(q_pe); row [R + P] = [w * rmsnorm(kv[:R]) | rope(kv[R:])].
+// RoPE rotates interleaved pairs: (x0 cos - x1 sin, x1 cos + x0 sin), cos/sin [P / 2].
+void dschat_rope_latent(const float* q, int64_t H, int64_t q_stride, int64_t nope, const float* kv, int64_t R,
+                        int64_t P, const float* w, float eps, const float* cs, const float* sn, float* row,
+                        float* q_out) {
+  for (int64_t h = 0; h < H; ++h) {
+    const float* src = q + h * q_stride + nope;
+    float* dst = q_out + h * P;
+    for (int64_t i = 0; i < P / 2; ++i) {
+      const float x0 = src[2 * i], x1 = src[2 * i + 1], c = cs[i], s = sn[i];
+      dst[2 * i] = x0 * c - x1 * s;
+      dst[2 * i + 1] = x1 * c + x0 * s;
+    }
+  }
+  const float r = rms_scale(kv, R, eps);
+  for (int64_t i = 0; i < R; ++i) row[i] = w[i] * (kv[i] * r);
+  for (int64_t i = 0; i < P / 2; ++i) {
+    const float x0 = kv[R + 2 * i], x1 = kv[R + 2 * i + 1], c = cs[i], s = sn[i];
+    row[R + 2 * i] = x0 * c - x1 * s;
+    row[R + 2 * i + 1] = x1 * c + x0 * s;
+  }
+}
+
+// out [I] = silu(gu[:I]) * gu[I:2I] (silu(g) = g / (1 + exp(-g))).
+void dschat_silu_mul(const float* gu, int64_t I, float* out) {
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = gu[i];
+    out[i] = (g / (1.0f + std::exp(-g))) * gu[I + i];
+  }
+}
+
+// y [n] (first: y = a * x, else y = y + a * x), the product rounded before the sum.
+void dschat_axpy(float* y, const float* x, float a, int64_t n, int first) {
+  if (first)
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * a;
+  else
+    for (int64_t i = 0; i < n; ++i) y[i] = y[i] + x[i] * a;
+}
+
+// The router after its linear (kernels/router.py route_reference) for one token: logits [E] -> ids [k] (minus
+// offset; in the order chosen, ties to the lower id) and weights [k]. scale <= 0: none.
+void dschat_route(const float* logits, int64_t E, const float* bias, int k, int n_group, int topk_group, int top2,
+                  int softmax, int normalise, float scale, int64_t offset, int64_t* ids, float* weights) {
+  std::vector<float> scores(E), choice(E);
+  if (softmax) {
+    float m = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) m = std::max(m, logits[e]);
+    double sum = 0.0;
+    for (int64_t e = 0; e < E; ++e) {
+      scores[e] = std::exp(logits[e] - m);
+      sum += scores[e];
+    }
+    const float fs = (float)sum;
+    for (int64_t e = 0; e < E; ++e) scores[e] = scores[e] / fs;
+  } else {
+    for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+  }
+  for (int64_t e = 0; e < E; ++e) choice[e] = bias ? scores[e] + bias[e] : scores[e];
+  if (n_group > 1) {
+    const int64_t G = E / n_group;
+    std::vector<float> gs(n_group);
+    for (int g = 0; g < n_group; ++g) {
+      float b1 = -INFINITY, b2 = -INFINITY;
+      for (int64_t j = 0; j < G; ++j) {
+        const float v = choice[g * G + j];
+        if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
+      }
+      gs[g] = top2 ? b1 + b2 : b1;
+    }
+    std::vector<char> keep(n_group, 0);
+    for (int t = 0; t < topk_group; ++t) {
+      int best = -1;
+      for (int g = 0; g < n_group; ++g)
+        if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+      keep[best] = 1;
+    }
+    for (int g = 0; g < n_group; ++g)
+      if (!keep[g])
+        for (int64_t j = 0; j < G; ++j) choice[g * G + j] = -INFINITY;
+  }
+  float total = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < E; ++e)
+      if (choice[e] != -INFINITY && (best < 0 || choice[e] > choice[best])) best = e;
+    if (best < 0) best = 0;
+    choice[best] = -INFINITY;
+    ids[j] = best - offset;
+    weights[j] = scores[best];
+  }
+  if (normalise) {
+    for (int j = 0; j < k; ++j) total = total + weights[j];
+    for (int j = 0; j < k; ++j) weights[j] = weights[j] / (total + 1e-20f);
+  }
+  if (scale > 0.0f)
+    for (int j = 0; j < k; ++j) weights[j] = weights[j] * scale;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 }  // extern "C"

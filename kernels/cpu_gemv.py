@@ -1,4 +1,6 @@
-"""dschat's own CPU GEMV for packed int8 / int4 weights (cpu_gemv.cpp, AVX2 + FMA), built at first use.
+"""dschat's own CPU GEMV for packed int8 / int4 weights (cpu_gemv.cpp, AVX2 + FMA), built at first use; the
+same library holds the float32 one-token decode step's small operations (RMSNorm, RoPE and the latent row,
+SwiGLU, the router, the experts' weighted sum: engine/cpu_step.py).
 
 The C++ source (no torch headers: C entry points over raw pointers) is compiled once per machine by one call
 of the system compiler (`$CXX`, else c++ / g++; a few seconds) into a shared library in dschat's cache
@@ -37,7 +39,7 @@ QK = 32  # activation block
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 SOURCE_BF16 = Path(__file__).with_name("cpu_gemv_bf16.cpp")  # bfloat16 weights (cpu_bf16.py), in the same library
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 2  # cpu_gemv.cpp's dschat_abi_version()
+ABI = 3  # cpu_gemv.cpp's dschat_abi_version()
 ABI_BF16 = 1  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
 
 
@@ -105,6 +107,14 @@ def _load(path: Path):
     lib.dschat_dequantize.restype = I
     lib.dschat_q8_activations.argtypes = [P, I64, I64, I64, P]
     lib.dschat_q8_activations.restype = None
+    F = ctypes.c_float
+    for name, args in (("dschat_add_rms", [P, P, P, F, I64, P]),
+                       ("dschat_rope_latent", [P, I64, I64, I64, P, I64, I64, P, F, P, P, P, P]),
+                       ("dschat_silu_mul", [P, I64, P]),
+                       ("dschat_axpy", [P, P, F, I64, I]),
+                       ("dschat_route", [P, I64, P, I, I, I, I, I, I, F, I64, P, P])):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
     return lib
 
 
@@ -130,7 +140,7 @@ def _build():
     link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp else []
     try:
         d.mkdir(parents=True, exist_ok=True)
-        _say("building the CPU int8/int4 kernels (once; a few seconds) ...")
+        _say("building the CPU kernels (once; a few seconds) ...")
         with tempfile.TemporaryDirectory(dir=d) as tmp:
             out = Path(tmp) / so.name
             r = subprocess.run([cxx, *FLAGS, str(SOURCE), str(SOURCE_BF16), *link, "-o", str(out)], capture_output=True, text=True,
@@ -151,7 +161,8 @@ def native():
         lib, why = _build()
         _LIB = lib
         if why and why != "DSCHAT_CPU_GEMV=0":
-            _say(f"note: {why}; packed int8/int4 and bfloat16 weights run through PyTorch's slower kernels")
+            _say(f"note: {why}; packed int8/int4 and bfloat16 weights and the float32 decode step run on "
+                 "PyTorch's slower paths")
     return _LIB
 
 

@@ -225,3 +225,33 @@ def test_an_fp8_kept_step_is_one_graph(checkpoints):
     eng = Engine.from_pretrained(checkpoints["v3_fp8"], dtype=torch.float32, speculative="none", fp8="keep")
     explained = explain_one_step(eng, eng.static, seed=7)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_lean_cpu_step_gives_the_plain_tokens_over_scattered_pages(checkpoints, v3, monkeypatch, native):
+    """The CPU's one-token step run lean (engine/cpu_step.py: the library's small operations, or without the
+    library the PyTorch ones) decodes the plain path's tokens, whether the sequence's pages follow one another
+    in the pool (its keys a view) or not (gathered)."""
+    monkeypatch.setenv("DSCHAT_CPU_STEP_NATIVE", "1" if native else "0")
+    saved = v3.static
+    v3.static = StaticDecoder(v3.model, v3.cache, v3.device, v3.context_length)
+    try:
+        lean = v3.static.lean
+        assert lean is not None and (lean.lib is not None) == native
+        calls = []
+        monkeypatch.setattr(lean, "step", lambda *a: (calls.append(a[3]), type(lean).step(lean, *a))[1])
+        ids = prompt(40, seed=5)
+        params = SamplingParams(max_tokens=100, ignore_eos=True)  # 140 rows: three pages
+        want = plain(v3, ids, params)
+        for scatter in (False, True):
+            v3.cache.clear()
+            if scatter:  # the pool hands out every other page, downwards: no two neighbours
+                v3.cache.free = v3.cache.free[-1::-2] + v3.cache.free[-2::-2]
+            calls.clear()
+            assert list(v3.generate(ids, params, reuse_cache=False)) == want
+            assert len(calls) == 99
+            assert (v3.static.contiguous == 3) != scatter
+    finally:
+        v3.static = saved
+    monkeypatch.setenv("DSCHAT_CPU_STEP", "0")
+    assert StaticDecoder(v3.model, v3.cache, v3.device, v3.context_length).lean is None
