@@ -58,7 +58,10 @@ SLOW_FIRST = ("test_training", "test_benchmarks", "test_reuse_and_speculation", 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
-        shared = defs and any(fd[-1].scope == "module" for fd in defs.name2fixturedefs.values() if fd)
+        # a module-scoped fixture, or a session-scoped one that a test file defines for itself (test_tokenizer's
+        # transformers tokenizers): built once, on one worker, not once on each
+        shared = defs and any(fd[-1].scope == "module" or (fd[-1].scope == "session" and fd[-1].baseid.endswith(".py"))
+                              for fd in defs.name2fixturedefs.values() if fd)
         if shared:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
