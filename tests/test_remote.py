@@ -29,7 +29,9 @@ SOURCE = "import os\n\n\ndef list_files(path):\n    names = []\n    for name in 
 
 @pytest.fixture(scope="module")
 def demo_server():
-    engine = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32, speculative="none")
+    # loaded as `dschat --model demo` loads it (speculative "auto": measured, then plain on this CPU), so that
+    # the in-process run and the server's report the same --stats
+    engine = Engine.from_pretrained(DEMO_DIR, dtype=torch.float32)
     with ServerThread(engine, names=("demo",)) as s:
         yield s
 
