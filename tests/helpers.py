@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import runpy
 import signal
 import socket
 import subprocess
@@ -308,3 +309,43 @@ def greedy(engine, ids, n, stops=()):
     out = list(engine.generate(ids, SamplingParams(max_tokens=n, stop_token_ids=tuple(stops))))
     body = out[:-1] if out and (out[-1] in engine.eos_token_ids or out[-1] in stops) else out
     return out, engine.tokenizer.decode(body, skip_special_tokens=True)
+
+
+# -- benchmark scripts -----------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def smoke(name: str, args: list[str], cwd: Path, monkeypatch) -> subprocess.CompletedProcess:
+    """benchmarks/NAME run as `python benchmarks/NAME ARGS` from `cwd` runs it, but in this process (a new one
+    spends most of a smoke run's seconds importing torch and transformers): `__main__`, its argv, its folder
+    first on sys.path, the working directory; its exit code, stdout and stderr (an exception it raises fails
+    the test with its traceback). A script that puts the repository root on sys.path fails here."""
+    path = BENCH / name
+    monkeypatch.chdir(cwd)
+    # TRITON_INTERPRET stays as the tests set it: a kernel module imported without it would keep compiled
+    # kernels for this process (on the CPU the engine runs none; bench_kernels' smoke sets it itself). Only
+    # bench_busy, which imports nothing of dschat here, starts its decode processes without it, as a user's.
+    if name == "bench_busy.py":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    saved_path, modules, threads = list(sys.path), set(sys.modules), torch.get_num_threads()
+    sys.path.insert(0, str(BENCH))  # what Python puts first for a script
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            err.write(f"{e.code}\n")
+    finally:
+        root_added = [p for p in sys.path if Path(p or ".").resolve() == REPO]
+        sys.path[:] = saved_path
+        for mod in set(sys.modules) - modules:  # the scripts' own modules (bench_reuse imports bench_decode)
+            if Path(getattr(sys.modules[mod], "__file__", None) or "/").parent == BENCH:
+                del sys.modules[mod]
+        torch.set_num_threads(threads)
+    assert not root_added, f"{name} put the repository root on sys.path"
+    return subprocess.CompletedProcess([str(path), *args], code, out.getvalue(), err.getvalue())

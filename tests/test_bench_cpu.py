@@ -1,20 +1,18 @@
-"""benchmarks/bench_cpu.py --smoke, run as a user runs it (a subprocess, from another directory): every
-configuration decodes and prefills, the table and the llama.cpp line come out, the JSON lines hold the figures."""
+"""benchmarks/bench_cpu.py --smoke, run as a user runs it from another directory (in the test's process:
+tests/helpers.py `smoke`): every configuration decodes and prefills, the table and the llama.cpp line come out,
+the JSON lines hold the figures; the stand-in llama-bench is a process it starts."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
+from helpers import smoke
 
 
-def test_smoke_prints_the_table_and_writes_every_figure(tmp_path):
+def test_smoke_prints_the_table_and_writes_every_figure(tmp_path, monkeypatch):
     out = tmp_path / "r.jsonl"
-    r = subprocess.run([sys.executable, str(BENCH), "--smoke", "--json", str(out)], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    r = smoke("bench_cpu.py", ["--smoke", "--json", str(out)], tmp_path, monkeypatch)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [x["config"] for x in rows] == ["float32", "int8", "int4"]
@@ -38,7 +36,7 @@ print(json.dumps({{"n_prompt": p, "n_gen": n, "avg_ts": 100.0 if n else 1000.0}}
 """
 
 
-def test_llama_cpp_runs_in_the_rounds_and_is_compared_at_the_same_precision(tmp_path):
+def test_llama_cpp_runs_in_the_rounds_and_is_compared_at_the_same_precision(tmp_path, monkeypatch):
     log, exe, gguf = tmp_path / "calls", tmp_path / "llama-bench", tmp_path / "gguf"
     exe.write_text(STAND_IN.format(python=sys.executable, log=str(log)))
     exe.chmod(0o755)
@@ -46,9 +44,8 @@ def test_llama_cpp_runs_in_the_rounds_and_is_compared_at_the_same_precision(tmp_
     for t in ("q4_0", "q8_0"):
         (gguf / f"demo-{t}.gguf").write_bytes(b"not a gguf")
     out = tmp_path / "r.jsonl"
-    r = subprocess.run([sys.executable, str(BENCH), "--smoke", "--json", str(out), "--gguf", str(gguf),
-                        "--llama-bench", str(exe), "--llama-types", "bf16,q8_0,q4_0", "--llama-args", "--repack 0"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = smoke("bench_cpu.py", ["--smoke", "--json", str(out), "--gguf", str(gguf), "--llama-bench", str(exe),
+                               "--llama-types", "bf16,q8_0,q4_0", "--llama-args", "--repack 0"], tmp_path, monkeypatch)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(x["label"], x["config"]) for x in rows] == [("now", "float32"), ("now", "int8"), ("now", "int4"),

@@ -13,12 +13,9 @@ also writes every figure of its JSON, transformers' ratio included (never a sile
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -26,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -47,39 +45,6 @@ def script(name: str, args: list[str], cwd: Path, timeout: int = 600) -> subproc
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     return subprocess.run([sys.executable, str(BENCH / name), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
-
-
-def smoke(name: str, args: list[str], cwd: Path, monkeypatch) -> subprocess.CompletedProcess:
-    """benchmarks/NAME run as `python benchmarks/NAME ARGS` from `cwd` runs it, in this process: its exit code,
-    stdout and stderr (an exception it raises fails the test with its traceback)."""
-    path = BENCH / name
-    monkeypatch.chdir(cwd)
-    # TRITON_INTERPRET stays as the tests set it: a kernel module imported without it would keep compiled
-    # kernels for this process (on the CPU the engine runs none; bench_kernels' smoke sets it itself). Only
-    # bench_busy, which imports nothing of dschat here, starts its decode processes without it, as a user's.
-    if name == "bench_busy.py":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(sys, "argv", [str(path), *args])
-    saved_path, modules, threads = list(sys.path), set(sys.modules), torch.get_num_threads()
-    sys.path.insert(0, str(BENCH))  # what Python puts first for a script
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(str(path), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if not isinstance(e.code, (int, type(None))):
-            err.write(f"{e.code}\n")
-    finally:
-        root_added = [p for p in sys.path if Path(p or ".").resolve() == ROOT]
-        sys.path[:] = saved_path
-        for mod in set(sys.modules) - modules:  # the scripts' own modules (bench_reuse imports bench_decode)
-            if Path(getattr(sys.modules[mod], "__file__", None) or "/").parent == BENCH:
-                del sys.modules[mod]
-        torch.set_num_threads(threads)
-    assert not root_added, f"{name} put the repository root on sys.path"
-    return subprocess.CompletedProcess([str(path), *args], code, out.getvalue(), err.getvalue())
 
 
 def test_every_benchmark_has_a_smoke_run():
