@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ops
+from ..kernels import cpu_bf16, ops
 from ..kernels.mla_decode import mla_decode, mla_decode_paged
 from ..kernels.norm_rope import apply_rope, rope_latent_write
 
@@ -91,13 +91,24 @@ class MLA(nn.Module):
         if step is not None and step.absorb:
             # fold W_UK into the query, attend over the latent rows in place, unfold W_UV from the output
             w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
-            q_lat = torch.einsum("shd,hdc->shc", q_nope[0], w_uk)
+            fold = w.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and cpu_bf16.available()  # PyTorch's bfloat16 bmm is slow on a CPU without bfloat16 arithmetic
+            if fold:
+                q_lat = q_nope.new_empty(*q_nope.shape[1:3], self.kv_rank)
+                cpu_bf16.bmm(q_nope[0].transpose(0, 1), w_uk, False, out=q_lat.transpose(0, 1))
+            else:
+                q_lat = torch.einsum("shd,hdc->shc", q_nope[0], w_uk)
             if step.table_slots is not None:  # the static step: its length is in the positions
                 o_lat = ops.traced(torch.ops.dschat.mla_decode_paged, mla_decode_paged)(
                     q_lat, q_pe[0].to(q_lat.dtype), cache, step.table_slots, step.positions, self.scale)
             else:
                 o_lat = mla_decode(q_lat, q_pe[0].to(q_lat.dtype), cache, step.slots, step.positions, self.scale)
-            out = torch.einsum("shc,hdc->shd", o_lat, w_uv).unsqueeze(0)
+            if fold and o_lat.dtype == torch.bfloat16 and o_lat.stride(-1) == 1:
+                out = o_lat.new_empty(*o_lat.shape[:2], self.v_dim)
+                cpu_bf16.bmm(o_lat.transpose(0, 1), w_uv, True, out=out.transpose(0, 1))
+                out = out.unsqueeze(0)
+            else:
+                out = torch.einsum("shc,hdc->shd", o_lat, w_uv).unsqueeze(0)
         else:
             all_latent = latent if step is None else cache[step.slots].unsqueeze(0)  # [B,T,r+dr]
             c_kv, pe = all_latent.split([self.kv_rank, self.rope], dim=-1)

@@ -64,6 +64,25 @@ def linear_or_torch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return linear(x, w) if takes(x, w) else torch.nn.functional.linear(x, w)
 
 
+def bmm(x: torch.Tensor, w: torch.Tensor, trans: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched x[b] W[b]^T (trans: w [B, N, K]) or x[b] W[b] (w [B, K, N]) for x [B, M, K], all bfloat16 with
+    their last dimension contiguous (views: no copy), into `out` [B, M, N] (a view too; else a new tensor),
+    rounded to bfloat16 once per element (MLA's absorbed attention, a few rows a head)."""
+    B, M, K = x.shape
+    N = w.shape[1] if trans else w.shape[2]
+    assert w.shape[0] == B and w.shape[2 if trans else 1] == K and x.stride(-1) == 1 and w.stride(-1) == 1
+    if out is None:
+        out = torch.empty(B, M, N, dtype=torch.bfloat16)
+    assert out.shape == (B, M, N) and out.dtype == torch.bfloat16 and out.stride(-1) == 1
+    err = _lib().dschat_bf16_bmm(_P(x.data_ptr()), _I64(B), _I64(M), _I64(K), _I64(x.stride(0)), _I64(x.stride(1)),
+                                 _P(w.data_ptr()), _I64(N), _I64(w.stride(0)), _I64(w.stride(1)), _I(int(trans)),
+                                 _P(out.data_ptr()), _I64(out.stride(0)), _I64(out.stride(1)),
+                                 _I(torch.get_num_threads()))
+    if err:
+        raise ValueError(f"cpu_bf16: bad arguments (error {err})")
+    return out
+
+
 def linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """What `linear` computes, in float64 plain PyTorch: the bfloat16 numbers as they are, summed exactly (to
     float64), rounded once to bfloat16."""
@@ -95,4 +114,4 @@ def stacks_fit(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
             and w13.device.type == "cpu" and w13.is_contiguous() and w2.is_contiguous() and available())
 
 
-__all__ = ["available", "takes", "linear", "linear_or_torch", "linear_reference", "experts", "stacks_fit"]
+__all__ = ["available", "takes", "linear", "linear_or_torch", "linear_reference", "bmm", "experts", "stacks_fit"]

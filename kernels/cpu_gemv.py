@@ -40,7 +40,7 @@ SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 SOURCE_BF16 = Path(__file__).with_name("cpu_gemv_bf16.cpp")  # bfloat16 weights (cpu_bf16.py), in the same library
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 ABI = 3  # cpu_gemv.cpp's dschat_abi_version()
-ABI_BF16 = 1  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
+ABI_BF16 = 2  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
 
 
 def cache_dir() -> Path:

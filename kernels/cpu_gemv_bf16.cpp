@@ -88,7 +88,7 @@ struct Out {
 constexpr int GR = 4;  // weight rows at a time
 
 template <int R>
-inline void dot_rows(const uint16_t* w, int64_t K, const float* xp, const float* x, float* out) {
+inline void dot_rows(const uint16_t* w, int64_t ld, int64_t K, const float* xp, const float* x, float* out) {
   const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
@@ -96,14 +96,14 @@ inline void dot_rows(const uint16_t* w, int64_t K, const float* xp, const float*
   for (int64_t k = 0; k < kf; k += 16) {
     const __m256 xe = _mm256_loadu_ps(xp + k), xo = _mm256_loadu_ps(xp + k + 8);
     for (int r = 0; r < R; ++r) {
-      const __m256i u = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
+      const __m256i u = _mm256_loadu_si256((const __m256i*)(w + r * ld + k));
       acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), xe, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(u, hi)), xo, acc[r][1]);
     }
   }
   for (int r = 0; r < R; ++r) {
     float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-    for (int64_t k = kf; k < K; ++k) s += bf2f(w[r * K + k]) * x[k];
+    for (int64_t k = kf; k < K; ++k) s += bf2f(w[r * ld + k]) * x[k];
     out[r] = s;
   }
 }
@@ -121,18 +121,19 @@ std::vector<float> pair_layout(const float* x, int64_t M, int64_t K) {
   return xp;
 }
 
-void gemv_rows(const uint16_t* W, int64_t K, const float* xp, const float* x, int64_t M, int64_t n0, int64_t n1,
-               const Out& y) {
+// W's rows ld apart (ld = K: a whole matrix).
+void gemv_rows(const uint16_t* W, int64_t ld, int64_t K, const float* xp, const float* x, int64_t M, int64_t n0,
+               int64_t n1, const Out& y) {
   float s[GR];
   int64_t n = n0;
   for (; n + GR <= n1; n += GR)
     for (int64_t m = 0; m < M; ++m) {  // the 4 rows stay in L1 (or L2) while each row of x meets them
-      dot_rows<GR>(W + n * K, K, xp + m * K, x + m * K, s);
+      dot_rows<GR>(W + n * ld, ld, K, xp + m * K, x + m * K, s);
       for (int r = 0; r < GR; ++r) y.put(m, n + r, s[r]);
     }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) {
-      dot_rows<1>(W + n * K, K, xp + m * K, x + m * K, s);
+      dot_rows<1>(W + n * ld, ld, K, xp + m * K, x + m * K, s);
       y.put(m, n, s[0]);
     }
 }
@@ -142,7 +143,7 @@ void gemv(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, co
   const int64_t groups = (N + GR - 1) / GR;
   const int64_t grain = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, GR * K * 2));  // >= 32 KiB a chunk
   parallel_for(groups, grain, nthreads, [&](int64_t g0, int64_t g1) {
-    gemv_rows(W, K, xp.data(), x, M, g0 * GR, std::min(N, g1 * GR), y);
+    gemv_rows(W, K, K, xp.data(), x, M, g0 * GR, std::min(N, g1 * GR), y);
   });
 }
 
@@ -251,11 +252,59 @@ std::vector<float> widen(const void* x, int x_bf16, int64_t n) {
   return v;
 }
 
+// One batch entry of bmm, on the calling thread: x bfloat16 [M, K] (rows xs apart), W bfloat16 [N, K] (trans:
+// rows ws apart) or [K, N] (rows ws apart), y bfloat16 [M, N] (rows ys apart).
+void bmm_one(const uint16_t* x, int64_t M, int64_t K, int64_t xs, const uint16_t* W, int64_t N, int64_t ws,
+             int trans, uint16_t* y, int64_t ys) {
+  std::vector<float> xf((size_t)M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = bf2f(x[m * xs + k]);
+  Out o;
+  o.b = y;
+  o.ld = ys;
+  if (trans) {
+    const std::vector<float> xp = pair_layout(xf.data(), M, K);
+    gemv_rows(W, ws, K, xp.data(), xf.data(), M, 0, N, o);
+    return;
+  }
+  // y[m, :] = sum_k x[m, k] W[k, :]: the rows of W scaled and added into a float32 row, in k's order
+  std::vector<float> acc(N);
+  const int64_t nf = N / 8 * 8;
+  for (int64_t m = 0; m < M; ++m) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = xf[m * K + k];
+      const uint16_t* w = W + k * ws;
+      const __m256 av = _mm256_set1_ps(a);
+      for (int64_t n = 0; n < nf; n += 8) {
+        const __m256 wv = _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w + n))), 16));
+        _mm256_storeu_ps(acc.data() + n, _mm256_fmadd_ps(av, wv, _mm256_loadu_ps(acc.data() + n)));
+      }
+      for (int64_t n = nf; n < N; ++n) acc[n] += a * bf2f(w[n]);
+    }
+    for (int64_t n = 0; n < N; ++n) y[m * ys + n] = f2bf(acc[n]);
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int dschat_bf16_abi_version() { return 1; }
+int dschat_bf16_abi_version() { return 2; }
+
+// Batched y[b] = x[b] W[b]^T (trans) or x[b] W[b], all bfloat16, y rounded to nearest even: MLA's absorbed
+// attention folding kv_b_proj's halves into the query and out of the output, a few rows per head. Strides in
+// elements (the last dimension of each contiguous); batch entries split over threads. 0 on success.
+int dschat_bf16_bmm(const uint16_t* x, int64_t B, int64_t M, int64_t K, int64_t xsb, int64_t xsm, const uint16_t* W,
+                    int64_t N, int64_t wsb, int64_t wsr, int trans, uint16_t* y, int64_t ysb, int64_t ysm,
+                    int nthreads) {
+  if (B < 0 || M < 0 || K <= 0 || N < 0) return 1;
+  parallel_for(B, 1, nthreads, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) bmm_one(x + b * xsb, M, K, xsm, W + b * wsb, N, wsr, trans, y + b * ysb, ysm);
+  });
+  return 0;
+}
 
 // y [M, N] = x [M, K] W^T, W bfloat16 [N, K] contiguous; x bfloat16 (x_bf16) or float32; y bfloat16 rounded
 // to nearest even (y_bf16) or float32. 0 on success.

@@ -74,6 +74,20 @@ def test_linear_keeps_leading_dimensions_and_torchs_special_values(native):
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
 
 
+@pytest.mark.parametrize("trans", [True, False])
+def test_bmm_on_views_is_the_float_model_rounded_once(native, trans):
+    """MLA's absorbed attention: per head, a few query rows (a view striding over the heads) times a view of
+    kv_b_proj's weight (one half of each head's rows), into a view of the output; each rounded once."""
+    S, H, d, c = 3, 5, 24, 40
+    w = bf16(H, 2 * d, c, seed=1, scale=0.1)
+    w_half = w[:, d:]  # [H, d, c]: rows c apart, heads 2 d c apart
+    x = bf16(S, H, c if trans else d, seed=2)
+    y = torch.empty(S, H, d if trans else c, dtype=torch.bfloat16)
+    cpu_bf16.bmm(x.transpose(0, 1), w_half, trans, out=y.transpose(0, 1))
+    for h in range(H):
+        check_rounded_once(y[:, h], x[:, h], w_half[h] if trans else w_half[h].T)
+
+
 def stacks(E, H, I, seed=0):
     return bf16(E, 2 * I, H, seed=seed, scale=0.1), bf16(E, H, I, seed=seed + 1, scale=0.1)
 
