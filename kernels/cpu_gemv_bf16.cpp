@@ -148,43 +148,87 @@ void gemv(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, co
 }
 
 // ---- GEMM ----------------------------------------------------------------------------------------------
-constexpr int MR = 6, NR = 16;
+#ifndef DSCHAT_BF16_MR
+#define DSCHAT_BF16_MR 6
+#define DSCHAT_BF16_NR 16
+#endif
+constexpr int MR = DSCHAT_BF16_MR, NR = DSCHAT_BF16_NR;
 constexpr int64_t KC = 256, MC = 96;
 
-// acc[MR'][2] = sum over kc of A[i, k] * P[k, 0..15]; A rows lda apart, P the widened panel [kc][16].
+// c[i, 0..NR) (+)= sum over kc of A[i, k] * P[k, 0..NR); A rows lda apart, P the widened panel [kc][NR].
 template <int R>
 inline void micro(const float* A, int64_t lda, const float* P, int64_t kc, float* c, int64_t ldc, bool add) {
-  __m256 acc[R][2];
-  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  constexpr int V = NR / 8;
+  __m256 acc[R][V];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(P + k * NR), b1 = _mm256_loadu_ps(P + k * NR + 8);
+    __m256 b[V];
+    for (int v = 0; v < V; ++v) b[v] = _mm256_loadu_ps(P + k * NR + 8 * v);
     for (int i = 0; i < R; ++i) {
       const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
-      acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(a, b[v], acc[i][v]);
     }
   }
   for (int i = 0; i < R; ++i) {
     float* ci = c + i * ldc;
-    if (add) {
-      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(ci));
-      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(ci + 8));
+    for (int v = 0; v < V; ++v) {
+      if (add) acc[i][v] = _mm256_add_ps(acc[i][v], _mm256_loadu_ps(ci + 8 * v));
+      _mm256_storeu_ps(ci + 8 * v, acc[i][v]);
     }
-    _mm256_storeu_ps(ci, acc[i][0]);
-    _mm256_storeu_ps(ci + 8, acc[i][1]);
   }
 }
 
 inline void micro_any(int r, const float* A, int64_t lda, const float* P, int64_t kc, float* c, int64_t ldc,
                       bool add) {
   switch (r) {
-    case 6: micro<6>(A, lda, P, kc, c, ldc, add); break;
-    case 5: micro<5>(A, lda, P, kc, c, ldc, add); break;
+    case 6: micro<(MR >= 6 ? 6 : 1)>(A, lda, P, kc, c, ldc, add); break;
+    case 5: micro<(MR >= 5 ? 5 : 1)>(A, lda, P, kc, c, ldc, add); break;
     case 4: micro<4>(A, lda, P, kc, c, ldc, add); break;
     case 3: micro<3>(A, lda, P, kc, c, ldc, add); break;
     case 2: micro<2>(A, lda, P, kc, c, ldc, add); break;
     default: micro<1>(A, lda, P, kc, c, ldc, add); break;
   }
+}
+
+// 8 x 8 floats transposed in registers (r[i] = row i -> r[j] = column j).
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// The panel [kc][NR] of nn weight rows (rows ld apart, from k0 = 0 of w) widened to float32, zeros past nn:
+// blocks of 8 rows x 8 inputs widened and transposed in registers, the rest one by one.
+void widen_panel(const uint16_t* w, int64_t ld, int64_t nn, int64_t kc, float* panel) {
+  const int64_t kf = kc / 8 * 8;
+  int64_t j0 = 0;
+  for (; j0 + 8 <= nn; j0 += 8) {
+    for (int64_t k = 0; k < kf; k += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w + (j0 + i) * ld + k))), 16));
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k + i) * NR + j0, r[i]);
+    }
+    for (int64_t k = kf; k < kc; ++k)
+      for (int64_t j = j0; j < j0 + 8; ++j) panel[k * NR + j] = bf2f(w[j * ld + k]);
+  }
+  for (int64_t j = j0; j < NR; ++j)
+    for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = j < nn ? bf2f(w[j * ld + k]) : 0.f;
 }
 
 // Strips of 16 weight rows [s0, s1) of W [N, K] against x float32 [M, K]: for each block of KC inputs the
@@ -198,15 +242,7 @@ void gemm_strips(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_
     const int64_t kc = std::min(KC, K - k0);
     for (int64_t s = 0; s < ns; ++s) {  // widen: panel[k][j] = W[n0 + j, k0 + k] (zeros past N)
       const int64_t n0 = (s0 + s) * NR, nn = std::min<int64_t>(NR, N - n0);
-      float* panel = panels.data() + s * KC * NR;
-      for (int64_t j = 0; j < NR; ++j) {
-        if (j < nn) {
-          const uint16_t* w = W + (n0 + j) * K + k0;
-          for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = bf2f(w[k]);
-        } else {
-          for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = 0.f;
-        }
-      }
+      widen_panel(W + n0 * K + k0, K, nn, kc, panels.data() + s * KC * NR);
     }
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t m1 = std::min(M, m0 + MC);
