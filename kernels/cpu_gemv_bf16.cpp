@@ -52,20 +52,18 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// f(i) for i in [0, n) over up to `nthreads` threads, each taking the next i as it finishes one (a thread that
+// another process holds off its core leaves its share to the others, where an even split would wait for it).
+// The results do not depend on which thread runs what.
 template <class F>
-void parallel_for(int64_t n, int64_t grain, int nthreads, const F& f) {
-  const int64_t chunks = (n + grain - 1) / std::max<int64_t>(1, grain);
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, chunks));
+void parallel_dynamic(int64_t n, int nthreads, const F& f) {
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, n));
   if (nt == 1) {
-    f(0, n);
+    for (int64_t i = 0; i < n; ++i) f(i);
     return;
   }
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t per = (n + T - 1) / T, n0 = std::min<int64_t>(n, t * per), n1 = std::min<int64_t>(n, n0 + per);
-    if (n0 < n1) f(n0, n1);
-  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t i = 0; i < n; ++i) f(i);
 }
 
 // Where results go: float32 or bfloat16 (rounded), row-major [M, N] with row stride ld.
@@ -140,10 +138,10 @@ void gemv_rows(const uint16_t* W, int64_t ld, int64_t K, const float* xp, const 
 
 void gemv(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, const Out& y, int nthreads) {
   const std::vector<float> xp = pair_layout(x, M, K);
-  const int64_t groups = (N + GR - 1) / GR;
-  const int64_t grain = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, GR * K * 2));  // >= 32 KiB a chunk
-  parallel_for(groups, grain, nthreads, [&](int64_t g0, int64_t g1) {
-    gemv_rows(W, K, K, xp.data(), x, M, g0 * GR, std::min(N, g1 * GR), y);
+  // chunks of whole groups of 4 rows, >= 128 KiB of weights each (lm_head: 3200 chunks of 32 rows)
+  const int64_t rows = GR * std::max<int64_t>(1, (128 * 1024) / std::max<int64_t>(1, GR * K * 2));
+  parallel_dynamic((N + rows - 1) / rows, nthreads, [&](int64_t c) {
+    gemv_rows(W, K, K, xp.data(), x, M, c * rows, std::min(N, (c + 1) * rows), y);
   });
 }
 
@@ -231,7 +229,7 @@ void widen_panel(const uint16_t* w, int64_t ld, int64_t nn, int64_t kc, float* p
     for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = j < nn ? bf2f(w[j * ld + k]) : 0.f;
 }
 
-// Strips of 16 weight rows [s0, s1) of W [N, K] against x float32 [M, K]: for each block of KC inputs the
+// Strips of NR weight rows [s0, s1) of W [N, K] against x float32 [M, K]: for each block of KC inputs the
 // strips are widened once into panels, then every block of MC rows of x sweeps them (x's block in L2, a
 // panel in L1); the float32 sums wait in `acc` ([M, 16] a strip) until the last block rounds them out.
 void gemm_strips(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, int64_t s0, int64_t s1,
@@ -262,9 +260,9 @@ void gemm_strips(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_
 
 void gemm(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, const Out& y, int nthreads) {
   const int64_t strips = (N + NR - 1) / NR;
-  parallel_for(strips, 1, nthreads, [&](int64_t s0, int64_t s1) {
-    constexpr int64_t SG = 4;  // strips at a time: 4 panels (64 KiB) and their sums beside x's block in L2
-    for (int64_t s = s0; s < s1; s += SG) gemm_strips(W, N, K, x, M, s, std::min(s1, s + SG), y);
+  constexpr int64_t SG = 4;  // strips at a time: 4 panels (64 KiB) and their sums beside x's block in L2
+  parallel_dynamic((strips + SG - 1) / SG, nthreads, [&](int64_t g) {
+    gemm_strips(W, N, K, x, M, g * SG, std::min(strips, (g + 1) * SG), y);
   });
 }
 
@@ -336,8 +334,8 @@ int dschat_bf16_bmm(const uint16_t* x, int64_t B, int64_t M, int64_t K, int64_t 
                     int64_t N, int64_t wsb, int64_t wsr, int trans, uint16_t* y, int64_t ysb, int64_t ysm,
                     int nthreads) {
   if (B < 0 || M < 0 || K <= 0 || N < 0) return 1;
-  parallel_for(B, 1, nthreads, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) bmm_one(x + b * xsb, M, K, xsm, W + b * wsb, N, wsr, trans, y + b * ysb, ysm);
+  parallel_dynamic(B, nthreads, [&](int64_t b) {
+    bmm_one(x + b * xsb, M, K, xsm, W + b * wsb, N, wsr, trans, y + b * ysb, ysm);
   });
   return 0;
 }
