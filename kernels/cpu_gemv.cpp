@@ -11,7 +11,8 @@
 //         without a shuffle; the two blocks' int32 sums share one vector, scaled by [d_b x4, d_b+1 x4].
 // y[m, n] = sum_b d[m, b] * (sum_{k in b} q[n, k] * xq[m, k])  (int8), and for int4, per group,
 //           scale[n, g] * (sum_{b in g} d[m, b] * idot(b) - zero[n, g] * sum_{b in g} d[m, b] * xsum[m, b]).
-// Output rows are split over `nthreads` OpenMP threads (the caller passes torch.get_num_threads()); the library
+// Output rows are split over `nthreads` OpenMP threads (the caller passes torch.get_num_threads(); decode's
+// one row of x: chunks of 32 KiB of weights taken from a shared counter, two weight rows at a time); the library
 // links the libgomp that torch ships, so torch's parallel regions and these share one OpenMP runtime and its
 // thread pool. No torch headers: plain C entry points over raw pointers (the end of this file), loaded with
 // ctypes, so that the build is one compiler call of a few seconds.
