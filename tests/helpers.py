@@ -330,6 +330,7 @@ def smoke(name: str, args: list[str], cwd: Path, monkeypatch) -> subprocess.Comp
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(sys, "argv", [str(path), *args])
     saved_path, modules, threads = list(sys.path), set(sys.modules), torch.get_num_threads()
+    saved_env, rng = dict(os.environ), torch.get_rng_state()  # what a script sets, put back after it
     sys.path.insert(0, str(BENCH))  # what Python puts first for a script
     out, err = io.StringIO(), io.StringIO()
     code = 0
@@ -347,5 +348,8 @@ def smoke(name: str, args: list[str], cwd: Path, monkeypatch) -> subprocess.Comp
             if Path(getattr(sys.modules[mod], "__file__", None) or "/").parent == BENCH:
                 del sys.modules[mod]
         torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+        os.environ.clear()
+        os.environ.update(saved_env)
     assert not root_added, f"{name} put the repository root on sys.path"
     return subprocess.CompletedProcess([str(path), *args], code, out.getvalue(), err.getvalue())
