@@ -39,6 +39,7 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["DSCHAT_TRITON_COMPILE_ONLY"] = "1"  # kernels/ defines its Triton kernels without a GPU
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ["DSCHAT_CPU_STEP"] = "0"  # the CPU-only lean step (engine/cpu_step.py) never runs on CUDA
 
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
