@@ -19,8 +19,8 @@ class Linear(nn.Module):
     in FP8 with its block scales (`scale`, `block`): then it is read as FP8 (kernels/fp8_matmul.py: a Triton
     kernel that dequantises in registers on CUDA, dequantise-then-matmul elsewhere). may_stay_fp8=False: a
     weight read whole elsewhere (MLA's kv_b_proj) is always dequantised. A bfloat16 weight on the CPU (one
-    rank) runs kernels/cpu_bf16.py's kernel: PyTorch's bfloat16 matmul, faster where the CPU has no bfloat16
-    arithmetic."""
+    rank) runs kernels/cpu_bf16.py's kernel, faster than PyTorch's bfloat16 matmul where the CPU has no
+    bfloat16 arithmetic (PyTorch's where the kernel cannot be built)."""
 
     def __init__(self, n_in: int, n_out: int, split: str | None = None, may_stay_fp8: bool = True):
         super().__init__()
