@@ -230,6 +230,15 @@ class CpuPlan:
         return h, logits, tokens
 
 
+    def _swiglu(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor):
+        """out = (silu(x W1) * (x W3)) W2 through the fixed buffers: w13 [D, 2I] (gate | up), w2 [I, D], views."""
+        n2 = w13.shape[1]
+        gu, act = self.gu[n2]
+        pg, pa = self.p_gu[n2]
+        torch.mm(x, w13, out=gu)
+        self.lib.dschat_silu_mul(pg, n2 // 2, pa)
+        torch.mm(act, w2, out=out)
+
     def _native_step(self, ids, length, cache, slot: int, keys):
         """step() with its small operations in the library (kernels/cpu_gemv.cpp) over fixed buffers."""
         lib, p, H, nope, rope, R = self.lib, self.p, self.H, self.nope, self.rope, self.R
@@ -270,12 +279,7 @@ class CpuPlan:
             mm(self.out.view(1, -1), L.o, out=self.attn)
             lib.dschat_add_rms(p["h"], p["attn"], c["post_w"], L.post_eps, D, p["x"])
             if L.dense13 is not None:
-                n2 = L.dense13.shape[1]
-                gu, act = self.gu[n2]
-                pg, pa = self.p_gu[n2]
-                mm(x, L.dense13, out=gu)
-                lib.dschat_silu_mul(pg, n2 // 2, pa)
-                mm(act, L.dense2, out=self.pend)
+                self._swiglu(x, L.dense13, L.dense2, self.pend)
                 continue
             E = L.gate.shape[1]
             glog = self.glog[:, :E]
@@ -283,28 +287,18 @@ class CpuPlan:
             k, n_group, topk_group, top2, softmax, normalise, scale, offset = L.route_args
             lib.dschat_route(p["glog"], E, c["bias"], k, n_group, topk_group, top2, softmax, normalise,
                              0.0 if scale is None else scale, offset, self.ids_c, self.w_c)
-            n2 = L.w13.shape[1]
-            gu, act = self.gu[n2]
-            pg, pa = self.p_gu[n2]
             E = L.w13.shape[0]
             none = True
             for j in range(k):
                 e = self.ids_c[j]
                 if 0 <= e < E:
-                    mm(x, L.w13[e].t(), out=gu)
-                    lib.dschat_silu_mul(pg, n2 // 2, pa)
-                    mm(act, L.w2[e].t(), out=self.eo)
+                    self._swiglu(x, L.w13[e].t(), L.w2[e].t(), self.eo)
                     lib.dschat_axpy(p["pend"], p["eo"], self.w_c[j], D, none)
                     none = False
             if none:
                 self.pend.zero_()
             if L.sh13 is not None:
-                n2 = L.sh13.shape[1]
-                gu, act = self.gu[n2]
-                pg, pa = self.p_gu[n2]
-                mm(x, L.sh13, out=gu)
-                lib.dschat_silu_mul(pg, n2 // 2, pa)
-                mm(act, L.sh2, out=self.eo)
+                self._swiglu(x, L.sh13, L.sh2, self.eo)
                 lib.dschat_axpy(p["pend"], p["eo"], 1.0, D, 0)
         h_out = self.h + self.pend
         lib.dschat_add_rms(p["h"], p["pend"], ctypes.c_void_p(self.norm_w.data_ptr()), self.norm_eps, D, p["x"])
