@@ -62,7 +62,8 @@ def verify_sampled(drafts: list[int], draft_probs: list[torch.Tensor | None], lo
         q_d = torch.ones_like(p_d)
         residual = p[:n].index_put((rows, d), torch.zeros((), device=dev))
     else:  # a sampled drafter gives every q (a deterministic one none)
-        q = torch.stack([x.to(dev, torch.float32) if x is not None else torch.zeros_like(p[0]).index_fill_(0, d[j:j + 1], 1.0)
+        q = torch.stack([x.to(dev, torch.float32) if x is not None
+                         else torch.zeros_like(p[0]).index_fill_(0, d[j:j + 1], 1.0)
                          for j, x in enumerate(draft_probs)])
         q_d = q[rows, d]
         residual = (p[:n] - q).clamp(min=0.0)

@@ -109,7 +109,8 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torc
 
 
 def stacks_fit(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether fused_moe.moe_experts runs these through the kernels: bfloat16 x and stacks on the CPU, the stacks contiguous."""
+    """Whether fused_moe.moe_experts runs these through the kernels: bfloat16 x and stacks on the CPU, the
+    stacks contiguous."""
     return (x.dtype == w13.dtype == w2.dtype == torch.bfloat16 and x.device.type == "cpu"
             and w13.device.type == "cpu" and w13.is_contiguous() and w2.is_contiguous() and available())
 

@@ -143,8 +143,8 @@ def _build():
         _say("building the CPU kernels (once; a few seconds) ...")
         with tempfile.TemporaryDirectory(dir=d) as tmp:
             out = Path(tmp) / so.name
-            r = subprocess.run([cxx, *FLAGS, str(SOURCE), str(SOURCE_BF16), *link, "-o", str(out)], capture_output=True, text=True,
-                               timeout=600)
+            r = subprocess.run([cxx, *FLAGS, str(SOURCE), str(SOURCE_BF16), *link, "-o", str(out)],
+                               capture_output=True, text=True, timeout=600)
             if r.returncode != 0:
                 lines = [x for x in (r.stderr or r.stdout).splitlines() if x.strip()]
                 return None, f"building the CPU kernels failed ({lines[-1] if lines else f'exit {r.returncode}'})"
