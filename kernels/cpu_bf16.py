@@ -33,7 +33,7 @@ def available() -> bool:
 
 
 def _lib():
-    lib = cpu_gemv.native() if cpu_gemv._LIB is cpu_gemv._UNSET else cpu_gemv._LIB
+    lib = cpu_gemv.native()
     if lib is None:
         raise RuntimeError("cpu_bf16: the CPU kernels are not available")
     return lib
