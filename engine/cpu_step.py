@@ -15,8 +15,12 @@ What it does differently, every change the same arithmetic on the same values:
     each into dschat's CPU library (kernels/cpu_gemv.cpp: `cpu_ops`) where it is built, else the PyTorch
     reference operations in the same order.
 
-The matrix products stay PyTorch's (one `torch.mm` a projection). Only for plain float32 weights on one rank
-(`CpuPlan.build` returns None otherwise, and the engine runs `decode_step`).
+The matrix products stay PyTorch's (one `torch.mm` a projection) for float32 weights; packed int8 / int4 weights
+(`--quant`) go through cpu_gemv's kernel, the one `decode_step` runs them with at one row (kernels/quant_cpu.py):
+one call a projection (two, written side by side, for q_a|kv_a and gate|up), and one call for a token's chosen
+experts (their SwiGLU and weighted sum inside it). Only on one rank, for float32 activations, and for packed
+weights only where the library is built and takes them (`CpuPlan.build` returns None otherwise, and the engine
+runs `decode_step`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import torch.nn.functional as F
 from . import dist
 from .layers.linear import Linear
 from .layers.mlp import MLP
-from .moe import Experts, MoE
-from ..kernels import cpu_gemv
+from .layers.quant_linear import QuantLinear, packed_of
+from .moe import Experts, MoE, QuantExperts
+from ..kernels import cpu_gemv, quant_cpu
 from ..kernels.norm_rope import rms_norm_reference
 from ..kernels.router import route_reference
 
@@ -39,7 +44,7 @@ from ..kernels.router import route_reference
 class _Layer:
     __slots__ = ("in_w", "in_eps", "post_w", "post_eps", "q_a", "q_a_norm", "q_a_eps", "q_b", "q_proj", "kv_a",
                  "kv_norm", "kv_eps", "w_uk", "w_uv", "o", "dense13", "dense2", "gate", "bias", "w13", "w2",
-                 "sh13", "sh2", "route_args", "q_a_rows", "c")
+                 "sh13", "sh2", "route_args", "q_a_rows", "c", "xargs", "keep")
 
 
 class CpuPlan:
@@ -48,7 +53,7 @@ class CpuPlan:
     @classmethod
     def build(cls, model) -> "CpuPlan | None":
         """The plan, or None where the lean step does not apply (not the CPU, several ranks, not float32,
-        FP8-kept or packed weights, a layer of another kind)."""
+        FP8-kept weights, packed ones the library does not run, a layer of another kind)."""
         try:
             if dist.world_size() != 1 or model.lm_head.weight.device.type != "cpu":
                 return None
@@ -59,9 +64,10 @@ class CpuPlan:
     def __init__(self, model):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
+        self.lib = cpu_gemv.native() if os.environ.get("DSCHAT_CPU_STEP_NATIVE", "1") != "0" else None
         self.embed = _w(model.model.embed_tokens.weight)
         self.norm_w, self.norm_eps = _w(model.model.norm.weight), model.model.norm.eps
-        self.head = _lin(model.lm_head)
+        self.head = self._proj(model.lm_head)
         self.layers: list[_Layer] = []
         for block in model.model.layers:
             L = _Layer()
@@ -70,21 +76,32 @@ class CpuPlan:
             L.post_w, L.post_eps = _w(block.post_attention_layernorm.weight), block.post_attention_layernorm.eps
             L.kv_norm, L.kv_eps = _w(a.kv_a_layernorm.weight), a.kv_a_layernorm.eps
             if hasattr(a, "q_proj"):
-                L.q_proj, L.q_a, L.q_a_rows = _lin(a.q_proj), None, 0
-                L.kv_a = _lin(a.kv_a_proj_with_mqa)
+                L.q_proj, L.q_a, L.q_a_rows = self._proj(a.q_proj), None, 0
+                L.kv_a = self._proj(a.kv_a_proj_with_mqa)
             else:
                 # q_a_proj and kv_a_proj_with_mqa read the same x: one product over both weights
-                L.q_proj, L.q_a_rows = None, a.q_a_proj.weight.shape[0]
-                L.q_a = _fuse(a.q_a_proj, a.kv_a_proj_with_mqa).t()
+                L.q_proj, L.q_a_rows = None, _out_features(a.q_a_proj)
+                L.q_a = self._proj(a.q_a_proj, a.kv_a_proj_with_mqa)
                 L.q_a_norm, L.q_a_eps = _w(a.q_a_layernorm.weight), a.q_a_layernorm.eps
-                L.q_b = _lin(a.q_b_proj).t()
+                L.q_b = self._proj(a.q_b_proj)
             w = _lin(a.kv_b_proj).view(a.n_heads, a.nope + a.v_dim, a.kv_rank)
             L.w_uk = w[:, : a.nope].contiguous()  # [H, nope, R]
             L.w_uv = w[:, a.nope:].transpose(1, 2).contiguous()  # [H, R, v]
-            L.o = _lin(a.o_proj).t()
+            L.o = self._proj(a.o_proj)
             mlp = block.mlp
             if isinstance(mlp, MoE):
-                if type(mlp.experts) is not Experts or mlp.experts.w13_scale is not None:
+                ex = mlp.experts
+                L.xargs = None
+                if type(ex) is QuantExperts and ex.cpu_w13 is None and self.lib is not None:
+                    # the chosen experts in one call of the library (its arguments made once)
+                    w13 = packed_of(ex, "w13", ex.spec, ex.dim)
+                    w2 = packed_of(ex, "w2", ex.spec, ex.inter)
+                    if not (quant_cpu.CPU_KERNEL_MAX_ROWS and quant_cpu.native_gemv(w13)
+                            and quant_cpu.native_gemv(w2) and w13.data.device.type == "cpu"):
+                        raise _NotPlain
+                    L.keep = (w13, w2)
+                    L.xargs = cpu_gemv.experts_args(w13, w2)
+                elif type(ex) is not Experts or ex.w13_scale is not None:
                     raise _NotPlain
                 g = mlp.gate
                 L.gate = _w(g.weight).t()
@@ -95,22 +112,42 @@ class CpuPlan:
                 L.route_args = (gc.num_experts_per_tok, gc.n_group if grouped else 1, gc.topk_group,
                                 gc.topk_method == "noaux_tc", gc.scoring_func == "softmax", normalise,
                                 gc.routed_scaling_factor if gc.v3_gate or not normalise else None, mlp.first)
-                L.w13, L.w2 = _w(mlp.experts.w13), _w(mlp.experts.w2)
+                L.w13, L.w2 = (None, None) if L.xargs else (_w(ex.w13), _w(ex.w2))
                 L.sh13 = L.sh2 = None
                 if mlp.shared_experts is not None:
-                    L.sh13, L.sh2 = _mlp(mlp.shared_experts)
+                    L.sh13, L.sh2 = self._mlp(mlp.shared_experts)
                 L.dense13 = None
             elif isinstance(mlp, MLP):
-                L.dense13, L.dense2 = _mlp(mlp)
+                L.dense13, L.dense2 = self._mlp(mlp)
             else:
                 raise _NotPlain
             self.layers.append(L)
         a = model.model.layers[0].self_attn
         self.H, self.nope, self.rope, self.R, self.v = a.n_heads, a.nope, a.rope, a.kv_rank, a.v_dim
         self.scale = a.scale
-        self.lib = cpu_gemv.native() if os.environ.get("DSCHAT_CPU_STEP_NATIVE", "1") != "0" else None
+        self.threads = ctypes.c_int(1)
         if self.lib is not None:
             self._buffers()
+
+    def _proj(self, *linears):
+        """The weights of linears that read the same x, as one product: float32 ones as W^T [in, sum of outputs]
+        (a view of their stacked rows, see `_fuse`), packed ones as a `_Gemv` of the parts (the library's)."""
+        if all(type(m) is Linear for m in linears):
+            return (_fuse(*linears) if len(linears) > 1 else _lin(linears[0])).t()
+        if self.lib is None or not all(type(m) is QuantLinear for m in linears):
+            raise _NotPlain
+        return _Gemv(self.lib, [_packed(m) for m in linears])
+
+    def _mlp(self, m: MLP):
+        """gate_proj and up_proj as one [dim, 2 * inter] product, down_proj's as [inter, dim]."""
+        return self._proj(m.gate_proj, m.up_proj), self._proj(m.down_proj)
+
+    def _mm(self, x: torch.Tensor, w, out: torch.Tensor):
+        """out = x W (x one contiguous float32 row, out a buffer): torch.mm, or the library for packed weights."""
+        if type(w) is _Gemv:
+            w(x, out, self.threads)
+        else:
+            torch.mm(x, w, out=out)
 
     def _buffers(self):
         """The native step's activations: one buffer each, the same every token, so that every call into the
@@ -133,7 +170,7 @@ class CpuPlan:
         moe = [L for L in self.layers if L.dense13 is None]
         dense = [L for L in self.layers if L.dense13 is not None]
         self.gu = {}  # by 2 * intermediate size: the gate|up product, the SwiGLU's output, the down product
-        for n2 in {L.dense13.shape[1] for L in dense} | {L.w13.shape[1] for L in moe} | \
+        for n2 in {L.dense13.shape[1] for L in dense} | {L.w13.shape[1] for L in moe if L.w13 is not None} | \
                 {L.sh13.shape[1] for L in moe if L.sh13 is not None}:
             self.gu[n2] = (z(1, n2), z(1, n2 // 2))
         self.eo = z(1, D)
@@ -141,6 +178,8 @@ class CpuPlan:
         self.glog = z(1, max([L.gate.shape[1] for L in moe] or [1]))
         self.ids_c = (ctypes.c_int64 * k)()
         self.w_c = (ctypes.c_float * k)()
+        self.k_c, self.D_c = ctypes.c_int64(k), ctypes.c_int64(D)
+        self.vocab = self.head.shape[1]
         P_ = ctypes.c_void_p
         self.p = {name: P_(getattr(self, name).data_ptr()) for name in
                   ("h", "pend", "x", "attn", "q", "kv", "qa", "q_pe", "cs", "sn", "eo", "glog")}
@@ -174,8 +213,8 @@ class CpuPlan:
                 x = rms_norm_reference(h, L.in_w, L.in_eps)
             # -- attention
             if L.q_proj is not None:
-                q = F.linear(x, L.q_proj)
-                kv = F.linear(x, L.kv_a)
+                q = torch.mm(x, L.q_proj)
+                kv = torch.mm(x, L.kv_a)
             else:
                 qkv = torch.mm(x, L.q_a)
                 qa, kv = qkv[:, : L.q_a_rows], qkv[:, L.q_a_rows:]
@@ -223,7 +262,7 @@ class CpuPlan:
                 y = y + torch.mm(F.silu(gate) * up, L.sh2)
             pending = y
         h = h + pending
-        logits = torch.mm(rms_norm_reference(h, self.norm_w, self.norm_eps), self.head.t())
+        logits = torch.mm(rms_norm_reference(h, self.norm_w, self.norm_eps), self.head)
         tokens = logits.argmax(dim=-1)
         length.add_(1)
         ids.copy_(tokens.view(1, 1))
@@ -235,14 +274,15 @@ class CpuPlan:
         n2 = w13.shape[1]
         gu, act = self.gu[n2]
         pg, pa = self.p_gu[n2]
-        torch.mm(x, w13, out=gu)
+        self._mm(x, w13, gu)
         self.lib.dschat_silu_mul(pg, n2 // 2, pa)
-        torch.mm(act, w2, out=out)
+        self._mm(act, w2, out)
 
     def _native_step(self, ids, length, cache, slot: int, keys):
         """step() with its small operations in the library (kernels/cpu_gemv.cpp) over fixed buffers."""
         lib, p, H, nope, rope, R = self.lib, self.p, self.H, self.nope, self.rope, self.R
-        mm = torch.mm
+        mm, pmm = torch.mm, self._mm
+        self.threads = threads = ctypes.c_int(torch.get_num_threads())
         row_bytes = (R + rope) * 4
         D = self.h.shape[1]
         h, x, q, kv, q_pe = self.h, self.x, self.q, self.kv, self.q_pe
@@ -259,12 +299,12 @@ class CpuPlan:
             lib.dschat_add_rms(p["h"], None if first else p["pend"], c["in_w"], L.in_eps, D, p["x"])
             first = False
             if L.q_proj is not None:
-                mm(x, L.q_proj.t(), out=q)
-                mm(x, L.kv_a.t(), out=kv)
+                pmm(x, L.q_proj, q)
+                pmm(x, L.kv_a, kv)
             else:
-                mm(x, L.q_a, out=self.qkv)
+                pmm(x, L.q_a, self.qkv)
                 lib.dschat_add_rms(p["qkv"], None, c["q_a_norm"], L.q_a_eps, L.q_a_rows, p["qa"])
-                mm(self.qa, L.q_b, out=q)
+                pmm(self.qa, L.q_b, q)
             layer = cache[i]
             lib.dschat_rope_latent(p["q"], H, nope + rope, nope, p["kv"], R, rope, c["kv_norm"], L.kv_eps, p["cs"],
                                    p["sn"], layer.data_ptr() + slot * row_bytes, p["q_pe"])
@@ -276,7 +316,7 @@ class CpuPlan:
             scores *= self.scale
             o_lat = mm(scores.softmax(dim=-1), kvr)
             torch.bmm(o_lat.unsqueeze(1), L.w_uv, out=self.out)
-            mm(self.out.view(1, -1), L.o, out=self.attn)
+            pmm(self.out.view(1, -1), L.o, self.attn)
             lib.dschat_add_rms(p["h"], p["attn"], c["post_w"], L.post_eps, D, p["x"])
             if L.dense13 is not None:
                 self._swiglu(x, L.dense13, L.dense2, self.pend)
@@ -287,9 +327,14 @@ class CpuPlan:
             k, n_group, topk_group, top2, softmax, normalise, scale, offset = L.route_args
             lib.dschat_route(p["glog"], E, c["bias"], k, n_group, topk_group, top2, softmax, normalise,
                              0.0 if scale is None else scale, offset, self.ids_c, self.w_c)
-            E = L.w13.shape[0]
-            none = True
-            for j in range(k):
+            if L.xargs is not None:  # packed experts: the chosen ones, their SwiGLU and weighted sum in one call
+                err = lib.dschat_experts_raw(p["x"], self.D_c, self.ids_c, self.w_c, self.k_c, *L.xargs, p["pend"],
+                                             threads)
+                if err:
+                    raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+            E = 0 if L.w13 is None else L.w13.shape[0]
+            none = L.xargs is None
+            for j in range(k if none else 0):
                 e = self.ids_c[j]
                 if 0 <= e < E:
                     self._swiglu(x, L.w13[e].t(), L.w2[e].t(), self.eo)
@@ -302,7 +347,8 @@ class CpuPlan:
                 lib.dschat_axpy(p["pend"], p["eo"], 1.0, D, 0)
         h_out = self.h + self.pend
         lib.dschat_add_rms(p["h"], p["pend"], ctypes.c_void_p(self.norm_w.data_ptr()), self.norm_eps, D, p["x"])
-        logits = mm(x, self.head.t())
+        logits = torch.empty(1, self.vocab)
+        pmm(x, self.head, logits)
         tokens = logits.argmax(dim=-1)
         length.add_(1)
         ids.copy_(tokens.view(1, 1))
@@ -311,6 +357,45 @@ class CpuPlan:
 
 class _NotPlain(Exception):
     pass
+
+
+class _Gemv:
+    """Packed weights that read the same x (their outputs side by side, as `_fuse` stacks float ones) through
+    cpu_gemv's kernel: one call a weight, every argument but x's and the output's made once."""
+
+    def __init__(self, lib, parts: list):
+        self.fn, self.keep = lib.dschat_gemv_raw, parts  # keep: the tensors the arguments point into
+        K = parts[0].in_features
+        if any(w.in_features != K for w in parts):
+            raise _NotPlain
+        self.calls, at = [], 0  # (the weight's arguments, where its outputs start in bytes)
+        for w in parts:
+            _, _, _, N, args = cpu_gemv.weight_args(w)
+            self.calls.append((args, at))
+            at += N * 4
+        self.shape = (K, at // 4)  # W^T's, as for a float weight
+        self.one, self.K = ctypes.c_int64(1), ctypes.c_int64(K)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, threads: ctypes.c_int):
+        px, y = ctypes.c_void_p(x.data_ptr()), out.data_ptr()
+        for args, at in self.calls:
+            err = self.fn(px, self.one, self.K, *args, ctypes.c_void_p(y + at), threads)
+            if err:
+                raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+
+
+def _packed(m: QuantLinear):
+    """m's packed weight where the library runs it at one row as decode_step does (kernels/quant_cpu.py)."""
+    if m.cpu_weight is not None or m.weight is None or m.weight.device.type != "cpu":
+        raise _NotPlain  # int4 in PyTorch's own layout (no library), or elsewhere
+    w = packed_of(m, "weight", m.spec, m.in_features)
+    if not (quant_cpu.CPU_KERNEL_MAX_ROWS and quant_cpu.native_gemv(w)):
+        raise _NotPlain
+    return w
+
+
+def _out_features(m) -> int:
+    return m.out_features if type(m) is QuantLinear else m.weight.shape[0]
 
 
 def _w(t: torch.Tensor) -> torch.Tensor:
@@ -324,11 +409,6 @@ def _lin(m) -> torch.Tensor:
     if type(m) is not Linear or m.scale is not None:
         raise _NotPlain
     return _w(m.weight)
-
-
-def _mlp(m: MLP) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_proj and up_proj as one [dim, 2 * inter] product, down_proj's transpose."""
-    return _fuse(m.gate_proj, m.up_proj).t(), _lin(m.down_proj).t()
 
 
 def _fuse(*linears: Linear) -> torch.Tensor:

@@ -98,9 +98,11 @@ def _load(path: Path):
     lib.dschat_gemv.argtypes = [P, I64, I64, P, P, P, I, I64, I64, I64, P, I]
     lib.dschat_gemv.restype = I
     # the same function, called with ctypes values made in advance (no per-argument conversion): gemv's
-    raw = ctypes.CDLL(str(path)).dschat_gemv
-    raw.restype = I
-    lib.dschat_gemv_raw = raw
+    raw = ctypes.CDLL(str(path))
+    lib.dschat_gemv_raw = raw.dschat_gemv
+    lib.dschat_gemv_raw.restype = I
+    lib.dschat_experts_raw = raw.dschat_experts  # the same, for the lean step's prepared arguments
+    lib.dschat_experts_raw.restype = I
     lib.dschat_experts.argtypes = [P, I64, P, P, I64, P, P, P, P, P, P, I64, I64, I64, I64, I, I64, P, I]
     lib.dschat_experts.restype = I
     lib.dschat_dequantize.argtypes = [P, P, P, I, I64, I64, I64, I64, P, I]
@@ -199,10 +201,11 @@ def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
 _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-def _weight_args(w: Packed) -> tuple:
+def weight_args(w: Packed) -> tuple:
     """The weight's arguments as ctypes values, made once per Packed (a decode step's calls then convert only
-    x's; ctypes' per-argument conversion is most of a small call's cost). Kept with the tensors they point
-    into, and remade when w's tensors are other objects."""
+    x's; ctypes' per-argument conversion is most of a small call's cost): (data, scale, zero, N, args), args
+    being dschat_gemv's (data, scale, zero, bits, group, N, row). Kept with the tensors they point into, and
+    remade when w's tensors are other objects."""
     c = w.__dict__.get("_cpu_gemv_args")
     if c is None or c[0] is not w.data or c[1] is not w.scale or c[2] is not w.zero:
         _check(w, 0)
@@ -219,7 +222,7 @@ def gemv(x: torch.Tensor, w: Packed) -> torch.Tensor:
     """x [..., K] (float32 or bfloat16) -> [..., N] in x's dtype through the kernel (native() must not be None,
     fits(w) hold)."""
     lib = native() if _LIB is _UNSET else _LIB
-    _, _, _, N, wargs = _weight_args(w)
+    _, _, _, N, wargs = weight_args(w)
     K = x.shape[-1]
     xf = _rows(x, K)
     y = torch.empty(*x.shape[:-1], N)
@@ -252,6 +255,19 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Pack
     if err:
         raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def experts_args(w13: Packed, w2: Packed) -> tuple:
+    """dschat_experts's weight arguments as ctypes values, made once (the lean CPU step's calls, engine/cpu_step.py):
+    (d13, s13, z13, d2, s2, z2, E, I, row13, row2, bits, group), in the order the function takes them after
+    k. The tensors must outlive the values (the caller keeps w13 and w2)."""
+    _check(w13, 1)
+    _check(w2, 1)
+    P, I64, I = _C
+    E, I2 = w13.data.shape[:2]
+    return (P(w13.data.data_ptr()), P(w13.scale.data_ptr()), P(_ptr(w13.zero)), P(w2.data.data_ptr()),
+            P(w2.scale.data_ptr()), P(_ptr(w2.zero)), I64(E), I64(I2 // 2), I64(w13.data.shape[-1]),
+            I64(w2.data.shape[-1]), I(w13.bits), I64(w13.group))
 
 
 def dequantize(w: Packed) -> torch.Tensor:

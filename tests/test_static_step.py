@@ -255,3 +255,35 @@ def test_the_lean_cpu_step_gives_the_plain_tokens_over_scattered_pages(checkpoin
         v3.static = saved
     monkeypatch.setenv("DSCHAT_CPU_STEP", "0")
     assert StaticDecoder(v3.model, v3.cache, v3.device, v3.context_length).lean is None
+
+
+@pytest.mark.parametrize("name,quant", [("v3", "int4"), ("v2_lite", "int8")])
+def test_the_lean_cpu_step_runs_packed_weights(checkpoints, monkeypatch, name, quant):
+    """int8 / int4 weights (`--quant`) through the lean step: its projections, lm_head and chosen experts call
+    the library's packed kernel as decode_step does, so the greedy tokens and logits are the plain path's
+    (v3: q_a|kv_a in two calls side by side; v2_lite: q_proj, a dense layer and shared experts)."""
+    eng = Engine.from_pretrained(checkpoints[name], dtype=torch.float32, speculative="none", quant=quant)
+    lean = eng.static.lean
+    if lean is None or lean.lib is None:
+        pytest.skip("no C++ compiler / AVX2: the packed lean step needs the library")
+    calls = []
+    monkeypatch.setattr(lean, "step", lambda *a: (calls.append(a[3]), type(lean).step(lean, *a))[1])
+    ids = prompt(12, seed=8)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    assert list(eng.generate(ids, params, reuse_cache=False)) == plain(eng, ids, params)
+    assert len(calls) == 23
+    # every step's logits against decode_step's: the same kernels, the small operations in the library (float32
+    # sums in another order, ~1e-7 of the logits apart), except where that moves an activation across an int8
+    # rounding boundary (then 1-2% of the logits, and the steps after it read a cache row that moved too)
+    logits = {}
+    for lean_on in ("1", "0"):
+        monkeypatch.setenv("DSCHAT_CPU_STEP", lean_on)
+        eng.static = StaticDecoder(eng.model, eng.cache, eng.device, eng.context_length)
+        assert (eng.static.lean is not None) == (lean_on == "1")
+        got = logits[lean_on] = []
+        fn = eng.static._fn
+        monkeypatch.setattr(eng.static, "_fn", lambda *a, fn=fn, got=got: (lambda o: (got.append(o[1].clone()), o)[1])(fn(*a)))
+        list(eng.generate(ids, params, reuse_cache=False))
+    assert len(logits["1"]) == 23
+    rel = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(logits["1"], logits["0"])]
+    assert rel[0] <= 1e-5 and max(rel) <= 5e-2, rel
