@@ -23,6 +23,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -708,5 +709,185 @@ void dschat_route(const float* logits, int64_t E, const float* bias, int k, int 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
+
+}  // extern "C"
+
+
+// -- prefill: a float32 GEMM over the packed weights (many rows of x) ------------------------------------------
+// y [M, N] = x [M, K] W^T with x in float32 as it comes (no activation quantization) and W the packed weight
+// dequantised exactly as dschat_dequantize writes it (int8: q * scale; int4: (nibble - zero) * scale), but a
+// panel at a time, in registers: per thread a strip of 16 weight rows and 256 inputs is dequantised once into
+// a float32 panel [256][16] (16 KiB, in L1) -- 8 rows x 8 inputs loaded, widened to float32, transposed in
+// registers, scaled -- which 6 x 16 register tiles of the output (12 FMA accumulators) then sweep over 96 rows
+// of x at a time (x's block in L2), as cpu_gemv_bf16.cpp's GEMM does with bfloat16 weights. So y is the float32
+// product of x with the dequantised weight (F.linear(x, dequantize(w))), up to float32 summation order (each
+// output summed by FMA along k, blocks of 256 in order). On this AVX2 CPU without VNNI, the float FMA does 8
+// multiply-adds a cycle and the integer path (maddubs + madd, one multiply pipe) no more, and prefill's
+// activations are in float32 anyway: dequantising in registers costs the panel once per 96..M rows.
+namespace {
+namespace fgemm {
+
+constexpr int MR = 6, NR = 16;
+constexpr int64_t KC = 256, MC = 96, SG = 4;
+
+// c[i, 0..NR) (+)= sum over kc of A[i, k] * P[k, 0..NR); A rows lda apart, P the panel [kc][NR].
+template <int R>
+inline void micro(const float* A, int64_t lda, const float* P, int64_t kc, float* c, int64_t ldc, bool add) {
+  __m256 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(P + k * NR), b1 = _mm256_loadu_ps(P + k * NR + 8);
+    for (int i = 0; i < R; ++i) {
+      const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+      acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    float* ci = c + i * ldc;
+    for (int v = 0; v < 2; ++v) {
+      if (add) acc[i][v] = _mm256_add_ps(acc[i][v], _mm256_loadu_ps(ci + 8 * v));
+      _mm256_storeu_ps(ci + 8 * v, acc[i][v]);
+    }
+  }
+}
+
+inline void micro_any(int r, const float* A, int64_t lda, const float* P, int64_t kc, float* c, int64_t ldc,
+                      bool add) {
+  switch (r) {
+    case 6: micro<6>(A, lda, P, kc, c, ldc, add); break;
+    case 5: micro<5>(A, lda, P, kc, c, ldc, add); break;
+    case 4: micro<4>(A, lda, P, kc, c, ldc, add); break;
+    case 3: micro<3>(A, lda, P, kc, c, ldc, add); break;
+    case 2: micro<2>(A, lda, P, kc, c, ldc, add); break;
+    default: micro<1>(A, lda, P, kc, c, ldc, add); break;
+  }
+}
+
+// 8 x 8 floats transposed in registers (r[i] = row i -> r[j] = column j).
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Weight row n's stored integers at inputs k..k+7 as float32 (int8: q; int4: the nibbles; k a multiple of 8).
+inline __m256 ints8(const PackedW& w, int64_t n, int64_t k) {
+  if (w.bits == 8)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w.data + n * w.K + k))));
+  uint32_t u;
+  std::memcpy(&u, w.data + n * (w.kp / 2) + k / 2, 4);
+  const __m128i b = _mm_cvtepu8_epi32(_mm_cvtsi32_si128((int)u));  // bytes j..j+3: input 2j low, 2j+1 high
+  const __m128i lo = _mm_and_si128(b, _mm_set1_epi32(15)), hi = _mm_srli_epi32(b, 4);
+  return _mm256_cvtepi32_ps(_mm256_set_m128i(_mm_unpackhi_epi32(lo, hi), _mm_unpacklo_epi32(lo, hi)));
+}
+
+// One weight, dequantised as dschat_dequantize does.
+inline float weight(const PackedW& w, int64_t n, int64_t k) {
+  if (w.bits == 8) return (float)((const int8_t*)w.data)[n * w.K + k] * w.scale[n];
+  const uint8_t v = w.data[n * (w.kp / 2) + k / 2];
+  const int64_t g = n * w.G + k / w.group;
+  return ((float)((k & 1) ? v >> 4 : v & 0xF) - (w.zero ? (float)w.zero[g] : 8.f)) * w.scale[g];
+}
+
+// The panel [kc][NR] of weight rows n0..n0+nn-1 at inputs k0..k0+kc-1, dequantised (zeros past nn): blocks of
+// 8 rows x 8 inputs widened and transposed in registers, then int8 times the rows' scales, int4 minus their
+// zeros and times their scales (the group's: a group holds whole blocks of 8); the rest one by one.
+void dequant_panel(const PackedW& w, int64_t n0, int64_t nn, int64_t k0, int64_t kc, float* panel) {
+  const int64_t kf = kc / 8 * 8;
+  int64_t j0 = 0;
+  for (; j0 + 8 <= nn; j0 += 8) {
+    const int64_t n = n0 + j0;
+    __m256 s = w.bits == 8 ? _mm256_loadu_ps(w.scale + n) : _mm256_setzero_ps(), z = _mm256_setzero_ps();
+    int64_t g = -1;
+    for (int64_t k = 0; k < kf; k += 8) {
+      if (w.bits == 4 && (k0 + k) / w.group != g) {
+        g = (k0 + k) / w.group;
+        alignas(32) float sv[8], zv[8];
+        for (int i = 0; i < 8; ++i) {
+          sv[i] = w.scale[(n + i) * w.G + g];
+          zv[i] = w.zero ? (float)w.zero[(n + i) * w.G + g] : 8.f;
+        }
+        s = _mm256_load_ps(sv);
+        z = _mm256_load_ps(zv);
+      }
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = ints8(w, n + i, k0 + k);
+      transpose8(r);  // r[i]: input k0+k+i of the 8 rows
+      for (int i = 0; i < 8; ++i) {
+        const __m256 v = w.bits == 8 ? _mm256_mul_ps(r[i], s) : _mm256_mul_ps(_mm256_sub_ps(r[i], z), s);
+        _mm256_storeu_ps(panel + (k + i) * NR + j0, v);
+      }
+    }
+    for (int64_t k = kf; k < kc; ++k)
+      for (int64_t j = j0; j < j0 + 8; ++j) panel[k * NR + j] = weight(w, n0 + j, k0 + k);
+  }
+  for (int64_t j = j0; j < NR; ++j)
+    for (int64_t k = 0; k < kc; ++k) panel[k * NR + j] = j < nn ? weight(w, n0 + j, k0 + k) : 0.f;
+}
+
+// Strips [s0, s1) of NR weight rows against x [M, K]: for each block of KC inputs the strips' panels are
+// dequantised once, then every block of MC rows of x sweeps them; the float32 sums wait in `acc` ([M, NR] a
+// strip) until the last block writes them out.
+void gemm_strips(const PackedW& w, const float* x, int64_t M, int64_t s0, int64_t s1, float* y) {
+  const int64_t ns = s1 - s0, K = w.K, N = w.N;
+  std::vector<float> panels((size_t)ns * KC * NR), acc((size_t)ns * M * NR);
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    for (int64_t s = 0; s < ns; ++s) {
+      const int64_t n0 = (s0 + s) * NR;
+      dequant_panel(w, n0, std::min<int64_t>(NR, N - n0), k0, kc, panels.data() + s * KC * NR);
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      const int64_t m1 = std::min(M, m0 + MC);
+      for (int64_t s = 0; s < ns; ++s)
+        for (int64_t m = m0; m < m1; m += MR)
+          micro_any((int)std::min<int64_t>(MR, m1 - m), x + m * K + k0, K, panels.data() + s * KC * NR, kc,
+                    acc.data() + (s * M + m) * NR, NR, k0 > 0);
+    }
+  }
+  for (int64_t s = 0; s < ns; ++s) {
+    const int64_t n0 = (s0 + s) * NR, nn = std::min<int64_t>(NR, N - n0);
+    const float* c = acc.data() + s * M * NR;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < nn; ++j) y[m * N + n0 + j] = c[m * NR + j];
+  }
+}
+
+void gemm(const PackedW& w, const float* x, int64_t M, float* y, int nthreads) {
+  const int64_t strips = (w.N + NR - 1) / NR, groups = (strips + SG - 1) / SG;
+  parallel_chunks(groups, 1, nthreads, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) gemm_strips(w, x, M, g * SG, std::min(strips, (g + 1) * SG), y);
+  });
+}
+
+}  // namespace fgemm
+}  // namespace
+
+extern "C" {
+
+int dschat_prefill_abi_version() { return 1; }
+
+// y [M, N] = x [M, K] (float32) times the packed weight [N, K] (see packed()) dequantised, in float32 (the
+// float GEMM above: no activation quantization); 0 on success.
+int dschat_gemm_f32(const float* x, int64_t M, int64_t K, const void* data, const float* scale,
+                    const uint8_t* zero, int bits, int64_t group, int64_t N, int64_t row, float* y, int nthreads) {
+  if (int e = bad(bits, group, K, row)) return e;
+  if (M <= 0 || N <= 0) return 0;
+  fgemm::gemm(packed(data, scale, zero, bits, group, N, K, row), x, M, y, nthreads);
+  return 0;
+}
 
 }  // extern "C"

@@ -41,6 +41,7 @@ SOURCE_BF16 = Path(__file__).with_name("cpu_gemv_bf16.cpp")  # bfloat16 weights 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 ABI = 3  # cpu_gemv.cpp's dschat_abi_version()
 ABI_BF16 = 2  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
+ABI_PREFILL = 1  # cpu_gemv.cpp's dschat_prefill_abi_version() (the float GEMM over packed weights: gemm_f32)
 
 
 def cache_dir() -> Path:
@@ -92,7 +93,8 @@ def compiler() -> str | None:
 
 def _load(path: Path):
     lib = ctypes.CDLL(str(path))
-    if lib.dschat_abi_version() != ABI or lib.dschat_bf16_abi_version() != ABI_BF16:
+    if (lib.dschat_abi_version() != ABI or lib.dschat_bf16_abi_version() != ABI_BF16
+            or lib.dschat_prefill_abi_version() != ABI_PREFILL):
         raise OSError("a library of another version")
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.dschat_gemv.argtypes = [P, I64, I64, P, P, P, I, I64, I64, I64, P, I]
@@ -103,6 +105,8 @@ def _load(path: Path):
     lib.dschat_gemv_raw.restype = I
     lib.dschat_experts_raw = raw.dschat_experts  # the same, for the lean step's prepared arguments
     lib.dschat_experts_raw.restype = I
+    lib.dschat_gemm_f32.argtypes = [P, I64, I64, P, P, P, I, I64, I64, I64, P, I]
+    lib.dschat_gemm_f32.restype = I
     lib.dschat_experts.argtypes = [P, I64, P, P, I64, P, P, P, P, P, P, I64, I64, I64, I64, I, I64, P, I]
     lib.dschat_experts.restype = I
     lib.dschat_dequantize.argtypes = [P, P, P, I, I64, I64, I64, I64, P, I]
@@ -234,6 +238,24 @@ def gemv(x: torch.Tensor, w: Packed) -> torch.Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def gemm_f32(x: torch.Tensor, w: Packed) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype: x in float32 (not quantized) times the dequantised weight, a float32
+    GEMM whose weight panels are dequantised in registers (cpu_gemv.cpp's fgemm): `F.linear(x, dequantize(w))`
+    up to float32 summation order, without the float32 weight in memory. For many rows (prefill); native() must
+    not be None, fits(w) hold."""
+    lib = native() if _LIB is _UNSET else _LIB
+    _, _, _, N, wargs = weight_args(w)
+    K = x.shape[-1]
+    xf = _rows(x, K)
+    y = torch.empty(*x.shape[:-1], N)
+    P, I64, I = _C
+    err = lib.dschat_gemm_f32(P(xf.data_ptr()), I64(xf.numel() // K), I64(K), *wargs, P(y.data_ptr()),
+                              I(torch.get_num_threads()))
+    if err:
+        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Packed, w2: Packed) -> torch.Tensor:
     """One token x [1, H] through its chosen experts ids [k] with routing weights [k], over packed stacks
     w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]: fused_moe.moe_experts's function in one call,
@@ -310,4 +332,4 @@ def gemv_reference(x: torch.Tensor, w: Packed) -> torch.Tensor:
     return xd.double() @ dequantize(w).double().T
 
 
-__all__ = ["native", "fits", "gemv", "gemv_reference", "quantize_activations_reference", "SYMMETRIC_ZERO"]
+__all__ = ["native", "fits", "gemv", "gemm_f32", "gemv_reference", "quantize_activations_reference", "SYMMETRIC_ZERO"]

@@ -1,11 +1,14 @@
-"""Packed int8 / int4 weights on the CPU: dschat's own GEMV (cpu_gemv.py: AVX2, int8 activations, the stored
-layout read once per call) or, where that cannot run, PyTorch's packed-weight kernels, for the few rows of a
-decode step; dequantise-then-matmul for many rows (prefill); and the routed experts over either, touching only
-the chosen experts' packed rows.
+"""Packed int8 / int4 weights on the CPU: dschat's own kernels (cpu_gemv.py: AVX2, the stored layout read in place)
+or, where those cannot run, PyTorch's packed-weight kernels, for the few rows of a decode step; the float model
+of the dequantised weight for many rows (prefill); and the routed experts over either, touching only the chosen
+experts' packed rows.
 
-With cpu_gemv (`native_gemv()` true): up to NATIVE_MAX_ROWS rows (64 int8, any number int4), x is quantized to int8
-blocks of 32 and the weight is the stored one exactly (cpu_gemv.py says what that computes); int4 is not
-repacked. Without it (no compiler, no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels below run:
+With cpu_gemv (`native_gemv()` true): below GEMM_MIN_ROWS rows (12 int8, 48 int4: decode, speculation's
+verify), x is quantized to int8 blocks of 32 and multiplied with the stored weight exactly in integers
+(cpu_gemv.gemv; cpu_gemv.py says what that computes); from GEMM_MIN_ROWS rows up (prefill, an expert's tokens
+in a prefill), x stays float32 and the weight is dequantised panel by panel in registers (cpu_gemv.gemm_f32):
+F.linear(x, dequantize(w)) up to float32 summation order. int4 is not repacked. Without cpu_gemv (no compiler,
+no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels below run:
 
 * int8 runs `aten._weight_int8pack_mm` on the stored layout (quant_format.py: int8 [N, K] + a float32 scale
   per row); the scale is applied in float32 after the kernel, so the weight is exactly the stored one.
@@ -40,12 +43,14 @@ N_BLOCK = 32  # the int4 kernel's layout packs output rows in blocks of 32
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes (others run quant_matmul's reference)
 INT8_N_CHUNK = 4096  # the int8 kernel over lm_head's 102400 rows at once runs at half the speed of 4096-row slices
 INT8_K_MULTIPLE = 16  # the int8 kernel misreads other input widths (crashes, or infinities): dequantise those
-# Up to this many rows (by bits) cpu_gemv beats dequantise + matmul (int8 above it: cpu_gemv.dequantize, one
-# pass, then a float32 matmul). On an AVX2 CPU without VNNI the integer multiplies have half the float FMA's
-# throughput, so for many rows an int8 dot product costs more than a float32 one: measured at V2-Lite's expert
-# shape 2816 x 2048, 1 thread, against a float32 matmul: int8 blocked 1.13x at 48 rows, 1.34x at 128 (dequantise
-# + matmul 1.11x); int4 0.82x at 48 rows, 0.96-0.98x at 128-512 (dequantise + matmul 1.07-1.4x): int4 always.
-NATIVE_MAX_ROWS = {8: 64, 4: 1 << 62}
+# From this many rows of x up (by bits), cpu_gemv's float GEMM (gemm_f32: x in float32 times the weight
+# dequantised panel by panel in registers) beats its integer kernel (int8 activations). On an AVX2 CPU without
+# VNNI the integer multiplies have half the float FMA's throughput, so for many rows an int8 dot product costs
+# more than a float32 one, and the float GEMM pays its dequantisation once per panel for all the rows.
+# Measured 1 thread, CPU time, GFLOP/s integer kernel -> float GEMM: int8 at the expert shape 2816 x 2048: 8 rows
+# 20.0 -> 17.3, 16 rows 21.0 -> 23.8, 48 rows 22.0 -> 30.9, 512 x 10944 x 2048 21.9 -> 34.1 (dequantise + a
+# float32 matmul, the path before: 27.5); int4: 32 rows 29.9 -> 28.0, 48 rows 30.3 -> 30.8, 512 30.3 -> 34.1.
+GEMM_MIN_ROWS = {8: 12, 4: 48}
 
 
 def native_gemv(w: Packed | None = None) -> bool:
@@ -110,16 +115,20 @@ def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
 
 
 def kernel_rows(w: Packed | Int4Cpu) -> int:
-    """Up to how many rows x goes through a packed kernel rather than dequantise + matmul."""
+    """Up to how many rows x goes through a packed kernel (int8 or bfloat16 activations) rather than a float
+    model of the dequantised weight (cpu_gemv's float GEMM, or dequantise + matmul)."""
     if native_gemv(w):
-        return NATIVE_MAX_ROWS[w.bits] if CPU_KERNEL_MAX_ROWS else 0
+        return GEMM_MIN_ROWS[w.bits] - 1 if CPU_KERNEL_MAX_ROWS else 0
     return CPU_KERNEL_MAX_ROWS * (3 if isinstance(w, Int4Cpu) else 1)
 
 
 def matmul_cpu(x: torch.Tensor, w: Packed | Int4Cpu) -> torch.Tensor:
-    """x [..., K] -> [..., N] in x's dtype: a packed kernel for a few rows, dequantise + matmul for more."""
-    if native_gemv(w) and x.numel() <= NATIVE_MAX_ROWS[w.bits] * x.shape[-1] and CPU_KERNEL_MAX_ROWS:
-        return cpu_gemv.gemv(x, w)
+    """x [..., K] -> [..., N] in x's dtype: a packed kernel for a few rows (kernel_rows), the float model of the
+    dequantised weight for more (cpu_gemv's float GEMM, else dequantise + matmul)."""
+    if native_gemv(w):
+        if x.numel() <= kernel_rows(w) * x.shape[-1]:
+            return cpu_gemv.gemv(x, w)
+        return cpu_gemv.gemm_f32(x, w)
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > kernel_rows(w) or (isinstance(w, Packed) and (w.bits == 4 or w.in_features % INT8_K_MULTIPLE)):
         return F.linear(x, dequantize_cpu(w, x.dtype))

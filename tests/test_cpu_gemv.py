@@ -58,7 +58,7 @@ def test_gemv_equals_the_dequantised_model(native, name, M, N, K):
 
 @pytest.mark.parametrize("name", SPECS)
 def test_dequantize_is_the_stored_weight_exactly(native, name):
-    """cpu_gemv.dequantize (prefill's int8 path): quant_format.dequantize's float32 numbers, bit for bit, K not a
+    """cpu_gemv.dequantize (the float weight the float GEMM's panels hold): quant_format.dequantize's float32 numbers, bit for bit, K not a
     multiple of the group (int4's padding) nor of 32."""
     p = quantize(torch.randn(37, 300) * torch.linspace(0.1, 3, 300), SPECS[name])
     assert torch.equal(cpu_gemv.dequantize(p), dequantize(p))
@@ -89,21 +89,40 @@ def test_threads_split_the_rows(native, name, threads, M):
     assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
 
 
-@pytest.mark.parametrize("name, rows", [("int8", 1), ("int8", 7), ("int8", 64), ("int8", 65), ("int4", 1),
-                                        ("int4", 7), ("int4", 300)])
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("M, N, K", [(1, 16, 64), (7, 37, 70), (13, 50, 256), (100, 33, 300), (20, 64, 1100)])
+def test_gemm_f32_is_the_float_model_of_the_dequantised_weight(native, name, M, N, K):
+    """Prefill's float GEMM: x in float32 (not quantized) times the dequantised weight, to float32 rounding of
+    the sum of |products| (summation order): rows past the 6-row tiles, weight rows past the 16-row strips and
+    their 8-row blocks, K past the 256-input panels and their 8-input blocks, int4's padded group."""
+    if K % 2 and name != "int8":
+        K += 1
+    g = torch.Generator().manual_seed(M * N + K)
+    p = quantize(torch.randn(N, K, generator=g) * torch.linspace(0.1, 3, K), SPECS[name])
+    x = torch.randn(M, K, generator=g) * torch.linspace(2, 0.01, K)
+    wd = dequantize(p).double()
+    got = cpu_gemv.gemm_f32(x, p)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    bound = (x.double().abs() @ wd.abs().T) * K * 2 ** -24
+    assert bool(((got.double() - x.double() @ wd.T).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("name, rows", [("int8", 1), ("int8", 11), ("int8", 12), ("int8", 65), ("int4", 1),
+                                        ("int4", 47), ("int4", 48)])
 def test_matmul_cpu_runs_it_for_few_rows(native, name, rows):
-    """quant_cpu.matmul_cpu: cpu_gemv up to NATIVE_MAX_ROWS rows (int8: 64; int4: any number), above it
-    cpu_gemv.dequantize + a float32 matmul (float32-exact); other leading dimensions and bfloat16 inputs keep
-    their shape and dtype."""
+    """quant_cpu.matmul_cpu: cpu_gemv's integer kernel below GEMM_MIN_ROWS rows (int8: 12; int4: 48), the float
+    GEMM from there (float32-exact); other leading dimensions and bfloat16 inputs keep their shape and dtype."""
     p = quantize(torch.randn(96, 384), SPECS[name])
-    limit = quant_cpu.NATIVE_MAX_ROWS[p.bits]
-    assert limit == (64 if name == "int8" else 1 << 62)
+    limit = quant_cpu.GEMM_MIN_ROWS[p.bits]
+    assert limit == (12 if name == "int8" else 48)
     x = torch.randn(rows, 384)
     got = quant_cpu.matmul_cpu(x, p)
-    if rows <= limit:
+    if rows < limit:
         assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
+        assert torch.equal(got, cpu_gemv.gemv(x, p))
     else:
         assert rel(got, x.double() @ dequantize(p).double().T) < 1e-6
+        assert torch.equal(got, cpu_gemv.gemm_f32(x, p))
     xb = x[:1].view(1, 1, 384).bfloat16()
     yb = quant_cpu.matmul_cpu(xb, p)
     assert yb.dtype == torch.bfloat16 and yb.shape == (1, 1, 96)
