@@ -152,8 +152,12 @@ class StaticDecoder:
         self.mtp_graphs: dict[int, "_Graph"] = {}
         t0 = time.perf_counter()
         if mode == "compiled":
-            self._fn = torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False)
-            self._mtp_fn = torch.compile(mtp_step, backend=backend, fullgraph=True, dynamic=False)
+            # inductor by default keeps a bf16 graph's intermediates in float32 where eager rounds each op to
+            # bf16: the compiled step then decodes other greedy tokens than the eager one. Emulating eager's
+            # casts keeps them the same (tests/test_static_step.py).
+            opts = {"options": {"emulate_precision_casts": True}} if backend == "inductor" else {}
+            self._fn = torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False, **opts)
+            self._mtp_fn = torch.compile(mtp_step, backend=backend, fullgraph=True, dynamic=False, **opts)
             for s in shapes:  # compile now, at load, not after a reply's first token
                 self.warm_up(s)
         self.graph_bytes = 0  # what the captured graphs hold (their memory pool), CUDA only

@@ -168,6 +168,21 @@ def test_compile_choice(monkeypatch, tmp_path):
         "no C++ compiler found (set CXX or install g++): the decode step runs without compiling"]
 
 
+def test_inductor_compiles_the_step_with_eager_rounding(v3, monkeypatch):
+    """Inductor keeps a bf16 graph's intermediates in float32 unless told to emulate eager's casts; without it
+    `--compile on --dtype bfloat16` decoded other greedy tokens than eager from the 9th on (tiny V2-Lite,
+    measured: docs/engine.md). An inductor compile costs ~90 CPU-s here, so this checks what the step asks of
+    torch.compile; other backends take no inductor options."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (seen.append((fn, kw)), fn)[1])
+    for backend in ("inductor", "eager"):
+        StaticDecoder(v3.model, v3.cache, v3.device, v3.context_length, mode="compiled", backend=backend, shapes=())
+    assert [(fn.__name__, kw.get("options")) for fn, kw in seen] == [
+        ("decode_step", {"emulate_precision_casts": True}), ("mtp_step", {"emulate_precision_casts": True}),
+        ("decode_step", None), ("mtp_step", None)]
+    assert all(kw["fullgraph"] and kw["backend"] == b for (fn, kw), b in zip(seen, ["inductor"] * 2 + ["eager"] * 2))
+
+
 def test_compile_flag_and_setting_are_checked(tmp_path):
     r = call(["--compile", "sometimes", "-n", "1"], stdin="hi")  # argparse's usage, then its one error line
     assert r.returncode == 2 and "dschat: error: argument --compile: invalid choice" in r.stderr.decode()
