@@ -873,12 +873,156 @@ void gemm(const PackedW& w, const float* x, int64_t M, float* y, int nthreads) {
   });
 }
 
+
+// -- prefill, int4: an integer GEMM summing 8 maddubs in int16 per madd ---------------------------------------
+// x quantized as the GEMV quantizes it (int8 blocks of 32, natural order). A strip of 8 weight rows is laid out
+// per block of 32 inputs as 8 vectors, vector c holding inputs 4c..4c+3 of each of the 8 rows (its nibbles
+// widened to bytes, an 8 x 8 transpose of 4-byte words), so that one maddubs of it with x's 4 inputs broadcast
+// gives 8 rows' pair sums; the 8 vectors of a block are summed in int16 (a nibble 0..15 times |x| <= 127: a
+// pair sum <= 3810, 8 of them <= 30480, no overflow), then one madd widens them to int32 and one FMA scales
+// them by d[m, b] * scale[n, g] into float32. So 4 multiplies (maddubs) of 2 cycles on the one vector-integer
+// multiply pipe do 128 multiply-adds, against the float FMA's 8 a cycle. The zero point's term, per row and
+// group scale * zero * sum_{b in g} d * sum(q), is taken off at the end. The result is gemv's (the float model
+// of the dequantised weight and the dequantised activations) up to float32 summation order.
+#ifndef DSCHAT_IMR
+#define DSCHAT_IMR 6
+#endif
+constexpr int IMR = DSCHAT_IMR;  // rows of x a tile (2..6 measured within 10%: 6, 2-3% ahead of 4)
+constexpr int64_t IKC = 512, IMC = 96, ISG = 4;  // inputs a panel, rows of x a block, strips of 8 a task
+
+template <int R>
+inline void micro_i4(const int8_t* xq, int64_t ldx, const float* xd, int64_t ldd, const uint8_t* panel,
+                     const float* sv, int64_t nblk, float* c, bool add) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 f[R];
+  for (int r = 0; r < R; ++r) f[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m256i a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_si256();
+    const uint8_t* pb = panel + b * 256;
+    const int8_t* xb = xq + b * QK;
+    for (int q = 0; q < 8; ++q) {
+      const __m256i wv = _mm256_load_si256((const __m256i*)(pb + q * 32));
+      for (int r = 0; r < R; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, xb + r * ldx + q * 4, 4);
+        a[r] = _mm256_add_epi16(a[r], _mm256_maddubs_epi16(wv, _mm256_set1_epi32(x4)));
+      }
+    }
+    const __m256 s = _mm256_loadu_ps(sv + b * 8);
+    for (int r = 0; r < R; ++r)
+      f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a[r], ones)),
+                             _mm256_mul_ps(_mm256_broadcast_ss(xd + r * ldd + b), s), f[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    if (add) f[r] = _mm256_add_ps(f[r], _mm256_loadu_ps(c + r * 8));
+    _mm256_storeu_ps(c + r * 8, f[r]);
+  }
+}
+
+inline void micro_i4_any(int r, const int8_t* xq, int64_t ldx, const float* xd, int64_t ldd, const uint8_t* panel,
+                         const float* sv, int64_t nblk, float* c, bool add) {
+  switch (r) {
+    case 6: micro_i4<(IMR >= 6 ? 6 : 1)>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
+    case 5: micro_i4<(IMR >= 5 ? 5 : 1)>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
+    case 4: micro_i4<4>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
+    case 3: micro_i4<3>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
+    case 2: micro_i4<2>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
+    default: micro_i4<1>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
+  }
+}
+
+// Weight rows n0..n0+nn-1 (nn <= 8; zeros past nn) at blocks b0..b0+nblk-1 -> the panel [nblk][8 vectors] and
+// the scales sv [nblk][8] (each block's group's scale, per row).
+void panel_i4(const PackedW& w, int64_t n0, int64_t nn, int64_t b0, int64_t nblk, uint8_t* panel, float* sv) {
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const int64_t rb = w.kp / 2;
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int64_t g = (b0 + b) * QK / w.group;
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) {
+      if (i < nn) {
+        const __m128i raw = _mm_loadu_si128((const __m128i*)(w.data + (n0 + i) * rb + (b0 + b) * (QK / 2)));
+        const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+        r[i] = _mm256_castsi256_ps(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)));
+        sv[b * 8 + i] = w.scale[(n0 + i) * w.G + g];
+      } else {
+        r[i] = _mm256_setzero_ps();
+        sv[b * 8 + i] = 0.f;
+      }
+    }
+    transpose8(r);  // r[c]: inputs 4c..4c+3 of the 8 rows
+    for (int c = 0; c < 8; ++c) _mm256_store_si256((__m256i*)(panel + b * 256 + c * 32), _mm256_castps_si256(r[c]));
+  }
+}
+
+struct alignas(32) Aligned256 { uint8_t v[256]; };
+
+void igemm4_strips(const PackedW& w, const QuantRows& xr, const float* gsum, int64_t M, int64_t s0, int64_t s1,
+                   float* y) {
+  const int64_t ns = s1 - s0, nb = xr.nb, N = w.N, kb = IKC / QK;
+  std::vector<Aligned256> panels((size_t)ns * kb);
+  std::vector<float> svs((size_t)ns * kb * 8), acc((size_t)ns * M * 8);
+  for (int64_t b0 = 0; b0 < nb; b0 += kb) {
+    const int64_t nblk = std::min(kb, nb - b0);
+    for (int64_t s = 0; s < ns; ++s) {
+      const int64_t n0 = (s0 + s) * 8;
+      panel_i4(w, n0, std::min<int64_t>(8, N - n0), b0, nblk, panels[s * kb].v, svs.data() + s * kb * 8);
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += IMC) {
+      const int64_t m1 = std::min(M, m0 + IMC);
+      for (int64_t s = 0; s < ns; ++s)
+        for (int64_t m = m0; m < m1; m += IMR)
+          micro_i4_any((int)std::min<int64_t>(IMR, m1 - m), xr.q.data() + m * xr.kp + b0 * QK, xr.kp,
+                       xr.d.data() + m * nb + b0, nb, panels[s * kb].v, svs.data() + s * kb * 8, nblk,
+                       acc.data() + (s * M + m) * 8, b0 > 0);
+    }
+  }
+  for (int64_t s = 0; s < ns; ++s) {  // y = the sums - sum_g scale * zero * gsum
+    const int64_t n0 = (s0 + s) * 8, nn = std::min<int64_t>(8, N - n0);
+    for (int64_t j = 0; j < nn; ++j) {
+      const int64_t n = n0 + j;
+      for (int64_t m = 0; m < M; ++m) {
+        float zt = 0.f;
+        for (int64_t g = 0; g < w.G; ++g)
+          zt += w.scale[n * w.G + g] * (w.zero ? (float)w.zero[n * w.G + g] : 8.f) * gsum[m * w.G + g];
+        y[m * N + n] = acc[(s * M + m) * 8 + j] - zt;
+      }
+    }
+  }
+}
+
+void igemm4(const PackedW& w, const float* x, int64_t M, float* y, int nthreads) {
+  const QuantRows xr = quantize_rows(x, M, w.K, w.kp, false);
+  const int64_t bpg = w.group / QK;
+  std::vector<float> gsum(M * w.G, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < w.G; ++g)
+      for (int64_t j = 0; j < bpg; ++j) gsum[m * w.G + g] += xr.dsum[m * xr.nb + g * bpg + j];
+  const int64_t strips = (w.N + 7) / 8, tasks = (strips + ISG - 1) / ISG;
+  parallel_chunks(tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      igemm4_strips(w, xr, gsum.data(), M, t * ISG, std::min(strips, (t + 1) * ISG), y);
+  });
+}
+
 }  // namespace fgemm
 }  // namespace
 
 extern "C" {
 
 int dschat_prefill_abi_version() { return 1; }
+
+// int4 only: y [M, N] = x [M, K] (float32, quantized to int8 blocks as dschat_gemv quantizes it) times the packed
+// weight, by the integer GEMM above (gemv's numbers up to float32 summation order); 0 on success.
+int dschat_igemm4(const float* x, int64_t M, int64_t K, const void* data, const float* scale, const uint8_t* zero,
+                  int bits, int64_t group, int64_t N, int64_t row, float* y, int nthreads) {
+  if (int e = bad(bits, group, K, row)) return e;
+  if (bits != 4) return 4;
+  if (M <= 0 || N <= 0) return 0;
+  fgemm::igemm4(packed(data, scale, zero, bits, group, N, K, row), x, M, y, nthreads);
+  return 0;
+}
 
 // y [M, N] = x [M, K] (float32) times the packed weight [N, K] (see packed()) dequantised, in float32 (the
 // float GEMM above: no activation quantization); 0 on success.

@@ -107,6 +107,8 @@ def _load(path: Path):
     lib.dschat_experts_raw.restype = I
     lib.dschat_gemm_f32.argtypes = [P, I64, I64, P, P, P, I, I64, I64, I64, P, I]
     lib.dschat_gemm_f32.restype = I
+    lib.dschat_igemm4.argtypes = [P, I64, I64, P, P, P, I, I64, I64, I64, P, I]
+    lib.dschat_igemm4.restype = I
     lib.dschat_experts.argtypes = [P, I64, P, P, I64, P, P, P, P, P, P, I64, I64, I64, I64, I, I64, P, I]
     lib.dschat_experts.restype = I
     lib.dschat_dequantize.argtypes = [P, P, P, I, I64, I64, I64, I64, P, I]
@@ -251,6 +253,23 @@ def gemm_f32(x: torch.Tensor, w: Packed) -> torch.Tensor:
     P, I64, I = _C
     err = lib.dschat_gemm_f32(P(xf.data_ptr()), I64(xf.numel() // K), I64(K), *wargs, P(y.data_ptr()),
                               I(torch.get_num_threads()))
+    if err:
+        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def igemm4(x: torch.Tensor, w: Packed) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype through an int4 weight by the integer GEMM (cpu_gemv.cpp's igemm4): x
+    quantized to int8 blocks as `gemv` quantizes it, so `gemv`'s numbers (gemv_reference) up to float32
+    summation order. For many rows; native() must not be None, fits(w) hold and w be int4."""
+    lib = native() if _LIB is _UNSET else _LIB
+    _, _, _, N, wargs = weight_args(w)
+    K = x.shape[-1]
+    xf = _rows(x, K)
+    y = torch.empty(*x.shape[:-1], N)
+    P, I64, I = _C
+    err = lib.dschat_igemm4(P(xf.data_ptr()), I64(xf.numel() // K), I64(K), *wargs, P(y.data_ptr()),
+                            I(torch.get_num_threads()))
     if err:
         raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
     return y if x.dtype == torch.float32 else y.to(x.dtype)

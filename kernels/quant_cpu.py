@@ -3,11 +3,13 @@ or, where those cannot run, PyTorch's packed-weight kernels, for the few rows of
 of the dequantised weight for many rows (prefill); and the routed experts over either, touching only the chosen
 experts' packed rows.
 
-With cpu_gemv (`native_gemv()` true): below GEMM_MIN_ROWS rows (12 int8, 48 int4: decode, speculation's
-verify), x is quantized to int8 blocks of 32 and multiplied with the stored weight exactly in integers
-(cpu_gemv.gemv; cpu_gemv.py says what that computes); from GEMM_MIN_ROWS rows up (prefill, an expert's tokens
-in a prefill), x stays float32 and the weight is dequantised panel by panel in registers (cpu_gemv.gemm_f32):
-F.linear(x, dequantize(w)) up to float32 summation order. int4 is not repacked. Without cpu_gemv (no compiler,
+With cpu_gemv (`native_gemv()` true), below GEMM_MIN_ROWS rows (12 int8, 8 int4: decode, speculation's
+verify) x is quantized to int8 blocks of 32 and multiplied with the stored weight exactly in integers, one
+weight row at a time (cpu_gemv.gemv; cpu_gemv.py says what that computes). From GEMM_MIN_ROWS rows up
+(prefill, an expert's tokens in a prefill) a GEMM runs: int8, x stays float32 and the weight is dequantised
+panel by panel in registers (cpu_gemv.gemm_f32): F.linear(x, dequantize(w)) up to float32 summation order;
+int4, the integer GEMM over the same int8 activations as gemv (cpu_gemv.igemm4): gemv's numbers up to float32
+summation order. int4 is not repacked. CPU_KERNEL_MAX_ROWS = 0 (tests) runs the float GEMM at every row count. Without cpu_gemv (no compiler,
 no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels below run:
 
 * int8 runs `aten._weight_int8pack_mm` on the stored layout (quant_format.py: int8 [N, K] + a float32 scale
@@ -43,14 +45,15 @@ N_BLOCK = 32  # the int4 kernel's layout packs output rows in blocks of 32
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes (others run quant_matmul's reference)
 INT8_N_CHUNK = 4096  # the int8 kernel over lm_head's 102400 rows at once runs at half the speed of 4096-row slices
 INT8_K_MULTIPLE = 16  # the int8 kernel misreads other input widths (crashes, or infinities): dequantise those
-# From this many rows of x up (by bits), cpu_gemv's float GEMM (gemm_f32: x in float32 times the weight
-# dequantised panel by panel in registers) beats its integer kernel (int8 activations). On an AVX2 CPU without
-# VNNI the integer multiplies have half the float FMA's throughput, so for many rows an int8 dot product costs
-# more than a float32 one, and the float GEMM pays its dequantisation once per panel for all the rows.
-# Measured 1 thread, CPU time, GFLOP/s integer kernel -> float GEMM: int8 at the expert shape 2816 x 2048: 8 rows
-# 20.0 -> 17.3, 16 rows 21.0 -> 23.8, 48 rows 22.0 -> 30.9, 512 x 10944 x 2048 21.9 -> 34.1 (dequantise + a
-# float32 matmul, the path before: 27.5); int4: 32 rows 29.9 -> 28.0, 48 rows 30.3 -> 30.8, 512 30.3 -> 34.1.
-GEMM_MIN_ROWS = {8: 12, 4: 48}
+# From this many rows of x up (by bits), cpu_gemv's GEMMs beat its one-weight-row-at-a-time integer kernel:
+# int8 the float GEMM (gemm_f32: x in float32 times the weight dequantised panel by panel in registers; on an
+# AVX2 CPU without VNNI an int8 dot product's multiplies have half the float FMA's throughput), int4 the integer
+# GEMM (igemm4: x's int8 blocks as the kernel quantizes them, 8 maddubs summed in int16 per madd, beating the
+# float FMA). Measured 1 thread, CPU time, GFLOP/s, integer kernel -> GEMM, at the expert shape 2816 x 2048:
+# int8 8 rows 20.0 -> 17.3 (float GEMM), 16 rows 21.0 -> 23.8, 48 rows 22.0 -> 30.9; int4 4 rows 26.2 -> 21.2,
+# 8 rows 26.0 -> 27.5, 48 rows 29.9 -> 39.4 (the float GEMM: 30.1); dense 512 x 10944 x 2048: int8 21.9 ->
+# 34.1 (dequantise + a float32 matmul, the path before: 27.5), int4 30.1 -> 41.2 (float GEMM 33.9).
+GEMM_MIN_ROWS = {8: 12, 4: 8}
 
 
 def native_gemv(w: Packed | None = None) -> bool:
@@ -115,10 +118,13 @@ def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
 
 
 def kernel_rows(w: Packed | Int4Cpu) -> int:
-    """Up to how many rows x goes through a packed kernel (int8 or bfloat16 activations) rather than a float
-    model of the dequantised weight (cpu_gemv's float GEMM, or dequantise + matmul)."""
+    """Up to how many rows x goes through a packed kernel with int8 or bfloat16 activations rather than a float
+    model of the dequantised weight (cpu_gemv's float GEMM, or dequantise + matmul): with cpu_gemv, int8 below
+    GEMM_MIN_ROWS, int4 any number (CPU_KERNEL_MAX_ROWS = 0: none, the float model everywhere)."""
     if native_gemv(w):
-        return GEMM_MIN_ROWS[w.bits] - 1 if CPU_KERNEL_MAX_ROWS else 0
+        if not CPU_KERNEL_MAX_ROWS:
+            return 0
+        return GEMM_MIN_ROWS[8] - 1 if w.bits == 8 else 1 << 62
     return CPU_KERNEL_MAX_ROWS * (3 if isinstance(w, Int4Cpu) else 1)
 
 
@@ -126,9 +132,11 @@ def matmul_cpu(x: torch.Tensor, w: Packed | Int4Cpu) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype: a packed kernel for a few rows (kernel_rows), the float model of the
     dequantised weight for more (cpu_gemv's float GEMM, else dequantise + matmul)."""
     if native_gemv(w):
-        if x.numel() <= kernel_rows(w) * x.shape[-1]:
+        if not CPU_KERNEL_MAX_ROWS:
+            return cpu_gemv.gemm_f32(x, w)
+        if x.numel() < GEMM_MIN_ROWS[w.bits] * x.shape[-1]:
             return cpu_gemv.gemv(x, w)
-        return cpu_gemv.gemm_f32(x, w)
+        return cpu_gemv.gemm_f32(x, w) if w.bits == 8 else cpu_gemv.igemm4(x, w)
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > kernel_rows(w) or (isinstance(w, Packed) and (w.bits == 4 or w.in_features % INT8_K_MULTIPLE)):
         return F.linear(x, dequantize_cpu(w, x.dtype))

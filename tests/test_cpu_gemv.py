@@ -107,22 +107,41 @@ def test_gemm_f32_is_the_float_model_of_the_dequantised_weight(native, name, M, 
     assert bool(((got.double() - x.double() @ wd.T).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("name", [n for n in SPECS if n != "int8"])
+@pytest.mark.parametrize("M, N, K", [(7, 37, 70), (13, 50, 256), (100, 9, 300), (20, 64, 1100)])
+def test_igemm4_computes_what_gemv_computes(native, name, M, N, K):
+    """Prefill's int4 integer GEMM: gemv's numbers (the dequantised weight times the dequantised int8
+    activations) up to float32 summation order: rows past the 6-row tiles, weight rows past the 8-row strips,
+    K past the 512-input panels and int4's padded group, an all-zero block."""
+    g = torch.Generator().manual_seed(M * N + K)
+    p = quantize(torch.randn(N, K, generator=g) * torch.linspace(0.1, 3, K), SPECS[name])
+    x = torch.randn(M, K, generator=g) * torch.linspace(2, 0.01, K)
+    x[0, :32] = 0
+    got = cpu_gemv.igemm4(x, p)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
+
+
 @pytest.mark.parametrize("name, rows", [("int8", 1), ("int8", 11), ("int8", 12), ("int8", 65), ("int4", 1),
-                                        ("int4", 47), ("int4", 48)])
+                                        ("int4", 7), ("int4", 8), ("int4", 300)])
 def test_matmul_cpu_runs_it_for_few_rows(native, name, rows):
-    """quant_cpu.matmul_cpu: cpu_gemv's integer kernel below GEMM_MIN_ROWS rows (int8: 12; int4: 48), the float
-    GEMM from there (float32-exact); other leading dimensions and bfloat16 inputs keep their shape and dtype."""
+    """quant_cpu.matmul_cpu: cpu_gemv's one-row-at-a-time integer kernel below GEMM_MIN_ROWS rows (int8: 12; int4:
+    8), a GEMM from there: int8 the float GEMM (float32-exact), int4 the integer one (gemv's numbers); other
+    leading dimensions and bfloat16 inputs keep their shape and dtype."""
     p = quantize(torch.randn(96, 384), SPECS[name])
     limit = quant_cpu.GEMM_MIN_ROWS[p.bits]
-    assert limit == (12 if name == "int8" else 48)
+    assert limit == (12 if name == "int8" else 8)
     x = torch.randn(rows, 384)
     got = quant_cpu.matmul_cpu(x, p)
     if rows < limit:
-        assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
         assert torch.equal(got, cpu_gemv.gemv(x, p))
-    else:
-        assert rel(got, x.double() @ dequantize(p).double().T) < 1e-6
+    elif name == "int8":
         assert torch.equal(got, cpu_gemv.gemm_f32(x, p))
+        assert rel(got, x.double() @ dequantize(p).double().T) < 1e-6
+    else:
+        assert torch.equal(got, cpu_gemv.igemm4(x, p))
+    if name != "int8" or rows < limit:
+        assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
     xb = x[:1].view(1, 1, 384).bfloat16()
     yb = quant_cpu.matmul_cpu(xb, p)
     assert yb.dtype == torch.bfloat16 and yb.shape == (1, 1, 96)
