@@ -20,6 +20,9 @@ values for that. A TorchDispatchMode sees every ATen operation:
     tensor, and a tensor made from host data (torch.tensor(list): a blocking host-to-device copy);
   * syncs_in_step: those inside the decode step itself (engine/static.py's step function, as a CUDA graph
     would hold it), not the host's read of each new token.
+  * "mtp" (a V3 structure with its MTP module, 2 drafts a step): syncs_per_forward, the host syncs per
+    forward pass of the main model (each verifies up to 2 drafts) with the drafting in between, and
+    syncs_in_step. The drafts stay on the device: the host reads them with the verification's outcome.
 Counts are per decoded token: generation of N + K tokens minus generation of N, divided by K (greedy, no
 drafter), so the prefill and the first token are not in them. The V2-Lite structure is DeepSeek-V2-Lite's
 (27 layers, 1 dense first; 64 routed experts top-6, 2 shared; 16 heads) at toy widths: the counts do not
@@ -212,6 +215,44 @@ def measure(path, counts: Counts, n: int, extra: int) -> dict:
             "triton_kernels": {k: (v - short[6].get(k, 0)) / extra for k, v in long[6].items()}}
 
 
+def measure_mtp(path, counts: Counts, n: int, extra: int) -> dict:
+    """Host syncs per forward pass with MTP drafting (2 drafts a step). The skipped launches leave the logits
+    arbitrary, so how many drafts are kept varies: counted per forward pass, not per token."""
+    from dschat.engine import Engine, SamplingParams
+    eng = Engine.from_pretrained(path, device="cpu", dtype=torch.float32, speculative="mtp", draft_tokens=2)
+    force_cuda_dispatch()
+    ids = [0, 5, 9, 17, 33, 65, 129]
+
+    def wrap(fn):
+        def in_step(*args):
+            counts.in_step = True
+            try:
+                return fn(*args)
+            finally:
+                counts.in_step = False
+        return in_step
+
+    eng.static._fn, eng.static._mtp_fn = wrap(eng.static._fn), wrap(eng.static._mtp_fn)
+
+    def run(tokens):
+        eng.cache.clear()
+        counts.syncs.clear()
+        counts.step_syncs = 0
+        with counts, HostReads(counts):
+            counts.on = True
+            try:
+                gen = eng.generate(ids, SamplingParams(max_tokens=tokens, ignore_eos=True), reuse_cache=False)
+                list(gen)
+            finally:
+                counts.on = False
+        return sum(counts.syncs.values()), counts.step_syncs, gen.stats.forwards, dict(counts.syncs)
+
+    short, long = run(n), run(n + extra)
+    forwards = long[2] - short[2]
+    return {"syncs_per_forward": (long[0] - short[0]) / forwards, "syncs_in_step": (long[1] - short[1]) / forwards,
+            "forwards": forwards, "syncs": {k: (v - short[3].get(k, 0)) / forwards for k, v in long[3].items()}}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="one JSON line keyed by model")
@@ -233,18 +274,23 @@ def main(argv=None):
         results["demo"] = measure(DEMO_DIR, counts, n, extra)
         path = tc.write_checkpoint(Path(tmp) / "v2-lite", v2_lite_structure(layers), seed=0, shards=1)
         results["v2-lite"] = measure(path, counts, n, extra)
+        path = tc.write_checkpoint(Path(tmp) / "v3", tc.v3_config(), seed=0, shards=1)
+        results["mtp"] = measure_mtp(path, counts, n, 3 * extra)
     if args.json:
         print(json.dumps(results))
         return 0
     print("per decoded token, batch 1, greedy, dispatched as on CUDA")
     print(f"{'model':8} {'layers':>6} {'device ops':>11} {'ATen ops':>9} {'Triton launches':>16} {'host syncs':>11} "
           f"{'in the step':>12}")
+    mtp = results.pop("mtp")
     for model, r in results.items():
         print(f"{model:8} {r['layers']:>6} {r['ops_per_token']:>11.1f} {r['aten_ops_per_token']:>9.1f} "
               f"{r['triton_launches_per_token']:>16.1f} {r['syncs_per_token']:>11.1f} {r['syncs_in_step']:>12.1f}")
     for model, r in results.items():
         print(f"{model}: most frequent ops {', '.join(f'{k} {v:g}' for k, v in r['top_ops'].items())}; "
               f"syncs {', '.join(f'{k} {v:g}' for k, v in r['syncs'].items()) or 'none'}")
+    print(f"MTP, 2 drafts a step (V3 structure): {mtp['syncs_per_forward']:g} host syncs per forward pass "
+          f"({', '.join(f'{k} {v:g}' for k, v in mtp['syncs'].items())}), {mtp['syncs_in_step']:g} in the steps")
     return 0
 
 

@@ -30,7 +30,7 @@ from .threads import choose_threads
 from .quant import spec as quant_spec
 from .sampling import Sampler, SamplingParams
 from .generation import Generation
-from .speculative import MTPDrafter, NgramDrafter, NoDrafter, verify
+from .speculative import MTPDrafter, NgramDrafter, NoDrafter, verify, verify_on_device
 from .stats import GenerationStats
 from . import files
 
@@ -316,13 +316,14 @@ class Engine:
                 stats.prefilled_tokens = i + len(hs[-1])
         return torch.cat(hs)
 
-    def _mtp(self, seq: Sequence, start: int, h: torch.Tensor, next_ids: list[int]):
+    def _mtp(self, seq: Sequence, start: int, h: torch.Tensor, next_ids: list[int] | torch.Tensor):
         """The MTP module over positions start..start+S-1: h [S, hidden] the depth-0 states there (main
-        model, after its final norm), next_ids the tokens that follow each. Writes its latent rows."""
+        model, after its final norm), next_ids the tokens that follow each (host ids, or the module's own
+        drafts still on the device). Writes its latent rows."""
         if self.static is not None and len(next_ids) in self.static.shapes and self.static.mtp:
             return self.static.run_mtp(seq, start, h, next_ids)
         step = self._step(seq, start, len(next_ids))
-        ids = self._ids_tensor(next_ids)[None]
+        ids = next_ids.view(1, -1) if isinstance(next_ids, torch.Tensor) else self._ids_tensor(next_ids)[None]
         h_out, logits = self.model.mtp_forward(0, h[None], ids, step.positions, step)
         return h_out[0], logits[0]
 
@@ -455,14 +456,22 @@ class Engine:
         """Feed `token` (and the drafts proposed after it, up to `room`) in one forward pass of the main model;
         keep the drafts it agrees with. Returns (drafts proposed, drafts kept, the new tokens)."""
         drafts, draft_probs = drafter.propose(token, room)
+        on_device = isinstance(drafts, torch.Tensor)  # MTP's: the static step feeds them without a host read
+        if on_device and self.static is None:
+            drafts, on_device = drafts.tolist(), False
         base = len(seq.ids)
         argmax = None
-        if self.static is not None:
-            h, logits, argmax = self.static.run(seq, [token] + drafts)
+        if on_device:
+            h, logits, argmax = self.static.run(seq, [token], drafts)
+            n_ok, nxt, drafts = verify_on_device(drafts, draft_probs, logits, sampler, argmax)
+            seq.ids[base + 1:] = drafts  # placeholders until the read
         else:
-            h = self._forward(seq, [token] + drafts)
-            logits = self.model.head(h)
-        n_ok, nxt = verify(drafts, draft_probs, logits, sampler, argmax)
+            if self.static is not None:
+                h, logits, argmax = self.static.run(seq, [token] + drafts)
+            else:
+                h = self._forward(seq, [token] + drafts)
+                logits = self.model.head(h)
+            n_ok, nxt = verify(drafts, draft_probs, logits, sampler, argmax)
         self.cache.truncate(seq, base + 1 + n_ok)
         if self.static is not None and n_ok < len(drafts):
             self.static.set_length(len(seq.ids))

@@ -10,7 +10,8 @@ match the main model's argmax; sampling uses speculative rejection sampling.
 
 Every drafter has one interface, which Engine._generate drives:
     start(prompt, h)            after the prefill (h: the main model's states of the prompt's new positions)
-    propose(token, room)        -> (drafts, draft_probs): up to `room` tokens to follow `token`
+    propose(token, room)        -> (drafts, draft_probs): up to `room` tokens to follow `token` (a host list,
+                                   or MTP's device tensor, read with the verification: verify_on_device)
     accept(drafts_ok, h)        after verification: the drafts kept, h the states of token + drafts_ok
     finish(last)                after the last token, before the sequence is cached
     whole(length)               how many cached positions hold every row the drafter needs
@@ -41,7 +42,23 @@ def verify(drafts: list[int], draft_probs: list[torch.Tensor | None], logits: to
     return n_ok, token
 
 
-def verify_sampled(drafts: list[int], draft_probs: list[torch.Tensor | None], logits: torch.Tensor,
+def verify_on_device(drafts: torch.Tensor, draft_probs: list[torch.Tensor | None], logits: torch.Tensor,
+                     sampler: Sampler, argmax: torch.Tensor | None = None) -> tuple[int, int, list[int]]:
+    """`verify` for drafts that are still on the device (MTP's, drafts [n] int64): every draft is decided there
+    and the host reads the drafts with the outcome in one read. Returns (drafts accepted, the token that
+    follows them, the drafts)."""
+    n = drafts.numel()
+    if sampler.params.greedy:
+        best = argmax if argmax is not None else logits[: n + 1].argmax(dim=-1)
+        kept = (best[:n] == drafts).long().cumprod(0).sum()  # drafts up to the first the model disagrees with
+        outcome = torch.cat([kept.view(1), best.index_select(0, kept.view(1))])  # (best[kept] would read kept)
+    else:
+        outcome = verify_sampled(drafts, draft_probs, logits, sampler)
+    read = torch.cat([drafts.to(outcome.device), outcome]).tolist()
+    return read[n], read[n + 1], read[:n]
+
+
+def verify_sampled(drafts: list[int] | torch.Tensor, draft_probs: list[torch.Tensor | None], logits: torch.Tensor,
                    sampler: Sampler) -> torch.Tensor:
     """Speculative rejection sampling of all drafts at once, on the logits' device: [drafts kept, next token].
 
@@ -55,7 +72,8 @@ def verify_sampled(drafts: list[int], draft_probs: list[torch.Tensor | None], lo
     if n == 0:
         return torch.stack([torch.zeros((), dtype=torch.long, device=dev), sampler.sample(logits[0]).to(dev)])
     p = probabilities(logits[: n + 1], sampler.params)  # [n+1, V]
-    d = torch.tensor(drafts, dtype=torch.long).to(dev, non_blocking=True)
+    d = drafts.to(dev) if isinstance(drafts, torch.Tensor) else \
+        torch.tensor(drafts, dtype=torch.long).to(dev, non_blocking=True)
     rows = torch.arange(n, device=dev)
     p_d = p[rows, d]
     if all(q is None for q in draft_probs):
@@ -71,7 +89,7 @@ def verify_sampled(drafts: list[int], draft_probs: list[torch.Tensor | None], lo
     kept = (u * q_d < p_d).long().cumprod(0).sum()  # drafts up to the first rejection
     mass = residual.sum(dim=-1, keepdim=True)
     residual = torch.where(mass > 0, residual, p[:n])  # p == q there: any draw from p will do
-    row = torch.cat([residual, p[n:]])[kept]
+    row = torch.cat([residual, p[n:]]).index_select(0, kept.view(1))[0]  # ([kept] would read kept on the host)
     token = sampler.draw_tensor(row / row.sum())
     return torch.stack([kept, token])
 
@@ -137,7 +155,7 @@ class NgramDrafter(NoDrafter):
         return []
 
 
-MTPStep = Callable[[int, torch.Tensor, list[int]], tuple[torch.Tensor, torch.Tensor]]
+MTPStep = Callable[[int, torch.Tensor, "list[int] | torch.Tensor"], tuple[torch.Tensor, torch.Tensor]]
 
 
 class MTPDrafter(NoDrafter):
@@ -166,7 +184,9 @@ class MTPDrafter(NoDrafter):
         self.done, self.pending = len(seq.ids), self.pending[:0]
         return h, logits
 
-    def propose(self, token: int, room: int) -> tuple[list[int], list[torch.Tensor | None]]:
+    def propose(self, token: int, room: int) -> tuple[torch.Tensor | list[int], list[torch.Tensor | None]]:
+        """The drafts stay on the device (a tensor [n]): each is fed to the next MTP step there, and the host
+        reads them once, with the verification's outcome (speculative.verify_on_device)."""
         if room <= 0:
             return [], []
         h, logits = self._catch_up(token)
@@ -174,11 +194,11 @@ class MTPDrafter(NoDrafter):
         drafts, probs = [], []
         for j in range(n):
             q = None if params.greedy else probabilities(logits[-1], params)
-            drafts.append(int(logits[-1].argmax()) if q is None else self.sampler.draw(q))
+            drafts.append((logits[-1].argmax() if q is None else self.sampler.draw_tensor(q)).view(1))
             probs.append(q)
             if j + 1 < n:  # chain: the module's own state, the draft token
-                h, logits = self.mtp(len(self.seq.ids) + j, h[-1:], [drafts[-1]])
-        return drafts, probs
+                h, logits = self.mtp(len(self.seq.ids) + j, h[-1:], drafts[-1])
+        return torch.cat(drafts), probs
 
     def accept(self, drafts_ok: list[int], h: torch.Tensor):
         self.pending = torch.cat([self.pending, self.norm(h)])

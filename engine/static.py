@@ -195,7 +195,7 @@ class StaticDecoder:
         return (self.model, self.mtp_h[S], self.mtp_ids[S], self.mtp_start, self.page_table, self.cache.layers,
                 self.page_size)
 
-    def run_mtp(self, seq, start: int, h: torch.Tensor, next_ids: list[int]):
+    def run_mtp(self, seq, start: int, h: torch.Tensor, next_ids: list[int] | torch.Tensor):
         """The MTP module over positions start.. of seq (see engine.Engine._mtp), through static buffers:
         (h, logits) of its S positions. Only for the step shapes in use (`shapes`)."""
         S = len(next_ids)
@@ -203,7 +203,10 @@ class StaticDecoder:
         self.cache.reserve(seq, start + S)
         self.sync(seq)
         args[1].copy_(h)
-        args[2].copy_(torch.tensor([next_ids], dtype=torch.long), non_blocking=True)
+        if isinstance(next_ids, torch.Tensor):  # the module's own draft, still on the device
+            args[2].copy_(next_ids.view(1, -1))
+        else:
+            _write_ids(args[2][0], next_ids)
         self.mtp_start.fill_(start)
         out = self.mtp_graphs[S].replay() if S in self.mtp_graphs else self._mtp_fn(*args)
         return out[0], out[1]
@@ -242,10 +245,15 @@ class StaticDecoder:
         self.length.fill_(n)
 
     # -- steps --------------------------------------------------------------------------------------------
-    def run(self, seq, tokens: list[int]):
-        """Feed host tokens (a token and the drafts to verify) after seq's cached ones."""
-        buf = self.ids_buffer(len(tokens))
-        buf.copy_(torch.tensor([tokens], dtype=torch.long), non_blocking=True)
+    def run(self, seq, tokens: list[int], drafts: torch.Tensor | None = None):
+        """Feed host tokens (a token and the drafts to verify) after seq's cached ones, then `drafts`, ids still
+        on the device (MTP's, [n]) that seq holds as placeholders (-1) until the caller has read them."""
+        n = 0 if drafts is None else drafts.numel()
+        buf = self.ids_buffer(len(tokens) + n)
+        _write_ids(buf[0, :len(tokens)], tokens)
+        if n:
+            buf[0, len(tokens):].copy_(drafts)
+            tokens = list(tokens) + [-1] * n
         out = self._step(seq, len(tokens))
         seq.ids.extend(tokens)
         return out
@@ -289,6 +297,17 @@ class StaticDecoder:
                 self._table_slots = paged_slots(self.page_table, P)
             keys = self._table_slots[:pos + 1]
         return self.lean.step(ids, length, layers, slot, keys)
+
+
+def _write_ids(buf: torch.Tensor, ids: list[int]):
+    """Host ids into a device buffer [S] without a host tensor: a copy from pageable host memory waits for the
+    device's queue (a sync), a fill with a scalar does not. The step's shapes are a few tokens (1 + drafts);
+    more go as one copy."""
+    if len(ids) > 8:
+        buf.copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        return
+    for j, t in enumerate(ids):
+        buf[j].fill_(t)
 
 
 class _Graph:

@@ -26,7 +26,11 @@ def counts(cwd) -> dict:
 
 def test_counts_per_token_are_positive_and_the_kernels_the_layers_call(tmp_path):
     first = counts(tmp_path)
-    assert set(first) == {"demo", "v2-lite"}
+    assert set(first) == {"demo", "v2-lite", "mtp"}
+    # MTP drafting (2 drafts a step): the drafts stay on the device, the host reads them with the verification's
+    # outcome, once a forward pass (a read per draft, and host ids copied in, made it 5.7 before)
+    mtp = first.pop("mtp")
+    assert mtp["forwards"] > 0 and mtp["syncs_in_step"] == 0 and mtp["syncs_per_forward"] == 1, mtp
     for model, r in first.items():
         assert r["ops_per_token"] > 0 and r["triton_launches_per_token"] > 0, model
         # the decode step itself never waits on the host (issue 21); the host reads each token once
