@@ -129,10 +129,13 @@ def force_cuda_dispatch():
     those names at what the dispatchers pick on CUDA."""
     from dschat.kernels import fused_moe, mla_decode, norm_rope, router
 
-    def moe_experts(x, w13, w2, ids, weights):
+    def moe_experts(x, w13, w2, ids, weights, shared=None):
         if ids.shape[0] <= fused_moe.GATHER_MAX_TOKENS:
-            return fused_moe.moe_experts_triton(x, w13, w2, ids, weights)
-        return fused_moe._grouped(x, w13, w2, ids, weights)
+            return fused_moe.moe_experts_triton(x, w13, w2, ids, weights, shared=shared or None)
+        return fused_moe._grouped(x, w13, w2, ids, weights, shared or None)
+
+    def fuses_shared(x, ids):
+        return ids.shape[0] <= fused_moe.GATHER_MAX_TOKENS
 
     def mla(q_lat, q_pe, cache, slots, q_pos, scale):
         return mla_decode.mla_decode_triton(q_lat, q_pe, cache, slots, q_pos, scale)
@@ -143,7 +146,7 @@ def force_cuda_dispatch():
     def rms_norm(x, weight, eps):
         return norm_rope.add_rms_norm_triton(x, None, weight, eps)[1]
 
-    swaps = {fused_moe.moe_experts: moe_experts, mla_decode.mla_decode: mla, mla_decode.mla_decode_paged: mla_paged,
+    swaps = {fused_moe.moe_experts: moe_experts, fused_moe.fuses_shared: fuses_shared, mla_decode.mla_decode: mla, mla_decode.mla_decode_paged: mla_paged,
              norm_rope.rms_norm: rms_norm, norm_rope.add_rms_norm: norm_rope.add_rms_norm_triton,
              norm_rope.rope_latent_write: norm_rope.rope_latent_write_triton, router.route: router.route_triton,
              norm_rope.silu_mul: norm_rope.silu_mul_triton}

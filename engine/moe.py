@@ -10,7 +10,7 @@ from torch import nn
 from ..kernels import ops
 from ..kernels.fp8_matmul import dequantize_fp8
 from ..kernels.fp8_moe import moe_experts_fp8
-from ..kernels.fused_moe import moe_experts
+from ..kernels.fused_moe import fuses_shared, moe_experts
 from ..kernels.quant_cpu import Int4Cpu, int4_fits, moe_experts_cpu, repack_int4
 from ..kernels.quant_format import Packed
 from ..kernels.quant_moe import moe_experts_quant
@@ -18,9 +18,10 @@ from ..kernels.router import route
 
 from . import dist
 from .config import ModelConfig
+from .layers.linear import Linear
 from .layers.mlp import MLP
 from .errors import ModelError
-from .layers.quant_linear import QuantSpec, check_packed, packed_of, quantize, register_packed
+from .layers.quant_linear import QuantLinear, QuantSpec, check_packed, packed_of, quantize, register_packed
 from .layers.weights import LoadContext, Target, check_shape, default_weight_loader
 
 
@@ -101,12 +102,27 @@ class Experts(nn.Module):
         """(expert, projection) of a weight of this stack that never arrived, if any."""
         return _missing(self.loaded, self.w13.shape[0])
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T,H], ids [T,k] indices into this stack (others contribute zero), weights [T,k] -> [T,H]."""
+    def shared_weights(self, shared: MLP) -> list[torch.Tensor] | None:
+        """The shared experts' weights as this stack's kernels take them beside it (gate, up, down; FP8: each
+        followed by its scales), or None where they are stored otherwise (then they run on their own)."""
+        lin = (shared.gate_proj, shared.up_proj, shared.down_proj)
+        if not all(type(m) is Linear and m.weight.dtype == self.w13.dtype for m in lin):
+            return None
         if self.w13_scale is None:
-            return ops.traced(torch.ops.dschat.moe_experts, moe_experts)(x, self.w13, self.w2, ids, weights)
+            return None if any(m.scale is not None for m in lin) else [m.weight for m in lin]
+        if any(m.scale is None or m.block != self.block for m in lin):
+            return None
+        return [t for m in lin for t in (m.weight, m.scale)]
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                shared: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """x [T,H], ids [T,k] indices into this stack (others contribute zero), weights [T,k] -> [T,H];
+        `shared` (shared_weights) adds the shared experts inside the same kernels."""
+        if self.w13_scale is None:
+            return ops.traced(torch.ops.dschat.moe_experts, moe_experts)(x, self.w13, self.w2, ids, weights,
+                                                                         shared or [])
         return ops.traced(torch.ops.dschat.moe_experts_fp8, moe_experts_fp8)(
-            x, self.w13, self.w13_scale, self.w2, self.w2_scale, ids, weights, list(self.block))
+            x, self.w13, self.w13_scale, self.w2, self.w2_scale, ids, weights, list(self.block), shared or [])
 
 
 class QuantExperts(nn.Module):
@@ -158,7 +174,20 @@ class QuantExperts(nn.Module):
                 for suffix in ("", "_scale", "_zero"):
                     setattr(self, prefix + suffix, None)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def shared_weights(self, shared: MLP) -> list[Packed] | None:
+        """The shared experts' packed weights (gate, up, down) where they are packed as this stack is (the
+        CUDA kernels read them beside it), else None."""
+        lin = (shared.gate_proj, shared.up_proj, shared.down_proj)
+        if self.w13 is None or not all(isinstance(m, QuantLinear) and m.spec == self.spec and m.weight is not None
+                                       for m in lin):
+            return None
+        return [packed_of(m, "weight", m.spec, m.in_features) for m in lin]
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                shared: list[Packed] | None = None) -> torch.Tensor:
+        if shared is not None:  # the CUDA decode path only (MoE.forward)
+            w13, w2 = packed_of(self, "w13", self.spec, self.dim), packed_of(self, "w2", self.spec, self.inter)
+            return moe_experts_quant(x, w13, w2, ids, weights, shared)
         if self.cpu_w13 is not None:
             if torch.compiler.is_compiling():
                 return torch.ops.dschat.moe_experts_int4_cpu(x, self.cpu_w13, self.cpu_w13_so, self.cpu_w2,
@@ -197,11 +226,16 @@ class MoE(nn.Module):
         return Target(self.experts, proj, e) if 0 <= e < self.experts.w13.shape[0] else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """On the CUDA decode path the shared experts run inside the routed experts' kernels (one more row a
+        token, weight 1: kernels/fused_moe.py), where both are stored alike; elsewhere on their own."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.gate(x, self.first)
-        y = self.experts(x, ids, weights)
-        if self.shared_experts is not None:
+        shared = None
+        if self.shared_experts is not None and fuses_shared(x, ids):
+            shared = self.experts.shared_weights(self.shared_experts)
+        y = self.experts(x, ids, weights, shared)
+        if self.shared_experts is not None and shared is None:
             y = y + self.shared_experts(x)
         return dist.all_reduce(y).view(shape)
 

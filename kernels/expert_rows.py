@@ -53,18 +53,21 @@ if triton is not None:
                     PACKED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                     BLOCK_K: tl.constexpr, FP8: tl.constexpr = False, ROUND: tl.constexpr = tl.float32):
         """Weights [len(rows), BLOCK_K] of expert e, columns col0..col0+BLOCK_K-1 (col0 a multiple of BLOCK_K;
-        columns from n_cols on read 0), in float32 (row_len: elements, or bytes when packed). FP8: e4m3 rows
-        times the scale of their GROUP x GROUP tile (n_groups tiles a row; BLOCK_K divides GROUP), rounded to
-        ROUND as the dequantised weight is (fp8_moe.py)."""
-        if PACKED:
-            return _unpacked(W, Scale, Zero, e, rows, rmask, col0, n_cols, n_rows, row_len, n_groups, BITS, GROUP,
-                             HAS_ZERO, BLOCK_K)
+        columns from n_cols on read 0; row_len: elements, or bytes when packed): a plain stack's in its own
+        dtype, packed ones dequantised in float32. FP8: e4m3 rows times the scale of their GROUP x GROUP tile
+        (n_groups tiles a row; BLOCK_K divides GROUP), rounded to ROUND as the dequantised weight is
+        (fp8_moe.py). The caller converts the tile to its tl.dot operand type (fused_moe.py)."""
         cols = col0 + tl.arange(0, BLOCK_K)
-        if FP8:
+        if PACKED:
+            out = _unpacked(W, Scale, Zero, e, rows, rmask, col0, n_cols, n_rows, row_len, n_groups, BITS, GROUP,
+                            HAS_ZERO, BLOCK_K)
+        elif FP8:
             q = tl.load(W + (e * n_rows + rows[:, None]) * row_len + cols[None, :],
                         mask=rmask[:, None] & (cols[None, :] < n_cols), other=0.0).to(tl.float32)
             tiles = (n_rows + GROUP - 1) // GROUP
             s = tl.load(Scale + (e * tiles + rows // GROUP) * n_groups + col0 // GROUP, mask=rmask, other=0.0)
-            return (q * s[:, None]).to(ROUND).to(tl.float32)
-        return tl.load(W + (e * n_rows + rows[:, None]) * row_len + cols[None, :],
-                       mask=rmask[:, None] & (cols[None, :] < n_cols), other=0.0).to(tl.float32)
+            out = (q * s[:, None]).to(ROUND)
+        else:
+            out = tl.load(W + (e * n_rows + rows[:, None]) * row_len + cols[None, :],
+                          mask=rmask[:, None] & (cols[None, :] < n_cols), other=0.0)
+        return out

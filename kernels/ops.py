@@ -4,8 +4,8 @@ read small tensors on the host (the MoE's chosen experts, the attention's length
 and, the operator being opaque to the compiler, breaks no graph; on CUDA they run the Triton kernels.
 
     torch.ops.dschat.mla_decode_paged      mla_decode.mla_decode_paged (the static step's attention)
-    torch.ops.dschat.moe_experts           fused_moe.moe_experts
-    torch.ops.dschat.moe_experts_fp8       fp8_moe.moe_experts_fp8 (`--fp8 keep` experts)
+    torch.ops.dschat.moe_experts           fused_moe.moe_experts (`shared`: the shared experts' weights, or [])
+    torch.ops.dschat.moe_experts_fp8       fp8_moe.moe_experts_fp8 (`--fp8 keep` experts, and the shared ones)
     torch.ops.dschat.moe_experts_int4_cpu  quant_cpu.moe_experts_cpu over int4 stacks (PyTorch's int4 layout)
     torch.ops.dschat.moe_experts_packed_cpu  quant_cpu.moe_experts_cpu over stacks as stored (cpu_gemv's)
     torch.ops.dschat.matmul_packed_cpu     quant_cpu.matmul_cpu over a weight as stored (cpu_gemv's)
@@ -53,23 +53,23 @@ def _(q_lat, q_pe, cache, table_slots, q_pos, scale):
 
 
 @torch.library.custom_op("dschat::moe_experts", mutates_args=())
-def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
-    return fused_moe.moe_experts(x, w13, w2, ids, weights)
+def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, ids: Tensor, weights: Tensor, shared: list[Tensor]) -> Tensor:
+    return fused_moe.moe_experts(x, w13, w2, ids, weights, shared)
 
 
 @moe_experts.register_fake
-def _(x, w13, w2, ids, weights):
+def _(x, w13, w2, ids, weights, shared):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("dschat::moe_experts_fp8", mutates_args=())
 def moe_experts_fp8(x: Tensor, w13: Tensor, s13: Tensor, w2: Tensor, s2: Tensor, ids: Tensor, weights: Tensor,
-                    block: list[int]) -> Tensor:
-    return fp8_moe.moe_experts_fp8(x, w13, s13, w2, s2, ids, weights, tuple(block))
+                    block: list[int], shared: list[Tensor]) -> Tensor:
+    return fp8_moe.moe_experts_fp8(x, w13, s13, w2, s2, ids, weights, tuple(block), shared)
 
 
 @moe_experts_fp8.register_fake
-def _(x, w13, s13, w2, s2, ids, weights, block):
+def _(x, w13, s13, w2, s2, ids, weights, block, shared):
     return torch.empty_like(x)
 
 

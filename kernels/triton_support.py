@@ -27,6 +27,10 @@ def _load():
 
 triton, tl = _load()
 
+# Triton's interpreter (3.9) multiplies bfloat16 tl.dot operands as raw integers: kernels give tl.dot float32
+# operands there, rounded to the operand type first (the same values, products exact in float32 either way).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 H100_SMS = 132  # the SM count kernels size their grids for where no GPU says otherwise (check_kernels)
 
