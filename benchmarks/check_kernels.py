@@ -9,8 +9,10 @@ GPUTarget("cuda", 90, 32); each kernel's Python wrapper runs on meta tensors (no
 compile without launching (JITFunction.run(..., warmup=True)), recording the grid. The PTX then goes
 through the ptxas Triton itself uses for sm_90 (its bundled ptxas-blackwell: the older bundled `ptxas`
 cannot read the PTX version Triton 3.9 writes) with `-v --gpu-name sm_90a`, which reports registers and
-spill bytes per thread. Tensor cores: an mma / wgmma instruction in the PTX. An H100 has 132 SMs: a grid of
-fewer blocks leaves SMs idle (the MoE decode kernels must launch at least that many).
+spill bytes per thread. Tensor cores: an mma / wgmma instruction in the PTX. Pipelined: cp.async copies
+into shared memory in the PTX (Triton's software pipelining of a loop's loads over num_stages buffers).
+An H100 has 132 SMs: a grid of fewer blocks leaves SMs idle (the MoE decode kernels must launch at least
+that many). The MoE decode shapes include the models' shared experts (one more row a token).
 Exit status 1 when a kernel spills or a MoE decode grid is smaller than the SM count (what the tests keep).
 """
 
@@ -35,15 +37,16 @@ import torch  # noqa: E402
 H100_SMS = 132
 
 # The real models' dimensions (the demo's from its config.json): hidden, attention heads, kv_lora_rank,
-# qk_rope_head_dim, moe_intermediate_size, routed experts, experts per token, dense intermediate_size.
+# qk_rope_head_dim, moe_intermediate_size, routed experts, experts per token, shared experts, dense
+# intermediate_size.
 MODELS = {
-    "demo": dict(hidden=256, heads=4, kv_lora=64, rope=16, moe_inter=192, experts=16, top_k=2, inter=1024,
+    "demo": dict(hidden=256, heads=4, kv_lora=64, rope=16, moe_inter=192, experts=16, top_k=2, shared=1, inter=1024,
                  context=1024, router=dict(n_group=1, topk_group=1, top2=False, softmax=True, bias=False)),
     "v2-lite": dict(hidden=2048, heads=16, kv_lora=512, rope=64, moe_inter=1408, experts=64, top_k=6,
-                    inter=10944, context=4096, router=dict(n_group=1, topk_group=1, top2=False, softmax=True,
+                    shared=2, inter=10944, context=4096, router=dict(n_group=1, topk_group=1, top2=False, softmax=True,
                                                            bias=False)),
     "v3": dict(hidden=7168, heads=128, kv_lora=512, rope=64, moe_inter=2048, experts=256, top_k=8,
-               inter=18432, context=4096, fp8=True, router=dict(n_group=8, topk_group=4, top2=True,
+               shared=1, inter=18432, context=4096, fp8=True, router=dict(n_group=8, topk_group=4, top2=True,
                                                                  softmax=False, bias=True)),
 }
 INT4_GROUP = 128  # engine/quant.py's default group size
@@ -119,18 +122,23 @@ def cases(m):
     from dschat.kernels.quant_moe import moe_experts_quant_triton
 
     H, E, k, I = m["hidden"], m["experts"], m["top_k"], m["moe_inter"]
+    Is = I * m["shared"]  # the shared experts, in the routed experts' launches (engine/moe.py)
     x = meta(1, H)
     ids = meta(1, k, dtype=torch.int64)
     wts = meta(1, k, dtype=torch.float32)
-    yield "moe/bf16", lambda: moe_experts_triton(x, meta(E, 2 * I, H), meta(E, H, I), ids, wts)
+    yield "moe/bf16", lambda: moe_experts_triton(x, meta(E, 2 * I, H), meta(E, H, I), ids, wts,
+                                                 shared=(meta(Is, H), meta(Is, H), meta(H, Is)))
     for bits in (8, 4):
         yield f"moe/int{bits}", lambda bits=bits: moe_experts_quant_triton(
-            x, packed(E, 2 * I, H, bits), packed(E, H, I, bits), ids, wts)
+            x, packed(E, 2 * I, H, bits), packed(E, H, I, bits), ids, wts,
+            shared=(packed(0, Is, H, bits), packed(0, Is, H, bits), packed(0, H, Is, bits)))
     if m.get("fp8"):  # the checkpoints that ship FP8 experts (`--fp8 keep` reads them as they are)
+        f8 = torch.float8_e4m3fn
+        gate = (meta(Is, H, dtype=f8), meta(Is // 128, -(-H // 128), dtype=torch.float32))
         yield "moe/fp8", lambda: moe_experts_fp8_triton(
-            x, meta(E, 2 * I, H, dtype=torch.float8_e4m3fn), meta(E, 2 * I // 128, -(-H // 128), dtype=torch.float32),
-            meta(E, H, I, dtype=torch.float8_e4m3fn), meta(E, -(-H // 128), I // 128, dtype=torch.float32), ids, wts,
-            (128, 128))
+            x, meta(E, 2 * I, H, dtype=f8), meta(E, 2 * I // 128, -(-H // 128), dtype=torch.float32),
+            meta(E, H, I, dtype=f8), meta(E, -(-H // 128), I // 128, dtype=torch.float32), ids, wts,
+            (128, 128), shared=(*gate, *gate, meta(H, Is, dtype=f8), meta(-(-H // 128), Is // 128, dtype=torch.float32)))
     R, P, heads, T = m["kv_lora"], m["rope"], m["heads"], m["context"]
     yield "mla_decode", lambda: mla_decode_triton(
         meta(1, heads, R), meta(1, heads, P), meta(T + 256, R + P), meta(T, dtype=torch.int64),
@@ -196,6 +204,11 @@ def tensor_cores(ptx: str) -> str | None:
     return None
 
 
+def pipelined(ptx: str) -> bool:
+    """Loads copied asynchronously into shared memory (cp.async, or the TMA's cp.async.bulk)."""
+    return re.search(r"\bcp\.async\.", ptx) is not None
+
+
 def check(models) -> list[dict]:
     import triton
     from triton.runtime import driver
@@ -226,6 +239,7 @@ def check(models) -> list[dict]:
                 rows.append(dict(kernel=name, shape=model + (f"/{rows_at}" if rows_at else ""), grid=list(grid), grid_blocks=blocks,
                                  num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
                                  registers=regs, spill_bytes=spill, tensor_cores=mma is not None, mma=mma,
+                                 pipelined=pipelined(ptx),
                                  shared_bytes=compiled.metadata.shared))
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -268,12 +282,13 @@ def main(argv=None):
         print(json.dumps(rows))
     else:
         print(f"{'kernel':24} {'shape':14} {'grid':>16} {'blocks':>7} {'/SMs':>6} {'warps':>5} {'regs':>5} "
-              f"{'spill B':>8} {'tensor cores':>12}")
+              f"{'spill B':>8} {'tensor cores':>12} {'pipelined':>9}")
         for r in rows:
             grid = "x".join(str(g) for g in r["grid"])
             print(f"{r['kernel']:24} {r['shape']:14} {grid:>16} {r['grid_blocks']:>7} "
                   f"{r['grid_blocks'] / H100_SMS:>6.2f} {r['num_warps']:>5} {r['registers']:>5} "
-                  f"{r['spill_bytes']:>8} {r['mma'] or 'no':>12}")
+                  f"{r['spill_bytes']:>8} {r['mma'] or 'no':>12} "
+                  f"{str(r['num_stages']) + ' stages' if r['pipelined'] else 'no':>9}")
     bad = problems(rows)
     for line in bad:
         sys.stderr.write(f"check_kernels: {line}\n")

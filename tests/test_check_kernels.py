@@ -75,8 +75,17 @@ def test_moe_decode_launches_a_block_for_every_sm(rows):
 def test_matmuls_use_the_tensor_cores(rows):
     _, rows = rows
     for row in rows:
-        if row["kernel"].split("/")[0] in ("fp8_linear", "quant_matmul", "mla_decode"):
+        if row["kernel"].split("/")[0] in ("fp8_linear", "quant_matmul", "mla_decode", "moe_gate_up", "moe_down"):
             assert row["tensor_cores"], (row["kernel"], row["shape"])
+
+
+def test_moe_decode_kernels_pipeline_their_weight_loads(rows):
+    """cp.async into multi-stage shared-memory buffers (Triton's software pipelining, issue 21 item 6)."""
+    _, rows = rows
+    moe = [row for row in rows if row["kernel"].startswith("moe_")]
+    assert moe and all(row["pipelined"] and row["num_stages"] >= 3 and row["shared_bytes"] > 0 for row in moe), [
+        (r["kernel"], r["shape"], r["pipelined"], r["shared_bytes"]) for r in moe]
+    assert not any(row["pipelined"] for row in rows if row["kernel"] in ("add_rms_norm", "router"))  # it can fail
 
 
 def test_an_unknown_model_is_one_line(tmp_path):

@@ -38,12 +38,13 @@ def test_counts_per_token_are_positive_and_the_kernels_the_layers_call(tmp_path)
         assert r["ops_per_token"] == r["aten_ops_per_token"] + r["triton_launches_per_token"]
         # the CUDA dispatch, per layer: two norms (each with the residual add before it), q's rope with the
         # latent's norm and cache write, the MLA kernel and its merge; per MoE layer the router and the two
-        # expert kernels; the final norm; a model with q_lora_rank norms its query's latent too
+        # expert kernels (which run the shared experts too: no silu_mul of their own); the final norm; a model
+        # with q_lora_rank norms its query's latent too
         L, moe = r["layers"], r["moe_layers"]
         assert moe == L - 1, r  # the first layer is dense
         assert r["triton_kernels"] == {
             "_add_rms_norm_kernel": 2 * L + 1 + L * r["q_lora"], "_rope_latent_kernel": L, "_mla_split_kernel": L,
             "_mla_merge_kernel": L, "_router_kernel": moe, "_gate_up_kernel": moe, "_down_kernel": moe,
-            "_silu_mul_kernel": L}, (model, r)  # the dense MLP's or the shared experts' silu(gate) * up
+            "_silu_mul_kernel": L - moe}, (model, r)  # the dense MLP's silu(gate) * up
         assert r["triton_launches_per_token"] == sum(r["triton_kernels"].values())
     assert first["demo"]["q_lora"] and not first["v2-lite"]["q_lora"]  # both cases are counted

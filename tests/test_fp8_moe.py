@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from dschat.dev import tiny_checkpoints as tc
 from dschat.kernels.fp8_moe import (fp8_triton_fits, moe_experts_fp8, moe_experts_fp8_loop,
                                     moe_experts_fp8_reference, moe_experts_fp8_triton)
+from dschat.kernels import ops  # noqa: F401 - registers torch.ops.dschat.*
 from dschat.kernels.fused_moe import GATHER_MAX_TOKENS, moe_experts_reference
 
 needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
@@ -79,10 +80,22 @@ def test_experts_of_other_ranks_contribute_zero():
 @needs_interpreter
 @pytest.mark.parametrize("T, lo, hi", [(1, 0, None), (3, -2, 6)])  # decode; a verify batch, other ranks' ids
 def test_triton_reads_the_fp8_rows_as_the_reference_dequantises_them(T, lo, hi):
+    """At the decode shape with the shared experts (FP8 too) as one more row a token."""
     args, _ = case(T, seed=10 + T, lo=lo, hi=hi)
-    want = moe_experts_fp8_reference(*args, BLOCK)
-    got = moe_experts_fp8_triton(*args, BLOCK)
+    shared = None
+    if T == 1:
+        g = torch.Generator().manual_seed(T)
+        shared = [t for shape in ((128, 200), (128, 200), (200, 128))
+                  for t in tc.quantize_fp8(torch.randn(*shape, generator=g) * 0.05)]
+    want = moe_experts_fp8_reference(*args, BLOCK, shared)
+    got = moe_experts_fp8_triton(*args, BLOCK, shared=shared)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    if shared is not None:
+        loop = moe_experts_fp8(*args, BLOCK, shared)  # the CPU's dispatch: the host loop
+        assert float((loop - want).abs().max() / want.abs().max()) < 1e-5
+        assert float((moe_experts_fp8_reference(*args, BLOCK) - want).abs().max() / want.abs().max()) > 0.05
+        torch.library.opcheck(torch.ops.dschat.moe_experts_fp8, (*args, list(BLOCK), shared),
+                              test_utils=("test_faketensor",))  # the schema check cannot multiply FP8 on the CPU
 
 
 @needs_interpreter

@@ -63,9 +63,17 @@ def test_quant_moe_equals_the_dequantized_experts(name, T):
 @needs_interpreter
 @pytest.mark.parametrize("name", SPECS)
 def test_triton_quant_moe_matches_reference(name):
+    """With the shared experts (packed alike, 64 wide) as one more row a token where the spec is int4."""
     x, w13, w2, ids, weights = moe_case(3, name, seed=7)
-    want = moe_experts_quant_reference(x, w13, w2, ids, weights)
-    assert rel(moe_experts_quant_triton(x, w13, w2, ids, weights), want) < 1e-5
+    shared = None
+    if name == "int4":
+        g = torch.Generator().manual_seed(8)
+        shared = [quantize(torch.randn(*shape, generator=g), SPECS[name]) for shape in ((64, 160), (64, 160), (160, 64))]
+    want = moe_experts_quant_reference(x, w13, w2, ids, weights, shared)
+    assert rel(moe_experts_quant_triton(x, w13, w2, ids, weights, shared=shared), want) < 1e-5
+    if shared is not None:
+        assert rel(moe_experts_quant(x, w13, w2, ids, weights, shared), want) < 1e-5  # the CPU's dispatch
+        assert rel(moe_experts_quant_reference(x, w13, w2, ids, weights), want) > 0.05  # they count
 
 
 def test_dispatch_on_cpu_is_not_triton():
