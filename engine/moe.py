@@ -9,7 +9,7 @@ from torch import nn
 
 from ..kernels import ops
 from ..kernels.fp8_matmul import dequantize_fp8
-from ..kernels.fp8_moe import moe_experts_fp8
+from ..kernels.fp8_moe import fp8_triton_fits, moe_experts_fp8
 from ..kernels.fused_moe import fuses_shared, moe_experts
 from ..kernels.quant_cpu import Int4Cpu, int4_fits, moe_experts_cpu, repack_int4
 from ..kernels.quant_format import Packed
@@ -112,7 +112,8 @@ class Experts(nn.Module):
             return None if any(m.scale is not None for m in lin) else [m.weight for m in lin]
         if any(m.scale is None or m.block != self.block for m in lin):
             return None
-        return [t for m in lin for t in (m.weight, m.scale)]
+        weights = [t for m in lin for t in (m.weight, m.scale)]
+        return weights if fp8_triton_fits(self.w2, self.block, shared=weights) else None
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 shared: list[torch.Tensor] | None = None) -> torch.Tensor:

@@ -11,9 +11,12 @@ Three implementations of the same function:
     can capture it); batches of more than GATHER_MAX_TOKENS tokens (prefill, training) go expert by expert
     instead, with one host sync, since gathering T*k experts would copy more weights than the model holds.
   * `moe_experts_triton`: two GEMV-shaped kernels that read only the chosen experts' rows in place (the
-    batch-1 decode and 1+K verify shapes): gate/up + SiLU, then down with the routing weights. They read
-    weights through expert_rows, so quant_moe runs the same kernels on packed int8/int4 stacks, and fp8_moe
-    on block-scaled FP8 ones.
+    batch-1 decode and 1+K verify shapes): gate/up + SiLU, then down with the routing weights, each tile
+    through tl.dot so that Triton pipelines the weight loads. They read weights through expert_rows, so
+    quant_moe runs the same kernels on packed int8/int4 stacks, and fp8_moe on block-scaled FP8 ones.
+Every implementation takes the layer's shared experts too (`shared`: their gate, up and down weights), summed
+with weight 1 in float32 with the routed ones: the kernels run them as one more row a token in the same two
+launches (`fuses_shared` says where engine/moe.py hands them over rather than running its shared MLP).
   * `moe_experts_loop`: the host picks the experts (`.tolist()`, free on the CPU) and runs each on views of
     the stack, copying no weights: the fastest on the CPU, and never used on CUDA.
 `moe_experts` picks Triton for CUDA tensors and the loop on the CPU; bfloat16 stacks on the CPU run

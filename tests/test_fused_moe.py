@@ -74,7 +74,7 @@ def test_experts_of_other_ranks_contribute_zero(T):
 @needs_interpreter
 @pytest.mark.parametrize("T, E, k, H, I, Is", [
     (1, 8, 2, 64, 48, 16),     # batch-1 decode; I not a multiple of the block; shared experts narrower (TP)
-    (3, 6, 3, 100, 40, 72),    # 1+K verify; H not a multiple of either block; shared experts wider (V2-Lite)
+    (3, 6, 3, 100, 40, 48),    # 1+K verify; H not a multiple of either block; shared experts wider (V2-Lite)
 ])
 def test_triton_matches_reference(T, E, k, H, I, Is):
     """The routed experts and the shared ones (one more row a token, weight 1) in the same two launches."""
@@ -112,28 +112,31 @@ def test_shared_experts_join_the_sum_with_weight_one(T):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("quant", [None, "int8"])
 def test_the_engine_runs_its_shared_experts_in_the_routed_call_and_decodes_the_same_tokens(checkpoints,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, quant):
     """Where the routed experts' kernels take the shared experts (fused_moe.fuses_shared: the CUDA decode
     path; forced here), MoE.forward hands them over instead of running its shared MLP: same greedy tokens
-    (the CPU's dispatch computes the same sum), and the shared MLP never runs on its own."""
+    (the CPU's dispatch computes the same sum), and the shared MLP never runs on its own. Unquantized, the
+    Triton kernels themselves too (Triton's interpreter)."""
     monkeypatch.setenv("DSCHAT_CPU_STEP", "0")  # the lean CPU step does not go through MoE.forward
-    eng = Engine.from_pretrained(checkpoints["v2_lite"], dtype=torch.float32, speculative="none")
+    eng = Engine.from_pretrained(checkpoints["v2_lite"], dtype=torch.float32, speculative="none", quant=quant)
     ids, params = [3, 17, 99, 5, 41], SamplingParams(max_tokens=6, ignore_eos=True)
     want = list(eng.generate(ids, params, reuse_cache=False))
     short = SamplingParams(max_tokens=2, ignore_eos=True)
     want_short = list(eng.generate(ids[:2], short, reuse_cache=False))
     seen, alone = [], []
-    real_experts = engine_moe.moe_experts
+    name = "moe_experts_quant" if quant else "moe_experts"
+    real_experts = getattr(engine_moe, name)
     monkeypatch.setattr(engine_moe, "fuses_shared", lambda x, ids: True)
-    monkeypatch.setattr(engine_moe, "moe_experts", lambda *a: (seen.append(len(a[5])), real_experts(*a))[1])
+    monkeypatch.setattr(engine_moe, name, lambda *a: (seen.append(len(a[5])), real_experts(*a))[1])
     moes = [m for m in eng.model.modules() if isinstance(m, engine_moe.MoE)]
     assert moes and all(m.shared_experts is not None for m in moes)
     for m in moes:
         monkeypatch.setattr(m.shared_experts, "forward", lambda x: alone.append(1))
     assert list(eng.generate(ids, params, reuse_cache=False)) == want
     assert seen and set(seen) == {3} and not alone
-    if os.environ.get("TRITON_INTERPRET") == "1":  # and through the Triton kernels themselves, as on CUDA
+    if os.environ.get("TRITON_INTERPRET") == "1" and quant is None:  # through the Triton kernels, as on CUDA
         seen.clear()
         monkeypatch.setattr(engine_moe, "moe_experts", lambda x, w13, w2, ids, weights, shared: (
             seen.append(len(shared)), moe_experts_triton(x, w13, w2, ids, weights, shared=shared))[1])
