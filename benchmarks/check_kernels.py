@@ -43,8 +43,8 @@ MODELS = {
     "demo": dict(hidden=256, heads=4, kv_lora=64, rope=16, moe_inter=192, experts=16, top_k=2, shared=1, inter=1024,
                  context=1024, router=dict(n_group=1, topk_group=1, top2=False, softmax=True, bias=False)),
     "v2-lite": dict(hidden=2048, heads=16, kv_lora=512, rope=64, moe_inter=1408, experts=64, top_k=6,
-                    shared=2, inter=10944, context=4096, router=dict(n_group=1, topk_group=1, top2=False, softmax=True,
-                                                           bias=False)),
+                    shared=2, inter=10944, context=4096,
+                    router=dict(n_group=1, topk_group=1, top2=False, softmax=True, bias=False)),
     "v3": dict(hidden=7168, heads=128, kv_lora=512, rope=64, moe_inter=2048, experts=256, top_k=8,
                shared=1, inter=18432, context=4096, fp8=True, router=dict(n_group=8, topk_group=4, top2=True,
                                                                  softmax=False, bias=True)),
@@ -138,7 +138,8 @@ def cases(m):
         yield "moe/fp8", lambda: moe_experts_fp8_triton(
             x, meta(E, 2 * I, H, dtype=f8), meta(E, 2 * I // 128, -(-H // 128), dtype=torch.float32),
             meta(E, H, I, dtype=f8), meta(E, -(-H // 128), I // 128, dtype=torch.float32), ids, wts,
-            (128, 128), shared=(*gate, *gate, meta(H, Is, dtype=f8), meta(-(-H // 128), Is // 128, dtype=torch.float32)))
+            (128, 128),
+            shared=(*gate, *gate, meta(H, Is, dtype=f8), meta(-(-H // 128), Is // 128, dtype=torch.float32)))
     R, P, heads, T = m["kv_lora"], m["rope"], m["heads"], m["context"]
     yield "mla_decode", lambda: mla_decode_triton(
         meta(1, heads, R), meta(1, heads, P), meta(T + 256, R + P), meta(T, dtype=torch.int64),

@@ -146,7 +146,8 @@ def force_cuda_dispatch():
     def rms_norm(x, weight, eps):
         return norm_rope.add_rms_norm_triton(x, None, weight, eps)[1]
 
-    swaps = {fused_moe.moe_experts: moe_experts, fused_moe.fuses_shared: fuses_shared, mla_decode.mla_decode: mla, mla_decode.mla_decode_paged: mla_paged,
+    swaps = {fused_moe.moe_experts: moe_experts, fused_moe.fuses_shared: fuses_shared, mla_decode.mla_decode: mla,
+             mla_decode.mla_decode_paged: mla_paged,
              norm_rope.rms_norm: rms_norm, norm_rope.add_rms_norm: norm_rope.add_rms_norm_triton,
              norm_rope.rope_latent_write: norm_rope.rope_latent_write_triton, router.route: router.route_triton,
              norm_rope.silu_mul: norm_rope.silu_mul_triton}

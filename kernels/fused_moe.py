@@ -265,11 +265,13 @@ def run_expert_kernels(x: torch.Tensor, w13, w2, ids: torch.Tensor, weights: tor
     act = torch.empty(T * kk, max(I, I_s), device=x.device, dtype=torch.float32)
     _gate_up_kernel[(T * kk, triton.cdiv(max(I, I_s), block_n))](
         x, *t13, *sg, *su, ids, act, H, I, I_s, E, k, kk, x.stride(0), act.stride(0), len13, g13, **c13,
-        BLOCK_N=block_n, BLOCK_K=block_k, OPERAND=operand, DOT=dot, DOT_M=DOT_M, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK_N=block_n, BLOCK_K=block_k, OPERAND=operand, DOT=dot, DOT_M=DOT_M, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
     y = torch.empty(T * kk, H, device=x.device, dtype=torch.float32)
     _down_kernel[(T * kk, triton.cdiv(H, block_n))](
         act, *t2, *sd, ids, weights, y, H, I, I_s, E, k, kk, act.stride(0), y.stride(0), len2, g2, len_s, g_s,
-        **c2, BLOCK_N=block_n, BLOCK_K=block_k, OPERAND=operand, DOT=dot, DOT_M=DOT_M, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        **c2, BLOCK_N=block_n, BLOCK_K=block_k, OPERAND=operand, DOT=dot, DOT_M=DOT_M, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
     return y.view(T, kk, H).sum(dim=1).to(x.dtype)
 
 

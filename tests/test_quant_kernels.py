@@ -68,7 +68,8 @@ def test_triton_quant_moe_matches_reference(name):
     shared = None
     if name == "int4":
         g = torch.Generator().manual_seed(8)
-        shared = [quantize(torch.randn(*shape, generator=g), SPECS[name]) for shape in ((64, 160), (64, 160), (160, 64))]
+        shared = [quantize(torch.randn(*shape, generator=g), SPECS[name])
+                  for shape in ((64, 160), (64, 160), (160, 64))]
     want = moe_experts_quant_reference(x, w13, w2, ids, weights, shared)
     assert rel(moe_experts_quant_triton(x, w13, w2, ids, weights, shared=shared), want) < 1e-5
     if shared is not None:
