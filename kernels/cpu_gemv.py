@@ -15,9 +15,13 @@ kernels/quant_cpu.py runs PyTorch's packed kernels instead. DSCHAT_CPU_GEMV=0 tu
 Numerics (cpu_gemv.cpp's header): each row of x is quantized to int8 in blocks of 32 (scale max|x|/127 per
 block, round to nearest even), the weight is the stored one exactly, products are summed in integers per
 block and in float32 across blocks. So the result is that of a float model of the dequantised weights applied
-to the dequantised activations (`gemv_reference`), up to float32 summation order.
+to the dequantised activations (`gemv_reference`), up to float32 summation order. For many rows (prefill) the
+same library has two GEMMs: `igemm4` (int4: the same int8 activations, so `gemv`'s numbers up to summation
+order) and `gemm_f32` (x in float32, not quantized, times the dequantised weight: F.linear(x, dequantize(w))
+up to summation order; quant_cpu.py runs it for int8 prefill).
 
-Plain functions over tensors (`gemv`, `experts`), so that they can be wrapped as custom ops.
+Plain functions over tensors (`gemv`, `gemm_f32`, `igemm4`, `experts`), so that they can be wrapped as custom
+ops.
 """
 
 from __future__ import annotations
@@ -351,4 +355,5 @@ def gemv_reference(x: torch.Tensor, w: Packed) -> torch.Tensor:
     return xd.double() @ dequantize(w).double().T
 
 
-__all__ = ["native", "fits", "gemv", "gemm_f32", "gemv_reference", "quantize_activations_reference", "SYMMETRIC_ZERO"]
+__all__ = ["native", "fits", "gemv", "gemm_f32", "igemm4", "gemv_reference", "quantize_activations_reference",
+           "SYMMETRIC_ZERO"]
