@@ -24,7 +24,7 @@ values for that. A TorchDispatchMode sees every ATen operation:
     forward pass of the main model (each verifies up to 2 drafts) with the drafting in between, and
     syncs_in_step. The drafts stay on the device: the host reads them with the verification's outcome.
 Counts are per decoded token: generation of N + K tokens minus generation of N, divided by K (greedy, no
-drafter), so the prefill and the first token are not in them. The V2-Lite structure is DeepSeek-V2-Lite's
+drafter), after a warm-up generation, so the prefill, the first token and buffers made once are not in them. The V2-Lite structure is DeepSeek-V2-Lite's
 (27 layers, 1 dense first; 64 routed experts top-6, 2 shared; 16 heads) at toy widths: the counts do not
 depend on the widths.
 """
@@ -207,6 +207,8 @@ def measure(path, counts: Counts, n: int, extra: int) -> dict:
         return sum(counts.ops.values()), sum(counts.launches.values()), sum(counts.syncs.values()), \
             counts.step_syncs, dict(counts.ops), dict(counts.syncs), dict(counts.launches)
 
+    run(n + extra)  # a warm-up (as before a CUDA graph's capture): what is made once (the MoE kernels'
+    # counters, the rotary table grown to the longest position) is made before either counted run
     short, long = run(n), run(n + extra)
     per = [(b - a) / extra for a, b in zip(short[:4], long[:4])]
     layers = eng.config.num_hidden_layers

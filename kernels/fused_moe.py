@@ -175,16 +175,19 @@ if triton is not None:
         tl.store(Act + row * stride_at + n, act, mask=n < width)
 
     @triton.jit
-    def _down_kernel(Act, W, Scale, Zero, SD, SDScale, SDZero, Ids, Wts, Y, H, I, I_s, E, k, kk, stride_at,
-                     stride_yt, row_len, n_groups, row_len_s, n_groups_s,
+    def _down_kernel(Act, W, Scale, Zero, SD, SDScale, SDZero, Ids, Wts, Y, Out, Count, H, I, I_s, E, k, kk,
+                     stride_at, stride_yt, stride_ot, n_blocks, row_len, n_groups, row_len_s, n_groups_s,
                      PACKED: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr = False,
                      ROUND: tl.constexpr = tl.float32, OPERAND: tl.constexpr = tl.float32,
                      DOT: tl.constexpr = tl.float32, DOT_M: tl.constexpr = 16):
         """y[t*kk + j, n] = w[t, j] * (down_e[n] . act[t*kk + j]) for a block of output features n, and for
         j = k the shared experts' down (SD, I_s columns) with weight 1: one program per (chosen expert, block
-        of n), so a decode step runs its experts side by side (the sum over j is the caller's). The float32
-        activation enters tl.dot as two columns, its OPERAND rounding and the remainder (exact to ~2^-16).
+        of n), so a decode step runs its experts side by side. The float32 activation enters tl.dot as two
+        columns, its OPERAND rounding and the remainder (exact to ~2^-16). The token's kk rows of a block of n
+        are summed by the last of their programs to finish (a counter a block, Count, back at 0 after it):
+        in order j = 0..kk-1 in float32 from Y, rounded once into Out [T, H] (x's dtype), as the reference
+        sums them, with no sum or cast launched after the kernel.
         OPERAND: the type tl.dot's operands are rounded to; DOT: the type they are given in (OPERAND, but
         float32 in Triton's interpreter)."""
         row = tl.program_id(0)  # t * kk + j
@@ -217,6 +220,14 @@ if triton is not None:
                              HAS_ZERO, BLOCK_K, FP8, ROUND)
             acc = tl.dot(wv.to(OPERAND).to(DOT), b, acc, input_precision="ieee")
         tl.store(Y + row * stride_yt + n, w * tl.sum(acc, axis=1), mask=n < H)
+        tl.debug_barrier()  # every thread's part stored before the block's arrival is counted (release)
+        slot = Count + t * n_blocks + nb
+        if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == kk - 1:  # the last of the token's rows
+            total = tl.zeros([BLOCK_N], tl.float32)
+            for jj in range(0, kk):
+                total += tl.load(Y + (t * kk + jj) * stride_yt + n, mask=n < H, other=0.0, cache_modifier=".cg")
+            tl.store(Out + t * stride_ot + n, total.to(Out.dtype.element_ty), mask=n < H)
+            tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 def plain_stack(w: torch.Tensor):
@@ -239,11 +250,26 @@ def _dot_dtype(x: torch.Tensor, stack) -> torch.dtype:
     return x.dtype
 
 
+_ARRIVALS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def arrivals(device: torch.device, n: int) -> torch.Tensor:
+    """The down kernel's counters (int32 zeros), one a (token, block of features): made once per device and
+    size and kept (never freed nor regrown: a captured CUDA graph holds their address); the kernel leaves
+    them at zero."""
+    key = (str(device), n)
+    if key not in _ARRIVALS:
+        _ARRIVALS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return _ARRIVALS[key]
+
+
 def run_expert_kernels(x: torch.Tensor, w13, w2, ids: torch.Tensor, weights: torch.Tensor, E: int, I: int,
                        block_n: int, block_k: int, shared=None) -> torch.Tensor:
     """Both kernels on stacks as `plain_stack` gives them (or quant_moe's packed ones, fp8_moe's FP8 ones):
     gate/up + SiLU into a float32 buffer [T*kk, max(I, I_s)], then down with the routing weights into
-    [T*kk, H], summed over each token's kk rows as the reference sums them. `shared`: (gate, up, down) stacks
+    [T*kk, H], summed over each token's kk rows as the reference sums them, inside the down kernel (the
+    last program of a block of features) into [T, H] in x's dtype: two launches, nothing after them.
+    `shared`: (gate, up, down) stacks
     of the same kind, each one matrix, and their width I_s: the shared experts as one more row a token
     (kk = k + 1) with weight 1. Both grids are (chosen expert, block of features): at V2-Lite's decode shape
     7 x 88 and 7 x 64 programs (those past a row's width return at once), at V3's 9 x 64 and 9 x 224, for an
@@ -268,11 +294,14 @@ def run_expert_kernels(x: torch.Tensor, w13, w2, ids: torch.Tensor, weights: tor
         BLOCK_N=block_n, BLOCK_K=block_k, OPERAND=operand, DOT=dot, DOT_M=DOT_M, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES)
     y = torch.empty(T * kk, H, device=x.device, dtype=torch.float32)
-    _down_kernel[(T * kk, triton.cdiv(H, block_n))](
-        act, *t2, *sd, ids, weights, y, H, I, I_s, E, k, kk, act.stride(0), y.stride(0), len2, g2, len_s, g_s,
-        **c2, BLOCK_N=block_n, BLOCK_K=block_k, OPERAND=operand, DOT=dot, DOT_M=DOT_M, num_warps=NUM_WARPS,
+    out = torch.empty(T, H, device=x.device, dtype=x.dtype)
+    n_blocks = triton.cdiv(H, block_n)
+    _down_kernel[(T * kk, n_blocks)](
+        act, *t2, *sd, ids, weights, y, out, arrivals(x.device, max(T, GATHER_MAX_TOKENS) * n_blocks), H, I, I_s,
+        E, k, kk, act.stride(0), y.stride(0), out.stride(0), n_blocks, len2, g2, len_s, g_s, **c2,
+        BLOCK_N=block_n, BLOCK_K=block_k, OPERAND=operand, DOT=dot, DOT_M=DOT_M, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES)
-    return y.view(T, kk, H).sum(dim=1).to(x.dtype)
+    return out
 
 
 def moe_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
