@@ -24,7 +24,8 @@ values for that. A TorchDispatchMode sees every ATen operation:
     forward pass of the main model (each verifies up to 2 drafts) with the drafting in between, and
     syncs_in_step. The drafts stay on the device: the host reads them with the verification's outcome.
 Counts are per decoded token: generation of N + K tokens minus generation of N, divided by K (greedy, no
-drafter), after a warm-up generation, so the prefill, the first token and buffers made once are not in them. The V2-Lite structure is DeepSeek-V2-Lite's
+drafter), after a warm-up generation of N + K, so the prefill, the first token and what is made once (the
+MoE kernels' counters, the rotary table grown) are not in them. The V2-Lite structure is DeepSeek-V2-Lite's
 (27 layers, 1 dense first; 64 routed experts top-6, 2 shared; 16 heads) at toy widths: the counts do not
 depend on the widths.
 """
