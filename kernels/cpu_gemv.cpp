@@ -414,6 +414,33 @@ void tiles_rows(const PackedW& w, const PreparedX& px, int64_t m0, int64_t m1, i
   }
 }
 
+// y[n0..n1) for one prepared row of x (decode): weight rows in pairs from n0 (even, or the caller's first row),
+// the last one alone when the range is odd.
+void one_row(const PackedW& w, const PreparedX& px, int64_t n0, int64_t n1, float* y) {
+  const int64_t rb = w.row_bytes();
+  const int8_t* q = px.xr.q.data();
+  const float* d = px.xr.d.data();
+  for (int64_t n = n0; n < n1; n += 2) {
+    const uint8_t* row = w.data + n * rb;
+    if (n + 1 < n1) {
+      if (w.bits == 8) {
+        float o[2];
+        dot2_q8((const int8_t*)row, (const int8_t*)row + rb, q, px.xa.data(), d, w.K, o);
+        y[n] = o[0] * w.scale[n];
+        y[n + 1] = o[1] * w.scale[n + 1];
+      } else {
+        dot2_q4(row, rb, q, px.dvec.data(), w.scale + n * w.G, w.zero ? w.zero + n * w.G : nullptr,
+                px.gsum.data(), w.G, w.group / QK, y + n);
+      }
+    } else if (w.bits == 8) {
+      y[n] = dot_q8((const int8_t*)row, q, d, w.K) * w.scale[n];
+    } else {
+      y[n] = dot_q4(row, q, px.dvec.data(), w.scale + n * w.G, w.zero ? w.zero + n * w.G : nullptr,
+                    px.gsum.data(), w.G, w.group / QK);
+    }
+  }
+}
+
 // y [M, N] = x W^T for the prepared rows of x; output rows split over `nthreads` threads. One row of x (decode):
 // the one-row kernels; more: the blocked ones, each thread over its strips of N_STRIP weight rows for each
 // chunk of M_CHUNK rows of x in turn.
@@ -436,30 +463,8 @@ void run(const PackedW& w, const PreparedX& px, float* y, int nthreads) {
     return;
   }
   // one row of x: pairs of weight rows (every chunk starts at an even row), the last one alone when N is odd
-  const int64_t rb = w.row_bytes();
-  parallel_chunks((w.N + 1) / 2, std::max<int64_t>(1, grain_for(rb) / 2), nthreads, [&](int64_t p0, int64_t p1) {
-    const int8_t* q = px.xr.q.data();
-    const float* d = px.xr.d.data();
-    for (int64_t n = 2 * p0; n < std::min(w.N, 2 * p1); n += 2) {
-      const uint8_t* row = w.data + n * rb;
-      if (n + 1 < w.N) {
-        if (w.bits == 8) {
-          float o[2];
-          dot2_q8((const int8_t*)row, (const int8_t*)row + rb, q, px.xa.data(), d, w.K, o);
-          y[n] = o[0] * w.scale[n];
-          y[n + 1] = o[1] * w.scale[n + 1];
-        } else {
-          dot2_q4(row, rb, q, px.dvec.data(), w.scale + n * w.G, w.zero ? w.zero + n * w.G : nullptr,
-                  px.gsum.data(), w.G, w.group / QK, y + n);
-        }
-      } else if (w.bits == 8) {
-        y[n] = dot_q8((const int8_t*)row, q, d, w.K) * w.scale[n];
-      } else {
-        y[n] = dot_q4(row, q, px.dvec.data(), w.scale + n * w.G, w.zero ? w.zero + n * w.G : nullptr,
-                      px.gsum.data(), w.G, w.group / QK);
-      }
-    }
-  });
+  parallel_chunks((w.N + 1) / 2, std::max<int64_t>(1, grain_for(w.row_bytes()) / 2), nthreads,
+                  [&](int64_t p0, int64_t p1) { one_row(w, px, 2 * p0, std::min(w.N, 2 * p1), y); });
 }
 
 // A packed weight [N, K] as stored: data [N, row] (int8: row = K; int4: row = kp/2 bytes), scale [N] (int8)
@@ -490,11 +495,151 @@ int bad(int bits, int64_t group, int64_t K, int64_t row) {
   return (K <= 2 * row && (2 * row) % group == 0) ? 0 : 3;
 }
 
+// -- MLA's absorbed attention over a packed kv_b_proj (engine/mla.py) ---------------------------------------
+// kv_b_proj [heads * (nope + v), R] holds per head W_UK [nope, R] then W_UV [v, R]. The absorbed attention folds
+// W_UK into the query (q_lat[h] = q_nope[h] W_UK[h], a contraction over W's rows) and W_UV out of the result
+// (out[h] = W_UV[h] o_lat[h], over W's columns, the stored layout's own GEMV): a batched GEMV, each head its
+// own x and its own rows, in the stored layout (no second copy of the weight in another order).
+
+// The head's rows [r0, r0 + n) of a packed weight as a PackedW of n rows.
+PackedW head_rows(const PackedW& w, int64_t r0, int64_t n) {
+  PackedW h = w;
+  const int64_t gs = w.bits == 8 ? 1 : w.G;
+  h.data = w.data + r0 * w.row_bytes();
+  h.scale = w.scale + r0 * gs;
+  h.zero = w.zero ? w.zero + r0 * gs : nullptr;
+  h.N = n;
+  return h;
+}
+
+// y[k] (k < K) = sum_{n < N} x[n] W[n, k]: float32 x, each weight element dequantised in registers as
+// (x[n] * scale) * q (int8) or (x[n] * scale[n, g]) * (nibble - zero[n, g]) (int4; the integer difference is
+// exact), summed in float32 over the rows in order: the float model of the dequantised weight to float32
+// rounding. The rows go in blocks of T_ROWS (contiguous bytes, the next block prefetched while this one is
+// summed); in a block, the columns 64 at a time in 8 accumulators down its rows, kept in `acc` between blocks.
+constexpr int64_t T_ROWS = 16;
+
+void gemv_t(const PackedW& w, const float* x, float* y) {
+  const int64_t rb = w.row_bytes();
+  if (w.bits == 8) {
+    const int64_t K = w.K, full = K / 64 * 64, eights = K / 8 * 8;
+    for (int64_t n0 = 0; n0 < w.N; n0 += T_ROWS) {
+      const int64_t n1 = std::min(w.N, n0 + T_ROWS);
+      const bool first = n0 == 0;
+      for (int64_t c0 = 0; c0 < full; c0 += 64) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + c0 + 8 * j);
+        for (int64_t n = n0; n < n1; ++n) {
+          const int8_t* r = (const int8_t*)(w.data + n * rb + c0);
+          _mm_prefetch((const char*)(r + T_ROWS * rb), _MM_HINT_T0);
+          const __m256 a = _mm256_set1_ps(x[n] * w.scale[n]);
+          for (int j = 0; j < 8; ++j)
+            acc[j] = _mm256_fmadd_ps(
+                a, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r + 8 * j)))), acc[j]);
+        }
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(y + c0 + 8 * j, acc[j]);
+      }
+      for (int64_t c0 = full; c0 < eights; c0 += 8) {
+        __m256 acc = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + c0);
+        for (int64_t n = n0; n < n1; ++n)
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(x[n] * w.scale[n]),
+                                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                    _mm_loadl_epi64((const __m128i*)(w.data + n * rb + c0)))), acc);
+        _mm256_storeu_ps(y + c0, acc);
+      }
+      for (int64_t c = eights; c < K; ++c) {
+        float acc = first ? 0.f : y[c];
+        for (int64_t n = n0; n < n1; ++n)
+          acc = std::fma(x[n] * w.scale[n], (float)((const int8_t*)w.data)[n * rb + c], acc);
+        y[c] = acc;
+      }
+    }
+    return;
+  }
+  // int4: 64 columns are 32 bytes of a row, inside one group (a multiple of 64); byte j holds column 2j in its
+  // low nibble, 2j + 1 in its high one: the low nibbles sum into 4 accumulators of even columns, the high ones
+  // into 4 of odd columns (kept so in `acc` between blocks), interleaved at the end.
+  const __m128i lowmask = _mm_set1_epi8(0x0F);
+  std::vector<float> acc_((size_t)w.kp);
+  float* acc = acc_.data();
+  for (int64_t n0 = 0; n0 < w.N; n0 += T_ROWS) {
+    const int64_t n1 = std::min(w.N, n0 + T_ROWS);
+    const bool first = n0 == 0;
+    for (int64_t c0 = 0; c0 < w.kp; c0 += 64) {
+      const int64_t g = c0 / w.group;
+      __m256 ev[4], od[4];
+      for (int j = 0; j < 4; ++j) {
+        ev[j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + c0 + 8 * j);
+        od[j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + c0 + 32 + 8 * j);
+      }
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* r = w.data + n * rb + c0 / 2;
+        if ((c0 & 64) == 0) _mm_prefetch((const char*)(r + T_ROWS * rb), _MM_HINT_T0);
+        const __m256 a = _mm256_set1_ps(x[n] * w.scale[n * w.G + g]);
+        const __m256i z = _mm256_set1_epi32(w.zero ? (int)w.zero[n * w.G + g] : 8);
+        for (int half = 0; half < 2; ++half) {
+          const __m128i raw = _mm_loadu_si128((const __m128i*)(r + 16 * half));
+          const __m128i lo = _mm_and_si128(raw, lowmask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), lowmask);
+          const __m128i lo2 = _mm_srli_si128(lo, 8), hi2 = _mm_srli_si128(hi, 8);
+          ev[2 * half] = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo), z)),
+                                         ev[2 * half]);
+          ev[2 * half + 1] = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo2), z)),
+                                             ev[2 * half + 1]);
+          od[2 * half] = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi), z)),
+                                         od[2 * half]);
+          od[2 * half + 1] = _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi2), z)),
+                                             od[2 * half + 1]);
+        }
+      }
+      for (int j = 0; j < 4; ++j) {
+        _mm256_storeu_ps(acc + c0 + 8 * j, ev[j]);
+        _mm256_storeu_ps(acc + c0 + 32 + 8 * j, od[j]);
+      }
+    }
+  }
+  // acc's tile at c0: evens c0 + 0, 2, .., 62 then odds c0 + 1, 3, .., 63
+  for (int64_t c0 = 0; c0 < w.K; c0 += 64) {
+    alignas(32) float tile[64];
+    for (int j = 0; j < 4; ++j) {
+      const __m256 e = _mm256_loadu_ps(acc + c0 + 8 * j), o = _mm256_loadu_ps(acc + c0 + 32 + 8 * j);
+      const __m256 u0 = _mm256_unpacklo_ps(e, o), u1 = _mm256_unpackhi_ps(e, o);
+      _mm256_store_ps(tile + 16 * j, _mm256_permute2f128_ps(u0, u1, 0x20));
+      _mm256_store_ps(tile + 16 * j + 8, _mm256_permute2f128_ps(u0, u1, 0x31));
+    }
+    std::copy(tile, tile + std::min<int64_t>(64, w.K - c0), y + c0);
+  }
+}
+
+// For each of the B rows of x (row b: head h = b % heads), the head's n weight rows from row0 + h * head_rows:
+// transposed 0: y[b, :n] = W_h x[b, :K] (x quantized as dschat_gemv's); 1: y[b, :K] = x[b, :n] W_h. A head's
+// rows are read for all its rows of x in turn (B / heads tokens); threads take the (head, token) pairs.
+int heads_gemv(const float* x, int64_t ldx, int64_t B, int64_t heads, int64_t K, const void* data,
+               const float* scale, const uint8_t* zero, int bits, int64_t group, int64_t N, int64_t row, int64_t n,
+               int64_t row0, int64_t hrows, float* y, int64_t ldy, int nthreads, bool transposed) {
+  if (int e = bad(bits, group, K, row)) return e;
+  if (heads <= 0 || B % heads || n < 0 || row0 < 0 || hrows < 0 || row0 + (heads - 1) * hrows + n > N) return 4;
+  const PackedW w = packed(data, scale, zero, bits, group, N, K, row);
+  const int64_t S = B / heads;
+  parallel_for(B, 1, nthreads, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t h = i / S, b = (i % S) * heads + h;
+      const PackedW wh = head_rows(w, row0 + h * hrows, n);
+      if (transposed) {
+        gemv_t(wh, x + b * ldx, y + b * ldy);
+      } else {
+        const PreparedX px = prepare(x + b * ldx, 1, wh);
+        one_row(wh, px, 0, n, y + b * ldy);
+      }
+    }
+  });
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
 
-int dschat_abi_version() { return 3; }
+int dschat_abi_version() { return 4; }
 
 // y [M, N] = x [M, K] (float32) through a packed weight [N, K] (see packed()); 0 on success.
 int dschat_gemv(const float* x, int64_t M, int64_t K, const void* data, const float* scale, const uint8_t* zero,
@@ -504,6 +649,23 @@ int dschat_gemv(const float* x, int64_t M, int64_t K, const void* data, const fl
   PreparedX px = prepare(x, M, w);
   run(w, px, y, nthreads);
   return 0;
+}
+
+// MLA's fold and unfold over a packed kv_b_proj [N, K] (heads_gemv above): y[b, :n] = W_h x[b, :K], and
+// y[b, :K] = x[b, :n] W_h (transposed), head h = b % heads, W_h the n rows from row0 + h * head_rows; rows of
+// x and y ldx and ldy floats apart; 0 on success.
+int dschat_heads_gemv(const float* x, int64_t ldx, int64_t B, int64_t heads, int64_t K, const void* data,
+                      const float* scale, const uint8_t* zero, int bits, int64_t group, int64_t N, int64_t row,
+                      int64_t n, int64_t row0, int64_t head_rows, float* y, int64_t ldy, int nthreads) {
+  return heads_gemv(x, ldx, B, heads, K, data, scale, zero, bits, group, N, row, n, row0, head_rows, y, ldy,
+                    nthreads, false);
+}
+
+int dschat_heads_gemv_t(const float* x, int64_t ldx, int64_t B, int64_t heads, int64_t K, const void* data,
+                        const float* scale, const uint8_t* zero, int bits, int64_t group, int64_t N, int64_t row,
+                        int64_t n, int64_t row0, int64_t head_rows, float* y, int64_t ldy, int nthreads) {
+  return heads_gemv(x, ldx, B, heads, K, data, scale, zero, bits, group, N, row, n, row0, head_rows, y, ldy,
+                    nthreads, true);
 }
 
 // One token through its chosen routed experts (fused_moe.moe_experts's function): x [H] float32, ids [k]

@@ -43,7 +43,7 @@ QK = 32  # activation block
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 SOURCE_BF16 = Path(__file__).with_name("cpu_gemv_bf16.cpp")  # bfloat16 weights (cpu_bf16.py), in the same library
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-ABI = 3  # cpu_gemv.cpp's dschat_abi_version()
+ABI = 4  # cpu_gemv.cpp's dschat_abi_version()
 ABI_BF16 = 2  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
 ABI_PREFILL = 1  # cpu_gemv.cpp's dschat_prefill_abi_version() (the float GEMM over packed weights: gemm_f32)
 
@@ -113,6 +113,8 @@ def _load(path: Path):
     lib.dschat_gemm_f32.restype = I
     lib.dschat_igemm4.argtypes = [P, I64, I64, P, P, P, I, I64, I64, I64, P, I]
     lib.dschat_igemm4.restype = I
+    for name in ("dschat_heads_gemv", "dschat_heads_gemv_t"):  # called with ctypes values made in advance
+        getattr(lib, name).restype = I
     lib.dschat_experts.argtypes = [P, I64, P, P, I64, P, P, P, P, P, P, I64, I64, I64, I64, I, I64, P, I]
     lib.dschat_experts.restype = I
     lib.dschat_dequantize.argtypes = [P, P, P, I, I64, I64, I64, I64, P, I]
@@ -262,6 +264,33 @@ def gemm_f32(x: torch.Tensor, w: Packed) -> torch.Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transposed: bool,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """MLA's absorbed fold / unfold over a packed kv_b_proj w [N, K]: x [S, H, ·] (rows of each head), head h's
+    weight W_h = the n rows of w from row0 + h * head_rows. transposed False: y[s, h] = W_h x[s, h] (x [S, H, K]
+    -> [S, H, n], x quantized to int8 blocks as `gemv` does); True: y[s, h] = x[s, h] W_h (x [S, H, n] ->
+    [S, H, K], float32 x, the weight dequantised in registers). x may be a view whose rows are evenly spaced
+    (q_nope inside q); `out`: a contiguous float32 [S, H, ·] to write (else a new one). Returns y in x's
+    dtype (native() must not be None, fits(w) hold)."""
+    lib = native() if _LIB is _UNSET else _LIB
+    _, _, _, _, wargs = weight_args(w)
+    S, H, dim = x.shape
+    xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+    if not (xf.stride(2) == 1 and xf.stride(0) == H * xf.stride(1)):
+        xf = xf.contiguous()
+    width = w.in_features if transposed else n
+    if dim != (n if transposed else w.in_features):
+        raise ValueError(f"cpu_gemv.heads: x of {dim} values a head, the weight takes {n if transposed else w.in_features}")
+    y = out if out is not None else torch.empty(S, H, width)
+    P, I64, I = _C
+    fn = lib.dschat_heads_gemv_t if transposed else lib.dschat_heads_gemv
+    err = fn(P(xf.data_ptr()), I64(xf.stride(1)), I64(S * H), I64(H), I64(w.in_features), *wargs, I64(n), I64(row0),
+             I64(head_rows), P(y.data_ptr()), I64(width), I(torch.get_num_threads()))
+    if err:
+        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def igemm4(x: torch.Tensor, w: Packed) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype through an int4 weight by the integer GEMM (cpu_gemv.cpp's igemm4): x
     quantized to int8 blocks as `gemv` quantizes it, so `gemv`'s numbers (gemv_reference) up to float32
@@ -277,6 +306,17 @@ def igemm4(x: torch.Tensor, w: Packed) -> torch.Tensor:
     if err:
         raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def heads_reference(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transposed: bool) -> torch.Tensor:
+    """What `heads` computes, in float64 plain PyTorch (the unfold's activations quantized as `gemv`'s)."""
+    S, H, _ = x.shape
+    W = dequantize(w).double()
+    Wh = torch.stack([W[row0 + h * head_rows: row0 + h * head_rows + n] for h in range(H)])  # [H, n, K]
+    if transposed:
+        return torch.einsum("shn,hnk->shk", x.double(), Wh)
+    xd = quantize_activations_reference(x.reshape(S * H, -1), -(-w.padded_in // QK) * QK)[:, : w.in_features]
+    return torch.einsum("shk,hnk->shn", xd.view(S, H, -1).double(), Wh)
 
 
 def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Packed, w2: Packed) -> torch.Tensor:
@@ -355,5 +395,5 @@ def gemv_reference(x: torch.Tensor, w: Packed) -> torch.Tensor:
     return xd.double() @ dequantize(w).double().T
 
 
-__all__ = ["native", "fits", "gemv", "gemm_f32", "igemm4", "gemv_reference", "quantize_activations_reference",
-           "SYMMETRIC_ZERO"]
+__all__ = ["native", "fits", "gemv", "gemm_f32", "igemm4", "gemv_reference", "heads", "heads_reference",
+           "quantize_activations_reference", "SYMMETRIC_ZERO"]
