@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..kernels import quant_cpu
 from ..kernels.fp8_matmul import dequantize_fp8
 
 from . import quant
@@ -94,10 +95,14 @@ def build_on_meta(cfg: ModelConfig, with_mtp: bool) -> Transformer:
 
 
 def swap_quantized(model: Transformer, spec: quant.QuantSpec | None, device: torch.device):
-    """The packed modules where `spec` quantizes; on the CPU lm_head too (int8, quant.HEAD) unless it is tied."""
+    """The packed modules where `spec` quantizes; on the CPU lm_head too (int8, quant.HEAD) unless it is tied,
+    and MLA's kv_b_proj where dschat's CPU kernels run (quant.kv_b_spec: the absorbed attention reads it packed
+    only through them)."""
     if spec is not None:
-        head = quant.HEAD if device.type == "cpu" and not model.cfg.tie_word_embeddings else None
-        quant.convert(model, spec, head)
+        cpu = device.type == "cpu"
+        head = quant.HEAD if cpu and not model.cfg.tie_word_embeddings else None
+        kv_b = quant.kv_b_spec(spec) if cpu and quant_cpu.native_gemv() else None
+        quant.convert(model, spec, head, kv_b)
 
 
 def load_weights(model: Transformer, ckpt: Checkpoint, placer: Placer, progress: Progress):

@@ -24,6 +24,7 @@ from . import dist
 from .config import ModelConfig
 from .layers.linear import Linear
 from .layers.norm import RMSNorm
+from .layers.quant_linear import QuantLinear
 from .step import Positions, Step
 
 # Up to this many new tokens per forward pass, attention runs absorbed over the latent cache;
@@ -87,28 +88,34 @@ class MLA(nn.Module):
             kv, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)
             latent = torch.cat([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin)], dim=-1)  # [B,S,r+dr]
 
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        kv_b, hr = self.kv_b_proj, self.nope + self.v_dim
         if step is not None and step.absorb:
             # fold W_UK into the query, attend over the latent rows in place, unfold W_UV from the output
-            w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
-            fold = w.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.compiler.is_compiling() \
+            packed = isinstance(kv_b, QuantLinear)  # --quant on the CPU: per head from the packed bytes
+            w = None if packed else kv_b.weight.view(self.n_heads, hr, self.kv_rank)
+            fold = not packed and w.dtype == torch.bfloat16 and x.device.type == "cpu" \
+                and not torch.compiler.is_compiling() \
                 and cpu_bf16.available()  # PyTorch's bfloat16 bmm is slow on a CPU without bfloat16 arithmetic
-            if fold:
+            if packed:
+                q_lat = kv_b.heads(q_nope[0], self.nope, 0, hr, transposed=True)
+            elif fold:
                 q_lat = q_nope.new_empty(*q_nope.shape[1:3], self.kv_rank)
-                cpu_bf16.bmm(q_nope[0].transpose(0, 1), w_uk, False, out=q_lat.transpose(0, 1))
+                cpu_bf16.bmm(q_nope[0].transpose(0, 1), w[:, : self.nope], False, out=q_lat.transpose(0, 1))
             else:
-                q_lat = torch.einsum("shd,hdc->shc", q_nope[0], w_uk)
+                q_lat = torch.einsum("shd,hdc->shc", q_nope[0], w[:, : self.nope])
             if step.table_slots is not None:  # the static step: its length is in the positions
                 o_lat = ops.traced(torch.ops.dschat.mla_decode_paged, mla_decode_paged)(
                     q_lat, q_pe[0].to(q_lat.dtype), cache, step.table_slots, step.positions, self.scale)
             else:
                 o_lat = mla_decode(q_lat, q_pe[0].to(q_lat.dtype), cache, step.slots, step.positions, self.scale)
-            if fold and o_lat.dtype == torch.bfloat16 and o_lat.stride(-1) == 1:
+            if packed:
+                out = kv_b.heads(o_lat, self.v_dim, self.nope, hr, transposed=False).unsqueeze(0)
+            elif fold and o_lat.dtype == torch.bfloat16 and o_lat.stride(-1) == 1:
                 out = o_lat.new_empty(*o_lat.shape[:2], self.v_dim)
-                cpu_bf16.bmm(o_lat.transpose(0, 1), w_uv, True, out=out.transpose(0, 1))
+                cpu_bf16.bmm(o_lat.transpose(0, 1), w[:, self.nope :], True, out=out.transpose(0, 1))
                 out = out.unsqueeze(0)
             else:
-                out = torch.einsum("shc,hdc->shd", o_lat, w_uv).unsqueeze(0)
+                out = torch.einsum("shc,hdc->shd", o_lat, w[:, self.nope :]).unsqueeze(0)
         else:
             all_latent = latent if step is None else cache[step.slots].unsqueeze(0)  # [B,T,r+dr]
             c_kv, pe = all_latent.split([self.kv_rank, self.rope], dim=-1)

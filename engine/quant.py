@@ -6,11 +6,16 @@ engine/layers/quant_linear.py; the packed expert stacks: engine/moe.py.
 * int4: groups of 128 input features, each with a scale and a zero point (asymmetric: measured against
   symmetric on the demo model by benchmarks/bench_quant.py, asymmetric keeps more quality). Input features
   that are not a multiple of the group size are padded with zeros.
-* Quantized: the attention projections (kv_b_proj excepted: the absorbed attention reads it whole, and it is
-  small), the dense MLPs and the routed and shared experts, in the main layers and the MTP layer. Embeddings,
-  norms, the router and the MTP module's own projections stay in the model's dtype; so does lm_head, except
-  on the CPU, where it is quantized to int8 as it loads (HEAD: it is the largest single weight a decode step
-  reads, 0.84 GB of V2-Lite's in float32; llama.cpp keeps it at 6 bits). `dschat quantize` stores it as is.
+* Quantized: the attention projections (kv_b_proj on the CPU only, see below), the dense MLPs and the routed
+  and shared experts, in the main layers and the MTP layer. Embeddings, norms, the router and the MTP
+  module's own projections stay in the model's dtype; so does lm_head, except on the CPU, where it is
+  quantized to int8 as it loads (HEAD: it is the largest single weight a decode step reads, 0.84 GB of
+  V2-Lite's in float32; llama.cpp keeps it at 6 bits). `dschat quantize` stores it as is.
+* MLA's kv_b_proj is quantized as it loads on the CPU where dschat's CPU kernels run (`kv_b_spec`: int8 under
+  --quant int8, int4 under int4: KV_B_INT4_BITS): the absorbed attention folds and unfolds it per head straight from
+  the packed bytes (kernels/cpu_gemv.cpp `dschat_heads_gemv`, `_t`), the materialised path (prefill) runs it
+  as any packed Linear. `dschat quantize` stores it as is (float), so a saved directory is the same either
+  way and loads anywhere; the GPU, and a CPU without the kernels, keep it in the model's dtype.
 * On the CPU the weights run through PyTorch's packed kernels (kernels/quant_cpu.py); int4 is repacked into
   their layout once, after loading (`repack_for_cpu`).
 * Weights are quantized one tensor at a time as the loader reads them (engine/loader.py), or once by
@@ -43,6 +48,18 @@ MAX_SCALE = 1e4  # a stored scale above this (weights past 1e5 or 1e6 in size) i
 
 
 HEAD = QuantSpec(bits=8)  # lm_head on the CPU under --quant (int8 or int4)
+KV_B = re.compile(r"\.self_attn\.kv_b_proj$")  # MLA's kv_b_proj (main layers and MTP): packed on the CPU
+KV_B_INT4_BITS = 4  # kv_b_proj's bits under --quant int4 (bench_quant.py measured the quality of each)
+
+
+def kv_b_spec(s: QuantSpec | None) -> QuantSpec | None:
+    """How kv_b_proj is packed under `s`: as `s` under int8, and under int4 when KV_B_INT4_BITS is 4 and the
+    CPU kernel takes its groups (a multiple of 64), else int8. None: no quantization."""
+    if s is None:
+        return None
+    if s.bits == 4 and KV_B_INT4_BITS == 4 and s.group % 64 == 0:
+        return s
+    return QuantSpec(bits=8)
 
 
 def spec(name: str | None) -> QuantSpec | None:
@@ -68,17 +85,18 @@ def is_quantized(module_path: str) -> bool:
     return bool(_QUANTIZED.search("." + module_path))
 
 
-def convert(model: nn.Module, s: QuantSpec, head: QuantSpec | None = None):
+def convert(model: nn.Module, s: QuantSpec, head: QuantSpec | None = None, kv_b: QuantSpec | None = None):
     """Replace the model's quantized Linear layers and routed expert stacks by empty packed ones (before
-    loading); `head`: lm_head too, quantized this way as it loads."""
+    loading); `head`: lm_head too, `kv_b`: MLA's kv_b_proj too, each quantized this way as it loads."""
     for n, m in list(model.named_modules()):
         parent, _, attr = n.rpartition(".")
         if isinstance(m, Linear) and is_quantized(n):
             setattr(model.get_submodule(parent), attr, QuantLinear(m, s))
-        elif isinstance(m, Linear) and n == "lm_head" and head is not None:
-            q = QuantLinear(m, head)
-            q.quantize_on_load = True
-            model.lm_head = q
+        elif isinstance(m, Linear) and ((n == "lm_head" and head is not None)
+                                        or (KV_B.search("." + n) and kv_b is not None)):
+            q = QuantLinear(m, head if n == "lm_head" else kv_b)
+            q.quantize_on_load = True  # float in a saved directory too (`dschat quantize` stores it as is)
+            setattr(model.get_submodule(parent) if parent else model, attr, q)
         elif isinstance(m, Experts):
             E, I2, H = m.w13.shape
             setattr(model.get_submodule(parent), attr, QuantExperts(E, H, I2 // 2, s))

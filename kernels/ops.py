@@ -9,6 +9,7 @@ and, the operator being opaque to the compiler, breaks no graph; on CUDA they ru
     torch.ops.dschat.moe_experts_int4_cpu  quant_cpu.moe_experts_cpu over int4 stacks (PyTorch's int4 layout)
     torch.ops.dschat.moe_experts_packed_cpu  quant_cpu.moe_experts_cpu over stacks as stored (cpu_gemv's)
     torch.ops.dschat.matmul_packed_cpu     quant_cpu.matmul_cpu over a weight as stored (cpu_gemv's)
+    torch.ops.dschat.heads_packed_cpu      quant_cpu.heads_cpu (MLA's fold / unfold over a packed kv_b_proj)
     torch.ops.dschat.linear_bf16_cpu       cpu_bf16.linear_or_torch (a bfloat16 Linear on the CPU)
     torch.ops.dschat.rms_norm              norm_rope.rms_norm
     torch.ops.dschat.add_rms_norm          norm_rope.add_rms_norm (the residual add and the norm)
@@ -108,6 +109,17 @@ def matmul_packed_cpu(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor | None, 
 @matmul_packed_cpu.register_fake
 def _(x, w, scale, zero, bits, group, in_features):
     return x.new_empty(*x.shape[:-1], w.shape[-2])
+
+
+@torch.library.custom_op("dschat::heads_packed_cpu", mutates_args=())
+def heads_packed_cpu(x: Tensor, w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group: int,
+                     in_features: int, n: int, row0: int, head_rows: int, transposed: bool) -> Tensor:
+    return quant_cpu.heads_cpu(x, Packed(w, scale, zero, bits, group, in_features), n, row0, head_rows, transposed)
+
+
+@heads_packed_cpu.register_fake
+def _(x, w, scale, zero, bits, group, in_features, n, row0, head_rows, transposed):
+    return x.new_empty(*x.shape[:-1], in_features if transposed else n)
 
 
 @torch.library.custom_op("dschat::rms_norm", mutates_args=())

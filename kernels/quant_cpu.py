@@ -165,6 +165,29 @@ def _ones(n: int) -> torch.Tensor:
     return _ONES[n]
 
 
+HEADS_NATIVE_MAX_TOKENS = 8  # up to this many tokens MLA's fold / unfold runs in cpu_gemv; more: dequantise once
+
+
+def heads_cpu(x: torch.Tensor, w: Packed | Int4Cpu, n: int, row0: int, head_rows: int, transposed: bool,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """MLA's absorbed fold / unfold over a packed kv_b_proj w [N, K] (cpu_gemv.heads says what it computes):
+    x [S, H, ·] -> [S, H, ·] in x's dtype. cpu_gemv for a few tokens (its packed bytes read once a token);
+    for more, where it cannot run, or with the kernels off (CPU_KERNEL_MAX_ROWS 0), the weight dequantised
+    once and multiplied exactly (the float model's numbers)."""
+    S, H, _ = x.shape
+    if S <= HEADS_NATIVE_MAX_TOKENS and CPU_KERNEL_MAX_ROWS and native_gemv(w) and x.device.type == "cpu":
+        return cpu_gemv.heads(x, w, n, row0, head_rows, transposed, out)
+    W = (dequantize(w).to(x.dtype) if x.device.type != "cpu" or isinstance(w, Packed) and w.data.dim() != 2
+         else dequantize_cpu(w, x.dtype))
+    K = W.shape[-1]
+    Wh = W.as_strided((H, n, K), (head_rows * K, K, 1), row0 * K)
+    y = torch.einsum("shn,hnk->shk", x, Wh) if transposed else torch.einsum("shk,hnk->shn", x, Wh)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
 def _stack_item(w: Packed | Int4Cpu, e: int) -> Packed | Int4Cpu:
     if isinstance(w, Int4Cpu):
         return w[e]

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from dschat.dev import tiny_checkpoints as tc
 from helpers import run_ranks
 from dschat.engine import Engine, ModelError, SamplingParams, quantize_checkpoint
-from dschat.engine.quant import HEAD, QuantLinear, QuantSpec, is_quantized, quantize
+from dschat.engine.quant import HEAD, QuantLinear, QuantSpec, is_quantized, kv_b_spec, quantize
 from dschat.kernels import cpu_gemv, quant_cpu
 from dschat.kernels.quant_cpu import Int4Cpu, dequantize_cpu, matmul_cpu, moe_experts_cpu, repack_int4
 from dschat.kernels.quant_format import Packed, dequantize, pack_int4, unpack_int4
@@ -191,13 +191,15 @@ def test_which_weights_are_quantized():
 def dequantized_checkpoint(src, dst, s: QuantSpec, cpu: bool = False):
     """The checkpoint's weights with each quantized one replaced by what it quantizes to, in float32: a
     float model that must compute what the quantized one does. cpu: what the CPU kernels compute with
-    (int4 scales in bfloat16; lm_head int8 too)."""
+    (int4 scales in bfloat16; lm_head int8 too; kv_b_proj where cpu_gemv runs)."""
     weights = tc.dequantized_weights(src)
     for name, w in weights.items():
         if name.endswith(".weight") and is_quantized(name[: -len(".weight")]):
             weights[name] = (cpu_weight if cpu else dequantize)(quantize(w, s)).contiguous()
         elif name == "lm_head.weight" and cpu:
             weights[name] = cpu_weight(quantize(w, HEAD)).contiguous()
+        elif name.endswith("self_attn.kv_b_proj.weight") and cpu and quant_cpu.native_gemv():
+            weights[name] = dequantize(quantize(w, kv_b_spec(s))).contiguous()
     dst.mkdir()
     cfg = json.loads((src / "config.json").read_text())
     cfg.pop("quantization_config", None)
@@ -236,7 +238,10 @@ def test_quantized_engine_computes_the_dequantized_model(checkpoints, tmp_path, 
         assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.85
     layer = eng.model.model.layers[-1]
     assert isinstance(layer.self_attn.o_proj, QuantLinear)
-    assert not isinstance(layer.self_attn.kv_b_proj, QuantLinear)
+    # kv_b_proj: packed where cpu_gemv folds it per head (int4 stays int4), float under PyTorch's kernels
+    kv_b = layer.self_attn.kv_b_proj
+    assert isinstance(kv_b, QuantLinear) == (backend == "cpu_gemv")
+    assert backend != "cpu_gemv" or kv_b.spec == kv_b_spec(SPECS[quant]) and kv_b.spec.bits == SPECS[quant].bits
     assert isinstance(eng.model.lm_head, QuantLinear) and eng.model.lm_head.spec == HEAD
     if quant == "int4" and backend == "torch":  # repacked for PyTorch's kernel, the stored layout freed
         assert layer.self_attn.o_proj.weight is None and layer.self_attn.o_proj.cpu_weight is not None

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...kernels import ops  # noqa: F401 (registers torch.ops.dschat.matmul_packed_cpu)
-from ...kernels.quant_cpu import Int4Cpu, int4_fits, matmul_cpu, repack_int4
+from ...kernels.quant_cpu import Int4Cpu, heads_cpu, int4_fits, matmul_cpu, repack_int4
 from ...kernels.fp8_matmul import dequantize_fp8
 from ...kernels.quant_format import Packed, pack_int4
 from ...kernels.quant_matmul import quant_matmul
@@ -177,10 +177,26 @@ class QuantLinear(nn.Module):
             self.cpu_weight, self.cpu_scale_offset = r.data, r.scale_offset
             self.weight = self.weight_scale = self.weight_zero = None
 
+    def packed(self) -> Packed | Int4Cpu:
+        """The weight as the kernels read it."""
+        if self.cpu_weight is not None:
+            return Int4Cpu(self.cpu_weight, self.cpu_scale_offset, self.out_features, self.in_features,
+                           self.spec.group)
+        return packed_of(self, "weight", self.spec, self.in_features)
+
+    def heads(self, x: torch.Tensor, n: int, row0: int, head_rows: int, transposed: bool) -> torch.Tensor:
+        """MLA's absorbed fold (transposed: x [S, H, n] -> x W_h [S, H, in]) or unfold (x [S, H, in] -> W_h x
+        [S, H, n]) over this weight's rows per head, W_h = rows row0 + h * head_rows + [0, n)
+        (kernels/quant_cpu.py heads_cpu)."""
+        w = self.packed()
+        if torch.compiler.is_compiling() and isinstance(w, Packed) and x.device.type == "cpu":
+            return torch.ops.dschat.heads_packed_cpu(x, w.data, w.scale, w.zero, w.bits, w.group, w.in_features, n,
+                                                     row0, head_rows, transposed)
+        return heads_cpu(x, w, n, row0, head_rows, transposed)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_weight is not None:
-            return matmul_cpu(x, Int4Cpu(self.cpu_weight, self.cpu_scale_offset, self.out_features,
-                                         self.in_features, self.spec.group))
+            return matmul_cpu(x, self.packed())
         w = packed_of(self, "weight", self.spec, self.in_features)
         if x.device.type == "cpu":
             if torch.compiler.is_compiling():  # the kernel as an operator (kernels/ops.py): opaque to the tracer
