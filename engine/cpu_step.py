@@ -20,7 +20,9 @@ The matrix products stay PyTorch's (one `torch.mm` a projection) for float32 wei
 one call a projection (two, written side by side, for q_a|kv_a and gate|up), and one call for a token's chosen
 experts (their SwiGLU and weighted sum inside it). Only on one rank, for float32 activations, and for packed
 weights only where the library is built and takes them (`CpuPlan.build` returns None otherwise, and the engine
-runs `decode_step`).
+runs `decode_step`). A packed kv_b_proj is folded into the query and unfolded from the attention's output by
+one library call each for all heads (cpu_gemv.cpp `dschat_heads_gemv_t`, `dschat_heads_gemv`), as decode_step
+folds it (engine/mla.py).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from ..kernels.router import route_reference
 class _Layer:
     __slots__ = ("in_w", "in_eps", "post_w", "post_eps", "q_a", "q_a_norm", "q_a_eps", "q_b", "q_proj", "kv_a",
                  "kv_norm", "kv_eps", "w_uk", "w_uv", "o", "dense13", "dense2", "gate", "bias", "w13", "w2",
-                 "sh13", "sh2", "route_args", "q_a_rows", "c", "xargs", "keep")
+                 "sh13", "sh2", "route_args", "q_a_rows", "c", "xargs", "keep", "kv_b")
 
 
 class CpuPlan:
@@ -84,9 +86,16 @@ class CpuPlan:
                 L.q_a = self._proj(a.q_a_proj, a.kv_a_proj_with_mqa)
                 L.q_a_norm, L.q_a_eps = _w(a.q_a_layernorm.weight), a.q_a_layernorm.eps
                 L.q_b = self._proj(a.q_b_proj)
-            w = _lin(a.kv_b_proj).view(a.n_heads, a.nope + a.v_dim, a.kv_rank)
-            L.w_uk = w[:, : a.nope].contiguous()  # [H, nope, R]
-            L.w_uv = w[:, a.nope:].transpose(1, 2).contiguous()  # [H, R, v]
+            if type(a.kv_b_proj) is QuantLinear:  # packed: folded and unfolded per head by the library
+                if self.lib is None:
+                    raise _NotPlain
+                w = _packed(a.kv_b_proj)
+                L.kv_b, L.w_uk, L.w_uv = (w, cpu_gemv.weight_args(w)[4]), None, None
+            else:
+                w = _lin(a.kv_b_proj).view(a.n_heads, a.nope + a.v_dim, a.kv_rank)
+                L.kv_b = None
+                L.w_uk = w[:, : a.nope].contiguous()  # [H, nope, R]
+                L.w_uv = w[:, a.nope:].transpose(1, 2).contiguous()  # [H, R, v]
             L.o = self._proj(a.o_proj)
             mlp = block.mlp
             if isinstance(mlp, MoE):
@@ -164,7 +173,13 @@ class CpuPlan:
         self.qa = z(1, max(L0.q_a_rows, 1))
         self.q_pe = z(H, P)
         self.q_lat = z(H, 1, R)
+        self.o_lat = z(H, R)
         self.out = z(H, 1, self.v)
+        # dschat_heads_gemv(_t)'s arguments but the weight's (packed kv_b_proj): the fold reads q_nope inside q
+        I64, nope, v = ctypes.c_int64, self.nope, self.v
+        Pq, Pl, Po, Pout = (ctypes.c_void_p(t.data_ptr()) for t in (self.q, self.q_lat, self.o_lat, self.out))
+        self.fold_args = ((Pq, I64(nope + P), I64(H), I64(H), I64(R)), (I64(nope), I64(0), I64(nope + v), Pl, I64(R)))
+        self.unfold_args = ((Po, I64(R), I64(H), I64(H), I64(R)), (I64(v), I64(nope), I64(nope + v), Pout, I64(v)))
         self.cs = z(P // 2)
         self.sn = z(P // 2)
         moe = [L for L in self.layers if L.dense13 is None]
@@ -278,6 +293,13 @@ class CpuPlan:
         self.lib.dschat_silu_mul(pg, n2 // 2, pa)
         self._mm(act, w2, out)
 
+    @staticmethod
+    def _heads(fn, args, wargs, threads):
+        """MLA's fold / unfold over a packed kv_b_proj: one call of the library for every head."""
+        err = fn(*args[0], *wargs, *args[1], threads)
+        if err:
+            raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+
     def _native_step(self, ids, length, cache, slot: int, keys):
         """step() with its small operations in the library (kernels/cpu_gemv.cpp) over fixed buffers."""
         lib, p, H, nope, rope, R = self.lib, self.p, self.H, self.nope, self.rope, self.R
@@ -308,14 +330,21 @@ class CpuPlan:
             layer = cache[i]
             lib.dschat_rope_latent(p["q"], H, nope + rope, nope, p["kv"], R, rope, c["kv_norm"], L.kv_eps, p["cs"],
                                    p["sn"], layer.data_ptr() + slot * row_bytes, p["q_pe"])
-            torch.bmm(q_nope, L.w_uk, out=self.q_lat)
+            if L.kv_b is None:
+                torch.bmm(q_nope, L.w_uk, out=self.q_lat)
+            else:
+                self._heads(lib.dschat_heads_gemv_t, self.fold_args, L.kv_b[1], threads)
             rows = layer[keys] if isinstance(keys, slice) else layer.index_select(0, keys)
             kvr = rows[:, :R]
             scores = mm(q_lat2, kvr.t())
             scores += mm(q_pe, rows[:, R:].t())
             scores *= self.scale
-            o_lat = mm(scores.softmax(dim=-1), kvr)
-            torch.bmm(o_lat.unsqueeze(1), L.w_uv, out=self.out)
+            if L.kv_b is None:
+                o_lat = mm(scores.softmax(dim=-1), kvr)
+                torch.bmm(o_lat.unsqueeze(1), L.w_uv, out=self.out)
+            else:
+                mm(scores.softmax(dim=-1), kvr, out=self.o_lat)
+                self._heads(lib.dschat_heads_gemv, self.unfold_args, L.kv_b[1], threads)
             pmm(self.out.view(1, -1), L.o, self.attn)
             lib.dschat_add_rms(p["h"], p["attn"], c["post_w"], L.post_eps, D, p["x"])
             if L.dense13 is not None:

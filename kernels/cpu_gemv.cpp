@@ -610,8 +610,60 @@ void gemv_t(const PackedW& w, const float* x, float* y) {
   }
 }
 
+// y[n] (n < N) = sum_k W[n, k] x[k] with float32 x, the weight dequantised in registers: int8 scale[n] *
+// sum_k q x[k]; int4 sum_g scale[n, g] * sum_{k in g} (nibble - zero[n, g]) x[k] (the integer difference
+// exact), summed in float32: the float model of the dequantised weight to float32 rounding, with no rounding
+// of x (decode_step's other GEMVs quantize x to int8 blocks; MLA's unfold does not, as its fold cannot).
+void gemv_f(const PackedW& w, const float* x, float* y) {
+  const int64_t rb = w.row_bytes();
+  if (w.bits == 8) {
+    const int64_t full = w.K / 32 * 32;
+    for (int64_t n = 0; n < w.N; ++n) {
+      const int8_t* r = (const int8_t*)(w.data + n * rb);
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t k = 0; k < full; k += 32)
+        for (int j = 0; j < 4; ++j)
+          acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * j),
+                                   _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r + k + 8 * j)))),
+                                   acc[j]);
+      float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+      for (int64_t k = full; k < w.K; ++k) s = std::fma(x[k], (float)r[k], s);
+      y[n] = s * w.scale[n];
+    }
+    return;
+  }
+  // int4: x in the nibbles' order, per 64 inputs its evens then its odds (zeros past K)
+  std::vector<float> xp((size_t)w.kp, 0.f);
+  for (int64_t k = 0; k < w.K; ++k) xp[(k / 64) * 64 + (k % 2) * 32 + (k % 64) / 2] = x[k];
+  const __m128i lowmask = _mm_set1_epi8(0x0F);
+  for (int64_t n = 0; n < w.N; ++n) {
+    const uint8_t* r = w.data + n * rb;
+    float total = 0.f;
+    for (int64_t g = 0; g < w.G; ++g) {
+      const __m256i z = _mm256_set1_epi32(w.zero ? (int)w.zero[n * w.G + g] : 8);
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t c0 = g * w.group; c0 < (g + 1) * w.group; c0 += 64) {
+        const float* xe = xp.data() + c0;
+        for (int half = 0; half < 2; ++half) {
+          const __m128i raw = _mm_loadu_si128((const __m128i*)(r + c0 / 2 + 16 * half));
+          const __m128i lo = _mm_and_si128(raw, lowmask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), lowmask);
+          const __m128i lo2 = _mm_srli_si128(lo, 8), hi2 = _mm_srli_si128(hi, 8);
+          const float* e = xe + 16 * half;  // evens of columns c0 + 32 half ..
+          const float* o = xe + 32 + 16 * half;
+          acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo), z)), acc[0]);
+          acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(e + 8), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo2), z)), acc[1]);
+          acc[2] = _mm256_fmadd_ps(_mm256_loadu_ps(o), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi), z)), acc[2]);
+          acc[3] = _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi2), z)), acc[3]);
+        }
+      }
+      total = std::fma(w.scale[n * w.G + g], hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))), total);
+    }
+    y[n] = total;
+  }
+}
+
 // For each of the B rows of x (row b: head h = b % heads), the head's n weight rows from row0 + h * head_rows:
-// transposed 0: y[b, :n] = W_h x[b, :K] (x quantized as dschat_gemv's); 1: y[b, :K] = x[b, :n] W_h. A head's
+// transposed 0: y[b, :n] = W_h x[b, :K]; 1: y[b, :K] = x[b, :n] W_h, both in float32 x (gemv_f, gemv_t). A head's
 // rows are read for all its rows of x in turn (B / heads tokens); threads take the (head, token) pairs.
 int heads_gemv(const float* x, int64_t ldx, int64_t B, int64_t heads, int64_t K, const void* data,
                const float* scale, const uint8_t* zero, int bits, int64_t group, int64_t N, int64_t row, int64_t n,
@@ -627,8 +679,7 @@ int heads_gemv(const float* x, int64_t ldx, int64_t B, int64_t heads, int64_t K,
       if (transposed) {
         gemv_t(wh, x + b * ldx, y + b * ldy);
       } else {
-        const PreparedX px = prepare(x + b * ldx, 1, wh);
-        one_row(wh, px, 0, n, y + b * ldy);
+        gemv_f(wh, x + b * ldx, y + b * ldy);
       }
     }
   });
@@ -651,7 +702,7 @@ int dschat_gemv(const float* x, int64_t M, int64_t K, const void* data, const fl
   return 0;
 }
 
-// MLA's fold and unfold over a packed kv_b_proj [N, K] (heads_gemv above): y[b, :n] = W_h x[b, :K], and
+// MLA's fold and unfold over a packed kv_b_proj [N, K] (heads_gemv above): y[b, :n] = W_h x[b, :K] (float32 x), and
 // y[b, :K] = x[b, :n] W_h (transposed), head h = b % heads, W_h the n rows from row0 + h * head_rows; rows of
 // x and y ldx and ldy floats apart; 0 on success.
 int dschat_heads_gemv(const float* x, int64_t ldx, int64_t B, int64_t heads, int64_t K, const void* data,

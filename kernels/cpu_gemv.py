@@ -268,8 +268,8 @@ def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transpo
           out: torch.Tensor | None = None) -> torch.Tensor:
     """MLA's absorbed fold / unfold over a packed kv_b_proj w [N, K]: x [S, H, ·] (rows of each head), head h's
     weight W_h = the n rows of w from row0 + h * head_rows. transposed False: y[s, h] = W_h x[s, h] (x [S, H, K]
-    -> [S, H, n], x quantized to int8 blocks as `gemv` does); True: y[s, h] = x[s, h] W_h (x [S, H, n] ->
-    [S, H, K], float32 x, the weight dequantised in registers). x may be a view whose rows are evenly spaced
+    -> [S, H, n]); True: y[s, h] = x[s, h] W_h (x [S, H, n] -> [S, H, K]); both with float32 x (not quantized,
+    unlike `gemv`'s), the weight dequantised in registers: the float model's numbers to float32 rounding. x may be a view whose rows are evenly spaced
     (q_nope inside q); `out`: a contiguous float32 [S, H, ·] to write (else a new one). Returns y in x's
     dtype (native() must not be None, fits(w) hold)."""
     lib = native() if _LIB is _UNSET else _LIB
@@ -309,14 +309,13 @@ def igemm4(x: torch.Tensor, w: Packed) -> torch.Tensor:
 
 
 def heads_reference(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transposed: bool) -> torch.Tensor:
-    """What `heads` computes, in float64 plain PyTorch (the unfold's activations quantized as `gemv`'s)."""
+    """What `heads` computes, in float64 plain PyTorch: x times the dequantised weight's rows of each head."""
     S, H, _ = x.shape
     W = dequantize(w).double()
     Wh = torch.stack([W[row0 + h * head_rows: row0 + h * head_rows + n] for h in range(H)])  # [H, n, K]
     if transposed:
         return torch.einsum("shn,hnk->shk", x.double(), Wh)
-    xd = quantize_activations_reference(x.reshape(S * H, -1), -(-w.padded_in // QK) * QK)[:, : w.in_features]
-    return torch.einsum("shk,hnk->shn", xd.view(S, H, -1).double(), Wh)
+    return torch.einsum("shk,hnk->shn", x.double(), Wh)
 
 
 def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Packed, w2: Packed) -> torch.Tensor:
