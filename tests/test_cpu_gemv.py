@@ -57,6 +57,34 @@ def test_gemv_equals_the_dequantised_model(native, name, M, N, K):
 
 
 @pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("H, nope, v, R, S", [(3, 40, 24, 100, 2), (2, 32, 16, 64, 1)])
+def test_heads_fold_and_unfold_equal_the_dequantised_model(native, name, H, nope, v, R, S):
+    """MLA's absorbed attention over a packed kv_b_proj [H * (nope + v), R] (engine/mla.py): the fold
+    x[s, h] W_UK[h] (a contraction over the weight's rows) and the unfold W_UV[h] x[s, h], one call for all heads
+    and tokens, equal the float model of the dequantised weight (float32 x, not quantized); q_nope a strided
+    view inside q; R not a multiple of 32 (the int8 tails) and of the group (int4's padding); 1 and 2 threads."""
+    g = torch.Generator().manual_seed(H * R + S)
+    p = quantize(torch.randn(H * (nope + v), R, generator=g) * torch.linspace(0.1, 3, R), SPECS[name])
+    q = torch.randn(S, H, nope + 8, generator=g)
+    q_nope, o_lat = q[..., :nope], torch.randn(S, H, R, generator=g)
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            fold = cpu_gemv.heads(q_nope, p, nope, 0, nope + v, transposed=True)
+            unfold = cpu_gemv.heads(o_lat, p, v, nope, nope + v, transposed=False)
+        finally:
+            torch.set_num_threads(before)
+        assert fold.shape == (S, H, R) and unfold.shape == (S, H, v)
+        assert rel(fold, cpu_gemv.heads_reference(q_nope, p, nope, 0, nope + v, True)) < TOL
+        assert rel(unfold, cpu_gemv.heads_reference(o_lat, p, v, nope, nope + v, False)) < TOL
+    w = dequantize(p).double().view(H, nope + v, R)  # the reference itself, written another way
+    assert rel(fold, torch.einsum("shn,hnr->shr", q_nope.double(), w[:, :nope])) < TOL
+    with pytest.raises(ValueError, match="kernel cannot take"):  # rows past the weight's end: refused
+        cpu_gemv.heads(o_lat, p, v + 1, nope, nope + v, transposed=False)
+
+
+@pytest.mark.parametrize("name", SPECS)
 def test_dequantize_is_the_stored_weight_exactly(native, name):
     """cpu_gemv.dequantize (the float weight the float GEMM's panels hold): quant_format.dequantize's float32 numbers, bit for bit, K not a
     multiple of the group (int4's padding) nor of 32."""

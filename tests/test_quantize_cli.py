@@ -32,9 +32,13 @@ def test_quantized_directory_loads_what_quantize_on_load_computes(chat_models, i
     assert not list(int4_dir.parent.glob(".*"))  # no temporary directory left behind
     index = json.loads((int4_dir / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.1.mlp.experts.0.down_proj.weight_zero" in index and "lm_head.weight" in index
+    # kv_b_proj is stored as is (a directory written before it ran packed is the same), packed as it loads
+    assert "model.layers.1.self_attn.kv_b_proj.weight_scale" not in index
     saved = Engine.from_pretrained(int4_dir, dtype=torch.float32, speculative="none")
     fresh = Engine.from_pretrained(chat_models["v2"], dtype=torch.float32, speculative="none", quant="int4")
     assert saved.quant == fresh.quant == "int4"
+    kv_b = saved.model.model.layers[1].self_attn.kv_b_proj
+    assert type(kv_b).__name__ == "QuantLinear" and kv_b.spec.bits == 4
     ids = list(range(100, 116))
     assert torch.equal(saved.logits(ids), fresh.logits(ids))
     a = call(["--model", str(int4_dir), "-t", "0", "-n", "8", "--no-save", "--stats"], stdin="Hello")
