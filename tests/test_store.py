@@ -323,3 +323,31 @@ def test_a_title_from_the_first_message_is_stored_exact(store):
     cid = store.create("m")
     store.add_message(cid, "user", "\n  \x1b]0;pwned\x07 hello \u202e\nsecond line")
     assert store.get(cid).title == "\x1b]0;pwned\x07 hello \u202e"
+
+
+def test_a_history_created_by_another_process_between_two_reads(tmp_path, monkeypatch):
+    """Two dschats starting at once on a new history: one reads the schema version (0: the other has not
+    committed yet), the other commits the whole schema, then the first reads the tables. Read from one
+    snapshot they agree (no tables yet: a history being created); read apart, the first took a complete
+    schema at version 0 for someone else's database and refused to save (seen in CI under load)."""
+    p = tmp_path / "history.db"
+    other = sqlite3.connect(str(p), isolation_level=None)
+    other.execute("PRAGMA journal_mode = WAL")  # as the other dschat leaves it before creating the schema
+    real = schema.version
+    calls = []
+
+    def version_then_the_other_commits(db):
+        v = real(db)
+        if not calls:
+            calls.append(v)
+            schema.migrate(other)  # the other dschat's schema, committed right after this read
+        return v
+
+    monkeypatch.setattr(schema, "version", version_then_the_other_commits)
+    s = Store(p)
+    monkeypatch.setattr(schema, "version", real)
+    assert calls == [0] and schema.version(other) == SCHEMA
+    s.close()
+    other.close()
+    assert Store(p).list() == []
+

@@ -132,9 +132,15 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: cannot open the history ({e})") from None
         try:
-            version = schema.version(db)
+            # the version and the tables from one snapshot: another dschat creating the history may commit its
+            # schema between two separate reads (version 0, then every table: "not a dschat history")
+            db.execute("BEGIN")
+            try:
+                version = schema.version(db)
+                tables = set() if fresh else {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            finally:
+                db.execute("COMMIT")
             if not fresh:
-                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                 if version > schema.known():
                     raise StoreError(f"{self.path}: the history was written by a newer dschat (schema {version}, "
                                      f"this one knows {schema.known()}); upgrade dschat to read it")
