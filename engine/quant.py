@@ -16,8 +16,9 @@ engine/layers/quant_linear.py; the packed expert stacks: engine/moe.py.
   the packed bytes (kernels/cpu_gemv.cpp `dschat_heads_gemv`, `_t`), the materialised path (prefill) runs it
   as any packed Linear. `dschat quantize` stores it as is (float), so a saved directory is the same either
   way and loads anywhere; the GPU, and a CPU without the kernels, keep it in the model's dtype.
-* On the CPU the weights run through PyTorch's packed kernels (kernels/quant_cpu.py); int4 is repacked into
-  their layout once, after loading (`repack_for_cpu`).
+* On the CPU the weights run through dschat's own kernels (kernels/cpu_gemv.py) where they are built, else
+  PyTorch's packed kernels (kernels/quant_cpu.py), for which int4 is repacked once, after loading
+  (`repack_for_cpu`).
 * Weights are quantized one tensor at a time as the loader reads them (engine/loader.py), or once by
   `dschat quantize` into a directory that says how (`quantization_config` with quant_method "dschat").
 The packed format and the kernels live in kernels/ (quant_format.py, quant_matmul.py).

@@ -669,7 +669,7 @@ int heads_gemv(const float* x, int64_t ldx, int64_t B, int64_t heads, int64_t K,
                const float* scale, const uint8_t* zero, int bits, int64_t group, int64_t N, int64_t row, int64_t n,
                int64_t row0, int64_t hrows, float* y, int64_t ldy, int nthreads, bool transposed) {
   if (int e = bad(bits, group, K, row)) return e;
-  if (heads <= 0 || B % heads || n < 0 || row0 < 0 || hrows < 0 || row0 + (heads - 1) * hrows + n > N) return 4;
+  if (heads <= 0 || B % heads || n <= 0 || row0 < 0 || hrows < 0 || row0 + (heads - 1) * hrows + n > N) return 4;
   const PackedW w = packed(data, scale, zero, bits, group, N, K, row);
   const int64_t S = B / heads;
   parallel_for(B, 1, nthreads, [&](int64_t i0, int64_t i1) {

@@ -45,7 +45,7 @@ SOURCE_BF16 = Path(__file__).with_name("cpu_gemv_bf16.cpp")  # bfloat16 weights 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 ABI = 4  # cpu_gemv.cpp's dschat_abi_version()
 ABI_BF16 = 2  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
-ABI_PREFILL = 1  # cpu_gemv.cpp's dschat_prefill_abi_version() (the float GEMM over packed weights: gemm_f32)
+ABI_PREFILL = 1  # cpu_gemv.cpp's dschat_prefill_abi_version() (prefill's GEMMs: gemm_f32 and igemm4)
 
 
 def cache_dir() -> Path:
@@ -264,14 +264,13 @@ def gemm_f32(x: torch.Tensor, w: Packed) -> torch.Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transposed: bool,
-          out: torch.Tensor | None = None) -> torch.Tensor:
+def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transposed: bool) -> torch.Tensor:
     """MLA's absorbed fold / unfold over a packed kv_b_proj w [N, K]: x [S, H, ·] (rows of each head), head h's
     weight W_h = the n rows of w from row0 + h * head_rows. transposed False: y[s, h] = W_h x[s, h] (x [S, H, K]
     -> [S, H, n]); True: y[s, h] = x[s, h] W_h (x [S, H, n] -> [S, H, K]); both with float32 x (not quantized,
-    unlike `gemv`'s), the weight dequantised in registers: the float model's numbers to float32 rounding. x may be a view whose rows are evenly spaced
-    (q_nope inside q); `out`: a contiguous float32 [S, H, ·] to write (else a new one). Returns y in x's
-    dtype (native() must not be None, fits(w) hold)."""
+    unlike `gemv`'s), the weight dequantised in registers: the float model's numbers to float32 rounding. x may
+    be a view whose rows are evenly spaced (q_nope inside q). Returns y in x's dtype (native() must not be
+    None, fits(w) hold)."""
     lib = native() if _LIB is _UNSET else _LIB
     _, _, _, _, wargs = weight_args(w)
     S, H, dim = x.shape
@@ -280,8 +279,9 @@ def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transpo
         xf = xf.contiguous()
     width = w.in_features if transposed else n
     if dim != (n if transposed else w.in_features):
-        raise ValueError(f"cpu_gemv.heads: x of {dim} values a head, the weight takes {n if transposed else w.in_features}")
-    y = out if out is not None else torch.empty(S, H, width)
+        raise ValueError(f"cpu_gemv.heads: x of {dim} values a head, the weight takes "
+                         f"{n if transposed else w.in_features}")
+    y = torch.empty(S, H, width)
     P, I64, I = _C
     fn = lib.dschat_heads_gemv_t if transposed else lib.dschat_heads_gemv
     err = fn(P(xf.data_ptr()), I64(xf.stride(1)), I64(S * H), I64(H), I64(w.in_features), *wargs, I64(n), I64(row0),

@@ -256,7 +256,8 @@ _ARRIVALS: dict[tuple[str, int], torch.Tensor] = {}
 def arrivals(device: torch.device, n: int) -> torch.Tensor:
     """The down kernel's counters (int32 zeros), one a (token, block of features): made once per device and
     size and kept (never freed nor regrown: a captured CUDA graph holds their address); the kernel leaves
-    them at zero."""
+    them at zero. One stream: two launches of the same size on different streams at once would share them
+    (the engine decodes on one stream)."""
     key = (str(device), n)
     if key not in _ARRIVALS:
         _ARRIVALS[key] = torch.zeros(n, dtype=torch.int32, device=device)

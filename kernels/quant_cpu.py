@@ -9,8 +9,8 @@ weight row at a time (cpu_gemv.gemv; cpu_gemv.py says what that computes). From 
 (prefill, an expert's tokens in a prefill) a GEMM runs: int8, x stays float32 and the weight is dequantised
 panel by panel in registers (cpu_gemv.gemm_f32): F.linear(x, dequantize(w)) up to float32 summation order;
 int4, the integer GEMM over the same int8 activations as gemv (cpu_gemv.igemm4): gemv's numbers up to float32
-summation order. int4 is not repacked. CPU_KERNEL_MAX_ROWS = 0 (tests) runs the float GEMM at every row count. Without cpu_gemv (no compiler,
-no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels below run:
+summation order. int4 is not repacked. CPU_KERNEL_MAX_ROWS = 0 (tests) runs the float GEMM at every row count.
+Without cpu_gemv (no compiler, no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels below run:
 
 * int8 runs `aten._weight_int8pack_mm` on the stored layout (quant_format.py: int8 [N, K] + a float32 scale
   per row); the scale is applied in float32 after the kernel, so the weight is exactly the stored one.
@@ -171,24 +171,19 @@ def _ones(n: int) -> torch.Tensor:
 HEADS_NATIVE_MAX_TOKENS = 8
 
 
-def heads_cpu(x: torch.Tensor, w: Packed | Int4Cpu, n: int, row0: int, head_rows: int, transposed: bool,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+def heads_cpu(x: torch.Tensor, w: Packed | Int4Cpu, n: int, row0: int, head_rows: int, transposed: bool) -> torch.Tensor:
     """MLA's absorbed fold / unfold over a packed kv_b_proj w [N, K] (cpu_gemv.heads says what it computes):
     x [S, H, ·] -> [S, H, ·] in x's dtype. cpu_gemv for a few tokens (its packed bytes read once a token);
     for more, where it cannot run, or with the kernels off (CPU_KERNEL_MAX_ROWS 0), the weight dequantised
     once and multiplied exactly (the float model's numbers)."""
     S, H, _ = x.shape
     if S <= HEADS_NATIVE_MAX_TOKENS and CPU_KERNEL_MAX_ROWS and native_gemv(w) and x.device.type == "cpu":
-        return cpu_gemv.heads(x, w, n, row0, head_rows, transposed, out)
+        return cpu_gemv.heads(x, w, n, row0, head_rows, transposed)
     W = (dequantize(w).to(x.dtype) if x.device.type != "cpu" or isinstance(w, Packed) and w.data.dim() != 2
-         else dequantize_cpu(w, x.dtype))
+         else dequantize_cpu(w, x.dtype)).contiguous()  # (Int4Cpu's is a view of its padded rows)
     K = W.shape[-1]
     Wh = W.as_strided((H, n, K), (head_rows * K, K, 1), row0 * K)
-    y = torch.einsum("shn,hnk->shk", x, Wh) if transposed else torch.einsum("shk,hnk->shn", x, Wh)
-    if out is not None:
-        out.copy_(y)
-        return out
-    return y
+    return torch.einsum("shn,hnk->shk", x, Wh) if transposed else torch.einsum("shk,hnk->shn", x, Wh)
 
 
 def _stack_item(w: Packed | Int4Cpu, e: int) -> Packed | Int4Cpu:

@@ -86,8 +86,8 @@ def test_heads_fold_and_unfold_equal_the_dequantised_model(native, name, H, nope
 
 @pytest.mark.parametrize("name", SPECS)
 def test_dequantize_is_the_stored_weight_exactly(native, name):
-    """cpu_gemv.dequantize (the float weight the float GEMM's panels hold): quant_format.dequantize's float32 numbers, bit for bit, K not a
-    multiple of the group (int4's padding) nor of 32."""
+    """cpu_gemv.dequantize (the float weight the float GEMM's panels hold): quant_format.dequantize's float32
+    numbers, bit for bit, K not a multiple of the group (int4's padding) nor of 32."""
     p = quantize(torch.randn(37, 300) * torch.linspace(0.1, 3, 300), SPECS[name])
     assert torch.equal(cpu_gemv.dequantize(p), dequantize(p))
 

@@ -302,7 +302,8 @@ def test_the_lean_cpu_step_runs_packed_weights(checkpoints, monkeypatch, name, q
         assert (eng.static.lean is not None) == (lean_on == "1")
         got = logits[lean_on] = []
         fn = eng.static._fn
-        monkeypatch.setattr(eng.static, "_fn", lambda *a, fn=fn, got=got: (lambda o: (got.append(o[1].clone()), o)[1])(fn(*a)))
+        monkeypatch.setattr(eng.static, "_fn",
+                            lambda *a, fn=fn, got=got: (lambda o: (got.append(o[1].clone()), o)[1])(fn(*a)))
         list(eng.generate(ids, params, reuse_cache=False))
     assert len(logits["1"]) == 23
     rel = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(logits["1"], logits["0"])]

@@ -28,7 +28,8 @@ def add_model_options(p: argparse.ArgumentParser):
     g.add_argument("--quant", metavar="int8|int4", default=None,
                    help="run the weights as int8 (about half of bf16) or int4 (about a quarter), quantized as "
                         "they load (on a CPU with AVX2 through dschat's own kernel, compiled once at first use; "
-                        "there lm_head, in int8, and MLA's kv_b_proj too); `none` overrides the config file")
+                        "on the CPU lm_head too, in int8, and where that kernel runs MLA's kv_b_proj); `none` "
+                        "overrides the config file")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads (default: one for a small model such as the demo, else the cores not busy "
                         "with other processes; --stats says how many ran)")

@@ -137,9 +137,10 @@ class Store:
             db.execute("BEGIN")
             try:
                 version = schema.version(db)
-                tables = set() if fresh else {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                tables = set() if fresh else {
+                    r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             finally:
-                db.execute("COMMIT")
+                db.execute("ROLLBACK")  # it only read
             if not fresh:
                 if version > schema.known():
                     raise StoreError(f"{self.path}: the history was written by a newer dschat (schema {version}, "
