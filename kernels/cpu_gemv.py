@@ -230,20 +230,26 @@ def weight_args(w: Packed) -> tuple:
     return c
 
 
-def gemv(x: torch.Tensor, w: Packed) -> torch.Tensor:
-    """x [..., K] (float32 or bfloat16) -> [..., N] in x's dtype through the kernel (native() must not be None,
-    fits(w) hold)."""
+def _rows_through(fn: str, x: torch.Tensor, w: Packed) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype through one of the library's row kernels taking (x, M, K, the weight's
+    arguments, y, threads): dschat_gemv_raw, dschat_gemm_f32, dschat_igemm4."""
     lib = native() if _LIB is _UNSET else _LIB
     _, _, _, N, wargs = weight_args(w)
     K = x.shape[-1]
     xf = _rows(x, K)
     y = torch.empty(*x.shape[:-1], N)
     P, I64, I = _C
-    err = lib.dschat_gemv_raw(P(xf.data_ptr()), I64(xf.numel() // K), I64(K), *wargs, P(y.data_ptr()),
-                              I(torch.get_num_threads()))
+    err = getattr(lib, fn)(P(xf.data_ptr()), I64(xf.numel() // K), I64(K), *wargs, P(y.data_ptr()),
+                           I(torch.get_num_threads()))
     if err:
         raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def gemv(x: torch.Tensor, w: Packed) -> torch.Tensor:
+    """x [..., K] (float32 or bfloat16) -> [..., N] in x's dtype through the kernel (native() must not be None,
+    fits(w) hold)."""
+    return _rows_through("dschat_gemv_raw", x, w)
 
 
 def gemm_f32(x: torch.Tensor, w: Packed) -> torch.Tensor:
@@ -251,17 +257,7 @@ def gemm_f32(x: torch.Tensor, w: Packed) -> torch.Tensor:
     GEMM whose weight panels are dequantised in registers (cpu_gemv.cpp's fgemm): `F.linear(x, dequantize(w))`
     up to float32 summation order, without the float32 weight in memory. For many rows (prefill); native() must
     not be None, fits(w) hold."""
-    lib = native() if _LIB is _UNSET else _LIB
-    _, _, _, N, wargs = weight_args(w)
-    K = x.shape[-1]
-    xf = _rows(x, K)
-    y = torch.empty(*x.shape[:-1], N)
-    P, I64, I = _C
-    err = lib.dschat_gemm_f32(P(xf.data_ptr()), I64(xf.numel() // K), I64(K), *wargs, P(y.data_ptr()),
-                              I(torch.get_num_threads()))
-    if err:
-        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return _rows_through("dschat_gemm_f32", x, w)
 
 
 def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transposed: bool) -> torch.Tensor:
@@ -295,17 +291,7 @@ def igemm4(x: torch.Tensor, w: Packed) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype through an int4 weight by the integer GEMM (cpu_gemv.cpp's igemm4): x
     quantized to int8 blocks as `gemv` quantizes it, so `gemv`'s numbers (gemv_reference) up to float32
     summation order. For many rows; native() must not be None, fits(w) hold and w be int4."""
-    lib = native() if _LIB is _UNSET else _LIB
-    _, _, _, N, wargs = weight_args(w)
-    K = x.shape[-1]
-    xf = _rows(x, K)
-    y = torch.empty(*x.shape[:-1], N)
-    P, I64, I = _C
-    err = lib.dschat_igemm4(P(xf.data_ptr()), I64(xf.numel() // K), I64(K), *wargs, P(y.data_ptr()),
-                            I(torch.get_num_threads()))
-    if err:
-        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return _rows_through("dschat_igemm4", x, w)
 
 
 def heads_reference(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transposed: bool) -> torch.Tensor:
