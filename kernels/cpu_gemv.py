@@ -42,6 +42,7 @@ from .quant_format import SYMMETRIC_ZERO, Packed, dequantize
 QK = 32  # activation block
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 SOURCE_BF16 = Path(__file__).with_name("cpu_gemv_bf16.cpp")  # bfloat16 weights (cpu_bf16.py), in the same library
+HEADER = Path(__file__).with_name("cpu_common.h")  # included by both
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 ABI = 4  # cpu_gemv.cpp's dschat_abi_version()
 ABI_BF16 = 2  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
@@ -132,11 +133,16 @@ def _load(path: Path):
     return lib
 
 
+def sources_text() -> str:
+    """Every file the compiler reads (the two sources and the header both include): the build key hashes it."""
+    return "\0".join(p.read_text() for p in (SOURCE, SOURCE_BF16, HEADER))
+
+
 def _build():
     why = cpu_supported()
     if why:
         return None, why
-    src = SOURCE.read_text() + "\0" + SOURCE_BF16.read_text()
+    src = sources_text()
     cxx = compiler()
     gomp = torch_libgomp()
     name = _key(src, cxx or "", gomp)

@@ -24,9 +24,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <atomic>
 #include <vector>
 
 namespace {
+
+#include "cpu_common.h"
 
 inline float bf2f(uint16_t v) {
   uint32_t u = (uint32_t)v << 16;
@@ -45,12 +48,6 @@ inline uint16_t f2bf(float f) {  // round to nearest even, as c10::BFloat16
 
 inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // f(i) for i in [0, n) over up to `nthreads` threads, each taking the next i as it finishes one (a thread that
 // another process holds off its core leaves its share to the others, where an even split would wait for it).
@@ -84,6 +81,7 @@ struct Out {
 // the odd ones, so x is laid out to match (xp: per block of 16, its 8 even elements, then its 8 odd ones) and
 // each 16 weights cost two integer ops to widen.
 constexpr int GR = 4;  // weight rows at a time
+constexpr int64_t PF = 4096;  // bytes a row's prefetch runs ahead
 
 template <int R>
 inline void dot_rows(const uint16_t* w, int64_t ld, int64_t K, const float* xp, const float* x, float* out) {
@@ -92,6 +90,8 @@ inline void dot_rows(const uint16_t* w, int64_t ld, int64_t K, const float* xp, 
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   const int64_t kf = K / 16 * 16;
   for (int64_t k = 0; k < kf; k += 16) {
+    if ((k & 31) == 0)  // each row's stream, a cache line ahead of PF bytes (non-temporal: as cpu_gemv.cpp's)
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(w + r * ld + k) + PF, _MM_HINT_NTA);
     const __m256 xe = _mm256_loadu_ps(xp + k), xo = _mm256_loadu_ps(xp + k + 8);
     for (int r = 0; r < R; ++r) {
       const __m256i u = _mm256_loadu_si256((const __m256i*)(w + r * ld + k));
@@ -138,10 +138,12 @@ void gemv_rows(const uint16_t* W, int64_t ld, int64_t K, const float* xp, const 
 
 void gemv(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, const Out& y, int nthreads) {
   const std::vector<float> xp = pair_layout(x, M, K);
-  // chunks of whole groups of 4 rows, >= 128 KiB of weights each (lm_head: 3200 chunks of 32 rows)
-  const int64_t rows = GR * std::max<int64_t>(1, (128 * 1024) / std::max<int64_t>(1, GR * K * 2));
-  parallel_dynamic((N + rows - 1) / rows, nthreads, [&](int64_t c) {
-    gemv_rows(W, K, K, xp.data(), x, M, c * rows, std::min(N, (c + 1) * rows), y);
+  // groups of 4 rows: a long run a thread, then chunks of >= 64 KiB of weights (cpu_common.h's parallel_runs);
+  // V2-Lite shapes, 6 layers, 2 threads, decode: 9.0 -> 9.6 tok/s against 128 KiB chunks and no prefetch
+  const int64_t groups = (N + GR - 1) / GR;
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, GR * K * 2));
+  parallel_runs(groups, grain, nthreads, [&](int64_t g0, int64_t g1) {
+    gemv_rows(W, K, K, xp.data(), x, M, g0 * GR, std::min(N, g1 * GR), y);
   });
 }
 
@@ -153,60 +155,6 @@ void gemv(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, co
 constexpr int MR = DSCHAT_BF16_MR, NR = DSCHAT_BF16_NR;
 constexpr int64_t KC = 256, MC = 96;
 
-// c[i, 0..NR) (+)= sum over kc of A[i, k] * P[k, 0..NR); A rows lda apart, P the widened panel [kc][NR].
-template <int R>
-inline void micro(const float* A, int64_t lda, const float* P, int64_t kc, float* c, int64_t ldc, bool add) {
-  constexpr int V = NR / 8;
-  __m256 acc[R][V];
-  for (int i = 0; i < R; ++i)
-    for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    __m256 b[V];
-    for (int v = 0; v < V; ++v) b[v] = _mm256_loadu_ps(P + k * NR + 8 * v);
-    for (int i = 0; i < R; ++i) {
-      const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
-      for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(a, b[v], acc[i][v]);
-    }
-  }
-  for (int i = 0; i < R; ++i) {
-    float* ci = c + i * ldc;
-    for (int v = 0; v < V; ++v) {
-      if (add) acc[i][v] = _mm256_add_ps(acc[i][v], _mm256_loadu_ps(ci + 8 * v));
-      _mm256_storeu_ps(ci + 8 * v, acc[i][v]);
-    }
-  }
-}
-
-inline void micro_any(int r, const float* A, int64_t lda, const float* P, int64_t kc, float* c, int64_t ldc,
-                      bool add) {
-  switch (r) {
-    case 6: micro<(MR >= 6 ? 6 : 1)>(A, lda, P, kc, c, ldc, add); break;
-    case 5: micro<(MR >= 5 ? 5 : 1)>(A, lda, P, kc, c, ldc, add); break;
-    case 4: micro<4>(A, lda, P, kc, c, ldc, add); break;
-    case 3: micro<3>(A, lda, P, kc, c, ldc, add); break;
-    case 2: micro<2>(A, lda, P, kc, c, ldc, add); break;
-    default: micro<1>(A, lda, P, kc, c, ldc, add); break;
-  }
-}
-
-// 8 x 8 floats transposed in registers (r[i] = row i -> r[j] = column j).
-inline void transpose8(__m256 r[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-  }
-}
 
 // The panel [kc][NR] of nn weight rows (rows ld apart, from k0 = 0 of w) widened to float32, zeros past nn:
 // blocks of 8 rows x 8 inputs widened and transposed in registers, the rest one by one.
@@ -246,8 +194,8 @@ void gemm_strips(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_
       const int64_t m1 = std::min(M, m0 + MC);
       for (int64_t s = 0; s < ns; ++s)
         for (int64_t m = m0; m < m1; m += MR)
-          micro_any((int)std::min<int64_t>(MR, m1 - m), x + m * K + k0, K, panels.data() + s * KC * NR, kc,
-                    acc.data() + (s * M + m) * NR, NR, k0 > 0);
+          micro_any<MR, NR>((int)std::min<int64_t>(MR, m1 - m), x + m * K + k0, K, panels.data() + s * KC * NR,
+                            kc, acc.data() + (s * M + m) * NR, NR, k0 > 0);
     }
   }
   for (int64_t s = 0; s < ns; ++s) {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +240,20 @@ def test_it_builds_in_seconds_and_shares_torchs_openmp(tmp_path):
     gomp = cpu_gemv.torch_libgomp()
     if gomp is not None:  # one runtime: torch's
         assert runs[1].stdout.strip() == str([str(gomp.resolve())]), runs[1].stdout
+
+
+def test_the_build_key_counts_the_shared_header_and_the_package_ships_it(tmp_path, monkeypatch):
+    """cpu_common.h is compiled into both sources: a change to it alone must build a new library (not load the
+    old one), and an installed package must carry it beside the sources."""
+    import tomllib
+    from fnmatch import fnmatch
+
+    before = cpu_gemv.sources_text()
+    changed = tmp_path / "cpu_common.h"
+    changed.write_text(cpu_gemv.HEADER.read_text() + "// changed\n")
+    monkeypatch.setattr(cpu_gemv, "HEADER", changed)
+    assert cpu_gemv.sources_text() != before
+    root = Path(cpu_gemv.__file__).resolve().parent.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dschat.kernels"]
+    for f in (cpu_gemv.SOURCE, cpu_gemv.SOURCE_BF16, Path(cpu_gemv.__file__).with_name("cpu_common.h")):
+        assert any(fnmatch(f.name, g) for g in globs), f.name
