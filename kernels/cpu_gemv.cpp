@@ -171,7 +171,8 @@ inline float dot_q8(const int8_t* w, const int8_t* q, const float* d, int64_t K)
 // ahead: with two rows' streams the hardware prefetcher alone fell behind (measured 1 thread, 128 MB of
 // int8 weights: 6.9 GB/s without, 9.4 with, 13 GB/s in cache). The hint is non-temporal (weights are read once
 // a token, so they need not push the activations and the cache rows out of L2/L3): V2-Lite shapes, 6 layers,
-// 2 threads, decode with the long runs of parallel_runs, int8 18.5 -> 20.1 tok/s, int4 22.4 -> 24.0 (Zen 1).
+// 2 threads, decode, T0 -> NTA: int4 22.4 -> 24.0 tok/s (the long runs of parallel_runs), int8 19.0 -> 19.6
+// (256 KiB chunks) (Zen 1).
 constexpr int64_t PF = 4096;
 
 inline void dot2_q8(const int8_t* w0, const int8_t* w1, const int8_t* q, const int8_t* qa, const float* d,

@@ -295,18 +295,31 @@ def test_the_lean_cpu_step_runs_packed_weights(checkpoints, monkeypatch, name, q
     # crossing comes every few dozen steps on these random models (a kv_b_proj packed or not); where it meets a
     # near-tie the greedy continuations part, as two roundings of one model may: so the tokens are compared up
     # to the first step whose logits part by more than float32 rounding, and that step by its bound
-    logits = {}
+    # then, teacher-forced, every step after it too: both paths fed the plain path's tokens (each step's input id
+    # written into the ids buffer before it runs), so every step reads a cache written from the same tokens and
+    # its logits are compared, rows written after a rounding crossing included: within the crossing's bound
+    logits, forced = {}, {}
     for lean_on in ("1", "0"):
         monkeypatch.setenv("DSCHAT_CPU_STEP", lean_on)
         eng.static = StaticDecoder(eng.model, eng.cache, eng.device, eng.context_length)
         assert (eng.static.lean is not None) == (lean_on == "1")
-        got = logits[lean_on] = []
         fn = eng.static._fn
-        monkeypatch.setattr(eng.static, "_fn",
-                            lambda *a, fn=fn, got=got: (lambda o: (got.append(o[1].clone()), o)[1])(fn(*a)))
-        list(eng.generate(ids, params, reuse_cache=False))
-    assert len(logits["1"]) == 23
+        for force, out in ((False, logits), (True, forced)):
+            got, feed = out.setdefault(lean_on, []), iter(plain_tokens[:-1])
+
+            def step(*a, fn=fn, got=got, feed=feed, force=force):
+                if force:
+                    a[1].fill_(next(feed))  # the ids buffer [1, 1]: the token this step embeds
+                o = fn(*a)
+                got.append(o[1].clone())
+                return o
+
+            monkeypatch.setattr(eng.static, "_fn", step)
+            list(eng.generate(ids, params, reuse_cache=False))
+    assert len(logits["1"]) == len(forced["1"]) == len(forced["0"]) == 23
     rel = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(logits["1"], logits["0"])]
     first = next((i for i, r in enumerate(rel) if r > 1e-5), len(rel))  # step i gives token i + 1
     assert first >= 1 and (first == len(rel) or rel[first] <= 5e-2), rel
     assert lean_tokens[:first + 1] == plain_tokens[:first + 1], rel
+    rel_forced = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(forced["1"], forced["0"])]
+    assert max(rel_forced) <= 5e-2, rel_forced
