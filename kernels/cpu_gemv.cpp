@@ -13,9 +13,8 @@
 //           scale[n, g] * (sum_{b in g} d[m, b] * idot(b) - zero[n, g] * sum_{b in g} d[m, b] * xsum[m, b]).
 // Output rows are split over `nthreads` OpenMP threads (the caller passes torch.get_num_threads(); decode's
 // one row of x: long runs of weight rows, then chunks of 64 KiB, taken from a shared counter, two weight rows at
-// a time); the library
-// links the libgomp that torch ships, so torch's parallel regions and these share one OpenMP runtime and its
-// thread pool. No torch headers: plain C entry points over raw pointers (the end of this file), loaded with
+// a time); the library links the libgomp that torch ships, so torch's parallel regions and these share one
+// OpenMP runtime and its thread pool. No torch headers: plain C entry points over raw pointers (the end of this file), loaded with
 // ctypes, so that the build is one compiler call of a few seconds.
 
 #include <immintrin.h>
@@ -98,7 +97,6 @@ QuantRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t kp, bool p
   }
   return r;
 }
-
 
 int64_t grain_for(int64_t row_bytes) {
   return std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, row_bytes));  // >= 32 KiB of weights a chunk
@@ -209,7 +207,7 @@ inline void dot2_q8(const int8_t* w0, const int8_t* w1, const int8_t* q, const i
 
 // int4's zero term of one weight row: sum over its G groups of scale[g] * zero[g] * gs[g] (zero 8 where z is
 // null), 8 groups at a time (vectorized: in the dot products' loops it was 5 scalar operations a group and row,
-// a third of an int4 decode's instructions), the rest one by one. Every int4 kernel takes it from here.
+// about a quarter of the decode loop's instructions), the rest one by one. Every int4 kernel takes it from here.
 inline float zero_term(const float* sc, const uint8_t* z, const float* gs, int64_t G) {
   __m256 acc = _mm256_setzero_ps();
   const __m256 eight = _mm256_set1_ps(8.f);
@@ -316,7 +314,6 @@ void parallel_chunks(int64_t n, int64_t grain, int nthreads, const F& f) {
       f(c * grain, std::min(n, (c + 1) * grain));
   }
 }
-
 
 // The blocked kernels (prefill: many rows of x): RM rows of x times RN weight rows, RM x RN float32 sums in
 // registers, so that each block of weights is unpacked once for RM rows and each block of x loaded once for
@@ -953,7 +950,6 @@ namespace fgemm {
 
 constexpr int MR = 6, NR = 16;
 constexpr int64_t KC = 256, MC = 96, SG = 4;
-
 
 // Weight row n's stored integers at inputs k..k+7 as float32 (int8: q; int4: the nibbles; k a multiple of 8).
 inline __m256 ints8(const PackedW& w, int64_t n, int64_t k) {

@@ -48,7 +48,6 @@ inline uint16_t f2bf(float f) {  // round to nearest even, as c10::BFloat16
 
 inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
-
 // f(i) for i in [0, n) over up to `nthreads` threads, each taking the next i as it finishes one (a thread that
 // another process holds off its core leaves its share to the others, where an even split would wait for it).
 // The results do not depend on which thread runs what.
@@ -154,7 +153,6 @@ void gemv(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, co
 #endif
 constexpr int MR = DSCHAT_BF16_MR, NR = DSCHAT_BF16_NR;
 constexpr int64_t KC = 256, MC = 96;
-
 
 // The panel [kc][NR] of nn weight rows (rows ld apart, from k0 = 0 of w) widened to float32, zeros past nn:
 // blocks of 8 rows x 8 inputs widened and transposed in registers, the rest one by one.
