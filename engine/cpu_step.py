@@ -297,8 +297,7 @@ class CpuPlan:
     def _heads(fn, args, wargs, threads):
         """MLA's fold / unfold over a packed kv_b_proj: one call of the library for every head."""
         err = fn(*args[0], *wargs, *args[1], threads)
-        if err:
-            raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+        cpu_gemv.check(err)
 
     def _native_step(self, ids, length, cache, slot: int, keys):
         """step() with its small operations in the library (kernels/cpu_gemv.cpp) over fixed buffers."""
@@ -359,8 +358,7 @@ class CpuPlan:
             if L.xargs is not None:  # packed experts: the chosen ones, their SwiGLU and weighted sum in one call
                 err = lib.dschat_experts_raw(p["x"], self.D_c, self.ids_c, self.w_c, self.k_c, *L.xargs, p["pend"],
                                              threads)
-                if err:
-                    raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+                cpu_gemv.check(err)
             E = 0 if L.w13 is None else L.w13.shape[0]
             none = L.xargs is None
             for j in range(k if none else 0):
@@ -409,8 +407,7 @@ class _Gemv:
         px, y = ctypes.c_void_p(x.data_ptr()), out.data_ptr()
         for args, at in self.calls:
             err = self.fn(px, self.one, self.K, *args, ctypes.c_void_p(y + at), threads)
-            if err:
-                raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+            cpu_gemv.check(err)
 
 
 def _packed(m: QuantLinear):

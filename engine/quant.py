@@ -12,10 +12,10 @@ engine/layers/quant_linear.py; the packed expert stacks: engine/moe.py.
   quantized to int8 as it loads (HEAD: it is the largest single weight a decode step reads, 0.84 GB of
   V2-Lite's in float32; llama.cpp keeps it at 6 bits). `dschat quantize` stores it as is.
 * MLA's kv_b_proj is quantized as it loads on the CPU where dschat's CPU kernels run (`kv_b_spec`: int8 under
-  --quant int8, int4 under int4: KV_B_INT4_BITS): the absorbed attention folds and unfolds it per head straight from
-  the packed bytes (kernels/cpu_gemv.cpp `dschat_heads_gemv`, `_t`), the materialised path (prefill) runs it
-  as any packed Linear. `dschat quantize` stores it as is (float), so a saved directory is the same either
-  way and loads anywhere; the GPU, and a CPU without the kernels, keep it in the model's dtype.
+  --quant int8, int4 under int4 where its groups fit the kernel): the absorbed attention folds and unfolds it per
+  head straight from the packed bytes (kernels/cpu_gemv.cpp `dschat_heads_gemv`, `_t`), the materialised path
+  (prefill) runs it as any packed Linear. `dschat quantize` stores it as is (float), so a saved directory is the
+  same either way and loads anywhere; the GPU, and a CPU without the kernels, keep it in the model's dtype.
 * On the CPU the weights run through dschat's own kernels (kernels/cpu_gemv.py) where they are built, else
   PyTorch's packed kernels (kernels/quant_cpu.py), for which int4 is repacked once, after loading
   (`repack_for_cpu`).
@@ -31,6 +31,7 @@ import re
 import torch
 from torch import nn
 
+from ..kernels import cpu_gemv
 from ..kernels.quant_format import Packed
 
 from .errors import ModelError
@@ -50,17 +51,14 @@ MAX_SCALE = 1e4  # a stored scale above this (weights past 1e5 or 1e6 in size) i
 
 HEAD = QuantSpec(bits=8)  # lm_head on the CPU under --quant (int8 or int4)
 KV_B = re.compile(r"\.self_attn\.kv_b_proj$")  # MLA's kv_b_proj (main layers and MTP): packed on the CPU
-KV_B_INT4_BITS = 4  # kv_b_proj's bits under --quant int4 (bench_quant.py measured the quality of each)
 
 
 def kv_b_spec(s: QuantSpec | None) -> QuantSpec | None:
-    """How kv_b_proj is packed under `s`: as `s` under int8, and under int4 when KV_B_INT4_BITS is 4 and the
-    CPU kernel takes its groups (a multiple of 64), else int8. None: no quantization."""
+    """How kv_b_proj is packed under `s` (bench_quant.py measured the quality of each): as `s` under int4 where
+    the CPU kernel takes its groups (cpu_gemv.fits's rule), else int8. None: no quantization."""
     if s is None:
         return None
-    if s.bits == 4 and KV_B_INT4_BITS == 4 and s.group % 64 == 0:
-        return s
-    return QuantSpec(bits=8)
+    return s if s.bits == 4 and s.group % (2 * cpu_gemv.QK) == 0 else QuantSpec(bits=8)
 
 
 def spec(name: str | None) -> QuantSpec | None:

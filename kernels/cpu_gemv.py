@@ -133,6 +133,12 @@ def _load(path: Path):
     return lib
 
 
+def check(err: int):
+    """A library call's status: 0, else the error every caller raises (a weight the kernel cannot take)."""
+    if err:
+        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+
+
 def sources_text() -> str:
     """Every file the compiler reads (the two sources and the header both include): the build key hashes it."""
     return "\0".join(p.read_text() for p in (SOURCE, SOURCE_BF16, HEADER))
@@ -247,8 +253,7 @@ def _rows_through(fn: str, x: torch.Tensor, w: Packed) -> torch.Tensor:
     P, I64, I = _C
     err = getattr(lib, fn)(P(xf.data_ptr()), I64(xf.numel() // K), I64(K), *wargs, P(y.data_ptr()),
                            I(torch.get_num_threads()))
-    if err:
-        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+    check(err)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -288,8 +293,7 @@ def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transpo
     fn = lib.dschat_heads_gemv_t if transposed else lib.dschat_heads_gemv
     err = fn(P(xf.data_ptr()), I64(xf.stride(1)), I64(S * H), I64(H), I64(w.in_features), *wargs, I64(n), I64(row0),
              I64(head_rows), P(y.data_ptr()), I64(width), I(torch.get_num_threads()))
-    if err:
-        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+    check(err)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -328,8 +332,7 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Pack
                              w13.scale.data_ptr(), _ptr(w13.zero), w2.data.data_ptr(), w2.scale.data_ptr(),
                              _ptr(w2.zero), E, I2 // 2, w13.data.shape[-1], w2.data.shape[-1], w13.bits, w13.group,
                              y.data_ptr(), torch.get_num_threads())
-    if err:
-        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+    check(err)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -355,8 +358,7 @@ def dequantize(w: Packed) -> torch.Tensor:
     out = torch.empty(N, K)
     err = lib.dschat_dequantize(w.data.data_ptr(), w.scale.data_ptr(), _ptr(w.zero), w.bits, w.group, N, K,
                                 w.data.shape[1], out.data_ptr(), torch.get_num_threads())
-    if err:
-        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+    check(err)
     return out
 
 
