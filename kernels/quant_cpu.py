@@ -15,8 +15,9 @@ Without cpu_gemv (no compiler, no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels b
 * int8 runs `aten._weight_int8pack_mm` on the stored layout (quant_format.py: int8 [N, K] + a float32 scale
   per row); the scale is applied in float32 after the kernel, so the weight is exactly the stored one.
 * int4 is repacked once, on load, into `aten._convert_weight_to_int4pack_for_cpu`'s layout (`Int4Cpu`):
-  bytes [Np/32, Kp, 16], the low nibble of byte (b, k, j) is W[32b + j, k] and the high one W[32b + 16 + j, k]
-  (Np: N padded to a multiple of 32 with zero rows), and per group a bfloat16 (scale, offset) pair with
+  bytes [Np/B, Kp, B/2], the low nibble of byte (b, k, j) is W[Bb + j, k] and the high one W[Bb + B/2 + j, k]
+  (B = `n_block()`: 32 on an AVX2 CPU, 64 on an AVX-512 one, as PyTorch's kernels are built; Np: N padded to a
+  multiple of B with zero rows), and per group a bfloat16 (scale, offset) pair with
   W = (q - 8) * scale + offset; offset = (8 - zero) * scale. So the weight the kernel reads is the stored one
   with its scales rounded to bfloat16.
 * Both kernels are fast only with bfloat16 activations (measured on an AVX2 CPU: float32 activations take a
@@ -41,7 +42,6 @@ from .quant_format import SYMMETRIC_ZERO, Packed, dequantize, unpack_int4
 # Up to this many rows (int4: three times as many) the packed kernels beat dequantise + matmul: each row costs
 # them about one read of the weight, while dequantising costs several (measured at V2-Lite's shapes, 1 thread).
 CPU_KERNEL_MAX_ROWS = 16
-N_BLOCK = 32  # the int4 kernel's layout packs output rows in blocks of 32
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes (others run quant_matmul's reference)
 INT8_N_CHUNK = 4096  # the int8 kernel over lm_head's 102400 rows at once runs at half the speed of 4096-row slices
 INT8_K_MULTIPLE = 16  # the int8 kernel misreads other input widths (crashes, or infinities): dequantise those
@@ -78,6 +78,20 @@ class Int4Cpu:
         return self.data.numel() + self.scale_offset.numel() * 2
 
 
+_N_BLOCK: list[int] = []
+
+
+def n_block() -> int:
+    """How many output rows PyTorch's int4 layout packs in a block on this CPU: 32 where its kernels are the AVX2
+    ones, 64 where they are the AVX-512 ones (the layout follows the CPU). Read once from the packing op itself:
+    row n of a probe holds n // 8, so the high nibble of the first byte is row n_block / 2's, n_block / 16."""
+    if not _N_BLOCK:
+        probe = (torch.arange(128, dtype=torch.int32) // 8)[:, None].expand(128, 64).contiguous()
+        first = int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).view(-1)[0])
+        _N_BLOCK.append(16 * (first >> 4))
+    return _N_BLOCK[0]
+
+
 def int4_fits(w: Packed) -> bool:
     """Whether w is repacked for PyTorch's int4 kernel (not when cpu_gemv takes the stored layout)."""
     return w.bits == 4 and w.group in INT4_GROUPS and not native_gemv(w)
@@ -87,7 +101,8 @@ def repack_int4(w: Packed) -> Int4Cpu:
     """A packed int4 weight (or stack of them) -> the CPU kernel's layout (int4_fits(w) must hold)."""
     lead, (n, half) = w.data.shape[:-2], w.data.shape[-2:]
     kp, groups = 2 * half, w.scale.shape[-1]
-    np_ = -(-n // N_BLOCK) * N_BLOCK
+    nb = n_block()
+    np_ = -(-n // nb) * nb
     data = torch.empty(*lead, np_, half, dtype=torch.uint8)
     so = torch.empty(*lead, groups, np_, 2, dtype=torch.bfloat16)
     flat_d, flat_so = data.view(-1, np_, half), so.view(-1, groups, np_, 2)
@@ -110,7 +125,8 @@ def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
         return (w.data.to(dtype) * w.scale.to(dtype)[:, None]) if w.bits == 8 else dequantize(w).to(dtype)
     np_, half = w.data.shape
     kp = 2 * half
-    v = w.data.view(np_ // N_BLOCK, kp, N_BLOCK // 2)
+    nb = n_block()
+    v = w.data.view(np_ // nb, kp, nb // 2)
     q = torch.stack((v & 0xF, v >> 4), dim=1).transpose(2, 3).reshape(np_, kp // w.group, w.group)
     so = w.scale_offset.float().transpose(0, 1)  # [Np, G, 2]
     out = (q.to(torch.float32) - SYMMETRIC_ZERO) * so[..., 0:1] + so[..., 1:2]
