@@ -10,6 +10,27 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The integer dot products of the int8 / int4 kernels: int32 lanes each the sum of 4 products of unsigned bytes
+// u and signed bytes s (dot4), or of two such pairs (dot8, 8 products a lane). With AVX512-VNNI (the library is
+// built with it where the CPU has it: kernels/cpu_gemv.py) one vpdpbusd a pair; else maddubs (pairs into
+// int16), madd by ones (int16 pairs into int32), dot8's two maddubs summed in int16 first. The kernels' operands
+// never saturate int16 there (|u| <= 127 times |s| <= 127, or a nibble <= 15 times |s| <= 128, two products a
+// pair and two pairs at most), so both give the same int32 lanes and every result is the same bit for bit.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DSCHAT_VNNI 1
+inline __m256i dot4(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+inline __m256i dot8(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u0, s0), u1, s1);
+}
+#else
+#define DSCHAT_VNNI 0
+inline __m256i dot4(__m256i u, __m256i s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); }
+inline __m256i dot8(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1)),
+                           _mm256_set1_epi16(1));
+}
+#endif
+
 // f(n0, n1) over [0, n) for decode's GEMV: first one long run a thread (3/4 of an even split, whichever thread
 // comes first taking the next), then chunks of `grain`, all from a shared counter. Long runs let a thread stream
 // its weights with the prefetcher ahead (chunks of 32 KiB alone left each thread's stream cold every 32 KiB, and

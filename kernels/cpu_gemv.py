@@ -1,12 +1,14 @@
-"""dschat's own CPU GEMV for packed int8 / int4 weights (cpu_gemv.cpp, AVX2 + FMA), built at first use; the
-same library holds the float32 one-token decode step's small operations (RMSNorm, RoPE and the latent row,
-SwiGLU, the router, the experts' weighted sum: engine/cpu_step.py).
+"""dschat's own CPU GEMV for packed int8 / int4 weights (cpu_gemv.cpp: AVX2 + FMA, and AVX512-VNNI's dot product
+where the CPU has it: `isa`), built at first use; the same library holds the float32 one-token decode step's
+small operations (RMSNorm, RoPE and the latent row, SwiGLU, the router, the experts' weighted sum:
+engine/cpu_step.py).
 
 The C++ source (no torch headers: C entry points over raw pointers) is compiled once per machine by one call
 of the system compiler (`$CXX`, else c++ / g++; a few seconds) into a shared library in dschat's cache
 directory, $XDG_CACHE_HOME/dschat/kernels/<key>/ (or $DSCHAT_KERNELS_DIR/<key>/), the key naming the source,
-the flags and the OpenMP runtime, and loaded with ctypes (which releases the GIL during a call); a later start
-loads the built library directly and compiles nothing. It is compiled with -fopenmp and linked against the
+the flags (the instruction set's among them: a library for each) and the OpenMP runtime, and loaded with
+ctypes (which releases the GIL during a call); a later start loads the built library directly and compiles
+nothing. It is compiled with -fopenmp and linked against the
 libgomp that torch ships (torch/lib), so torch's threads and the kernel's are one OpenMP runtime's pool; each
 call passes torch.get_num_threads(). Where the CPU lacks AVX2/FMA, or there is no C++ compiler, or the build
 fails, `native()` returns None after saying so in one line on stderr, once per process, and
@@ -44,6 +46,9 @@ SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 SOURCE_BF16 = Path(__file__).with_name("cpu_gemv_bf16.cpp")  # bfloat16 weights (cpu_bf16.py), in the same library
 HEADER = Path(__file__).with_name("cpu_common.h")  # included by both
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+# What each instruction set adds to FLAGS: with AVX512-VNNI the integer dot products are one vpdpbusd (cpu_common.h's
+# dot4 / dot8: the same int32 sums as AVX2's maddubs + madd, so the same results bit for bit).
+ISA_FLAGS = {"avx2": [], "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
 ABI = 4  # cpu_gemv.cpp's dschat_abi_version()
 ABI_BF16 = 2  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
 ABI_PREFILL = 1  # cpu_gemv.cpp's dschat_prefill_abi_version() (prefill's GEMMs: gemm_f32 and igemm4)
@@ -63,9 +68,33 @@ def torch_libgomp() -> Path | None:
     return found[0] if found else None
 
 
-def _key(src: str, cxx: str, gomp: Path | None) -> str:
-    h = hashlib.sha256("\0".join([src, " ".join(FLAGS), cxx, str(gomp), sys.platform]).encode()).hexdigest()[:16]
+def _key(src: str, cxx: str, gomp: Path | None, flags: list[str]) -> str:
+    h = hashlib.sha256("\0".join([src, " ".join(flags), cxx, str(gomp), sys.platform]).encode()).hexdigest()[:16]
     return f"dschat_cpu_gemv_{h}"
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo's first "flags" line; empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa() -> str:
+    """The instruction set the library is built for: "avx512vnni" where the CPU has AVX512-VNNI (with AVX512 F, BW
+    and VL), else "avx2". DSCHAT_CPU_ISA=avx2 builds the AVX2 one anyway (to compare, or to test it here)."""
+    if os.environ.get("DSCHAT_CPU_ISA") == "avx2":
+        return "avx2"
+    return "avx512vnni" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _cpu_flags() else "avx2"
+
+
+def flags() -> list[str]:
+    """The compiler's flags for this CPU: FLAGS and its instruction set's (`isa`)."""
+    return FLAGS + ISA_FLAGS[isa()]
 
 
 def cpu_supported() -> str | None:
@@ -151,7 +180,7 @@ def _build():
     src = sources_text()
     cxx = compiler()
     gomp = torch_libgomp()
-    name = _key(src, cxx or "", gomp)
+    name = _key(src, cxx or "", gomp, flags())
     d = cache_dir() / name
     so = d / f"{name}.so"
     if so.exists():
@@ -169,7 +198,7 @@ def _build():
         _say("building the CPU kernels (once; a few seconds) ...")
         with tempfile.TemporaryDirectory(dir=d) as tmp:
             out = Path(tmp) / so.name
-            r = subprocess.run([cxx, *FLAGS, str(SOURCE), str(SOURCE_BF16), *link, "-o", str(out)],
+            r = subprocess.run([cxx, *flags(), str(SOURCE), str(SOURCE_BF16), *link, "-o", str(out)],
                                capture_output=True, text=True, timeout=600)
             if r.returncode != 0:
                 lines = [x for x in (r.stderr or r.stdout).splitlines() if x.strip()]

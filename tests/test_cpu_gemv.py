@@ -257,3 +257,64 @@ def test_the_build_key_counts_the_shared_header_and_the_package_ships_it(tmp_pat
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dschat.kernels"]
     for f in (cpu_gemv.SOURCE, cpu_gemv.SOURCE_BF16, Path(cpu_gemv.__file__).with_name("cpu_common.h")):
         assert any(fnmatch(f.name, g) for g in globs), f.name
+
+
+def test_the_instruction_set_follows_the_cpu_and_can_be_forced(monkeypatch):
+    """AVX512-VNNI (with F, BW and VL) builds the VNNI library, anything less the AVX2 one, DSCHAT_CPU_ISA=avx2
+    the AVX2 one anyway; the two have other flags, so other build keys (one library each, never the other's)."""
+    vnni = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    monkeypatch.delenv("DSCHAT_CPU_ISA", raising=False)
+    monkeypatch.setattr(cpu_gemv, "_cpu_flags", lambda: vnni)
+    assert cpu_gemv.isa() == "avx512vnni" and "-mavx512vnni" in cpu_gemv.flags()
+    key_vnni = cpu_gemv._key("src", "c++", None, cpu_gemv.flags())
+    monkeypatch.setattr(cpu_gemv, "_cpu_flags", lambda: vnni - {"avx512vl"})
+    assert cpu_gemv.isa() == "avx2" and cpu_gemv.flags() == cpu_gemv.FLAGS
+    monkeypatch.setattr(cpu_gemv, "_cpu_flags", lambda: vnni)
+    monkeypatch.setenv("DSCHAT_CPU_ISA", "avx2")
+    assert cpu_gemv.isa() == "avx2" and cpu_gemv._key("src", "c++", None, cpu_gemv.flags()) != key_vnni
+
+
+_SAME_BITS = """
+import sys, torch
+from dschat.engine.quant import QuantSpec, quantize
+from dschat.kernels import cpu_gemv
+from dschat.kernels.quant_format import Packed
+g = torch.Generator().manual_seed(5)
+out = {}
+for name, s in (("int8", QuantSpec(8)), ("int4", QuantSpec(4)), ("int4-sym", QuantSpec(4, symmetric=True))):
+    p = quantize(torch.randn(301, 520, generator=g) * torch.linspace(0.1, 3, 520), s)
+    for M in (1, 3, 20):
+        x = torch.randn(M, 520, generator=g) * torch.linspace(2, 0.01, 520)
+        out[f"{name} gemv {M}"] = cpu_gemv.gemv(x, p)
+        if name != "int8":
+            out[f"{name} igemm4 {M}"] = cpu_gemv.igemm4(x, p)
+    stack = lambda p, n: Packed(*(None if t is None else t.unflatten(0, (4, n)) for t in (p.data, p.scale, p.zero)),
+                                p.bits, p.group, p.in_features)
+    w13 = stack(quantize(torch.randn(4 * 2 * 96, 256, generator=g), s), 2 * 96)
+    w2 = stack(quantize(torch.randn(4 * 256, 96, generator=g), s), 256)
+    x = torch.randn(1, 256, generator=g)
+    out[f"{name} experts"] = cpu_gemv.experts(x, torch.tensor([2, 0]), torch.tensor([0.7, 0.3]), w13, w2)
+out["isa"] = cpu_gemv.isa()
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_the_vnni_and_avx2_builds_give_the_same_bits(native, tmp_path):
+    """Where the CPU has AVX512-VNNI, its library's int8 / int4 kernels (one vpdpbusd for each maddubs + madd)
+    and the AVX2 library's give the same results bit for bit: decode's kernel, the blocked one, int4's integer
+    GEMM and the experts, each build in its own process."""
+    if cpu_gemv.isa() != "avx512vnni":
+        pytest.skip("this CPU has no AVX512-VNNI: only the AVX2 library can run here")
+    script = tmp_path / "same.py"
+    script.write_text(_SAME_BITS)
+    got = {}
+    for isa in ("avx512vnni", "avx2"):
+        env = {**os.environ, "DSCHAT_CPU_ISA": isa, "DSCHAT_KERNELS_DIR": str(tmp_path / "kernels")}
+        r = subprocess.run([sys.executable, str(script), str(tmp_path / isa)], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        got[isa] = torch.load(tmp_path / isa)
+        assert got[isa].pop("isa") == isa
+    assert len({p.name for p in (tmp_path / "kernels").iterdir()}) == 2  # two libraries, one for each
+    for k, v in got["avx2"].items():
+        assert torch.equal(v, got["avx512vnni"][k]), k
