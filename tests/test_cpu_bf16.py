@@ -169,3 +169,26 @@ def test_bf16_greedy_tokens(models):
     got = list(eng.generate(ids, params))
     want = without_kernels(eng, lambda e: list(e.generate(ids, params)))
     assert got == want
+
+
+@pytest.mark.parametrize("S, T", [(1, 37), (1, 300), (3, 90)])
+def test_mla_decode_attention_in_bfloat16_is_the_reference(native, S, T):
+    """mla_decode for bfloat16 on the CPU runs its three products through the batched kernel (the latent rows
+    shared by every head, read in place): the reference's function (mla_decode_reference: each product rounded
+    to bfloat16 once, softmax in float32) up to float32 summation order, which moves a rounded score by one
+    bfloat16 step at most; scattered slots (pages), and S = 3 queries each seeing only its past."""
+    from dschat.kernels import mla_decode as md
+
+    H, R, P, n = 16, 512, 64, T + 40
+    q_lat, q_pe, cache = bf16(S, H, R, seed=1), bf16(S, H, P, seed=2), bf16(n, R + P, seed=3, scale=0.5)
+    slots = torch.randperm(n, generator=torch.Generator().manual_seed(4))[:T]
+    q_pos = torch.arange(T - S, T)
+    assert md.bf16_cpu_takes(q_lat, q_pe, cache)
+    got = md.mla_decode(q_lat, q_pe, cache, slots, q_pos, 0.06)
+    assert torch.equal(got, md.mla_decode_bf16_cpu(q_lat, q_pe, cache, slots, q_pos, 0.06))  # dispatched to it
+    want = md.mla_decode_reference(q_lat, q_pe, cache, slots, q_pos, 0.06)
+    assert got.shape == want.shape == (S, H, R) and got.dtype == torch.bfloat16
+    assert float((got.double() - want.double()).abs().max() / want.double().abs().max()) < 1e-2
+    if S > 1:  # the first query sees only its own past: the same as that query alone over its keys
+        alone = md.mla_decode_bf16_cpu(q_lat[:1], q_pe[:1], cache, slots[: T - S + 1], q_pos[:1], 0.06)
+        assert torch.equal(got[:1], alone)
