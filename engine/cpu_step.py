@@ -9,7 +9,9 @@ What it does differently, every change the same arithmetic on the same values:
     come from it: no slot table is computed on the tensor side, the keys of a sequence whose pages follow
     one another are a view of the cache (no gather), and at one query every key is visible (no mask);
   * the absorbed attention's einsums are the batched matrix products they stand for (`bmm`), and the
-    softmax reads the scores in place;
+    softmax reads the scores in place; with the library, the attention over the keys (scores, softmax, the
+    weighted sum of the latent rows) is one call that reads the rows in place, scattered pages too
+    (cpu_gemv.cpp `dschat_mla_attend`: no gather of the rows);
   * q's and k_pe's RoPE rotate together (one set of operations over H + 1 rows);
   * the RMSNorms, the rope-and-latent write, the SwiGLU and the routed experts' weighted sum are one call
     each into dschat's CPU library (kernels/cpu_gemv.cpp: `cpu_ops`) where it is built, else the PyTorch
@@ -197,7 +199,9 @@ class CpuPlan:
         self.vocab = self.head.shape[1]
         P_ = ctypes.c_void_p
         self.p = {name: P_(getattr(self, name).data_ptr()) for name in
-                  ("h", "pend", "x", "attn", "q", "kv", "qa", "q_pe", "cs", "sn", "eo", "glog")}
+                  ("h", "pend", "x", "attn", "q", "kv", "qa", "q_pe", "cs", "sn", "eo", "glog", "q_lat", "o_lat")}
+        self.attend_args = (self.p["q_lat"], self.p["q_pe"], H, R, P)  # dschat_mla_attend's, but the rows'
+        self.scale_c = ctypes.c_float(self.scale)
         self.p["qkv"] = P_(self.qkv.data_ptr()) if self.qkv is not None else None
         self.p_gu = {n2: (P_(a.data_ptr()), P_(b.data_ptr())) for n2, (a, b) in self.gu.items()}
         for L in self.layers:
@@ -313,12 +317,16 @@ class CpuPlan:
         self.sn.copy_(sin[0])
         qh = q.view(H, nope + rope)
         q_nope = qh[:, :nope].unsqueeze(1)
-        q_lat2 = self.q_lat.view(H, R)
-        first = True
+        if isinstance(keys, slice):  # the keys' rows: first .. first + T - 1, or at the slots `keys` holds
+            slots, first, T = None, keys.start, keys.stop - keys.start
+        else:
+            keys = keys if keys.dtype == torch.int64 and keys.is_contiguous() else keys.to(torch.int64).contiguous()
+            slots, first, T = keys.data_ptr(), 0, keys.numel()
+        start = True
         for i, L in enumerate(self.layers):
             c = L.c
-            lib.dschat_add_rms(p["h"], None if first else p["pend"], c["in_w"], L.in_eps, D, p["x"])
-            first = False
+            lib.dschat_add_rms(p["h"], None if start else p["pend"], c["in_w"], L.in_eps, D, p["x"])
+            start = False
             if L.q_proj is not None:
                 pmm(x, L.q_proj, q)
                 pmm(x, L.kv_a, kv)
@@ -333,16 +341,12 @@ class CpuPlan:
                 torch.bmm(q_nope, L.w_uk, out=self.q_lat)
             else:
                 self._heads(lib.dschat_heads_gemv_t, self.fold_args, L.kv_b[1], threads)
-            rows = layer[keys] if isinstance(keys, slice) else layer.index_select(0, keys)
-            kvr = rows[:, :R]
-            scores = mm(q_lat2, kvr.t())
-            scores += mm(q_pe, rows[:, R:].t())
-            scores *= self.scale
+            # the attention over the keys' rows, read in place (no gather), into o_lat
+            cpu_gemv.check(lib.dschat_mla_attend(*self.attend_args, layer.data_ptr(), slots, first, T, self.scale_c,
+                                                 p["o_lat"], threads))
             if L.kv_b is None:
-                o_lat = mm(scores.softmax(dim=-1), kvr)
-                torch.bmm(o_lat.unsqueeze(1), L.w_uv, out=self.out)
+                torch.bmm(self.o_lat.unsqueeze(1), L.w_uv, out=self.out)
             else:
-                mm(scores.softmax(dim=-1), kvr, out=self.o_lat)
                 self._heads(lib.dschat_heads_gemv, self.unfold_args, L.kv_b[1], threads)
             pmm(self.out.view(1, -1), L.o, self.attn)
             lib.dschat_add_rms(p["h"], p["attn"], c["post_w"], L.post_eps, D, p["x"])

@@ -1,8 +1,9 @@
-// Packed int8 / int4 GEMV for the CPU (AVX2 + FMA), built at first use by kernels/cpu_gemv.py.
+// Packed int8 / int4 GEMV for the CPU (AVX2 + FMA; AVX512-VNNI's dot product where the CPU has it), built at first
+// use by kernels/cpu_gemv.py.
 //
 // The llama.cpp way: each row of x is quantized to int8 in blocks of 32 (one float scale per block, "Q8"),
-// then each weight row's dot product runs in integers (_mm256_maddubs_epi16 / _mm256_madd_epi16) and is
-// scaled per block in float32. The weights are read in their stored layout (kernels/quant_format.py), once
+// then each weight row's dot product runs in integers (cpu_common.h's dot4 / dot8: _mm256_maddubs_epi16 +
+// _mm256_madd_epi16, or one _mm256_dpbusd_epi32, the same int32 sums) and is scaled per block in float32. The weights are read in their stored layout (kernels/quant_format.py), once
 // per call, whatever the number of rows of x (each weight row meets every row of x while it sits in L1):
 //   int8: W = data[n, k] * scale[n]
 //   int4: W = (nibble[n, k] - zero[n, g]) * scale[n, g] per group g of `group` inputs (a multiple of 64);
@@ -13,7 +14,7 @@
 //           scale[n, g] * (sum_{b in g} d[m, b] * idot(b) - zero[n, g] * sum_{b in g} d[m, b] * xsum[m, b]).
 // Output rows are split over `nthreads` OpenMP threads (the caller passes torch.get_num_threads(); decode's
 // one row of x: long runs of weight rows, then chunks of 64 KiB, taken from a shared counter, two weight rows at
-// a time); the library links the libgomp that torch ships, so torch's parallel regions and these share one
+// a time, half the run or chunk apart: one_row); the library links the libgomp that torch ships, so torch's parallel regions and these share one
 // OpenMP runtime and its thread pool. No torch headers: plain C entry points over raw pointers (the end of this file), loaded with
 // ctypes, so that the build is one compiler call of a few seconds.
 
@@ -932,6 +933,88 @@ void dschat_route(const float* logits, int64_t E, const float* bias, int k, int 
 #pragma GCC pop_options
 #endif
 
+// MLA's absorbed attention for one query over T rows of the latent cache, in place (the lean step's; the
+// static step's mla_decode_reference otherwise): row t = cache + slot_t * (R + P), slot_t = slots[t] (a
+// sequence's scattered pages) or first + t (slots null: its pages follow one another), holding [c_kv | k_pe].
+//   o_lat[h] = sum_t softmax_t(scale * (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t])) c_kv[t]   (h < H)
+// The reference's function up to float32 summation order (its einsums, then softmax), with no gather of the
+// rows: each row is read once for the scores of all H heads (threads split the keys), once for the sum
+// (threads split the columns of c_kv). 0 on success.
+int dschat_mla_attend(const float* q_lat, const float* q_pe, int64_t H, int64_t R, int64_t P, const float* cache,
+                      const int64_t* slots, int64_t first, int64_t T, float scale, float* o_lat, int nthreads) {
+  if (H <= 0 || R <= 0 || P < 0 || T <= 0) return 1;
+  const int64_t ld = R + P, r8 = R / 8 * 8, p8 = P / 8 * 8;
+  auto row = [&](int64_t t) { return cache + (slots ? slots[t] : first + t) * ld; };
+  std::vector<float> sc((size_t)(H * T));
+  // scores: 8 heads at a time against each row (its 8-float pieces loaded once for the 8)
+  parallel_for(T, 16, nthreads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* c = row(t);
+      for (int64_t h0 = 0; h0 < H; h0 += 8) {
+        const int nh = (int)std::min<int64_t>(8, H - h0);
+        __m256 a[8], b[8];
+        for (int j = 0; j < 8; ++j) a[j] = b[j] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < r8; k += 8) {
+          const __m256 v = _mm256_loadu_ps(c + k);
+          for (int j = 0; j < nh; ++j) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q_lat + (h0 + j) * R + k), v, a[j]);
+        }
+        for (int64_t k = 0; k < p8; k += 8) {
+          const __m256 v = _mm256_loadu_ps(c + R + k);
+          for (int j = 0; j < nh; ++j) b[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q_pe + (h0 + j) * P + k), v, b[j]);
+        }
+        for (int j = 0; j < nh; ++j) {
+          float s1 = hsum(a[j]), s2 = hsum(b[j]);
+          for (int64_t k = r8; k < R; ++k) s1 = std::fma(q_lat[(h0 + j) * R + k], c[k], s1);
+          for (int64_t k = p8; k < P; ++k) s2 = std::fma(q_pe[(h0 + j) * P + k], c[R + k], s2);
+          sc[(h0 + j) * T + t] = (s1 + s2) * scale;
+        }
+      }
+    }
+  });
+  // softmax over each head's T scores (the largest subtracted; the sum in double, rounded once)
+  parallel_for(H, 1, nthreads, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      float* s = sc.data() + h * T;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < T; ++t) mx = std::max(mx, s[t]);
+      double sum = 0.0;
+      for (int64_t t = 0; t < T; ++t) {
+        s[t] = std::exp(s[t] - mx);
+        sum += s[t];
+      }
+      const float inv = (float)(1.0 / sum);
+      for (int64_t t = 0; t < T; ++t) s[t] = s[t] * inv;
+    }
+  });
+  // o_lat: 8 columns of c_kv a register, 8 heads at a time, summed over the keys in their order
+  const int64_t blocks = (R + 7) / 8;
+  parallel_for(blocks, 4, nthreads, [&](int64_t b0, int64_t b1) {
+    for (int64_t bl = b0; bl < b1; ++bl) {
+      const int64_t k = bl * 8;
+      if (k + 8 <= R) {
+        for (int64_t h0 = 0; h0 < H; h0 += 8) {
+          const int nh = (int)std::min<int64_t>(8, H - h0);
+          __m256 acc[8];
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+          for (int64_t t = 0; t < T; ++t) {
+            const __m256 v = _mm256_loadu_ps(row(t) + k);
+            for (int j = 0; j < nh; ++j) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(sc[(h0 + j) * T + t]), v, acc[j]);
+          }
+          for (int j = 0; j < nh; ++j) _mm256_storeu_ps(o_lat + (h0 + j) * R + k, acc[j]);
+        }
+      } else {
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t kk = k; kk < R; ++kk) {
+            float a = 0.f;
+            for (int64_t t = 0; t < T; ++t) a = std::fma(sc[h * T + t], row(t)[kk], a);
+            o_lat[h * R + kk] = a;
+          }
+      }
+    }
+  });
+  return 0;
+}
+
 }  // extern "C"
 
 
@@ -1043,7 +1126,7 @@ void gemm(const PackedW& w, const float* x, int64_t M, float* y, int nthreads) {
 }
 
 
-// -- prefill, int4: an integer GEMM summing 8 maddubs in int16 per madd ---------------------------------------
+// -- prefill, int4: an integer GEMM summing 8 maddubs in int16 per madd (VNNI: 8 dpbusd into int32) -----------
 // x quantized as the GEMV quantizes it (int8 blocks of 32, natural order). A strip of 8 weight rows is laid out
 // per block of 32 inputs as 8 vectors, vector c holding inputs 4c..4c+3 of each of the 8 rows (its nibbles
 // widened to bytes, an 8 x 8 transpose of 4-byte words), so that one maddubs of it with x's 4 inputs broadcast

@@ -145,6 +145,8 @@ def _load(path: Path):
     lib.dschat_igemm4.restype = I
     for name in ("dschat_heads_gemv", "dschat_heads_gemv_t"):  # called with ctypes values made in advance
         getattr(lib, name).restype = I
+    lib.dschat_mla_attend.argtypes = [P, P, I64, I64, I64, P, P, I64, I64, ctypes.c_float, P, I]
+    lib.dschat_mla_attend.restype = I
     lib.dschat_experts.argtypes = [P, I64, P, P, I64, P, P, P, P, P, P, I64, I64, I64, I64, I, I64, P, I]
     lib.dschat_experts.restype = I
     lib.dschat_dequantize.argtypes = [P, P, P, I, I64, I64, I64, I64, P, I]
@@ -324,6 +326,29 @@ def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transpo
              I64(head_rows), P(y.data_ptr()), I64(width), I(torch.get_num_threads()))
     check(err)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def mla_attend(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, keys: torch.Tensor | slice,
+               scale: float) -> torch.Tensor:
+    """MLA's absorbed attention for one query (the lean decode step's, cpu_step.py): q_lat [H, R], q_pe [H, P],
+    cache [N, R + P] float32 rows [c_kv | k_pe], keys the rows attended (a slice of consecutive rows, or a
+    tensor of row indices) -> o_lat [H, R] = softmax(scale (q_lat c_kv^T + q_pe k_pe^T)) c_kv over those rows,
+    read in place (kernels/mla_decode.py's mla_decode_reference at one query, up to float32 summation order;
+    native() must not be None)."""
+    lib = native() if _LIB is _UNSET else _LIB
+    (H, R), P = q_lat.shape, q_pe.shape[-1]
+    assert q_pe.shape == (H, P) and cache.shape[-1] == R + P and cache.stride(-1) == 1 and cache.stride(0) == R + P
+    assert q_lat.dtype == q_pe.dtype == cache.dtype == torch.float32
+    ql, qp = q_lat.contiguous(), q_pe.contiguous()
+    if isinstance(keys, slice):
+        slots, first, T = None, keys.start, keys.stop - keys.start
+    else:
+        keys = keys.to(torch.int64).contiguous()
+        slots, first, T = keys.data_ptr(), 0, keys.numel()
+    out = torch.empty(H, R)
+    check(lib.dschat_mla_attend(ql.data_ptr(), qp.data_ptr(), H, R, P, cache.data_ptr(), slots, first, T, scale,
+                                out.data_ptr(), torch.get_num_threads()))
+    return out
 
 
 def igemm4(x: torch.Tensor, w: Packed) -> torch.Tensor:

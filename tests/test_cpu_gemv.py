@@ -318,3 +318,29 @@ def test_the_vnni_and_avx2_builds_give_the_same_bits(native, tmp_path):
     assert len({p.name for p in (tmp_path / "kernels").iterdir()}) == 2  # two libraries, one for each
     for k, v in got["avx2"].items():
         assert torch.equal(v, got["avx512vnni"][k]), k
+
+
+@pytest.mark.parametrize("H, R, P, T, scattered", [(16, 512, 64, 300, True), (16, 512, 64, 1, False),
+                                                   (5, 36, 12, 70, False), (9, 64, 32, 130, True)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mla_attend_is_the_reference_attention(native, H, R, P, T, scattered, threads):
+    """The lean step's attention (cpu_gemv.mla_attend, the library's dschat_mla_attend): mla_decode_reference at
+    one query, up to float32 summation order, over rows read in place: consecutive (a slice) or scattered
+    (row indices); heads in blocks of 8 and a partial one, R and P with and without a tail past 8."""
+    from dschat.kernels.mla_decode import mla_decode_reference
+
+    g = torch.Generator().manual_seed(H * T + R)
+    cache = torch.randn(T + 50, R + P, generator=g)
+    q_lat, q_pe = torch.randn(H, R, generator=g), torch.randn(H, P, generator=g)
+    idx = torch.randperm(T + 50, generator=g)[:T] if scattered else torch.arange(20, 20 + T)
+    keys = idx if scattered else slice(20, 20 + T)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_gemv.mla_attend(q_lat, q_pe, cache, keys, 0.07)
+    finally:
+        torch.set_num_threads(before)
+    want = mla_decode_reference(q_lat[None].double(), q_pe[None].double(), cache.double(), idx,
+                                torch.tensor([T - 1]), 0.07)[0]
+    assert got.shape == (H, R)
+    assert rel(got, want) < 1e-5
