@@ -2,7 +2,8 @@
 with the per-token Python and operator overhead cut (issue 21, item 4: the demo model's CPU decode is bound by
 its ~340 PyTorch operations a token and the modules' Python around them, not by its arithmetic).
 
-What it does differently, every change the same arithmetic on the same values:
+What it does differently, every change the same arithmetic on the same values (the library's attention: up to
+float32 summation order):
   * no nn.Module calls, no Step/Positions objects, no dispatchers: a flat loop over per-layer tuples of
     tensors gathered once (`CpuPlan`);
   * the host knows the sequence (its pages and length), so the new row's slot and the keys to attend over
@@ -317,11 +318,8 @@ class CpuPlan:
         self.sn.copy_(sin[0])
         qh = q.view(H, nope + rope)
         q_nope = qh[:, :nope].unsqueeze(1)
-        if isinstance(keys, slice):  # the keys' rows: first .. first + T - 1, or at the slots `keys` holds
-            slots, first, T = None, keys.start, keys.stop - keys.start
-        else:
-            keys = keys if keys.dtype == torch.int64 and keys.is_contiguous() else keys.to(torch.int64).contiguous()
-            slots, first, T = keys.data_ptr(), 0, keys.numel()
+        # the keys' rows: first .. first + T - 1, or at the slots `keys` holds (kept alive in `keep`)
+        keep, slots, first, T = cpu_gemv.attend_keys(keys)  # noqa: F841
         start = True
         for i, L in enumerate(self.layers):
             c = L.c
@@ -343,7 +341,7 @@ class CpuPlan:
                 self._heads(lib.dschat_heads_gemv_t, self.fold_args, L.kv_b[1], threads)
             # the attention over the keys' rows, read in place (no gather), into o_lat
             cpu_gemv.check(lib.dschat_mla_attend(*self.attend_args, layer.data_ptr(), slots, first, T, self.scale_c,
-                                                 p["o_lat"], threads))
+                                                 p["o_lat"], threads), "bad attention arguments")
             if L.kv_b is None:
                 torch.bmm(self.o_lat.unsqueeze(1), L.w_uv, out=self.out)
             else:

@@ -7,7 +7,8 @@ Attention has two paths that compute the same function:
     directly over the cached latents (cheap per cached token; used for decode and short chunks).
 The cache holds, per token per layer, only the normalised latent c_kv (kv_lora_rank values) and the
 rotated k_pe (qk_rope_head_dim values): see engine/cache.py. The absorbed attention itself is
-kernels/mla_decode.py (a Triton kernel on CUDA, its PyTorch reference elsewhere).
+kernels/mla_decode.py (a Triton kernel on CUDA, cpu_bf16's kernels for bfloat16 on the CPU, its PyTorch
+reference elsewhere; the CPU's lean float32 step: cpu_gemv.mla_attend).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-// What cpu_gemv.cpp and cpu_gemv_bf16.cpp share (AVX2 + FMA): a horizontal sum, decode's split of a GEMV's
-// rows over threads, and the float32 register tile of the prefill GEMMs with its 8 x 8 transpose. Included
+// What cpu_gemv.cpp and cpu_gemv_bf16.cpp share (AVX2 + FMA, AVX512-VNNI where built with it): a horizontal sum,
+// the integer dot products, decode's split of a GEMV's rows over threads, and the float32 register tile of the
+// prefill GEMMs with its 8 x 8 transpose. Included
 // inside each source's anonymous namespace (each gets its own copy); kernels/cpu_gemv.py counts this text in
 // the library's build key and ships it with the sources.
 
@@ -24,7 +25,9 @@ inline __m256i dot8(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
 }
 #else
 #define DSCHAT_VNNI 0
-inline __m256i dot4(__m256i u, __m256i s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); }
+inline __m256i dot4(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
 inline __m256i dot8(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
   return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1)),
                            _mm256_set1_epi16(1));

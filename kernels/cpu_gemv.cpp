@@ -1,10 +1,11 @@
-// Packed int8 / int4 GEMV for the CPU (AVX2 + FMA; AVX512-VNNI's dot product where the CPU has it), built at first
-// use by kernels/cpu_gemv.py.
+// Packed int8 / int4 GEMV for the CPU (AVX2 + FMA; AVX512-VNNI's dot product where the CPU has it), built at
+// first use by kernels/cpu_gemv.py.
 //
 // The llama.cpp way: each row of x is quantized to int8 in blocks of 32 (one float scale per block, "Q8"),
 // then each weight row's dot product runs in integers (cpu_common.h's dot4 / dot8: _mm256_maddubs_epi16 +
-// _mm256_madd_epi16, or one _mm256_dpbusd_epi32, the same int32 sums) and is scaled per block in float32. The weights are read in their stored layout (kernels/quant_format.py), once
-// per call, whatever the number of rows of x (each weight row meets every row of x while it sits in L1):
+// _mm256_madd_epi16, or one _mm256_dpbusd_epi32, the same int32 sums) and is scaled per block in float32. The
+// weights are read in their stored layout (kernels/quant_format.py), once per call, whatever the number of
+// rows of x (each weight row meets every row of x while it sits in L1):
 //   int8: W = data[n, k] * scale[n]
 //   int4: W = (nibble[n, k] - zero[n, g]) * scale[n, g] per group g of `group` inputs (a multiple of 64);
 //         byte j of a row holds element 2j in its low nibble and 2j+1 in its high one, so x's blocks are
@@ -14,9 +15,10 @@
 //           scale[n, g] * (sum_{b in g} d[m, b] * idot(b) - zero[n, g] * sum_{b in g} d[m, b] * xsum[m, b]).
 // Output rows are split over `nthreads` OpenMP threads (the caller passes torch.get_num_threads(); decode's
 // one row of x: long runs of weight rows, then chunks of 64 KiB, taken from a shared counter, two weight rows at
-// a time, half the run or chunk apart: one_row); the library links the libgomp that torch ships, so torch's parallel regions and these share one
-// OpenMP runtime and its thread pool. No torch headers: plain C entry points over raw pointers (the end of this file), loaded with
-// ctypes, so that the build is one compiler call of a few seconds.
+// a time, half the run or chunk apart: one_row); the library links the libgomp that torch ships, so torch's
+// parallel regions and these share one OpenMP runtime and its thread pool. No torch headers: plain C entry
+// points over raw pointers (the end of this file), loaded with ctypes, so that the build is one compiler call
+// of a few seconds.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -157,7 +159,7 @@ inline float dot_q8(const int8_t* w, const int8_t* q, const float* d, int64_t K)
   if (nfull * QK < K) {
     int tail = 0;
     for (int64_t k = nfull * QK; k < K; ++k) tail += (int)w[k] * (int)q[k];
-    s += d[nfull] * (float)tail;
+    s = std::fma(d[nfull], (float)tail, s);  // explicit: every build rounds it once
   }
   return s;
 }
@@ -197,8 +199,8 @@ inline void dot2_q8(const int8_t* w0, const int8_t* w1, const int8_t* q, const i
       t0 += (int)w0[k] * (int)q[k];
       t1 += (int)w1[k] * (int)q[k];
     }
-    s0 += d[nfull] * (float)t0;
-    s1 += d[nfull] * (float)t1;
+    s0 = std::fma(d[nfull], (float)t0, s0);
+    s1 = std::fma(d[nfull], (float)t1, s1);
   }
   out[0] = s0;
   out[1] = s1;
@@ -260,8 +262,10 @@ inline void dot2_q4(const uint8_t* w, const uint8_t* w1, const int8_t* q, const 
       const __m256 dv = _mm256_loadu_ps(dd + b * 4);
       const __m256i r0 = _mm256_loadu_si256((const __m256i*)(w + b * (QK / 2)));
       const __m256i r1 = _mm256_loadu_si256((const __m256i*)(w1 + b * (QK / 2)));
-      const __m256i p0 = dot8(_mm256_and_si256(r0, lowmask), xl, _mm256_and_si256(_mm256_srli_epi16(r0, 4), lowmask), xh);
-      const __m256i p1 = dot8(_mm256_and_si256(r1, lowmask), xl, _mm256_and_si256(_mm256_srli_epi16(r1, 4), lowmask), xh);
+      const __m256i p0 =
+          dot8(_mm256_and_si256(r0, lowmask), xl, _mm256_and_si256(_mm256_srli_epi16(r0, 4), lowmask), xh);
+      const __m256i p1 =
+          dot8(_mm256_and_si256(r1, lowmask), xl, _mm256_and_si256(_mm256_srli_epi16(r1, 4), lowmask), xh);
       g0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), dv, g0);
       g1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), dv, g1);
     }
@@ -342,7 +346,7 @@ void tile_q8(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, floa
       if (nfull * QK < w.K) {
         int tail = 0;
         for (int64_t k = nfull * QK; k < w.K; ++k) tail += (int)wr[j][k] * (int)xq[i * kp + k];
-        s += xd[i * nb + nfull] * (float)tail;
+        s = std::fma(xd[i * nb + nfull], (float)tail, s);
       }
       y[(m0 + i) * w.N + n0 + j] = s * w.scale[n0 + j];
     }
@@ -471,8 +475,8 @@ void run(const PackedW& w, const PreparedX& px, float* y, int nthreads) {
     });
     return;
   }
-  // one row of x: pairs of weight rows (every chunk starts at an even row), the last one alone when N is odd;
-  // grain_for(row)'s 32 KiB of rows counted in pairs: chunks of 64 KiB
+  // one row of x: runs and chunks of an even number of weight rows (one_row pairs them inside), the last row
+  // alone when N is odd; grain_for(row)'s 32 KiB of rows counted in pairs: chunks of 64 KiB
   parallel_runs((w.N + 1) / 2, grain_for(w.row_bytes()), nthreads,
                 [&](int64_t p0, int64_t p1) { one_row(w, px, 2 * p0, std::min(w.N, 2 * p1), y); });
 }
@@ -701,6 +705,9 @@ int heads_gemv(const float* x, int64_t ldx, int64_t B, int64_t heads, int64_t K,
 extern "C" {
 
 int dschat_abi_version() { return 4; }
+
+// 1 where this library's integer dot products are AVX512-VNNI's (cpu_common.h), 0 where they are AVX2's.
+int dschat_vnni() { return DSCHAT_VNNI; }
 
 // y [M, N] = x [M, K] (float32) through a packed weight [N, K] (see packed()); 0 on success.
 int dschat_gemv(const float* x, int64_t M, int64_t K, const void* data, const float* scale, const uint8_t* zero,
@@ -938,8 +945,9 @@ void dschat_route(const float* logits, int64_t E, const float* bias, int k, int 
 // sequence's scattered pages) or first + t (slots null: its pages follow one another), holding [c_kv | k_pe].
 //   o_lat[h] = sum_t softmax_t(scale * (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t])) c_kv[t]   (h < H)
 // The reference's function up to float32 summation order (its einsums, then softmax), with no gather of the
-// rows: each row is read once for the scores of all H heads (threads split the keys), once for the sum
-// (threads split the columns of c_kv). 0 on success.
+// rows: each row is read once for the scores of all H heads (threads split the keys); for the sum, threads
+// split the columns of c_kv and take the keys in tiles of 64 rows, which stay in L2 while each 8 heads and
+// 8 columns meet them. 0 on success.
 int dschat_mla_attend(const float* q_lat, const float* q_pe, int64_t H, int64_t R, int64_t P, const float* cache,
                       const int64_t* slots, int64_t first, int64_t T, float scale, float* o_lat, int nthreads) {
   if (H <= 0 || R <= 0 || P < 0 || T <= 0) return 1;
@@ -986,29 +994,35 @@ int dschat_mla_attend(const float* q_lat, const float* q_pe, int64_t H, int64_t 
       for (int64_t t = 0; t < T; ++t) s[t] = s[t] * inv;
     }
   });
-  // o_lat: 8 columns of c_kv a register, 8 heads at a time, summed over the keys in their order
-  const int64_t blocks = (R + 7) / 8;
+  // o_lat: 8 columns of c_kv a register, 8 heads at a time, summed over the keys in their order (kept in o_lat
+  // from one tile of keys to the next)
+  const int64_t blocks = (R + 7) / 8, TT = 64;
   parallel_for(blocks, 4, nthreads, [&](int64_t b0, int64_t b1) {
-    for (int64_t bl = b0; bl < b1; ++bl) {
-      const int64_t k = bl * 8;
-      if (k + 8 <= R) {
-        for (int64_t h0 = 0; h0 < H; h0 += 8) {
-          const int nh = (int)std::min<int64_t>(8, H - h0);
-          __m256 acc[8];
-          for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-          for (int64_t t = 0; t < T; ++t) {
-            const __m256 v = _mm256_loadu_ps(row(t) + k);
-            for (int j = 0; j < nh; ++j) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(sc[(h0 + j) * T + t]), v, acc[j]);
+    for (int64_t t0 = 0; t0 < T; t0 += TT) {
+      const int64_t t1 = std::min(T, t0 + TT);
+      for (int64_t bl = b0; bl < b1; ++bl) {
+        const int64_t k = bl * 8;
+        if (k + 8 <= R) {
+          for (int64_t h0 = 0; h0 < H; h0 += 8) {
+            const int nh = (int)std::min<int64_t>(8, H - h0);
+            __m256 acc[8];
+            for (int j = 0; j < nh; ++j)
+              acc[j] = t0 ? _mm256_loadu_ps(o_lat + (h0 + j) * R + k) : _mm256_setzero_ps();
+            for (int64_t t = t0; t < t1; ++t) {
+              const __m256 v = _mm256_loadu_ps(row(t) + k);
+              for (int j = 0; j < nh; ++j)
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(sc[(h0 + j) * T + t]), v, acc[j]);
+            }
+            for (int j = 0; j < nh; ++j) _mm256_storeu_ps(o_lat + (h0 + j) * R + k, acc[j]);
           }
-          for (int j = 0; j < nh; ++j) _mm256_storeu_ps(o_lat + (h0 + j) * R + k, acc[j]);
+        } else {
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t kk = k; kk < R; ++kk) {
+              float a = t0 ? o_lat[h * R + kk] : 0.f;
+              for (int64_t t = t0; t < t1; ++t) a = std::fma(sc[h * T + t], row(t)[kk], a);
+              o_lat[h * R + kk] = a;
+            }
         }
-      } else {
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t kk = k; kk < R; ++kk) {
-            float a = 0.f;
-            for (int64_t t = 0; t < T; ++t) a = std::fma(sc[h * T + t], row(t)[kk], a);
-            o_lat[h * R + kk] = a;
-          }
       }
     }
   });

@@ -105,10 +105,10 @@ def cpu_supported() -> str | None:
     if cap not in ("AVX2", "AVX512"):
         return f"this CPU has no AVX2 (PyTorch reports {cap})"
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        flags = " fma "
-    if " fma" not in flags:
+        info = " fma "
+    if " fma" not in info:
         return "this CPU has no FMA"
     return None
 
@@ -145,6 +145,7 @@ def _load(path: Path):
     lib.dschat_igemm4.restype = I
     for name in ("dschat_heads_gemv", "dschat_heads_gemv_t"):  # called with ctypes values made in advance
         getattr(lib, name).restype = I
+    lib.dschat_vnni.restype = I
     lib.dschat_mla_attend.argtypes = [P, P, I64, I64, I64, P, P, I64, I64, ctypes.c_float, P, I]
     lib.dschat_mla_attend.restype = I
     lib.dschat_experts.argtypes = [P, I64, P, P, I64, P, P, P, P, P, P, I64, I64, I64, I64, I, I64, P, I]
@@ -164,10 +165,11 @@ def _load(path: Path):
     return lib
 
 
-def check(err: int):
-    """A library call's status: 0, else the error every caller raises (a weight the kernel cannot take)."""
+def check(err: int, what: str = "a weight the kernel cannot take"):
+    """A library call's status: 0, else the error its callers raise (by default: a weight the kernel cannot
+    take)."""
     if err:
-        raise ValueError(f"cpu_gemv: a weight the kernel cannot take (error {err})")
+        raise ValueError(f"cpu_gemv: {what} (error {err})")
 
 
 def sources_text() -> str:
@@ -182,25 +184,47 @@ def _build():
     src = sources_text()
     cxx = compiler()
     gomp = torch_libgomp()
-    name = _key(src, cxx or "", gomp, flags())
-    d = cache_dir() / name
-    so = d / f"{name}.so"
-    if so.exists():
-        try:
-            return _load(so), None
-        except (OSError, AttributeError):  # a damaged or foreign file: build again
-            pass
-    if cxx is None:
-        return None, "no C++ compiler (c++ / g++)"
+    # the CPU's instruction set first; where that build fails (a compiler without AVX512-VNNI, say), the AVX2
+    # one: a failed build leaves a marker beside it, so later starts go straight to the next
+    tries = [flags()] + ([FLAGS] if flags() != FLAGS else [])
+    said, why = False, None
+    for fl in tries:
+        name = _key(src, cxx or "", gomp, fl)
+        d = cache_dir() / name
+        so = d / f"{name}.so"
+        if so.exists():
+            try:
+                return _load(so), None
+            except (OSError, AttributeError):  # a damaged or foreign file: build again
+                pass
+        if cxx is None:
+            return None, "no C++ compiler (c++ / g++)"
+        if (d / "failed").exists() and fl is not tries[-1]:
+            continue
+        if not said:
+            _say("building the CPU kernels (once; a few seconds) ...")
+            said = True
+        lib, why = _compile(cxx, fl, gomp, d, so)
+        if lib is not None:
+            return lib, None
+        if fl is not tries[-1]:
+            try:
+                (d / "failed").write_text(why + "\n")
+            except OSError:
+                pass
+    return None, why
+
+
+def _compile(cxx: str, fl: list[str], gomp: Path | None, d: Path, so: Path):
+    """One compiler call into `so` (written whole or not at all): (the loaded library, None) or (None, why)."""
     # -fopenmp compiles the pragmas; torch's libgomp named first is the runtime the library is linked to (it
     # carries the same soname as the system's, so the loader binds the one torch already loaded).
     link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp else []
     try:
         d.mkdir(parents=True, exist_ok=True)
-        _say("building the CPU kernels (once; a few seconds) ...")
         with tempfile.TemporaryDirectory(dir=d) as tmp:
             out = Path(tmp) / so.name
-            r = subprocess.run([cxx, *flags(), str(SOURCE), str(SOURCE_BF16), *link, "-o", str(out)],
+            r = subprocess.run([cxx, *fl, str(SOURCE), str(SOURCE_BF16), *link, "-o", str(out)],
                                capture_output=True, text=True, timeout=600)
             if r.returncode != 0:
                 lines = [x for x in (r.stderr or r.stdout).splitlines() if x.strip()]
@@ -328,26 +352,38 @@ def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transpo
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+def attend_keys(keys: torch.Tensor | slice) -> tuple:
+    """dschat_mla_attend's keys: (the tensor to keep alive while the call runs or None, slots (a pointer or
+    None), first, T) for a slice of consecutive cache rows or a tensor of row indices."""
+    if isinstance(keys, slice):
+        return None, None, keys.start, keys.stop - keys.start
+    keep = keys if keys.dtype == torch.int64 and keys.is_contiguous() else keys.to(torch.int64).contiguous()
+    return keep, keep.data_ptr(), 0, keep.numel()
+
+
 def mla_attend(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, keys: torch.Tensor | slice,
                scale: float) -> torch.Tensor:
     """MLA's absorbed attention for one query (the lean decode step's, cpu_step.py): q_lat [H, R], q_pe [H, P],
     cache [N, R + P] float32 rows [c_kv | k_pe], keys the rows attended (a slice of consecutive rows, or a
     tensor of row indices) -> o_lat [H, R] = softmax(scale (q_lat c_kv^T + q_pe k_pe^T)) c_kv over those rows,
     read in place (kernels/mla_decode.py's mla_decode_reference at one query, up to float32 summation order;
-    native() must not be None)."""
+    native() must not be None). Rows outside the cache raise IndexError, as the reference's gather does."""
     lib = native() if _LIB is _UNSET else _LIB
     (H, R), P = q_lat.shape, q_pe.shape[-1]
-    assert q_pe.shape == (H, P) and cache.shape[-1] == R + P and cache.stride(-1) == 1 and cache.stride(0) == R + P
-    assert q_lat.dtype == q_pe.dtype == cache.dtype == torch.float32
-    ql, qp = q_lat.contiguous(), q_pe.contiguous()
+    N = cache.shape[0]
+    if not (q_pe.shape == (H, P) and cache.shape[-1] == R + P and cache.stride(-1) == 1 and cache.stride(0) == R + P
+            and q_lat.dtype == q_pe.dtype == cache.dtype == torch.float32):
+        raise ValueError("cpu_gemv.mla_attend: q_lat [H, R], q_pe [H, P] and rows [N, R + P], float32")
     if isinstance(keys, slice):
-        slots, first, T = None, keys.start, keys.stop - keys.start
-    else:
-        keys = keys.to(torch.int64).contiguous()
-        slots, first, T = keys.data_ptr(), 0, keys.numel()
-    out = torch.empty(H, R)
+        if keys.step not in (None, 1) or keys.start is None or not 0 <= keys.start < keys.stop <= N:
+            raise IndexError(f"cpu_gemv.mla_attend: rows {keys} of a cache of {N}")
+    elif keys.numel() == 0 or int(keys.min()) < 0 or int(keys.max()) >= N:
+        raise IndexError(f"cpu_gemv.mla_attend: a row outside the cache's {N}")
+    keep, slots, first, T = attend_keys(keys)
+    ql, qp = q_lat.contiguous(), q_pe.contiguous()
+    out = torch.empty(H, R, dtype=torch.float32)
     check(lib.dschat_mla_attend(ql.data_ptr(), qp.data_ptr(), H, R, P, cache.data_ptr(), slots, first, T, scale,
-                                out.data_ptr(), torch.get_num_threads()))
+                                out.data_ptr(), torch.get_num_threads()), "bad attention arguments")
     return out
 
 

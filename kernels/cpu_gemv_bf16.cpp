@@ -100,7 +100,7 @@ inline void dot_rows(const uint16_t* w, int64_t ld, int64_t K, const float* xp, 
   }
   for (int r = 0; r < R; ++r) {
     float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-    for (int64_t k = kf; k < K; ++k) s += bf2f(w[r * ld + k]) * x[k];
+    for (int64_t k = kf; k < K; ++k) s = std::fma(bf2f(w[r * ld + k]), x[k], s);  // as every build rounds it
     out[r] = s;
   }
 }

@@ -3,10 +3,12 @@
     o_lat[s, h] = softmax_t(scale * (q_lat[s, h] . c_kv[t] + q_pe[s, h] . k_pe[t])) . c_kv[t]
 
 over the keys t = 0..q_pos[s] of one sequence, whose cache rows ([c_kv | k_pe], kv_lora_rank +
-qk_rope_head_dim values each) live at flat slots `slots[t]` of a paged buffer. Two implementations of the
-same function: `mla_decode_reference` (PyTorch: gather the rows, then attend) and `mla_decode_triton`
-(reads the rows in place, flash-decoding: the keys are split over programs, each keeps a running max and
-sum, and a second kernel merges the splits). `mla_decode` picks Triton for CUDA tensors.
+qk_rope_head_dim values each) live at flat slots `slots[t]` of a paged buffer. Implementations of the same
+function: `mla_decode_reference` (PyTorch: gather the rows, then attend), `mla_decode_triton` (reads the rows
+in place, flash-decoding: the keys are split over programs, each keeps a running max and sum, and a second
+kernel merges the splits) and `mla_decode_bf16_cpu` (the reference's gather, its products through
+cpu_bf16's kernel). `mla_decode` picks Triton for CUDA tensors, the bf16 one for bfloat16 on the CPU. (The
+CPU's lean float32 step has its own: cpu_gemv.mla_attend, the rows read in place.)
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ def mla_decode_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
 
 def mla_decode_bf16_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
                         q_pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """mla_decode_reference's function for bfloat16 on the CPU (`bf16_cpu_takes`): its three products through
-    cpu_bf16's batched kernel, one batch entry a head (the latent rows shared, read in place from the gathered
-    rows), the rest as the reference does it. Each product is rounded to bfloat16 once, as PyTorch's bfloat16
+    """mla_decode_reference's function for bfloat16 on the CPU (`bf16_cpu_takes`): the same gather of the rows,
+    then its three products through cpu_bf16's batched kernel, one batch entry a head (the gathered rows shared
+    by every head, not copied for each), the rest as the reference does it. Each product is rounded to bfloat16 once, as PyTorch's bfloat16
     einsum rounds its float32 sums, so this is the reference up to float32 summation order; PyTorch's bfloat16
     bmm for these shapes (one query, ~100-1000 keys) ran at ~4 GFLOP/s, a twelfth of a decode step's time."""
     S, H, R = q_lat.shape
@@ -64,9 +66,10 @@ def mla_decode_bf16_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
 
 def bf16_cpu_takes(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether mla_decode_bf16_cpu runs: bfloat16 on the CPU where cpu_bf16's kernels are built, the last
-    dimension of each contiguous."""
+    dimension of each contiguous, and not inside torch.compile's tracing (a ctypes call is no operator)."""
     return (q_lat.dtype == q_pe.dtype == cache.dtype == torch.bfloat16 and q_lat.device.type == "cpu"
-            and q_lat.stride(-1) == 1 and q_pe.stride(-1) == 1 and cache.stride(-1) == 1 and cpu_bf16.available())
+            and q_lat.stride(-1) == 1 and q_pe.stride(-1) == 1 and cache.stride(-1) == 1
+            and not torch.compiler.is_compiling() and cpu_bf16.available())
 
 
 if triton is not None:

@@ -88,6 +88,8 @@ def n_block() -> int:
     if not _N_BLOCK:
         probe = (torch.arange(128, dtype=torch.int32) // 8)[:, None].expand(128, 64).contiguous()
         first = int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).view(-1)[0])
+        if 16 * (first >> 4) not in (32, 64) or first & 0xF:
+            raise RuntimeError(f"quant_cpu: PyTorch's int4 CPU layout is not one this code knows (byte 0: {first})")
         _N_BLOCK.append(16 * (first >> 4))
     return _N_BLOCK[0]
 

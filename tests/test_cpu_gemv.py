@@ -259,6 +259,31 @@ def test_the_build_key_counts_the_shared_header_and_the_package_ships_it(tmp_pat
         assert any(fnmatch(f.name, g) for g in globs), f.name
 
 
+def test_a_compiler_without_vnni_builds_the_avx2_library(tmp_path, monkeypatch, capfd):
+    """On a CPU with AVX512-VNNI whose compiler rejects -mavx512vnni, the AVX2 library is built and used (said
+    once, as any build is), and a marker beside the failed build keeps later starts from trying it again."""
+    calls = tmp_path / "calls"
+    cxx = tmp_path / "c++"
+    real = cpu_gemv.compiler()
+    cxx.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\ncase \"$*\" in *-mavx512vnni*) "
+                   f"echo 'c++: error: unrecognized command-line option' >&2; exit 1;; esac\nexec {real} \"$@\"\n")
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("DSCHAT_KERNELS_DIR", str(tmp_path / "kernels"))
+    monkeypatch.delenv("DSCHAT_CPU_ISA", raising=False)
+    monkeypatch.setattr(cpu_gemv, "_cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                                                          "avx512_vnni"})
+    capfd.readouterr()
+    lib, why = cpu_gemv._build()
+    assert why is None and lib is not None and lib.dschat_vnni() == 0
+    assert [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()] == [
+        "dschat: building the CPU kernels (once; a few seconds) ..."]
+    assert len(calls.read_text().splitlines()) == 2 and len(list((tmp_path / "kernels").rglob("failed"))) == 1
+    lib, why = cpu_gemv._build()  # a later start: the AVX2 library, no compiler call
+    assert why is None and lib.dschat_vnni() == 0 and len(calls.read_text().splitlines()) == 2
+    assert capfd.readouterr().err.strip() == ""
+
+
 def test_the_instruction_set_follows_the_cpu_and_can_be_forced(monkeypatch):
     """AVX512-VNNI (with F, BW and VL) builds the VNNI library, anything less the AVX2 one, DSCHAT_CPU_ISA=avx2
     the AVX2 one anyway; the two have other flags, so other build keys (one library each, never the other's)."""
@@ -295,6 +320,7 @@ for name, s in (("int8", QuantSpec(8)), ("int4", QuantSpec(4)), ("int4-sym", Qua
     x = torch.randn(1, 256, generator=g)
     out[f"{name} experts"] = cpu_gemv.experts(x, torch.tensor([2, 0]), torch.tensor([0.7, 0.3]), w13, w2)
 out["isa"] = cpu_gemv.isa()
+out["vnni"] = cpu_gemv.native().dschat_vnni()
 torch.save(out, sys.argv[1])
 """
 
@@ -315,6 +341,7 @@ def test_the_vnni_and_avx2_builds_give_the_same_bits(native, tmp_path):
         assert r.returncode == 0, r.stderr
         got[isa] = torch.load(tmp_path / isa)
         assert got[isa].pop("isa") == isa
+        assert got[isa].pop("vnni") == (isa == "avx512vnni")  # the dot products that library was built with
     assert len({p.name for p in (tmp_path / "kernels").iterdir()}) == 2  # two libraries, one for each
     for k, v in got["avx2"].items():
         assert torch.equal(v, got["avx512vnni"][k]), k
@@ -344,3 +371,15 @@ def test_mla_attend_is_the_reference_attention(native, H, R, P, T, scattered, th
                                 torch.tensor([T - 1]), 0.07)[0]
     assert got.shape == (H, R)
     assert rel(got, want) < 1e-5
+
+
+def test_mla_attend_refuses_rows_outside_the_cache(native):
+    """Rows past the cache (a slice, or an index) raise IndexError as the reference's gather does, before the
+    library reads anything; a cache of another width is refused."""
+    cache, q_lat, q_pe = torch.randn(40, 72), torch.randn(4, 64), torch.randn(4, 8)
+    for keys in (slice(30, 41), slice(-1, 5), torch.tensor([0, 40]), torch.tensor([-1])):
+        with pytest.raises(IndexError):
+            cpu_gemv.mla_attend(q_lat, q_pe, cache, keys, 0.1)
+    with pytest.raises(ValueError, match="R \\+ P"):
+        cpu_gemv.mla_attend(q_lat, q_pe, torch.randn(40, 80), slice(0, 4), 0.1)
+    assert cpu_gemv.mla_attend(q_lat, q_pe, cache, slice(39, 40), 0.1).shape == (4, 64)  # the last row alone

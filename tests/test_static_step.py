@@ -246,7 +246,7 @@ def test_an_fp8_kept_step_is_one_graph(checkpoints):
 def test_the_lean_cpu_step_gives_the_plain_tokens_over_scattered_pages(checkpoints, v3, monkeypatch, native):
     """The CPU's one-token step run lean (engine/cpu_step.py: the library's small operations, or without the
     library the PyTorch ones) decodes the plain path's tokens, whether the sequence's pages follow one another
-    in the pool (its keys a view) or not (gathered)."""
+    in the pool (its keys a view) or not (read at their slots)."""
     monkeypatch.setenv("DSCHAT_CPU_STEP_NATIVE", "1" if native else "0")
     saved = v3.static
     v3.static = StaticDecoder(v3.model, v3.cache, v3.device, v3.context_length)
