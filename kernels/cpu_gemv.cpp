@@ -940,49 +940,103 @@ void dschat_route(const float* logits, int64_t E, const float* bias, int k, int 
 #pragma GCC pop_options
 #endif
 
+}  // extern "C"
+
+namespace {
+
+// dschat_mla_attend's register tiles. NR rows' scores against NH heads: q_lat . c_kv over R plus q_pe . k_pe over
+// P, 8 floats at a time into NR x NH accumulators, each piece of a row and of a head's query loaded once for the
+// tile; out[h * T + t + i] (ql, qp, out at the tile's first head).
+template <int NR, int NH>
+inline void score_tile(const float* const* c, const float* ql, const float* qp, int64_t R, int64_t P, float scale,
+                       float* out, int64_t T, int64_t t) {
+  __m256 a[NR][NH];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NH; ++j) a[i][j] = _mm256_setzero_ps();
+  const int64_t r8 = R / 8 * 8, p8 = P / 8 * 8;
+  for (int64_t k = 0; k < r8; k += 8) {
+    __m256 v[NR];
+    for (int i = 0; i < NR; ++i) v[i] = _mm256_loadu_ps(c[i] + k);
+    for (int j = 0; j < NH; ++j) {
+      const __m256 q = _mm256_loadu_ps(ql + j * R + k);
+      for (int i = 0; i < NR; ++i) a[i][j] = _mm256_fmadd_ps(q, v[i], a[i][j]);
+    }
+  }
+  for (int64_t k = 0; k < p8; k += 8) {
+    __m256 v[NR];
+    for (int i = 0; i < NR; ++i) v[i] = _mm256_loadu_ps(c[i] + R + k);
+    for (int j = 0; j < NH; ++j) {
+      const __m256 q = _mm256_loadu_ps(qp + j * P + k);
+      for (int i = 0; i < NR; ++i) a[i][j] = _mm256_fmadd_ps(q, v[i], a[i][j]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NH; ++j) {
+      float s = hsum(a[i][j]);
+      for (int64_t k = r8; k < R; ++k) s = std::fma(ql[j * R + k], c[i][k], s);
+      for (int64_t k = p8; k < P; ++k) s = std::fma(qp[j * P + k], c[i][R + k], s);
+      out[j * T + t + i] = s * scale;
+    }
+}
+
+// o[h, k .. k + 8 NB) += sum over keys t0..t1 of p[h, t] c_kv[t, k ..] for NH heads (from zero where t0 is 0):
+// NH x NB accumulators, each piece of a row loaded once for the NH heads, each weight broadcast once for the NB
+// pieces (p, o at the tile's first head; p's rows T apart, o's R apart).
+template <int NH, int NB, class Row>
+inline void sum_tile(const Row& row, const float* p, int64_t T, int64_t t0, int64_t t1, int64_t k, float* o,
+                     int64_t R) {
+  __m256 acc[NH][NB];
+  for (int j = 0; j < NH; ++j)
+    for (int b = 0; b < NB; ++b) acc[j][b] = t0 ? _mm256_loadu_ps(o + j * R + k + 8 * b) : _mm256_setzero_ps();
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* c = row(t) + k;
+    __m256 v[NB];
+    for (int b = 0; b < NB; ++b) v[b] = _mm256_loadu_ps(c + 8 * b);
+    for (int j = 0; j < NH; ++j) {
+      const __m256 w = _mm256_broadcast_ss(p + j * T + t);
+      for (int b = 0; b < NB; ++b) acc[j][b] = _mm256_fmadd_ps(w, v[b], acc[j][b]);
+    }
+  }
+  for (int j = 0; j < NH; ++j)
+    for (int b = 0; b < NB; ++b) _mm256_storeu_ps(o + j * R + k + 8 * b, acc[j][b]);
+}
+
+}  // namespace
+
+extern "C" {
+
 // MLA's absorbed attention for one query over T rows of the latent cache, in place (the lean step's; the
 // static step's mla_decode_reference otherwise): row t = cache + slot_t * (R + P), slot_t = slots[t] (a
 // sequence's scattered pages) or first + t (slots null: its pages follow one another), holding [c_kv | k_pe].
 //   o_lat[h] = sum_t softmax_t(scale * (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t])) c_kv[t]   (h < H)
 // The reference's function up to float32 summation order (its einsums, then softmax), with no gather of the
-// rows: each row is read once for the scores of all H heads (threads split the keys); for the sum, threads
-// split the columns of c_kv and take the keys in tiles of 64 rows, which stay in L2 while each 8 heads and
-// 8 columns meet them. 0 on success.
+// rows: the scores in tiles of 2 rows x 4 heads (threads split the keys), each row read once for all heads;
+// the sum in tiles of 4 heads x 16 columns (threads split the columns of c_kv) over the keys 64 rows at a time,
+// which stay in L2 while every tile meets them. 0 on success.
 int dschat_mla_attend(const float* q_lat, const float* q_pe, int64_t H, int64_t R, int64_t P, const float* cache,
                       const int64_t* slots, int64_t first, int64_t T, float scale, float* o_lat, int nthreads) {
   if (H <= 0 || R <= 0 || P < 0 || T <= 0) return 1;
-  const int64_t ld = R + P, r8 = R / 8 * 8, p8 = P / 8 * 8;
+  const int64_t ld = R + P;
   auto row = [&](int64_t t) { return cache + (slots ? slots[t] : first + t) * ld; };
   std::vector<float> sc((size_t)(H * T));
-  // scores: 8 heads at a time against each row (its 8-float pieces loaded once for the 8)
+  float* S = sc.data();
   parallel_for(T, 16, nthreads, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* c = row(t);
-      for (int64_t h0 = 0; h0 < H; h0 += 8) {
-        const int nh = (int)std::min<int64_t>(8, H - h0);
-        __m256 a[8], b[8];
-        for (int j = 0; j < 8; ++j) a[j] = b[j] = _mm256_setzero_ps();
-        for (int64_t k = 0; k < r8; k += 8) {
-          const __m256 v = _mm256_loadu_ps(c + k);
-          for (int j = 0; j < nh; ++j) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q_lat + (h0 + j) * R + k), v, a[j]);
-        }
-        for (int64_t k = 0; k < p8; k += 8) {
-          const __m256 v = _mm256_loadu_ps(c + R + k);
-          for (int j = 0; j < nh; ++j) b[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q_pe + (h0 + j) * P + k), v, b[j]);
-        }
-        for (int j = 0; j < nh; ++j) {
-          float s1 = hsum(a[j]), s2 = hsum(b[j]);
-          for (int64_t k = r8; k < R; ++k) s1 = std::fma(q_lat[(h0 + j) * R + k], c[k], s1);
-          for (int64_t k = p8; k < P; ++k) s2 = std::fma(q_pe[(h0 + j) * P + k], c[R + k], s2);
-          sc[(h0 + j) * T + t] = (s1 + s2) * scale;
-        }
+    for (int64_t t = t0; t < t1; t += 2) {
+      const float* c[2] = {row(t), t + 1 < t1 ? row(t + 1) : nullptr};
+      int64_t h = 0;
+      if (c[1]) {
+        for (; h + 4 <= H; h += 4) score_tile<2, 4>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * T, T, t);
+        for (; h < H; ++h) score_tile<2, 1>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * T, T, t);
+      } else {
+        for (; h + 4 <= H; h += 4) score_tile<1, 4>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * T, T, t);
+        for (; h < H; ++h) score_tile<1, 1>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * T, T, t);
       }
     }
   });
   // softmax over each head's T scores (the largest subtracted; the sum in double, rounded once)
   parallel_for(H, 1, nthreads, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
-      float* s = sc.data() + h * T;
+      float* s = S + h * T;
       float mx = -INFINITY;
       for (int64_t t = 0; t < T; ++t) mx = std::max(mx, s[t]);
       double sum = 0.0;
@@ -994,36 +1048,29 @@ int dschat_mla_attend(const float* q_lat, const float* q_pe, int64_t H, int64_t 
       for (int64_t t = 0; t < T; ++t) s[t] = s[t] * inv;
     }
   });
-  // o_lat: 8 columns of c_kv a register, 8 heads at a time, summed over the keys in their order (kept in o_lat
-  // from one tile of keys to the next)
-  const int64_t blocks = (R + 7) / 8, TT = 64;
-  parallel_for(blocks, 4, nthreads, [&](int64_t b0, int64_t b1) {
+  // o_lat, each element summed over the keys in their order (kept in o_lat from one tile of keys to the next)
+  const int64_t blocks = R / 8, TT = 64;
+  parallel_for(blocks + (R % 8 ? 1 : 0), 4, nthreads, [&](int64_t b0, int64_t b1) {
     for (int64_t t0 = 0; t0 < T; t0 += TT) {
       const int64_t t1 = std::min(T, t0 + TT);
-      for (int64_t bl = b0; bl < b1; ++bl) {
+      for (int64_t bl = b0; bl < std::min(b1, blocks); bl += 2) {
         const int64_t k = bl * 8;
-        if (k + 8 <= R) {
-          for (int64_t h0 = 0; h0 < H; h0 += 8) {
-            const int nh = (int)std::min<int64_t>(8, H - h0);
-            __m256 acc[8];
-            for (int j = 0; j < nh; ++j)
-              acc[j] = t0 ? _mm256_loadu_ps(o_lat + (h0 + j) * R + k) : _mm256_setzero_ps();
-            for (int64_t t = t0; t < t1; ++t) {
-              const __m256 v = _mm256_loadu_ps(row(t) + k);
-              for (int j = 0; j < nh; ++j)
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(sc[(h0 + j) * T + t]), v, acc[j]);
-            }
-            for (int j = 0; j < nh; ++j) _mm256_storeu_ps(o_lat + (h0 + j) * R + k, acc[j]);
-          }
-        } else {
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t kk = k; kk < R; ++kk) {
-              float a = t0 ? o_lat[h * R + kk] : 0.f;
-              for (int64_t t = t0; t < t1; ++t) a = std::fma(sc[h * T + t], row(t)[kk], a);
-              o_lat[h * R + kk] = a;
-            }
-        }
+        const bool two = bl + 1 < std::min(b1, blocks);
+        int64_t h = 0;
+        for (; h + 4 <= H; h += 4)
+          two ? sum_tile<4, 2>(row, S + h * T, T, t0, t1, k, o_lat + h * R, R)
+              : sum_tile<4, 1>(row, S + h * T, T, t0, t1, k, o_lat + h * R, R);
+        for (; h < H; ++h)
+          two ? sum_tile<1, 2>(row, S + h * T, T, t0, t1, k, o_lat + h * R, R)
+              : sum_tile<1, 1>(row, S + h * T, T, t0, t1, k, o_lat + h * R, R);
       }
+      if (b1 > blocks)  // the columns past the last 8
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t kk = blocks * 8; kk < R; ++kk) {
+            float a = t0 ? o_lat[h * R + kk] : 0.f;
+            for (int64_t t = t0; t < t1; ++t) a = std::fma(S[h * T + t], row(t)[kk], a);
+            o_lat[h * R + kk] = a;
+          }
     }
   });
   return 0;
