@@ -877,21 +877,27 @@ void dschat_axpy(float* y, const float* x, float a, int64_t n, int first) {
     for (int64_t i = 0; i < n; ++i) y[i] = y[i] + x[i] * a;
 }
 
+// out [n] = softmax(x) (out may be x): the largest subtracted, exp, the sum in double rounded once to float,
+// each divided by it (the router's and the attention's).
+static inline void softmax_into(const float* x, int64_t n, float* out) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = std::exp(x[i] - m);
+    sum += out[i];
+  }
+  const float fs = (float)sum;
+  for (int64_t i = 0; i < n; ++i) out[i] = out[i] / fs;
+}
+
 // The router after its linear (kernels/router.py route_reference) for one token: logits [E] -> ids [k] (minus
 // offset; in the order chosen, ties to the lower id) and weights [k]. scale <= 0: none.
 void dschat_route(const float* logits, int64_t E, const float* bias, int k, int n_group, int topk_group, int top2,
                   int softmax, int normalise, float scale, int64_t offset, int64_t* ids, float* weights) {
   std::vector<float> scores(E), choice(E);
   if (softmax) {
-    float m = -INFINITY;
-    for (int64_t e = 0; e < E; ++e) m = std::max(m, logits[e]);
-    double sum = 0.0;
-    for (int64_t e = 0; e < E; ++e) {
-      scores[e] = std::exp(logits[e] - m);
-      sum += scores[e];
-    }
-    const float fs = (float)sum;
-    for (int64_t e = 0; e < E; ++e) scores[e] = scores[e] / fs;
+    softmax_into(logits, E, scores.data());
   } else {
     for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-logits[e]));
   }
@@ -1033,20 +1039,9 @@ int dschat_mla_attend(const float* q_lat, const float* q_pe, int64_t H, int64_t 
       }
     }
   });
-  // softmax over each head's T scores (the largest subtracted; the sum in double, rounded once)
+  // softmax over each head's T scores, in place
   parallel_for(H, 1, nthreads, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h) {
-      float* s = S + h * T;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < T; ++t) mx = std::max(mx, s[t]);
-      double sum = 0.0;
-      for (int64_t t = 0; t < T; ++t) {
-        s[t] = std::exp(s[t] - mx);
-        sum += s[t];
-      }
-      const float inv = (float)(1.0 / sum);
-      for (int64_t t = 0; t < T; ++t) s[t] = s[t] * inv;
-    }
+    for (int64_t h = h0; h < h1; ++h) softmax_into(S + h * T, T, S + h * T);
   });
   // o_lat, each element summed over the keys in their order (kept in o_lat from one tile of keys to the next)
   const int64_t blocks = R / 8, TT = 64;

@@ -186,7 +186,8 @@ def _build():
     gomp = torch_libgomp()
     # the CPU's instruction set first; where that build fails (a compiler without AVX512-VNNI, say), the AVX2
     # one: a failed build leaves a marker beside it, so later starts go straight to the next
-    tries = [flags()] + ([FLAGS] if flags() != FLAGS else [])
+    first = flags()
+    tries = [first] + ([FLAGS] if first != FLAGS else [])
     said, why = False, None
     for fl in tries:
         name = _key(src, cxx or "", gomp, fl)

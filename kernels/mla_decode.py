@@ -31,20 +31,26 @@ def mla_decode_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.T
     rows = cache[slots]  # [T, R+P]
     kv, pe = rows[:, :R], rows[:, R:]
     scores = torch.einsum("shc,tc->sht", q_lat, kv) + torch.einsum("shd,td->sht", q_pe, pe)
-    scores = scores.float() * scale
-    visible = torch.arange(slots.numel(), device=slots.device)[None, :] <= q_pos[:, None]
-    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-    p = scores.softmax(dim=-1).to(kv.dtype)
+    p = attention_probs(scores, q_pos, scale, kv.dtype)
     return torch.einsum("sht,tc->shc", p, kv).to(q_lat.dtype)
+
+
+def attention_probs(scores: torch.Tensor, q_pos: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scores [S, H, T] -> softmax over the keys each query sees (t <= q_pos[s]), in float32, as `dtype`."""
+    scores = scores.float() * scale
+    visible = torch.arange(scores.shape[-1], device=scores.device)[None, :] <= q_pos[:, None]
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    return scores.softmax(dim=-1).to(dtype)
 
 
 def mla_decode_bf16_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
                         q_pos: torch.Tensor, scale: float) -> torch.Tensor:
     """mla_decode_reference's function for bfloat16 on the CPU (`bf16_cpu_takes`): the same gather of the rows,
     then its three products through cpu_bf16's batched kernel, one batch entry a head (the gathered rows shared
-    by every head, not copied for each), the rest as the reference does it. Each product is rounded to bfloat16 once, as PyTorch's bfloat16
-    einsum rounds its float32 sums, so this is the reference up to float32 summation order; PyTorch's bfloat16
-    bmm for these shapes (one query, ~100-1000 keys) ran at ~4 GFLOP/s, a twelfth of a decode step's time."""
+    by every head, not copied for each), the softmax as the reference's (`attention_probs`). Each product is
+    rounded to bfloat16 once, as PyTorch's bfloat16 einsum rounds its float32 sums, so this is the reference up
+    to float32 summation order; PyTorch's bfloat16 bmm for these shapes (one query, ~100-1000 keys) ran at ~4
+    GFLOP/s, a twelfth of a decode step's time."""
     S, H, R = q_lat.shape
     P = q_pe.shape[-1]
     rows = cache[slots]  # [T, R+P]
@@ -54,13 +60,9 @@ def mla_decode_bf16_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
     cpu_bf16.bmm(q_lat.transpose(0, 1), kv.expand(H, T, R), True, out=scores)
     scores_pe = q_lat.new_empty(H, S, T)
     cpu_bf16.bmm(q_pe.transpose(0, 1), pe.expand(H, T, P), True, out=scores_pe)
-    scores = (scores + scores_pe).float() * scale
-    visible = torch.arange(T)[None, :] <= q_pos[:, None]  # [S, T]
-    if not bool(visible.all()):
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-    p = scores.softmax(dim=-1).to(kv.dtype)
+    p = attention_probs((scores + scores_pe).transpose(0, 1), q_pos, scale, kv.dtype)  # [S, H, T]
     out = q_lat.new_empty(S, H, R)
-    cpu_bf16.bmm(p, kv.expand(H, T, R), False, out=out.transpose(0, 1))
+    cpu_bf16.bmm(p.transpose(0, 1), kv.expand(H, T, R), False, out=out.transpose(0, 1))
     return out
 
 
