@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import hugepages
 from .errors import ContextLengthError
 
 
@@ -52,8 +53,9 @@ class LatentCache:
     def __init__(self, n_layers: int, latent_dim: int, num_pages: int, page_size: int,
                  device: torch.device, dtype: torch.dtype):
         self.page_size, self.num_pages, self.latent_dim = page_size, num_pages, latent_dim
-        self.layers = [torch.empty(num_pages * page_size, latent_dim, device=device, dtype=dtype)
-                       for _ in range(n_layers)]
+        rows = num_pages * page_size  # on the CPU in huge pages (engine/hugepages.py): attention reads them all
+        self.layers = [hugepages.empty((rows, latent_dim), dtype) if device.type == "cpu"
+                       else torch.empty(rows, latent_dim, device=device, dtype=dtype) for _ in range(n_layers)]
         self.free = list(range(num_pages - 1, -1, -1))
         self.root = Node((), -1, None)
         self.clock = itertools.count(1)

@@ -36,7 +36,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import dist
+from . import dist, hugepages
 from .layers.linear import Linear
 from .layers.mlp import MLP
 from .layers.quant_linear import QuantLinear, packed_of
@@ -97,8 +97,8 @@ class CpuPlan:
             else:
                 w = _lin(a.kv_b_proj).view(a.n_heads, a.nope + a.v_dim, a.kv_rank)
                 L.kv_b = None
-                L.w_uk = w[:, : a.nope].contiguous()  # [H, nope, R]
-                L.w_uv = w[:, a.nope:].transpose(1, 2).contiguous()  # [H, R, v]
+                L.w_uk = hugepages.copy(w[:, : a.nope])  # [H, nope, R]
+                L.w_uv = hugepages.copy(w[:, a.nope:].transpose(1, 2))  # [H, R, v]
             L.o = self._proj(a.o_proj)
             mlp = block.mlp
             if isinstance(mlp, MoE):
@@ -452,7 +452,7 @@ def _fuse(*linears: Linear) -> torch.Tensor:
         for i, w in enumerate(ws))
     if stacked:
         return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
-    whole = torch.cat(ws)
+    whole = torch.cat(ws, out=hugepages.empty((rows, first.shape[1]), first.dtype))
     start = 0
     for m, w in zip(linears, ws):
         m.weight.data = whole[start:start + w.shape[0]]

@@ -168,6 +168,7 @@ class Engine:
         eng.load_stats["speculative"] = eng.speculative
         eng.load_stats["bytes_per_token"] = bytes_per_token(model)
         eng.load_stats["threads"] = torch.get_num_threads()
+        eng.load_stats["huge_page_bytes"] = getattr(model, "huge_page_bytes", 0)  # engine/hugepages.py
         eng.load_stats["decode_step"] = eng.static.mode if eng.static is not None else "plain"
         eng.load_stats["compile_s"] = round(eng.static.prepare_s, 3) if eng.static is not None else 0.0
         if eng.static is not None and eng.static.mode == "cuda-graph":

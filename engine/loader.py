@@ -11,7 +11,8 @@
 5. `tie_weights`       weights the checkpoint leaves out because they are shared (lm_head, the MTP module's
                        embedding and head);
 6. `check_complete`    a tensor that never arrived is named;
-7. `place_for_device`  packed int4 weights on the CPU repacked into the CPU kernel's layout.
+7. `place_for_device`  packed int4 weights on the CPU repacked into the CPU kernel's layout, and a CPU model's
+                       weights moved into transparent huge pages (engine/hugepages.py).
 
 Progress is reported through a callback, (bytes done, bytes total); the engine draws nothing.
 """
@@ -28,7 +29,7 @@ from torch import nn
 from ..kernels import quant_cpu
 from ..kernels.fp8_matmul import dequantize_fp8
 
-from . import quant
+from . import hugepages, quant
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .config_check import check_config
@@ -150,8 +151,9 @@ def check_complete(model: Transformer, placer: Placer, root: Path):
         raise ModelError(f"{root}: tensor {model.hub_name(missing)!r} is missing from the checkpoint")
 
 
-def place_for_device(model: Transformer):
+def place_for_device(model: Transformer, device: torch.device):
     quant.repack_for_cpu(model)
+    model.huge_page_bytes = hugepages.move(model) if device.type == "cpu" else 0
 
 
 def load_model(root: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, with_mtp: bool = True,
@@ -171,7 +173,7 @@ def load_model(root: Path, cfg: ModelConfig, device: torch.device, dtype: torch.
         load_weights(model, ckpt, placer, progress)
         tie_weights(model)
         check_complete(model, placer, root)
-        place_for_device(model)
+        place_for_device(model, device)
         total = ckpt.total_bytes()
         progress(total, total)
     finally:

@@ -1,0 +1,109 @@
+"""Large CPU tensors in transparent huge pages (Linux).
+
+A CPU decode step streams every weight it uses once a token. In 4 KiB pages each 4 KiB read may miss the TLB
+(in a virtual machine a two-level page walk); in 2 MiB pages 512 times fewer do, and the page tables of a
+9 GB model shrink from 18 MB to 36 KB. Linux gives anonymous memory huge pages only where the process asks
+(`/sys/kernel/mm/transparent_hugepage/enabled` is "madvise" on most distributions), and PyTorch's allocator does
+not ask (unless THP_MEM_ALLOC_ENABLE=1 is set before torch is imported). So after loading, a CPU model's weights
+move into memory that asks: a private anonymous mapping advised MADV_HUGEPAGE before it is written, one storage
+at a time (host memory holds one storage twice at most), every tensor over it (views too) set onto the new one.
+Measured: docs/benchmarks.md ("Huge pages"). DSCHAT_HUGE_PAGES=0 turns it off; where the kernel has no THP
+(or "never") nothing moves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+
+import torch
+from torch import nn
+
+from .layers.embedding import Embedding
+
+HUGE = 2 << 20  # bytes of a huge page (x86-64, arm64 with 4 KiB base pages)
+MIN_BYTES = 2 * HUGE  # smaller storages may hold no whole aligned huge page: left where they are
+ENV = "DSCHAT_HUGE_PAGES"
+_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def available() -> bool:
+    """Whether moved memory can get huge pages here: Linux with THP not "never", not turned off by ENV."""
+    if not sys.platform.startswith("linux") or os.environ.get(ENV, "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        with open(_MODE) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def storage(nbytes: int) -> torch.UntypedStorage:
+    """Uninitialised memory of `nbytes` advised for huge pages (its aligned 2 MiB pieces get them as they are
+    first written); the storage keeps its mapping alive."""
+    size = max(mmap.PAGESIZE, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared memory is shmem's THP
+    mm.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes).untyped_storage()
+
+
+def empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty(shape, dtype) on the CPU, in huge pages where available() and it is large enough."""
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    if nbytes < MIN_BYTES or not available():
+        return torch.empty(shape, dtype=dtype)
+    return torch.empty(0, dtype=dtype).set_(storage(nbytes), 0, tuple(shape))
+
+
+def copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of the CPU tensor t, in huge pages as `empty` places it."""
+    out = empty(t.shape, t.dtype)
+    out.copy_(t)
+    return out
+
+
+def _trim():
+    """Freed heap memory back to the system (glibc's malloc_trim): a moved storage's old memory, freed, would
+    otherwise stay resident in the heap beside its copy."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def move(model: nn.Module) -> int:
+    """The model's CPU parameters and buffers (MIN_BYTES or more a storage) moved into huge pages; embedding
+    tables stay (a token reads one row of them). Returns the bytes moved (0 where not available())."""
+    if not available():
+        return 0
+    owners: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor], list[bool]]] = {}
+    for m in model.modules():
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            if t is None or t.device.type != "cpu" or t.is_meta:
+                continue
+            st = t.untyped_storage()
+            if st.nbytes() < MIN_BYTES:
+                continue
+            entry = owners.setdefault(st.data_ptr(), (st, [], []))
+            if not any(t is u for u in entry[1]):
+                entry[1].append(t)
+            entry[2].append(isinstance(m, (Embedding, nn.Embedding)))
+    moved = 0
+    with torch.no_grad():
+        while owners:
+            st, tensors, embedding = owners.popitem()[1]
+            if all(embedding):
+                continue
+            new = storage(st.nbytes())
+            torch.empty(0, dtype=torch.uint8).set_(new).copy_(torch.empty(0, dtype=torch.uint8).set_(st))
+            for t in tensors:
+                t.set_(new, t.storage_offset(), t.size(), t.stride())
+            moved += st.nbytes()
+            del st  # the old memory freed (nothing else holds it) before the next copy is made
+            _trim()
+    return moved
