@@ -574,7 +574,8 @@ void gemv_t(const PackedW& w, const float* x, float* y) {
   // low nibble, 2j + 1 in its high one: the low nibbles sum into 4 accumulators of even columns, the high ones
   // into 4 of odd columns (kept so in `acc` between blocks), interleaved at the end.
   const __m128i lowmask = _mm_set1_epi8(0x0F);
-  std::vector<float> acc_((size_t)w.kp);
+  thread_local std::vector<float> acc_;  // a thread's scratch, kept between calls
+  if (acc_.size() < (size_t)w.kp) acc_.resize((size_t)w.kp);
   float* acc = acc_.data();
   for (int64_t n0 = 0; n0 < w.N; n0 += T_ROWS) {
     const int64_t n1 = std::min(w.N, n0 + T_ROWS);

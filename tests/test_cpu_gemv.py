@@ -319,6 +319,9 @@ for name, s in (("int8", QuantSpec(8)), ("int4", QuantSpec(4)), ("int4-sym", Qua
     w2 = stack(quantize(torch.randn(4 * 256, 96, generator=g), s), 256)
     x = torch.randn(1, 256, generator=g)
     out[f"{name} experts"] = cpu_gemv.experts(x, torch.tensor([2, 0]), torch.tensor([0.7, 0.3]), w13, w2)
+    kv_b = quantize(torch.randn(3 * 70, 520, generator=g), s)  # 3 heads of nope 40 + v 30 rows, R 520
+    out[f"{name} fold"] = cpu_gemv.heads(torch.randn(2, 3, 40, generator=g), kv_b, 40, 0, 70, transposed=True)
+    out[f"{name} unfold"] = cpu_gemv.heads(torch.randn(2, 3, 520, generator=g), kv_b, 30, 40, 70, transposed=False)
 out["isa"] = cpu_gemv.isa()
 out["vnni"] = cpu_gemv.native().dschat_vnni()
 torch.save(out, sys.argv[1])
@@ -328,7 +331,8 @@ torch.save(out, sys.argv[1])
 def test_the_vnni_and_avx2_builds_give_the_same_bits(native, tmp_path):
     """Where the CPU has AVX512-VNNI, its library's int8 / int4 kernels (one vpdpbusd for each maddubs + madd)
     and the AVX2 library's give the same results bit for bit: decode's kernel, the blocked one, int4's integer
-    GEMM and the experts, each build in its own process."""
+    GEMM, the experts and MLA's fold and unfold (16 float32 lanes a register there, the AVX2 build's sums lane
+    for lane), each build in its own process."""
     if cpu_gemv.isa() != "avx512vnni":
         pytest.skip("this CPU has no AVX512-VNNI: only the AVX2 library can run here")
     script = tmp_path / "same.py"
