@@ -378,7 +378,7 @@ class CpuPlan:
         lib.dschat_add_rms(p["h"], p["pend"], ctypes.c_void_p(self.norm_w.data_ptr()), self.norm_eps, D, p["x"])
         logits = torch.empty(1, self.vocab)
         pmm(x, self.head, logits)
-        tokens = logits.argmax(dim=-1)
+        tokens = torch.tensor([lib.dschat_argmax(logits.data_ptr(), self.vocab)])  # logits.argmax(dim=-1)'s
         length.add_(1)
         ids.copy_(tokens.view(1, 1))
         return h_out, logits, tokens

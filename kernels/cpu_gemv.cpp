@@ -705,7 +705,7 @@ int heads_gemv(const float* x, int64_t ldx, int64_t B, int64_t heads, int64_t K,
 
 extern "C" {
 
-int dschat_abi_version() { return 4; }
+int dschat_abi_version() { return 5; }
 
 // 1 where this library's integer dot products are AVX512-VNNI's (cpu_common.h), 0 where they are AVX2's.
 int dschat_vnni() { return DSCHAT_VNNI; }
@@ -868,6 +868,40 @@ void dschat_silu_mul(const float* gu, int64_t I, float* out) {
     const float g = gu[i];
     out[i] = (g / (1.0f + std::exp(-g))) * gu[I + i];
   }
+}
+
+// The index of the largest of v[0..n) as torch.argmax gives it: the first of equal largest values, the first NaN
+// where there is one (n >= 1). The lean step's greedy token: two passes over the logits (just written, in L2),
+// 8 at a time, where torch.argmax took ~0.13 ms over V2-Lite's 102400.
+int64_t dschat_argmax(const float* v, int64_t n) {
+  const int64_t n8 = n / 8 * 8;
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int nan = 0;
+  for (int64_t i = 0; i < n8; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    nan |= _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    mx = _mm256_max_ps(mx, x);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mx);
+  float m = lanes[0];
+  for (int j = 1; j < 8; ++j) m = std::max(m, lanes[j]);
+  for (int64_t i = n8; i < n; ++i) {
+    nan |= std::isnan(v[i]);
+    m = std::max(m, v[i]);
+  }
+  if (nan) {
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isnan(v[i])) return i;
+  }
+  const __m256 mv = _mm256_set1_ps(m);
+  for (int64_t i = 0; i < n8; i += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + i), mv, _CMP_EQ_OQ));
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  for (int64_t i = n8; i < n; ++i)
+    if (v[i] == m) return i;
+  return 0;
 }
 
 // y [n] (first: y = a * x, else y = y + a * x), the product rounded before the sum.

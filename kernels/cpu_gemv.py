@@ -49,7 +49,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 # What each instruction set adds to FLAGS: with AVX512-VNNI the integer dot products are one vpdpbusd (cpu_common.h's
 # dot4 / dot8: the same int32 sums as AVX2's maddubs + madd, so the same results bit for bit).
 ISA_FLAGS = {"avx2": [], "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
-ABI = 4  # cpu_gemv.cpp's dschat_abi_version()
+ABI = 5  # cpu_gemv.cpp's dschat_abi_version()
 ABI_BF16 = 2  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
 ABI_PREFILL = 1  # cpu_gemv.cpp's dschat_prefill_abi_version() (prefill's GEMMs: gemm_f32 and igemm4)
 
@@ -162,6 +162,7 @@ def _load(path: Path):
                        ("dschat_route", [P, I64, P, I, I, I, I, I, I, F, I64, P, P])):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+    lib.dschat_argmax.argtypes, lib.dschat_argmax.restype = [P, I64], I64
     return lib
 
 
@@ -351,6 +352,15 @@ def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transpo
              I64(head_rows), P(y.data_ptr()), I64(width), I(torch.get_num_threads()))
     check(err)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def argmax(v: torch.Tensor) -> int:
+    """The index torch.argmax gives for a float32 vector (the first of equal largest values, the first NaN where
+    there is one), by the library's dschat_argmax (the lean step's greedy token; native() must not be None)."""
+    lib = native() if _LIB is _UNSET else _LIB
+    if not (v.dtype == torch.float32 and v.dim() == 1 and v.numel() > 0 and v.is_contiguous()):
+        raise ValueError("cpu_gemv.argmax: a contiguous float32 vector of one value or more")
+    return int(lib.dschat_argmax(v.data_ptr(), v.numel()))
 
 
 def attend_keys(keys: torch.Tensor | slice) -> tuple:

@@ -387,3 +387,22 @@ def test_mla_attend_refuses_rows_outside_the_cache(native):
     with pytest.raises(ValueError, match="R \\+ P"):
         cpu_gemv.mla_attend(q_lat, q_pe, torch.randn(40, 80), slice(0, 4), 0.1)
     assert cpu_gemv.mla_attend(q_lat, q_pe, cache, slice(39, 40), 0.1).shape == (4, 64)  # the last row alone
+
+
+def test_argmax_is_torchs(native):
+    """dschat_argmax (the lean step's greedy token) against torch.argmax: ties to the first, NaN first, infinities,
+    signed zeros, lengths off the vectors' 8."""
+    g = torch.Generator().manual_seed(3)
+    cases = [torch.randn(n, generator=g) for n in (1, 7, 8, 9, 102400, 102401)]
+    t = torch.randint(0, 4, (1000,), generator=g).float()  # many ties
+    cases += [t, -t, torch.full((37,), float("-inf")), torch.tensor([0.0, -0.0, -1.0]), torch.tensor([-0.0, 0.0])]
+    for where in (0, 5, 8, 998):
+        for bad in (float("nan"), float("inf")):
+            c = torch.randn(1000, generator=g)
+            c[where] = bad
+            c[where + 1] = bad
+            cases.append(c)
+    for c in cases:
+        assert cpu_gemv.argmax(c) == int(torch.argmax(c)), c
+    with pytest.raises(ValueError):
+        cpu_gemv.argmax(torch.zeros(0))
