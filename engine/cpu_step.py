@@ -11,8 +11,8 @@ float32 summation order):
     one another are a view of the cache (no gather), and at one query every key is visible (no mask);
   * the absorbed attention's einsums are the batched matrix products they stand for (`bmm`), and the
     softmax reads the scores in place; with the library, the attention over the keys (scores, softmax, the
-    weighted sum of the latent rows) is one call that reads the rows in place, scattered pages too, each row
-    once (cpu_gemv.cpp `dschat_mla_attend`: no gather of the rows, an online softmax);
+    weighted sum of the latent rows) is one call that reads the rows in place, scattered pages too
+    (cpu_gemv.cpp `dschat_mla_attend`: no gather of the rows);
   * q's and k_pe's RoPE rotate together (one set of operations over H + 1 rows);
   * the RMSNorms, the rope-and-latent write, the SwiGLU and the routed experts' weighted sum are one call
     each into dschat's CPU library (kernels/cpu_gemv.cpp: `cpu_ops`) where it is built, else the PyTorch

@@ -1020,7 +1020,7 @@ inline void score_tile(const float* const* c, const float* ql, const float* qp, 
     }
 }
 
-// o[h, k .. k + 8 NB) += sum over keys t0..t1 of p[h, t] c_kv[t, k ..] for NH heads:
+// o[h, k .. k + 8 NB) += sum over keys t0..t1 of p[h, t] c_kv[t, k ..] for NH heads (from zero where t0 is 0):
 // NH x NB accumulators, each piece of a row loaded once for the NH heads, each weight broadcast once for the NB
 // pieces (p, o at the tile's first head; p's rows T apart, o's R apart).
 template <int NH, int NB, class Row>
@@ -1028,7 +1028,7 @@ inline void sum_tile(const Row& row, const float* p, int64_t T, int64_t t0, int6
                      int64_t R) {
   __m256 acc[NH][NB];
   for (int j = 0; j < NH; ++j)
-    for (int b = 0; b < NB; ++b) acc[j][b] = _mm256_loadu_ps(o + j * R + k + 8 * b);
+    for (int b = 0; b < NB; ++b) acc[j][b] = t0 ? _mm256_loadu_ps(o + j * R + k + 8 * b) : _mm256_setzero_ps();
   for (int64_t t = t0; t < t1; ++t) {
     const float* c = row(t) + k;
     __m256 v[NB];
@@ -1050,101 +1050,59 @@ extern "C" {
 // static step's mla_decode_reference otherwise): row t = cache + slot_t * (R + P), slot_t = slots[t] (a
 // sequence's scattered pages) or first + t (slots null: its pages follow one another), holding [c_kv | k_pe].
 //   o_lat[h] = sum_t softmax_t(scale * (q_lat[h] . c_kv[t] + q_pe[h] . k_pe[t])) c_kv[t]   (h < H)
-// The reference's function up to float32 rounding, in one pass over the rows (flash-decoding's online softmax):
-// each thread takes an even share of the keys and goes through them TT rows at a time -- their scores for every
-// head (tiles of 2 rows x 4 heads, each row read once for 4 heads), the running maximum and sum of each head
-// updated (its partial output rescaled where the maximum grew), the rows' weighted sum added (tiles of 4 heads
-// x 16 columns) while the TT rows are still in L2 -- and the threads' partial outputs are combined at the end.
-// Each row is read from memory once (a long context's rows are MBs a layer; the two passes before read them
-// twice). 0 on success.
+// The reference's function up to float32 summation order (its einsums, then softmax), with no gather of the
+// rows: the scores in tiles of 2 rows x 4 heads (threads split the keys), each row read once for all heads;
+// the sum in tiles of 4 heads x 16 columns (threads split the columns of c_kv) over the keys 64 rows at a time,
+// which stay in L2 while every tile meets them. 0 on success.
 int dschat_mla_attend(const float* q_lat, const float* q_pe, int64_t H, int64_t R, int64_t P, const float* cache,
                       const int64_t* slots, int64_t first, int64_t T, float scale, float* o_lat, int nthreads) {
   if (H <= 0 || R <= 0 || P < 0 || T <= 0) return 1;
-  constexpr int64_t TT = 64, SPLIT = 32;  // rows a tile; fewest keys worth a thread of their own
-  const int64_t ld = R + P, blocks = R / 8;
+  const int64_t ld = R + P;
   auto row = [&](int64_t t) { return cache + (slots ? slots[t] : first + t) * ld; };
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)nthreads, T / SPLIT, 64}));
-  std::vector<float> parts((size_t)(nt - 1) * H * R), maxima((size_t)nt * H), sums((size_t)nt * H);
-  auto share = [&](int it) {  // keys [a, e): this share's running maxima, sums and output
-    const int64_t a = T * it / nt, e = T * (it + 1) / nt;
-    float* o = it == 0 ? o_lat : parts.data() + (size_t)(it - 1) * H * R;  // thread 0's share in o_lat itself
-    float* m = maxima.data() + it * H;
-    float* l = sums.data() + it * H;
-    std::fill(o, o + H * R, 0.f);
-    std::fill(m, m + H, -INFINITY);
-    std::fill(l, l + H, 0.f);
-    std::vector<float> sc((size_t)(H * TT));
-    float* S = sc.data();
-    for (int64_t t0 = a; t0 < e; t0 += TT) {
-      const int64_t n = std::min(TT, e - t0);
-      auto tile_row = [&](int64_t t) { return row(t0 + t); };
-      for (int64_t t = 0; t < n; t += 2) {
-        const float* c[2] = {tile_row(t), t + 1 < n ? tile_row(t + 1) : nullptr};
-        int64_t h = 0;
-        if (c[1]) {
-          for (; h + 4 <= H; h += 4) score_tile<2, 4>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * TT, TT, t);
-          for (; h < H; ++h) score_tile<2, 1>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * TT, TT, t);
-        } else {
-          for (; h + 4 <= H; h += 4) score_tile<1, 4>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * TT, TT, t);
-          for (; h < H; ++h) score_tile<1, 1>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * TT, TT, t);
-        }
+  std::vector<float> sc((size_t)(H * T));
+  float* S = sc.data();
+  parallel_for(T, 16, nthreads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t += 2) {
+      const float* c[2] = {row(t), t + 1 < t1 ? row(t + 1) : nullptr};
+      int64_t h = 0;
+      if (c[1]) {
+        for (; h + 4 <= H; h += 4) score_tile<2, 4>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * T, T, t);
+        for (; h < H; ++h) score_tile<2, 1>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * T, T, t);
+      } else {
+        for (; h + 4 <= H; h += 4) score_tile<1, 4>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * T, T, t);
+        for (; h < H; ++h) score_tile<1, 1>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * T, T, t);
       }
-      for (int64_t h = 0; h < H; ++h) {  // the scores into exp(score - the running maximum)
-        float* sh = S + h * TT;
-        float top = m[h];
-        for (int64_t t = 0; t < n; ++t) top = std::max(top, sh[t]);
-        const float alpha = std::exp(m[h] - top);  // 0 at the first tile (m = -inf)
-        float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) {
-          sh[t] = std::exp(sh[t] - top);
-          sum += sh[t];
-        }
-        l[h] = l[h] * alpha + sum;
-        if (alpha != 1.f)
-          for (int64_t k = 0; k < R; ++k) o[h * R + k] *= alpha;
-        m[h] = top;
-      }
-      for (int64_t bl = 0; bl < blocks; bl += 2) {
+    }
+  });
+  // softmax over each head's T scores, in place
+  parallel_for(H, 1, nthreads, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) softmax_into(S + h * T, T, S + h * T);
+  });
+  // o_lat, each element summed over the keys in their order (kept in o_lat from one tile of keys to the next)
+  const int64_t blocks = R / 8, TT = 64;
+  parallel_for(blocks + (R % 8 ? 1 : 0), 4, nthreads, [&](int64_t b0, int64_t b1) {
+    for (int64_t t0 = 0; t0 < T; t0 += TT) {
+      const int64_t t1 = std::min(T, t0 + TT);
+      for (int64_t bl = b0; bl < std::min(b1, blocks); bl += 2) {
         const int64_t k = bl * 8;
-        const bool two = bl + 1 < blocks;
+        const bool two = bl + 1 < std::min(b1, blocks);
         int64_t h = 0;
         for (; h + 4 <= H; h += 4)
-          two ? sum_tile<4, 2>(tile_row, S + h * TT, TT, 0, n, k, o + h * R, R)
-              : sum_tile<4, 1>(tile_row, S + h * TT, TT, 0, n, k, o + h * R, R);
+          two ? sum_tile<4, 2>(row, S + h * T, T, t0, t1, k, o_lat + h * R, R)
+              : sum_tile<4, 1>(row, S + h * T, T, t0, t1, k, o_lat + h * R, R);
         for (; h < H; ++h)
-          two ? sum_tile<1, 2>(tile_row, S + h * TT, TT, 0, n, k, o + h * R, R)
-              : sum_tile<1, 1>(tile_row, S + h * TT, TT, 0, n, k, o + h * R, R);
+          two ? sum_tile<1, 2>(row, S + h * T, T, t0, t1, k, o_lat + h * R, R)
+              : sum_tile<1, 1>(row, S + h * T, T, t0, t1, k, o_lat + h * R, R);
       }
-      for (int64_t h = 0; h < H; ++h)  // the columns past the last 8
-        for (int64_t kk = blocks * 8; kk < R; ++kk) {
-          float acc = o[h * R + kk];
-          for (int64_t t = 0; t < n; ++t) acc = std::fma(S[h * TT + t], tile_row(t)[kk], acc);
-          o[h * R + kk] = acc;
-        }
+      if (b1 > blocks)  // the columns past the last 8
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t kk = blocks * 8; kk < R; ++kk) {
+            float a = t0 ? o_lat[h * R + kk] : 0.f;
+            for (int64_t t = t0; t < t1; ++t) a = std::fma(S[h * T + t], row(t)[kk], a);
+            o_lat[h * R + kk] = a;
+          }
     }
-  };
-  if (nt == 1) {
-    share(0);
-  } else {
-#pragma omp parallel num_threads(nt)
-    for (int it = omp_get_thread_num(); it < nt; it += omp_get_num_threads()) share(it);
-  }
-  // the threads' shares: o_lat[h] = sum_i exp(m_i - M) o_i / sum_i exp(m_i - M) l_i, M the largest m_i
-  for (int64_t h = 0; h < H; ++h) {
-    float M = -INFINITY;
-    for (int i = 0; i < nt; ++i) M = std::max(M, maxima[i * H + h]);
-    float denom = 0.f, w[64];
-    for (int i = 0; i < nt; ++i) {
-      w[i] = std::exp(maxima[i * H + h] - M);
-      denom += w[i] * sums[i * H + h];
-    }
-    float* oh = o_lat + h * R;
-    for (int64_t k = 0; k < R; ++k) {
-      float acc = w[0] * oh[k];
-      for (int i = 1; i < nt; ++i) acc = std::fma(w[i], parts[(size_t)(i - 1) * H * R + h * R + k], acc);
-      oh[k] = acc / denom;
-    }
-  }
+  });
   return 0;
 }
 

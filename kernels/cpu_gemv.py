@@ -377,9 +377,8 @@ def mla_attend(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, key
     """MLA's absorbed attention for one query (the lean decode step's, cpu_step.py): q_lat [H, R], q_pe [H, P],
     cache [N, R + P] float32 rows [c_kv | k_pe], keys the rows attended (a slice of consecutive rows, or a
     tensor of row indices) -> o_lat [H, R] = softmax(scale (q_lat c_kv^T + q_pe k_pe^T)) c_kv over those rows,
-    read in place, each row once (an online softmax over tiles of rows, threads' shares of the keys combined at
-    the end: kernels/mla_decode.py's mla_decode_reference at one query up to float32 rounding; native() must not
-    be None). Rows outside the cache raise IndexError, as the reference's gather does."""
+    read in place (kernels/mla_decode.py's mla_decode_reference at one query, up to float32 summation order;
+    native() must not be None). Rows outside the cache raise IndexError, as the reference's gather does."""
     lib = native() if _LIB is _UNSET else _LIB
     (H, R), P = q_lat.shape, q_pe.shape[-1]
     N = cache.shape[0]
