@@ -96,12 +96,12 @@ def build_on_meta(cfg: ModelConfig, with_mtp: bool) -> Transformer:
 
 
 def swap_quantized(model: Transformer, spec: quant.QuantSpec | None, device: torch.device):
-    """The packed modules where `spec` quantizes; on the CPU lm_head too (int8, quant.HEAD) unless it is tied,
+    """The packed modules where `spec` quantizes; on the CPU lm_head too (quant.head_spec) unless it is tied,
     and MLA's kv_b_proj where dschat's CPU kernels run (quant.kv_b_spec: the absorbed attention reads it packed
     only through them)."""
     if spec is not None:
         cpu = device.type == "cpu"
-        head = quant.HEAD if cpu and not model.cfg.tie_word_embeddings else None
+        head = quant.head_spec(spec) if cpu and not model.cfg.tie_word_embeddings else None
         kv_b = quant.kv_b_spec(spec) if cpu and quant_cpu.native_gemv() else None
         quant.convert(model, spec, head, kv_b)
 

@@ -9,8 +9,9 @@ engine/layers/quant_linear.py; the packed expert stacks: engine/moe.py.
 * Quantized: the attention projections (kv_b_proj on the CPU only, see below), the dense MLPs and the routed
   and shared experts, in the main layers and the MTP layer. Embeddings, norms, the router and the MTP
   module's own projections stay in the model's dtype; so does lm_head, except on the CPU, where it is
-  quantized to int8 as it loads (HEAD: it is the largest single weight a decode step reads, 0.84 GB of
-  V2-Lite's in float32; llama.cpp keeps it at 6 bits). `dschat quantize` stores it as is.
+  quantized as it loads (`head_spec`: int8 under int8, six bits in groups of 64 under int4 where dschat's
+  kernels run: it is the largest single weight a decode step reads, 0.84 GB of V2-Lite's in float32;
+  llama.cpp keeps it at 6 bits). `dschat quantize` stores it as is.
 * MLA's kv_b_proj is quantized as it loads on the CPU where dschat's CPU kernels run (`kv_b_spec`: int8 under
   --quant int8, int4 under int4 where its groups fit the kernel): the absorbed attention folds and unfolds it per
   head straight from the packed bytes (kernels/cpu_gemv.cpp `dschat_heads_gemv`, `_t`), the materialised path
@@ -31,7 +32,7 @@ import re
 import torch
 from torch import nn
 
-from ..kernels import cpu_gemv
+from ..kernels import cpu_gemv, quant_cpu
 from ..kernels.quant_format import Packed
 
 from .errors import ModelError
@@ -49,7 +50,17 @@ COMPANIONS = ("weight_scale", "weight_zero")  # tensors stored beside a packed "
 MAX_SCALE = 1e4  # a stored scale above this (weights past 1e5 or 1e6 in size) is damage, not a model
 
 
-HEAD = QuantSpec(bits=8)  # lm_head on the CPU under --quant (int8 or int4)
+HEAD = QuantSpec(bits=8)  # lm_head on the CPU under --quant int8 (and int4 where dschat's kernels do not run)
+HEAD_INT6 = QuantSpec(bits=6, group=64, symmetric=True)  # lm_head on the CPU under --quant int4, with them
+
+
+def head_spec(s: QuantSpec | None) -> QuantSpec | None:
+    """How lm_head is packed on the CPU under `s`: int8 under int8; under int4 six bits where dschat's CPU kernel
+    runs (llama.cpp's Q4_0 keeps it at 6 bits too: 164 MB of V2-Lite's instead of 210; quality measured by
+    bench_quant in docs/benchmarks.md), else int8. None: no quantization."""
+    if s is None:
+        return None
+    return HEAD_INT6 if s.bits == 4 and quant_cpu.native_gemv() else HEAD
 KV_B = re.compile(r"\.self_attn\.kv_b_proj$")  # MLA's kv_b_proj (main layers and MTP): packed on the CPU
 
 

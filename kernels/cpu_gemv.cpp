@@ -105,14 +105,16 @@ int64_t grain_for(int64_t row_bytes) {
   return std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, row_bytes));  // >= 32 KiB of weights a chunk
 }
 
-// A packed weight [N, K] (int8: data [N, K], scale [N]; int4: data [N, kp/2], scale/zero [N, G]).
+// A packed weight [N, K] (int8: data [N, K], scale [N]; int4: data [N, kp/2], scale/zero [N, G]; int6: data
+// [N, kp * 3/4], per 64 inputs int4's 32 bytes of low nibbles then 16 of their high bit pairs, scale [N, G]).
 struct PackedW {
   int bits = 8;
   const uint8_t* data = nullptr;
   const float* scale = nullptr;
-  const uint8_t* zero = nullptr;  // int4 asymmetric; null: zero 8
+  const uint8_t* zero = nullptr;  // int4 asymmetric; null: zero 8 (int4), 32 (int6, always symmetric)
   int64_t N = 0, K = 0, kp = 0, G = 1, group = 0;
-  int64_t row_bytes() const { return bits == 8 ? K : kp / 2; }
+  int64_t row_bytes() const { return bits == 8 ? K : bits == 4 ? kp / 2 : kp / 4 * 3; }
+  float zsym() const { return bits == 6 ? 32.f : 8.f; }
 };
 
 // x's rows as the kernel reads them, for one weight layout (bits, kp, group).
@@ -127,12 +129,12 @@ struct PreparedX {
 PreparedX prepare(const float* x, int64_t M, const PackedW& w) {
   PreparedX p;
   p.M = M;
-  p.xr = quantize_rows(x, M, w.K, w.bits == 8 ? (w.K + QK - 1) / QK * QK : w.kp, w.bits == 4);
+  p.xr = quantize_rows(x, M, w.K, w.bits == 8 ? (w.K + QK - 1) / QK * QK : w.kp, w.bits != 8);
   if (w.bits == 8 && M == 1) {
     p.xa.resize(p.xr.kp);
     for (int64_t k = 0; k < p.xr.kp; ++k) p.xa[k] = (int8_t)std::abs((int)p.xr.q[k]);
   }
-  if (w.bits == 4) {
+  if (w.bits != 8) {
     const int64_t nb = p.xr.nb, bpg = w.group / QK;
     p.gsum.assign(M * w.G, 0.f);
     for (int64_t m = 0; m < M; ++m)
@@ -206,74 +208,95 @@ inline void dot2_q8(const int8_t* w0, const int8_t* w1, const int8_t* q, const i
   out[1] = s1;
 }
 
-// int4's zero term of one weight row: sum over its G groups of scale[g] * zero[g] * gs[g] (zero 8 where z is
-// null), 8 groups at a time (vectorized: in the dot products' loops it was 5 scalar operations a group and row,
-// about a quarter of the decode loop's instructions), the rest one by one. Every int4 kernel takes it from here.
-inline float zero_term(const float* sc, const uint8_t* z, const float* gs, int64_t G) {
+// int4's zero term of one weight row: sum over its G groups of scale[g] * zero[g] * gs[g] (zero zs where z is
+// null: 8, int6's 32), 8 groups at a time (vectorized: in the dot products' loops it was 5 scalar operations a
+// group and row, about a quarter of the decode loop's instructions), the rest one by one. Every int4 / int6
+// kernel takes it from here.
+inline float zero_term(const float* sc, const uint8_t* z, const float* gs, int64_t G, float zs = 8.f) {
   __m256 acc = _mm256_setzero_ps();
-  const __m256 eight = _mm256_set1_ps(8.f);
+  const __m256 eight = _mm256_set1_ps(zs);
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) {
     const __m256 zf = z ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(z + g)))) : eight;
     acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g), zf), _mm256_loadu_ps(gs + g), acc);
   }
   float t = hsum(acc);
-  for (; g < G; ++g) t = std::fma(sc[g] * (z ? (float)z[g] : 8.f), gs[g], t);  // one rounding, in every build
+  for (; g < G; ++g) t = std::fma(sc[g] * (z ? (float)z[g] : zs), gs[g], t);  // one rounding, in every build
   return t;
 }
 
+// 64 weights of an int4 (BITS 4) or int6 (6) row from its 64-input piece p (BYTES64 bytes: int4's 32 bytes, byte j
+// inputs 2j and 2j + 1 in its nibbles; int6: those as the low 4 bits, then 16 bytes H of the high bit pairs, H[i]
+// bits 0-1 for input 2i, 2-3 for 2(i + 16), 4-5 for 2i + 1, 6-7 for 2(i + 16) + 1): lo = the even inputs',
+// hi = the odd inputs' unsigned values (0-15, 0-63), the orders of x's paired blocks (quantize_rows).
+template <int BITS>
+constexpr int64_t BYTES64 = BITS == 4 ? 32 : 48;
+
+template <int BITS>
+inline void unpack64(const uint8_t* p, __m256i& lo, __m256i& hi) {
+  const __m256i lowmask = _mm256_set1_epi8(0x0F);
+  const __m256i raw = _mm256_loadu_si256((const __m256i*)p);
+  lo = _mm256_and_si256(raw, lowmask);
+  hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
+  if (BITS == 6) {  // H in both halves; each byte's pair moved to bits 0-1 by its half's shift, then to 4-5
+    const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(p + 32)));
+    const __m256i three = _mm256_set1_epi8(3);
+    const __m256i hl = _mm256_and_si256(_mm256_srlv_epi32(h, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), three);
+    const __m256i hh = _mm256_and_si256(_mm256_srlv_epi32(h, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)), three);
+    lo = _mm256_or_si256(lo, _mm256_slli_epi16(hl, 4));
+    hi = _mm256_or_si256(hi, _mm256_slli_epi16(hh, 4));
+  }
+}
+
+template <int BITS>
 inline float dot_q4(const uint8_t* w, const int8_t* q, const float* dd, const float* sc, const uint8_t* z,
                     const float* gs, int64_t G, int64_t bpg) {
-  const __m256i lowmask = _mm256_set1_epi8(0x0F);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256 accg = _mm256_setzero_ps();
-    for (int64_t j = 0; j < bpg; j += 2) {  // two blocks: 32 bytes of weights, 64 activations
+    for (int64_t j = 0; j < bpg; j += 2) {  // two blocks: 64 weights, 64 activations
       const int64_t b = g * bpg + j;
-      __m256i raw = _mm256_loadu_si256((const __m256i*)(w + b * (QK / 2)));
-      __m256i lo = _mm256_and_si256(raw, lowmask);
-      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
+      __m256i lo, hi;
+      unpack64<BITS>(w + (b / 2) * BYTES64<BITS>, lo, hi);
       const __m256i p = dot8(lo, _mm256_loadu_si256((const __m256i*)(q + b * QK)), hi,
                              _mm256_loadu_si256((const __m256i*)(q + b * QK + QK)));
       accg = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(dd + b * 4), accg);
     }
     acc = _mm256_fmadd_ps(accg, _mm256_set1_ps(sc[g]), acc);
   }
-  return hsum(acc) - zero_term(sc, z, gs, G);
+  return hsum(acc) - zero_term(sc, z, gs, G, BITS == 6 ? 32.f : 8.f);
 }
 
 // dot_q4 for two weight rows w, w1 (their scales sc, sc1, zeros z, z1): each pair of x's blocks and its scales
 // loaded once for both; each row's arithmetic and summation order are dot_q4's.
+template <int BITS>
 inline void dot2_q4(const uint8_t* w, const uint8_t* w1, const int8_t* q, const float* dd, const float* sc,
                     const float* sc1, const uint8_t* z, const uint8_t* z1, const float* gs, int64_t G, int64_t bpg,
                     float* out) {
-  const __m256i lowmask = _mm256_set1_epi8(0x0F);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256 g0 = _mm256_setzero_ps(), g1 = _mm256_setzero_ps();
     for (int64_t j = 0; j < bpg; j += 2) {
-      const int64_t b = g * bpg + j;
-      if ((j & 3) == 0) {
-        _mm_prefetch((const char*)(w + b * (QK / 2) + PF), _MM_HINT_NTA);
-        _mm_prefetch((const char*)(w1 + b * (QK / 2) + PF), _MM_HINT_NTA);
+      const int64_t b = g * bpg + j, at = (b / 2) * BYTES64<BITS>;
+      if (BITS == 6 || (j & 3) == 0) {  // a 64-byte line every 128 inputs (int4), every 48 bytes (int6)
+        _mm_prefetch((const char*)(w + at + PF), _MM_HINT_NTA);
+        _mm_prefetch((const char*)(w1 + at + PF), _MM_HINT_NTA);
       }
       const __m256i xl = _mm256_loadu_si256((const __m256i*)(q + b * QK));
       const __m256i xh = _mm256_loadu_si256((const __m256i*)(q + b * QK + QK));
       const __m256 dv = _mm256_loadu_ps(dd + b * 4);
-      const __m256i r0 = _mm256_loadu_si256((const __m256i*)(w + b * (QK / 2)));
-      const __m256i r1 = _mm256_loadu_si256((const __m256i*)(w1 + b * (QK / 2)));
-      const __m256i p0 =
-          dot8(_mm256_and_si256(r0, lowmask), xl, _mm256_and_si256(_mm256_srli_epi16(r0, 4), lowmask), xh);
-      const __m256i p1 =
-          dot8(_mm256_and_si256(r1, lowmask), xl, _mm256_and_si256(_mm256_srli_epi16(r1, 4), lowmask), xh);
-      g0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), dv, g0);
-      g1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), dv, g1);
+      __m256i lo0, hi0, lo1, hi1;
+      unpack64<BITS>(w + at, lo0, hi0);
+      unpack64<BITS>(w1 + at, lo1, hi1);
+      g0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(lo0, xl, hi0, xh)), dv, g0);
+      g1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(lo1, xl, hi1, xh)), dv, g1);
     }
     acc0 = _mm256_fmadd_ps(g0, _mm256_set1_ps(sc[g]), acc0);
     acc1 = _mm256_fmadd_ps(g1, _mm256_set1_ps(sc1[g]), acc1);
   }
-  out[0] = hsum(acc0) - zero_term(sc, z, gs, G);
-  out[1] = hsum(acc1) - zero_term(sc1, z1, gs, G);
+  const float zs = BITS == 6 ? 32.f : 8.f;
+  out[0] = hsum(acc0) - zero_term(sc, z, gs, G, zs);
+  out[1] = hsum(acc1) - zero_term(sc1, z1, gs, G, zs);
 }
 
 // f(n0, n1) over [0, n) in chunks of at least `grain`, split evenly over up to `nthreads` OpenMP threads (as
@@ -352,10 +375,9 @@ void tile_q8(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, floa
     }
 }
 
-template <int RM, int RN>
+template <int RM, int RN, int BITS>
 void tile_q4(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, float* y) {
   const int64_t kp = px.xr.kp, nb = px.xr.nb, bpg = w.group / QK, rb = w.row_bytes();
-  const __m256i lowmask = _mm256_set1_epi8(0x0F);
   __m256 acc[RM][RN];
   for (int i = 0; i < RM; ++i)
     for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -364,12 +386,11 @@ void tile_q4(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, floa
   for (int64_t g = 0; g < w.G; ++g) {
     __m256 sc[RN];
     for (int j = 0; j < RN; ++j) sc[j] = _mm256_set1_ps(w.scale[(n0 + j) * w.G + g]);
-    for (int64_t jj = 0; jj < bpg; jj += 2) {  // two blocks: 32 bytes of weights, 64 activations
+    for (int64_t jj = 0; jj < bpg; jj += 2) {  // two blocks: 64 weights, 64 activations
       const int64_t b = g * bpg + jj;
       for (int j = 0; j < RN; ++j) {  // one weight row's 64 weights at a time in registers
-        const __m256i raw = _mm256_loadu_si256((const __m256i*)(w.data + (n0 + j) * rb + b * (QK / 2)));
-        const __m256i lo = _mm256_and_si256(raw, lowmask);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
+        __m256i lo, hi;
+        unpack64<BITS>(w.data + (n0 + j) * rb + (b / 2) * BYTES64<BITS>, lo, hi);
         for (int i = 0; i < RM; ++i) {
           const __m256i p = dot8(lo, _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK)), hi,
                                  _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK + QK)));
@@ -383,7 +404,7 @@ void tile_q4(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, floa
     for (int j = 0; j < RN; ++j) {
       const int64_t n = n0 + j;
       y[(m0 + i) * w.N + n] = hsum(acc[i][j]) - zero_term(w.scale + n * w.G, w.zero ? w.zero + n * w.G : nullptr,
-                                                        px.gsum.data() + (m0 + i) * w.G, w.G);
+                                                        px.gsum.data() + (m0 + i) * w.G, w.G, w.zsym());
     }
 }
 
@@ -391,8 +412,10 @@ template <int RM, int RN>
 inline void tile(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, float* y) {
   if (w.bits == 8)
     tile_q8<RM, RN>(w, px, m0, n0, y);
+  else if (w.bits == 4)
+    tile_q4<RM, RN, 4>(w, px, m0, n0, y);
   else
-    tile_q4<RM, RN>(w, px, m0, n0, y);
+    tile_q4<RM, RN, 6>(w, px, m0, n0, y);
 }
 
 #ifndef DSCHAT_TM
@@ -435,9 +458,9 @@ void one_row(const PackedW& w, const PreparedX& px, int64_t n0, int64_t n1, floa
       y[m] = o[1] * w.scale[m];
     } else {
       float o[2];
-      dot2_q4(w.data + n * rb, w.data + m * rb, q, px.dvec.data(), w.scale + n * G, w.scale + m * G,
-              w.zero ? w.zero + n * G : nullptr, w.zero ? w.zero + m * G : nullptr, px.gsum.data(), G, w.group / QK,
-              o);
+      (w.bits == 4 ? dot2_q4<4> : dot2_q4<6>)(w.data + n * rb, w.data + m * rb, q, px.dvec.data(), w.scale + n * G,
+                                              w.scale + m * G, w.zero ? w.zero + n * G : nullptr,
+                                              w.zero ? w.zero + m * G : nullptr, px.gsum.data(), G, w.group / QK, o);
       y[n] = o[0];
       y[m] = o[1];
     }
@@ -448,8 +471,8 @@ void one_row(const PackedW& w, const PreparedX& px, int64_t n0, int64_t n1, floa
     if (w.bits == 8) {
       y[n] = dot_q8((const int8_t*)row, q, d, w.K) * w.scale[n];
     } else {
-      y[n] = dot_q4(row, q, px.dvec.data(), w.scale + n * G, w.zero ? w.zero + n * G : nullptr, px.gsum.data(), G,
-                    w.group / QK);
+      y[n] = (w.bits == 4 ? dot_q4<4> : dot_q4<6>)(row, q, px.dvec.data(), w.scale + n * G,
+                                                   w.zero ? w.zero + n * G : nullptr, px.gsum.data(), G, w.group / QK);
     }
   }
 }
@@ -481,8 +504,8 @@ void run(const PackedW& w, const PreparedX& px, float* y, int nthreads) {
                 [&](int64_t p0, int64_t p1) { one_row(w, px, 2 * p0, std::min(w.N, 2 * p1), y); });
 }
 
-// A packed weight [N, K] as stored: data [N, row] (int8: row = K; int4: row = kp/2 bytes), scale [N] (int8)
-// or [N, kp/group] (int4), zero [N, kp/group] or null.
+// A packed weight [N, K] as stored: data [N, row] (int8: row = K; int4: row = kp/2 bytes; int6: kp * 3/4), scale
+// [N] (int8) or [N, kp/group] (int4, int6), zero [N, kp/group] or null (int4; int6 has none: zero 32).
 PackedW packed(const void* data, const float* scale, const uint8_t* zero, int bits, int64_t group, int64_t N,
                int64_t K, int64_t row) {
   PackedW w;
@@ -494,18 +517,20 @@ PackedW packed(const void* data, const float* scale, const uint8_t* zero, int bi
   if (bits == 8) {
     w.kp = (K + QK - 1) / QK * QK;
   } else {
-    w.kp = row * 2;
+    w.kp = bits == 4 ? row * 2 : row / 3 * 4;
     w.group = group;
     w.G = w.kp / group;
-    w.zero = zero;
+    w.zero = bits == 4 ? zero : nullptr;
   }
   return w;
 }
 
 // The arguments the Python side checks, checked again (a wrong call returns an error, never reads astray).
-int bad(int bits, int64_t group, int64_t K, int64_t row) {
+// int6 (symmetric, groups of a multiple of 64) only where `six` (dschat_gemv: lm_head's decode and its few rows).
+int bad(int bits, int64_t group, int64_t K, int64_t row, bool six = false) {
   if (bits == 8) return row == K ? 0 : 1;
-  if (bits != 4 || group <= 0 || group % (2 * QK)) return 2;
+  if (!(bits == 4 || (six && bits == 6)) || group <= 0 || group % (2 * QK)) return 2;
+  if (bits == 6) return (row % 3 == 0 && K <= row / 3 * 4 && (row / 3 * 4) % group == 0) ? 0 : 3;
   return (K <= 2 * row && (2 * row) % group == 0) ? 0 : 3;
 }
 
@@ -710,10 +735,10 @@ int dschat_abi_version() { return 5; }
 // 1 where this library's integer dot products are AVX512-VNNI's (cpu_common.h), 0 where they are AVX2's.
 int dschat_vnni() { return DSCHAT_VNNI; }
 
-// y [M, N] = x [M, K] (float32) through a packed weight [N, K] (see packed()); 0 on success.
+// y [M, N] = x [M, K] (float32) through a packed weight [N, K] (see packed(); int8, int4 or int6); 0 on success.
 int dschat_gemv(const float* x, int64_t M, int64_t K, const void* data, const float* scale, const uint8_t* zero,
                 int bits, int64_t group, int64_t N, int64_t row, float* y, int nthreads) {
-  if (int e = bad(bits, group, K, row)) return e;
+  if (int e = bad(bits, group, K, row, true)) return e;
   PackedW w = packed(data, scale, zero, bits, group, N, K, row);
   PreparedX px = prepare(x, M, w);
   run(w, px, y, nthreads);

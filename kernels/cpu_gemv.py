@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from . import quant_format
 from .quant_format import SYMMETRIC_ZERO, Packed, dequantize
 
 QK = 32  # activation block
@@ -254,7 +255,8 @@ _LIB = _UNSET
 
 
 def fits(w: Packed) -> bool:
-    """Whether the kernel takes this packed weight (int8; int4 in groups of a multiple of 64)."""
+    """Whether the kernel takes this packed weight (int8; int4 and int6 in groups of a multiple of 64; int6, the
+    CPU's lm_head under int4, through `gemv` only)."""
     return w.bits == 8 or w.group % (2 * QK) == 0
 
 
@@ -452,7 +454,10 @@ def experts_args(w13: Packed, w2: Packed) -> tuple:
 
 def dequantize(w: Packed) -> torch.Tensor:
     """The float32 weight [N, in_features] the kernel computes with (quant_format.dequantize's numbers, exactly),
-    written by the library in one pass over the packed bytes, on torch.get_num_threads() threads."""
+    written by the library in one pass over the packed bytes, on torch.get_num_threads() threads (int6:
+    quant_format's own, in PyTorch)."""
+    if w.bits == 6:
+        return quant_format.dequantize(w)
     lib = native() if _LIB is _UNSET else _LIB
     _check(w, 0)
     N, K = w.data.shape[0], w.in_features
@@ -489,5 +494,5 @@ def gemv_reference(x: torch.Tensor, w: Packed) -> torch.Tensor:
     return xd.double() @ dequantize(w).double().T
 
 
-__all__ = ["native", "fits", "gemv", "gemm_f32", "igemm4", "gemv_reference", "heads", "heads_reference",
+__all__ = ["native", "fits", "argmax", "gemv", "gemm_f32", "igemm4", "gemv_reference", "heads", "heads_reference",
            "quantize_activations_reference", "SYMMETRIC_ZERO"]

@@ -122,7 +122,7 @@ def repack_int4(w: Packed) -> Int4Cpu:
 def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
     """The weight [N, in_features] the kernel computes with, in `dtype`."""
     if isinstance(w, Packed):
-        if native_gemv(w) and w.data.dim() == 2:
+        if native_gemv(w) and w.data.dim() == 2 and w.bits != 6:
             return cpu_gemv.dequantize(w).to(dtype)
         return (w.data.to(dtype) * w.scale.to(dtype)[:, None]) if w.bits == 8 else dequantize(w).to(dtype)
     np_, half = w.data.shape
@@ -150,6 +150,9 @@ def matmul_cpu(x: torch.Tensor, w: Packed | Int4Cpu) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype: a packed kernel for a few rows (kernel_rows), the float model of the
     dequantised weight for more (cpu_gemv's float GEMM, else dequantise + matmul)."""
     if native_gemv(w):
+        if w.bits == 6:  # lm_head: decode's row, or speculation's few, through gemv (its blocked kernel for
+            # more rows, the weight read once each 64); with the kernels off (tests) the float model exactly
+            return cpu_gemv.gemv(x, w) if CPU_KERNEL_MAX_ROWS else F.linear(x, dequantize(w).to(x.dtype))
         if not CPU_KERNEL_MAX_ROWS:
             return cpu_gemv.gemm_f32(x, w)
         if x.numel() < GEMM_MIN_ROWS[w.bits] * x.shape[-1]:

@@ -6,6 +6,9 @@ A weight W [..., N, K] (N output features, K input features; leading dimensions 
   the high one), `scale` float32 [..., N, Kp/group] and `zero` uint8 [..., N, Kp/group] or None:
   W = (nibble - zero) * scale per group of `group` input features; zero None means symmetric (zero = 8).
   K is padded with zeros to Kp, a multiple of the group size; `in_features` keeps the true K.
+* int6 (lm_head on the CPU: engine/quant.py HEAD): `data` uint8 [..., N, Kp * 3/4], per 64 input features 48
+  bytes: the values' low 4 bits as int4 packs them (32 bytes), then their high 2 bits (16 bytes; `pack_int6`),
+  `scale` float32 [..., N, Kp/group], no zero: W = (value - 32) * scale per group (symmetric, values 0..63).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 SYMMETRIC_ZERO = 8
+INT6_ZERO = 32
 
 
 @dataclass
@@ -32,7 +36,8 @@ class Packed:
 
     @property
     def padded_in(self) -> int:
-        return self.data.shape[-1] * (2 if self.bits == 4 else 1)
+        n = self.data.shape[-1]
+        return n * 2 if self.bits == 4 else n // 3 * 4 if self.bits == 6 else n
 
     def to(self, device) -> "Packed":
         zero = None if self.zero is None else self.zero.to(device)
@@ -60,10 +65,35 @@ def unpack_int4(data: torch.Tensor) -> torch.Tensor:
     return torch.stack((data & 0xF, data >> 4), dim=-1).flatten(-2)
 
 
+def pack_int6(values: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..63 [..., K] (K a multiple of 64) -> bytes [..., K * 3/4]: per 64 values their low 4 bits as
+    pack_int4 packs them (32 bytes: byte j values 2j, 2j + 1), then 16 bytes of their high 2 bits, byte i holding
+    value 2i's (bits 0-1), 2(i + 16)'s (2-3), 2i + 1's (4-5) and 2(i + 16) + 1's (6-7): the order the kernel
+    (kernels/cpu_gemv.cpp `unpack64`) widens them in."""
+    v = values.to(torch.uint8).unflatten(-1, (-1, 64))
+    low, high = v & 0xF, v >> 4
+    even, odd = high[..., 0::2], high[..., 1::2]
+    h = even[..., :16] | (even[..., 16:] << 2) | (odd[..., :16] << 4) | (odd[..., 16:] << 6)
+    return torch.cat((pack_int4(low), h), dim=-1).flatten(-2)
+
+
+def unpack_int6(data: torch.Tensor) -> torch.Tensor:
+    """bytes [..., K * 3/4] -> uint8 values [..., K] (pack_int6 undone)."""
+    d = data.unflatten(-1, (-1, 48))
+    low, h = unpack_int4(d[..., :32]), d[..., 32:]
+    even = torch.cat((h & 3, (h >> 2) & 3), dim=-1)
+    odd = torch.cat(((h >> 4) & 3, h >> 6), dim=-1)
+    high = torch.stack((even, odd), dim=-1).flatten(-2)
+    return (low | (high << 4)).flatten(-2)
+
+
 def dequantize(w: Packed) -> torch.Tensor:
     """The float32 weight [..., N, in_features] that w stands for."""
     if w.bits == 8:
         return w.data.float() * w.scale.float()[..., None]
+    if w.bits == 6:
+        q = unpack_int6(w.data).float().unflatten(-1, (-1, w.group))
+        return ((q - INT6_ZERO) * w.scale.float()[..., None]).flatten(-2)[..., : w.in_features]
     q = unpack_int4(w.data).float().unflatten(-1, (-1, w.group))  # [..., N, G, group]
     zero = SYMMETRIC_ZERO if w.zero is None else w.zero.float()[..., None]
     return ((q - zero) * w.scale.float()[..., None]).flatten(-2)[..., : w.in_features]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dschat.engine.quant import QuantSpec, quantize
+from dschat.engine.quant import HEAD_INT6, QuantSpec, quantize
 from dschat.kernels import cpu_gemv, quant_cpu
-from dschat.kernels.quant_format import Packed, dequantize
+from dschat.kernels.quant_format import Packed, dequantize, pack_int6, unpack_int6
 
 SPECS = {"int8": QuantSpec(8), "int4": QuantSpec(4), "int4-sym": QuantSpec(4, symmetric=True),
          "int4-g64": QuantSpec(4, group=64), "int4-g256": QuantSpec(4, group=256)}
@@ -319,6 +319,10 @@ for name, s in (("int8", QuantSpec(8)), ("int4", QuantSpec(4)), ("int4-sym", Qua
     w2 = stack(quantize(torch.randn(4 * 256, 96, generator=g), s), 256)
     x = torch.randn(1, 256, generator=g)
     out[f"{name} experts"] = cpu_gemv.experts(x, torch.tensor([2, 0]), torch.tensor([0.7, 0.3]), w13, w2)
+    if name == "int8":
+        p6 = quantize(torch.randn(301, 520, generator=g), QuantSpec(6, group=64, symmetric=True))
+        for M in (1, 3, 20):
+            out[f"int6 gemv {M}"] = cpu_gemv.gemv(torch.randn(M, 520, generator=g), p6)
     kv_b = quantize(torch.randn(3 * 70, 520, generator=g), s)  # 3 heads of nope 40 + v 30 rows, R 520
     out[f"{name} fold"] = cpu_gemv.heads(torch.randn(2, 3, 40, generator=g), kv_b, 40, 0, 70, transposed=True)
     out[f"{name} unfold"] = cpu_gemv.heads(torch.randn(2, 3, 520, generator=g), kv_b, 30, 40, 70, transposed=False)
@@ -331,8 +335,7 @@ torch.save(out, sys.argv[1])
 def test_the_vnni_and_avx2_builds_give_the_same_bits(native, tmp_path):
     """Where the CPU has AVX512-VNNI, its library's int8 / int4 kernels (one vpdpbusd for each maddubs + madd)
     and the AVX2 library's give the same results bit for bit: decode's kernel, the blocked one, int4's integer
-    GEMM, the experts and MLA's fold and unfold (16 float32 lanes a register there, the AVX2 build's sums lane
-    for lane), each build in its own process."""
+    GEMM, the experts, MLA's fold and unfold and int6's GEMV (lm_head's), each build in its own process."""
     if cpu_gemv.isa() != "avx512vnni":
         pytest.skip("this CPU has no AVX512-VNNI: only the AVX2 library can run here")
     script = tmp_path / "same.py"
@@ -406,3 +409,28 @@ def test_argmax_is_torchs(native):
         assert cpu_gemv.argmax(c) == int(torch.argmax(c)), c
     with pytest.raises(ValueError):
         cpu_gemv.argmax(torch.zeros(0))
+
+
+@pytest.mark.parametrize("K", [2048, 520, 100])
+def test_int6_weights_pack_and_multiply_as_their_float_model(native, K):
+    """lm_head's int6 (under --quant int4): values 0..63 pack into 48 bytes per 64 and back; quantizing keeps
+    each weight within half a step of its group's scale; gemv (one row: decode's kernel; more: the blocked one)
+    equals the float model of the dequantised weight applied to the kernel's int8 activations; the library's
+    other kernels refuse it."""
+    g = torch.Generator().manual_seed(6)
+    v = torch.randint(0, 64, (7, 3 * 64), generator=g, dtype=torch.uint8)
+    packed = pack_int6(v)
+    assert packed.shape == (7, 3 * 48) and torch.equal(unpack_int6(packed), v)
+    w = torch.randn(301, K, generator=g) * torch.linspace(0.1, 3, K)
+    p = quantize(w, HEAD_INT6)
+    assert p.bits == 6 and p.zero is None and p.padded_in == -(-K // 64) * 64 and cpu_gemv.fits(p)
+    step = p.scale.repeat_interleave(64, dim=1)[:, :K]
+    assert bool(((dequantize(p) - w).abs() <= step / 2 * (1 + 1e-5)).all())
+    for M in (1, 2, 3, 20, 70):
+        x = torch.randn(M, K, generator=g)
+        want = cpu_gemv.gemv_reference(x, p)
+        assert float((cpu_gemv.gemv(x, p).double() - want).abs().max() / want.abs().max()) < 1e-5, M
+    with pytest.raises(ValueError):
+        cpu_gemv.gemm_f32(torch.randn(16, K, generator=g), p)
+    with pytest.raises(ValueError):
+        cpu_gemv.igemm4(torch.randn(16, K, generator=g), p)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from dschat.dev import tiny_checkpoints as tc
 from helpers import run_ranks
 from dschat.engine import Engine, ModelError, SamplingParams, quantize_checkpoint
-from dschat.engine.quant import HEAD, QuantLinear, QuantSpec, is_quantized, kv_b_spec, quantize
+from dschat.engine.quant import QuantLinear, QuantSpec, head_spec, is_quantized, kv_b_spec, quantize
 from dschat.kernels import cpu_gemv, quant_cpu
 from dschat.kernels.quant_cpu import Int4Cpu, dequantize_cpu, matmul_cpu, moe_experts_cpu, repack_int4
 from dschat.kernels.quant_format import Packed, dequantize, pack_int4, unpack_int4
@@ -76,7 +76,7 @@ def cpu_weight(p: Packed) -> torch.Tensor:
     """What the CPU kernels compute with, written independently of kernels/quant_cpu.py: int8, and int4 under
     cpu_gemv, exactly the stored weight; int4 under PyTorch's kernel (q - 8) * scale + (8 - zero) * scale with
     both terms rounded to bfloat16."""
-    if p.bits == 8 or quant_cpu.native_gemv(p):
+    if p.bits != 4 or quant_cpu.native_gemv(p):
         return dequantize(p)
     q = unpack_int4(p.data).float().unflatten(-1, (-1, p.group))
     zero = 8.0 if p.zero is None else p.zero.float()
@@ -191,13 +191,13 @@ def test_which_weights_are_quantized():
 def dequantized_checkpoint(src, dst, s: QuantSpec, cpu: bool = False):
     """The checkpoint's weights with each quantized one replaced by what it quantizes to, in float32: a
     float model that must compute what the quantized one does. cpu: what the CPU kernels compute with
-    (int4 scales in bfloat16; lm_head int8 too; kv_b_proj where cpu_gemv runs)."""
+    (int4 scales in bfloat16; lm_head too, as head_spec packs it; kv_b_proj where cpu_gemv runs)."""
     weights = tc.dequantized_weights(src)
     for name, w in weights.items():
         if name.endswith(".weight") and is_quantized(name[: -len(".weight")]):
             weights[name] = (cpu_weight if cpu else dequantize)(quantize(w, s)).contiguous()
         elif name == "lm_head.weight" and cpu:
-            weights[name] = cpu_weight(quantize(w, HEAD)).contiguous()
+            weights[name] = cpu_weight(quantize(w, head_spec(s))).contiguous()
         elif name.endswith("self_attn.kv_b_proj.weight") and cpu and quant_cpu.native_gemv():
             weights[name] = dequantize(quantize(w, kv_b_spec(s))).contiguous()
     dst.mkdir()
@@ -210,7 +210,8 @@ def dequantized_checkpoint(src, dst, s: QuantSpec, cpu: bool = False):
 
 @pytest.mark.parametrize("kind, quant", [("v2_lite", "int8"), ("v2_lite", "int4")])
 def test_quantized_engine_computes_the_dequantized_model(checkpoints, tmp_path, kind, quant, monkeypatch, backend):
-    """On the CPU, under each backend: a float model of the weights the CPU kernels read (lm_head int8 too).
+    """On the CPU, under each backend: a float model of the weights the CPU kernels read (lm_head too: int8,
+    or six bits under int4 with cpu_gemv).
     With the packed kernels off (dequantise + matmul everywhere, as a long prefill runs) the logits equal it
     to float32 rounding; with them (decode: bfloat16 activations, or cpu_gemv's int8 ones) to within 2% of
     the logits' range, and the greedy tokens agree."""
@@ -242,7 +243,8 @@ def test_quantized_engine_computes_the_dequantized_model(checkpoints, tmp_path, 
     kv_b = layer.self_attn.kv_b_proj
     assert isinstance(kv_b, QuantLinear) == (backend == "cpu_gemv")
     assert backend != "cpu_gemv" or kv_b.spec == kv_b_spec(SPECS[quant]) and kv_b.spec.bits == SPECS[quant].bits
-    assert isinstance(eng.model.lm_head, QuantLinear) and eng.model.lm_head.spec == HEAD
+    assert isinstance(eng.model.lm_head, QuantLinear) and eng.model.lm_head.spec == head_spec(SPECS[quant])
+    assert eng.model.lm_head.spec.bits == (6 if quant == "int4" and backend == "cpu_gemv" else 8)
     if quant == "int4" and backend == "torch":  # repacked for PyTorch's kernel, the stored layout freed
         assert layer.self_attn.o_proj.weight is None and layer.self_attn.o_proj.cpu_weight is not None
         assert layer.mlp.experts.w13 is None and layer.mlp.experts.cpu_w13 is not None

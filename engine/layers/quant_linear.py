@@ -1,4 +1,5 @@
-"""The linear layer whose weight is packed int8 or int4 (the format: kernels/quant_format.py): how a float
+"""The linear layer whose weight is packed int8 or int4 (lm_head on the CPU: int6; the format:
+kernels/quant_format.py): how a float
 weight is quantized and sliced for a rank, the layout of a packed weight's stored tensors, and QuantLinear.
 engine/quant.py decides which layers are packed."""
 
@@ -12,7 +13,7 @@ from torch import nn
 from ...kernels import ops  # noqa: F401 (registers torch.ops.dschat.matmul_packed_cpu)
 from ...kernels.quant_cpu import Int4Cpu, heads_cpu, int4_fits, matmul_cpu, repack_int4
 from ...kernels.fp8_matmul import dequantize_fp8
-from ...kernels.quant_format import Packed, pack_int4
+from ...kernels.quant_format import INT6_ZERO, Packed, pack_int4, pack_int6
 from ...kernels.quant_matmul import quant_matmul
 
 from .. import dist
@@ -26,8 +27,9 @@ METHOD = "dschat"  # quantization_config.quant_method of a directory `dschat qua
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How weights are packed: int8 (one scale per output row) or int4 (groups of `group` input features, each
-    with a scale, and a zero point unless symmetric)."""
+    """How weights are packed: int8 (one scale per output row), int4 (groups of `group` input features, each
+    with a scale, and a zero point unless symmetric) or int6 (lm_head on the CPU: groups of `group`, a multiple
+    of 64, each with a scale; symmetric)."""
 
     bits: int
     group: int = GROUP
@@ -76,6 +78,10 @@ def _quantize_rows(w: torch.Tensor, s: QuantSpec) -> Packed:
     n, k = w.shape
     padded = -(-k // s.group) * s.group
     g = torch.nn.functional.pad(w, (0, padded - k)).view(n, padded // s.group, s.group)
+    if s.bits == 6:  # symmetric: value - 32 in -31..31 (quality against int8: docs/benchmarks.md)
+        scale = (g.abs().amax(dim=-1) / 31).clamp(min=1e-12)
+        q = torch.round(g / scale[..., None]).clamp(-31, 31) + INT6_ZERO
+        return Packed(pack_int6(q.flatten(1)), scale, None, 6, s.group, k)
     if s.symmetric:
         scale = (g.abs().amax(dim=-1) / 7).clamp(min=1e-12)
         q = torch.round(g / scale[..., None]).clamp(-8, 7) + 8
@@ -102,6 +108,8 @@ def shard(p: Packed, split: str | None, name: str) -> Packed:
     k = p.in_features // ws
     if p.bits == 8:
         return Packed(p.data.narrow(1, r * k, k).contiguous(), p.scale, None, 8, 0, k)
+    if p.bits == 6:
+        raise ModelError(f"{name}: an int6 weight is split by its output rows only")
     if p.padded_in != p.in_features or k % p.group:
         raise ModelError(f"{name}: its {p.in_features} input features do not split into {ws} whole groups "
                          f"of {p.group}; load the unquantized checkpoint with `quant=\"int4\"` instead")
@@ -126,6 +134,8 @@ def packed_layout(s: QuantSpec, n: int, k: int) -> dict[str, tuple[torch.dtype, 
     if s.bits == 8:
         return {"": (torch.int8, (n, k)), "_scale": (torch.float32, (n,)), "_zero": None}
     g = -(-k // s.group)
+    if s.bits == 6:
+        return {"": (torch.uint8, (n, g * s.group // 4 * 3)), "_scale": (torch.float32, (n, g)), "_zero": None}
     return {"": (torch.uint8, (n, g * s.group // 2)), "_scale": (torch.float32, (n, g)),
             "_zero": None if s.symmetric else (torch.uint8, (n, g))}
 
@@ -139,7 +149,7 @@ def register_packed(module: nn.Module, prefix: str, s: QuantSpec, lead: tuple[in
 
 def packed_of(module: nn.Module, prefix: str, s: QuantSpec, k: int) -> Packed:
     return Packed(getattr(module, prefix), getattr(module, prefix + "_scale"), getattr(module, prefix + "_zero"),
-                  s.bits, s.group if s.bits == 4 else 0, k)
+                  s.bits, s.group if s.bits != 8 else 0, k)
 
 
 def check_packed(p: Packed, s: QuantSpec, n: int, k: int, where: str):
