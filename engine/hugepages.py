@@ -41,12 +41,18 @@ def available() -> bool:
 
 
 def storage(nbytes: int) -> torch.UntypedStorage:
-    """Uninitialised memory of `nbytes` advised for huge pages (its aligned 2 MiB pieces get them as they are
-    first written); the storage keeps its mapping alive."""
-    size = max(mmap.PAGESIZE, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+    """Uninitialised memory of `nbytes` (> 0) advised for huge pages (its 2 MiB pieces get them as they are first
+    written), starting on a 2 MiB boundary: the mapping reserves one huge page more, never touched (address space,
+    not memory). The storage keeps its mapping alive. Where the kernel refuses the advice (some sandboxes), plain
+    anonymous memory."""
+    size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE + HUGE
     mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared memory is shmem's THP
-    mm.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes).untyped_storage()
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass
+    base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=(-base) % HUGE).untyped_storage()
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -55,7 +61,7 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     for d in shape:
         n *= d
     nbytes = n * torch.empty((), dtype=dtype).element_size()
-    if nbytes < MIN_BYTES or not available():
+    if nbytes == 0 or nbytes < MIN_BYTES or not available():
         return torch.empty(shape, dtype=dtype)
     return torch.empty(0, dtype=dtype).set_(storage(nbytes), 0, tuple(shape))
 
@@ -78,7 +84,9 @@ def _trim():
 
 def move(model: nn.Module) -> int:
     """The model's CPU parameters and buffers (MIN_BYTES or more a storage) moved into huge pages; embedding
-    tables stay (a token reads one row of them). Returns the bytes moved (0 where not available())."""
+    tables stay (a token reads one row of them). Every tensor over a moved storage is set onto the new one: the
+    modules' own and the views they were made from (`_base`: a buffer read from a checkpoint is a view of the
+    bytes read), so nothing holds the old memory. Returns the bytes moved (0 where not available())."""
     if not available():
         return 0
     owners: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor], list[bool]]] = {}
@@ -87,11 +95,13 @@ def move(model: nn.Module) -> int:
             if t is None or t.device.type != "cpu" or t.is_meta:
                 continue
             st = t.untyped_storage()
-            if st.nbytes() < MIN_BYTES:
+            if st.nbytes() == 0 or st.nbytes() < MIN_BYTES:
                 continue
             entry = owners.setdefault(st.data_ptr(), (st, [], []))
-            if not any(t is u for u in entry[1]):
-                entry[1].append(t)
+            base = t._base
+            for u in (t, base) if base is not None and base.untyped_storage().data_ptr() == st.data_ptr() else (t,):
+                if not any(u is v for v in entry[1]):
+                    entry[1].append(u)
             entry[2].append(isinstance(m, (Embedding, nn.Embedding)))
     moved = 0
     with torch.no_grad():
