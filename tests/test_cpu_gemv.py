@@ -355,7 +355,8 @@ def test_the_vnni_and_avx2_builds_give_the_same_bits(native, tmp_path):
 
 
 @pytest.mark.parametrize("H, R, P, T, scattered", [(16, 512, 64, 300, True), (16, 512, 64, 1, False),
-                                                   (5, 36, 12, 70, False), (9, 64, 32, 130, True)])
+                                                   (5, 36, 12, 70, False), (9, 64, 32, 130, True),
+                                                   (5, 40, 0, 200, True)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_mla_attend_is_the_reference_attention(native, H, R, P, T, scattered, threads):
     """The lean step's attention (cpu_gemv.mla_attend, the library's dschat_mla_attend): mla_decode_reference at

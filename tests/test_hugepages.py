@@ -61,6 +61,20 @@ def test_large_weights_move_into_advised_memory_with_their_values_and_views():
 
 
 @needs_thp
+def test_a_table_shared_with_a_linear_moves_and_stays_shared():
+    """tie_word_embeddings: lm_head's weight is the embedding's table, read whole every token: it moves (an
+    embedding alone stays), and both modules still hold the one tensor."""
+    m = nn.Module()
+    m.embed = Embedding(2000, 1000)
+    m.embed.weight = nn.Parameter(torch.randn(2000, 1000), requires_grad=False)
+    m.head = nn.Linear(1000, 2000, bias=False)
+    m.head.weight = m.embed.weight
+    w = m.embed.weight.clone()
+    assert hugepages.move(m) == 2000 * 1000 * 4
+    assert m.head.weight is m.embed.weight and _advised(m.head.weight.data_ptr()) and torch.equal(m.head.weight, w)
+
+
+@needs_thp
 def test_a_buffer_made_as_a_view_leaves_no_copy_behind():
     """A buffer that is a view of the bytes it was read from (engine/checkpoint.py reads so): the view it was made
     from is set onto the new memory too, so the old 64 MB are freed, not kept twice."""
