@@ -41,18 +41,20 @@ def available() -> bool:
 
 
 def storage(nbytes: int) -> torch.UntypedStorage:
-    """Uninitialised memory of `nbytes` (> 0) advised for huge pages (its 2 MiB pieces get them as they are first
-    written), starting on a 2 MiB boundary: the mapping reserves one huge page more, never touched (address space,
-    not memory). The storage keeps its mapping alive. Where the kernel refuses the advice (some sandboxes), plain
-    anonymous memory."""
+    """Uninitialised memory of `nbytes` (> 0) starting on a 2 MiB boundary (the mapping reserves one huge page
+    more: address space, not memory), its whole 2 MiB pieces advised for huge pages (they get them as they are
+    first written; the last partial piece stays in 4 KiB pages: a huge page there would hold up to 2 MiB more
+    than the tensor). The storage keeps its mapping alive. Where the kernel refuses the advice (some
+    sandboxes), plain anonymous memory."""
     size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE + HUGE
     mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: shared memory is shmem's THP
-    try:
-        mm.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
-        pass
-    base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
-    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=(-base) % HUGE).untyped_storage()
+    off = (-torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()) % HUGE
+    if nbytes >= HUGE:
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE, off, nbytes // HUGE * HUGE)
+        except OSError:
+            pass
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=off).untyped_storage()
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:

@@ -56,7 +56,7 @@ HEAD_INT6 = QuantSpec(bits=6, group=64, symmetric=True)  # lm_head on the CPU un
 
 def head_spec(s: QuantSpec | None) -> QuantSpec | None:
     """How lm_head is packed on the CPU under `s`: int8 under int8; under int4 six bits where dschat's CPU kernel
-    runs (llama.cpp's Q4_0 keeps it at 6 bits too: 164 MB of V2-Lite's instead of 210; quality measured by
+    runs (llama.cpp's Q4_0 keeps it at 6 bits too: 170 MB of V2-Lite's instead of 210; quality measured by
     bench_quant in docs/benchmarks.md), else int8. None: no quantization."""
     if s is None:
         return None
@@ -151,7 +151,7 @@ def read_packed(name: str, data: torch.Tensor, get, into: QuantLinear | QuantExp
                          f"most {MAX_SCALE:g}")
     if zero is not None and (zero > 15).any():
         raise ModelError(f"{where}: tensor {name + '_zero'!r} holds {int(zero.max())}; int4 zero points are 0 to 15")
-    return Packed(data, tensors["_scale"], tensors["_zero"], s.bits, s.group if s.bits == 4 else 0, k)
+    return Packed(data, tensors["_scale"], tensors["_zero"], s.bits, s.group if s.bits != 8 else 0, k)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -180,7 +180,7 @@ class StaticDecoder:
             self.run(seq, [0] * S)
             if self.mtp:
                 self.run_mtp(seq, 0, torch.zeros(S, self.model.cfg.hidden_size, device=self.device,
-                                                  dtype=self.model.lm_head.weight.dtype), [0] * S)
+                                                  dtype=self.model.model.norm.weight.dtype), [0] * S)
         finally:
             self.cache.close(seq, insert=False)
 
@@ -190,8 +190,9 @@ class StaticDecoder:
     def _mtp_args(self, S: int):
         if S not in self.mtp_ids:
             self.mtp_ids[S] = torch.zeros(1, S, dtype=torch.long, device=self.device)
+            # the hidden states' dtype: the model's (lm_head's weight is packed integers under --quant on the CPU)
             self.mtp_h[S] = torch.zeros(S, self.model.cfg.hidden_size, device=self.device,
-                                        dtype=self.model.lm_head.weight.dtype)
+                                        dtype=self.model.model.norm.weight.dtype)
         return (self.model, self.mtp_h[S], self.mtp_ids[S], self.mtp_start, self.page_table, self.cache.layers,
                 self.page_size)
 

@@ -15,8 +15,9 @@ inline float hsum(__m256 v) {
 // u and signed bytes s (dot4), or of two such pairs (dot8, 8 products a lane). With AVX512-VNNI (the library is
 // built with it where the CPU has it: kernels/cpu_gemv.py) one vpdpbusd a pair; else maddubs (pairs into
 // int16), madd by ones (int16 pairs into int32), dot8's two maddubs summed in int16 first. The kernels' operands
-// never saturate int16 there (|u| <= 127 times |s| <= 127, or a nibble <= 15 times |s| <= 128, two products a
-// pair and two pairs at most), so both give the same int32 lanes and every result is the same bit for bit.
+// never saturate int16 there (|u| <= 127 times |s| <= 127, a nibble <= 15 times |s| <= 128, or int6's value <= 63
+// times |s| <= 127: 4 * 63 * 127 = 32004; two products a pair and two pairs at most), so both give the same int32
+// lanes and every result is the same bit for bit.
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DSCHAT_VNNI 1
 inline __m256i dot4(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }

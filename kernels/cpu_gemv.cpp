@@ -11,6 +11,8 @@
 //         byte j of a row holds element 2j in its low nibble and 2j+1 in its high one, so x's blocks are
 //         stored in pairs, evens then odds (quantize_rows), and 32 bytes of weights meet 64 activations
 //         without a shuffle; the two blocks' int32 sums share one vector, scaled by [d_b x4, d_b+1 x4].
+//   int6 (lm_head under int4; dschat_gemv only): int4's layout and arithmetic with 6-bit values, zero 32, their
+//         high bit pairs in 16 bytes after each 64 inputs' nibbles (unpack64).
 // y[m, n] = sum_b d[m, b] * (sum_{k in b} q[n, k] * xq[m, k])  (int8), and for int4, per group,
 //           scale[n, g] * (sum_{b in g} d[m, b] * idot(b) - zero[n, g] * sum_{b in g} d[m, b] * xsum[m, b]).
 // Output rows are split over `nthreads` OpenMP threads (the caller passes torch.get_num_threads(); decode's

@@ -257,7 +257,7 @@ _LIB = _UNSET
 def fits(w: Packed) -> bool:
     """Whether the kernel takes this packed weight (int8; int4 and int6 in groups of a multiple of 64; int6, the
     CPU's lm_head under int4, through `gemv` only)."""
-    return w.bits == 8 or w.group % (2 * QK) == 0
+    return w.bits == 8 or (w.group > 0 and w.group % (2 * QK) == 0)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

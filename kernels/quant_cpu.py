@@ -1,7 +1,7 @@
-"""Packed int8 / int4 weights on the CPU: dschat's own kernels (cpu_gemv.py: AVX2, the stored layout read in place)
-or, where those cannot run, PyTorch's packed-weight kernels, for the few rows of a decode step; the float model
-of the dequantised weight for many rows (prefill); and the routed experts over either, touching only the chosen
-experts' packed rows.
+"""Packed int8 / int4 weights (and lm_head's int6, through cpu_gemv.gemv only) on the CPU: dschat's own kernels
+(cpu_gemv.py: AVX2, the stored layout read in place) or, where those cannot run, PyTorch's packed-weight
+kernels, for the few rows of a decode step; the float model of the dequantised weight for many rows (prefill);
+and the routed experts over either, touching only the chosen experts' packed rows.
 
 With cpu_gemv (`native_gemv()` true), below GEMM_MIN_ROWS rows (12 int8, 8 int4: decode, speculation's
 verify) x is quantized to int8 blocks of 32 and multiplied with the stored weight exactly in integers, one
@@ -159,7 +159,7 @@ def matmul_cpu(x: torch.Tensor, w: Packed | Int4Cpu) -> torch.Tensor:
             return cpu_gemv.gemv(x, w)
         return cpu_gemv.gemm_f32(x, w) if w.bits == 8 else cpu_gemv.igemm4(x, w)
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > kernel_rows(w) or (isinstance(w, Packed) and (w.bits == 4 or w.in_features % INT8_K_MULTIPLE)):
+    if rows.shape[0] > kernel_rows(w) or (isinstance(w, Packed) and (w.bits != 8 or w.in_features % INT8_K_MULTIPLE)):
         return F.linear(x, dequantize_cpu(w, x.dtype))
     xb = rows.to(torch.bfloat16)
     if isinstance(w, Packed):

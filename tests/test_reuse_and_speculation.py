@@ -204,3 +204,13 @@ def test_speculative_sampling_end_to_end_distribution(tmp_path):
         seen[out[1]] += 1
     assert mtp_eng.stats.draft_tokens > 0
     assert 0.5 * float((exact - seen / n).abs().sum()) < 0.08
+
+
+def test_mtp_runs_on_float_states_with_a_packed_lm_head(checkpoints):
+    """Under --quant on the CPU lm_head's weight is packed integers: the MTP step's hidden-state buffers take the
+    model's float dtype, not that weight's (they were int8, so the drafts read truncated states)."""
+    eng = Engine.from_pretrained(checkpoints["v3"], dtype=torch.float32, speculative="mtp", quant="int8")
+    assert not eng.model.lm_head.weight.is_floating_point()
+    list(eng.generate(prompt(12, seed=3), greedy(12)))
+    assert eng.static.mtp_h and all(h.dtype == torch.float32 for h in eng.static.mtp_h.values())
+    assert eng.stats.draft_tokens > 0
