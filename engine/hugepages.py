@@ -6,7 +6,8 @@ A CPU decode step streams every weight it uses once a token. In 4 KiB pages each
 (`/sys/kernel/mm/transparent_hugepage/enabled` is "madvise" on most distributions), and PyTorch's allocator does
 not ask (unless THP_MEM_ALLOC_ENABLE=1 is set before torch is imported). So after loading, a CPU model's weights
 move into memory that asks: a private anonymous mapping advised MADV_HUGEPAGE before it is written, one storage
-at a time (host memory holds one storage twice at most), every tensor over it (views too) set onto the new one.
+at a time (the load's peak grows by one to two of the largest storages, measured), every tensor over it (views
+too) set onto the new one.
 Measured: docs/benchmarks.md ("Huge pages"). DSCHAT_HUGE_PAGES=0 turns it off; where the kernel has no THP
 (or "never") nothing moves.
 """
