@@ -161,7 +161,8 @@ def check_packed(p: Packed, s: QuantSpec, n: int, k: int, where: str):
 
 class QuantLinear(nn.Module):
     """y = x W^T with W packed (int8 or int4; lm_head on the CPU under int4: int6), dequantised inside the matmul
-    (kernels/quant_matmul.py). Buffers `weight`, `weight_scale` and (asymmetric int4) `weight_zero` hold it, under the hub's names."""
+    (kernels/quant_matmul.py). Buffers `weight`, `weight_scale` and (asymmetric int4) `weight_zero` hold it,
+    under the hub's names."""
 
     def __init__(self, linear: Linear, s: QuantSpec):
         super().__init__()
