@@ -6,9 +6,10 @@ A weight W [..., N, K] (N output features, K input features; leading dimensions 
   the high one), `scale` float32 [..., N, Kp/group] and `zero` uint8 [..., N, Kp/group] or None:
   W = (nibble - zero) * scale per group of `group` input features; zero None means symmetric (zero = 8).
   K is padded with zeros to Kp, a multiple of the group size; `in_features` keeps the true K.
-* int6 (lm_head on the CPU under int4: engine/quant.py HEAD_INT6): `data` uint8 [..., N, Kp * 3/4], per 64 input features 48
-  bytes: the values' low 4 bits as int4 packs them (32 bytes), then their high 2 bits (16 bytes; `pack_int6`),
-  `scale` float32 [..., N, Kp/group], no zero: W = (value - 32) * scale per group (symmetric, values 0..63).
+* int6 (lm_head on the CPU under int4: engine/quant.py HEAD_INT6): `data` uint8 [..., N, Kp * 3/4], per 64
+  input features 48 bytes: the values' low 4 bits as int4 packs them (32 bytes), then their high 2 bits (16
+  bytes; `pack_int6`), `scale` float32 [..., N, Kp/group], no zero: W = (value - 32) * scale per group
+  (symmetric, values 0..63).
 """
 
 from __future__ import annotations
