@@ -54,8 +54,7 @@ class LatentCache:
                  device: torch.device, dtype: torch.dtype):
         self.page_size, self.num_pages, self.latent_dim = page_size, num_pages, latent_dim
         rows = num_pages * page_size  # on the CPU in huge pages (engine/hugepages.py): attention reads them all
-        self.layers = [hugepages.empty((rows, latent_dim), dtype) if device.type == "cpu"
-                       else torch.empty(rows, latent_dim, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.layers = [hugepages.empty((rows, latent_dim), dtype, device) for _ in range(n_layers)]
         self.free = list(range(num_pages - 1, -1, -1))
         self.root = Node((), -1, None)
         self.clock = itertools.count(1)

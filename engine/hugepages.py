@@ -15,6 +15,7 @@ Measured: docs/benchmarks.md ("Huge pages"). DSCHAT_HUGE_PAGES=0 turns it off; w
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import sys
@@ -58,14 +59,11 @@ def storage(nbytes: int) -> torch.UntypedStorage:
     return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=off).untyped_storage()
 
 
-def empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty(shape, dtype) on the CPU, in huge pages where available() and it is large enough."""
-    n = 1
-    for d in shape:
-        n *= d
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
-    if nbytes == 0 or nbytes < MIN_BYTES or not available():
-        return torch.empty(shape, dtype=dtype)
+def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """torch.empty(shape, dtype, device): on the CPU in huge pages where available() and it is large enough."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes == 0 or nbytes < MIN_BYTES or not available():
+        return torch.empty(shape, dtype=dtype, device=device)
     return torch.empty(0, dtype=dtype).set_(storage(nbytes), 0, tuple(shape))
 
 
@@ -76,13 +74,13 @@ def copy(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _trim():
-    """Freed heap memory back to the system (glibc's malloc_trim): a moved storage's old memory, freed, would
-    otherwise stay resident in the heap beside its copy."""
+def _malloc_trim():
+    """glibc's malloc_trim (None elsewhere): hands freed heap memory back to the system. A moved storage's old
+    memory, freed, would otherwise stay resident in the heap beside its copy."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 def move(model: nn.Module) -> int:
@@ -106,7 +104,7 @@ def move(model: nn.Module) -> int:
                 if not any(u is v for v in entry[1]):
                     entry[1].append(u)
             entry[2].append(isinstance(m, (Embedding, nn.Embedding)))
-    moved = 0
+    moved, trim = 0, _malloc_trim()
     with torch.no_grad():
         while owners:
             st, tensors, embedding = owners.popitem()[1]
@@ -118,5 +116,6 @@ def move(model: nn.Module) -> int:
                 t.set_(new, t.storage_offset(), t.size(), t.stride())
             moved += st.nbytes()
             del st  # the old memory freed (nothing else holds it) before the next copy is made
-            _trim()
+            if trim is not None:
+                trim(0)
     return moved

@@ -116,8 +116,12 @@ struct PackedW {
   const uint8_t* zero = nullptr;  // int4 asymmetric; null: zero 8 (int4), 32 (int6, always symmetric)
   int64_t N = 0, K = 0, kp = 0, G = 1, group = 0;
   int64_t row_bytes() const { return bits == 8 ? K : bits == 4 ? kp / 2 : kp / 4 * 3; }
-  float zsym() const { return bits == 6 ? 32.f : 8.f; }
+  float zsym() const { return bits == 6 ? 32.f : 8.f; }  // ZSYM<bits>
 };
+
+// The zero of a symmetric int4 (8) / int6 (32) weight.
+template <int BITS>
+constexpr float ZSYM = BITS == 6 ? 32.f : 8.f;
 
 // x's rows as the kernel reads them, for one weight layout (bits, kp, group).
 struct PreparedX {
@@ -266,7 +270,7 @@ inline float dot_q4(const uint8_t* w, const int8_t* q, const float* dd, const fl
     }
     acc = _mm256_fmadd_ps(accg, _mm256_set1_ps(sc[g]), acc);
   }
-  return hsum(acc) - zero_term(sc, z, gs, G, BITS == 6 ? 32.f : 8.f);
+  return hsum(acc) - zero_term(sc, z, gs, G, ZSYM<BITS>);
 }
 
 // dot_q4 for two weight rows w, w1 (their scales sc, sc1, zeros z, z1): each pair of x's blocks and its scales
@@ -296,9 +300,8 @@ inline void dot2_q4(const uint8_t* w, const uint8_t* w1, const int8_t* q, const 
     acc0 = _mm256_fmadd_ps(g0, _mm256_set1_ps(sc[g]), acc0);
     acc1 = _mm256_fmadd_ps(g1, _mm256_set1_ps(sc1[g]), acc1);
   }
-  const float zs = BITS == 6 ? 32.f : 8.f;
-  out[0] = hsum(acc0) - zero_term(sc, z, gs, G, zs);
-  out[1] = hsum(acc1) - zero_term(sc1, z1, gs, G, zs);
+  out[0] = hsum(acc0) - zero_term(sc, z, gs, G, ZSYM<BITS>);
+  out[1] = hsum(acc1) - zero_term(sc1, z1, gs, G, ZSYM<BITS>);
 }
 
 // f(n0, n1) over [0, n) in chunks of at least `grain`, split evenly over up to `nthreads` OpenMP threads (as

@@ -105,11 +105,8 @@ def cpu_supported() -> str | None:
     cap = torch.backends.cpu.get_cpu_capability()
     if cap not in ("AVX2", "AVX512"):
         return f"this CPU has no AVX2 (PyTorch reports {cap})"
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = " fma "
-    if " fma" not in info:
+    cpu = _cpu_flags()  # empty where /proc/cpuinfo cannot be read: then trusted
+    if cpu and "fma" not in cpu:
         return "this CPU has no FMA"
     return None
 
