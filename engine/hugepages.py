@@ -90,6 +90,27 @@ def move(model: nn.Module) -> int:
     bytes read), so nothing holds the old memory. Returns the bytes moved (0 where not available())."""
     if not available():
         return 0
+    owners = _owners(model)  # gathered in a helper: none of its loop's names keeps a storage alive here
+    moved, trim = 0, _malloc_trim()
+    with torch.no_grad():
+        while owners:
+            st, tensors, embedding = owners.popitem()[1]
+            if all(embedding):
+                continue
+            new = storage(st.nbytes())
+            torch.empty(0, dtype=torch.uint8).set_(new).copy_(torch.empty(0, dtype=torch.uint8).set_(st))
+            for t in tensors:
+                t.set_(new, t.storage_offset(), t.size(), t.stride())
+            moved += st.nbytes()
+            del st, tensors  # the old memory freed (nothing else holds it) before the next copy is made
+            if trim is not None:
+                trim(0)
+    return moved
+
+
+def _owners(model: nn.Module) -> dict[int, tuple[torch.UntypedStorage, list[torch.Tensor], list[bool]]]:
+    """By storage (MIN_BYTES or more, on the CPU): the storage, the tensors over it (the modules' parameters and
+    buffers, and the views they were made from), and for each module holding one whether it is an embedding."""
     owners: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor], list[bool]]] = {}
     for m in model.modules():
         for t in list(m._parameters.values()) + list(m._buffers.values()):
@@ -104,18 +125,4 @@ def move(model: nn.Module) -> int:
                 if not any(u is v for v in entry[1]):
                     entry[1].append(u)
             entry[2].append(isinstance(m, (Embedding, nn.Embedding)))
-    moved, trim = 0, _malloc_trim()
-    with torch.no_grad():
-        while owners:
-            st, tensors, embedding = owners.popitem()[1]
-            if all(embedding):
-                continue
-            new = storage(st.nbytes())
-            torch.empty(0, dtype=torch.uint8).set_(new).copy_(torch.empty(0, dtype=torch.uint8).set_(st))
-            for t in tensors:
-                t.set_(new, t.storage_offset(), t.size(), t.stride())
-            moved += st.nbytes()
-            del st  # the old memory freed (nothing else holds it) before the next copy is made
-            if trim is not None:
-                trim(0)
-    return moved
+    return owners
