@@ -35,6 +35,7 @@ import torch
 
 from ..kernels.mla_decode import paged_slots
 from .cpu_step import CpuPlan
+from .cpu_step_bf16 import Bf16Plan
 from .step import Step
 
 COMPILE = ("auto", "on", "off")
@@ -139,11 +140,12 @@ class StaticDecoder:
         self.table: list[int] = []  # what page_table holds, as the host last wrote it
         self.graphs: dict[int, "_Graph"] = {}
         self._fn, self._mtp_fn = decode_step, mtp_step
-        # the CPU's one-token step run lean (engine/cpu_step.py), eager mode only; DSCHAT_CPU_STEP=0 turns it off
+        # the CPU's one-token step run lean (engine/cpu_step.py; a bfloat16 model's: cpu_step_bf16.py), eager mode
+        # only; DSCHAT_CPU_STEP=0 turns it off
         self.lean = None
         if mode == "eager" and device.type == "cpu" and os.environ.get("DSCHAT_CPU_STEP", "1") != "0":
             with torch.no_grad():
-                self.lean = CpuPlan.build(model)
+                self.lean = CpuPlan.build(model) or Bf16Plan.build(model)
             if self.lean is not None:
                 self._fn = self._lean_fn
         self._seq = None  # the sequence of the step being run (the lean step reads its pages on the host)

@@ -12,11 +12,18 @@
 //   GEMM (many rows: prefill, an expert's tokens): BLIS-like. Per thread a strip of 16 weight rows and 256
 //     inputs is widened once into a float32 panel [256][16] (16 KiB, in L1), which 6 x 16 register tiles of
 //     the output (12 accumulators) then sweep over 96 rows of x at a time (96 KiB of x, in L2).
+//   Several weights at one row (a token's chosen experts; projections that read the same x): their rows as one
+//     range over the threads (gemv_segments), one parallel region where each weight had its own.
 //   Experts: one token through its chosen routed experts, reading only their rows, rounding where the
 //     PyTorch loop (fused_moe.moe_experts_loop in bfloat16) rounds: gate/up to bf16, silu(gate) to bf16, its
 //     product with up to bf16, down to bf16, the weighted sum in float32, rounded to bf16 at the end.
 //
-// Entry points (C, raw pointers): dschat_bf16_abi_version, dschat_bf16_linear, dschat_bf16_experts.
+//   The bfloat16 lean decode step's small operations (engine/cpu_step_bf16.py): RMSNorm, RoPE and the latent
+//     row, SwiGLU's product, a sum, MLA's scores and weighted sum over the cache rows in place.
+//
+// Entry points (C, raw pointers): dschat_bf16_abi_version, dschat_bf16_linear, dschat_bf16_linear_n,
+// dschat_bf16_bmm, dschat_bf16_experts, dschat_bf16_add_rms, dschat_bf16_rope_latent, dschat_bf16_silu_mul,
+// dschat_bf16_add, dschat_bf16_mla_scores, dschat_bf16_mla_mix.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -148,6 +155,36 @@ void gemv(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, co
   });
 }
 
+// Several GEMVs at one row of x in one parallel region (a token's chosen experts, projections that read the same
+// x): segment s is W_s [N_s, K_s] against its own x_s into y_s. The groups of GR rows of all segments form one
+// range, split over threads as gemv splits one weight's: one fork and join where each weight had its own, each
+// thread's rows one long run. Each row's sum is the one gemv gives it (a row's dot product does not depend on
+// the rows beside it).
+struct Seg {
+  const uint16_t* W;
+  int64_t N, K;
+  const float* xp;  // x_s in pair_layout
+  const float* x;
+  Out y;
+};
+
+void gemv_segments(const std::vector<Seg>& segs, int nthreads) {
+  std::vector<int64_t> g0(segs.size() + 1, 0);
+  int64_t kmax = 1;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    g0[i + 1] = g0[i] + (segs[i].N + GR - 1) / GR;
+    kmax = std::max(kmax, segs[i].K);
+  }
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (GR * kmax * 2));
+  parallel_runs(g0.back(), grain, nthreads, [&](int64_t a, int64_t b) {
+    for (size_t i = 0; i < segs.size(); ++i) {
+      const int64_t lo = std::max(a, g0[i]), hi = std::min(b, g0[i + 1]);
+      const Seg& s = segs[i];
+      if (lo < hi) gemv_rows(s.W, s.K, s.K, s.xp, s.x, 1, (lo - g0[i]) * GR, std::min(s.N, (hi - g0[i]) * GR), s.y);
+    }
+  });
+}
+
 // ---- GEMM ----------------------------------------------------------------------------------------------
 #ifndef DSCHAT_BF16_MR
 #define DSCHAT_BF16_MR 6
@@ -269,11 +306,12 @@ void bmm_one(const uint16_t* x, int64_t M, int64_t K, int64_t xs, const uint16_t
   }
 }
 
+
 }  // namespace
 
 extern "C" {
 
-int dschat_bf16_abi_version() { return 2; }
+int dschat_bf16_abi_version() { return 3; }
 
 // Batched y[b] = x[b] W[b]^T (trans) or x[b] W[b], all bfloat16, y rounded to nearest even: MLA's absorbed
 // attention folding kv_b_proj's halves into the query and out of the output, a few rows per head. Strides in
@@ -315,24 +353,35 @@ int dschat_bf16_linear(const void* x, int64_t M, int64_t K, const uint16_t* W, i
 int dschat_bf16_experts(const uint16_t* x, int64_t H, const int64_t* ids, const float* weights, int64_t k,
                         const uint16_t* w13, const uint16_t* w2, int64_t E, int64_t I, uint16_t* y, int nthreads) {
   if (H <= 0 || I <= 0 || E < 0) return 1;
-  std::vector<float> xf = widen(x, 1, H), h(2 * I), a(I), o(H), acc(H, 0.f);
-  Out oh, oo;
-  oh.f = h.data();
-  oh.ld = 2 * I;
-  oo.f = o.data();
-  oo.ld = H;
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t e = ids[j];
-    if (e < 0 || e >= E) continue;
-    gemv(w13 + e * 2 * I * H, 2 * I, H, xf.data(), 1, oh, nthreads);
+  std::vector<int64_t> chosen;  // the entries j of ids that name an expert here, in order
+  for (int64_t j = 0; j < k; ++j)
+    if (ids[j] >= 0 && ids[j] < E) chosen.push_back(j);
+  const int64_t c = (int64_t)chosen.size();
+  std::vector<float> xf = widen(x, 1, H), h(c * 2 * I), a(c * I), o(c * H), acc(H, 0.f);
+  const std::vector<float> xp = pair_layout(xf.data(), 1, H);
+  std::vector<Seg> segs(c);
+  for (int64_t i = 0; i < c; ++i) {  // every chosen expert's gate and up rows: one parallel region
+    segs[i] = Seg{w13 + ids[chosen[i]] * 2 * I * H, 2 * I, H, xp.data(), xf.data(), Out{}};
+    segs[i].y.f = h.data() + i * 2 * I;
+    segs[i].y.ld = 2 * I;
+  }
+  gemv_segments(segs, nthreads);
+  for (int64_t j = 0; j < c; ++j)
     for (int64_t i = 0; i < I; ++i) {
-      const float g = round_bf(h[i]), u = round_bf(h[I + i]);
-      a[i] = round_bf(round_bf(g / (1.f + std::exp(-g))) * u);
+      const float g = round_bf(h[j * 2 * I + i]), u = round_bf(h[j * 2 * I + I + i]);
+      a[j * I + i] = round_bf(round_bf(g / (1.f + std::exp(-g))) * u);
     }
-    gemv(w2 + e * H * I, H, I, a.data(), 1, oo, nthreads);
-    const float wj = weights[j];
+  const std::vector<float> ap = pair_layout(a.data(), c, I);
+  for (int64_t i = 0; i < c; ++i) {  // and their down rows: one more
+    segs[i] = Seg{w2 + ids[chosen[i]] * H * I, H, I, ap.data() + i * I, a.data() + i * I, Out{}};
+    segs[i].y.f = o.data() + i * H;
+    segs[i].y.ld = H;
+  }
+  gemv_segments(segs, nthreads);
+  for (int64_t j = 0; j < c; ++j) {
+    const float wj = weights[chosen[j]];
     for (int64_t i = 0; i < H; ++i) {
-      const float p = round_bf(o[i]) * wj;
+      const float p = round_bf(o[j * H + i]) * wj;
       acc[i] += p;
     }
   }
@@ -340,4 +389,154 @@ int dschat_bf16_experts(const uint16_t* x, int64_t H, const int64_t* ids, const 
   return 0;
 }
 
+// y_s [N_s] = x W_s^T for n weights W_s bfloat16 [N_s, K] that read the same x bfloat16 [K] (one row), each y_s
+// bfloat16 rounded to nearest even: dschat_bf16_linear's outputs at one row, in one parallel region. 0 on
+// success.
+int dschat_bf16_linear_n(const uint16_t* x, int64_t K, int64_t n, const uint16_t* const* Ws, const int64_t* Ns,
+                         uint16_t* const* ys, int nthreads) {
+  if (K <= 0 || n < 0) return 1;
+  const std::vector<float> xf = widen(x, 1, K), xp = pair_layout(xf.data(), 1, K);
+  std::vector<Seg> segs(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (Ns[i] < 0) return 1;
+    segs[i] = Seg{Ws[i], Ns[i], K, xp.data(), xf.data(), Out{}};
+    segs[i].y.b = ys[i];
+    segs[i].y.ld = Ns[i];
+  }
+  gemv_segments(segs, nthreads);
+  return 0;
+}
+
 }  // extern "C"
+
+// -- the one-token decode step's small operations in bfloat16 (engine/cpu_step_bf16.py) ---------------------
+// Each rounds to bfloat16 where the PyTorch reference of a bfloat16 model rounds (every operator's output;
+// inside an operator the arithmetic is float32, as PyTorch's bfloat16 kernels compute), operation by operation
+// with no fused multiply-adds, except that RMSNorm's and softmax's sums run in double before their one rounding
+// to float, and the dot products run in float32 in another order than PyTorch's (up to float32 summation order).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+namespace {
+
+inline float rms_scale_bf(const uint16_t* x, int64_t D, float eps) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < D; ++i) {
+    const float v = bf2f(x[i]);
+    ss += (double)(v * v);
+  }
+  return 1.0f / std::sqrt((float)(ss / (double)D) + eps);
+}
+
+// norm_rope.rms_norm_reference in bfloat16: y = w * bf16(x * rsqrt(mean(x^2) + eps)), each product rounded.
+inline void rms_bf(const uint16_t* x, const uint16_t* w, float eps, int64_t D, uint16_t* y) {
+  const float r = rms_scale_bf(x, D, eps);
+  for (int64_t i = 0; i < D; ++i) y[i] = f2bf(bf2f(w[i]) * round_bf(bf2f(x[i]) * r));
+}
+
+// apply_rope in bfloat16: interleaved pairs rotated in float32, rounded.
+inline void rope_bf(const uint16_t* src, const float* cs, const float* sn, int64_t P, uint16_t* dst) {
+  for (int64_t i = 0; i < P / 2; ++i) {
+    const float x0 = bf2f(src[2 * i]), x1 = bf2f(src[2 * i + 1]), c = cs[i], s = sn[i];
+    dst[2 * i] = f2bf(x0 * c - x1 * s);
+    dst[2 * i + 1] = f2bf(x1 * c + x0 * s);
+  }
+}
+
+// 8 bfloat16 as float32
+inline __m256 bf8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+
+
+}  // namespace
+
+extern "C" {
+
+// x [D] bfloat16 (with res: first x = bf16(x + res), in place); y [D] = RMSNorm(x) with weight w [D].
+void dschat_bf16_add_rms(uint16_t* x, const uint16_t* res, const uint16_t* w, float eps, int64_t D, uint16_t* y) {
+  if (res)
+    for (int64_t i = 0; i < D; ++i) x[i] = f2bf(bf2f(x[i]) + bf2f(res[i]));
+  rms_bf(x, w, eps, D, y);
+}
+
+// dschat_rope_latent's bfloat16 twin (norm_rope.rope_latent_write_reference in bfloat16): q_out [H, P] = rope
+// of each head's rope part (at offset nope of q's rows, q_stride apart); row [R + P] (the cache row) =
+// [RMSNorm(kv[:R]) | rope(kv[R:])].
+void dschat_bf16_rope_latent(const uint16_t* q, int64_t H, int64_t q_stride, int64_t nope, const uint16_t* kv,
+                             int64_t R, int64_t P, const uint16_t* w, float eps, const float* cs, const float* sn,
+                             uint16_t* row, uint16_t* q_out) {
+  for (int64_t h = 0; h < H; ++h) rope_bf(q + h * q_stride + nope, cs, sn, P, q_out + h * P);
+  rms_bf(kv, w, eps, R, row);
+  rope_bf(kv + R, cs, sn, P, row + R);
+}
+
+// out [I] = bf16(bf16(silu(g)) * u): F.silu(gate) * up in bfloat16, gate = gu[:I], up = gu[I:2I].
+void dschat_bf16_silu_mul(const uint16_t* gu, int64_t I, uint16_t* out) {
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = bf2f(gu[i]);
+    out[i] = f2bf(round_bf(g / (1.0f + std::exp(-g))) * bf2f(gu[I + i]));
+  }
+}
+
+// y [n] = bf16(y + x).
+void dschat_bf16_add(uint16_t* y, const uint16_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = f2bf(bf2f(y[i]) + bf2f(x[i]));
+}
+
+// mla_decode.mla_decode_bf16_cpu at one query, over T rows of the bfloat16 latent cache read in place (row t at
+// slot slots[t], or first + t where slots is null; rows R + P apart), in two calls around PyTorch's softmax
+// (attention_probs, the plain path's own: no second softmax to keep equal to it):
+//   scores [H, T] = bf16(bf16(q_lat[h] . c_kv[t]) + bf16(q_pe[h] . k_pe[t]))   (dschat_bf16_mla_scores)
+//   o_lat [H, R] = bf16(sum_t p[h, t] c_kv[t])                                 (dschat_bf16_mla_mix)
+// The dot products are the ones its bmm computes (dot_rows, x in pair layout: the same float32 sums), the
+// weighted sum its bmm's too (the rows scaled and added in t's order), so the results are the plain path's bit
+// for bit. Heads over threads. 0 on success.
+int dschat_bf16_mla_scores(const uint16_t* q_lat, const uint16_t* q_pe, int64_t H, int64_t R, int64_t P,
+                           const uint16_t* cache, const int64_t* slots, int64_t first, int64_t T, uint16_t* scores,
+                           int nthreads) {
+  if (H <= 0 || R <= 0 || P < 0 || T <= 0) return 1;
+  const int64_t ld = R + P;
+  parallel_dynamic(H, nthreads, [&](int64_t h) {
+    const std::vector<float> q = widen(q_lat + h * R, 1, R), qp = widen(q_pe + h * P, 1, P);
+    const std::vector<float> xq = pair_layout(q.data(), 1, R), xqp = pair_layout(qp.data(), 1, P);
+    for (int64_t t = 0; t < T; ++t) {
+      const uint16_t* c = cache + (slots ? slots[t] : first + t) * ld;
+      float s1 = 0.f, s2 = 0.f;
+      dot_rows<1>(c, 0, R, xq.data(), q.data(), &s1);
+      if (P > 0) dot_rows<1>(c + R, 0, P, xqp.data(), qp.data(), &s2);
+      scores[h * T + t] = f2bf(round_bf(s1) + round_bf(s2));
+    }
+  });
+  return 0;
+}
+
+int dschat_bf16_mla_mix(const uint16_t* p, int64_t H, int64_t R, int64_t P, const uint16_t* cache,
+                        const int64_t* slots, int64_t first, int64_t T, uint16_t* o_lat, int nthreads) {
+  if (H <= 0 || R <= 0 || P < 0 || T <= 0) return 1;
+  const int64_t ld = R + P, rf = R / 8 * 8;
+  parallel_dynamic(H, nthreads, [&](int64_t h) {
+    std::vector<float> o(R, 0.f);
+    for (int64_t t = 0; t < T; ++t) {
+      const float a = bf2f(p[h * T + t]);
+      const __m256 av = _mm256_set1_ps(a);
+      const uint16_t* c = cache + (slots ? slots[t] : first + t) * ld;
+      for (int64_t r = 0; r < rf; r += 8)
+        _mm256_storeu_ps(o.data() + r, _mm256_fmadd_ps(av, bf8(c + r), _mm256_loadu_ps(o.data() + r)));
+      for (int64_t r = rf; r < R; ++r) o[r] = std::fma(a, bf2f(c[r]), o[r]);
+    }
+    for (int64_t r = 0; r < R; ++r) o_lat[h * R + r] = f2bf(o[r]);
+  });
+  return 0;
+}
+
+}  // extern "C"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif

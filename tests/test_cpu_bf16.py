@@ -11,6 +11,7 @@ from helpers import CHECKPOINTS
 
 from dschat.dev import tiny_checkpoints as tc
 from dschat.engine import Engine, SamplingParams
+from dschat.engine.static import decode_step
 from dschat.kernels import cpu_bf16, cpu_gemv
 from dschat.kernels.fused_moe import moe_experts, moe_experts_loop
 
@@ -132,12 +133,14 @@ def models(tmp_path_factory, native):
 
 
 def without_kernels(eng: Engine, fn):
-    """fn(eng) through PyTorch's bfloat16 matmul: the library hidden, as DSCHAT_CPU_GEMV=0 hides it."""
+    """fn(eng) through PyTorch's bfloat16 matmul: the library hidden, as DSCHAT_CPU_GEMV=0 hides it (and the
+    lean step, which holds the library since the engine loaded, replaced by decode_step)."""
     saved, cpu_gemv._LIB = cpu_gemv._LIB, None
+    saved_fn, eng.static._fn = eng.static._fn, decode_step
     try:
         return fn(eng)
     finally:
-        cpu_gemv._LIB = saved
+        cpu_gemv._LIB, eng.static._fn = saved, saved_fn
 
 
 @pytest.mark.parametrize("path", ["prefill", "decode"])
