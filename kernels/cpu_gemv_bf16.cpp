@@ -7,7 +7,7 @@
 // float32 sums (c10::BFloat16's round_to_nearest_even: NaN -> 0x7FC0). So y is the float32 model of the bf16
 // weights and activations, rounded once, up to float32 summation order.
 //
-//   GEMV (a few rows of x: decode, speculation's verify): each weight row read once per call, 4 rows at a time
+//   GEMV (a few rows of x: decode, speculation's verify): each weight row read once per call, one after another
 //     against each row of x, the output rows split over threads.
 //   GEMM (many rows: prefill, an expert's tokens): BLIS-like. Per thread a strip of 16 weight rows and 256
 //     inputs is widened once into a float32 panel [256][16] (16 KiB, in L1), which 6 x 16 register tiles of
@@ -86,7 +86,6 @@ struct Out {
 // 16 bfloat16 weights are one 256-bit load of 8 pairs: u << 16 is the even elements as float32, u & 0xFFFF0000
 // the odd ones, so x is laid out to match (xp: per block of 16, its 8 even elements, then its 8 odd ones) and
 // each 16 weights cost two integer ops to widen.
-constexpr int GR = 4;  // weight rows at a time
 constexpr int64_t PF = 4096;  // bytes a row's prefetch runs ahead
 
 template <int R>
@@ -125,38 +124,31 @@ std::vector<float> pair_layout(const float* x, int64_t M, int64_t K) {
   return xp;
 }
 
-// W's rows ld apart (ld = K: a whole matrix). Four rows at a time a quarter of the range apart (rows n0 + i,
-// n0 + q + i, n0 + 2q + i, n0 + 3q + i), not four adjacent ones: adjacent rows read side by side put several
-// streams inside the same pages, which the hardware prefetcher falls behind on (cpu_gemv.cpp's one_row).
+// W's rows ld apart (ld = K: a whole matrix), one after another: one stream of weights a thread. Four rows at a
+// time a quarter of the range apart (four streams a thread, as int8's one_row pairs two) read V2-Lite's decode
+// weights (bf16, 6 layers, in decode's order, 2 threads, Zen 4) at 23.6 GB/s against 28.4 this way (median of
+// 24 interleaved rounds); two rows half apart 23.7, eight a quarter apart 22.9. Each row's sum is the same
+// either way.
 void gemv_rows(const uint16_t* W, int64_t ld, int64_t K, const float* xp, const float* x, int64_t M, int64_t n0,
                int64_t n1, const Out& y) {
-  float s[GR];
-  const int64_t q = (n1 - n0) / GR;
-  for (int64_t n = n0; n < n0 + q; ++n)
-    for (int64_t m = 0; m < M; ++m) {  // the 4 rows stay in L1 (or L2) while each row of x meets them
-      dot_rows<GR>(W + n * ld, q * ld, K, xp + m * K, x + m * K, s);
-      for (int r = 0; r < GR; ++r) y.put(m, n + r * q, s[r]);
-    }
-  for (int64_t n = n0 + GR * q; n < n1; ++n)
-    for (int64_t m = 0; m < M; ++m) {
-      dot_rows<1>(W + n * ld, ld, K, xp + m * K, x + m * K, s);
-      y.put(m, n, s[0]);
+  float s;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {  // the row stays in L1 while each row of x meets it
+      dot_rows<1>(W + n * ld, ld, K, xp + m * K, x + m * K, &s);
+      y.put(m, n, s);
     }
 }
 
 void gemv(const uint16_t* W, int64_t N, int64_t K, const float* x, int64_t M, const Out& y, int nthreads) {
   const std::vector<float> xp = pair_layout(x, M, K);
-  // groups of 4 rows: a long run a thread, then chunks of >= 64 KiB of weights (cpu_common.h's parallel_runs);
+  // a long run of rows a thread, then chunks of >= 64 KiB of weights (cpu_common.h's parallel_runs);
   // V2-Lite shapes, 6 layers, 2 threads, decode: 9.0 -> 9.6 tok/s against 128 KiB chunks and no prefetch
-  const int64_t groups = (N + GR - 1) / GR;
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, GR * K * 2));
-  parallel_runs(groups, grain, nthreads, [&](int64_t g0, int64_t g1) {
-    gemv_rows(W, K, K, xp.data(), x, M, g0 * GR, std::min(N, g1 * GR), y);
-  });
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * 2));
+  parallel_runs(N, grain, nthreads, [&](int64_t n0, int64_t n1) { gemv_rows(W, K, K, xp.data(), x, M, n0, n1, y); });
 }
 
 // Several GEMVs at one row of x in one parallel region (a token's chosen experts, projections that read the same
-// x): segment s is W_s [N_s, K_s] against its own x_s into y_s. The groups of GR rows of all segments form one
+// x): segment s is W_s [N_s, K_s] against its own x_s into y_s. The rows of all segments form one
 // range, split over threads as gemv splits one weight's: one fork and join where each weight had its own, each
 // thread's rows one long run. Each row's sum is the one gemv gives it (a row's dot product does not depend on
 // the rows beside it).
@@ -172,15 +164,15 @@ void gemv_segments(const std::vector<Seg>& segs, int nthreads) {
   std::vector<int64_t> g0(segs.size() + 1, 0);
   int64_t kmax = 1;
   for (size_t i = 0; i < segs.size(); ++i) {
-    g0[i + 1] = g0[i] + (segs[i].N + GR - 1) / GR;
+    g0[i + 1] = g0[i] + segs[i].N;
     kmax = std::max(kmax, segs[i].K);
   }
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (GR * kmax * 2));
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (kmax * 2));
   parallel_runs(g0.back(), grain, nthreads, [&](int64_t a, int64_t b) {
     for (size_t i = 0; i < segs.size(); ++i) {
       const int64_t lo = std::max(a, g0[i]), hi = std::min(b, g0[i + 1]);
       const Seg& s = segs[i];
-      if (lo < hi) gemv_rows(s.W, s.K, s.K, s.xp, s.x, 1, (lo - g0[i]) * GR, std::min(s.N, (hi - g0[i]) * GR), s.y);
+      if (lo < hi) gemv_rows(s.W, s.K, s.K, s.xp, s.x, 1, lo - g0[i], hi - g0[i], s.y);
     }
   });
 }

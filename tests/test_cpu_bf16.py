@@ -45,7 +45,7 @@ def check_rounded_once(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
 @pytest.mark.parametrize("M, N, K", [(1, 70, 256), (1, 37, 300), (3, 64, 40), (4, 19, 2048), (5, 33, 520),
                                      (7, 130, 16), (67, 37, 600), (130, 50, 264)])
 def test_linear_is_the_float_model_rounded_once(native, M, N, K):
-    """Rows of x 1..4 (the GEMV: 4 weight rows at a time, the rows left over), 5 and more (the GEMM: 6 x 16
+    """Rows of x 1..4 (the GEMV: one weight row at a time), 5 and more (the GEMM: 6 x 16
     tiles, the rows and columns left over, K in blocks of 256); K a multiple of 16 or not (the tail)."""
     x, w = bf16(M, K, seed=M, scale=2.0), bf16(N, K, seed=K + N, scale=0.05)
     x[0, :8] = 0
