@@ -444,6 +444,30 @@ inline __m256 bf8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
+// One bfloat16 row w [K] against NH rows of x (ldx apart; xp in pair layout): out[i] = dot_rows<1>(w, x_i), the
+// same float32 operations in the same order for each (two accumulators over the blocks of 16, then the tail),
+// the row's blocks loaded once for all NH.
+template <int NH>
+inline void dot_heads(const uint16_t* w, int64_t K, const float* xp, const float* x, int64_t ldx, float* out) {
+  const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+  __m256 acc[NH][2];
+  for (int i = 0; i < NH; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  const int64_t kf = K / 16 * 16;
+  for (int64_t k = 0; k < kf; k += 16) {
+    const __m256i u = _mm256_loadu_si256((const __m256i*)(w + k));
+    const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(u, hi));
+    for (int i = 0; i < NH; ++i) {
+      acc[i][0] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xp + i * ldx + k), acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xp + i * ldx + k + 8), acc[i][1]);
+    }
+  }
+  for (int i = 0; i < NH; ++i) {
+    float s = hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
+    for (int64_t k = kf; k < K; ++k) s = std::fma(bf2f(w[k]), x[i * ldx + k], s);
+    out[i] = s;
+  }
+}
+
 
 
 }  // namespace
@@ -488,21 +512,33 @@ void dschat_bf16_add(uint16_t* y, const uint16_t* x, int64_t n) {
 //   o_lat [H, R] = bf16(sum_t p[h, t] c_kv[t])                                 (dschat_bf16_mla_mix)
 // The dot products are the ones its bmm computes (dot_rows, x in pair layout: the same float32 sums), the
 // weighted sum its bmm's too (the rows scaled and added in t's order), so the results are the plain path's bit
-// for bit. Heads over threads. 0 on success.
+// for bit. The scores split the keys over threads, each row read once for every head; the weighted sum splits
+// tiles of 4 heads x 16 columns. 0 on success.
 int dschat_bf16_mla_scores(const uint16_t* q_lat, const uint16_t* q_pe, int64_t H, int64_t R, int64_t P,
                            const uint16_t* cache, const int64_t* slots, int64_t first, int64_t T, uint16_t* scores,
                            int nthreads) {
   if (H <= 0 || R <= 0 || P < 0 || T <= 0) return 1;
   const int64_t ld = R + P;
-  parallel_dynamic(H, nthreads, [&](int64_t h) {
-    const std::vector<float> q = widen(q_lat + h * R, 1, R), qp = widen(q_pe + h * P, 1, P);
-    const std::vector<float> xq = pair_layout(q.data(), 1, R), xqp = pair_layout(qp.data(), 1, P);
-    for (int64_t t = 0; t < T; ++t) {
+  const std::vector<float> q = widen(q_lat, 1, H * R), qp = widen(q_pe, 1, H * P);
+  const std::vector<float> xq = pair_layout(q.data(), H, R), xqp = pair_layout(qp.data(), H, P);
+  // keys over threads; each key's row read once, against 4 heads at a time (dot_heads: each head's sum dot_rows')
+  parallel_runs(T, 16, nthreads, [&](int64_t t0, int64_t t1) {
+    float s1[4], s2[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t t = t0; t < t1; ++t) {
       const uint16_t* c = cache + (slots ? slots[t] : first + t) * ld;
-      float s1 = 0.f, s2 = 0.f;
-      dot_rows<1>(c, 0, R, xq.data(), q.data(), &s1);
-      if (P > 0) dot_rows<1>(c + R, 0, P, xqp.data(), qp.data(), &s2);
-      scores[h * T + t] = f2bf(round_bf(s1) + round_bf(s2));
+      for (int64_t h = 0; h < H; h += 4) {
+        const int nh = (int)std::min<int64_t>(4, H - h);
+        if (nh == 4) {
+          dot_heads<4>(c, R, xq.data() + h * R, q.data() + h * R, R, s1);
+          if (P > 0) dot_heads<4>(c + R, P, xqp.data() + h * P, qp.data() + h * P, P, s2);
+        } else {
+          for (int i = 0; i < nh; ++i) {
+            dot_heads<1>(c, R, xq.data() + (h + i) * R, q.data() + (h + i) * R, R, s1 + i);
+            if (P > 0) dot_heads<1>(c + R, P, xqp.data() + (h + i) * P, qp.data() + (h + i) * P, P, s2 + i);
+          }
+        }
+        for (int i = 0; i < nh; ++i) scores[(h + i) * T + t] = f2bf(round_bf(s1[i]) + round_bf(s2[i]));
+      }
     }
   });
   return 0;
@@ -511,18 +547,41 @@ int dschat_bf16_mla_scores(const uint16_t* q_lat, const uint16_t* q_pe, int64_t 
 int dschat_bf16_mla_mix(const uint16_t* p, int64_t H, int64_t R, int64_t P, const uint16_t* cache,
                         const int64_t* slots, int64_t first, int64_t T, uint16_t* o_lat, int nthreads) {
   if (H <= 0 || R <= 0 || P < 0 || T <= 0) return 1;
-  const int64_t ld = R + P, rf = R / 8 * 8;
-  parallel_dynamic(H, nthreads, [&](int64_t h) {
-    std::vector<float> o(R, 0.f);
-    for (int64_t t = 0; t < T; ++t) {
-      const float a = bf2f(p[h * T + t]);
-      const __m256 av = _mm256_set1_ps(a);
-      const uint16_t* c = cache + (slots ? slots[t] : first + t) * ld;
-      for (int64_t r = 0; r < rf; r += 8)
-        _mm256_storeu_ps(o.data() + r, _mm256_fmadd_ps(av, bf8(c + r), _mm256_loadu_ps(o.data() + r)));
-      for (int64_t r = rf; r < R; ++r) o[r] = std::fma(a, bf2f(c[r]), o[r]);
+  const int64_t ld = R + P, r16 = R / 16 * 16, hg = (H + 3) / 4;
+  const std::vector<float> pf = widen(p, 1, H * T);
+  // tiles of 4 heads x 16 columns (8 accumulators in registers over every key: the rows' sums in t's order, as
+  // the plain path's bmm adds them), tiles over threads; columns past the last 16 one by one
+  const int64_t ct = r16 / 16 + (R > r16 ? 1 : 0);
+  parallel_dynamic(hg * ct, nthreads, [&](int64_t tile) {
+    const int64_t h0 = tile / ct * 4, r0 = tile % ct * 16;
+    const int nh = (int)std::min<int64_t>(4, H - h0);
+    if (r0 < r16) {
+      __m256 acc[4][2];
+      for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < T; ++t) {
+        const uint16_t* c = cache + (slots ? slots[t] : first + t) * ld + r0;
+        const __m256 w0 = bf8(c), w1 = bf8(c + 8);
+        for (int i = 0; i < nh; ++i) {
+          const __m256 a = _mm256_set1_ps(pf[(h0 + i) * T + t]);
+          acc[i][0] = _mm256_fmadd_ps(a, w0, acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(a, w1, acc[i][1]);
+        }
+      }
+      for (int i = 0; i < nh; ++i) {
+        alignas(32) float o[16];
+        _mm256_store_ps(o, acc[i][0]);
+        _mm256_store_ps(o + 8, acc[i][1]);
+        for (int j = 0; j < 16; ++j) o_lat[(h0 + i) * R + r0 + j] = f2bf(o[j]);
+      }
+      return;
     }
-    for (int64_t r = 0; r < R; ++r) o_lat[h * R + r] = f2bf(o[r]);
+    for (int i = 0; i < nh; ++i)
+      for (int64_t r = r16; r < R; ++r) {
+        float o = 0.f;
+        for (int64_t t = 0; t < T; ++t)
+          o = std::fma(pf[(h0 + i) * T + t], bf2f(cache[(slots ? slots[t] : first + t) * ld + r]), o);
+        o_lat[(h0 + i) * R + r] = f2bf(o);
+      }
   });
   return 0;
 }

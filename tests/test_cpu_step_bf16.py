@@ -88,11 +88,14 @@ def test_silu_mul_and_add_are_the_reference(lib):
     assert torch.equal(y, want)
 
 
-@pytest.mark.parametrize("T, scattered", [(1, False), (37, True), (130, False), (300, True)])
-def test_attention_is_the_reference(lib, T, scattered):
+@pytest.mark.parametrize("T, scattered, H, R, P", [(1, False, 16, 512, 64), (37, True, 16, 512, 64),
+                                                   (130, False, 16, 512, 64), (300, True, 16, 512, 64),
+                                                   (45, True, 6, 72, 16), (20, False, 3, 40, 8)])
+def test_attention_is_the_reference(lib, T, scattered, H, R, P):
     """The scores, PyTorch's softmax (the step's own line) and the weighted sum of the rows, read in place at
-    their slots or from a first row: mla_decode_bf16_cpu at one query (the plain path's), bit for bit."""
-    H, R, P, n = 16, 512, 64, T + 40
+    their slots or from a first row: mla_decode_bf16_cpu at one query (the plain path's), bit for bit; heads in
+    fours and the rest, columns in sixteens and the rest, a rope part shorter than a block (the tails)."""
+    n = T + 40
     q_lat, q_pe, cache = bf16(H, R, seed=T), bf16(H, P, seed=T + 1), bf16(n, R + P, seed=T + 2, scale=0.5)
     if scattered:
         slots = torch.randperm(n, generator=torch.Generator().manual_seed(T))[:T]
