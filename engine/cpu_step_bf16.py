@@ -170,7 +170,7 @@ class Bf16Plan:
         gate_up, down = m
         outs, pg, pa = self.p_gu[down.K]
         gate_up(x, outs, threads)
-        self.lib.dschat_bf16_silu_mul(pg, down.K, pa)
+        self.lib.dschat_bf16_silu_mul(pg, down.K, pa, threads)
         down(pa, out, threads)
 
     @torch.inference_mode()

@@ -51,7 +51,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 # dot4 / dot8: the same int32 sums as AVX2's maddubs + madd, so the same results bit for bit).
 ISA_FLAGS = {"avx2": [], "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
 ABI = 5  # cpu_gemv.cpp's dschat_abi_version()
-ABI_BF16 = 3  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
+ABI_BF16 = 4  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
 ABI_PREFILL = 1  # cpu_gemv.cpp's dschat_prefill_abi_version() (prefill's GEMMs: gemm_f32 and igemm4)
 
 
@@ -160,7 +160,7 @@ def _load(path: Path):
                        ("dschat_route", [P, I64, P, I, I, I, I, I, I, F, I64, P, P]),
                        ("dschat_bf16_add_rms", [P, P, P, F, I64, P]),
                        ("dschat_bf16_rope_latent", [P, I64, I64, I64, P, I64, I64, P, F, P, P, P, P]),
-                       ("dschat_bf16_silu_mul", [P, I64, P]),
+                       ("dschat_bf16_silu_mul", [P, I64, P, I]),
                        ("dschat_bf16_add", [P, P, I64])):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None

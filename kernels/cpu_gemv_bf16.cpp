@@ -303,7 +303,7 @@ void bmm_one(const uint16_t* x, int64_t M, int64_t K, int64_t xs, const uint16_t
 
 extern "C" {
 
-int dschat_bf16_abi_version() { return 3; }
+int dschat_bf16_abi_version() { return 4; }
 
 // Batched y[b] = x[b] W[b]^T (trans) or x[b] W[b], all bfloat16, y rounded to nearest even: MLA's absorbed
 // attention folding kv_b_proj's halves into the query and out of the output, a few rows per head. Strides in
@@ -358,11 +358,13 @@ int dschat_bf16_experts(const uint16_t* x, int64_t H, const int64_t* ids, const 
     segs[i].y.ld = 2 * I;
   }
   gemv_segments(segs, nthreads);
-  for (int64_t j = 0; j < c; ++j)
-    for (int64_t i = 0; i < I; ++i) {
+  parallel_runs(c * I, 512, nthreads, [&](int64_t i0, int64_t i1) {  // the SwiGLU, element by element
+    for (int64_t ji = i0; ji < i1; ++ji) {
+      const int64_t j = ji / I, i = ji % I;
       const float g = round_bf(h[j * 2 * I + i]), u = round_bf(h[j * 2 * I + I + i]);
       a[j * I + i] = round_bf(round_bf(g / (1.f + std::exp(-g))) * u);
     }
+  });
   const std::vector<float> ap = pair_layout(a.data(), c, I);
   for (int64_t i = 0; i < c; ++i) {  // and their down rows: one more
     segs[i] = Seg{w2 + ids[chosen[i]] * H * I, H, I, ap.data() + i * I, a.data() + i * I, Out{}};
@@ -492,12 +494,15 @@ void dschat_bf16_rope_latent(const uint16_t* q, int64_t H, int64_t q_stride, int
   rope_bf(kv + R, cs, sn, P, row + R);
 }
 
-// out [I] = bf16(bf16(silu(g)) * u): F.silu(gate) * up in bfloat16, gate = gu[:I], up = gu[I:2I].
-void dschat_bf16_silu_mul(const uint16_t* gu, int64_t I, uint16_t* out) {
-  for (int64_t i = 0; i < I; ++i) {
-    const float g = bf2f(gu[i]);
-    out[i] = f2bf(round_bf(g / (1.0f + std::exp(-g))) * bf2f(gu[I + i]));
-  }
+// out [I] = bf16(bf16(silu(g)) * u): F.silu(gate) * up in bfloat16, gate = gu[:I], up = gu[I:2I]; elements over
+// threads.
+void dschat_bf16_silu_mul(const uint16_t* gu, int64_t I, uint16_t* out, int nthreads) {
+  parallel_runs(I, 512, nthreads, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float g = bf2f(gu[i]);
+      out[i] = f2bf(round_bf(g / (1.0f + std::exp(-g))) * bf2f(gu[I + i]));
+    }
+  });
 }
 
 // y [n] = bf16(y + x).

@@ -77,11 +77,12 @@ def test_silu_mul_and_add_are_the_reference(lib):
     n = 1000
     gu = bf16(2 * n, seed=1, scale=6.0)
     gu[:4] = torch.tensor([0.0, -0.0, float("inf"), float("-inf")])
-    out = torch.empty(n, dtype=BF16)
-    lib.dschat_bf16_silu_mul(ptr(gu), n, ptr(out))
     want = F.silu(gu[:n]) * gu[n:]
     nan = want.isnan()
-    assert nan[3] and torch.equal(out.isnan(), nan) and torch.equal(out[~nan], want[~nan])  # silu(-inf) * up
+    for threads in (1, 2):
+        out = torch.empty(n, dtype=BF16)
+        lib.dschat_bf16_silu_mul(ptr(gu), n, ptr(out), threads)
+        assert nan[3] and torch.equal(out.isnan(), nan) and torch.equal(out[~nan], want[~nan])  # silu(-inf) * up
     y, x = bf16(n, seed=2, scale=100.0), bf16(n, seed=3)
     want = y + x
     lib.dschat_bf16_add(ptr(y), ptr(x), n)
