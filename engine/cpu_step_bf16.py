@@ -10,18 +10,19 @@ value rounded to bfloat16 where the plain path rounds it (each PyTorch operator'
     in one call (`dschat_bf16_linear_n`: one parallel region, each output the same), and the experts' call
     reads its chosen experts' gate|up rows in one parallel region and their down rows in one more.
   * The RMSNorms (with their residual adds), q's and k_pe's RoPE with the latent's norm and the cache write, the
-    SwiGLU's product and the shared experts' sum are one library call each (`dschat_bf16_add_rms`,
-    `..._rope_latent`, `..._silu_mul`, `..._add`), rounding as norm_rope.py's references do. RMSNorm's mean is
-    summed in double (PyTorch's in float32): the one place where the two could part, at the last bit of the
-    scale, which no test or measured run has shown moving a bfloat16 result.
+    SwiGLU's product and the shared experts' sum are library calls (`dschat_bf16_add_sq` / `..._rms`,
+    `..._rope_latent`, `..._silu_mul`, `..._add`), rounding as norm_rope.py's references do; each RMSNorm's mean
+    of squares between them is torch.mean's own (its float32 sum in the library's order moved the scale by a
+    bit in 7 of 20000 rows of 2048, and ~14 bfloat16 outputs of each such row).
   * The attention reads the keys' rows in place (scattered pages too): the scores and the weighted sum in the
     library (`dschat_bf16_mla_scores`, `..._mla_mix`: the plain path's bmm's sums), the softmax between them
     PyTorch's own, as mla_decode_bf16_cpu's attention_probs computes it.
   * The router: its float32 linear as the plain path's (torch.mm over the gate's weight in float32, made once),
     then kernels/router.py's route_reference itself (the library's float32 router sums its softmax in another
     order: its weights part from PyTorch's in the last bit).
-Only on one rank, with the library built, for bfloat16 weights (plain Linear / Experts, not packed, not FP8)
-and a bfloat16 latent cache; `Bf16Plan.build` returns None otherwise and the engine runs `decode_step`.
+Only on one rank, with the library built, for bfloat16 weights (plain Linear / Experts, not packed, not FP8);
+`Bf16Plan.build` returns None otherwise and the engine runs `decode_step`. (Its latent cache is bfloat16 too:
+the engine's dtype; `step` refuses another.)
 """
 
 from __future__ import annotations
@@ -157,13 +158,29 @@ class Bf16Plan:
         if self.qa is not None:
             self.p["qa"], self.p["qan"] = ptr(self.qa), ptr(self.qan)
         self.p_gu = {i: (_LinN.outputs(a[:, :i], a[:, i:]), ptr(a), ptr(b)) for i, (a, b) in self.gu.items()}
-        self.D_c = _I64(D)
+        self.D_c, self.Dn = _I64(D), D
+        sizes = {D, R} | ({L0.q_a.shape[0]} if L0.q_a is not None else set())
+        self.sq, self.m = torch.zeros(1, max(sizes)), torch.zeros(1, 1)
+        self.sq_n = {n: self.sq[:, :n] for n in sizes}  # [1, n] views: torch.mean's input
+        self.p["sq"], self.p["m"] = ptr(self.sq), ptr(self.m)
         for L in self.layers:
             L.in_w, L.post_w, L.kv_norm = ptr(L.in_w), ptr(L.post_w), ptr(L.kv_norm)
             L.qkv_out = _LinN.outputs(self.q if L.q_a is None else self.qa, self.kv)
             if L.q_a is not None:
                 L.q_a_norm = ptr(L.q_a_norm)
         self.norm_p = ptr(self.norm_w)
+
+    def _mean_sq(self, x: ctypes.c_void_p, res: ctypes.c_void_p | None, n: int):
+        """x = bf16(x + res) in place (with res), then self.m = the mean of x's squares in float32, by torch.mean
+        itself (rms_norm_reference's `h.pow(2).mean(-1)`: its summation order is PyTorch's)."""
+        self.lib.dschat_bf16_add_sq(x, res, n, self.p["sq"])
+        torch.mean(self.sq_n[n], -1, keepdim=True, out=self.m)
+
+    def _norm(self, x: ctypes.c_void_p, res: ctypes.c_void_p | None, w: ctypes.c_void_p, eps: float, n: int,
+              y: ctypes.c_void_p):
+        """RMSNorm.add's (x + res, norm) in bfloat16: x = bf16(x + res) in place (with res), y = its norm."""
+        self._mean_sq(x, res, n)
+        self.lib.dschat_bf16_rms(x, w, self.p["m"], eps, n, y)
 
     def _swiglu(self, m, x: ctypes.c_void_p, out: ctypes.c_void_p, threads):
         """out = down(silu(gate(x)) * up(x)), as MLP.forward rounds it."""
@@ -193,14 +210,15 @@ class Bf16Plan:
         ps = scores.data_ptr()
         start = True
         for i, L in enumerate(self.layers):
-            lib.dschat_bf16_add_rms(p["h"], None if start else p["pend"], L.in_w, L.in_eps, D, p["x"])
+            self._norm(p["h"], None if start else p["pend"], L.in_w, L.in_eps, self.Dn, p["x"])
             start = False
             L.qkv(p["x"], L.qkv_out, threads)
             if L.q_a is not None:
-                lib.dschat_bf16_add_rms(p["qa"], None, L.q_a_norm, L.q_a_eps, L.q_a.shape[0], p["qan"])
+                self._norm(p["qa"], None, L.q_a_norm, L.q_a_eps, L.q_a.shape[0], p["qan"])
                 L.q_b(p["qan"], p["q"], threads)
             layer = cache[i]
-            lib.dschat_bf16_rope_latent(p["q"], H, nope + P, nope, p["kv"], R, P, L.kv_norm, L.kv_eps, p["cs"],
+            self._mean_sq(p["kv"], None, R)  # the latent's RMSNorm: the mean of its squares, PyTorch's
+            lib.dschat_bf16_rope_latent(p["q"], H, nope + P, nope, p["kv"], R, P, L.kv_norm, p["m"], L.kv_eps, p["cs"],
                                         p["sn"], layer.data_ptr() + slot * row_bytes, p["q_pe"])
             cpu_bf16.bmm(self.q_nope, L.w_uk, False, out=self.q_lat)
             # the attention over the keys' rows, read in place: the scores, PyTorch's softmax (attention_probs'), the
@@ -212,7 +230,7 @@ class Bf16Plan:
                                                    p["o_lat"], threads), "bad attention arguments")
             cpu_bf16.bmm(self.o_lat, L.w_uv, True, out=self.out)
             L.o(p["out"], p["attn"], threads)
-            lib.dschat_bf16_add_rms(p["h"], p["attn"], L.post_w, L.post_eps, D, p["x"])
+            self._norm(p["h"], p["attn"], L.post_w, L.post_eps, self.Dn, p["x"])
             if L.mlp is not None:
                 self._swiglu(L.mlp, p["x"], p["pend"], threads)
                 continue
@@ -227,7 +245,7 @@ class Bf16Plan:
             if L.shared is not None:
                 self._swiglu(L.shared, p["x"], p["eo"], threads)
                 lib.dschat_bf16_add(p["pend"], p["eo"], D)
-        lib.dschat_bf16_add_rms(p["h"], p["pend"], self.norm_p, self.norm_eps, D, p["x"])
+        self._norm(p["h"], p["pend"], self.norm_p, self.norm_eps, self.Dn, p["x"])
         h_out = self.h.clone()  # h + pending: the state before the final norm, as decode_step returns it
         self.head(p["x"], p["logits_bf"], threads)
         logits = self.logits_bf.float()

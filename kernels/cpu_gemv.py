@@ -51,7 +51,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 # dot4 / dot8: the same int32 sums as AVX2's maddubs + madd, so the same results bit for bit).
 ISA_FLAGS = {"avx2": [], "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
 ABI = 5  # cpu_gemv.cpp's dschat_abi_version()
-ABI_BF16 = 4  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
+ABI_BF16 = 5  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
 ABI_PREFILL = 1  # cpu_gemv.cpp's dschat_prefill_abi_version() (prefill's GEMMs: gemm_f32 and igemm4)
 
 
@@ -158,8 +158,9 @@ def _load(path: Path):
                        ("dschat_silu_mul", [P, I64, P]),
                        ("dschat_axpy", [P, P, F, I64, I]),
                        ("dschat_route", [P, I64, P, I, I, I, I, I, I, F, I64, P, P]),
-                       ("dschat_bf16_add_rms", [P, P, P, F, I64, P]),
-                       ("dschat_bf16_rope_latent", [P, I64, I64, I64, P, I64, I64, P, F, P, P, P, P]),
+                       ("dschat_bf16_add_sq", [P, P, I64, P]),
+                       ("dschat_bf16_rms", [P, P, P, F, I64, P]),
+                       ("dschat_bf16_rope_latent", [P, I64, I64, I64, P, I64, I64, P, P, F, P, P, P, P]),
                        ("dschat_bf16_silu_mul", [P, I64, P, I]),
                        ("dschat_bf16_add", [P, P, I64])):
         fn = getattr(lib, name)
@@ -439,9 +440,9 @@ def experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Pack
     wc = _rows(weights, weights.shape[-1])
     y = torch.empty(x.shape)
     err = lib.dschat_experts(xf.data_ptr(), H, idc.data_ptr(), wc.data_ptr(), min(idc.numel(), wc.numel()),
-                             w13.data.data_ptr(), w13.scale.data_ptr(), _ptr(w13.zero), w2.data.data_ptr(), w2.scale.data_ptr(),
-                             _ptr(w2.zero), E, I2 // 2, w13.data.shape[-1], w2.data.shape[-1], w13.bits, w13.group,
-                             y.data_ptr(), torch.get_num_threads())
+                             w13.data.data_ptr(), w13.scale.data_ptr(), _ptr(w13.zero), w2.data.data_ptr(),
+                             w2.scale.data_ptr(), _ptr(w2.zero), E, I2 // 2, w13.data.shape[-1], w2.data.shape[-1],
+                             w13.bits, w13.group, y.data_ptr(), torch.get_num_threads())
     check(err)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 

@@ -22,8 +22,8 @@
 //     row, SwiGLU's product, a sum, MLA's scores and weighted sum over the cache rows in place.
 //
 // Entry points (C, raw pointers): dschat_bf16_abi_version, dschat_bf16_linear, dschat_bf16_linear_n,
-// dschat_bf16_bmm, dschat_bf16_experts, dschat_bf16_add_rms, dschat_bf16_rope_latent, dschat_bf16_silu_mul,
-// dschat_bf16_add, dschat_bf16_mla_scores, dschat_bf16_mla_mix.
+// dschat_bf16_bmm, dschat_bf16_experts, dschat_bf16_add_sq, dschat_bf16_rms, dschat_bf16_rope_latent,
+// dschat_bf16_silu_mul, dschat_bf16_add, dschat_bf16_mla_scores, dschat_bf16_mla_mix.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -303,7 +303,7 @@ void bmm_one(const uint16_t* x, int64_t M, int64_t K, int64_t xs, const uint16_t
 
 extern "C" {
 
-int dschat_bf16_abi_version() { return 4; }
+int dschat_bf16_abi_version() { return 5; }
 
 // Batched y[b] = x[b] W[b]^T (trans) or x[b] W[b], all bfloat16, y rounded to nearest even: MLA's absorbed
 // attention folding kv_b_proj's halves into the query and out of the output, a few rows per head. Strides in
@@ -406,8 +406,9 @@ int dschat_bf16_linear_n(const uint16_t* x, int64_t K, int64_t n, const uint16_t
 // -- the one-token decode step's small operations in bfloat16 (engine/cpu_step_bf16.py) ---------------------
 // Each rounds to bfloat16 where the PyTorch reference of a bfloat16 model rounds (every operator's output;
 // inside an operator the arithmetic is float32, as PyTorch's bfloat16 kernels compute), operation by operation
-// with no fused multiply-adds, except that RMSNorm's and softmax's sums run in double before their one rounding
-// to float, and the dot products run in float32 in another order than PyTorch's (up to float32 summation order).
+// with no fused multiply-adds. The reductions whose order PyTorch fixes stay PyTorch's (RMSNorm's mean, the
+// attention's softmax: the caller runs them between two calls); the dot products are the kernels' own, the ones
+// the plain path runs.
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -417,18 +418,12 @@ int dschat_bf16_linear_n(const uint16_t* x, int64_t K, int64_t n, const uint16_t
 
 namespace {
 
-inline float rms_scale_bf(const uint16_t* x, int64_t D, float eps) {
-  double ss = 0.0;
-  for (int64_t i = 0; i < D; ++i) {
-    const float v = bf2f(x[i]);
-    ss += (double)(v * v);
-  }
-  return 1.0f / std::sqrt((float)(ss / (double)D) + eps);
-}
-
-// norm_rope.rms_norm_reference in bfloat16: y = w * bf16(x * rsqrt(mean(x^2) + eps)), each product rounded.
-inline void rms_bf(const uint16_t* x, const uint16_t* w, float eps, int64_t D, uint16_t* y) {
-  const float r = rms_scale_bf(x, D, eps);
+// norm_rope.rms_norm_reference in bfloat16 after its mean: y = w * bf16(x * (1 / sqrt(mean + eps))), each product
+// rounded (torch.rsqrt is 1 / sqrt, two roundings). The mean of the squares is PyTorch's own (the caller's
+// torch.mean over dschat_bf16_add_sq's squares): its float32 sum in another order moved the scale by one bit in
+// 7 of 20000 rows (D = 2048), and with it ~14 of each such row's outputs by a bfloat16 step.
+inline void rms_bf(const uint16_t* x, const uint16_t* w, const float* mean, float eps, int64_t D, uint16_t* y) {
+  const float r = 1.0f / std::sqrt(*mean + eps);
   for (int64_t i = 0; i < D; ++i) y[i] = f2bf(bf2f(w[i]) * round_bf(bf2f(x[i]) * r));
 }
 
@@ -476,21 +471,30 @@ inline void dot_heads(const uint16_t* w, int64_t K, const float* xp, const float
 
 extern "C" {
 
-// x [D] bfloat16 (with res: first x = bf16(x + res), in place); y [D] = RMSNorm(x) with weight w [D].
-void dschat_bf16_add_rms(uint16_t* x, const uint16_t* res, const uint16_t* w, float eps, int64_t D, uint16_t* y) {
+// x [D] bfloat16 (with res: first x = bf16(x + res), in place); sq [D] = x^2 in float32 (h.float().pow(2)), whose
+// mean PyTorch takes before dschat_bf16_rms.
+void dschat_bf16_add_sq(uint16_t* x, const uint16_t* res, int64_t D, float* sq) {
   if (res)
     for (int64_t i = 0; i < D; ++i) x[i] = f2bf(bf2f(x[i]) + bf2f(res[i]));
-  rms_bf(x, w, eps, D, y);
+  for (int64_t i = 0; i < D; ++i) {
+    const float v = bf2f(x[i]);
+    sq[i] = v * v;
+  }
+}
+
+// y [D] = RMSNorm(x) with weight w [D], given the mean of x's squares (*mean).
+void dschat_bf16_rms(const uint16_t* x, const uint16_t* w, const float* mean, float eps, int64_t D, uint16_t* y) {
+  rms_bf(x, w, mean, eps, D, y);
 }
 
 // dschat_rope_latent's bfloat16 twin (norm_rope.rope_latent_write_reference in bfloat16): q_out [H, P] = rope
 // of each head's rope part (at offset nope of q's rows, q_stride apart); row [R + P] (the cache row) =
-// [RMSNorm(kv[:R]) | rope(kv[R:])].
+// [RMSNorm(kv[:R]) | rope(kv[R:])], *mean the mean of kv[:R]'s squares.
 void dschat_bf16_rope_latent(const uint16_t* q, int64_t H, int64_t q_stride, int64_t nope, const uint16_t* kv,
-                             int64_t R, int64_t P, const uint16_t* w, float eps, const float* cs, const float* sn,
-                             uint16_t* row, uint16_t* q_out) {
+                             int64_t R, int64_t P, const uint16_t* w, const float* mean, float eps, const float* cs,
+                             const float* sn, uint16_t* row, uint16_t* q_out) {
   for (int64_t h = 0; h < H; ++h) rope_bf(q + h * q_stride + nope, cs, sn, P, q_out + h * P);
-  rms_bf(kv, w, eps, R, row);
+  rms_bf(kv, w, mean, eps, R, row);
   rope_bf(kv + R, cs, sn, P, row + R);
 }
 
