@@ -509,6 +509,22 @@ void run(const PackedW& w, const PreparedX& px, float* y, int nthreads) {
                 [&](int64_t p0, int64_t p1) { one_row(w, px, 2 * p0, std::min(w.N, 2 * p1), y); });
 }
 
+// run() at one row of x for several weights at once (a token's chosen experts): weight i against its prepared x
+// px[i] into y + i * ldy, all their rows one range over the threads (pairs, runs and chunks as run() splits one
+// weight's: one_row on each weight's share), so one parallel region where each weight had its own.
+void run_experts(const std::vector<PackedW>& ws, const std::vector<const PreparedX*>& px, float* y, int64_t ldy,
+                 int nthreads) {
+  std::vector<int64_t> p0(ws.size() + 1, 0);  // each weight's first pair in the joint range
+  for (size_t i = 0; i < ws.size(); ++i) p0[i + 1] = p0[i] + (ws[i].N + 1) / 2;
+  parallel_runs(p0.back(), grain_for(ws[0].row_bytes()), nthreads, [&](int64_t a, int64_t b) {
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const int64_t lo = std::max(a, p0[i]), hi = std::min(b, p0[i + 1]);
+      if (lo < hi)
+        one_row(ws[i], *px[i], 2 * (lo - p0[i]), std::min(ws[i].N, 2 * (hi - p0[i])), y + i * ldy);
+    }
+  });
+}
+
 // A packed weight [N, K] as stored: data [N, row] (int8: row = K; int4: row = kp/2 bytes; int6: kp * 3/4), scale
 // [N] (int8) or [N, kp/group] (int4, int6), zero [N, kp/group] or null (int4; int6 has none: zero 32).
 PackedW packed(const void* data, const float* scale, const uint8_t* zero, int bits, int64_t group, int64_t N,
@@ -779,26 +795,41 @@ int dschat_experts(const float* x, int64_t H, const int64_t* ids, const float* w
   if (int e = bad(bits, group, I, row2)) return e;
   const int64_t G13 = bits == 8 ? 1 : 2 * row13 / group, G2 = bits == 8 ? 1 : 2 * row2 / group;
   std::fill(y, y + H, 0.f);
-  std::vector<float> h(2 * I), a(I), o(H);
-  bool prepared = false;
-  PreparedX px;
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t e = ids[j];
-    if (e < 0 || e >= E) continue;
-    PackedW w13 = packed((const uint8_t*)d13 + e * 2 * I * row13, s13 + e * 2 * I * G13,
-                         z13 ? z13 + e * 2 * I * G13 : nullptr, bits, group, 2 * I, H, row13);
-    PackedW w2 = packed((const uint8_t*)d2 + e * H * row2, s2 + e * H * G2, z2 ? z2 + e * H * G2 : nullptr, bits,
-                        group, H, I, row2);
-    if (!prepared) {
-      px = prepare(x, 1, w13);
-      prepared = true;
-    }
-    run(w13, px, h.data(), nthreads);
-    for (int64_t i = 0; i < I; ++i) a[i] = h[i] / (1.f + std::exp(-h[i])) * h[I + i];
-    PreparedX pa = prepare(a.data(), 1, w2);
-    run(w2, pa, o.data(), nthreads);
-    for (int64_t i = 0; i < H; ++i) y[i] += o[i] * weights[j];
+  std::vector<int64_t> chosen;  // the entries j of ids that name an expert here, in order
+  for (int64_t j = 0; j < k; ++j)
+    if (ids[j] >= 0 && ids[j] < E) chosen.push_back(j);
+  const int64_t c = (int64_t)chosen.size();
+  if (c == 0) return 0;
+  std::vector<PackedW> w13(c), w2(c);
+  for (int64_t i = 0; i < c; ++i) {
+    const int64_t e = ids[chosen[i]];
+    w13[i] = packed((const uint8_t*)d13 + e * 2 * I * row13, s13 + e * 2 * I * G13,
+                    z13 ? z13 + e * 2 * I * G13 : nullptr, bits, group, 2 * I, H, row13);
+    w2[i] = packed((const uint8_t*)d2 + e * H * row2, s2 + e * H * G2, z2 ? z2 + e * H * G2 : nullptr, bits, group,
+                   H, I, row2);
   }
+  std::vector<float> h(c * 2 * I), a(c * I), o(c * H);
+  // every chosen expert's gate|up rows in one parallel region, then their down rows in one more (one_rows over
+  // all the experts' rows as one range: each row's sum what run() gives it)
+  const PreparedX px = prepare(x, 1, w13[0]);
+  std::vector<const PreparedX*> p13(c, &px);
+  run_experts(w13, p13, h.data(), 2 * I, nthreads);
+  parallel_runs(c * I, 512, nthreads, [&](int64_t i0, int64_t i1) {
+    for (int64_t ji = i0; ji < i1; ++ji) {
+      const float* hj = h.data() + ji / I * 2 * I;
+      const int64_t i = ji % I;
+      a[ji] = hj[i] / (1.f + std::exp(-hj[i])) * hj[I + i];
+    }
+  });
+  std::vector<PreparedX> pa(c);
+  std::vector<const PreparedX*> p2(c);
+  for (int64_t i = 0; i < c; ++i) {
+    pa[i] = prepare(a.data() + i * I, 1, w2[i]);
+    p2[i] = &pa[i];
+  }
+  run_experts(w2, p2, o.data(), H, nthreads);
+  for (int64_t j = 0; j < c; ++j)
+    for (int64_t i = 0; i < H; ++i) y[i] += o[j * H + i] * weights[chosen[j]];
   return 0;
 }
 

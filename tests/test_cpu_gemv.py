@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dschat.engine.quant import HEAD_INT6, QuantSpec, quantize
 from dschat.kernels import cpu_gemv, quant_cpu
@@ -116,6 +117,39 @@ def test_threads_split_the_rows(native, name, threads, M):
         torch.set_num_threads(before)
     assert torch.equal(got, cpu_gemv.gemv(x, p))
     assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_the_experts_call_splits_its_rows_over_threads_alike(native, name):
+    """dschat_experts reads its chosen experts' gate|up rows as one range over the threads, then their down rows
+    (odd row counts: the pairs, the last row alone, a range crossing from one expert into the next): the same
+    numbers at 1, 2 and 3 threads, ids outside the stack contributing nothing, and close to the float model."""
+    from dschat.kernels.quant_format import Packed
+
+    s, E, H, I = SPECS[name], 5, 256, 97
+    stack = lambda p, n: Packed(*(None if t is None else t.unflatten(0, (E, n)) for t in (p.data, p.scale, p.zero)),
+                                p.bits, p.group, p.in_features)  # noqa: E731
+    w13 = stack(quantize(torch.randn(E * 2 * I, H) * 0.1, s), 2 * I)
+    w2 = stack(quantize(torch.randn(E * H, I) * 0.1, s), H)
+    x, ids, weights = torch.randn(1, H), torch.tensor([3, -1, 0, 7, 4]), torch.tensor([0.5, 0.9, 0.3, 0.8, 0.2])
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append(cpu_gemv.experts(x, ids, weights, w13, w2))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+    want = torch.zeros(1, H)
+    for e, w in ((3, 0.5), (0, 0.3), (4, 0.2)):
+        g = cpu_gemv.gemv_reference(x, Packed(*(None if t is None else t[e] for t in (w13.data, w13.scale, w13.zero)),
+                                              w13.bits, w13.group, w13.in_features))
+        a = F.silu(g[:, :I]) * g[:, I:]
+        want += w * cpu_gemv.gemv_reference(a, Packed(*(None if t is None else t[e] for t in (w2.data, w2.scale,
+                                                                                            w2.zero)),
+                                                      w2.bits, w2.group, w2.in_features))
+    assert rel(got[0], want) < 3 * TOL
 
 
 @pytest.mark.parametrize("name", SPECS)
