@@ -81,7 +81,8 @@ QuantRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t kp, bool p
       const __m256 idv = _mm256_set1_ps(id);
       __m256i sv = _mm256_setzero_si256();
       for (int j = 0; j < 4; ++j) {
-        __m256i t = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m256 scaled = _mm256_mul_ps(v[j], idv);
+        __m256i t = _mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         t = _mm256_min_epi32(_mm256_max_epi32(t, lo), hi);
         sv = _mm256_add_epi32(sv, t);
         _mm256_store_si256((__m256i*)(iv + 8 * j), t);
@@ -427,7 +428,8 @@ inline void tile(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, 
 #define DSCHAT_TM 4
 #define DSCHAT_TN 2
 #endif
-constexpr int TM = DSCHAT_TM, TN = DSCHAT_TN;  // the blocked kernels' tile (4 x 2: 8 sums + the operands in 16 registers)
+// the blocked kernels' tile (4 x 2: 8 sums + the operands in 16 registers)
+constexpr int TM = DSCHAT_TM, TN = DSCHAT_TN;
 constexpr int64_t N_STRIP = 16;  // weight rows a thread takes at a time (in L1 while every row of x meets them)
 
 constexpr int64_t M_CHUNK = 64;  // rows of x at a time (int8: 64 x 2 KiB, in L2 while the weights stream past)
@@ -684,9 +686,9 @@ void gemv_f(const PackedW& w, const float* x, float* y) {
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int64_t k = 0; k < full; k += 32)
         for (int j = 0; j < 4; ++j)
-          acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * j),
-                                   _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r + k + 8 * j)))),
-                                   acc[j]);
+          acc[j] = _mm256_fmadd_ps(
+              _mm256_loadu_ps(x + k + 8 * j),
+              _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r + k + 8 * j)))), acc[j]);
       float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
       for (int64_t k = full; k < w.K; ++k) s = std::fma(x[k], (float)r[k], s);
       y[n] = s * w.scale[n];
@@ -711,13 +713,15 @@ void gemv_f(const PackedW& w, const float* x, float* y) {
           const __m128i lo2 = _mm_srli_si128(lo, 8), hi2 = _mm_srli_si128(hi, 8);
           const float* e = xe + 16 * half;  // evens of columns c0 + 32 half ..
           const float* o = xe + 32 + 16 * half;
-          acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo), z)), acc[0]);
-          acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(e + 8), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo2), z)), acc[1]);
-          acc[2] = _mm256_fmadd_ps(_mm256_loadu_ps(o), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi), z)), acc[2]);
-          acc[3] = _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi2), z)), acc[3]);
+          auto nib = [&](__m128i b) { return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), z)); };
+          acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(e), nib(lo), acc[0]);
+          acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(e + 8), nib(lo2), acc[1]);
+          acc[2] = _mm256_fmadd_ps(_mm256_loadu_ps(o), nib(hi), acc[2]);
+          acc[3] = _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), nib(hi2), acc[3]);
         }
       }
-      total = std::fma(w.scale[n * w.G + g], hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))), total);
+      const float gsum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+      total = std::fma(w.scale[n * w.G + g], gsum, total);
     }
     y[n] = total;
   }

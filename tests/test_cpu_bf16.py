@@ -114,6 +114,25 @@ def test_experts_read_only_the_chosen_rows(native, H, I):
     assert float((got.double() - other.double()).abs().max() / want.double().abs().max()) > 0.1
 
 
+def test_experts_split_their_rows_over_threads_alike(native):
+    """The one-token call reads its chosen experts' gate|up rows as one range over the threads, then their down
+    rows (a range crossing from one expert into the next): the same bits at 1, 2 and 3 threads."""
+    w13, w2 = stacks(5, 96, 37, seed=9)
+    x = bf16(1, 96, seed=10)
+    ids, weights = torch.tensor([[3, -1, 0, 7, 4]]), torch.tensor([[0.5, 0.9, 0.3, 0.8, 0.2]])
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append(moe_experts(x, w13, w2, ids, weights))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+    want = moe_experts_loop(x, w13, w2, ids, weights)
+    assert float((got[0].double() - want.double()).abs().max() / want.double().abs().max()) < 0.02
+
+
 def test_experts_over_many_tokens(native):
     """Prefill's shape: expert by expert over the GEMM, against PyTorch's bfloat16 loop."""
     w13, w2 = stacks(6, 64, 32, seed=5)
