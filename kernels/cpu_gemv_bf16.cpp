@@ -465,8 +465,6 @@ inline void dot_heads(const uint16_t* w, int64_t K, const float* xp, const float
   }
 }
 
-
-
 }  // namespace
 
 extern "C" {
