@@ -28,9 +28,13 @@ def test_counts_per_token_are_positive_and_the_kernels_the_layers_call(tmp_path)
     first = counts(tmp_path)
     assert set(first) == {"demo", "v2-lite", "mtp"}
     # MTP drafting (2 drafts a step): the drafts stay on the device, the host reads them with the verification's
-    # outcome, once a forward pass (a read per draft, and host ids copied in, made it 5.7 before)
+    # outcome, once a forward pass (a read per draft, and host ids copied in, made it 5.7 before). When the drafter
+    # falls behind it catches up outside the step (speculative.py `_catch_up`: its slots and ids made on the host,
+    # two more); how often depends on which drafts are kept, which the skipped launches' arbitrary logits decide
+    # (about one run in ten here had one more catch-up in its longer run: 1.5 a forward over 4 forwards)
     mtp = first.pop("mtp")
-    assert mtp["forwards"] > 0 and mtp["syncs_in_step"] == 0 and mtp["syncs_per_forward"] == 1, mtp
+    assert mtp["forwards"] > 0 and mtp["syncs_in_step"] == 0 and mtp["syncs"]["tolist"] == 1, mtp
+    assert 1 <= mtp["syncs_per_forward"] < 2 and mtp["syncs"].get("item", 0) == 0, mtp
     for model, r in first.items():
         assert r["ops_per_token"] > 0 and r["triton_launches_per_token"] > 0, model
         # the decode step itself never waits on the host (issue 21); the host reads each token once
