@@ -118,12 +118,7 @@ class CpuPlan:
                 g = mlp.gate
                 L.gate = _w(g.weight).t()
                 L.bias = g.e_score_correction_bias
-                gc = g.cfg
-                grouped = gc.n_group > 1 and gc.topk_method in ("group_limited_greedy", "noaux_tc")
-                normalise = gc.num_experts_per_tok > 1 and gc.norm_topk_prob
-                L.route_args = (gc.num_experts_per_tok, gc.n_group if grouped else 1, gc.topk_group,
-                                gc.topk_method == "noaux_tc", gc.scoring_func == "softmax", normalise,
-                                gc.routed_scaling_factor if gc.v3_gate or not normalise else None, mlp.first)
+                L.route_args = g.route_args(mlp.first)
                 L.w13, L.w2 = (None, None) if L.xargs else (_w(ex.w13), _w(ex.w2))
                 L.sh13 = L.sh2 = None
                 if mlp.shared_experts is not None:

@@ -104,12 +104,7 @@ class Bf16Plan:
                 g = mlp.gate
                 L.gate = g.weight.detach().float().t()  # F.linear(x.float(), weight.float())'s operand, made once
                 L.bias = None if g.e_score_correction_bias is None else g.e_score_correction_bias.float()
-                gc = g.cfg
-                grouped = gc.n_group > 1 and gc.topk_method in ("group_limited_greedy", "noaux_tc")
-                normalise = gc.num_experts_per_tok > 1 and gc.norm_topk_prob
-                L.route_args = (gc.num_experts_per_tok, gc.n_group if grouped else 1, gc.topk_group,
-                                gc.topk_method == "noaux_tc", gc.scoring_func == "softmax", normalise,
-                                gc.routed_scaling_factor if gc.v3_gate or not normalise else None, mlp.first)
+                L.route_args = g.route_args(mlp.first)
                 if mlp.shared_experts is not None:
                     L.shared = self._mlp(mlp.shared_experts)
             elif isinstance(mlp, MLP):

@@ -46,14 +46,19 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T,k] float32, chosen experts [T,k] minus `offset`): kernels/router.py, one kernel on CUDA
         after the linear."""
-        cfg = self.cfg
         logits = F.linear(x.float(), self.weight.float())
+        return ops.fused(torch.ops.dschat.route, route, x)(logits, self.e_score_correction_bias,
+                                                           *self.route_args(offset))
+
+    def route_args(self, offset: int = 0) -> tuple:
+        """kernels/router.py route's arguments after (logits, bias): (k, n_group, topk_group, top2, softmax,
+        normalise, scale, offset), from the config (the lean CPU steps pass them to their routers too)."""
+        cfg = self.cfg
         grouped = cfg.n_group > 1 and cfg.topk_method in ("group_limited_greedy", "noaux_tc")
         normalise = cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob
-        return ops.fused(torch.ops.dschat.route, route, x)(
-            logits, self.e_score_correction_bias, cfg.num_experts_per_tok, cfg.n_group if grouped else 1,
-            cfg.topk_group, cfg.topk_method == "noaux_tc", cfg.scoring_func == "softmax", normalise,
-            cfg.routed_scaling_factor if cfg.v3_gate or not normalise else None, offset)
+        return (cfg.num_experts_per_tok, cfg.n_group if grouped else 1, cfg.topk_group, cfg.topk_method == "noaux_tc",
+                cfg.scoring_func == "softmax", normalise,
+                cfg.routed_scaling_factor if cfg.v3_gate or not normalise else None, offset)
 
 
 class Experts(nn.Module):
