@@ -1372,35 +1372,134 @@ void panel_i4(const PackedW& w, int64_t n0, int64_t nn, int64_t b0, int64_t nblk
   }
 }
 
+// -- prefill, int8 (AVX512-VNNI builds only): the same integer GEMM over the int8 weight --------------------
+// x quantized as the GEMV quantizes it (int8 blocks of 32, natural order, as for int4). dpbusd multiplies
+// unsigned bytes by signed ones, so the panel holds each weight plus 128 (w ^ 0x80: 0..255) and each block's
+// int32 sum of (w + 128) x loses 128 * sum(x) (per row of x and block, made once) in integers: the exact integer
+// dot product of the block, as dot_q8's. Then, as dot_q8 does, float32 sums of d[m, b] times it across the
+// blocks, and the row's scale once at the end: gemv's numbers up to float32 summation order. Without VNNI
+// (maddubs: a pair of (w + 128) x overflows int16) the library does not offer it and int8 prefill keeps the
+// float GEMM (quant_cpu.py).
+#if DSCHAT_VNNI
+template <int R>
+inline void micro_i8(const int8_t* xq, int64_t ldx, const float* xd, const int32_t* xs, int64_t ldd,
+                     const uint8_t* panel, int64_t nblk, float* c, bool add) {
+  __m256 f[R];
+  for (int r = 0; r < R; ++r) f[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m256i a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_set1_epi32(-xs[r * ldd + b]);
+    const uint8_t* pb = panel + b * 256;
+    const int8_t* xb = xq + b * QK;
+    for (int q = 0; q < 8; ++q) {
+      const __m256i wv = _mm256_load_si256((const __m256i*)(pb + q * 32));
+      for (int r = 0; r < R; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, xb + r * ldx + q * 4, 4);
+        a[r] = _mm256_dpbusd_epi32(a[r], wv, _mm256_set1_epi32(x4));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_broadcast_ss(xd + r * ldd + b), f[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    if (add) f[r] = _mm256_add_ps(f[r], _mm256_loadu_ps(c + r * 8));
+    _mm256_storeu_ps(c + r * 8, f[r]);
+  }
+}
+
+inline void micro_i8_any(int r, const int8_t* xq, int64_t ldx, const float* xd, const int32_t* xs, int64_t ldd,
+                         const uint8_t* panel, int64_t nblk, float* c, bool add) {
+  switch (r) {
+    case 6: micro_i8<(IMR >= 6 ? 6 : 1)>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
+    case 5: micro_i8<(IMR >= 5 ? 5 : 1)>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
+    case 4: micro_i8<4>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
+    case 3: micro_i8<3>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
+    case 2: micro_i8<2>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
+    default: micro_i8<1>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
+  }
+}
+
+// Weight rows n0..n0+nn-1 (nn <= 8; zeros past nn) at blocks b0..b0+nblk-1 -> the panel [nblk][8 vectors] of
+// w + 128, laid out as panel_i4's (vector c: inputs 4c..4c+3 of the 8 rows); past K (the last block) w is 0.
+void panel_i8(const PackedW& w, int64_t n0, int64_t nn, int64_t b0, int64_t nblk, uint8_t* panel) {
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  alignas(32) int8_t tail[QK];
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int64_t k = (b0 + b) * QK, kn = std::min<int64_t>(QK, w.K - k);
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) {
+      if (i < nn) {
+        const int8_t* src = (const int8_t*)w.data + (n0 + i) * w.K + k;
+        if (kn < QK) {
+          std::memset(tail, 0, QK);
+          std::memcpy(tail, src, kn);
+          src = tail;
+        }
+        r[i] = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_loadu_si256((const __m256i*)src), flip));
+      } else {
+        r[i] = _mm256_setzero_ps();
+      }
+    }
+    transpose8(r);
+    for (int c = 0; c < 8; ++c) _mm256_store_si256((__m256i*)(panel + b * 256 + c * 32), _mm256_castps_si256(r[c]));
+  }
+}
+#endif
+
 struct alignas(32) Aligned256 { uint8_t v[256]; };
 
-void igemm4_strips(const PackedW& w, const QuantRows& xr, const float* gsum, int64_t M, int64_t s0, int64_t s1,
-                   float* y) {
+// Strips [s0, s1) of 8 weight rows against x's quantized rows: for each block of IKC inputs the strips' panels
+// are made once, then every block of IMC rows of x sweeps them; the float32 sums wait in `acc` ([M, 8] a strip)
+// until the last block. int4 (BITS 4): y = the sums - the zero's term; int8 (BITS 8, VNNI only; xs the rows'
+// 128 * block sums): y = the sums times the row's scale.
+template <int BITS>
+void igemm_strips(const PackedW& w, const QuantRows& xr, const float* gsum, const int32_t* xs, int64_t M,
+                  int64_t s0, int64_t s1, float* y) {
   const int64_t ns = s1 - s0, nb = xr.nb, N = w.N, kb = IKC / QK;
   std::vector<Aligned256> panels((size_t)ns * kb);
-  std::vector<float> svs((size_t)ns * kb * 8), acc((size_t)ns * M * 8);
+  std::vector<float> svs(BITS == 4 ? (size_t)ns * kb * 8 : 0), acc((size_t)ns * M * 8);
   for (int64_t b0 = 0; b0 < nb; b0 += kb) {
     const int64_t nblk = std::min(kb, nb - b0);
     for (int64_t s = 0; s < ns; ++s) {
       const int64_t n0 = (s0 + s) * 8;
-      panel_i4(w, n0, std::min<int64_t>(8, N - n0), b0, nblk, panels[s * kb].v, svs.data() + s * kb * 8);
+      if constexpr (BITS == 4) {
+        panel_i4(w, n0, std::min<int64_t>(8, N - n0), b0, nblk, panels[s * kb].v, svs.data() + s * kb * 8);
+      } else {
+#if DSCHAT_VNNI
+        panel_i8(w, n0, std::min<int64_t>(8, N - n0), b0, nblk, panels[s * kb].v);
+#endif
+      }
     }
     for (int64_t m0 = 0; m0 < M; m0 += IMC) {
       const int64_t m1 = std::min(M, m0 + IMC);
       for (int64_t s = 0; s < ns; ++s)
-        for (int64_t m = m0; m < m1; m += IMR)
-          micro_i4_any((int)std::min<int64_t>(IMR, m1 - m), xr.q.data() + m * xr.kp + b0 * QK, xr.kp,
-                       xr.d.data() + m * nb + b0, nb, panels[s * kb].v, svs.data() + s * kb * 8, nblk,
-                       acc.data() + (s * M + m) * 8, b0 > 0);
+        for (int64_t m = m0; m < m1; m += IMR) {
+          const int r = (int)std::min<int64_t>(IMR, m1 - m);
+          const int8_t* xq = xr.q.data() + m * xr.kp + b0 * QK;
+          float* c = acc.data() + (s * M + m) * 8;
+          if constexpr (BITS == 4) {
+            micro_i4_any(r, xq, xr.kp, xr.d.data() + m * nb + b0, nb, panels[s * kb].v, svs.data() + s * kb * 8,
+                         nblk, c, b0 > 0);
+          } else {
+#if DSCHAT_VNNI
+            micro_i8_any(r, xq, xr.kp, xr.d.data() + m * nb + b0, xs + m * nb + b0, nb, panels[s * kb].v, nblk, c,
+                         b0 > 0);
+#endif
+          }
+        }
     }
   }
-  for (int64_t s = 0; s < ns; ++s) {  // y = the sums - sum_g scale * zero * gsum
+  for (int64_t s = 0; s < ns; ++s) {
     const int64_t n0 = (s0 + s) * 8, nn = std::min<int64_t>(8, N - n0);
     for (int64_t j = 0; j < nn; ++j) {
       const int64_t n = n0 + j;
       for (int64_t m = 0; m < M; ++m) {
-        y[m * N + n] = acc[(s * M + m) * 8 + j] - zero_term(w.scale + n * w.G, w.zero ? w.zero + n * w.G : nullptr,
-                                                            gsum + m * w.G, w.G);
+        const float a = acc[(s * M + m) * 8 + j];
+        if constexpr (BITS == 4)  // y = the sums - sum_g scale * zero * gsum
+          y[m * N + n] = a - zero_term(w.scale + n * w.G, w.zero ? w.zero + n * w.G : nullptr, gsum + m * w.G, w.G);
+        else
+          y[m * N + n] = a * w.scale[n];
       }
     }
   }
@@ -1416,16 +1515,34 @@ void igemm4(const PackedW& w, const float* x, int64_t M, float* y, int nthreads)
   const int64_t strips = (w.N + 7) / 8, tasks = (strips + ISG - 1) / ISG;
   parallel_chunks(tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      igemm4_strips(w, xr, gsum.data(), M, t * ISG, std::min(strips, (t + 1) * ISG), y);
+      igemm_strips<4>(w, xr, gsum.data(), nullptr, M, t * ISG, std::min(strips, (t + 1) * ISG), y);
   });
 }
+
+#if DSCHAT_VNNI
+void igemm8(const PackedW& w, const float* x, int64_t M, float* y, int nthreads) {
+  const QuantRows xr = quantize_rows(x, M, w.K, w.kp, false);
+  std::vector<int32_t> xs(M * xr.nb);  // 128 * each block's sum of q: what the weights' offset adds
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < xr.nb; ++b) {
+      int32_t t = 0;
+      for (int i = 0; i < QK; ++i) t += xr.q[m * xr.kp + b * QK + i];
+      xs[m * xr.nb + b] = 128 * t;
+    }
+  const int64_t strips = (w.N + 7) / 8, tasks = (strips + ISG - 1) / ISG;
+  parallel_chunks(tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      igemm_strips<8>(w, xr, nullptr, xs.data(), M, t * ISG, std::min(strips, (t + 1) * ISG), y);
+  });
+}
+#endif
 
 }  // namespace fgemm
 }  // namespace
 
 extern "C" {
 
-int dschat_prefill_abi_version() { return 1; }
+int dschat_prefill_abi_version() { return 2; }
 
 // int4 only: y [M, N] = x [M, K] (float32, quantized to int8 blocks as dschat_gemv quantizes it) times the packed
 // weight, by the integer GEMM above (gemv's numbers up to float32 summation order); 0 on success.
@@ -1436,6 +1553,23 @@ int dschat_igemm4(const float* x, int64_t M, int64_t K, const void* data, const 
   if (M <= 0 || N <= 0) return 0;
   fgemm::igemm4(packed(data, scale, zero, bits, group, N, K, row), x, M, y, nthreads);
   return 0;
+}
+
+// int8 only, AVX512-VNNI builds only (else 5): y [M, N] = x [M, K] (float32, quantized to int8 blocks as
+// dschat_gemv quantizes it) times the packed weight, by the integer GEMM above (gemv's numbers up to float32
+// summation order); 0 on success.
+int dschat_igemm8(const float* x, int64_t M, int64_t K, const void* data, const float* scale, const uint8_t* zero,
+                  int bits, int64_t group, int64_t N, int64_t row, float* y, int nthreads) {
+  if (int e = bad(bits, group, K, row)) return e;
+  if (bits != 8) return 4;
+#if DSCHAT_VNNI
+  if (M <= 0 || N <= 0) return 0;
+  fgemm::igemm8(packed(data, scale, zero, bits, group, N, K, row), x, M, y, nthreads);
+  return 0;
+#else
+  (void)x, (void)M, (void)y, (void)nthreads;
+  return 5;
+#endif
 }
 
 // y [M, N] = x [M, K] (float32) times the packed weight [N, K] (see packed()) dequantised, in float32 (the

@@ -18,11 +18,12 @@ Numerics (cpu_gemv.cpp's header): each row of x is quantized to int8 in blocks o
 block, round to nearest even), the weight is the stored one exactly, products are summed in integers per
 block and in float32 across blocks. So the result is that of a float model of the dequantised weights applied
 to the dequantised activations (`gemv_reference`), up to float32 summation order. For many rows (prefill) the
-same library has two GEMMs: `igemm4` (int4: the same int8 activations, so `gemv`'s numbers up to summation
-order) and `gemm_f32` (x in float32, not quantized, times the dequantised weight: F.linear(x, dequantize(w))
-up to summation order; quant_cpu.py runs it for int8 prefill).
+same library has three GEMMs: `igemm4` (int4) and, in a build for AVX512-VNNI, `igemm8` (int8): the same int8
+activations, so `gemv`'s numbers up to summation order; and `gemm_f32` (x in float32, not quantized, times the
+dequantised weight: F.linear(x, dequantize(w)) up to summation order; quant_cpu.py runs it for int8 prefill
+where there is no `igemm8`).
 
-Plain functions over tensors (`gemv`, `gemm_f32`, `igemm4`, `experts`), so that they can be wrapped as custom
+Plain functions over tensors (`gemv`, `gemm_f32`, `igemm4`, `igemm8`, `experts`), so that they can be wrapped as custom
 ops.
 """
 
@@ -52,7 +53,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 ISA_FLAGS = {"avx2": [], "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
 ABI = 5  # cpu_gemv.cpp's dschat_abi_version()
 ABI_BF16 = 5  # cpu_gemv_bf16.cpp's dschat_bf16_abi_version()
-ABI_PREFILL = 1  # cpu_gemv.cpp's dschat_prefill_abi_version() (prefill's GEMMs: gemm_f32 and igemm4)
+ABI_PREFILL = 2  # cpu_gemv.cpp's dschat_prefill_abi_version() (prefill's GEMMs: gemm_f32, igemm4, igemm8)
 
 
 def cache_dir() -> Path:
@@ -141,6 +142,8 @@ def _load(path: Path):
     lib.dschat_gemm_f32.restype = I
     lib.dschat_igemm4.argtypes = [P, I64, I64, P, P, P, I, I64, I64, I64, P, I]
     lib.dschat_igemm4.restype = I
+    lib.dschat_igemm8.argtypes = [P, I64, I64, P, P, P, I, I64, I64, I64, P, I]
+    lib.dschat_igemm8.restype = I
     for name in ("dschat_heads_gemv", "dschat_heads_gemv_t"):  # called with ctypes values made in advance
         getattr(lib, name).restype = I
     lib.dschat_vnni.restype = I
@@ -311,7 +314,7 @@ def weight_args(w: Packed) -> tuple:
 
 def _rows_through(fn: str, x: torch.Tensor, w: Packed) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype through one of the library's row kernels taking (x, M, K, the weight's
-    arguments, y, threads): dschat_gemv_raw, dschat_gemm_f32, dschat_igemm4."""
+    arguments, y, threads): dschat_gemv_raw, dschat_gemm_f32, dschat_igemm4, dschat_igemm8."""
     lib = native() if _LIB is _UNSET else _LIB
     _, _, _, N, wargs = weight_args(w)
     K = x.shape[-1]
@@ -336,6 +339,21 @@ def gemm_f32(x: torch.Tensor, w: Packed) -> torch.Tensor:
     up to float32 summation order, without the float32 weight in memory. For many rows (prefill); native() must
     not be None, fits(w) hold."""
     return _rows_through("dschat_gemm_f32", x, w)
+
+
+def igemm8(x: torch.Tensor, w: Packed) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype through an int8 weight by the integer GEMM (cpu_gemv.cpp's igemm8): as
+    `igemm4`, x quantized to int8 blocks as `gemv` quantizes it, so `gemv`'s numbers up to float32 summation
+    order. For many rows; only where the library is built with AVX512-VNNI (`has_igemm8`), fits(w) holds and w
+    is int8."""
+    return _rows_through("dschat_igemm8", x, w)
+
+
+def has_igemm8() -> bool:
+    """Whether the library runs `igemm8`: built (native()) for AVX512-VNNI, whose dpbusd it needs (AVX2's
+    maddubs would overflow on the int8 weight plus 128)."""
+    lib = native() if _LIB is _UNSET else _LIB
+    return lib is not None and lib.dschat_vnni() == 1
 
 
 def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transposed: bool) -> torch.Tensor:

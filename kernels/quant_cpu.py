@@ -3,12 +3,13 @@
 kernels, for the few rows of a decode step; the float model of the dequantised weight for many rows (prefill);
 and the routed experts over either, touching only the chosen experts' packed rows.
 
-With cpu_gemv (`native_gemv()` true), below GEMM_MIN_ROWS rows (12 int8, 8 int4: decode, speculation's
-verify) x is quantized to int8 blocks of 32 and multiplied with the stored weight exactly in integers, one
-weight row at a time (cpu_gemv.gemv; cpu_gemv.py says what that computes). From GEMM_MIN_ROWS rows up
-(prefill, an expert's tokens in a prefill) a GEMM runs: int8, x stays float32 and the weight is dequantised
-panel by panel in registers (cpu_gemv.gemm_f32): F.linear(x, dequantize(w)) up to float32 summation order;
-int4, the integer GEMM over the same int8 activations as gemv (cpu_gemv.igemm4): gemv's numbers up to float32
+With cpu_gemv (`native_gemv()` true), below `gemm_min_rows(bits)` rows (8; int8 12 where the library has no
+integer GEMM: decode, speculation's verify) x is quantized to int8 blocks of 32 and multiplied with the stored
+weight exactly in integers, one weight row at a time (cpu_gemv.gemv; cpu_gemv.py says what that computes). From
+there up (prefill, an expert's tokens in a prefill) a GEMM runs: int4 the integer GEMM over the same int8
+activations as gemv (cpu_gemv.igemm4): gemv's numbers up to float32 summation order; int8 likewise
+(cpu_gemv.igemm8) where the library is built for AVX512-VNNI, else the float GEMM: x stays float32 and the
+weight is dequantised panel by panel in registers (cpu_gemv.gemm_f32): F.linear(x, dequantize(w)) up to float32
 summation order. int4 is not repacked. CPU_KERNEL_MAX_ROWS = 0 (tests) runs the float GEMM at every row count.
 Without cpu_gemv (no compiler, no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels below run:
 
@@ -54,6 +55,18 @@ INT8_K_MULTIPLE = 16  # the int8 kernel misreads other input widths (crashes, or
 # 8 rows 26.0 -> 27.5, 48 rows 29.9 -> 39.4 (the float GEMM: 30.1); dense 512 x 10944 x 2048: int8 21.9 ->
 # 34.1 (dequantise + a float32 matmul, the path before: 27.5), int4 30.1 -> 41.2 (float GEMM 33.9).
 GEMM_MIN_ROWS = {8: 12, 4: 8}
+# int8's integer GEMM (igemm8: AVX512-VNNI builds; int4's GEMM with the weight + 128 as dpbusd's unsigned operand)
+# overtakes gemv where int4's does: measured 2 threads, Zen 4, gemv -> igemm8 (float GEMM), µs: 2816 x 2048, 6
+# rows 316 -> 351 (782), 8 rows 422 -> 430 (944), 10 rows 537 -> 473, 12 rows 685 -> 475 (1118); 2048 x 1408, 6
+# rows 171 -> 148, 8 rows 217 -> 188; prefill's 48 rows of an expert (2816 x 2048) 2.88 ms -> 1.24, the dense
+# 512 x 10944 x 2048 107 -> 50 ms.
+IGEMM8_MIN_ROWS = 8
+
+
+def gemm_min_rows(bits: int) -> int:
+    """From how many rows of x a GEMM runs instead of cpu_gemv's one-weight-row-at-a-time kernel (its numbers
+    those of gemv below, of the GEMM from there; see the module's text)."""
+    return IGEMM8_MIN_ROWS if bits == 8 and cpu_gemv.has_igemm8() else GEMM_MIN_ROWS[bits]
 
 
 def native_gemv(w: Packed | None = None) -> bool:
@@ -137,12 +150,13 @@ def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
 
 def kernel_rows(w: Packed | Int4Cpu) -> int:
     """Up to how many rows x goes through a packed kernel with int8 or bfloat16 activations rather than a float
-    model of the dequantised weight (cpu_gemv's float GEMM, or dequantise + matmul): with cpu_gemv, int8 below
-    GEMM_MIN_ROWS, int4 any number (CPU_KERNEL_MAX_ROWS = 0: none, the float model everywhere)."""
+    model of the dequantised weight (cpu_gemv's float GEMM, or dequantise + matmul): with cpu_gemv, int4 and
+    (with its integer GEMM, `cpu_gemv.has_igemm8`) int8 any number, else int8 below GEMM_MIN_ROWS
+    (CPU_KERNEL_MAX_ROWS = 0: none, the float model everywhere)."""
     if native_gemv(w):
         if not CPU_KERNEL_MAX_ROWS:
             return 0
-        return GEMM_MIN_ROWS[8] - 1 if w.bits == 8 else 1 << 62
+        return GEMM_MIN_ROWS[8] - 1 if w.bits == 8 and not cpu_gemv.has_igemm8() else 1 << 62
     return CPU_KERNEL_MAX_ROWS * (3 if isinstance(w, Int4Cpu) else 1)
 
 
@@ -155,9 +169,11 @@ def matmul_cpu(x: torch.Tensor, w: Packed | Int4Cpu) -> torch.Tensor:
             return cpu_gemv.gemv(x, w) if CPU_KERNEL_MAX_ROWS else F.linear(x, dequantize(w).to(x.dtype))
         if not CPU_KERNEL_MAX_ROWS:
             return cpu_gemv.gemm_f32(x, w)
-        if x.numel() < GEMM_MIN_ROWS[w.bits] * x.shape[-1]:
+        if x.numel() < gemm_min_rows(w.bits) * x.shape[-1]:
             return cpu_gemv.gemv(x, w)
-        return cpu_gemv.gemm_f32(x, w) if w.bits == 8 else cpu_gemv.igemm4(x, w)
+        if w.bits == 8:
+            return cpu_gemv.igemm8(x, w) if cpu_gemv.has_igemm8() else cpu_gemv.gemm_f32(x, w)
+        return cpu_gemv.igemm4(x, w)
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > kernel_rows(w) or (isinstance(w, Packed) and (w.bits != 8 or w.in_features % INT8_K_MULTIPLE)):
         return F.linear(x, dequantize_cpu(w, x.dtype))

@@ -185,25 +185,49 @@ def test_igemm4_computes_what_gemv_computes(native, name, M, N, K):
     assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
 
 
-@pytest.mark.parametrize("name, rows", [("int8", 1), ("int8", 11), ("int8", 12), ("int8", 65), ("int4", 1),
-                                        ("int4", 7), ("int4", 8), ("int4", 300)])
+@pytest.mark.parametrize("M, N, K", [(7, 37, 70), (13, 50, 256), (100, 9, 300), (20, 64, 1100), (8, 16, 32)])
+def test_igemm8_computes_what_gemv_computes(native, M, N, K):
+    """Prefill's int8 integer GEMM (AVX512-VNNI builds): gemv's numbers up to float32 summation order, as igemm4's,
+    with the same edges (K not a multiple of 32: the last block past the row's end reads zeros, not the next row or
+    past the weight's end); on the largest inputs and weights, where the weight plus 128 times x is farthest from
+    the exact product. Elsewhere the library says it has none, in a ValueError."""
+    g = torch.Generator().manual_seed(M * N + K)
+    p = quantize(torch.randn(N, K, generator=g) * torch.linspace(0.1, 3, K), SPECS["int8"])
+    x = torch.randn(M, K, generator=g) * torch.linspace(2, 0.01, K)
+    x[0, :32] = 0
+    x[1] = torch.where(torch.arange(K) % 3 == 0, -1.0, 1.0)  # every x +-127 after quantization
+    p.data[0] = torch.where(torch.arange(K) % 2 == 0, -128, 127).to(torch.int8)  # the int8 extremes
+    if not cpu_gemv.has_igemm8():
+        with pytest.raises(ValueError, match="error 5"):
+            cpu_gemv.igemm8(x, p)
+        return
+    got = cpu_gemv.igemm8(x, p)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
+    assert (got[1] - cpu_gemv.gemv_reference(x[1:2], p)[0]).abs().max() <= 1e-6 * got[1].abs().max()
+
+
+@pytest.mark.parametrize("name, rows", [("int8", 1), ("int8", 7), ("int8", 8), ("int8", 11), ("int8", 12),
+                                        ("int8", 65), ("int4", 1), ("int4", 7), ("int4", 8), ("int4", 300)])
 def test_matmul_cpu_runs_it_for_few_rows(native, name, rows):
-    """quant_cpu.matmul_cpu: cpu_gemv's one-row-at-a-time integer kernel below GEMM_MIN_ROWS rows (int8: 12; int4:
-    8), a GEMM from there: int8 the float GEMM (float32-exact), int4 the integer one (gemv's numbers); other
-    leading dimensions and bfloat16 inputs keep their shape and dtype."""
+    """quant_cpu.matmul_cpu: cpu_gemv's one-row-at-a-time integer kernel below gemm_min_rows rows (8; int8 12
+    without its integer GEMM), a GEMM from there: the integer one (gemv's numbers), or for int8 without it the float
+    GEMM (float32-exact); other leading dimensions and bfloat16 inputs keep their shape and dtype."""
     p = quantize(torch.randn(96, 384), SPECS[name])
-    limit = quant_cpu.GEMM_MIN_ROWS[p.bits]
-    assert limit == (12 if name == "int8" else 8)
+    limit = quant_cpu.gemm_min_rows(p.bits)
+    integer = name == "int4" or cpu_gemv.has_igemm8()
+    assert limit == (8 if integer else 12)
+    assert cpu_gemv.has_igemm8() == (cpu_gemv.isa() == "avx512vnni")
     x = torch.randn(rows, 384)
     got = quant_cpu.matmul_cpu(x, p)
     if rows < limit:
         assert torch.equal(got, cpu_gemv.gemv(x, p))
-    elif name == "int8":
+    elif not integer:
         assert torch.equal(got, cpu_gemv.gemm_f32(x, p))
         assert rel(got, x.double() @ dequantize(p).double().T) < 1e-6
     else:
-        assert torch.equal(got, cpu_gemv.igemm4(x, p))
-    if name != "int8" or rows < limit:
+        assert torch.equal(got, cpu_gemv.igemm8(x, p) if name == "int8" else cpu_gemv.igemm4(x, p))
+    if integer or rows < limit:
         assert rel(got, cpu_gemv.gemv_reference(x, p)) < TOL
     xb = x[:1].view(1, 1, 384).bfloat16()
     yb = quant_cpu.matmul_cpu(xb, p)
@@ -469,3 +493,5 @@ def test_int6_weights_pack_and_multiply_as_their_float_model(native, K):
         cpu_gemv.gemm_f32(torch.randn(16, K, generator=g), p)
     with pytest.raises(ValueError):
         cpu_gemv.igemm4(torch.randn(16, K, generator=g), p)
+    with pytest.raises(ValueError):
+        cpu_gemv.igemm8(torch.randn(16, K, generator=g), p)
