@@ -12,6 +12,12 @@ step, only where the exact sum lies within float32 rounding of the midpoint betw
 (only their rows read), rounding where the PyTorch loop (moe_experts_loop) rounds; fused_moe runs more
 tokens expert by expert over `linear` (views of the stacks: nothing copied).
 
+On a CPU that multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16), PyTorch's bfloat16 matmul (oneDNN) runs
+many rows about twice as fast as this kernel's GEMM, which widens the weights to float32 for FMAs: there
+`linear_or_torch` (the engine's Linear) and the experts' loop over many tokens run PyTorch's F.linear from
+GEMV_MAX_ROWS + 1 rows (prefill), and this kernel below that (decode, speculation's few rows: its GEMV reads the
+weights at the memory's rate, where PyTorch's is slower: `torch_gemm`).
+
 `available()` is false where cpu_gemv cannot be built (no compiler, no AVX2/FMA) or DSCHAT_CPU_GEMV=0 (said in
 one line by cpu_gemv.native()): the callers then run PyTorch's bfloat16 matmul as before.
 """
@@ -19,6 +25,8 @@ one line by cpu_gemv.native()): the callers then run PyTorch's bfloat16 matmul a
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 
 import torch
 
@@ -39,10 +47,27 @@ def _lib():
     return lib
 
 
+GEMV_MAX_ROWS = 4  # cpu_gemv_bf16.cpp's: up to this many rows of x its GEMV runs, from there its GEMM
+
+
+@functools.cache
+def torch_gemm() -> bool:
+    """Whether more than GEMV_MAX_ROWS rows of x (prefill) run PyTorch's bfloat16 matmul rather than this kernel's
+    GEMM: where the CPU has bfloat16 arithmetic (AVX512-BF16 or AMX-BF16) for PyTorch's oneDNN matmul to use.
+    Measured on a Zen 4 (AVX512-BF16), 2 threads, PyTorch against the kernel: 512 x 10944 x 2048 55 against
+    112 ms, an expert's 48 x 2816 x 2048 1.5 against 3.5 ms, 12 rows 0.53 against 1.12 ms; one row (decode) 0.30
+    against 0.22 ms (the kernel's GEMV). DSCHAT_BF16_GEMM=dschat keeps the kernel's GEMM anyway."""
+    if os.environ.get("DSCHAT_BF16_GEMM") == "dschat" or not torch.backends.mkldnn.is_available():
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_gemv._cpu_flags())
+
+
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `linear(x, w)` runs the kernel: both bfloat16 on the CPU, w a contiguous matrix."""
+    """Whether `linear_or_torch(x, w)` runs the kernel: both bfloat16 on the CPU, w a contiguous matrix, and x of
+    few rows where PyTorch's matmul is the faster one for many (`torch_gemm`)."""
     return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and w.dim() == 2 and x.device.type == "cpu"
-            and w.device.type == "cpu" and w.is_contiguous() and x.shape[-1] == w.shape[1] and available())
+            and w.device.type == "cpu" and w.is_contiguous() and x.shape[-1] == w.shape[1] and available()
+            and not (x.numel() > GEMV_MAX_ROWS * x.shape[-1] and torch_gemm()))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -60,7 +85,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bflo
 
 
 def linear_or_torch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`linear` where it `takes` x and w, else PyTorch's F.linear (the engine's Linear on the CPU in bfloat16)."""
+    """`linear` where it `takes` x and w, else PyTorch's F.linear (the engine's Linear on the CPU in bfloat16, the
+    experts' loop over many tokens)."""
     return linear(x, w) if takes(x, w) else torch.nn.functional.linear(x, w)
 
 
@@ -115,4 +141,4 @@ def stacks_fit(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
             and w13.device.type == "cpu" and w13.is_contiguous() and w2.is_contiguous() and available())
 
 
-__all__ = ["available", "takes", "linear", "linear_or_torch", "linear_reference", "bmm", "experts", "stacks_fit"]
+__all__ = ["available", "torch_gemm", "takes", "linear", "linear_or_torch", "linear_reference", "bmm", "experts", "stacks_fit"]

@@ -338,12 +338,13 @@ def moe_experts(x, w13, w2, ids, weights, shared=None):
 def moe_experts_bf16_cpu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
                          weights: torch.Tensor) -> torch.Tensor:
     """moe_experts_loop's function over bfloat16 stacks through cpu_bf16.py's kernels: one token in one call
-    (its chosen experts' rows only), more tokens expert by expert."""
+    (its chosen experts' rows only), more tokens expert by expert (PyTorch's matmul for an expert's many tokens
+    where cpu_bf16.torch_gemm says it is the faster)."""
     if ids.shape[0] == 1:
         return cpu_bf16.experts(x, ids[0], weights[0], w13, w2)
 
     def expert(e, xs):
-        gate, up = cpu_bf16.linear(xs, w13[e]).chunk(2, dim=-1)
-        return cpu_bf16.linear(F.silu(gate) * up, w2[e])
+        gate, up = cpu_bf16.linear_or_torch(xs, w13[e]).chunk(2, dim=-1)
+        return cpu_bf16.linear_or_torch(F.silu(gate) * up, w2[e])
 
     return routed_sum(x, ids, weights, w13.shape[0], expert)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import CHECKPOINTS
 
 from dschat.dev import tiny_checkpoints as tc
@@ -133,14 +134,43 @@ def test_experts_split_their_rows_over_threads_alike(native):
     assert float((got[0].double() - want.double()).abs().max() / want.double().abs().max()) < 0.02
 
 
-def test_experts_over_many_tokens(native):
-    """Prefill's shape: expert by expert over the GEMM, against PyTorch's bfloat16 loop."""
+@pytest.mark.parametrize("gemm", ["kernel", "auto"])
+def test_experts_over_many_tokens(native, gemm, monkeypatch):
+    """Prefill's shape: expert by expert over the kernel's GEMM (and, "auto", over PyTorch's matmul where the CPU
+    multiplies bfloat16 natively: torch_gemm), against PyTorch's bfloat16 loop."""
+    if gemm == "kernel":
+        monkeypatch.setattr(cpu_bf16, "torch_gemm", lambda: False)
     w13, w2 = stacks(6, 64, 32, seed=5)
     x = bf16(9, 64, seed=6)
     ids = torch.randint(-1, 7, (9, 3), generator=torch.Generator().manual_seed(7))
     weights = torch.rand(9, 3, generator=torch.Generator().manual_seed(8))
     got, want = moe_experts(x, w13, w2, ids, weights), moe_experts_loop(x, w13, w2, ids, weights)
     assert float((got.double() - want.double()).abs().max() / want.double().abs().max()) < 0.02
+
+
+def test_many_rows_run_pytorchs_matmul_where_the_cpu_has_bf16(native, monkeypatch):
+    """torch_gemm: with AVX512-BF16 or AMX-BF16 among the CPU's flags (and oneDNN in PyTorch), more than
+    GEMV_MAX_ROWS rows go to PyTorch's F.linear (its numbers exactly), fewer to the kernel's GEMV; without those
+    flags, or with DSCHAT_BF16_GEMM=dschat, every row count runs the kernel."""
+    w = bf16(48, 64, seed=9)
+    few, many = bf16(cpu_bf16.GEMV_MAX_ROWS, 64, seed=10), bf16(cpu_bf16.GEMV_MAX_ROWS + 1, 64, seed=11)
+    flags = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}
+    for extra, env, want in [({"avx512_bf16"}, None, True), ({"amx_bf16"}, None, True), (set(), None, False),
+                             ({"avx512_bf16"}, "dschat", False)]:
+        monkeypatch.setattr(cpu_gemv, "_cpu_flags", lambda extra=extra: flags | extra)
+        if env:
+            monkeypatch.setenv("DSCHAT_BF16_GEMM", env)
+        else:
+            monkeypatch.delenv("DSCHAT_BF16_GEMM", raising=False)
+        cpu_bf16.torch_gemm.cache_clear()
+        try:
+            assert cpu_bf16.torch_gemm() is (want and torch.backends.mkldnn.is_available())
+            assert cpu_bf16.takes(few, w) and cpu_bf16.takes(many, w) is not cpu_bf16.torch_gemm()
+            kernel = torch.equal(cpu_bf16.linear_or_torch(many, w), cpu_bf16.linear(many, w))
+            pytorch = torch.equal(cpu_bf16.linear_or_torch(many, w), F.linear(many, w))
+            assert pytorch if cpu_bf16.torch_gemm() else kernel
+        finally:
+            cpu_bf16.torch_gemm.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -162,16 +192,19 @@ def without_kernels(eng: Engine, fn):
         cpu_gemv._LIB, eng.static._fn = saved, saved_fn
 
 
-@pytest.mark.parametrize("path", ["prefill", "decode"])
-def test_bf16_model_equals_pytorchs_bf16(models, path):
-    """Prefill (the GEMM, the experts expert by expert) and token-by-token decode (the GEMV, the experts' one
+@pytest.mark.parametrize("path", ["prefill", "prefill-kernel", "decode"])
+def test_bf16_model_equals_pytorchs_bf16(models, path, monkeypatch):
+    """Prefill (the GEMM, the experts expert by expert: "prefill-kernel" the kernel's, "prefill" PyTorch's where
+    the CPU multiplies bfloat16 natively, torch_gemm) and token-by-token decode (the GEMV, the experts' one
     call) against the same bfloat16 model through PyTorch. Both round to bfloat16 after every layer, in
     different float32 orders, so they drift apart by a few bfloat16 steps (2^-8 of a value each): the logits
     agree within 2% of their range, each is as close to the float32 model as the other (within 0.5%), and
     the next token is the same wherever PyTorch's top two logits are further apart than the drift."""
     eng = models[torch.bfloat16]
     ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    fn = (lambda e: e.logits(ids)) if path == "prefill" else (lambda e: e.decode_logits(ids, chunk=1))
+    if path == "prefill-kernel":
+        monkeypatch.setattr(cpu_bf16, "torch_gemm", lambda: False)
+    fn = (lambda e: e.logits(ids)) if path.startswith("prefill") else (lambda e: e.decode_logits(ids, chunk=1))
     got, want, f32 = fn(eng), without_kernels(eng, fn), fn(models[torch.float32])
     scale = want.abs().max()
     diff = (got - want).abs().max()
