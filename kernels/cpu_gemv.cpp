@@ -1298,14 +1298,17 @@ void gemm(const PackedW& w, const float* x, int64_t M, float* y, int nthreads) {
 constexpr int IMR = DSCHAT_IMR;  // rows of x a tile (2..6 measured within 10%: 6, 2-3% ahead of 4)
 constexpr int64_t IKC = 512, IMC = 96, ISG = 4;  // inputs a panel, rows of x a block, strips of 8 a task
 
-template <int R>
-inline void micro_i4(const int8_t* xq, int64_t ldx, const float* xd, int64_t ldd, const uint8_t* panel,
-                     const float* sv, int64_t nblk, float* c, bool add) {
+// One tile: R rows of x against a strip's panel, over nblk blocks. int4: the block's int32 sums scaled by
+// d[m, b] * its group's scale; int8 (VNNI only): the sums start from -128 * the block's sum of x (xs), the
+// weight's offset, and are scaled by d[m, b] alone (the row's scale comes at the end).
+template <int BITS, int R>
+inline void micro_i(const int8_t* xq, int64_t ldx, const float* xd, [[maybe_unused]] const int32_t* xs, int64_t ldd,
+                    const uint8_t* panel, [[maybe_unused]] const float* sv, int64_t nblk, float* c, bool add) {
   __m256 f[R];
   for (int r = 0; r < R; ++r) f[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nblk; ++b) {
     __m256i a[R];
-    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_si256();
+    for (int r = 0; r < R; ++r) a[r] = BITS == 8 ? _mm256_set1_epi32(-xs[r * ldd + b]) : _mm256_setzero_si256();
     const uint8_t* pb = panel + b * 256;
     const int8_t* xb = xq + b * QK;
     for (int q = 0; q < 8; ++q) {
@@ -1320,14 +1323,20 @@ inline void micro_i4(const int8_t* xq, int64_t ldx, const float* xd, int64_t ldd
 #endif
       }
     }
-    const __m256 s = _mm256_loadu_ps(sv + b * 8);
-    for (int r = 0; r < R; ++r) {
+    if constexpr (BITS == 8) {
+      for (int r = 0; r < R; ++r)
+        f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_broadcast_ss(xd + r * ldd + b), f[r]);
+    } else {
+      const __m256 s = _mm256_loadu_ps(sv + b * 8);
+      for (int r = 0; r < R; ++r) {
 #if DSCHAT_VNNI
-      const __m256i sum = a[r];
+        const __m256i sum = a[r];
 #else
-      const __m256i sum = _mm256_madd_epi16(a[r], _mm256_set1_epi16(1));
+        const __m256i sum = _mm256_madd_epi16(a[r], _mm256_set1_epi16(1));
 #endif
-      f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(_mm256_broadcast_ss(xd + r * ldd + b), s), f[r]);
+        f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(_mm256_broadcast_ss(xd + r * ldd + b), s),
+                               f[r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -1336,15 +1345,17 @@ inline void micro_i4(const int8_t* xq, int64_t ldx, const float* xd, int64_t ldd
   }
 }
 
-inline void micro_i4_any(int r, const int8_t* xq, int64_t ldx, const float* xd, int64_t ldd, const uint8_t* panel,
-                         const float* sv, int64_t nblk, float* c, bool add) {
+// micro_i at r rows of x (1..IMR), the row count as its template argument.
+template <int BITS>
+inline void micro_any(int r, const int8_t* xq, int64_t ldx, const float* xd, const int32_t* xs, int64_t ldd,
+                      const uint8_t* panel, const float* sv, int64_t nblk, float* c, bool add) {
   switch (r) {
-    case 6: micro_i4<(IMR >= 6 ? 6 : 1)>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
-    case 5: micro_i4<(IMR >= 5 ? 5 : 1)>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
-    case 4: micro_i4<4>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
-    case 3: micro_i4<3>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
-    case 2: micro_i4<2>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
-    default: micro_i4<1>(xq, ldx, xd, ldd, panel, sv, nblk, c, add); break;
+    case 6: micro_i<BITS, (IMR >= 6 ? 6 : 1)>(xq, ldx, xd, xs, ldd, panel, sv, nblk, c, add); break;
+    case 5: micro_i<BITS, (IMR >= 5 ? 5 : 1)>(xq, ldx, xd, xs, ldd, panel, sv, nblk, c, add); break;
+    case 4: micro_i<BITS, 4>(xq, ldx, xd, xs, ldd, panel, sv, nblk, c, add); break;
+    case 3: micro_i<BITS, 3>(xq, ldx, xd, xs, ldd, panel, sv, nblk, c, add); break;
+    case 2: micro_i<BITS, 2>(xq, ldx, xd, xs, ldd, panel, sv, nblk, c, add); break;
+    default: micro_i<BITS, 1>(xq, ldx, xd, xs, ldd, panel, sv, nblk, c, add); break;
   }
 }
 
@@ -1381,45 +1392,6 @@ void panel_i4(const PackedW& w, int64_t n0, int64_t nn, int64_t b0, int64_t nblk
 // (maddubs: a pair of (w + 128) x overflows int16) the library does not offer it and int8 prefill keeps the
 // float GEMM (quant_cpu.py).
 #if DSCHAT_VNNI
-template <int R>
-inline void micro_i8(const int8_t* xq, int64_t ldx, const float* xd, const int32_t* xs, int64_t ldd,
-                     const uint8_t* panel, int64_t nblk, float* c, bool add) {
-  __m256 f[R];
-  for (int r = 0; r < R; ++r) f[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nblk; ++b) {
-    __m256i a[R];
-    for (int r = 0; r < R; ++r) a[r] = _mm256_set1_epi32(-xs[r * ldd + b]);
-    const uint8_t* pb = panel + b * 256;
-    const int8_t* xb = xq + b * QK;
-    for (int q = 0; q < 8; ++q) {
-      const __m256i wv = _mm256_load_si256((const __m256i*)(pb + q * 32));
-      for (int r = 0; r < R; ++r) {
-        int32_t x4;
-        std::memcpy(&x4, xb + r * ldx + q * 4, 4);
-        a[r] = _mm256_dpbusd_epi32(a[r], wv, _mm256_set1_epi32(x4));
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_broadcast_ss(xd + r * ldd + b), f[r]);
-  }
-  for (int r = 0; r < R; ++r) {
-    if (add) f[r] = _mm256_add_ps(f[r], _mm256_loadu_ps(c + r * 8));
-    _mm256_storeu_ps(c + r * 8, f[r]);
-  }
-}
-
-inline void micro_i8_any(int r, const int8_t* xq, int64_t ldx, const float* xd, const int32_t* xs, int64_t ldd,
-                         const uint8_t* panel, int64_t nblk, float* c, bool add) {
-  switch (r) {
-    case 6: micro_i8<(IMR >= 6 ? 6 : 1)>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
-    case 5: micro_i8<(IMR >= 5 ? 5 : 1)>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
-    case 4: micro_i8<4>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
-    case 3: micro_i8<3>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
-    case 2: micro_i8<2>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
-    default: micro_i8<1>(xq, ldx, xd, xs, ldd, panel, nblk, c, add); break;
-  }
-}
-
 // Weight rows n0..n0+nn-1 (nn <= 8; zeros past nn) at blocks b0..b0+nblk-1 -> the panel [nblk][8 vectors] of
 // w + 128, laid out as panel_i4's (vector c: inputs 4c..4c+3 of the 8 rows); past K (the last block) w is 0.
 void panel_i8(const PackedW& w, int64_t n0, int64_t nn, int64_t b0, int64_t nblk, uint8_t* panel) {
@@ -1478,15 +1450,8 @@ void igemm_strips(const PackedW& w, const QuantRows& xr, const float* gsum, cons
           const int r = (int)std::min<int64_t>(IMR, m1 - m);
           const int8_t* xq = xr.q.data() + m * xr.kp + b0 * QK;
           float* c = acc.data() + (s * M + m) * 8;
-          if constexpr (BITS == 4) {
-            micro_i4_any(r, xq, xr.kp, xr.d.data() + m * nb + b0, nb, panels[s * kb].v, svs.data() + s * kb * 8,
-                         nblk, c, b0 > 0);
-          } else {
-#if DSCHAT_VNNI
-            micro_i8_any(r, xq, xr.kp, xr.d.data() + m * nb + b0, xs + m * nb + b0, nb, panels[s * kb].v, nblk, c,
-                         b0 > 0);
-#endif
-          }
+          micro_any<BITS>(r, xq, xr.kp, xr.d.data() + m * nb + b0, BITS == 8 ? xs + m * nb + b0 : xs, nb,
+                          panels[s * kb].v, BITS == 4 ? svs.data() + s * kb * 8 : nullptr, nblk, c, b0 > 0);
         }
     }
   }
@@ -1505,6 +1470,17 @@ void igemm_strips(const PackedW& w, const QuantRows& xr, const float* gsum, cons
   }
 }
 
+// The strips of 8 weight rows in tasks of ISG, which the threads take in turn.
+template <int BITS>
+void igemm_tasks(const PackedW& w, const QuantRows& xr, const float* gsum, const int32_t* xs, int64_t M, float* y,
+                 int nthreads) {
+  const int64_t strips = (w.N + 7) / 8, tasks = (strips + ISG - 1) / ISG;
+  parallel_chunks(tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      igemm_strips<BITS>(w, xr, gsum, xs, M, t * ISG, std::min(strips, (t + 1) * ISG), y);
+  });
+}
+
 void igemm4(const PackedW& w, const float* x, int64_t M, float* y, int nthreads) {
   const QuantRows xr = quantize_rows(x, M, w.K, w.kp, false);
   const int64_t bpg = w.group / QK;
@@ -1512,11 +1488,7 @@ void igemm4(const PackedW& w, const float* x, int64_t M, float* y, int nthreads)
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < w.G; ++g)
       for (int64_t j = 0; j < bpg; ++j) gsum[m * w.G + g] += xr.dsum[m * xr.nb + g * bpg + j];
-  const int64_t strips = (w.N + 7) / 8, tasks = (strips + ISG - 1) / ISG;
-  parallel_chunks(tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      igemm_strips<4>(w, xr, gsum.data(), nullptr, M, t * ISG, std::min(strips, (t + 1) * ISG), y);
-  });
+  igemm_tasks<4>(w, xr, gsum.data(), nullptr, M, y, nthreads);
 }
 
 #if DSCHAT_VNNI
@@ -1529,11 +1501,7 @@ void igemm8(const PackedW& w, const float* x, int64_t M, float* y, int nthreads)
       for (int i = 0; i < QK; ++i) t += xr.q[m * xr.kp + b * QK + i];
       xs[m * xr.nb + b] = 128 * t;
     }
-  const int64_t strips = (w.N + 7) / 8, tasks = (strips + ISG - 1) / ISG;
-  parallel_chunks(tasks, 1, nthreads, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      igemm_strips<8>(w, xr, nullptr, xs.data(), M, t * ISG, std::min(strips, (t + 1) * ISG), y);
-  });
+  igemm_tasks<8>(w, xr, nullptr, xs.data(), M, y, nthreads);
 }
 #endif
 
@@ -1567,7 +1535,7 @@ int dschat_igemm8(const float* x, int64_t M, int64_t K, const void* data, const 
   fgemm::igemm8(packed(data, scale, zero, bits, group, N, K, row), x, M, y, nthreads);
   return 0;
 #else
-  (void)x, (void)M, (void)y, (void)nthreads;
+  (void)x, (void)M, (void)data, (void)scale, (void)zero, (void)N, (void)y, (void)nthreads;
   return 5;
 #endif
 }
