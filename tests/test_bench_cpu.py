@@ -18,6 +18,7 @@ def test_smoke_prints_the_table_and_writes_every_figure(tmp_path, monkeypatch):
     assert [x["config"] for x in rows] == ["float32", "int8", "int4"]
     for x in rows:
         assert x["decode_tok_s"] > 0 and x["prefill_tok_s"] > 0 and x["bandwidth"] > 0 and x["threads_ran"] == 1
+        assert x["bandwidth_best"] >= x["bandwidth"]  # the best 64 MiB read, and the median the roofline takes
     by = {x["config"]: x["bytes_per_token"] for x in rows}
     assert by["int4"] < by["int8"] < by["float32"]  # packed weights are counted at their packed size
     assert "| now | int4 |" in r.stdout and "read bandwidth" in r.stdout and "load average" in r.stdout
