@@ -62,6 +62,35 @@ void parallel_runs(int64_t n, int64_t grain, int nthreads, const F& f) {
   }
 }
 
+// DSCHAT_NO_CONTRACT ... DSCHAT_CONTRACT_END: no fused multiply-adds made from a * b + c in between (the code
+// there rounds as PyTorch's operators do, operation by operation). GCC: push / pop options; clang: its pragma
+// holds to the end of the file (it has no pop).
+#if defined(__clang__)
+#define DSCHAT_NO_CONTRACT _Pragma("clang fp contract(off)")
+#define DSCHAT_CONTRACT_END
+#elif defined(__GNUC__)
+#define DSCHAT_NO_CONTRACT _Pragma("GCC push_options") _Pragma("GCC optimize(\"fp-contract=off\")")
+#define DSCHAT_CONTRACT_END _Pragma("GCC pop_options")
+#else
+#define DSCHAT_NO_CONTRACT
+#define DSCHAT_CONTRACT_END
+#endif
+
+// parallel_runs over several parts as one range (part i: sizes[i] units, after the parts before it), so that
+// several weights' rows split over the threads in one parallel region where each had its own: f(i, lo, hi) for
+// units lo..hi-1 of part i (its own numbering), every piece of the range once.
+template <class F>
+void parallel_parts(const std::vector<int64_t>& sizes, int64_t grain, int nthreads, const F& f) {
+  std::vector<int64_t> p0(sizes.size() + 1, 0);  // each part's first unit in the joint range
+  for (size_t i = 0; i < sizes.size(); ++i) p0[i + 1] = p0[i] + sizes[i];
+  parallel_runs(p0.back(), grain, nthreads, [&](int64_t a, int64_t b) {
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const int64_t lo = std::max(a, p0[i]), hi = std::min(b, p0[i + 1]);
+      if (lo < hi) f(i, lo - p0[i], hi - p0[i]);
+    }
+  });
+}
+
 // c[i, 0..NR) (+)= sum over kc of A[i, k] * P[k, 0..NR) for R rows of A (lda apart), P a float32 panel
 // [kc][NR] (NR a multiple of 8), c's rows ldc apart: R x NR / 8 accumulators in registers.
 template <int R, int NR>

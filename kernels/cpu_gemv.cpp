@@ -516,14 +516,10 @@ void run(const PackedW& w, const PreparedX& px, float* y, int nthreads) {
 // weight's: one_row on each weight's share), so one parallel region where each weight had its own.
 void run_experts(const std::vector<PackedW>& ws, const std::vector<const PreparedX*>& px, float* y, int64_t ldy,
                  int nthreads) {
-  std::vector<int64_t> p0(ws.size() + 1, 0);  // each weight's first pair in the joint range
-  for (size_t i = 0; i < ws.size(); ++i) p0[i + 1] = p0[i] + (ws[i].N + 1) / 2;
-  parallel_runs(p0.back(), grain_for(ws[0].row_bytes()), nthreads, [&](int64_t a, int64_t b) {
-    for (size_t i = 0; i < ws.size(); ++i) {
-      const int64_t lo = std::max(a, p0[i]), hi = std::min(b, p0[i + 1]);
-      if (lo < hi)
-        one_row(ws[i], *px[i], 2 * (lo - p0[i]), std::min(ws[i].N, 2 * (hi - p0[i])), y + i * ldy);
-    }
+  std::vector<int64_t> pairs(ws.size());  // each weight's rows in pairs
+  for (size_t i = 0; i < ws.size(); ++i) pairs[i] = (ws[i].N + 1) / 2;
+  parallel_parts(pairs, grain_for(ws[0].row_bytes()), nthreads, [&](size_t i, int64_t lo, int64_t hi) {
+    one_row(ws[i], *px[i], 2 * lo, std::min(ws[i].N, 2 * hi), y + i * ldy);
   });
 }
 
@@ -882,12 +878,7 @@ void dschat_q8_activations(const float* x, int64_t M, int64_t K, int64_t kp, flo
 // Each is one call where PyTorch runs 2 to 15 operators of a few microseconds each. Each rounds as the
 // PyTorch reference does, operation by operation (no fused multiply-adds: see the pragmas), except that the
 // sums of RMSNorm and softmax run in double before their one rounding to float.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-#endif
+DSCHAT_NO_CONTRACT
 
 static inline float rms_scale(const float* x, int64_t D, float eps) {
   double ss = 0.0;
@@ -1042,9 +1033,7 @@ void dschat_route(const float* logits, int64_t E, const float* bias, int k, int 
     for (int j = 0; j < k; ++j) weights[j] = weights[j] * scale;
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+DSCHAT_CONTRACT_END
 
 }  // extern "C"
 

@@ -161,19 +161,15 @@ struct Seg {
 };
 
 void gemv_segments(const std::vector<Seg>& segs, int nthreads) {
-  std::vector<int64_t> g0(segs.size() + 1, 0);
+  std::vector<int64_t> rows(segs.size());
   int64_t kmax = 1;
   for (size_t i = 0; i < segs.size(); ++i) {
-    g0[i + 1] = g0[i] + segs[i].N;
+    rows[i] = segs[i].N;
     kmax = std::max(kmax, segs[i].K);
   }
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (kmax * 2));
-  parallel_runs(g0.back(), grain, nthreads, [&](int64_t a, int64_t b) {
-    for (size_t i = 0; i < segs.size(); ++i) {
-      const int64_t lo = std::max(a, g0[i]), hi = std::min(b, g0[i + 1]);
-      const Seg& s = segs[i];
-      if (lo < hi) gemv_rows(s.W, s.K, s.K, s.xp, s.x, 1, lo - g0[i], hi - g0[i], s.y);
-    }
+  parallel_parts(rows, std::max<int64_t>(1, (64 * 1024) / (kmax * 2)), nthreads, [&](size_t i, int64_t lo, int64_t hi) {
+    const Seg& s = segs[i];
+    gemv_rows(s.W, s.K, s.K, s.xp, s.x, 1, lo, hi, s.y);
   });
 }
 
@@ -409,12 +405,7 @@ int dschat_bf16_linear_n(const uint16_t* x, int64_t K, int64_t n, const uint16_t
 // with no fused multiply-adds. The reductions whose order PyTorch fixes stay PyTorch's (RMSNorm's mean, the
 // attention's softmax: the caller runs them between two calls); the dot products are the kernels' own, the ones
 // the plain path runs.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-#endif
+DSCHAT_NO_CONTRACT
 
 namespace {
 
@@ -595,6 +586,4 @@ int dschat_bf16_mla_mix(const uint16_t* p, int64_t H, int64_t R, int64_t P, cons
 
 }  // extern "C"
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+DSCHAT_CONTRACT_END
