@@ -316,6 +316,26 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 
 
+def lean_over_pages(eng, ids, params, want):
+    """The engine's lean one-token step (eng.static.lean) decodes `want` (the plain path's greedy tokens for ids,
+    params: a prompt and decode that fill two pages) whether the sequence's pages follow one another in the pool
+    (its keys a view) or not (the pool hands out every other page, downwards: no two neighbours; read at their
+    slots), its step running once a decoded token after the first."""
+    lean = eng.static.lean
+    calls = []
+    lean.step = lambda *a: (calls.append(a[3]), type(lean).step(lean, *a))[1]
+    try:
+        for scatter in (False, True):
+            eng.cache.clear()
+            if scatter:
+                eng.cache.free = eng.cache.free[-1::-2] + eng.cache.free[-2::-2]
+            calls.clear()
+            assert list(eng.generate(ids, params, reuse_cache=False)) == want
+            assert len(calls) == params.max_tokens - 1 and (eng.static.contiguous == 2) != scatter
+    finally:
+        del lean.step
+
+
 def smoke(name: str, args: list[str], cwd: Path, monkeypatch) -> subprocess.CompletedProcess:
     """benchmarks/NAME run as `python benchmarks/NAME ARGS` from `cwd` runs it, but in this process (a new one
     spends most of a smoke run's seconds importing torch and transformers): `__main__`, its argv, its folder

@@ -11,6 +11,7 @@ import ctypes
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import lean_over_pages
 
 from dschat.engine import Engine, SamplingParams
 from dschat.engine.cpu_step_bf16 import Bf16Plan
@@ -162,23 +163,14 @@ def test_the_lean_bf16_step_is_decode_step(engines, monkeypatch, name):
     for bit, teacher-forced (both fed the same tokens), and the same greedy tokens, whether the sequence's pages
     follow one another in the pool (its keys a view) or not (read at their slots)."""
     eng = engines[name]
-    lean = eng.static.lean
-    assert type(lean) is Bf16Plan
-    calls = []
-    monkeypatch.setattr(lean, "step", lambda *a: (calls.append(a[3]), type(lean).step(lean, *a))[1])
+    assert type(eng.static.lean) is Bf16Plan
     ids = prompt(40, seed=5)
     params = SamplingParams(max_tokens=70, ignore_eos=True)  # 110 rows: two pages
     fn = eng.static._fn
     monkeypatch.setattr(eng.static, "_fn", decode_step)
     want = list(eng.generate(ids, params, reuse_cache=False))
     monkeypatch.setattr(eng.static, "_fn", fn)
-    for scatter in (False, True):
-        eng.cache.clear()
-        if scatter:  # the pool hands out every other page, downwards: no two neighbours
-            eng.cache.free = eng.cache.free[-1::-2] + eng.cache.free[-2::-2]
-        calls.clear()
-        assert list(eng.generate(ids, params, reuse_cache=False)) == want
-        assert len(calls) == 69 and (eng.static.contiguous == 2) != scatter
+    lean_over_pages(eng, ids, params, want)
     logits = {}
     for which, step_fn in (("lean", fn), ("plain", decode_step)):
         got, feed = logits.setdefault(which, []), iter(want[:-1])

@@ -13,7 +13,7 @@ from dschat.engine import Engine, SamplingParams
 from dschat.engine import static as static_mod
 from dschat.engine.static import CompileWarning, StaticDecoder, choose_mode, decode_step
 
-from helpers import assert_clean_error, call
+from helpers import assert_clean_error, call, lean_over_pages
 
 
 def prompt(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
@@ -253,19 +253,9 @@ def test_the_lean_cpu_step_gives_the_plain_tokens_over_scattered_pages(checkpoin
     try:
         lean = v3.static.lean
         assert lean is not None and (lean.lib is not None) == native
-        calls = []
-        monkeypatch.setattr(lean, "step", lambda *a: (calls.append(a[3]), type(lean).step(lean, *a))[1])
         ids = prompt(40, seed=5)
         params = SamplingParams(max_tokens=70, ignore_eos=True)  # 110 rows: two pages
-        want = plain(v3, ids, params)
-        for scatter in (False, True):
-            v3.cache.clear()
-            if scatter:  # the pool hands out every other page, downwards: no two neighbours
-                v3.cache.free = v3.cache.free[-1::-2] + v3.cache.free[-2::-2]
-            calls.clear()
-            assert list(v3.generate(ids, params, reuse_cache=False)) == want
-            assert len(calls) == 69
-            assert (v3.static.contiguous == 2) != scatter
+        lean_over_pages(v3, ids, params, plain(v3, ids, params))
     finally:
         v3.static = saved
     monkeypatch.setenv("DSCHAT_CPU_STEP", "0")
