@@ -335,10 +335,10 @@ class Engine:
         longest cached prefix is reused (unless reuse_cache is False: then the whole prompt is prefilled); prompt
         and reply are cached for the next call. Stops at the model's end-of-sentence token (which is yielded), at
         any of params.stop_token_ids (yielded too), or after params.max_tokens. Closing it early stops the
-        generation and keeps what it cached. `stop`, a threading.Event another thread may set (Esc in the TUI; anything with is_set()),
-        ends it before its next forward pass: a long prefill stops between chunks of PREFILL_CHUNK tokens, and
-        the cache keeps the part of the prompt prefilled (whole: the next prompt that starts the same reuses it);
-        a generation stopped so is not `done`. A prompt and max_tokens that do not fit the context window are a
+        generation and keeps what it cached. `stop`, a threading.Event another thread may set (Esc in the TUI; anything
+        with is_set()), ends it before its next forward pass: a long prefill stops between chunks of PREFILL_CHUNK
+        tokens, and the cache keeps the part of the prompt prefilled (whole: the next prompt that starts the same reuses
+        it); a generation stopped so is not `done`. A prompt and max_tokens that do not fit the context window are a
         ContextLengthError here, before anything runs."""
         params = params or SamplingParams()
         ids = [int(i) for i in ids]

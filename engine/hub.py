@@ -37,9 +37,10 @@ def demo_dir() -> Path:
 
 
 def resolve(path_or_id: str | os.PathLike, tokenizer_only: bool = False, download: bool = True) -> Path:
-    """A local model directory, `demo` (the bundled demo model, as `--model demo`), or a hub repo id: from the local HF cache, else downloaded (unless offline,
-    or `download` is False), saying first what will be fetched. tokenizer_only: the tokenizer's files are all
-    that is wanted (a hub id then never starts a download of the weights)."""
+    """A local model directory, `demo` (the bundled demo model, as `--model demo`), or a hub repo id: from the
+    local HF cache, else downloaded (unless offline, or `download` is False), saying first what will be fetched.
+    tokenizer_only: the tokenizer's files are all that is wanted (a hub id then never starts a download of the
+    weights)."""
     p = Path(path_or_id).expanduser()
     if str(path_or_id) == DEMO:  # as on dschat's command line: a folder named demo is ./demo
         return demo_dir()

@@ -141,4 +141,5 @@ def stacks_fit(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
             and w13.device.type == "cpu" and w13.is_contiguous() and w2.is_contiguous() and available())
 
 
-__all__ = ["available", "torch_gemm", "takes", "linear", "linear_or_torch", "linear_reference", "bmm", "experts", "stacks_fit"]
+__all__ = ["available", "torch_gemm", "takes", "linear", "linear_or_torch", "linear_reference", "bmm", "experts",
+           "stacks_fit"]

@@ -5,7 +5,8 @@
 `dequantize_fp8` turns a weight (or a stack of them, leading dimensions first) into float32. The matmul
 y = x W^T has two implementations: `fp8_linear_reference` (dequantise, then F.linear) and
 `fp8_linear_triton` (reads the FP8 tiles as they are and dequantises them to x's dtype in registers, so a
-batch-1 decode reads half the bytes of bf16, and multiplies them on the tensor cores). `fp8_linear` picks Triton for CUDA tensors.
+batch-1 decode reads half the bytes of bf16, and multiplies them on the tensor cores). `fp8_linear` picks Triton
+for CUDA tensors.
 """
 
 from __future__ import annotations

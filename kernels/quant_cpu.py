@@ -21,12 +21,12 @@ Without cpu_gemv (no compiler, no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels b
   multiple of B with zero rows), and per group a bfloat16 (scale, offset) pair with
   W = (q - 8) * scale + offset; offset = (8 - zero) * scale. So the weight the kernel reads is the stored one
   with its scales rounded to bfloat16.
-* Both kernels are fast only with bfloat16 activations (measured on an AVX2 CPU: float32 activations take a
-  generic path 8-40x slower than a float32 matmul). So up to `kernel_rows(w)` rows, x is rounded to bfloat16, the kernel accumulates in float32 and
-  rounds its output to bfloat16, and the result comes back in x's dtype: about 3 significant digits, the
-  tolerance the tests allow (a float model of the dequantised weights, logits within 2% of their range).
-  Above that the kernels cost about one weight read per row, so the weight is dequantised to x's dtype once
-  and multiplied exactly (`dequantize_cpu`): prefill's numerics are those of the float model.
+* Both kernels are fast only with bfloat16 activations (measured on an AVX2 CPU: float32 activations take a generic
+  path 8-40x slower than a float32 matmul). So up to `kernel_rows(w)` rows, x is rounded to bfloat16, the kernel
+  accumulates in float32 and rounds its output to bfloat16, and the result comes back in x's dtype: about 3
+  significant digits, the tolerance the tests allow (a float model of the dequantised weights, logits within 2% of
+  their range). Above that the kernels cost about one weight read per row, so the weight is dequantised to x's dtype
+  once and multiplied exactly (`dequantize_cpu`): prefill's numerics are those of the float model.
 """
 
 from __future__ import annotations
@@ -208,7 +208,8 @@ def _ones(n: int) -> torch.Tensor:
 HEADS_NATIVE_MAX_TOKENS = 8
 
 
-def heads_cpu(x: torch.Tensor, w: Packed | Int4Cpu, n: int, row0: int, head_rows: int, transposed: bool) -> torch.Tensor:
+def heads_cpu(x: torch.Tensor, w: Packed | Int4Cpu, n: int, row0: int, head_rows: int,
+              transposed: bool) -> torch.Tensor:
     """MLA's absorbed fold / unfold over a packed kv_b_proj w [N, K] (cpu_gemv.heads says what it computes):
     x [S, H, ·] -> [S, H, ·] in x's dtype. cpu_gemv for a few tokens (its packed bytes read once a token);
     for more, where it cannot run, or with the kernels off (CPU_KERNEL_MAX_ROWS 0), the weight dequantised

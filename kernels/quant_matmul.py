@@ -92,7 +92,8 @@ def quant_matmul_triton(x: torch.Tensor, w: Packed, block_n: int = 64) -> torch.
     _quant_matmul_kernel[grid](
         rows, w.data, w.scale, zero, y, M, N, K, w.scale.shape[-1] if w.bits == 4 else 1,
         rows.stride(0), w.data.stride(0), y.stride(0),
-        BITS=w.bits, GROUP=max(w.group, 1), HAS_ZERO=w.zero is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BITS=w.bits, GROUP=max(w.group, 1), HAS_ZERO=w.zero is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k,
         # float32 stays float32 (no TF32 rounding): the exactness tests run the engine in float32
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     return y.view(*x.shape[:-1], N)
