@@ -13,10 +13,12 @@ step, only where the exact sum lies within float32 rounding of the midpoint betw
 tokens expert by expert over `linear` (views of the stacks: nothing copied).
 
 On a CPU that multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16), PyTorch's bfloat16 matmul (oneDNN) runs
-many rows about twice as fast as this kernel's GEMM, which widens the weights to float32 for FMAs: there
+many rows two to four times as fast as this kernel's GEMM, which widens the weights to float32 for FMAs: there
 `linear_or_torch` (the engine's Linear) and the experts' loop over many tokens run PyTorch's F.linear from
-GEMV_MAX_ROWS + 1 rows (prefill), and this kernel below that (decode, speculation's few rows: its GEMV reads the
-weights at the memory's rate, where PyTorch's is slower: `torch_gemm`).
+TORCH_MIN_ROWS rows, where the kernel's GEMV gives way to its GEMM (`torch_gemm`). Up to GEMV_MAX_ROWS rows the
+GEMV gives each row the bits it gives that row alone, so a verify of that many rows (MTP's 2) computes what
+decode computes; from there (n-gram's 5, prefill) the sums run in another order, as the kernel's GEMM's did
+(some rows one bfloat16 step apart from their one-row results), so a verify may part from decode at a near-tie.
 
 `available()` is false where cpu_gemv cannot be built (no compiler, no AVX2/FMA) or DSCHAT_CPU_GEMV=0 (said in
 one line by cpu_gemv.native()): the callers then run PyTorch's bfloat16 matmul as before.
@@ -48,18 +50,25 @@ def _lib():
 
 
 GEMV_MAX_ROWS = 4  # cpu_gemv_bf16.cpp's: up to this many rows of x its GEMV runs, from there its GEMM
+# From this many rows of x PyTorch's matmul runs where `torch_gemm` (the kernel's GEMM's rows). Measured on a Zen 4
+# (AVX512-BF16), 2 threads, PyTorch against the kernel: 512 x 10944 x 2048 55 against 112 ms, an expert's 48 x 2816
+# x 2048 1.5 against 3.5 ms, 8 rows 0.43 against 0.97 ms, 5 rows 0.33 against 1.20; one row (decode) 0.30 against
+# 0.22 ms (the kernel's GEMV).
+TORCH_MIN_ROWS = GEMV_MAX_ROWS + 1
 
 
 @functools.cache
+def _bf16_arithmetic() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16) and PyTorch has oneDNN to use it."""
+    return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & cpu_gemv._cpu_flags())
+
+
 def torch_gemm() -> bool:
-    """Whether more than GEMV_MAX_ROWS rows of x (prefill) run PyTorch's bfloat16 matmul rather than this kernel's
-    GEMM: where the CPU has bfloat16 arithmetic (AVX512-BF16 or AMX-BF16) for PyTorch's oneDNN matmul to use.
-    Measured on a Zen 4 (AVX512-BF16), 2 threads, PyTorch against the kernel: 512 x 10944 x 2048 55 against
-    112 ms, an expert's 48 x 2816 x 2048 1.5 against 3.5 ms, 12 rows 0.53 against 1.12 ms; one row (decode) 0.30
-    against 0.22 ms (the kernel's GEMV). DSCHAT_BF16_GEMM=dschat keeps the kernel's GEMM anyway."""
-    if os.environ.get("DSCHAT_BF16_GEMM") == "dschat" or not torch.backends.mkldnn.is_available():
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_gemv._cpu_flags())
+    """Whether TORCH_MIN_ROWS rows of x or more (prefill) run PyTorch's bfloat16 matmul rather than this kernel's
+    GEMM: where the CPU has bfloat16 arithmetic and oneDNN is on (torch.backends.mkldnn.enabled: without it
+    PyTorch's bfloat16 matmul takes its slow generic path). DSCHAT_BF16_GEMM=dschat keeps the kernel's GEMM."""
+    return (os.environ.get("DSCHAT_BF16_GEMM") != "dschat" and torch.backends.mkldnn.enabled
+            and _bf16_arithmetic())
 
 
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -67,7 +76,7 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     few rows where PyTorch's matmul is the faster one for many (`torch_gemm`)."""
     return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and w.dim() == 2 and x.device.type == "cpu"
             and w.device.type == "cpu" and w.is_contiguous() and x.shape[-1] == w.shape[1] and available()
-            and not (x.numel() > GEMV_MAX_ROWS * x.shape[-1] and torch_gemm()))
+            and not (x.numel() >= TORCH_MIN_ROWS * x.shape[-1] and torch_gemm()))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

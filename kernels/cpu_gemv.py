@@ -351,9 +351,13 @@ def igemm8(x: torch.Tensor, w: Packed) -> torch.Tensor:
 
 def has_igemm8() -> bool:
     """Whether the library runs `igemm8`: built (native()) for AVX512-VNNI, whose dpbusd it needs (AVX2's
-    maddubs would overflow on the int8 weight plus 128)."""
+    maddubs would overflow on the int8 weight plus 128). Asked of the library once (kept on it)."""
     lib = native() if _LIB is _UNSET else _LIB
-    return lib is not None and lib.dschat_vnni() == 1
+    if lib is None:
+        return False
+    if "has_vnni" not in lib.__dict__:
+        lib.__dict__["has_vnni"] = lib.dschat_vnni() == 1
+    return lib.__dict__["has_vnni"]
 
 
 def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transposed: bool) -> torch.Tensor:
@@ -520,5 +524,5 @@ def gemv_reference(x: torch.Tensor, w: Packed) -> torch.Tensor:
     return xd.double() @ dequantize(w).double().T
 
 
-__all__ = ["native", "fits", "argmax", "gemv", "gemm_f32", "igemm4", "gemv_reference", "heads", "heads_reference",
-           "quantize_activations_reference", "SYMMETRIC_ZERO"]
+__all__ = ["native", "fits", "argmax", "gemv", "gemm_f32", "igemm4", "igemm8", "has_igemm8", "gemv_reference", "heads",
+           "heads_reference", "quantize_activations_reference", "SYMMETRIC_ZERO"]

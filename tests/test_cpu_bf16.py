@@ -149,20 +149,22 @@ def test_experts_over_many_tokens(native, gemm, monkeypatch):
 
 
 def test_many_rows_run_pytorchs_matmul_where_the_cpu_has_bf16(native, monkeypatch):
-    """torch_gemm: with AVX512-BF16 or AMX-BF16 among the CPU's flags (and oneDNN in PyTorch), more than
-    GEMV_MAX_ROWS rows go to PyTorch's F.linear (its numbers exactly), fewer to the kernel's GEMV; without those
-    flags, or with DSCHAT_BF16_GEMM=dschat, every row count runs the kernel."""
+    """torch_gemm: with AVX512-BF16 or AMX-BF16 among the CPU's flags (and oneDNN in PyTorch, turned on),
+    TORCH_MIN_ROWS rows or more go to PyTorch's F.linear (its numbers exactly), fewer to the kernel; without those
+    flags, with oneDNN off or with DSCHAT_BF16_GEMM=dschat, every row count runs the kernel."""
     w = bf16(48, 64, seed=9)
-    few, many = bf16(cpu_bf16.GEMV_MAX_ROWS, 64, seed=10), bf16(cpu_bf16.GEMV_MAX_ROWS + 1, 64, seed=11)
+    few, many = bf16(cpu_bf16.TORCH_MIN_ROWS - 1, 64, seed=10), bf16(cpu_bf16.TORCH_MIN_ROWS, 64, seed=11)
     flags = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}
-    for extra, env, want in [({"avx512_bf16"}, None, True), ({"amx_bf16"}, None, True), (set(), None, False),
-                             ({"avx512_bf16"}, "dschat", False)]:
+    for extra, env, onednn, want in [({"avx512_bf16"}, None, True, True), ({"amx_bf16"}, None, True, True),
+                                     (set(), None, True, False), ({"avx512_bf16"}, "dschat", True, False),
+                                     ({"avx512_bf16"}, None, False, False)]:
         monkeypatch.setattr(cpu_gemv, "_cpu_flags", lambda extra=extra: flags | extra)
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
         if env:
             monkeypatch.setenv("DSCHAT_BF16_GEMM", env)
         else:
             monkeypatch.delenv("DSCHAT_BF16_GEMM", raising=False)
-        cpu_bf16.torch_gemm.cache_clear()
+        cpu_bf16._bf16_arithmetic.cache_clear()
         try:
             assert cpu_bf16.torch_gemm() is (want and torch.backends.mkldnn.is_available())
             assert cpu_bf16.takes(few, w) and cpu_bf16.takes(many, w) is not cpu_bf16.torch_gemm()
@@ -170,7 +172,19 @@ def test_many_rows_run_pytorchs_matmul_where_the_cpu_has_bf16(native, monkeypatc
             pytorch = torch.equal(cpu_bf16.linear_or_torch(many, w), F.linear(many, w))
             assert pytorch if cpu_bf16.torch_gemm() else kernel
         finally:
-            cpu_bf16.torch_gemm.cache_clear()
+            cpu_bf16._bf16_arithmetic.cache_clear()
+
+
+@pytest.mark.parametrize("rows", [2, 3, 4])
+def test_a_few_rows_get_decodes_bits(native, rows):
+    """Below TORCH_MIN_ROWS rows (MTP's verify) linear_or_torch runs the kernel's GEMV whatever the CPU, and each
+    row comes out as that row alone would (decode's one row): verifying a draft computes what decoding it does."""
+    assert cpu_bf16.TORCH_MIN_ROWS == cpu_bf16.GEMV_MAX_ROWS + 1 == 5
+    w = bf16(1024, 2048, seed=12, scale=0.02)
+    x = bf16(rows, 2048, seed=13)
+    y = cpu_bf16.linear_or_torch(x, w)
+    for i in range(rows):
+        assert torch.equal(y[i], cpu_bf16.linear_or_torch(x[i:i + 1], w)[0])
 
 
 @pytest.fixture(scope="module")
