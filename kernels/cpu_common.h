@@ -4,6 +4,10 @@
 // inside each source's anonymous namespace (each gets its own copy); kernels/cpu_gemv.py counts this text in
 // the library's build key and ships it with the sources.
 
+// silu(g) = g / (1 + exp(-g)), in float32 as PyTorch's F.silu computes it element by element (the SwiGLUs of
+// both libraries: each then multiplies by up, bfloat16's rounding first).
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

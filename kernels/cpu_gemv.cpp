@@ -818,7 +818,7 @@ int dschat_experts(const float* x, int64_t H, const int64_t* ids, const float* w
     for (int64_t ji = i0; ji < i1; ++ji) {
       const float* hj = h.data() + ji / I * 2 * I;
       const int64_t i = ji % I;
-      a[ji] = hj[i] / (1.f + std::exp(-hj[i])) * hj[I + i];
+      a[ji] = silu(hj[i]) * hj[I + i];
     }
   });
   std::vector<PreparedX> pa(c);
@@ -920,10 +920,7 @@ void dschat_rope_latent(const float* q, int64_t H, int64_t q_stride, int64_t nop
 
 // out [I] = silu(gu[:I]) * gu[I:2I] (silu(g) = g / (1 + exp(-g))).
 void dschat_silu_mul(const float* gu, int64_t I, float* out) {
-  for (int64_t i = 0; i < I; ++i) {
-    const float g = gu[i];
-    out[i] = (g / (1.0f + std::exp(-g))) * gu[I + i];
-  }
+  for (int64_t i = 0; i < I; ++i) out[i] = silu(gu[i]) * gu[I + i];
 }
 
 // The index of the largest of v[0..n) as torch.argmax gives it: the first of equal largest values, the first NaN

@@ -147,6 +147,7 @@ def _load(path: Path):
     for name in ("dschat_heads_gemv", "dschat_heads_gemv_t"):  # called with ctypes values made in advance
         getattr(lib, name).restype = I
     lib.dschat_vnni.restype = I
+    lib.has_vnni = lib.dschat_vnni() == 1  # built for AVX512-VNNI (has_igemm8)
     lib.dschat_mla_attend.argtypes = [P, P, I64, I64, I64, P, P, I64, I64, ctypes.c_float, P, I]
     lib.dschat_mla_attend.restype = I
     lib.dschat_experts.argtypes = [P, I64, P, P, I64, P, P, P, P, P, P, I64, I64, I64, I64, I, I64, P, I]
@@ -351,13 +352,9 @@ def igemm8(x: torch.Tensor, w: Packed) -> torch.Tensor:
 
 def has_igemm8() -> bool:
     """Whether the library runs `igemm8`: built (native()) for AVX512-VNNI, whose dpbusd it needs (AVX2's
-    maddubs would overflow on the int8 weight plus 128). Asked of the library once (kept on it)."""
+    maddubs would overflow on the int8 weight plus 128)."""
     lib = native() if _LIB is _UNSET else _LIB
-    if lib is None:
-        return False
-    if "has_vnni" not in lib.__dict__:
-        lib.__dict__["has_vnni"] = lib.dschat_vnni() == 1
-    return lib.__dict__["has_vnni"]
+    return lib is not None and lib.has_vnni
 
 
 def heads(x: torch.Tensor, w: Packed, n: int, row0: int, head_rows: int, transposed: bool) -> torch.Tensor:

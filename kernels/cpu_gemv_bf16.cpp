@@ -55,6 +55,9 @@ inline uint16_t f2bf(float f) {  // round to nearest even, as c10::BFloat16
 
 inline float round_bf(float f) { return bf2f(f2bf(f)); }
 
+// F.silu(g) * u in bfloat16 (g, u bfloat16 values): silu rounded, then the product rounded.
+inline float swiglu_bf(float g, float u) { return round_bf(round_bf(silu(g)) * u); }
+
 // f(i) for i in [0, n) over up to `nthreads` threads, each taking the next i as it finishes one (a thread that
 // another process holds off its core leaves its share to the others, where an even split would wait for it).
 // The results do not depend on which thread runs what.
@@ -358,7 +361,7 @@ int dschat_bf16_experts(const uint16_t* x, int64_t H, const int64_t* ids, const 
     for (int64_t ji = i0; ji < i1; ++ji) {
       const int64_t j = ji / I, i = ji % I;
       const float g = round_bf(h[j * 2 * I + i]), u = round_bf(h[j * 2 * I + I + i]);
-      a[j * I + i] = round_bf(round_bf(g / (1.f + std::exp(-g))) * u);
+      a[j * I + i] = swiglu_bf(g, u);
     }
   });
   const std::vector<float> ap = pair_layout(a.data(), c, I);
@@ -491,10 +494,7 @@ void dschat_bf16_rope_latent(const uint16_t* q, int64_t H, int64_t q_stride, int
 // threads.
 void dschat_bf16_silu_mul(const uint16_t* gu, int64_t I, uint16_t* out, int nthreads) {
   parallel_runs(I, 512, nthreads, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float g = bf2f(gu[i]);
-      out[i] = f2bf(round_bf(g / (1.0f + std::exp(-g))) * bf2f(gu[I + i]));
-    }
+    for (int64_t i = i0; i < i1; ++i) out[i] = f2bf(swiglu_bf(bf2f(gu[i]), bf2f(gu[I + i])));
   });
 }
 
