@@ -347,6 +347,9 @@ void parallel_chunks(int64_t n, int64_t grain, int nthreads, const F& f) {
 // registers, so that each block of weights is unpacked once for RM rows and each block of x loaded once for
 // RN weight rows. Same arithmetic as dot_q8 / dot_q4 per (row, weight row): int32 per block, float32 across
 // blocks in the same order (the results are those of the one-row kernels up to float32 summation order).
+// Each weight row is prefetched PF bytes ahead, as the one-row kernels do: the tile reads RN neighbouring rows
+// side by side, the pattern the hardware prefetcher alone falls behind on (2-16 rows of x, 2 threads, Zen 4:
+// 25-45% faster, e.g. int4 2816 x 2048 at 8 rows 530 -> 351 µs, the dense gate|up 21888 x 2048 4327 -> 2656).
 template <int RM, int RN>
 void tile_q8(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, float* y) {
   const int64_t kp = px.xr.kp, nb = px.xr.nb, nfull = w.K / QK;
@@ -359,6 +362,7 @@ void tile_q8(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, floa
   const float* xd = px.xr.d.data() + m0 * nb;
   for (int64_t b = 0; b < nfull; ++b) {
     for (int j = 0; j < RN; ++j) {  // one weight row's block at a time in registers, every row of x against it
+      if ((b & 1) == 0) _mm_prefetch((const char*)(wr[j] + b * QK + PF), _MM_HINT_NTA);
       const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr[j] + b * QK));
       const __m256i wa = _mm256_sign_epi8(wv, wv);
       for (int i = 0; i < RM; ++i) {
@@ -395,8 +399,10 @@ void tile_q4(const PackedW& w, const PreparedX& px, int64_t m0, int64_t n0, floa
     for (int64_t jj = 0; jj < bpg; jj += 2) {  // two blocks: 64 weights, 64 activations
       const int64_t b = g * bpg + jj;
       for (int j = 0; j < RN; ++j) {  // one weight row's 64 weights at a time in registers
+        const uint8_t* at = w.data + (n0 + j) * rb + (b / 2) * BYTES64<BITS>;
+        if (BITS == 6 || (jj & 3) == 0) _mm_prefetch((const char*)(at + PF), _MM_HINT_NTA);
         __m256i lo, hi;
-        unpack64<BITS>(w.data + (n0 + j) * rb + (b / 2) * BYTES64<BITS>, lo, hi);
+        unpack64<BITS>(at, lo, hi);
         for (int i = 0; i < RM; ++i) {
           const __m256i p = dot8(lo, _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK)), hi,
                                  _mm256_loadu_si256((const __m256i*)(xq + i * kp + b * QK + QK)));
@@ -1355,7 +1361,9 @@ void panel_i4(const PackedW& w, int64_t n0, int64_t nn, int64_t b0, int64_t nblk
     __m256 r[8];
     for (int i = 0; i < 8; ++i) {
       if (i < nn) {
-        const __m128i raw = _mm_loadu_si128((const __m128i*)(w.data + (n0 + i) * rb + (b0 + b) * (QK / 2)));
+        const uint8_t* at = w.data + (n0 + i) * rb + (b0 + b) * (QK / 2);
+        if ((b & 3) == 0) _mm_prefetch((const char*)(at + PF), _MM_HINT_NTA);
+        const __m128i raw = _mm_loadu_si128((const __m128i*)at);
         const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
         r[i] = _mm256_castsi256_ps(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)));
         sv[b * 8 + i] = w.scale[(n0 + i) * w.G + g];
@@ -1380,6 +1388,8 @@ void panel_i4(const PackedW& w, int64_t n0, int64_t nn, int64_t b0, int64_t nblk
 #if DSCHAT_VNNI
 // Weight rows n0..n0+nn-1 (nn <= 8; zeros past nn) at blocks b0..b0+nblk-1 -> the panel [nblk][8 vectors] of
 // w + 128, laid out as panel_i4's (vector c: inputs 4c..4c+3 of the 8 rows); past K (the last block) w is 0.
+// Its 8 rows prefetched PF bytes ahead as the tiles' are (2 threads, 2816 x 2048 + 2048 x 1408 at 16 rows: 1.48
+// -> 1.36 ms; panel_i4's the same, within noise).
 void panel_i8(const PackedW& w, int64_t n0, int64_t nn, int64_t b0, int64_t nblk, uint8_t* panel) {
   const __m256i flip = _mm256_set1_epi8((char)0x80);
   alignas(32) int8_t tail[QK];
@@ -1389,6 +1399,7 @@ void panel_i8(const PackedW& w, int64_t n0, int64_t nn, int64_t b0, int64_t nblk
     for (int i = 0; i < 8; ++i) {
       if (i < nn) {
         const int8_t* src = (const int8_t*)w.data + (n0 + i) * w.K + k;
+        if ((b & 1) == 0) _mm_prefetch((const char*)(src + PF), _MM_HINT_NTA);
         if (kn < QK) {
           std::memset(tail, 0, QK);
           std::memcpy(tail, src, kn);

@@ -215,15 +215,16 @@ def test_igemm8_computes_what_gemv_computes(native, M, N, K):
 
 
 @pytest.mark.parametrize("name, rows", [("int8", 1), ("int8", 7), ("int8", 8), ("int8", 11), ("int8", 12),
-                                        ("int8", 65), ("int4", 1), ("int4", 7), ("int4", 8), ("int4", 300)])
+                                        ("int8", 65), ("int4", 1), ("int4", 7), ("int4", 13), ("int4", 14),
+                                        ("int4", 300)])
 def test_matmul_cpu_runs_it_for_few_rows(native, name, rows):
-    """quant_cpu.matmul_cpu: cpu_gemv's one-row-at-a-time integer kernel below gemm_min_rows rows (8; int8 12
-    without its integer GEMM), a GEMM from there: the integer one (gemv's numbers), or for int8 without it the float
+    """quant_cpu.matmul_cpu: cpu_gemv's one-row-at-a-time integer kernel below gemm_min_rows rows (int4 14, int8
+    12), a GEMM from there: the integer one (gemv's numbers), or for int8 without it the float
     GEMM (float32-exact); other leading dimensions and bfloat16 inputs keep their shape and dtype."""
     p = quantize(torch.randn(96, 384), SPECS[name])
     limit = quant_cpu.gemm_min_rows(p.bits)
     integer = name == "int4" or cpu_gemv.has_igemm8()
-    assert limit == (8 if integer else 12)
+    assert limit == (14 if name == "int4" else 12)
     x = torch.randn(rows, 384)
     got = quant_cpu.matmul_cpu(x, p)
     if rows < limit:
