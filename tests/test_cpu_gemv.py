@@ -391,6 +391,11 @@ for name, s in (("int8", QuantSpec(8)), ("int4", QuantSpec(4)), ("int4-sym", Qua
     kv_b = quantize(torch.randn(3 * 70, 520, generator=g), s)  # 3 heads of nope 40 + v 30 rows, R 520
     out[f"{name} fold"] = cpu_gemv.heads(torch.randn(2, 3, 40, generator=g), kv_b, 40, 0, 70, transposed=True)
     out[f"{name} unfold"] = cpu_gemv.heads(torch.randn(2, 3, 520, generator=g), kv_b, 30, 40, 70, transposed=False)
+cache = torch.randn(300, 576, generator=g)
+q_lat, q_pe = torch.randn(16, 512, generator=g) * 0.1, torch.randn(16, 64, generator=g) * 0.1
+out["attend"] = cpu_gemv.mla_attend(q_lat, q_pe, cache, slice(3, 290), 0.07)
+out["attend scattered"] = cpu_gemv.mla_attend(q_lat[:13], q_pe[:13], cache, torch.randperm(300, generator=g)[:157],
+                                              0.07)
 out["isa"] = cpu_gemv.isa()
 out["vnni"] = cpu_gemv.native().dschat_vnni()
 torch.save(out, sys.argv[1])
@@ -400,7 +405,9 @@ torch.save(out, sys.argv[1])
 def test_the_vnni_and_avx2_builds_give_the_same_bits(native, tmp_path):
     """Where the CPU has AVX512-VNNI, its library's int8 / int4 kernels (one vpdpbusd for each maddubs + madd)
     and the AVX2 library's give the same results bit for bit: decode's kernel, the blocked one, int4's integer
-    GEMM, the experts, MLA's fold and unfold and int6's GEMV (lm_head's), each build in its own process."""
+    GEMM, the experts, MLA's fold and unfold and int6's GEMV (lm_head's), each build in its own process; and the
+    float32 attention, whose tiles differ (4 rows x 4 heads and 4 heads x 32 columns with AVX-512's 32 registers,
+    2 x 4 and 4 x 16 with AVX2's 16) while every sum keeps its order."""
     if cpu_gemv.isa() != "avx512vnni":
         pytest.skip("this CPU has no AVX512-VNNI: only the AVX2 library can run here")
     script = tmp_path / "same.py"
