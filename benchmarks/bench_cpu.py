@@ -2,7 +2,7 @@
 (when installed) llama.cpp, in interleaved rounds.
 
     python benchmarks/bench_cpu.py [--model v2lite|demo] [--layers 2] [--threads 1] [--rounds 2]
-                                   [--tokens 32] [--prefill 512] [--configs float32,bfloat16,int8,int4]
+                                   [--tokens 32] [--prefill 512] [--depth 0] [--configs float32,bfloat16,int8,int4]
     python benchmarks/bench_cpu.py --smoke          # the demo model, a few tokens, in-process: seconds
 
 Models: `v2lite`, DeepSeek-V2-Lite's real shapes (hidden 2048, 64 routed experts top-6 + 2 shared,
@@ -13,7 +13,9 @@ bf16 weights, cut to --layers layers (1 dense + the rest MoE), written once to a
 Each configuration runs in a fresh process once per round, the order rotated each round (A B C D, B C D A,
 ...), so that what else the shared machine does hits every configuration alike in expectation. A process:
 loads the model, decodes --tokens greedy tokens after a 128-token prompt (rate = the engine's
-decode_tokens_per_s), then prefills a --prefill-token prompt from an empty cache (rate = tokens / prefill_s).
+decode_tokens_per_s), then prefills a --prefill-token prompt from an empty cache (rate = tokens / prefill_s);
+with --depth N, then decodes --tokens tokens after an N-token prompt and prefills a 64-token follow-up turn over
+those N cached tokens (a chat's next turn; llama-bench: `-n TOKENS -d N` and `-p 64 -d N`).
 Each round also measures the read bandwidth at the same thread count (torch.sum over 64 MiB slices of a
 float32 tensor, the median of 64; the best is printed beside it: see bandwidth()). Printed per configuration:
 the median [min-max] of the rounds, bytes of weights read per token (counted from the loaded model: routed
@@ -52,6 +54,7 @@ import time
 from pathlib import Path
 
 PROMPT = 128
+FOLLOW = 64  # --depth: a follow-up turn's new tokens
 
 
 def v2lite_config(layers: int) -> dict:
@@ -144,7 +147,15 @@ def worker(spec: dict) -> dict:
     long_ids = torch.randint(10, 4000, (spec["prefill"],), generator=g).tolist()
     list(eng.generate(long_ids, SamplingParams(temperature=0.0, max_tokens=1)))
     prefill = spec["prefill"] / eng.stats.prefill_s
-    return {"decode_tok_s": decode, "prefill_tok_s": prefill, "generated": len(out), "load_s": load_s,
+    deep = {}
+    if spec.get("depth"):  # decode after a long context, then a follow-up turn's prefill over it
+        deep_ids = torch.randint(10, 4000, (spec["depth"],), generator=g).tolist()
+        list(eng.generate(deep_ids, SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)))
+        deep["decode_deep_tok_s"] = eng.stats.decode_tokens_per_s
+        follow = deep_ids + torch.randint(10, 4000, (FOLLOW,), generator=g).tolist()
+        list(eng.generate(follow, SamplingParams(temperature=0.0, max_tokens=1)))
+        deep["follow_tok_s"] = FOLLOW / eng.stats.prefill_s
+    return {"decode_tok_s": decode, "prefill_tok_s": prefill, **deep, "generated": len(out), "load_s": load_s,
             "bytes_per_token": bytes_per_token(eng.model), "weight_bytes": eng.load_stats.get("weight_bytes"),
             "peak_host_bytes": eng.load_stats.get("peak_host_bytes"),
             "threads_ran": torch.get_num_threads()}
@@ -246,8 +257,12 @@ def llama_bench_path(arg: str | None) -> str | None:
 def llama_run(spec: dict) -> dict:
     """One round of llama.cpp at one precision: a llama-bench process for decode, one for prefill."""
     out = {}
-    for what, flags in (("decode", ["-p", "0", "-n", str(spec["tokens"]), "-d", str(PROMPT)]),
-                        ("prefill", ["-p", str(spec["prefill"]), "-n", "0"])):
+    runs = [("decode", ["-p", "0", "-n", str(spec["tokens"]), "-d", str(PROMPT)]),
+            ("prefill", ["-p", str(spec["prefill"]), "-n", "0"])]
+    if spec.get("depth"):
+        runs += [("decode_deep", ["-p", "0", "-n", str(spec["tokens"]), "-d", str(spec["depth"])]),
+                 ("follow", ["-p", str(FOLLOW), "-n", "0", "-d", str(spec["depth"])])]
+    for what, flags in runs:
         cmd = [spec["exe"], "-m", spec["gguf"], "-t", str(spec["threads"]), "-r", "1", "-o", "jsonl", *flags,
                *spec["extra"]]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -312,17 +327,19 @@ def llama_jobs(args, name: str) -> tuple[list[tuple], str | None]:
 def ratios(results: dict) -> list[str]:
     """dschat over llama.cpp at the same precision, medians of the rounds, decode and prefill."""
     def med(key, what):
-        ok = [x[what] for x in results.get(key, []) if "error" not in x]
+        ok = [x[what] for x in results.get(key, []) if "error" not in x and what in x]
         return statistics.median(ok) if ok else None
 
     lines = []
+    names = {"decode_tok_s": "decode", "prefill_tok_s": "prefill", "decode_deep_tok_s": "decode deep",
+             "follow_tok_s": "follow-up prefill"}
     for ours, theirs in SAME_PRECISION:
         for label in sorted({lab for lab, _ in results if lab != "llama.cpp"}):
             parts = []
-            for what in ("decode_tok_s", "prefill_tok_s"):
+            for what, shown in names.items():
                 a, b = med((label, ours), what), med(("llama.cpp", theirs), what)
                 if a is not None and b:
-                    parts.append(f"{what.split('_')[0]} {a / b:.3f}x")
+                    parts.append(f"{shown} {a / b:.3f}x")
             if parts:
                 lines.append(f"{label} dschat {ours} / llama.cpp {LLAMA_TYPES.get(theirs, theirs)}: "
                              + ", ".join(parts))
@@ -338,6 +355,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32, help="tokens decoded per process")
     ap.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement")
+    ap.add_argument("--depth", type=int, default=0,
+                    help=f"also decode after a DEPTH-token context and prefill a {FOLLOW}-token follow-up over it")
     ap.add_argument("--configs", default="float32,bfloat16,int8,int4",
                     help="comma-separated; int8:torch / int4:torch run PyTorch's packed kernels (DSCHAT_CPU_GEMV=0)")
     ap.add_argument("--python", action="append", default=[], metavar="LABEL=PYTHON",
@@ -381,7 +400,7 @@ def main(argv=None) -> int:
             order = jobs[r % len(jobs):] + jobs[:r % len(jobs)]
             for label, py, c, more in order:
                 spec = {"model": path, "config": c, "threads": args.threads, "tokens": args.tokens,
-                        "prefill": args.prefill, **more}
+                        "prefill": args.prefill, "depth": args.depth, **more}
                 res = run_one(py, spec, in_process=args.smoke)
                 res.update(round=r, label=label, config=c, model=args.model, layers=args.layers,
                            threads=args.threads, bandwidth=bws[-1][0], bandwidth_best=bws[-1][1])
@@ -389,8 +408,10 @@ def main(argv=None) -> int:
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps(res) + "\n")
+                deep = (f"decode at {args.depth} {res['decode_deep_tok_s']:.2f} tok/s, follow-up prefill "
+                        f"{res['follow_tok_s']:.1f} tok/s, " if "follow_tok_s" in res else "")
                 print(f"  round {r} {label:>9} {c:>8}: " + (res["error"] if "error" in res else
-                      f"decode {res['decode_tok_s']:.2f} tok/s, prefill {res['prefill_tok_s']:.1f} tok/s, "
+                      f"decode {res['decode_tok_s']:.2f} tok/s, prefill {res['prefill_tok_s']:.1f} tok/s, {deep}"
                       f"load {res['load_before']:.1f}->{res['load_after']:.1f}"), flush=True)
     bw = statistics.median(b for b, _ in bws)
     print(f"\n{args.model}{f' ({args.layers} layers)' if args.model == 'v2lite' else ''}, {args.threads} "
@@ -413,6 +434,17 @@ def main(argv=None) -> int:
         print(f"| {label} | {shown} | {f'{nbytes / 1e6:,.0f} MB' if nbytes else '-'} | {summary(dec)} | "
               f"{f'{statistics.median(dec) * nbytes / bw:.0%}' if nbytes else '-'} | {ratio} | "
               f"{summary([x['prefill_tok_s'] for x in ok])} | {min(loads):.1f}-{max(loads):.1f} |")
+    if args.depth:
+        print(f"\nafter a {args.depth}-token context: decode {args.tokens} tokens; a {FOLLOW}-token follow-up's "
+              "prefill over it")
+        print("| checkout | precision | decode tok/s | follow-up prefill tok/s |")
+        print("|---|---|---|---|")
+        for (label, c), rs in results.items():
+            ok = [x for x in rs if "error" not in x and "follow_tok_s" in x]
+            if ok:
+                shown = LLAMA_TYPES.get(c, c) if label == "llama.cpp" else c
+                print(f"| {label} | {shown} | {summary([x['decode_deep_tok_s'] for x in ok])} | "
+                      f"{summary([x['follow_tok_s'] for x in ok])} |")
     loads = [x[k] for rs in results.values() for x in rs for k in ("load_before", "load_after") if k in x]
     print(f"load average during the run: {min(loads):.1f}-{max(loads):.1f}")
     if llama_note:

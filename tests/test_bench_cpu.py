@@ -62,3 +62,28 @@ def test_llama_cpp_runs_in_the_rounds_and_is_compared_at_the_same_precision(tmp_
     line = next(x for x in r.stdout.splitlines() if "dschat int4 / llama.cpp Q4_0" in x)
     assert f"decode {int4['decode_tok_s'] / 100:.3f}x, prefill {int4['prefill_tok_s'] / 1000:.3f}x" in line
     assert "| llama.cpp | Q4_0 |" in r.stdout and "dschat int8 / llama.cpp" not in r.stdout
+
+
+def test_depth_measures_a_long_context_and_a_follow_up_turn_on_both(tmp_path, monkeypatch):
+    """--depth N: every process also decodes after an N-token context and prefills a 64-token follow-up turn over
+    it (dschat with its prefix cache; llama-bench `-n TOKENS -d N` and `-p 64 -n 0 -d N`), in their own table and
+    in the ratios."""
+    log, exe, gguf = tmp_path / "calls", tmp_path / "llama-bench", tmp_path / "gguf"
+    exe.write_text(STAND_IN.format(python=sys.executable, log=str(log)))
+    exe.chmod(0o755)
+    gguf.mkdir()
+    (gguf / "demo-q4_0.gguf").write_bytes(b"not a gguf")
+    out = tmp_path / "r.jsonl"
+    r = smoke("bench_cpu.py", ["--smoke", "--json", str(out), "--gguf", str(gguf), "--llama-bench", str(exe),
+                               "--llama-types", "q4_0", "--depth", "40"], tmp_path, monkeypatch)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {x["config"]: x for x in map(json.loads, out.read_text().splitlines())}
+    for c in ("float32", "int8", "int4", "q4_0"):
+        assert rows[c]["decode_deep_tok_s"] > 0 and rows[c]["follow_tok_s"] > 0, c
+    calls = log.read_text().splitlines()
+    assert any("-p 0 -n 4 -d 40" in c for c in calls) and any("-p 64 -n 0 -d 40" in c for c in calls)
+    assert "after a 40-token context" in r.stdout and "| llama.cpp | Q4_0 | 100.0 | 1000.0 |" in r.stdout
+    int4 = rows["int4"]
+    line = next(x for x in r.stdout.splitlines() if "dschat int4 / llama.cpp Q4_0" in x)
+    assert (f"decode deep {int4['decode_deep_tok_s'] / 100:.3f}x, follow-up prefill "
+            f"{int4['follow_tok_s'] / 1000:.3f}x") in line
