@@ -96,7 +96,8 @@ class MLA(nn.Module):
             w = None if packed else kv_b.weight.view(self.n_heads, hr, self.kv_rank)
             fold = not packed and w.dtype == torch.bfloat16 and x.device.type == "cpu" \
                 and not torch.compiler.is_compiling() \
-                and cpu_bf16.available()  # PyTorch's bfloat16 bmm is slow on a CPU without bfloat16 arithmetic
+                and cpu_bf16.available() and not cpu_bf16.torch_rows(S)
+            # (PyTorch's bfloat16 bmm is slow at a few rows, and at any count on a CPU without bfloat16 arithmetic)
             if packed:
                 q_lat = kv_b.heads(q_nope[0], self.nope, 0, hr, transposed=True)
             elif fold:

@@ -68,10 +68,13 @@ def mla_decode_bf16_cpu(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
 
 def bf16_cpu_takes(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether mla_decode_bf16_cpu runs: bfloat16 on the CPU where cpu_bf16's kernels are built, the last
-    dimension of each contiguous, and not inside torch.compile's tracing (a ctypes call is no operator)."""
+    dimension of each contiguous, not inside torch.compile's tracing (a ctypes call is no operator), and a few
+    queries where the CPU multiplies bfloat16 itself (from cpu_bf16.TORCH_MIN_ROWS, a follow-up turn's prefill,
+    PyTorch's own products run the reference: `cpu_bf16.torch_rows`)."""
     return (q_lat.dtype == q_pe.dtype == cache.dtype == torch.bfloat16 and q_lat.device.type == "cpu"
             and q_lat.stride(-1) == 1 and q_pe.stride(-1) == 1 and cache.stride(-1) == 1
-            and not torch.compiler.is_compiling() and cpu_bf16.available())
+            and not torch.compiler.is_compiling() and cpu_bf16.available()
+            and not cpu_bf16.torch_rows(q_lat.shape[0]))
 
 
 if triton is not None:

@@ -240,6 +240,32 @@ def test_bf16_greedy_tokens(models):
     assert got == want
 
 
+def test_attention_of_many_queries_runs_pytorchs_products(models, monkeypatch):
+    """A follow-up turn's absorbed attention (TORCH_MIN_ROWS queries or more) runs the reference (PyTorch's
+    bfloat16 products) where the CPU multiplies bfloat16 (torch_gemm), the kernel's below that or without it; the
+    MLA layer's fold and unfold follow the same rule (the kernel's bmm called or not): chunks of 8 tokens through
+    the absorbed attention give the same logits within bfloat16 rounding either way."""
+    from dschat.kernels import mla_decode as md
+
+    H, R, P = 16, 512, 64
+    cache = bf16(100, R + P, seed=3, scale=0.5)
+    eng = models[torch.bfloat16]
+    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    real, got = cpu_bf16.bmm, {}
+    for arithmetic in (True, False):
+        monkeypatch.setattr(cpu_bf16, "torch_gemm", lambda: arithmetic)
+        for S in (cpu_bf16.TORCH_MIN_ROWS - 1, cpu_bf16.TORCH_MIN_ROWS, 40):
+            q_lat, q_pe = bf16(S, H, R, seed=S), bf16(S, H, P, seed=S + 1)
+            assert cpu_bf16.torch_rows(S) is (S >= cpu_bf16.TORCH_MIN_ROWS and arithmetic)
+            assert md.bf16_cpu_takes(q_lat, q_pe, cache) is not cpu_bf16.torch_rows(S)
+        calls = []
+        monkeypatch.setattr(cpu_bf16, "bmm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+        got[arithmetic] = eng.decode_logits(ids, chunk=8)
+        assert bool(calls) is not arithmetic  # the fold / unfold and attention of 8 queries: PyTorch's or the kernel's
+    scale = got[False].abs().max()
+    assert float((got[True] - got[False]).abs().max() / scale) < 0.02
+
+
 @pytest.mark.parametrize("S, T", [(1, 37), (1, 300), (3, 90)])
 def test_mla_decode_attention_in_bfloat16_is_the_reference(native, S, T):
     """mla_decode for bfloat16 on the CPU runs its three products through the batched kernel (the latent rows
