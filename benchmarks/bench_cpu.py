@@ -15,7 +15,7 @@ Each configuration runs in a fresh process once per round, the order rotated eac
 loads the model, decodes --tokens greedy tokens after a 128-token prompt (rate = the engine's
 decode_tokens_per_s), then prefills a --prefill-token prompt from an empty cache (rate = tokens / prefill_s);
 with --depth N, then decodes --tokens tokens after an N-token prompt and prefills a 64-token follow-up turn over
-those N cached tokens (a chat's next turn; llama-bench: `-n TOKENS -d N` and `-p 64 -d N`).
+those N cached tokens (a chat's next turn; llama-bench: `-p 0 -n TOKENS -d N` and `-p 64 -n 0 -d N`).
 Each round also measures the read bandwidth at the same thread count (torch.sum over 64 MiB slices of a
 float32 tensor, the median of 64; the best is printed beside it: see bandwidth()). Printed per configuration:
 the median [min-max] of the rounds, bytes of weights read per token (counted from the loaded model: routed
@@ -140,9 +140,12 @@ def worker(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 4000, (PROMPT,), generator=g).tolist()
-    out = list(eng.generate(ids, SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
-                            if "ignore_eos" in inspect.signature(SamplingParams).parameters else
-                            SamplingParams(temperature=0.0, max_tokens=spec["tokens"])))
+    def params(n: int):  # greedy, n tokens whatever the text (an older checkout may not have ignore_eos)
+        if "ignore_eos" in inspect.signature(SamplingParams).parameters:
+            return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        return SamplingParams(temperature=0.0, max_tokens=n)
+
+    out = list(eng.generate(ids, params(spec["tokens"])))
     decode = eng.stats.decode_tokens_per_s
     long_ids = torch.randint(10, 4000, (spec["prefill"],), generator=g).tolist()
     list(eng.generate(long_ids, SamplingParams(temperature=0.0, max_tokens=1)))
@@ -150,10 +153,12 @@ def worker(spec: dict) -> dict:
     deep = {}
     if spec.get("depth"):  # decode after a long context, then a follow-up turn's prefill over it
         deep_ids = torch.randint(10, 4000, (spec["depth"],), generator=g).tolist()
-        list(eng.generate(deep_ids, SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)))
+        list(eng.generate(deep_ids, params(spec["tokens"])))
         deep["decode_deep_tok_s"] = eng.stats.decode_tokens_per_s
         follow = deep_ids + torch.randint(10, 4000, (FOLLOW,), generator=g).tolist()
         list(eng.generate(follow, SamplingParams(temperature=0.0, max_tokens=1)))
+        if eng.stats.cached_tokens != spec["depth"]:  # the rate below is the follow-up's alone only if so
+            raise RuntimeError(f"the follow-up reused {eng.stats.cached_tokens} cached tokens, not {spec['depth']}")
         deep["follow_tok_s"] = FOLLOW / eng.stats.prefill_s
     return {"decode_tok_s": decode, "prefill_tok_s": prefill, **deep, "generated": len(out), "load_s": load_s,
             "bytes_per_token": bytes_per_token(eng.model), "weight_bytes": eng.load_stats.get("weight_bytes"),

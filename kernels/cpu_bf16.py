@@ -84,7 +84,7 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     few rows where PyTorch's matmul is the faster one for many (`torch_gemm`)."""
     return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and w.dim() == 2 and x.device.type == "cpu"
             and w.device.type == "cpu" and w.is_contiguous() and x.shape[-1] == w.shape[1] and available()
-            and not torch_rows(x.numel() // x.shape[-1]))
+            and not torch_rows(x.shape[:-1].numel()))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -1121,14 +1121,18 @@ inline void sum_heads(const float* const* rows, const float* S, int64_t H, int64
   for (; h < H; ++h) sum_tile<1, NB>(rows, S + h * T, T, t0, t1, k, o_lat + h * R, R);
 }
 
-#ifndef DSCHAT_ATT_ROWS
-#if defined(__AVX512VL__)  // 32 vector registers: 4 x 4 tiles of scores, 4 heads x 32 columns of sums (16 each)
-#define DSCHAT_ATT_ROWS 4
-#define DSCHAT_ATT_BLOCKS 4
+// With 32 vector registers (AVX-512VL) 4 x 4 tiles of scores and 4 heads x 32 columns of sums (16 sums each), else
+// 2 x 4 and 4 x 16 (8); -DDSCHAT_ATT_ROWS / -DDSCHAT_ATT_BLOCKS to measure others.
+#if defined(__AVX512VL__)
+#define DSCHAT_WIDE 1
 #else
-#define DSCHAT_ATT_ROWS 2
-#define DSCHAT_ATT_BLOCKS 2
+#define DSCHAT_WIDE 0
 #endif
+#ifndef DSCHAT_ATT_ROWS
+#define DSCHAT_ATT_ROWS (DSCHAT_WIDE ? 4 : 2)
+#endif
+#ifndef DSCHAT_ATT_BLOCKS
+#define DSCHAT_ATT_BLOCKS (DSCHAT_WIDE ? 4 : 2)
 #endif
 constexpr int ATT_ROWS = DSCHAT_ATT_ROWS, ATT_BLOCKS = DSCHAT_ATT_BLOCKS;
 

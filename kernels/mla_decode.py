@@ -7,7 +7,8 @@ qk_rope_head_dim values each) live at flat slots `slots[t]` of a paged buffer. I
 function: `mla_decode_reference` (PyTorch: gather the rows, then attend), `mla_decode_triton` (reads the rows
 in place, flash-decoding: the keys are split over programs, each keeps a running max and sum, and a second
 kernel merges the splits) and `mla_decode_bf16_cpu` (the reference's gather, its products through
-cpu_bf16's kernel). `mla_decode` picks Triton for CUDA tensors, the bf16 one for bfloat16 on the CPU. (The
+cpu_bf16's kernel). `mla_decode` picks Triton for CUDA tensors, the bf16 one for bfloat16 on the CPU at a few
+queries (`bf16_cpu_takes`: from 5, where the CPU multiplies bfloat16, PyTorch's products are faster). (The
 CPU's lean float32 step has its own: cpu_gemv.mla_attend, the rows read in place.)
 """
 
@@ -207,7 +208,8 @@ def mla_decode_paged(q_lat, q_pe, cache, table_slots, q_pos, scale: float):
 
 
 def mla_decode(q_lat, q_pe, cache, slots, q_pos, scale):
-    """Triton on CUDA, cpu_bf16's kernels for bfloat16 on the CPU, the PyTorch reference elsewhere."""
+    """Triton on CUDA, cpu_bf16's kernels for bfloat16 on the CPU where `bf16_cpu_takes`, the PyTorch reference
+    elsewhere."""
     if triton is not None and q_lat.is_cuda:
         return mla_decode_triton(q_lat, q_pe, cache, slots, q_pos, scale)
     if bf16_cpu_takes(q_lat, q_pe, cache):

@@ -3,8 +3,8 @@
 kernels, for the few rows of a decode step; the float model of the dequantised weight for many rows (prefill);
 and the routed experts over either, touching only the chosen experts' packed rows.
 
-With cpu_gemv (`native_gemv()` true), below `gemm_min_rows(bits)` rows (int4 14, int8 12: decode,
-speculation's verify, an expert's few tokens) x is quantized to int8 blocks of 32 and multiplied with the stored
+With cpu_gemv (`native_gemv()` true), below `gemm_min_rows(bits)` rows (14; int8 12 where the library has no
+integer GEMM: decode, speculation's verify, an expert's few tokens) x is quantized to int8 blocks of 32 and multiplied with the stored
 weight exactly in integers, one weight row at a time (cpu_gemv.gemv; cpu_gemv.py says what that computes). From
 there up (prefill, an expert's tokens in a prefill) a GEMM runs: int4 the integer GEMM over the same int8
 activations as gemv (cpu_gemv.igemm4): gemv's numbers up to float32 summation order; int8 likewise
@@ -58,15 +58,17 @@ INT8_K_MULTIPLE = 16  # the int8 kernel misreads other input widths (crashes, or
 # 25-45% faster and the crossings moved up: measured 2 threads, Zen 4, gemv -> igemm4, µs: 2816 x 2048, 8 rows
 # 351 -> 480, 12 548 -> 564, 16 724 -> 673; 2048 x 1408, 12 rows 311 -> 336, 16 405 -> 407; the dense gate|up
 # 21888 x 2048, 12 rows 4056 -> 5214, 16 5507 -> 5740 (the integer GEMM's panels are made each call: at one row
-# of an expert 0.6 against 0.15 ms). int4 GEMMs from 14 rows.
+# of an expert 0.6 against 0.15 ms): the GEMV ahead at 12 rows, the GEMM at 16 but on the dense shape; from 14.
+# (int8's float GEMM, for CPUs without VNNI, keeps its 12: not measured again.)
 GEMM_MIN_ROWS = {8: 12, 4: 14}
 # int8's integer GEMM (igemm8: AVX512-VNNI builds; int4's GEMM with the weight + 128 as dpbusd's unsigned operand)
 # overtakes gemv where int4's does: measured 2 threads, Zen 4, gemv -> igemm8 (float GEMM), µs: 2816 x 2048, 6
 # rows 316 -> 351 (782), 8 rows 422 -> 430 (944), 10 rows 537 -> 473, 12 rows 685 -> 475 (1118); 2048 x 1408, 6
 # rows 171 -> 148, 8 rows 217 -> 188; prefill's 48 rows of an expert (2816 x 2048) 2.88 ms -> 1.24, the dense
 # 512 x 10944 x 2048 107 -> 50 ms. With the GEMV's prefetch (above): 2816 x 2048, 8 rows 487 -> 627, 12 698 ->
-# 694, 16 852 -> 804; 2048 x 1408, 12 rows 347 -> 422; 21888 x 2048, 12 rows 4744 -> 5112, 16 6189 -> 5704: from 12.
-IGEMM8_MIN_ROWS = 12
+# 694, 16 852 -> 804; 2048 x 1408, 12 rows 347 -> 422, 16 443 -> 483; 21888 x 2048, 12 rows 4744 -> 5112, 16
+# 6189 -> 5704: the GEMV ahead at 12, the GEMM at 16 (but the down projection's): from 14, as int4.
+IGEMM8_MIN_ROWS = 14
 
 
 def gemm_min_rows(bits: int) -> int:

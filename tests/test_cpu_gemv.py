@@ -214,17 +214,17 @@ def test_igemm8_computes_what_gemv_computes(native, M, N, K):
     assert (got[1] - cpu_gemv.gemv_reference(x[1:2], p)[0]).abs().max() <= 1e-6 * got[1].abs().max()
 
 
-@pytest.mark.parametrize("name, rows", [("int8", 1), ("int8", 7), ("int8", 8), ("int8", 11), ("int8", 12),
-                                        ("int8", 65), ("int4", 1), ("int4", 7), ("int4", 13), ("int4", 14),
-                                        ("int4", 300)])
+@pytest.mark.parametrize("name, rows", [("int8", 1), ("int8", 7), ("int8", 11), ("int8", 12), ("int8", 13),
+                                        ("int8", 14), ("int8", 65), ("int4", 1), ("int4", 7), ("int4", 13),
+                                        ("int4", 14), ("int4", 300)])
 def test_matmul_cpu_runs_it_for_few_rows(native, name, rows):
-    """quant_cpu.matmul_cpu: cpu_gemv's one-row-at-a-time integer kernel below gemm_min_rows rows (int4 14, int8
-    12), a GEMM from there: the integer one (gemv's numbers), or for int8 without it the float
+    """quant_cpu.matmul_cpu: cpu_gemv's one-row-at-a-time integer kernel below gemm_min_rows rows (14; int8 12
+    without its integer GEMM), a GEMM from there: the integer one (gemv's numbers), or for int8 without it the float
     GEMM (float32-exact); other leading dimensions and bfloat16 inputs keep their shape and dtype."""
     p = quantize(torch.randn(96, 384), SPECS[name])
     limit = quant_cpu.gemm_min_rows(p.bits)
     integer = name == "int4" or cpu_gemv.has_igemm8()
-    assert limit == (14 if name == "int4" else 12)
+    assert limit == (14 if integer else 12)
     x = torch.randn(rows, 384)
     got = quant_cpu.matmul_cpu(x, p)
     if rows < limit:
@@ -396,6 +396,9 @@ q_lat, q_pe = torch.randn(16, 512, generator=g) * 0.1, torch.randn(16, 64, gener
 out["attend"] = cpu_gemv.mla_attend(q_lat, q_pe, cache, slice(3, 290), 0.07)
 out["attend scattered"] = cpu_gemv.mla_attend(q_lat[:13], q_pe[:13], cache, torch.randperm(300, generator=g)[:157],
                                               0.07)
+small = torch.randn(90, 44 + 8, generator=g)  # R 44: 5 blocks of 8 and 4 columns past them, the tiles' remainders
+out["attend R 44"] = cpu_gemv.mla_attend(q_lat[:5, :44].contiguous(), q_pe[:5, :8].contiguous(), small, slice(1, 88),
+                                         0.1)
 out["isa"] = cpu_gemv.isa()
 out["vnni"] = cpu_gemv.native().dschat_vnni()
 torch.save(out, sys.argv[1])
