@@ -1418,8 +1418,9 @@ void panel_i4(const PackedW& w, int64_t n0, int64_t nn, int64_t b0, int64_t nblk
 #if DSCHAT_VNNI
 // Weight rows n0..n0+nn-1 (nn <= 8; zeros past nn) at blocks b0..b0+nblk-1 -> the panel [nblk][8 vectors] of
 // w + 128, laid out as panel_i4's (vector c: inputs 4c..4c+3 of the 8 rows); past K (the last block) w is 0.
-// Its 8 rows prefetched PF bytes ahead as the tiles' are (2 threads, 2816 x 2048 + 2048 x 1408 at 16 rows: 1.48
-// -> 1.36 ms; panel_i4's the same, within noise).
+// Each row's bytes PF ahead are prefetched (at K 2048, rows further down this strip or the next one's; at the
+// dense 10944, this row's a few panels on): 2 threads, 2816 x 2048 + 2048 x 1408 at 16 / 48 rows, 5-10% over no
+// prefetch, the next strip's rows at the same inputs no better (panel_i4 does the same, within noise there).
 void panel_i8(const PackedW& w, int64_t n0, int64_t nn, int64_t b0, int64_t nblk, uint8_t* panel) {
   const __m256i flip = _mm256_set1_epi8((char)0x80);
   alignas(32) int8_t tail[QK];

@@ -503,6 +503,54 @@ void dschat_bf16_add(uint16_t* y, const uint16_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = f2bf(bf2f(y[i]) + bf2f(x[i]));
 }
 
+}  // extern "C"
+
+namespace {
+
+// o[h, k .. k + 8 NB) (float32; from zero where t0 is 0) += sum over keys t0..t1 of p[h, t] c_kv[t, k ..] for NH
+// heads (p, o at the first head; p's rows T apart, o's R apart; rows[t - t0] key t's row): NH x NB accumulators
+// in registers, each piece of a row widened once for the NH heads. The rows come as pointers made once a tile of
+// keys, the head count fixed at compile time: with the pointer's branch (slots or not) and a run-time head count
+// inside the loop the sums lived in memory (cpu_gemv.cpp's sum_tile, the float32 step's, measured 2x slower).
+template <int NH, int NB>
+inline void mix_tile(const uint16_t* const* rows, const float* p, int64_t T, int64_t t0, int64_t t1, int64_t k,
+                     float* o, int64_t R) {
+  __m256 acc[NH][NB];
+  for (int j = 0; j < NH; ++j)
+    for (int b = 0; b < NB; ++b) acc[j][b] = t0 ? _mm256_loadu_ps(o + j * R + k + 8 * b) : _mm256_setzero_ps();
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint16_t* c = rows[t - t0] + k;
+    __m256 v[NB];
+    for (int b = 0; b < NB; ++b) v[b] = bf8(c + 8 * b);
+    for (int j = 0; j < NH; ++j) {
+      const __m256 w = _mm256_broadcast_ss(p + j * T + t);
+      for (int b = 0; b < NB; ++b) acc[j][b] = _mm256_fmadd_ps(w, v[b], acc[j][b]);
+    }
+  }
+  for (int j = 0; j < NH; ++j)
+    for (int b = 0; b < NB; ++b) _mm256_storeu_ps(o + j * R + k + 8 * b, acc[j][b]);
+}
+
+// Columns k..k+8NB-1 for every head over keys t0..t1: tiles of 4 heads, then one at a time.
+template <int NB>
+inline void mix_heads(const uint16_t* const* rows, const float* p, int64_t H, int64_t T, int64_t t0, int64_t t1,
+                      int64_t k, float* o, int64_t R) {
+  int64_t h = 0;
+  for (; h + 4 <= H; h += 4) mix_tile<4, NB>(rows, p + h * T, T, t0, t1, k, o + h * R, R);
+  for (; h < H; ++h) mix_tile<1, NB>(rows, p + h * T, T, t0, t1, k, o + h * R, R);
+}
+
+constexpr int64_t MIX_KEYS = 64;
+#if defined(__AVX512VL__)  // 32 vector registers: 4 heads x 32 columns (16 sums), else 4 x 16 (8)
+constexpr int MIX_BLOCKS = 4;
+#else
+constexpr int MIX_BLOCKS = 2;
+#endif
+
+}  // namespace
+
+extern "C" {
+
 // mla_decode.mla_decode_bf16_cpu at one query, over T rows of the bfloat16 latent cache read in place (row t at
 // slot slots[t], or first + t where slots is null; rows R + P apart), in two calls around PyTorch's softmax
 // (attention_probs, the plain path's own: no second softmax to keep equal to it):
@@ -511,7 +559,7 @@ void dschat_bf16_add(uint16_t* y, const uint16_t* x, int64_t n) {
 // The dot products are the ones its bmm computes (dot_rows, x in pair layout: the same float32 sums), the
 // weighted sum its bmm's too (the rows scaled and added in t's order), so the results are the plain path's bit
 // for bit. The scores split the keys over threads, each row read once for every head; the weighted sum splits
-// tiles of 4 heads x 16 columns. 0 on success.
+// the columns (dschat_bf16_mla_mix). 0 on success.
 int dschat_bf16_mla_scores(const uint16_t* q_lat, const uint16_t* q_pe, int64_t H, int64_t R, int64_t P,
                            const uint16_t* cache, const int64_t* slots, int64_t first, int64_t T, uint16_t* scores,
                            int nthreads) {
@@ -545,42 +593,34 @@ int dschat_bf16_mla_scores(const uint16_t* q_lat, const uint16_t* q_pe, int64_t 
 int dschat_bf16_mla_mix(const uint16_t* p, int64_t H, int64_t R, int64_t P, const uint16_t* cache,
                         const int64_t* slots, int64_t first, int64_t T, uint16_t* o_lat, int nthreads) {
   if (H <= 0 || R <= 0 || P < 0 || T <= 0) return 1;
-  const int64_t ld = R + P, r16 = R / 16 * 16, hg = (H + 3) / 4;
+  const int64_t ld = R + P, blocks = R / 8;
   const std::vector<float> pf = widen(p, 1, H * T);
-  // tiles of 4 heads x 16 columns (8 accumulators in registers over every key: the rows' sums in t's order, as
-  // the plain path's bmm adds them), tiles over threads; columns past the last 16 one by one
-  const int64_t ct = r16 / 16 + (R > r16 ? 1 : 0);
-  parallel_dynamic(hg * ct, nthreads, [&](int64_t tile) {
-    const int64_t h0 = tile / ct * 4, r0 = tile % ct * 16;
-    const int nh = (int)std::min<int64_t>(4, H - h0);
-    if (r0 < r16) {
-      __m256 acc[4][2];
-      for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-      for (int64_t t = 0; t < T; ++t) {
-        const uint16_t* c = cache + (slots ? slots[t] : first + t) * ld + r0;
-        const __m256 w0 = bf8(c), w1 = bf8(c + 8);
-        for (int i = 0; i < nh; ++i) {
-          const __m256 a = _mm256_set1_ps(pf[(h0 + i) * T + t]);
-          acc[i][0] = _mm256_fmadd_ps(a, w0, acc[i][0]);
-          acc[i][1] = _mm256_fmadd_ps(a, w1, acc[i][1]);
-        }
-      }
-      for (int i = 0; i < nh; ++i) {
-        alignas(32) float o[16];
-        _mm256_store_ps(o, acc[i][0]);
-        _mm256_store_ps(o + 8, acc[i][1]);
-        for (int j = 0; j < 16; ++j) o_lat[(h0 + i) * R + r0 + j] = f2bf(o[j]);
-      }
-      return;
+  std::vector<float> sums((size_t)(H * R));  // float32 sums, kept from one tile of keys to the next
+  float* o = sums.data();
+  // columns over threads (blocks of 8, those past the last 8 with the last block); per tile of MIX_KEYS keys
+  // (their rows in L2 while every column tile meets them) tiles of 4 heads x 8 MIX_BLOCKS columns, each element
+  // summed in t's order: the results are those of one pass over the keys with the sums in registers, bit for bit
+  parallel_runs(blocks + (R % 8 ? 1 : 0), 4, nthreads, [&](int64_t b0, int64_t b1) {
+    const uint16_t* rows[MIX_KEYS];
+    for (int64_t t0 = 0; t0 < T; t0 += MIX_KEYS) {
+      const int64_t t1 = std::min(T, t0 + MIX_KEYS);
+      for (int64_t t = t0; t < t1; ++t) rows[t - t0] = cache + (slots ? slots[t] : first + t) * ld;
+      const int64_t be = std::min(b1, blocks);
+      int64_t bl = b0;
+      for (; bl + MIX_BLOCKS <= be; bl += MIX_BLOCKS)
+        mix_heads<MIX_BLOCKS>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
+      for (; bl + 2 <= be; bl += 2) mix_heads<2>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
+      for (; bl < be; ++bl) mix_heads<1>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
+      if (b1 > blocks)  // the columns past the last 8
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t r = blocks * 8; r < R; ++r) {
+            float a = t0 ? o[h * R + r] : 0.f;
+            for (int64_t t = t0; t < t1; ++t) a = std::fma(pf[h * T + t], bf2f(rows[t - t0][r]), a);
+            o[h * R + r] = a;
+          }
     }
-    for (int i = 0; i < nh; ++i)
-      for (int64_t r = r16; r < R; ++r) {
-        float o = 0.f;
-        for (int64_t t = 0; t < T; ++t)
-          o = std::fma(pf[(h0 + i) * T + t], bf2f(cache[(slots ? slots[t] : first + t) * ld + r]), o);
-        o_lat[(h0 + i) * R + r] = f2bf(o);
-      }
   });
+  for (int64_t i = 0; i < H * R; ++i) o_lat[i] = f2bf(o[i]);
   return 0;
 }
 
