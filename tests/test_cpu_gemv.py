@@ -399,8 +399,15 @@ out["attend scattered"] = cpu_gemv.mla_attend(q_lat[:13], q_pe[:13], cache, torc
 small = torch.randn(90, 44 + 8, generator=g)  # R 44: 5 blocks of 8 and 4 columns past them, the tiles' remainders
 out["attend R 44"] = cpu_gemv.mla_attend(q_lat[:5, :44].contiguous(), q_pe[:5, :8].contiguous(), small, slice(1, 88),
                                          0.1)
+lib = cpu_gemv.native()
+for H, R, T in ((16, 512, 150), (5, 44, 87)):  # the bf16 step's weighted sum: its tiles, their remainders
+    c16 = torch.randn(T + 3, R + 8, generator=g).bfloat16()
+    p16 = torch.softmax(torch.randn(H, T, generator=g), -1).bfloat16()
+    o16 = torch.empty(H, R, dtype=torch.bfloat16)
+    assert lib.dschat_bf16_mla_mix(p16.data_ptr(), H, R, 8, c16.data_ptr(), None, 2, T, o16.data_ptr(), 2) == 0
+    out[f"bf16 mix R {R}"] = o16
 out["isa"] = cpu_gemv.isa()
-out["vnni"] = cpu_gemv.native().dschat_vnni()
+out["vnni"] = lib.dschat_vnni()
 torch.save(out, sys.argv[1])
 """
 
@@ -410,7 +417,7 @@ def test_the_vnni_and_avx2_builds_give_the_same_bits(native, tmp_path):
     and the AVX2 library's give the same results bit for bit: decode's kernel, the blocked one, int4's integer
     GEMM, the experts, MLA's fold and unfold and int6's GEMV (lm_head's), each build in its own process; and the
     float32 attention, whose tiles differ (4 rows x 4 heads and 4 heads x 32 columns with AVX-512's 32 registers,
-    2 x 4 and 4 x 16 with AVX2's 16) while every sum keeps its order."""
+    2 x 4 and 4 x 16 with AVX2's 16) while every sum keeps its order, and the bf16 step's weighted sum alike."""
     if cpu_gemv.isa() != "avx512vnni":
         pytest.skip("this CPU has no AVX512-VNNI: only the AVX2 library can run here")
     script = tmp_path / "same.py"
