@@ -4,8 +4,9 @@ kernels, for the few rows of a decode step; the float model of the dequantised w
 and the routed experts over either, touching only the chosen experts' packed rows.
 
 With cpu_gemv (`native_gemv()` true), below `gemm_min_rows(bits)` rows (14; int8 12 where the library has no
-integer GEMM: decode, speculation's verify, an expert's few tokens) x is quantized to int8 blocks of 32 and multiplied with the stored
-weight exactly in integers, one weight row at a time (cpu_gemv.gemv; cpu_gemv.py says what that computes). From
+integer GEMM: decode, speculation's verify, an expert's few tokens) x is quantized to int8 blocks of 32 and
+multiplied with the stored weight exactly in integers, one weight row at a time (cpu_gemv.gemv; cpu_gemv.py says
+what that computes). From
 there up (prefill, an expert's tokens in a prefill) a GEMM runs: int4 the integer GEMM over the same int8
 activations as gemv (cpu_gemv.igemm4): gemv's numbers up to float32 summation order; int8 likewise
 (cpu_gemv.igemm8) where the library is built for AVX512-VNNI, else the float GEMM: x stays float32 and the
