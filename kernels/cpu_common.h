@@ -1,6 +1,6 @@
 // What cpu_gemv.cpp and cpu_gemv_bf16.cpp share (AVX2 + FMA, AVX512-VNNI where built with it): a horizontal sum,
-// the integer dot products, decode's split of a GEMV's rows over threads, and the float32 register tile of the
-// prefill GEMMs with its 8 x 8 transpose. Included
+// the integer dot products, decode's split of a GEMV's rows over threads, the float32 register tile of the
+// prefill GEMMs with its 8 x 8 transpose, and the decode attention's weighted sum over float32 or bf16 rows. Included
 // inside each source's anonymous namespace (each gets its own copy); kernels/cpu_gemv.py counts this text in
 // the library's build key and ships it with the sources.
 
@@ -151,4 +151,45 @@ inline void transpose8(__m256 r[8]) {
     r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
     r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
   }
+}
+
+// 8 values of a latent cache row as float32: float32 rows as they are, bfloat16 ones widened (exact).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// MLA's decode attention, its weighted sum: o[h, k .. k + 8 NB) (float32; from zero where t0 is 0) += sum over
+// keys t0..t1 of p[h, t] c_kv[t, k ..] for NH heads (p, o at the first head; p's rows T apart, o's R apart;
+// rows[t - t0] key t's row, float32 or bfloat16): NH x NB accumulators in registers, each piece of a row loaded
+// once for the NH heads, each weight broadcast once for the NB pieces, every element summed in t's order. The
+// rows come as pointers made once a tile of keys and NH is fixed at compile time: with a row lambda's branch
+// (scattered pages or not) inside the loop, or a run-time head count, GCC kept the sums in memory, a store each
+// per key (the float32 step's sum 2x slower, the bf16 step's 2-3x).
+template <int NH, int NB, class E>
+inline void attend_sum_tile(const E* const* rows, const float* p, int64_t T, int64_t t0, int64_t t1,
+                            int64_t k, float* o, int64_t R) {
+  __m256 acc[NH][NB];
+  for (int j = 0; j < NH; ++j)
+    for (int b = 0; b < NB; ++b) acc[j][b] = t0 ? _mm256_loadu_ps(o + j * R + k + 8 * b) : _mm256_setzero_ps();
+  for (int64_t t = t0; t < t1; ++t) {
+    const E* c = rows[t - t0] + k;
+    __m256 v[NB];
+    for (int b = 0; b < NB; ++b) v[b] = load8(c + 8 * b);
+    for (int j = 0; j < NH; ++j) {
+      const __m256 w = _mm256_broadcast_ss(p + j * T + t);
+      for (int b = 0; b < NB; ++b) acc[j][b] = _mm256_fmadd_ps(w, v[b], acc[j][b]);
+    }
+  }
+  for (int j = 0; j < NH; ++j)
+    for (int b = 0; b < NB; ++b) _mm256_storeu_ps(o + j * R + k + 8 * b, acc[j][b]);
+}
+
+// Columns k..k+8NB-1 for every head over keys t0..t1: tiles of 4 heads, then one at a time.
+template <int NB, class E>
+inline void attend_sum_heads(const E* const* rows, const float* p, int64_t H, int64_t T, int64_t t0,
+                             int64_t t1, int64_t k, float* o, int64_t R) {
+  int64_t h = 0;
+  for (; h + 4 <= H; h += 4) attend_sum_tile<4, NB>(rows, p + h * T, T, t0, t1, k, o + h * R, R);
+  for (; h < H; ++h) attend_sum_tile<1, NB>(rows, p + h * T, T, t0, t1, k, o + h * R, R);
 }

@@ -1077,30 +1077,6 @@ inline void score_tile(const float* const* c, const float* ql, const float* qp, 
     }
 }
 
-// o[h, k .. k + 8 NB) += sum over keys t0..t1 of p[h, t] c_kv[t, k ..] for NH heads (from zero where t0 is 0):
-// NH x NB accumulators, each piece of a row loaded once for the NH heads, each weight broadcast once for the NB
-// pieces (p, o at the tile's first head; p's rows T apart, o's R apart; rows[t - t0] key t's row). The rows come
-// as pointers made once a tile of keys: with the row lambda's branch (slots or not) inside the loop GCC kept the
-// accumulators in memory, a store each per key (2 threads, T 2048: the sum 2x slower).
-template <int NH, int NB>
-inline void sum_tile(const float* const* rows, const float* p, int64_t T, int64_t t0, int64_t t1, int64_t k, float* o,
-                     int64_t R) {
-  __m256 acc[NH][NB];
-  for (int j = 0; j < NH; ++j)
-    for (int b = 0; b < NB; ++b) acc[j][b] = t0 ? _mm256_loadu_ps(o + j * R + k + 8 * b) : _mm256_setzero_ps();
-  for (int64_t t = t0; t < t1; ++t) {
-    const float* c = rows[t - t0] + k;
-    __m256 v[NB];
-    for (int b = 0; b < NB; ++b) v[b] = _mm256_loadu_ps(c + 8 * b);
-    for (int j = 0; j < NH; ++j) {
-      const __m256 w = _mm256_broadcast_ss(p + j * T + t);
-      for (int b = 0; b < NB; ++b) acc[j][b] = _mm256_fmadd_ps(w, v[b], acc[j][b]);
-    }
-  }
-  for (int j = 0; j < NH; ++j)
-    for (int b = 0; b < NB; ++b) _mm256_storeu_ps(o + j * R + k + 8 * b, acc[j][b]);
-}
-
 // Rows t..t+NR-1 against every head: tiles of 4 heads, then one at a time.
 template <int NR, class Row>
 inline void score_heads(const Row& row, int64_t t, const float* q_lat, const float* q_pe, int64_t H, int64_t R,
@@ -1110,15 +1086,6 @@ inline void score_heads(const Row& row, int64_t t, const float* q_lat, const flo
   int64_t h = 0;
   for (; h + 4 <= H; h += 4) score_tile<NR, 4>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * T, T, t);
   for (; h < H; ++h) score_tile<NR, 1>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * T, T, t);
-}
-
-// Columns k..k+8NB-1 of o_lat for every head over keys t0..t1: tiles of 4 heads, then one at a time.
-template <int NB>
-inline void sum_heads(const float* const* rows, const float* S, int64_t H, int64_t T, int64_t t0, int64_t t1,
-                      int64_t k, float* o_lat, int64_t R) {
-  int64_t h = 0;
-  for (; h + 4 <= H; h += 4) sum_tile<4, NB>(rows, S + h * T, T, t0, t1, k, o_lat + h * R, R);
-  for (; h < H; ++h) sum_tile<1, NB>(rows, S + h * T, T, t0, t1, k, o_lat + h * R, R);
 }
 
 // With 32 vector registers (AVX-512VL) 4 x 4 tiles of scores and 4 heads x 32 columns of sums (16 sums each), else
@@ -1149,8 +1116,9 @@ extern "C" {
 // heads; the sum in tiles of 4 heads x 8 ATT_BLOCKS columns (threads split the columns of c_kv) over the keys 64
 // rows at a time, which stay in L2 while every tile meets them. Every score and output element is summed in the
 // same order whatever the tiles' sizes (bit-equal at 2 x 4 / 4 x 16 and 4 x 4 / 4 x 32). With 32 vector
-// registers the larger tiles and the row pointers made once a tile of keys (sum_tile) measured, 2 threads, Zen
-// 4, H 16, R 512, P 64: 154 keys 89 -> 53 µs, 2048 keys 1389 -> 964, 8192 keys 5939 -> 4056. 0 on success.
+// registers the larger tiles and the row pointers made once a tile of keys (attend_sum_tile, cpu_common.h) measured,
+// 2 threads, Zen 4, H 16, R 512, P 64: 154 keys 89 -> 53 µs, 2048 keys 1389 -> 964, 8192 keys 5939 -> 4056. 0 on
+// success.
 int dschat_mla_attend(const float* q_lat, const float* q_pe, int64_t H, int64_t R, int64_t P, const float* cache,
                       const int64_t* slots, int64_t first, int64_t T, float scale, float* o_lat, int nthreads) {
   if (H <= 0 || R <= 0 || P < 0 || T <= 0) return 1;
@@ -1178,9 +1146,10 @@ int dschat_mla_attend(const float* q_lat, const float* q_pe, int64_t H, int64_t 
       for (int64_t t = t0; t < t1; ++t) rows[t - t0] = row(t);
       const int64_t be = std::min(b1, blocks);
       int64_t bl = b0;
-      for (; bl + ATT_BLOCKS <= be; bl += ATT_BLOCKS) sum_heads<ATT_BLOCKS>(rows, S, H, T, t0, t1, bl * 8, o_lat, R);
-      for (; bl + 2 <= be; bl += 2) sum_heads<2>(rows, S, H, T, t0, t1, bl * 8, o_lat, R);
-      for (; bl < be; ++bl) sum_heads<1>(rows, S, H, T, t0, t1, bl * 8, o_lat, R);
+      for (; bl + ATT_BLOCKS <= be; bl += ATT_BLOCKS)
+        attend_sum_heads<ATT_BLOCKS>(rows, S, H, T, t0, t1, bl * 8, o_lat, R);
+      for (; bl + 2 <= be; bl += 2) attend_sum_heads<2>(rows, S, H, T, t0, t1, bl * 8, o_lat, R);
+      for (; bl < be; ++bl) attend_sum_heads<1>(rows, S, H, T, t0, t1, bl * 8, o_lat, R);
       if (b1 > blocks)  // the columns past the last 8
         for (int64_t h = 0; h < H; ++h)
           for (int64_t kk = blocks * 8; kk < R; ++kk) {

@@ -430,11 +430,6 @@ inline void rope_bf(const uint16_t* src, const float* cs, const float* sn, int64
   }
 }
 
-// 8 bfloat16 as float32
-inline __m256 bf8(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
 // One bfloat16 row w [K] against NH rows of x (ldx apart; xp in pair layout): out[i] = dot_rows<1>(w, x_i), the
 // same float32 operations in the same order for each (two accumulators over the blocks of 16, then the tail),
 // the row's blocks loaded once for all NH.
@@ -507,39 +502,6 @@ void dschat_bf16_add(uint16_t* y, const uint16_t* x, int64_t n) {
 
 namespace {
 
-// o[h, k .. k + 8 NB) (float32; from zero where t0 is 0) += sum over keys t0..t1 of p[h, t] c_kv[t, k ..] for NH
-// heads (p, o at the first head; p's rows T apart, o's R apart; rows[t - t0] key t's row): NH x NB accumulators
-// in registers, each piece of a row widened once for the NH heads. The rows come as pointers made once a tile of
-// keys, the head count fixed at compile time: with the pointer's branch (slots or not) and a run-time head count
-// inside the loop the sums lived in memory (cpu_gemv.cpp's sum_tile, the float32 step's, measured 2x slower).
-template <int NH, int NB>
-inline void mix_tile(const uint16_t* const* rows, const float* p, int64_t T, int64_t t0, int64_t t1, int64_t k,
-                     float* o, int64_t R) {
-  __m256 acc[NH][NB];
-  for (int j = 0; j < NH; ++j)
-    for (int b = 0; b < NB; ++b) acc[j][b] = t0 ? _mm256_loadu_ps(o + j * R + k + 8 * b) : _mm256_setzero_ps();
-  for (int64_t t = t0; t < t1; ++t) {
-    const uint16_t* c = rows[t - t0] + k;
-    __m256 v[NB];
-    for (int b = 0; b < NB; ++b) v[b] = bf8(c + 8 * b);
-    for (int j = 0; j < NH; ++j) {
-      const __m256 w = _mm256_broadcast_ss(p + j * T + t);
-      for (int b = 0; b < NB; ++b) acc[j][b] = _mm256_fmadd_ps(w, v[b], acc[j][b]);
-    }
-  }
-  for (int j = 0; j < NH; ++j)
-    for (int b = 0; b < NB; ++b) _mm256_storeu_ps(o + j * R + k + 8 * b, acc[j][b]);
-}
-
-// Columns k..k+8NB-1 for every head over keys t0..t1: tiles of 4 heads, then one at a time.
-template <int NB>
-inline void mix_heads(const uint16_t* const* rows, const float* p, int64_t H, int64_t T, int64_t t0, int64_t t1,
-                      int64_t k, float* o, int64_t R) {
-  int64_t h = 0;
-  for (; h + 4 <= H; h += 4) mix_tile<4, NB>(rows, p + h * T, T, t0, t1, k, o + h * R, R);
-  for (; h < H; ++h) mix_tile<1, NB>(rows, p + h * T, T, t0, t1, k, o + h * R, R);
-}
-
 constexpr int64_t MIX_KEYS = 64;
 #if defined(__AVX512VL__)  // 32 vector registers: 4 heads x 32 columns (16 sums), else 4 x 16 (8)
 constexpr int MIX_BLOCKS = 4;
@@ -608,9 +570,9 @@ int dschat_bf16_mla_mix(const uint16_t* p, int64_t H, int64_t R, int64_t P, cons
       const int64_t be = std::min(b1, blocks);
       int64_t bl = b0;
       for (; bl + MIX_BLOCKS <= be; bl += MIX_BLOCKS)
-        mix_heads<MIX_BLOCKS>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
-      for (; bl + 2 <= be; bl += 2) mix_heads<2>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
-      for (; bl < be; ++bl) mix_heads<1>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
+        attend_sum_heads<MIX_BLOCKS>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
+      for (; bl + 2 <= be; bl += 2) attend_sum_heads<2>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
+      for (; bl < be; ++bl) attend_sum_heads<1>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
       if (b1 > blocks)  // the columns past the last 8
         for (int64_t h = 0; h < H; ++h)
           for (int64_t r = blocks * 8; r < R; ++r) {
