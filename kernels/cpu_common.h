@@ -153,10 +153,17 @@ inline void transpose8(__m256 r[8]) {
   }
 }
 
-// 8 values of a latent cache row as float32: float32 rows as they are, bfloat16 ones widened (exact).
+// Values of a latent cache row as float32: float32 rows as they are, bfloat16 ones widened (exact).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) {
+  const uint32_t u = (uint32_t)*p << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
 // MLA's decode attention, its weighted sum: o[h, k .. k + 8 NB) (float32; from zero where t0 is 0) += sum over
@@ -192,4 +199,47 @@ inline void attend_sum_heads(const E* const* rows, const float* p, int64_t H, in
   int64_t h = 0;
   for (; h + 4 <= H; h += 4) attend_sum_tile<4, NB>(rows, p + h * T, T, t0, t1, k, o + h * R, R);
   for (; h < H; ++h) attend_sum_tile<1, NB>(rows, p + h * T, T, t0, t1, k, o + h * R, R);
+}
+
+// With 32 vector registers (AVX-512VL) the attentions' tiles are larger (4 heads x 32 columns here, 16 sums);
+// -DDSCHAT_ATT_BLOCKS to measure others.
+#if defined(__AVX512VL__)
+#define DSCHAT_WIDE 1
+#else
+#define DSCHAT_WIDE 0
+#endif
+#ifndef DSCHAT_ATT_BLOCKS
+#define DSCHAT_ATT_BLOCKS (DSCHAT_WIDE ? 4 : 2)
+#endif
+constexpr int ATT_BLOCKS = DSCHAT_ATT_BLOCKS;
+constexpr int64_t ATT_KEYS = 64;  // keys a tile: their rows stay in L2 while every tile of columns meets them
+
+// o [H, R] (float32) = sum over the keys t < T of p[h, t] c_kv[t, :R], row t at cache + slot_t * ld, slot_t =
+// slots[t] or first + t (slots null): the columns over threads in blocks of 8 (those past the last 8 with the last
+// block), per tile of ATT_KEYS keys tiles of 4 heads x 8 ATT_BLOCKS columns, each element summed in t's order, so
+// the results are those of one pass over the keys with the sums in registers, bit for bit, whatever the tiles,
+// the threads or the build (dschat_mla_attend's float32 rows, dschat_bf16_mla_mix's bfloat16 ones).
+template <class E>
+void attend_sum(const E* cache, const int64_t* slots, int64_t first, int64_t ld, const float* p, int64_t H,
+                int64_t T, int64_t R, float* o, int nthreads) {
+  const int64_t blocks = R / 8;
+  parallel_runs(blocks + (R % 8 ? 1 : 0), 4, nthreads, [&](int64_t b0, int64_t b1) {
+    const E* rows[ATT_KEYS];
+    for (int64_t t0 = 0; t0 < T; t0 += ATT_KEYS) {
+      const int64_t t1 = std::min(T, t0 + ATT_KEYS);
+      for (int64_t t = t0; t < t1; ++t) rows[t - t0] = cache + (slots ? slots[t] : first + t) * ld;
+      const int64_t be = std::min(b1, blocks);
+      int64_t bl = b0;
+      for (; bl + ATT_BLOCKS <= be; bl += ATT_BLOCKS) attend_sum_heads<ATT_BLOCKS>(rows, p, H, T, t0, t1, bl * 8, o, R);
+      for (; bl + 2 <= be; bl += 2) attend_sum_heads<2>(rows, p, H, T, t0, t1, bl * 8, o, R);
+      for (; bl < be; ++bl) attend_sum_heads<1>(rows, p, H, T, t0, t1, bl * 8, o, R);
+      if (b1 > blocks)  // the columns past the last 8
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t r = blocks * 8; r < R; ++r) {
+            float a = t0 ? o[h * R + r] : 0.f;
+            for (int64_t t = t0; t < t1; ++t) a = std::fma(p[h * T + t], load1(rows[t - t0] + r), a);
+            o[h * R + r] = a;
+          }
+    }
+  });
 }

@@ -1088,20 +1088,12 @@ inline void score_heads(const Row& row, int64_t t, const float* q_lat, const flo
   for (; h < H; ++h) score_tile<NR, 1>(c, q_lat + h * R, q_pe + h * P, R, P, scale, S + h * T, T, t);
 }
 
-// With 32 vector registers (AVX-512VL) 4 x 4 tiles of scores and 4 heads x 32 columns of sums (16 sums each), else
-// 2 x 4 and 4 x 16 (8); -DDSCHAT_ATT_ROWS / -DDSCHAT_ATT_BLOCKS to measure others.
-#if defined(__AVX512VL__)
-#define DSCHAT_WIDE 1
-#else
-#define DSCHAT_WIDE 0
-#endif
+// With 32 vector registers (AVX-512VL, cpu_common.h's DSCHAT_WIDE) tiles of 4 rows x 4 heads of scores, else 2 x
+// 4; -DDSCHAT_ATT_ROWS to measure others (the sums' tiles: cpu_common.h's attend_sum).
 #ifndef DSCHAT_ATT_ROWS
 #define DSCHAT_ATT_ROWS (DSCHAT_WIDE ? 4 : 2)
 #endif
-#ifndef DSCHAT_ATT_BLOCKS
-#define DSCHAT_ATT_BLOCKS (DSCHAT_WIDE ? 4 : 2)
-#endif
-constexpr int ATT_ROWS = DSCHAT_ATT_ROWS, ATT_BLOCKS = DSCHAT_ATT_BLOCKS;
+constexpr int ATT_ROWS = DSCHAT_ATT_ROWS;
 
 }  // namespace
 
@@ -1136,29 +1128,8 @@ int dschat_mla_attend(const float* q_lat, const float* q_pe, int64_t H, int64_t 
   parallel_for(H, 1, nthreads, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) softmax_into(S + h * T, T, S + h * T);
   });
-  // o_lat, each element summed over the keys in their order (kept in o_lat from one tile of keys to the next)
-  constexpr int64_t TT = 64;
-  const int64_t blocks = R / 8;
-  parallel_for(blocks + (R % 8 ? 1 : 0), 4, nthreads, [&](int64_t b0, int64_t b1) {
-    const float* rows[TT];
-    for (int64_t t0 = 0; t0 < T; t0 += TT) {
-      const int64_t t1 = std::min(T, t0 + TT);
-      for (int64_t t = t0; t < t1; ++t) rows[t - t0] = row(t);
-      const int64_t be = std::min(b1, blocks);
-      int64_t bl = b0;
-      for (; bl + ATT_BLOCKS <= be; bl += ATT_BLOCKS)
-        attend_sum_heads<ATT_BLOCKS>(rows, S, H, T, t0, t1, bl * 8, o_lat, R);
-      for (; bl + 2 <= be; bl += 2) attend_sum_heads<2>(rows, S, H, T, t0, t1, bl * 8, o_lat, R);
-      for (; bl < be; ++bl) attend_sum_heads<1>(rows, S, H, T, t0, t1, bl * 8, o_lat, R);
-      if (b1 > blocks)  // the columns past the last 8
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t kk = blocks * 8; kk < R; ++kk) {
-            float a = t0 ? o_lat[h * R + kk] : 0.f;
-            for (int64_t t = t0; t < t1; ++t) a = std::fma(S[h * T + t], rows[t - t0][kk], a);
-            o_lat[h * R + kk] = a;
-          }
-    }
-  });
+  // o_lat, each element summed over the keys in their order
+  attend_sum(cache, slots, first, ld, S, H, T, R, o_lat, nthreads);
   return 0;
 }
 

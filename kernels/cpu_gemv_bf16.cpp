@@ -498,21 +498,6 @@ void dschat_bf16_add(uint16_t* y, const uint16_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = f2bf(bf2f(y[i]) + bf2f(x[i]));
 }
 
-}  // extern "C"
-
-namespace {
-
-constexpr int64_t MIX_KEYS = 64;
-#if defined(__AVX512VL__)  // 32 vector registers: 4 heads x 32 columns (16 sums), else 4 x 16 (8)
-constexpr int MIX_BLOCKS = 4;
-#else
-constexpr int MIX_BLOCKS = 2;
-#endif
-
-}  // namespace
-
-extern "C" {
-
 // mla_decode.mla_decode_bf16_cpu at one query, over T rows of the bfloat16 latent cache read in place (row t at
 // slot slots[t], or first + t where slots is null; rows R + P apart), in two calls around PyTorch's softmax
 // (attention_probs, the plain path's own: no second softmax to keep equal to it):
@@ -555,33 +540,11 @@ int dschat_bf16_mla_scores(const uint16_t* q_lat, const uint16_t* q_pe, int64_t 
 int dschat_bf16_mla_mix(const uint16_t* p, int64_t H, int64_t R, int64_t P, const uint16_t* cache,
                         const int64_t* slots, int64_t first, int64_t T, uint16_t* o_lat, int nthreads) {
   if (H <= 0 || R <= 0 || P < 0 || T <= 0) return 1;
-  const int64_t ld = R + P, blocks = R / 8;
+  const int64_t ld = R + P;
   const std::vector<float> pf = widen(p, 1, H * T);
-  std::vector<float> sums((size_t)(H * R));  // float32 sums, kept from one tile of keys to the next
+  std::vector<float> sums((size_t)(H * R));  // float32 (cpu_common.h's attend_sum), then rounded once
   float* o = sums.data();
-  // columns over threads (blocks of 8, those past the last 8 with the last block); per tile of MIX_KEYS keys
-  // (their rows in L2 while every column tile meets them) tiles of 4 heads x 8 MIX_BLOCKS columns, each element
-  // summed in t's order: the results are those of one pass over the keys with the sums in registers, bit for bit
-  parallel_runs(blocks + (R % 8 ? 1 : 0), 4, nthreads, [&](int64_t b0, int64_t b1) {
-    const uint16_t* rows[MIX_KEYS];
-    for (int64_t t0 = 0; t0 < T; t0 += MIX_KEYS) {
-      const int64_t t1 = std::min(T, t0 + MIX_KEYS);
-      for (int64_t t = t0; t < t1; ++t) rows[t - t0] = cache + (slots ? slots[t] : first + t) * ld;
-      const int64_t be = std::min(b1, blocks);
-      int64_t bl = b0;
-      for (; bl + MIX_BLOCKS <= be; bl += MIX_BLOCKS)
-        attend_sum_heads<MIX_BLOCKS>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
-      for (; bl + 2 <= be; bl += 2) attend_sum_heads<2>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
-      for (; bl < be; ++bl) attend_sum_heads<1>(rows, pf.data(), H, T, t0, t1, bl * 8, o, R);
-      if (b1 > blocks)  // the columns past the last 8
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t r = blocks * 8; r < R; ++r) {
-            float a = t0 ? o[h * R + r] : 0.f;
-            for (int64_t t = t0; t < t1; ++t) a = std::fma(pf[h * T + t], bf2f(rows[t - t0][r]), a);
-            o[h * R + r] = a;
-          }
-    }
-  });
+  attend_sum(cache, slots, first, ld, pf.data(), H, T, R, o, nthreads);
   for (int64_t i = 0; i < H * R; ++i) o_lat[i] = f2bf(o[i]);
   return 0;
 }

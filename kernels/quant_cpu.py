@@ -3,15 +3,14 @@
 kernels, for the few rows of a decode step; the float model of the dequantised weight for many rows (prefill);
 and the routed experts over either, touching only the chosen experts' packed rows.
 
-With cpu_gemv (`native_gemv()` true), below `gemm_min_rows(bits)` rows (14; int8 12 where the library has no
-integer GEMM: decode, speculation's verify, an expert's few tokens) x is quantized to int8 blocks of 32 and
-multiplied with the stored weight exactly in integers, one weight row at a time (cpu_gemv.gemv; cpu_gemv.py says
-what that computes). From
-there up (prefill, an expert's tokens in a prefill) a GEMM runs: int4 the integer GEMM over the same int8
-activations as gemv (cpu_gemv.igemm4): gemv's numbers up to float32 summation order; int8 likewise
-(cpu_gemv.igemm8) where the library is built for AVX512-VNNI, else the float GEMM: x stays float32 and the
-weight is dequantised panel by panel in registers (cpu_gemv.gemm_f32): F.linear(x, dequantize(w)) up to float32
-summation order. int4 is not repacked. CPU_KERNEL_MAX_ROWS = 0 (tests) runs the float GEMM at every row count.
+With cpu_gemv (`native_gemv()` true), below `gemm_min_rows(bits)` rows (14; int8 12 where the library has no integer
+GEMM: decode, speculation's verify, an expert's few tokens) x is quantized to int8 blocks of 32 and multiplied with
+the stored weight exactly in integers, one weight row at a time (cpu_gemv.gemv; cpu_gemv.py says what that
+computes). From there up (prefill, an expert's tokens in a prefill) a GEMM runs: int4 the integer GEMM over the same
+int8 activations as gemv (cpu_gemv.igemm4): gemv's numbers up to float32 summation order; int8 likewise
+(cpu_gemv.igemm8) where the library is built for AVX512-VNNI, else the float GEMM: x stays float32 and the weight is
+dequantised panel by panel in registers (cpu_gemv.gemm_f32): F.linear(x, dequantize(w)) up to float32 summation
+order. int4 is not repacked. CPU_KERNEL_MAX_ROWS = 0 (tests) runs the float GEMM at every row count.
 Without cpu_gemv (no compiler, no AVX2, DSCHAT_CPU_GEMV=0) the PyTorch kernels below run:
 
 * int8 runs `aten._weight_int8pack_mm` on the stored layout (quant_format.py: int8 [N, K] + a float32 scale
@@ -61,7 +60,7 @@ INT8_K_MULTIPLE = 16  # the int8 kernel misreads other input widths (crashes, or
 # 21888 x 2048, 12 rows 4056 -> 5214, 16 5507 -> 5740 (the integer GEMM's panels are made each call: at one row
 # of an expert 0.6 against 0.15 ms): the GEMV ahead at 12 rows, the GEMM at 16 but on the dense shape; from 14.
 # (int8's float GEMM, for CPUs without VNNI, keeps its 12: not measured again.)
-GEMM_MIN_ROWS = {8: 12, 4: 14}
+FGEMM8_MIN_ROWS = 12
 # int8's integer GEMM (igemm8: AVX512-VNNI builds; int4's GEMM with the weight + 128 as dpbusd's unsigned operand)
 # overtakes gemv where int4's does: measured 2 threads, Zen 4, gemv -> igemm8 (float GEMM), µs: 2816 x 2048, 6
 # rows 316 -> 351 (782), 8 rows 422 -> 430 (944), 10 rows 537 -> 473, 12 rows 685 -> 475 (1118); 2048 x 1408, 6
@@ -69,13 +68,19 @@ GEMM_MIN_ROWS = {8: 12, 4: 14}
 # 512 x 10944 x 2048 107 -> 50 ms. With the GEMV's prefetch (above): 2816 x 2048, 8 rows 487 -> 627, 12 698 ->
 # 694, 16 852 -> 804; 2048 x 1408, 12 rows 347 -> 422, 16 443 -> 483; 21888 x 2048, 12 rows 4744 -> 5112, 16
 # 6189 -> 5704: the GEMV ahead at 12, the GEMM at 16 (but the down projection's): from 14, as int4.
-IGEMM8_MIN_ROWS = 14
+IGEMM_MIN_ROWS = 14  # the integer GEMMs, int4's and int8's
+
+
+def integer_gemm(bits: int) -> bool:
+    """Whether many rows of x run an integer GEMM over this packing: int4 always, int8 where the library has
+    igemm8 (AVX512-VNNI); else int8's float GEMM."""
+    return bits != 8 or cpu_gemv.has_igemm8()
 
 
 def gemm_min_rows(bits: int) -> int:
     """From how many rows of x a GEMM runs instead of cpu_gemv's one-weight-row-at-a-time kernel (its numbers
     those of gemv below, of the GEMM from there; see the module's text)."""
-    return IGEMM8_MIN_ROWS if bits == 8 and cpu_gemv.has_igemm8() else GEMM_MIN_ROWS[bits]
+    return IGEMM_MIN_ROWS if integer_gemm(bits) else FGEMM8_MIN_ROWS
 
 
 def native_gemv(w: Packed | None = None) -> bool:
@@ -160,12 +165,12 @@ def dequantize_cpu(w: Packed | Int4Cpu, dtype=torch.float32) -> torch.Tensor:
 def kernel_rows(w: Packed | Int4Cpu) -> int:
     """Up to how many rows x goes through a packed kernel with int8 or bfloat16 activations rather than a float
     model of the dequantised weight (cpu_gemv's float GEMM, or dequantise + matmul): with cpu_gemv, int4 and
-    (with its integer GEMM, `cpu_gemv.has_igemm8`) int8 any number, else int8 below GEMM_MIN_ROWS
+    (with its integer GEMM, `integer_gemm`) int8 any number, else int8 below its float GEMM's rows
     (CPU_KERNEL_MAX_ROWS = 0: none, the float model everywhere)."""
     if native_gemv(w):
         if not CPU_KERNEL_MAX_ROWS:
             return 0
-        return GEMM_MIN_ROWS[8] - 1 if w.bits == 8 and not cpu_gemv.has_igemm8() else 1 << 62
+        return 1 << 62 if integer_gemm(w.bits) else gemm_min_rows(w.bits) - 1
     return CPU_KERNEL_MAX_ROWS * (3 if isinstance(w, Int4Cpu) else 1)
 
 
@@ -180,9 +185,9 @@ def matmul_cpu(x: torch.Tensor, w: Packed | Int4Cpu) -> torch.Tensor:
             return cpu_gemv.gemm_f32(x, w)
         if x.numel() < gemm_min_rows(w.bits) * x.shape[-1]:
             return cpu_gemv.gemv(x, w)
-        if w.bits == 8:
-            return cpu_gemv.igemm8(x, w) if cpu_gemv.has_igemm8() else cpu_gemv.gemm_f32(x, w)
-        return cpu_gemv.igemm4(x, w)
+        if not integer_gemm(w.bits):
+            return cpu_gemv.gemm_f32(x, w)
+        return cpu_gemv.igemm8(x, w) if w.bits == 8 else cpu_gemv.igemm4(x, w)
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > kernel_rows(w) or (isinstance(w, Packed) and (w.bits != 8 or w.in_features % INT8_K_MULTIPLE)):
         return F.linear(x, dequantize_cpu(w, x.dtype))
